@@ -1,0 +1,32 @@
+"""Shared pytest fixtures.
+
+Reference data (the authors' checkpoint, their outputs, RESIDE samples) lives in
+``../shared`` beside a checkout, or wherever ``MINET_SHARED`` points. Tests that
+need it skip when it is absent, except under ``CI=true``, where absence fails.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def shared_path() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("MINET_SHARED", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+  """The reference-data folder; skips (or fails under CI=true) when absent."""
+  path = shared_path()
+  if not (path / "README.md").is_file():
+    message = (f"reference data not found at {path} (set MINET_SHARED to the folder "
+               "holding weights/, parity/ and data/)")
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(message)
+    pytest.skip(message)
+  return path
