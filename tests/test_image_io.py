@@ -1,0 +1,145 @@
+"""Tests for minet_jax.image_io: every input kind ends up as upright RGB in [0, 1]."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minet_jax import image_io
+
+
+def _rand_rgb(h=6, w=5, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _png16(path, a):
+  """Minimal 16-bit PNG writer (filter 0), independent of Pillow."""
+  h, w, c = a.shape
+  raw = b"".join(b"\x00" + a[i].astype(">u2").tobytes() for i in range(h))
+
+  def chunk(tag, data):
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(
+        ">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+  color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+  ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
+                   chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_rgb_png_roundtrip_exact(tmp_path):
+  a = _rand_rgb()
+  Image.fromarray(a).save(tmp_path / "a.png")
+  f = image_io.read_rgb(tmp_path / "a.png")
+  assert f.dtype == np.float32 and f.shape == (6, 5, 3)
+  assert f.min() >= 0 and f.max() <= 1
+  np.testing.assert_array_equal(image_io.read_rgb(tmp_path / "a.png", np.uint8), a)
+  np.testing.assert_allclose(f, a / 255.0, atol=1e-7)
+  image_io.write_png(tmp_path / "b.png", f)
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b.png")), a)
+
+
+def test_grayscale_is_replicated(tmp_path):
+  g = _rand_rgb()[..., 0]
+  Image.fromarray(g, mode="L").save(tmp_path / "g.png")
+  out = image_io.read_rgb(tmp_path / "g.png", np.uint8)
+  assert out.shape == (6, 5, 3)
+  for c in range(3):
+    np.testing.assert_array_equal(out[..., c], g)
+
+
+def test_gray16_full_precision(tmp_path):
+  g = np.random.default_rng(1).integers(0, 65536, (4, 7, 1), dtype=np.uint16)
+  _png16(tmp_path / "g16.png", g)
+  out = image_io.read_rgb(tmp_path / "g16.png")
+  np.testing.assert_allclose(out[..., 1], g[..., 0] / 65535.0, atol=1e-7)
+
+
+def test_rgb16_png(tmp_path):
+  a = np.random.default_rng(2).integers(0, 65536, (4, 7, 3), dtype=np.uint16)
+  _png16(tmp_path / "c16.png", a)
+  out = image_io.read_rgb(tmp_path / "c16.png")
+  assert out.shape == (4, 7, 3)
+  # Read at 8-bit precision: within one 8-bit step of the 16-bit truth.
+  np.testing.assert_allclose(out, a / 65535.0, atol=1.5 / 255)
+
+
+def test_alpha_composited_on_white(tmp_path):
+  rgba = np.zeros((2, 2, 4), np.uint8)
+  rgba[0, 0] = (255, 0, 0, 255)  # opaque red stays red
+  rgba[0, 1] = (0, 0, 0, 0)  # transparent -> white
+  rgba[1, 0] = (0, 0, 0, 128)  # half black over white -> mid gray
+  rgba[1, 1] = (0, 0, 255, 255)
+  Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+  out = image_io.read_rgb(tmp_path / "a.png")
+  np.testing.assert_allclose(out[0, 0], [1, 0, 0], atol=1e-6)
+  np.testing.assert_allclose(out[0, 1], [1, 1, 1], atol=1e-6)
+  np.testing.assert_allclose(out[1, 0], [1 - 128 / 255] * 3, atol=1e-6)
+  np.testing.assert_allclose(out[1, 1], [0, 0, 1], atol=1e-6)
+
+
+def test_la_and_palette_with_transparency(tmp_path):
+  la = np.array([[[10, 255], [200, 0]]], np.uint8)
+  Image.fromarray(la, mode="LA").save(tmp_path / "la.png")
+  out = image_io.read_rgb(tmp_path / "la.png", np.uint8)
+  np.testing.assert_array_equal(out[0, 0], [10, 10, 10])
+  np.testing.assert_array_equal(out[0, 1], [255, 255, 255])
+
+  p = Image.new("P", (2, 1))
+  p.putpalette([0, 255, 0, 0, 0, 0] + [0] * 762)
+  p.putpixel((0, 0), 0)
+  p.putpixel((1, 0), 1)
+  p.info["transparency"] = 1
+  p.save(tmp_path / "p.png", transparency=1)
+  out = image_io.read_rgb(tmp_path / "p.png", np.uint8)
+  np.testing.assert_array_equal(out[0, 0], [0, 255, 0])
+  np.testing.assert_array_equal(out[0, 1], [255, 255, 255])
+
+
+def test_exif_orientation_applied(tmp_path):
+  a = _rand_rgb(3, 5)
+  im = Image.fromarray(a)
+  exif = im.getexif()
+  exif[0x0112] = 6  # "rotate 90 CW to display"
+  im.save(tmp_path / "r.jpg", exif=exif, quality=100, subsampling=0)
+  out = image_io.read_rgb(tmp_path / "r.jpg", np.uint8)
+  assert out.shape == (5, 3, 3)
+  # Orientation 6 shows the stored image rotated 90 degrees clockwise.
+  expect = np.rot90(a, k=-1)
+  assert np.abs(out.astype(int) - expect.astype(int)).mean() < 8
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", None])
+def test_unreadable_raises_naming_file(tmp_path, content):
+  path = tmp_path / "bad.png"
+  if content is None:  # truncated real PNG
+    Image.fromarray(_rand_rgb(64, 64)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+  else:
+    path.write_bytes(content)
+  with pytest.raises(image_io.ImageReadError, match="bad.png"):
+    image_io.read_rgb(path)
+
+
+def test_missing_file(tmp_path):
+  with pytest.raises(image_io.ImageReadError, match="nope.png"):
+    image_io.read_rgb(tmp_path / "nope.png")
+
+
+def test_write_png_refuses_protected_and_clips(tmp_path):
+  src = tmp_path / "in.png"
+  Image.fromarray(_rand_rgb()).save(src)
+  before = src.read_bytes()
+  with pytest.raises(image_io.ProtectedPathError, match="in.png"):
+    image_io.write_png(tmp_path / "sub" / ".." / "in.png", np.zeros((6, 5, 3)), protect=[src])
+  assert src.read_bytes() == before
+  image_io.write_png(tmp_path / "new" / "o.png", np.array([[[-1.0, 0.5, 2.0]]]))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "new" / "o.png")),
+                                [[[0, 128, 255]]])
+  assert not list((tmp_path / "new").glob("*.tmp"))
+  with pytest.raises(ValueError, match="NaN"):
+    image_io.write_png(tmp_path / "n.png", np.full((2, 2, 3), np.nan))
