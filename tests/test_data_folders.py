@@ -1,0 +1,178 @@
+"""Pair discovery in RESIDE SOTS / ITS and generic paired folders."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minet_jax.data import folders
+from minet_jax.data.folders import DatasetLayoutError
+
+
+def _write(path: pathlib.Path, image: np.ndarray) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(image).save(path)
+
+
+def _random_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+  return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def sots_dir(tmp_path):
+  rng = np.random.default_rng(0)
+  root = tmp_path / "RESIDE" / "SOTS" / "indoor"
+  # Scene 7 has a GT with a 2 px border (like the 640x480 release), scene 8 does not.
+  _write(root / "gt" / "7.png", _random_image(rng, 12, 14))
+  _write(root / "gt" / "8.png", _random_image(rng, 8, 10))
+  for name in ("7_1", "7_2", "7_10", "8_9"):
+    _write(root / "hazy" / f"{name}.png", _random_image(rng, 8, 10))
+  return tmp_path / "RESIDE"
+
+
+def test_sots_fixture_pairs_and_crop(sots_dir):
+  records = folders.find_sots_pairs(sots_dir, "indoor")
+  assert [r.key for r in records] == ["7_1", "7_2", "7_10", "8_9"]  # natural order
+  assert [r.scene for r in records] == ["7", "7", "7", "8"]
+  assert [r.index for r in records] == [1, 2, 10, 9]
+  assert all(r.clear.name == f"{r.scene}.png" for r in records)
+  # Same records whether pointed at the RESIDE root, SOTS/ or SOTS/indoor.
+  assert folders.find_sots_pairs(sots_dir / "SOTS", "indoor") == records
+  assert folders.find_sots_pairs(sots_dir / "SOTS" / "indoor") == records
+  assert folders.find_pairs(sots_dir / "SOTS" / "indoor") == records
+  hazy, clear = folders.load_pair(records[0])
+  full = np.asarray(Image.open(records[0].clear))
+  assert hazy.shape == clear.shape == (8, 10, 3) and clear.dtype == np.uint8
+  np.testing.assert_array_equal(clear, full[2:10, 2:12])
+  np.testing.assert_array_equal(folders.load_pair(records[3])[1],
+                                np.asarray(Image.open(records[3].clear)))
+
+
+def test_sots_outdoor_names(tmp_path):
+  rng = np.random.default_rng(1)
+  _write(tmp_path / "gt" / "0001.png", _random_image(rng, 6, 6))
+  _write(tmp_path / "hazy" / "0001_0.8_0.2.jpg", _random_image(rng, 6, 6))
+  (record,) = folders.find_sots_pairs(tmp_path)
+  assert (record.scene, record.airlight, record.beta, record.index) == ("0001", 0.8, 0.2, None)
+
+
+def test_its_fixture(tmp_path):
+  rng = np.random.default_rng(2)
+  _write(tmp_path / "ITS" / "clear" / "3.png", _random_image(rng, 6, 8))
+  _write(tmp_path / "ITS" / "hazy" / "3_2_0.81.png", _random_image(rng, 6, 8))
+  _write(tmp_path / "ITS" / "hazy" / "3_1_0.93.png", _random_image(rng, 6, 8))
+  records = folders.find_its_pairs(tmp_path)
+  assert [(r.key, r.index, r.airlight) for r in records] == [("3_1_0.93", 1, 0.93),
+                                                            ("3_2_0.81", 2, 0.81)]
+  assert folders.find_pairs(tmp_path / "ITS") == records
+
+
+def test_generic_paired_folder(tmp_path):
+  rng = np.random.default_rng(3)
+  for i in ("01", "02"):
+    _write(tmp_path / "o" / "hazy" / f"{i}_outdoor_hazy.jpg", _random_image(rng, 5, 5))
+    _write(tmp_path / "o" / "GT" / f"{i}_outdoor_GT.jpg", _random_image(rng, 5, 5))
+  records = folders.find_paired_folder(tmp_path / "o")
+  assert [(r.scene, r.clear.name) for r in records] == [("01", "01_outdoor_GT.jpg"),
+                                                        ("02", "02_outdoor_GT.jpg")]
+  # Identical stems win over scene ids.
+  _write(tmp_path / "s" / "hazy" / "a_b.png", _random_image(rng, 5, 5))
+  _write(tmp_path / "s" / "clear" / "a_b.png", _random_image(rng, 5, 5))
+  _write(tmp_path / "s" / "clear" / "a_c.png", _random_image(rng, 5, 5))
+  (record,) = folders.find_paired_folder(tmp_path / "s")
+  assert record.clear.name == "a_b.png"
+  # Flat NH-HAZE style.
+  _write(tmp_path / "nh" / "03_hazy.png", _random_image(rng, 5, 5))
+  _write(tmp_path / "nh" / "03_GT.png", _random_image(rng, 5, 5))
+  (record,) = folders.find_pairs(tmp_path / "nh")
+  assert (record.scene, record.clear.name) == ("03", "03_GT.png")
+
+
+def _assert_layout_error(excinfo, *needles):
+  message = str(excinfo.value)
+  assert "Expected layout:" in message
+  for needle in needles:
+    assert needle in message, message
+
+
+def test_missing_and_malformed_folders(tmp_path, sots_dir):
+  with pytest.raises(DatasetLayoutError) as e:
+    folders.find_sots_pairs(tmp_path / "nowhere", "indoor")
+  _assert_layout_error(e, "not found", folders.RESIDE_URL, "gt/<scene>.png")
+  with pytest.raises(DatasetLayoutError) as e:
+    folders.find_its_pairs(sots_dir)  # a RESIDE root with SOTS but no ITS
+  _assert_layout_error(e, "no hazy/ folder", folders.RESIDE_URL, "clear/<scene>.png")
+  (sots_dir / "SOTS" / "indoor" / "gt" / "8.png").unlink()
+  with pytest.raises(DatasetLayoutError) as e:
+    folders.find_sots_pairs(sots_dir, "indoor")
+  _assert_layout_error(e, "8_9.png", "no ground truth")
+  bad = tmp_path / "its_bad"
+  _write(bad / "clear" / "1.png", np.zeros((4, 4, 3), np.uint8))
+  _write(bad / "hazy" / "1_x.png", np.zeros((4, 4, 3), np.uint8))
+  with pytest.raises(DatasetLayoutError) as e:
+    folders.find_its_pairs(bad)
+  _assert_layout_error(e, "1_x.png", "<scene>_<k>_<A>")
+  nogt = tmp_path / "nogt"
+  _write(nogt / "hazy" / "1_1.png", np.zeros((4, 4, 3), np.uint8))
+  with pytest.raises(DatasetLayoutError) as e:
+    folders.find_paired_folder(nogt)
+  _assert_layout_error(e, "no gt/")
+  small = tmp_path / "small"
+  _write(small / "hazy" / "1_1.png", np.zeros((6, 6, 3), np.uint8))
+  _write(small / "gt" / "1.png", np.zeros((4, 6, 3), np.uint8))
+  with pytest.raises(DatasetLayoutError, match="hazy size or larger"):
+    folders.load_pair(folders.find_sots_pairs(small)[0])
+  with pytest.raises(ValueError, match="unknown layout"):
+    folders.find_pairs(small, layout="nope")
+
+
+def test_centre_crop_to():
+  image = np.arange(6 * 8).reshape(6, 8)
+  np.testing.assert_array_equal(folders.centre_crop_to(image, (2, 4)), image[2:4, 2:6])
+  np.testing.assert_array_equal(folders.centre_crop_to(image, (6, 8)), image)
+  with pytest.raises(ValueError, match="smaller"):
+    folders.centre_crop_to(image, (7, 8))
+
+
+def _edges(image: np.ndarray) -> np.ndarray:
+  grey = image.astype(np.float64).mean(-1)
+  gy, gx = np.gradient(grey)
+  return np.hypot(gx, gy)
+
+
+def test_reside_sample(shared_dir):
+  reside = shared_dir / "data" / "RESIDE"
+  sots = folders.find_sots_pairs(reside, "indoor")
+  assert len(sots) == 10 and sorted({r.scene for r in sots}) == [str(s) for s in range(1400, 1406)]
+  assert [r.key for r in sots if r.scene == "1400"] == ["1400_1", "1400_2", "1400_3", "1400_9"]
+  for record in sots:
+    hazy, clear = folders.load_pair(record)
+    assert hazy.shape == clear.shape == (460, 620, 3)
+  # The centre crop of a 640x480 GT aligns with its hazy image: the edge maps
+  # correlate best at the centre offset (10, 10) among nearby offsets.
+  record = sots[0]
+  hazy = folders._read_rgb(record.hazy)
+  full = folders._read_rgb(record.clear)
+  assert full.shape == (480, 640, 3)
+  target = _edges(hazy).ravel()
+  scores = {}
+  for dy in range(7, 14):
+    for dx in range(7, 14):
+      scores[dy, dx] = np.corrcoef(target, _edges(full[dy:dy + 460, dx:dx + 620]).ravel())[0, 1]
+  assert max(scores, key=scores.get) == (10, 10)
+
+  its = folders.find_its_pairs(reside)
+  assert [r.key for r in its] == ["1_1_0.90179", "1_2_0.97842", "2_1_0.99082", "2_2_0.76381"]
+  # The number in an ITS name is the atmospheric light: with the right A the
+  # transmission (I - A) / (J - A) is the same in all three channels.
+  for record in its:
+    hazy, clear = (x.astype(np.float64)[::4, ::4] / 255 for x in folders.load_pair(record))
+    spread = {}
+    for a in np.round(np.arange(0.6, 1.1, 0.01), 2):
+      keep = np.all(np.abs(clear - a) > 0.15, axis=-1)
+      t = (hazy[keep] - a) / (clear[keep] - a)
+      spread[a] = t.std(axis=-1).mean()
+    assert abs(min(spread, key=spread.get) - record.airlight) <= 0.015
