@@ -1,0 +1,193 @@
+"""MI-Net (Shen et al., CVPRW 2020) in Flax NNX, NHWC.
+
+Data flow, with the authors' layer names (Jiawei-Shen/MI-Net, ``MINet.py``):
+
+  encoder   conv1-norm1-relu, conv2-norm2-relu, conv3(stride 2)-norm3-relu,
+            pre_processing: residual blocks (conv-IN-relu-conv-IN, + input, relu)
+  IM-blocks x1 = IM_1(x), x2 = IM_2(x1), x3 = IM_3(x2); block i solves
+            g = g0 + eta * f_i(g) from g = g0 = its input (fixed_point.py)
+  MLF       gate: 3x3 conv on concat(x1, x2, x3) -> 3 maps; fused = sum_i W_i * x_i
+  decoder   deconv3 (transposed 4x4, stride 2)-norm4-relu, deconv2-norm5-relu, deconv1 (1x1)
+  tail      ("RCA" as released) x = LeakyReLU(conv_su1(x) + conv_su2(input));
+            psi = sigmoid(fc2(fc1(GAP(layer1.conv(x))))); x = x + x * psi; deconv (1x1)
+
+Block f_i is conv-IN-relu-conv-IN-relu with no skip; its first conv is dilated by d_i
+and, when `smoothed_dilation` and d_i > 1, each conv is preceded by a shared
+(2d-1)x(2d-1) smoothing kernel (``pre_conv1``/``pre_conv2``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minet_jax import fixed_point as fp
+from minet_jax.config import ModelConfig
+from minet_jax.layers import Conv2d, ConvTranspose2d, InstanceNorm, Scalar, ShareSepConv
+
+# The released model was trained on raw BGR pixel values, with no mean subtraction.
+_BGR255_SCALE = 255.0
+
+
+class ResidualBlock(nnx.Module):
+  """Encoder residual block: relu(x + IN(conv(relu(IN(conv(x))))))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    c = cfg.features
+    conv = dict(padding=1, use_bias=False, init_a=cfg.init_kaiming_a, dtype=cfg.dtype, rngs=rngs)
+    self.conv1 = Conv2d(c, c, 3, **conv)
+    self.norm1 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.conv2 = Conv2d(c, c, 3, **conv)
+    self.norm2 = InstanceNorm(c, eps=cfg.norm_eps)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jax.nn.relu(self.norm1(self.conv1(x)))
+    return jax.nn.relu(x + self.norm2(self.conv2(y)))
+
+
+class IMBlockF(nnx.Module):
+  """The f of one IM-block: [smooth]-dilated conv-IN-relu, [smooth]-conv-IN-relu, no skip."""
+
+  def __init__(self, cfg: ModelConfig, dilation: int, *, rngs: nnx.Rngs):
+    c = cfg.features
+    smoothed = cfg.smoothed_dilation and dilation > 1
+    conv = dict(use_bias=False, init_a=cfg.init_kaiming_a, dtype=cfg.dtype, rngs=rngs)
+    self.pre_conv1 = ShareSepConv(2 * dilation - 1, dtype=cfg.dtype) if smoothed else None
+    self.conv1 = Conv2d(c, c, 3, padding=dilation, dilation=dilation, **conv)
+    self.norm1 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.pre_conv2 = ShareSepConv(2 * dilation - 1, dtype=cfg.dtype) if smoothed else None
+    self.conv2 = Conv2d(c, c, 3, padding=1, **conv)
+    self.norm2 = InstanceNorm(c, eps=cfg.norm_eps)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.pre_conv1 is not None:
+      x = self.pre_conv1(x)
+    y = jax.nn.relu(self.norm1(self.conv1(x)))
+    if self.pre_conv2 is not None:
+      y = self.pre_conv2(y)
+    return jax.nn.relu(self.norm2(self.conv2(y)))
+
+
+class IMBlock(nnx.Module):
+  """One implicit Euler step x_out = x_in + eta * f(x_out), solved by `fixed_point`."""
+
+  def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs):
+    self.f = IMBlockF(cfg, cfg.dilations[index], rngs=rngs)
+    self.iterations = cfg.iterations[index]
+    self.eta = cfg.eta
+    self.unroll = cfg.unroll
+
+  def solve(self, g0: jax.Array) -> fp.FixedPointResult:
+    """Runs the block's solver from g = g0 and returns the result with diagnostics."""
+    graphdef, state = nnx.split(self.f)
+    eta = self.eta
+
+    def implicit_euler_map(g, args):
+      g0_, f_state = args
+      return g0_ + eta * nnx.merge(graphdef, f_state)(g)
+
+    return fp.fixed_point(implicit_euler_map, g0, (g0, state), max_steps=self.iterations,
+                          unroll=self.unroll)
+
+  def __call__(self, g0: jax.Array) -> jax.Array:
+    return self.solve(g0).value
+
+
+class RCAGate(nnx.Module):
+  """The released "RCA" channel gate on the 3-channel image: sigmoid(fc2(fc1(GAP(conv(x)))))."""
+
+  def __init__(self, channels: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.conv = Conv2d(channels, channels, 1, init_a=cfg.init_kaiming_a, dtype=cfg.dtype,
+                       rngs=rngs)
+    self.fc1 = Scalar(rngs=rngs)
+    self.fc2 = Scalar(rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pooled = jnp.mean(self.conv(x).astype(jnp.float32), axis=(1, 2), keepdims=True)
+    return jax.nn.sigmoid(self.fc2(self.fc1(pooled))).astype(x.dtype)
+
+
+class MINet(nnx.Module):
+  """MI-Net. Call on NHWC RGB images in [0, 1]; returns NHWC RGB in [0, 1] scale, unclipped."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    c, a, dt = cfg.features, cfg.init_kaiming_a, cfg.dtype
+    conv = dict(init_a=a, dtype=dt, rngs=rngs)
+    self.conv1 = Conv2d(3, c, 3, padding=1, use_bias=False, **conv)
+    self.norm1 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.conv2 = Conv2d(c, c, 3, padding=1, use_bias=False, **conv)
+    self.norm2 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.conv3 = Conv2d(c, c, 3, stride=2, padding=1, use_bias=False, **conv)
+    self.norm3 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.pre_processing = nnx.List([ResidualBlock(cfg, rngs=rngs) for _ in range(cfg.pre_blocks)])
+    self.im_blocks = nnx.List([IMBlock(cfg, i, rngs=rngs) for i in range(cfg.num_blocks)])
+    self.gate = Conv2d(c * cfg.num_blocks, cfg.num_blocks, 3, padding=1, **conv)
+    self.deconv3 = ConvTranspose2d(c, c, 4, stride=2, padding=1, dtype=dt, rngs=rngs)
+    self.norm4 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.deconv2 = Conv2d(c, c, 3, padding=1, **conv)
+    self.norm5 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.deconv1 = Conv2d(c, 3, 1, **conv)
+    self.conv_su1 = Conv2d(3, 3, 1, **conv)
+    self.conv_su2 = Conv2d(3, 3, 1, **conv)
+    self.layer1 = RCAGate(3, cfg, rngs=rngs)
+    self.deconv = Conv2d(3, 3, 1, **conv)
+
+  def features(self, image: jax.Array) -> jax.Array:
+    """Encoder: model-space image (even H, W) -> half-resolution features."""
+    x = jax.nn.relu(self.norm1(self.conv1(image)))
+    x = jax.nn.relu(self.norm2(self.conv2(x)))
+    x = jax.nn.relu(self.norm3(self.conv3(x)))
+    for block in self.pre_processing:
+      x = block(x)
+    return x
+
+  def fuse(self, states: list[jax.Array]) -> jax.Array:
+    """MLF: per-pixel weights from a conv over all block outputs (no softmax, as released)."""
+    weights = self.gate(jnp.concatenate(states, axis=-1))
+    return sum(s * weights[..., i:i + 1] for i, s in enumerate(states))
+
+  def decode(self, fused: jax.Array, image: jax.Array) -> jax.Array:
+    """Decoder and tail: fused features + model-space input -> model-space output."""
+    x = jax.nn.relu(self.norm4(self.deconv3(fused)))
+    x = jax.nn.relu(self.norm5(self.deconv2(x)))
+    x = self.deconv1(x)
+    x = jax.nn.leaky_relu(self.conv_su1(x) + self.conv_su2(image),
+                          negative_slope=self.config.leaky_slope)
+    x = x + x * self.layer1(x)
+    return self.deconv(x)
+
+  def network(self, image: jax.Array) -> jax.Array:
+    """The authors' forward pass on a model-space NHWC image with even H and W."""
+    x = self.features(image)
+    states = []
+    for block in self.im_blocks:
+      x = block(x)
+      states.append(x)
+    return self.decode(self.fuse(states), image)
+
+  def __call__(self, rgb: jax.Array) -> jax.Array:
+    """RGB [0, 1] NHWC (any H, W) -> RGB [0, 1]-scale NHWC, unclipped."""
+    cfg = self.config
+    h, w = rgb.shape[1:3]
+    # One stride-2 encoder conv and one 2x transposed conv: even sizes round-trip exactly.
+    pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
+    x = jnp.pad(rgb.astype(jnp.float32), pad, mode=cfg.pad_mode) if (h % 2 or w % 2) else rgb
+    x = to_model_space(x, cfg).astype(cfg.dtype)
+    y = from_model_space(self.network(x).astype(jnp.float32), cfg)
+    return y[:, :h, :w, :]
+
+
+def to_model_space(rgb: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """RGB [0, 1] -> what the first layer expects (`cfg.input_format`)."""
+  if cfg.input_format == "bgr255":
+    return rgb[..., ::-1].astype(jnp.float32) * _BGR255_SCALE
+  return rgb.astype(jnp.float32)
+
+
+def from_model_space(x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Inverse of `to_model_space`."""
+  if cfg.input_format == "bgr255":
+    return x[..., ::-1] / _BGR255_SCALE
+  return x

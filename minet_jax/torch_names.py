@@ -1,0 +1,162 @@
+"""The table between minet-jax parameters and the authors' PyTorch state-dict names.
+
+Every parameter has exactly one PyTorch name and one layout rule, so converting a
+checkpoint is a lookup, not guesswork. IM-block i is named in the authors' code after
+its dilation (``res1``, ``res2``, ``res4`` for dilations 1, 2, 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from minet_jax.config import ModelConfig
+
+# Layout rules: how a PyTorch tensor becomes the minet-jax array.
+CONV = "conv"                      # Conv2d weight OIHW -> HWIO
+DECONV = "deconv"                  # ConvTranspose2d weight IOHW -> flipped forward kernel HWIO
+VECTOR = "vector"                  # biases, norm scales: unchanged
+SHARED_KERNEL = "shared_kernel"    # ShareSepConv weight (1, 1, k, k) -> (k, k)
+LINEAR = "linear"                  # Linear(1, 1) weight (out, in) -> kernel (in, out)
+
+Path = tuple[str, ...]
+
+
+class StateDictMismatch(ValueError):
+  """A state dict does not match the architecture; the message names every tensor."""
+
+
+def _conv(prefix: Path, torch_prefix: str, bias: bool) -> dict[Path, tuple[str, str]]:
+  table = {prefix + ("kernel",): (f"{torch_prefix}.weight", CONV)}
+  if bias:
+    table[prefix + ("bias",)] = (f"{torch_prefix}.bias", VECTOR)
+  return table
+
+
+def _norm(prefix: Path, torch_prefix: str) -> dict[Path, tuple[str, str]]:
+  return {prefix + ("scale",): (f"{torch_prefix}.weight", VECTOR),
+          prefix + ("bias",): (f"{torch_prefix}.bias", VECTOR)}
+
+
+def torch_name_table(cfg: ModelConfig) -> dict[Path, tuple[str, str]]:
+  """Maps each parameter path (as in `Params.weights`) to (PyTorch name, layout rule)."""
+  table: dict[Path, tuple[str, str]] = {}
+  for i in (1, 2, 3):
+    table |= _conv((f"conv{i}",), f"conv{i}", bias=False)
+    table |= _norm((f"norm{i}",), f"norm{i}")
+  for b in range(cfg.pre_blocks):
+    for j in (1, 2):
+      table |= _conv(("pre_processing", str(b), f"conv{j}"), f"pre_processing.{b}.conv{j}", False)
+      table |= _norm(("pre_processing", str(b), f"norm{j}"), f"pre_processing.{b}.norm{j}")
+  for b, d in enumerate(cfg.dilations):
+    prefix, name = ("im_blocks", str(b), "f"), f"res{d}"
+    for j in (1, 2):
+      if cfg.smoothed_dilation and d > 1:
+        table[prefix + (f"pre_conv{j}", "kernel")] = (f"{name}.pre_conv{j}.weight", SHARED_KERNEL)
+      table |= _conv(prefix + (f"conv{j}",), f"{name}.conv{j}", bias=False)
+      table |= _norm(prefix + (f"norm{j}",), f"{name}.norm{j}")
+  table |= _conv(("gate",), "gate", bias=True)
+  table[("deconv3", "kernel")] = ("deconv3.weight", DECONV)
+  table[("deconv3", "bias")] = ("deconv3.bias", VECTOR)
+  table |= _norm(("norm4",), "norm4")
+  table |= _conv(("deconv2",), "deconv2", bias=True)
+  table |= _norm(("norm5",), "norm5")
+  for name in ("deconv1", "conv_su1", "conv_su2", "deconv"):
+    table |= _conv((name,), name, bias=True)
+  # layer1 = Sequential(Conv2d, AdaptiveAvgPool2d, Linear, Linear, Sigmoid).
+  table |= _conv(("layer1", "conv"), "layer1.0", bias=True)
+  for fc, index in (("fc1", 2), ("fc2", 3)):
+    table[("layer1", fc, "kernel")] = (f"layer1.{index}.weight", LINEAR)
+    table[("layer1", fc, "bias")] = (f"layer1.{index}.bias", VECTOR)
+  names = [name for name, _ in table.values()]
+  if len(set(names)) != len(names):
+    raise ValueError(f"dilations {cfg.dilations} name two IM-blocks alike; the authors' naming "
+                     "(res<d>) needs distinct dilations")
+  return table
+
+
+def to_jax_layout(array: np.ndarray, rule: str) -> np.ndarray:
+  """Applies one layout rule to a PyTorch array."""
+  if rule == CONV:
+    return np.transpose(array, (2, 3, 1, 0))
+  if rule == DECONV:
+    # ConvTranspose2d weight (in, out, kh, kw) -> forward conv kernel (kh, kw, in, out), flipped.
+    return np.transpose(array, (2, 3, 0, 1))[::-1, ::-1]
+  if rule == SHARED_KERNEL:
+    return array.reshape(array.shape[-2:])
+  if rule == LINEAR:
+    return array.T
+  if rule == VECTOR:
+    return array
+  raise ValueError(f"unknown layout rule {rule!r}")
+
+
+def to_torch_layout(array: np.ndarray, rule: str) -> np.ndarray:
+  """Inverse of `to_jax_layout`."""
+  if rule == CONV:
+    return np.transpose(array, (3, 2, 0, 1))
+  if rule == DECONV:
+    return np.transpose(array[::-1, ::-1], (2, 3, 0, 1))
+  if rule == SHARED_KERNEL:
+    return array.reshape((1, 1) + array.shape)
+  if rule == LINEAR:
+    return array.T
+  if rule == VECTOR:
+    return array
+  raise ValueError(f"unknown layout rule {rule!r}")
+
+
+def _nest(flat: Mapping[Path, np.ndarray]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def weights_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
+                                  cfg: ModelConfig,
+                                  expected_shapes: Mapping[Path, tuple[int, ...]] | None = None,
+                                  ) -> dict:
+  """Converts a PyTorch state dict (numpy arrays) into a nested `Params.weights` dict.
+
+  Raises `StateDictMismatch` naming every missing, unexpected and mis-shaped tensor.
+  A leading ``module.`` (DataParallel) is stripped.
+  """
+  sd = {(k[len("module."):] if k.startswith("module.") else k): np.asarray(v)
+        for k, v in state_dict.items()}
+  table = torch_name_table(cfg)
+  wanted = {name for name, _ in table.values()}
+  missing = sorted(wanted - set(sd))
+  unexpected = sorted(set(sd) - wanted)
+  flat, mismatched = {}, []
+  for path, (name, rule) in table.items():
+    if name not in sd:
+      continue
+    array = np.ascontiguousarray(to_jax_layout(sd[name], rule).astype(np.float32))
+    if expected_shapes is not None and tuple(array.shape) != tuple(expected_shapes[path]):
+      mismatched.append(f"{name}: got {tuple(sd[name].shape)}, expected "
+                        f"{tuple(to_torch_layout(np.zeros(expected_shapes[path]), rule).shape)}")
+    flat[path] = array
+  if missing or unexpected or mismatched:
+    lines = ["state dict does not match the MI-Net architecture "
+             f"(dilations {cfg.dilations}, smoothed_dilation {cfg.smoothed_dilation}):"]
+    lines += [f"  missing: {n}" for n in missing]
+    lines += [f"  unexpected: {n}" for n in unexpected]
+    lines += [f"  shape mismatch: {m}" for m in mismatched]
+    raise StateDictMismatch("\n".join(lines))
+  return _nest(flat)
+
+
+def torch_state_dict_from_weights(weights: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """The inverse map: nested `Params.weights` -> PyTorch-named, PyTorch-layout arrays."""
+  out = {}
+  for path, (name, rule) in torch_name_table(cfg).items():
+    node = weights
+    for key in path:
+      node = node[key]
+    out[name] = np.ascontiguousarray(to_torch_layout(np.asarray(node), rule))
+  return out
