@@ -1,0 +1,82 @@
+"""PSNR/SSIM in JAX against scikit-image and the authors' published protocol scores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from minet_jax import image_io, metrics
+
+
+def _sk_ssim(out, gt):
+  return structural_similarity(gt.astype(np.float64), out.astype(np.float64),
+                               gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                               channel_axis=2, data_range=255)
+
+
+@pytest.mark.parametrize("seed,noise,shape", [(0, 5.0, (40, 52, 3)), (1, 40.0, (23, 31, 3)),
+                                              (2, 1.0, (11, 11, 3))])
+def test_random_images_match_skimage(seed, noise, shape):
+  rng = np.random.default_rng(seed)
+  gt = rng.uniform(0, 255, shape)
+  out = np.clip(gt + rng.normal(0, noise, shape), 0, 255)
+  assert abs(float(metrics.psnr(out, gt)) -
+             peak_signal_noise_ratio(gt, out, data_range=255)) < 1e-4
+  assert abs(float(metrics.ssim(out, gt)) - _sk_ssim(out, gt)) < 1e-4
+
+
+def test_flat_regions_and_batch():
+  # Smooth, nearly constant images stress float32 cancellation in the variances.
+  y, x = np.mgrid[0:48, 0:64] / 64.0
+  gt = np.stack([200 + 2 * x, 120 + y, 30 + x * y], -1)
+  out = gt + 0.7 * np.sin(9 * x)[..., None]
+  assert abs(float(metrics.ssim(out, gt)) - _sk_ssim(out, gt)) < 1e-4
+  batch = np.stack([out, gt])
+  got = np.asarray(metrics.ssim(batch, np.stack([gt, gt])))
+  assert got.shape == (2,)
+  np.testing.assert_allclose(got, [_sk_ssim(out, gt), 1.0], atol=1e-4)
+
+
+def test_ssim_detects_structure_change():
+  rng = np.random.default_rng(3)
+  gt = rng.uniform(0, 255, (32, 32, 3))
+  assert float(metrics.ssim(gt, gt)) == pytest.approx(1.0, abs=1e-6)
+  assert float(metrics.ssim(gt[::-1], gt)) < 0.2
+
+
+def test_center_crop_and_errors():
+  gt = np.arange(6 * 8 * 3).reshape(6, 8, 3)
+  np.testing.assert_array_equal(metrics.center_crop(gt, 4, 4), gt[1:5, 2:6])
+  with pytest.raises(ValueError, match="larger"):
+    metrics.center_crop(gt, 7, 8)
+  with pytest.raises(ValueError, match="at least 11x11"):
+    metrics.ssim(np.zeros((8, 20, 3)), np.zeros((8, 20, 3)))
+
+
+def test_real_images_protocol_scores(shared_dir):
+  """Hazy-input scores of the published protocol, incl. a 640x480 GT (1400) and a 620x460 one."""
+  scores = json.loads((shared_dir / "parity" / "official_scores.json").read_text())
+  sots = shared_dir / "data" / "RESIDE" / "SOTS" / "indoor"
+  for name in ("1400_1.png", "1403_8.png"):
+    hazy = image_io.read_rgb(sots / "hazy" / name, np.uint8).astype(np.float64)
+    gt = image_io.read_rgb(sots / "gt" / (name.split("_")[0] + ".png"), np.uint8)
+    gt = metrics.center_crop(gt.astype(np.float64), *hazy.shape[:2])
+    p, s = metrics.dehazing_scores(hazy, image_io.read_rgb(
+        sots / "gt" / (name.split("_")[0] + ".png"), np.uint8))
+    assert abs(p - peak_signal_noise_ratio(gt, hazy, data_range=255)) < 1e-4
+    assert abs(s - _sk_ssim(hazy, gt)) < 1e-4
+    ref_p, ref_s = scores["per_image"][name]["hazy_input"]
+    assert p == pytest.approx(ref_p, abs=1e-3) and s == pytest.approx(ref_s, abs=1e-5)
+
+
+def test_dehazing_scores_clips_output():
+  rng = np.random.default_rng(4)
+  gt = rng.uniform(0, 255, (20, 20, 3))
+  out = gt.copy()
+  out[0, 0, 0] = 400.0  # clipped to 255 before scoring
+  p, _ = metrics.dehazing_scores(out, gt)
+  clipped = np.clip(out, 0, 255)
+  assert p == pytest.approx(peak_signal_noise_ratio(gt, clipped, data_range=255), abs=1e-4)
