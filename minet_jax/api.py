@@ -68,9 +68,12 @@ def _skeleton(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, dict]:
 
 def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flat {path: shape} of every parameter of the architecture `cfg`."""
-  _, _, pure = _skeleton(cfg)
-  flat = jax.tree_util.tree_flatten_with_path(_stringify(pure))[0]
-  return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+  return _flat_shapes(_stringify(_skeleton(cfg)[2]))
+
+
+def _flat_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
 def params_from_model(model: MINet) -> Params:
@@ -155,9 +158,14 @@ def apply(params: Params, img: Any) -> jax.Array:
   if not isinstance(params, Params):
     raise TypeError(f"params must be minet_jax.Params (from init/load), got "
                     f"{type(params).__name__}")
-  x = to_float_rgb(img)
-  out = jnp.clip(model_from_params(params)(x), 0.0, 1.0).astype(jnp.float32)
+  out = _forward(params, to_float_rgb(img))
   return out[0] if img.ndim == 3 else out
+
+
+@jax.jit
+def _forward(params: Params, x: jax.Array) -> jax.Array:
+  # Compiled once per (architecture, image shape); nested inside a caller's jit it inlines.
+  return jnp.clip(model_from_params(params)(x), 0.0, 1.0).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------ save / load
@@ -222,4 +230,11 @@ def load(path: str | os.PathLike) -> Params:
   except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, ...).
     raise CheckpointError(f"could not read the weights in {path / WEIGHTS_DIR}: "
                           f"{type(e).__name__}: {e}") from e
+  # orbax restores what is on disk even when it disagrees with the target; check it here.
+  expected, got = param_shapes(cfg), _flat_shapes(weights)
+  if got != expected:
+    wrong = sorted(".".join(k) for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+    raise CheckpointError(f"could not read the weights in {path / WEIGHTS_DIR}: they do not fit "
+                          f"the architecture in {CONFIG_FILE} (differing: {', '.join(wrong[:8])}"
+                          f"{' ...' if len(wrong) > 8 else ''})")
   return Params(weights=weights, config=cfg)

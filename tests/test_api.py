@@ -1,0 +1,139 @@
+"""The public API: apply's contract, jit, save/load, and every documented input error."""
+
+from __future__ import annotations
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import minet_jax
+
+TINY = minet_jax.ModelConfig(features=8, iterations=(2, 2, 2))
+
+
+@pytest.fixture(scope="module")
+def params():
+  return minet_jax.init(TINY, seed=1)
+
+
+@pytest.fixture(scope="module")
+def image():
+  return np.random.default_rng(0).integers(0, 256, size=(19, 26, 3), dtype=np.uint8)
+
+
+def test_done_when_example_shape():
+  out = minet_jax.apply(minet_jax.init(), np.zeros((37, 53, 3), np.uint8))
+  assert out.shape == (37, 53, 3)
+
+
+def test_apply_layouts_and_range(params, image):
+  out = minet_jax.apply(params, image)
+  chex.assert_shape(out, image.shape)
+  chex.assert_type(out, jnp.float32)
+  chex.assert_tree_all_finite(out)
+  assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+  batch = minet_jax.apply(params, np.stack([image, image[::-1]]))
+  chex.assert_shape(batch, (2,) + image.shape)
+  np.testing.assert_allclose(batch[0], out, atol=1e-5)
+
+
+def test_uint8_and_float_inputs_agree(params, image):
+  np.testing.assert_allclose(minet_jax.apply(params, image),
+                             minet_jax.apply(params, image.astype(np.float32) / 255.0), atol=1e-6)
+  as16 = image.astype(np.uint16) * 257  # 0..255 -> 0..65535 exactly
+  np.testing.assert_allclose(minet_jax.apply(params, image), minet_jax.apply(params, as16),
+                             atol=1e-6)
+
+
+def test_jit_equals_eager(params, image):
+  eager = minet_jax.apply(params, image)
+  jitted = jax.jit(minet_jax.apply)(params, image)
+  np.testing.assert_allclose(jitted, eager, atol=1e-6)
+
+
+def test_init_is_deterministic_by_seed():
+  a, b, c = (minet_jax.init(TINY, seed=s) for s in (4, 4, 5))
+  chex.assert_trees_all_equal(a.weights, b.weights)
+  assert not np.array_equal(a.weights["conv1"]["kernel"], c.weights["conv1"]["kernel"])
+
+
+def test_model_params_round_trip(params):
+  back = minet_jax.params_from_model(minet_jax.model_from_params(params))
+  chex.assert_trees_all_equal(back.weights, params.weights)
+  assert back.config == params.config
+
+
+def test_save_load_is_bit_exact(params, image, tmp_path):
+  minet_jax.save(params, tmp_path / "ckpt")
+  loaded = minet_jax.load(tmp_path / "ckpt")
+  assert loaded.config == params.config
+  chex.assert_trees_all_equal(loaded.weights, params.weights)
+  np.testing.assert_array_equal(minet_jax.apply(loaded, image), minet_jax.apply(params, image))
+
+
+def test_save_refuses_to_clobber(params, tmp_path):
+  target = tmp_path / "ckpt"
+  target.mkdir()
+  (target / "keep.txt").write_text("precious")
+  with pytest.raises(FileExistsError):
+    minet_jax.save(params, target)
+  assert (target / "keep.txt").read_text() == "precious"
+  minet_jax.save(params, target, overwrite=True)
+  assert not (target / "keep.txt").exists()
+  assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
+
+
+def test_load_missing_path(tmp_path):
+  with pytest.raises(minet_jax.CheckpointError, match="does not exist"):
+    minet_jax.load(tmp_path / "nope")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(minet_jax.CheckpointError, match="not a minet-jax checkpoint"):
+    minet_jax.load(tmp_path / "empty")
+
+
+def test_load_corrupt_checkpoint(params, tmp_path):
+  path = minet_jax.save(params, tmp_path / "ckpt")
+  config_file = path / "minet_config.json"
+  good = config_file.read_text()
+  config_file.write_text("{not json")
+  with pytest.raises(minet_jax.CheckpointError, match="corrupt"):
+    minet_jax.load(path)
+  meta = json.loads(good)
+  meta["model"]["features"] = 16  # weights no longer fit the architecture
+  config_file.write_text(json.dumps(meta))
+  with pytest.raises(minet_jax.CheckpointError, match="could not read the weights"):
+    minet_jax.load(path)
+  config_file.write_text(good)
+  for f in (path / "weights").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  with pytest.raises(minet_jax.CheckpointError, match="could not read the weights"):
+    minet_jax.load(path)
+
+
+@pytest.mark.parametrize("bad, error, pattern", [
+    (np.zeros((8, 8), np.uint8), ValueError, "HxWx3 or NxHxWx3"),
+    (np.zeros((1, 1, 8, 8, 3), np.uint8), ValueError, "HxWx3 or NxHxWx3"),
+    (np.zeros((8, 8, 1), np.uint8), ValueError, "grayscale"),
+    (np.zeros((8, 8, 4), np.uint8), ValueError, "alpha"),
+    (np.zeros((0, 8, 3), np.uint8), ValueError, "empty"),
+    (np.zeros((0, 8, 8, 3), np.float32), ValueError, "empty"),
+    (np.full((8, 8, 3), np.nan, np.float32), ValueError, "NaN or infinite"),
+    (np.full((8, 8, 3), np.inf, np.float32), ValueError, "NaN or infinite"),
+    (np.full((8, 8, 3), 200.0, np.float32), ValueError, "divide 0..255 data by 255"),
+    (np.zeros((8, 8, 3), bool), TypeError, "unsupported image dtype"),
+    (np.zeros((8, 8, 3), np.int32), TypeError, "unsupported image dtype"),
+    ([[[0, 0, 0]]], TypeError, "numpy or jax array"),
+])
+def test_bad_inputs_raise_the_documented_error(params, bad, error, pattern):
+  with pytest.raises(error, match=pattern):
+    minet_jax.apply(params, bad)
+
+
+def test_apply_needs_params(image):
+  with pytest.raises(TypeError, match="minet_jax.Params"):
+    minet_jax.apply({"conv1": {}}, image)

@@ -1,0 +1,53 @@
+"""Config plumbing: the base config mirrors ModelConfig, bad fields are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import pytest
+
+import minet_jax
+from configs import default, paper_text
+
+
+def test_base_config_model_section_is_model_config_field_for_field():
+  section = default.get_config().model.to_dict()
+  fields = {f.name for f in dataclasses.fields(minet_jax.ModelConfig)}
+  assert set(section) == fields
+  assert minet_jax.model_config(default.get_config()) == minet_jax.ModelConfig()
+
+
+def test_paper_text_variant_is_a_config():
+  assert minet_jax.model_config(paper_text.get_config()) == minet_jax.paper_text_variant()
+  assert minet_jax.paper_text_variant().iterations == (12, 12, 12)
+  assert minet_jax.paper_text_variant().dilations == (1, 2, 5)
+
+
+def test_model_config_accepts_dicts_and_is_hashable():
+  cfg = minet_jax.model_config({"iterations": [4, 4], "dilations": [1, 3]})
+  assert cfg.iterations == (4, 4) and hash(cfg) == hash(minet_jax.ModelConfig(
+      iterations=(4, 4), dilations=(1, 3)))
+  section = ml_collections.ConfigDict({"features": 16})
+  assert minet_jax.model_config(section).features == 16
+
+
+@pytest.mark.parametrize("fields, pattern", [
+    ({"featurs": 8}, "unknown model config field"),
+    ({"iterations": (8, 8)}, "same length"),
+    ({"iterations": (8, -1, 8)}, "iterations must be >= 0"),
+    ({"dilations": (1, 0, 4)}, "dilations must be >= 1"),
+    ({"input_format": "bgr"}, "input_format must be one of"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"unroll": "yes"}, "unroll must be"),
+    ({"pad_mode": "wrap"}, "pad_mode"),
+])
+def test_bad_fields_are_refused(fields, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    minet_jax.model_config(fields)
+
+
+def test_duplicate_dilations_cannot_map_to_the_authors_names():
+  from minet_jax.torch_names import torch_name_table
+  with pytest.raises(ValueError, match="distinct dilations"):
+    torch_name_table(minet_jax.ModelConfig(dilations=(2, 2, 4)))

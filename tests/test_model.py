@@ -1,0 +1,173 @@
+"""Architecture: parameter counts, layer semantics, the IM-block iteration, parity."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import minet_jax
+from minet_jax import layers
+from minet_jax.api import param_shapes
+from minet_jax.model import IMBlock, MINet
+from minet_jax.torch_names import (torch_name_table, torch_state_dict_from_weights,
+                                   weights_from_torch_state_dict)
+
+TINY = minet_jax.ModelConfig(features=8, iterations=(2, 3, 2))
+
+
+def test_released_parameter_count_is_the_papers():
+  assert sum(np.prod(s) for s in param_shapes(minet_jax.ModelConfig()).values()) == 628_078
+
+
+def test_paper_text_variant_parameter_count():
+  # 9x9 instead of 7x7 shared kernels in the last block: 2 * (81 - 49) more.
+  assert sum(np.prod(s) for s in param_shapes(minet_jax.paper_text_variant()).values()) == 628_142
+
+
+def test_initialisation_follows_the_authors():
+  params = minet_jax.init(seed=3)
+  w = params.weights
+  # Shared smoothing kernels start as the identity.
+  k = np.asarray(w["im_blocks"]["2"]["f"]["pre_conv1"]["kernel"])
+  expected = np.zeros((7, 7), np.float32)
+  expected[3, 3] = 1
+  np.testing.assert_array_equal(k, expected)
+  # kaiming_normal_(w, a=0.1): std = sqrt(2 / (1 + 0.01) / fan_in), fan_in = 64 * 9.
+  kernel = np.asarray(w["pre_processing"]["0"]["conv1"]["kernel"])
+  np.testing.assert_allclose(kernel.std(), np.sqrt(2 / 1.01 / 576), rtol=0.03)
+  np.testing.assert_array_equal(np.asarray(w["norm1"]["scale"]), np.ones(64))
+
+
+def test_name_table_is_a_bijection_onto_parameters():
+  for cfg in (minet_jax.ModelConfig(), minet_jax.paper_text_variant(), TINY):
+    table = torch_name_table(cfg)
+    assert set(table) == set(param_shapes(cfg))
+    assert len({name for name, _ in table.values()}) == len(table)
+
+
+def test_name_table_matches_the_released_checkpoint(shared_dir):
+  sd = dict(np.load(shared_dir / "weights" / "minet_its_official_state_dict.npz"))
+  cfg = minet_jax.ModelConfig()
+  assert {name for name, _ in torch_name_table(cfg).values()} == set(sd)
+  weights = weights_from_torch_state_dict(sd, cfg, param_shapes(cfg))
+  back = torch_state_dict_from_weights(weights, cfg)
+  for name, value in sd.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+def test_state_dict_mismatch_names_every_tensor():
+  cfg = TINY
+  sd = torch_state_dict_from_weights(minet_jax.init(cfg).weights, cfg)
+  sd["module.extra.weight"] = np.zeros(3)
+  del sd["gate.bias"]
+  sd["conv1.weight"] = np.zeros((8, 3, 5, 5), np.float32)
+  with pytest.raises(ValueError) as info:
+    weights_from_torch_state_dict(sd, cfg, param_shapes(cfg))
+  message = str(info.value)
+  assert "missing: gate.bias" in message
+  assert "unexpected: extra.weight" in message
+  assert "shape mismatch: conv1.weight" in message
+
+
+def _torch_conv_transpose(x, w, stride, padding):
+  """Direct definition: each input pixel scatters w[i, o] into the output."""
+  n, h, wd, cin = x.shape
+  _, cout, k, _ = w.shape
+  full = np.zeros((n, (h - 1) * stride + k, (wd - 1) * stride + k, cout))
+  for i in range(h):
+    for j in range(wd):
+      full[:, i * stride:i * stride + k, j * stride:j * stride + k, :] += np.einsum(
+          "nc,cokl->nklo", x[:, i, j, :], w)
+  return full[:, padding:full.shape[1] - padding, padding:full.shape[2] - padding, :]
+
+
+def test_conv_transpose_matches_the_scatter_definition():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
+  w_torch = rng.normal(size=(3, 2, 4, 4)).astype(np.float32)  # (in, out, k, k)
+  layer = layers.ConvTranspose2d(3, 2, 4, stride=2, padding=1, rngs=nnx.Rngs(0))
+  layer.kernel[...] = jnp.asarray(np.transpose(w_torch, (2, 3, 0, 1))[::-1, ::-1])
+  layer.bias[...] = jnp.zeros(2)
+  np.testing.assert_allclose(layer(jnp.asarray(x)), _torch_conv_transpose(x, w_torch, 2, 1),
+                             atol=1e-5)
+
+
+def test_instance_norm_matches_numpy():
+  x = np.random.default_rng(1).normal(2.0, 3.0, size=(2, 6, 7, 4)).astype(np.float32)
+  norm = layers.InstanceNorm(4)
+  norm.scale[...] = jnp.arange(1.0, 5.0)
+  norm.bias[...] = jnp.full(4, 0.5)
+  mean = x.mean(axis=(1, 2), keepdims=True)
+  var = x.var(axis=(1, 2), keepdims=True)  # biased, as PyTorch
+  expected = (x - mean) / np.sqrt(var + 1e-5) * np.arange(1.0, 5.0) + 0.5
+  np.testing.assert_allclose(norm(jnp.asarray(x)), expected, atol=1e-5)
+
+
+def test_shared_separable_conv_applies_one_kernel_to_every_channel():
+  x = np.random.default_rng(2).normal(size=(1, 9, 9, 3)).astype(np.float32)
+  conv = layers.ShareSepConv(3)
+  np.testing.assert_array_equal(conv(jnp.asarray(x)), x)  # identity at init
+  kernel = np.random.default_rng(3).normal(size=(3, 3)).astype(np.float32)
+  conv.kernel[...] = jnp.asarray(kernel)
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  expected = sum(kernel[a, b] * padded[:, a:a + 9, b:b + 9, :] for a in range(3) for b in range(3))
+  np.testing.assert_allclose(conv(jnp.asarray(x)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("unroll", [1, 2, True])
+def test_im_block_scan_equals_a_python_loop(unroll):
+  cfg = minet_jax.ModelConfig(features=4, iterations=(5,), dilations=(2,), eta=0.7, unroll=unroll)
+  block = IMBlock(cfg, 0, rngs=nnx.Rngs(0))
+  block.f.pre_conv1.kernel[...] = jax.random.normal(jax.random.key(1), (3, 3)) * 0.3
+  g0 = jax.random.normal(jax.random.key(2), (2, 10, 12, 4))
+  g = g0
+  for _ in range(5):
+    g = g0 + 0.7 * block.f(g)
+  result = block.solve(g0)
+  np.testing.assert_allclose(result.value, g, rtol=1e-5, atol=1e-5)
+  chex.assert_shape(result.residual_history, (5,))
+  assert int(result.num_steps) == 5
+
+
+@pytest.mark.parametrize("shape", [(1, 37, 53, 3), (2, 16, 20, 3), (1, 1, 1, 3), (3, 9, 2, 3)])
+def test_forward_shapes_and_finiteness(shape):
+  model = MINet(TINY, rngs=nnx.Rngs(0))
+  x = jax.random.uniform(jax.random.key(0), shape)
+  y = model(x)
+  chex.assert_shape(y, shape)
+  chex.assert_tree_all_finite(y)
+
+
+def test_samples_in_a_batch_are_independent():
+  model = MINet(TINY, rngs=nnx.Rngs(0))
+  x = jax.random.uniform(jax.random.key(0), (2, 12, 14, 3))
+  np.testing.assert_allclose(model(x)[1:], model(x[1:]), atol=1e-5)
+
+
+def test_rgb01_input_format_feeds_the_image_unchanged():
+  model = MINet(minet_jax.ModelConfig(features=4, iterations=(1,), dilations=(1,),
+                                      input_format="rgb01"), rngs=nnx.Rngs(0))
+  seen = []
+  original = model.network
+  model.network = lambda image: seen.append(image) or original(image)
+  x = jax.random.uniform(jax.random.key(0), (1, 4, 6, 3))
+  model(x)
+  np.testing.assert_array_equal(seen[0], x)
+
+
+def test_crop_parity_with_the_authors_outputs(shared_dir):
+  """The released weights reproduce the authors' PyTorch output on a SOTS crop."""
+  cfg = minet_jax.ModelConfig()
+  sd = dict(np.load(shared_dir / "weights" / "minet_its_official_state_dict.npz"))
+  params = minet_jax.Params(weights=weights_from_torch_state_dict(sd, cfg, param_shapes(cfg)),
+                            config=cfg)
+  ref = np.load(shared_dir / "parity" / "official_outputs.npz")
+  x = ref["crop_input_rgb"] / 255.0
+  out = np.asarray(minet_jax.model_from_params(params)(jnp.asarray(x[None])))[0] * 255.0
+  expected = ref["crop_output_rgb"]
+  psnr = 10 * np.log10(255.0**2 / np.mean((out - expected) ** 2))
+  assert psnr >= 50.0, f"PSNR to the authors' output {psnr:.1f} dB, max |diff| {np.abs(out - expected).max()}"
