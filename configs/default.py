@@ -30,6 +30,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   model.unroll = "auto"
   # Compute dtype of the convolutions ("float32", "bfloat16", "float16").
   model.dtype = "float32"
+  # Conv precision: "highest" (exact float32, PyTorch parity) or "default" (e.g. TF32 on GPUs).
+  model.precision = "highest"
   # What the first layer sees: "bgr255" (released weights) or "rgb01".
   model.input_format = "bgr255"
   # Instance-norm epsilon (PyTorch default).

@@ -43,6 +43,9 @@ class ModelConfig:
   unroll: Union[str, int, bool] = "auto"
   # Compute dtype of convolutions; parameters and normalisation statistics stay float32.
   dtype: str = "float32"
+  # Convolution precision: "highest" (exact float32; parity with PyTorch on GPUs that would
+  # otherwise use TF32) or "default" (fastest the backend offers).
+  precision: str = "highest"
   # What the network's first layer sees: "bgr255" (released weights) or "rgb01".
   input_format: str = "bgr255"
   # Epsilon of every instance norm (PyTorch's InstanceNorm2d default).
@@ -72,6 +75,8 @@ class ModelConfig:
       raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {self.input_format!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.precision not in ("highest", "default"):
+      raise ValueError(f"precision must be 'highest' or 'default', got {self.precision!r}")
     if self.pad_mode not in ("edge", "reflect"):
       raise ValueError(f"pad_mode must be 'edge' or 'reflect', got {self.pad_mode!r}")
     if isinstance(self.unroll, str) and self.unroll != "auto":

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-_PRECISION = jax.lax.Precision.HIGHEST
+_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
 
 
 def kaiming_normal(a: float) -> jax.nn.initializers.Initializer:
@@ -37,7 +37,8 @@ class Conv2d(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
                stride: int = 1, padding: int = 0, dilation: int = 1, use_bias: bool = True,
-               init_a: float = 0.1, dtype: str = "float32", rngs: nnx.Rngs):
+               init_a: float = 0.1, dtype: str = "float32", precision: str = "highest",
+               rngs: nnx.Rngs):
     shape = (kernel_size, kernel_size, in_features, out_features)
     self.kernel = nnx.Param(kaiming_normal(init_a)(rngs.params(), shape, jnp.float32))
     fan_in = in_features * kernel_size * kernel_size
@@ -47,6 +48,7 @@ class Conv2d(nnx.Module):
     self.padding = padding
     self.dilation = dilation
     self.dtype = jnp.dtype(dtype)
+    self.precision = _PRECISIONS[precision]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jax.lax.conv_general_dilated(
@@ -54,7 +56,7 @@ class Conv2d(nnx.Module):
         window_strides=(self.stride, self.stride),
         padding=((self.padding, self.padding),) * 2,
         rhs_dilation=(self.dilation, self.dilation),
-        dimension_numbers=_DIMENSION_NUMBERS, precision=_PRECISION)
+        dimension_numbers=_DIMENSION_NUMBERS, precision=self.precision)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -70,7 +72,8 @@ class ConvTranspose2d(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
-               stride: int, padding: int, dtype: str = "float32", rngs: nnx.Rngs):
+               stride: int, padding: int, dtype: str = "float32", precision: str = "highest",
+               rngs: nnx.Rngs):
     shape = (kernel_size, kernel_size, in_features, out_features)
     # PyTorch computes the transposed conv's fan_in from its weight's dim 1 (out channels).
     fan_in = out_features * kernel_size * kernel_size
@@ -79,13 +82,14 @@ class ConvTranspose2d(nnx.Module):
     self.stride = stride
     self.edge = kernel_size - 1 - padding
     self.dtype = jnp.dtype(dtype)
+    self.precision = _PRECISIONS[precision]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), self.kernel[...].astype(self.dtype),
         window_strides=(1, 1), padding=((self.edge, self.edge),) * 2,
         lhs_dilation=(self.stride, self.stride),
-        dimension_numbers=_DIMENSION_NUMBERS, precision=_PRECISION)
+        dimension_numbers=_DIMENSION_NUMBERS, precision=self.precision)
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -97,13 +101,14 @@ class ShareSepConv(nnx.Module):
   conv would otherwise treat independently. Initialised to the identity.
   """
 
-  def __init__(self, kernel_size: int, *, dtype: str = "float32"):
+  def __init__(self, kernel_size: int, *, dtype: str = "float32", precision: str = "highest"):
     if kernel_size % 2 != 1:
       raise ValueError(f"shared separable kernel size must be odd, got {kernel_size}")
     centre = kernel_size // 2
     self.kernel = nnx.Param(
         jnp.zeros((kernel_size, kernel_size), jnp.float32).at[centre, centre].set(1.0))
     self.dtype = jnp.dtype(dtype)
+    self.precision = _PRECISIONS[precision]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
@@ -113,7 +118,7 @@ class ShareSepConv(nnx.Module):
     return jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(1, 1),
         padding=((pad, pad),) * 2, feature_group_count=channels,
-        dimension_numbers=_DIMENSION_NUMBERS, precision=_PRECISION)
+        dimension_numbers=_DIMENSION_NUMBERS, precision=self.precision)
 
 
 class InstanceNorm(nnx.Module):
