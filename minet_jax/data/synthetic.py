@@ -10,7 +10,8 @@ does it), A a grey atmospheric light, beta the scattering coefficient and d the
 depth. As in RESIDE ITS, each clear image is hazed several times with
 beta ~ U[0.6, 1.8] and A ~ U[0.7, 1.0], independently per rendering.
 
-Depth units. Scene depth is z-depth in metres (see `minet_jax.data.scenes`):
+Depth units. Scene depth is z-depth in metres, rounded to whole millimetres
+(see `minet_jax.data.scenes`):
 2.1-5.0 m for the Middlebury motorcycle, about 1-9 m for the rendered rooms,
 the range of NYU Depth v2 (0-10 m), whose depth RESIDE ITS hazes. The haze
 model sees ``d = depth / max(depth)`` of the image (so d is in (0, 1]) unless
@@ -132,14 +133,16 @@ def render_scene(stream: str, index: int,
   else:
     posters = scenes.TRAIN_POSTERS if stream == "train" else scenes.VALIDATION_POSTERS
     rgb, depth = scenes.render_room(rng, config.image_size, posters, config.supersample)
-  return _to_uint8(rgb), depth.astype(np.float32)
+  # Millimetre steps, as Kinect / NYU depth PNGs store it; the haze is made from this.
+  return _to_uint8(rgb), (np.round(depth * 1000.0) / 1000.0).astype(np.float32)
 
 
 def generate(split: str, config: SyntheticHazeConfig | None = None) -> Iterator[dict]:
   """Yields the examples of a split, in a fixed order.
 
   Each example: ``hazy`` and ``clear`` uint8 HxWx3, ``depth`` float32 HxW in
-  metres, ``scene`` and ``key`` str, ``beta`` and ``airlight`` float32.
+  metres, ``scene`` and ``key`` str, ``index`` (which rendering of the scene)
+  int, ``beta`` and ``airlight`` float32.
   """
   config = config or SyntheticHazeConfig()
   for scene, stream, index in _scene_list(split, config):
@@ -152,5 +155,5 @@ def generate(split: str, config: SyntheticHazeConfig | None = None) -> Iterator[
       hazy = _to_uint8(add_haze(clear, depth, beta, airlight, config.depth_scale_m))
       suffix = f"{index:02d}_{k}" if stream == "motorcycle" else str(k)
       yield {"hazy": hazy, "clear": clear, "depth": depth, "scene": scene,
-             "key": f"{scene}_{suffix}", "beta": np.float32(beta),
+             "key": f"{scene}_{suffix}", "index": k, "beta": np.float32(beta),
              "airlight": np.float32(airlight)}
