@@ -233,7 +233,10 @@ class SyntheticHaze(_Builder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    return {split: self._generate_examples(split) for split in synthetic.SPLITS}
+    config = self.builder_config.synthetic
+    # TFDS cannot write an empty split: a config with no validation rooms has none.
+    return {split: self._generate_examples(split) for split in synthetic.SPLITS
+            if config.num_examples(split) > 0}
 
   def _generate_examples(self, split: str):
     for ex in synthetic.generate(split, self.builder_config.synthetic):
