@@ -46,7 +46,7 @@ _STREAM = {"train": 0, "validation": 1, "motorcycle": 2}
 class SyntheticHazeConfig:
   """What `generate` builds; every field changes the data, so all are part of its identity."""
   image_size: tuple[int, int] = (144, 192)  # (height, width) of every image, 3:4 like RESIDE
-  train_rooms: int = 32  # rendered rooms in the train split
+  train_rooms: int = 48  # rendered rooms in the train split
   validation_rooms: int = 8  # rendered rooms in the validation split
   motorcycle_views: int = 4  # crops of the Middlebury motorcycle, train split only
   hazes_per_scene: int = 3  # hazy renderings of each clear image (ITS uses 10)
