@@ -1,0 +1,121 @@
+"""evaluate.py / minet_jax.evaluation on tiny folders (and the real SOTS sample, hazy rows)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+import minet_jax
+from minet_jax import evaluation
+from minet_jax.config import ModelConfig
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+import evaluate as evaluate_cli  # noqa: E402
+
+
+def _sk(out, gt):
+  out, gt = out.astype(np.float64), gt.astype(np.float64)
+  return (peak_signal_noise_ratio(gt, out, data_range=255),
+          structural_similarity(gt, out, gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False, channel_axis=2, data_range=255))
+
+
+@pytest.fixture(scope="module")
+def sots_like(tmp_path_factory):
+  """SOTS layout: two scenes, GT of scene 7 larger by 4 px a side, one corrupt hazy file."""
+  root = tmp_path_factory.mktemp("sots")
+  (root / "hazy").mkdir()
+  (root / "gt").mkdir()
+  rng = np.random.default_rng(0)
+  truth = {}
+  for scene, pad in (("7", 4), ("8", 0)):
+    gt = rng.integers(0, 256, (24 + 2 * pad, 32 + 2 * pad, 3), dtype=np.uint8)
+    Image.fromarray(gt).save(root / "gt" / f"{scene}.png")
+    inner = gt[pad:pad + 24, pad:pad + 32]
+    for k in (1, 2):
+      hazy = (0.6 * inner + 0.4 * 230).astype(np.uint8)
+      hazy = np.clip(hazy.astype(int) + rng.integers(-k, k + 1, hazy.shape), 0, 255)
+      Image.fromarray(hazy.astype(np.uint8)).save(root / "hazy" / f"{scene}_{k}.png")
+      truth[f"{scene}_{k}"] = (hazy.astype(np.uint8), inner)
+  (root / "hazy" / "8_3.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+  return root, truth
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+  # Random weights straight from the parameter shapes (cheaper than running init).
+  cfg = ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))
+  rng = np.random.default_rng(1)
+  weights: dict = {}
+  for path_keys, shape in minet_jax.api.param_shapes(cfg).items():
+    node = weights
+    for k in path_keys[:-1]:
+      node = node.setdefault(k, {})
+    node[path_keys[-1]] = (0.2 * rng.standard_normal(shape)).astype(np.float32)
+  path = tmp_path_factory.mktemp("ckpt") / "tiny"
+  minet_jax.save(minet_jax.Params(weights=weights, config=cfg), path)
+  return path
+
+
+def test_scores_failures_and_outputs(sots_like, tiny_ckpt, tmp_path, capsys):
+  root, truth = sots_like
+  before = {p: p.read_bytes() for p in root.rglob("*.png")}
+  out, images = tmp_path / "res", tmp_path / "img"
+  rc = evaluate_cli.main(["--ckpt", str(tiny_ckpt), "--data", str(root), "--out", str(out),
+                          "--save-images", str(images), "--no-progress"])
+  captured = capsys.readouterr()
+  assert rc == 1  # one image failed ...
+  assert "8_3" in captured.err and "8_3" in captured.out
+  for name in ("MI-Net", "hazy input", "DCP"):  # ... the rest were scored
+    assert name in captured.out
+  result = json.loads((out / "results.json").read_text())
+  assert set(result["failed_images"]) == {"8_3"}
+  rows = list(csv.DictReader(open(out / "per_image.csv")))
+  assert len(rows) == 5 * 3
+  hazy_rows = {r["image"]: r for r in rows if r["method"] == "hazy" and not r["error"]}
+  assert set(hazy_rows) == set(truth)
+  for key, (hazy, gt) in truth.items():
+    p, s = _sk(hazy, gt)
+    assert float(hazy_rows[key]["psnr"]) == pytest.approx(p, abs=1e-3)
+    assert float(hazy_rows[key]["ssim"]) == pytest.approx(s, abs=1e-4)
+  summary = result["summary"]
+  assert summary["hazy"]["images"] == 4 and summary["hazy"]["failed"] == 1
+  assert summary["hazy"]["psnr"] == pytest.approx(
+      np.mean([float(r["psnr"]) for r in hazy_rows.values()]), abs=1e-3)
+  # Saved outputs: the MI-Net PNG scores what the table says it scored (up to 8-bit rounding).
+  saved = np.asarray(Image.open(images / "minet" / "7_1.png"))
+  minet_row = next(r for r in rows if r["method"] == "minet" and r["image"] == "7_1")
+  assert _sk(saved, truth["7_1"][1])[0] == pytest.approx(float(minet_row["psnr"]), abs=0.1)
+  assert sorted(p.name for p in (images / "hazy").iterdir()) == [f"{k}.png" for k in sorted(truth)]
+  assert {p: p.read_bytes() for p in root.rglob("*.png")} == before
+
+
+def test_limit_methods_and_errors(sots_like):
+  root, _ = sots_like
+  report = evaluation.evaluate(None, root, methods=["hazy"], limit=2, progress=False)
+  assert [r.key for r in report.rows] == ["7_1", "7_2"]
+  assert "hazy input" in report.table()
+  with pytest.raises(ValueError, match="--ckpt"):
+    evaluation.evaluate(None, root, methods=["minet"], progress=False)
+  with pytest.raises(ValueError, match="unknown method"):
+    evaluation.evaluate(None, root, methods=["cap"], progress=False)
+  assert evaluate_cli.main(["--data", str(root / "nowhere"), "--methods", "hazy"]) == 2
+
+
+def test_real_sots_hazy_rows_match_published(shared_dir):
+  scores = json.loads((shared_dir / "parity" / "official_scores.json").read_text())
+  report = evaluation.evaluate(None, shared_dir / "data" / "RESIDE" / "SOTS" / "indoor",
+                               methods=["hazy"], progress=False)
+  assert len(report.rows) == 10 and not report.failed
+  for r in report.rows:
+    want_p, want_s = scores["per_image"][f"{r.key}.png"]["hazy_input"]
+    assert r.psnr == pytest.approx(want_p, abs=1e-3) and r.ssim == pytest.approx(want_s, abs=1e-5)
+  mean_p, mean_s = scores["mean"]["hazy_input"]
+  assert report.summary()["hazy"]["psnr"] == pytest.approx(mean_p, abs=1e-3)
+  assert report.summary()["hazy"]["ssim"] == pytest.approx(mean_s, abs=1e-5)
