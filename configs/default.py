@@ -28,6 +28,33 @@ def get_model_config() -> ml_collections.ConfigDict:
   model.smoothed_dilation = True
   # lax.scan unroll of the iteration: "auto" = full on CPU (jax-ml/jax#12868), 1 elsewhere.
   model.unroll = "auto"
+  # IM-block solver (minet_jax.fixed_point): "unrolled" = exactly `iterations` steps (released);
+  # "picard"/"anderson" iterate to rtol/atol, at most `iterations` steps.
+  model.solver = "unrolled"
+  # Stop when rms(T(g) - g) <= atol + rtol * rms(T(g)) ("picard"/"anderson" only).
+  model.rtol = 1e-3
+  # Absolute tolerance of that test, per element (0: relative only).
+  model.atol = 0.0
+  # Anderson history length m.
+  model.anderson_m = 5
+  # Anderson damping beta in (0, 1] (1: undamped).
+  model.anderson_beta = 1.0
+  # Relative Tikhonov regulariser of Anderson's m x m least squares.
+  model.anderson_reg = 1e-5
+  # IM-block gradients: "backprop" (through the iterations) or "implicit" (flat memory).
+  model.backward = "backprop"
+  # Step cap of the implicit backward's adjoint solve (0: the block's `iterations`).
+  model.adjoint_max_steps = 0
+  # Tolerances of the adjoint solve.
+  model.adjoint_rtol = 1e-3
+  model.adjoint_atol = 0.0
+  # Training only (minet_jax.contractive.penalty): weight of the penalty on each block's
+  # ||eta * df/dg||_2 estimate above contractive_target (0: off).
+  model.contractive_weight = 0.0
+  # Spectral-norm level the penalty aims below (< 1: the Picard map contracts).
+  model.contractive_target = 0.9
+  # Power-iteration steps (jvp + vjp each) of the penalty's norm estimate.
+  model.contractive_iters = 4
   # Compute dtype of the convolutions ("float32", "bfloat16", "float16").
   model.dtype = "float32"
   # Conv precision: "highest" (exact float32, PyTorch parity) or "default" (e.g. TF32 on GPUs).

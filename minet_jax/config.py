@@ -19,6 +19,8 @@ from typing import Any, Union
 
 import ml_collections
 
+from minet_jax.fixed_point import BACKWARDS, SOLVERS
+
 INPUT_FORMATS = ("bgr255", "rgb01")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -41,6 +43,35 @@ class ModelConfig:
   smoothed_dilation: bool = True
   # lax.scan unroll of the IM-block iteration: "auto" (full on CPU, 1 elsewhere), or an int/bool.
   unroll: Union[str, int, bool] = "auto"
+  # How each IM-block solves g = g0 + eta * f(g) (minet_jax.fixed_point): "unrolled" runs
+  # exactly `iterations` steps (the released model); "picard" and "anderson" run until the
+  # relative residual meets rtol/atol, at most `iterations` steps.
+  solver: str = "unrolled"
+  # "picard"/"anderson" stop when rms(T(g) - g) <= atol + rtol * rms(T(g)), T(g) = g0 + eta f(g).
+  rtol: float = 1e-3
+  # Absolute tolerance of that test, per element (0: relative only).
+  atol: float = 0.0
+  # Anderson acceleration: number of past iterates mixed (m).
+  anderson_m: int = 5
+  # Anderson damping beta in (0, 1]: 1 mixes the map values only, smaller leans on the iterates.
+  anderson_beta: float = 1.0
+  # Tikhonov regulariser of Anderson's m x m least squares, relative to its mean diagonal.
+  anderson_reg: float = 1e-5
+  # IM-block gradients: "backprop" through the iterations, or "implicit" (implicit function
+  # theorem; memory flat in the number of iterations).
+  backward: str = "backprop"
+  # Step cap of the implicit backward's adjoint solve (0: the block's `iterations`).
+  adjoint_max_steps: int = 0
+  # Relative and absolute tolerances of the adjoint solve (same test as rtol/atol).
+  adjoint_rtol: float = 1e-3
+  adjoint_atol: float = 0.0
+  # Training only (minet_jax.contractive.penalty): weight of the penalty on each block's
+  # estimated ||eta * df/dg||_2 above contractive_target (0: off).
+  contractive_weight: float = 0.0
+  # Spectral-norm level the penalty aims below (< 1 makes the Picard map a contraction).
+  contractive_target: float = 0.9
+  # Power-iteration steps (one jvp + one vjp each) of the penalty's norm estimate.
+  contractive_iters: int = 4
   # Compute dtype of convolutions; parameters and normalisation statistics stay float32.
   dtype: str = "float32"
   # Convolution precision: "highest" (exact float32; parity with PyTorch on GPUs that would
@@ -79,6 +110,20 @@ class ModelConfig:
       raise ValueError(f"precision must be 'highest' or 'default', got {self.precision!r}")
     if self.pad_mode not in ("edge", "reflect"):
       raise ValueError(f"pad_mode must be 'edge' or 'reflect', got {self.pad_mode!r}")
+    if self.solver not in SOLVERS:
+      raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+    if self.backward not in BACKWARDS:
+      raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
+    for name in ("rtol", "atol", "anderson_reg", "adjoint_rtol", "adjoint_atol",
+                 "contractive_weight", "contractive_target"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if self.anderson_m < 1 or not 0.0 < self.anderson_beta <= 1.0:
+      raise ValueError(f"anderson_m must be >= 1 and anderson_beta in (0, 1], got "
+                       f"{self.anderson_m}, {self.anderson_beta}")
+    if self.adjoint_max_steps < 0 or self.contractive_iters < 1:
+      raise ValueError(f"adjoint_max_steps must be >= 0 and contractive_iters >= 1, got "
+                       f"{self.adjoint_max_steps}, {self.contractive_iters}")
     if isinstance(self.unroll, str) and self.unroll != "auto":
       raise ValueError(f"unroll must be 'auto', a bool or a positive int, got {self.unroll!r}")
 

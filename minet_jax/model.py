@@ -73,16 +73,25 @@ class IMBlockF(nnx.Module):
 
 
 class IMBlock(nnx.Module):
-  """One implicit Euler step x_out = x_in + eta * f(x_out), solved by `fixed_point`."""
+  """One implicit Euler step x_out = x_in + eta * f(x_out), solved by `fixed_point`.
+
+  The solver, tolerances and backward mode come from the config; each sample of a
+  batch is its own fixed-point problem (instance norm keeps them independent).
+  """
 
   def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs):
     self.f = IMBlockF(cfg, cfg.dilations[index], rngs=rngs)
     self.iterations = cfg.iterations[index]
     self.eta = cfg.eta
     self.unroll = cfg.unroll
+    self.solver_config = cfg
 
-  def solve(self, g0: jax.Array) -> fp.FixedPointResult:
-    """Runs the block's solver from g = g0 and returns the result with diagnostics."""
+  def map_fn(self):
+    """The block's map as ``(T, args)``: T(g, args) = g0 + eta * f(g), args = (g0, f's state).
+
+    Splitting f into graph and state makes its parameters explicit inputs of T, so
+    the implicit backward can return their gradients.
+    """
     graphdef, state = nnx.split(self.f)
     eta = self.eta
 
@@ -90,8 +99,19 @@ class IMBlock(nnx.Module):
       g0_, f_state = args
       return g0_ + eta * nnx.merge(graphdef, f_state)(g)
 
-    return fp.fixed_point(implicit_euler_map, g0, (g0, state), max_steps=self.iterations,
-                          unroll=self.unroll)
+    return implicit_euler_map, state
+
+  def solve(self, g0: jax.Array) -> fp.FixedPointResult:
+    """Runs the block's solver from g = g0; diagnostics have a leading batch axis."""
+    cfg = self.solver_config
+    implicit_euler_map, state = self.map_fn()
+    return fp.fixed_point(
+        implicit_euler_map, g0, (g0, state), max_steps=self.iterations, rtol=cfg.rtol,
+        atol=cfg.atol, solver=cfg.solver, unroll=self.unroll, backward=cfg.backward,
+        per_sample=True, anderson_m=cfg.anderson_m, anderson_beta=cfg.anderson_beta,
+        anderson_reg=cfg.anderson_reg,
+        adjoint_max_steps=cfg.adjoint_max_steps or self.iterations,
+        adjoint_rtol=cfg.adjoint_rtol, adjoint_atol=cfg.adjoint_atol)
 
   def __call__(self, g0: jax.Array) -> jax.Array:
     return self.solve(g0).value
@@ -162,25 +182,45 @@ class MINet(nnx.Module):
     x = x + x * self.layer1(x)
     return self.deconv(x)
 
+  def network_with_diagnostics(self, image: jax.Array
+                               ) -> tuple[jax.Array, list[fp.FixedPointResult]]:
+    """The authors' forward pass on a model-space NHWC image with even H and W.
+
+    Returns the model-space output and each IM-block's `FixedPointResult` (its
+    ``value`` is the block's output, the next block's g0).
+    """
+    x = self.features(image)
+    results = []
+    for block in self.im_blocks:
+      results.append(block.solve(x))
+      x = results[-1].value
+    return self.decode(self.fuse([r.value for r in results]), image), results
+
   def network(self, image: jax.Array) -> jax.Array:
     """The authors' forward pass on a model-space NHWC image with even H and W."""
-    x = self.features(image)
-    states = []
-    for block in self.im_blocks:
-      x = block(x)
-      states.append(x)
-    return self.decode(self.fuse(states), image)
+    return self.network_with_diagnostics(image)[0]
 
-  def __call__(self, rgb: jax.Array) -> jax.Array:
-    """RGB [0, 1] NHWC (any H, W) -> RGB [0, 1]-scale NHWC, unclipped."""
+  def forward_with_diagnostics(self, rgb: jax.Array
+                               ) -> tuple[jax.Array, list[fp.FixedPointResult]]:
+    """Like ``__call__``, plus each IM-block's `FixedPointResult`.
+
+    The diagnostics (steps taken, final residual, residual history padded with NaN
+    to the block's `iterations`) have a leading batch axis; under ``jax.jit`` they
+    come back without recompiling per image of the same size.
+    """
     cfg = self.config
     h, w = rgb.shape[1:3]
     # One stride-2 encoder conv and one 2x transposed conv: even sizes round-trip exactly.
     pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
     x = jnp.pad(rgb.astype(jnp.float32), pad, mode=cfg.pad_mode) if (h % 2 or w % 2) else rgb
     x = to_model_space(x, cfg).astype(cfg.dtype)
-    y = from_model_space(self.network(x).astype(jnp.float32), cfg)
-    return y[:, :h, :w, :]
+    out, results = self.network_with_diagnostics(x)
+    y = from_model_space(out.astype(jnp.float32), cfg)
+    return y[:, :h, :w, :], results
+
+  def __call__(self, rgb: jax.Array) -> jax.Array:
+    """RGB [0, 1] NHWC (any H, W) -> RGB [0, 1]-scale NHWC, unclipped."""
+    return self.forward_with_diagnostics(rgb)[0]
 
 
 def to_model_space(rgb: jax.Array, cfg: ModelConfig) -> jax.Array:
