@@ -1,0 +1,157 @@
+"""Dehazes one's own photos with a minet-jax checkpoint.
+
+    python -m minet_jax.dehaze --ckpt checkpoints/minet_its photo.jpg more_photos/ -o dehazed/
+    python -m minet_jax.dehaze --ckpt checkpoints/minet_its big.png -o out/ --tile 512 --overlap 64
+
+Inputs are files or folders (``--recursive`` to descend); any size, PNG/JPEG/...,
+grayscale, alpha, 16-bit and EXIF-rotated images are read by
+`minet_jax.image_io.read_rgb`. Each result is written as
+``OUTDIR/<stem>_dehazed.png`` (folder inputs keep their sub-folders). Inputs
+are never overwritten; files that cannot be read or processed are reported and
+skipped, and the exit code is 1 if any failed. ``--tile`` processes large
+images in overlapping tiles (see `minet_jax.tiling` for the cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from minet_jax import image_io, tiling
+
+PathLike = str | os.PathLike
+
+
+@dataclasses.dataclass
+class Job:
+  """One input file and where its result goes."""
+  source: pathlib.Path
+  target: pathlib.Path
+
+
+@dataclasses.dataclass
+class Outcome:
+  written: list[pathlib.Path]
+  failed: dict[str, str]  # input path -> reason
+
+
+def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = False,
+         suffix: str = "_dehazed") -> tuple[list[Job], dict[str, str]]:
+  """Lists (input, output) jobs; problems found up front are returned as failures."""
+  out_dir = pathlib.Path(out_dir)
+  out_resolved = out_dir.resolve()
+  jobs: list[Job] = []
+  failed: dict[str, str] = {}
+  for item in inputs:
+    path = pathlib.Path(item)
+    if path.is_dir():
+      walker = path.rglob("*") if recursive else path.glob("*")
+      files = sorted(p for p in walker if p.is_file() and not p.name.startswith(".")
+                     and p.suffix.lower() in image_io.IMAGE_SUFFIXES
+                     # Results of an earlier run inside an input folder are not inputs.
+                     and out_resolved not in p.resolve().parents)
+      if not files:
+        failed[str(path)] = "folder holds no images" + ("" if recursive else
+                                                        " (use --recursive for sub-folders)")
+      for f in files:
+        rel = f.relative_to(path).parent
+        jobs.append(Job(f, out_dir / rel / f"{f.stem}{suffix}.png"))
+    elif path.is_file():
+      jobs.append(Job(path, out_dir / f"{path.stem}{suffix}.png"))
+    else:
+      failed[str(path)] = "no such file or folder"
+  sources = {j.source.resolve() for j in jobs}
+  seen: dict[pathlib.Path, pathlib.Path] = {}
+  kept = []
+  for job in jobs:
+    target = job.target.resolve()
+    if target in sources:
+      failed[str(job.source)] = f"its output {job.target} would overwrite an input file"
+    elif target in seen:
+      failed[str(job.source)] = (f"its output {job.target} is also the output of "
+                                 f"{seen[target]}; process them separately")
+    else:
+      seen[target] = job.source
+      kept.append(job)
+  return kept, failed
+
+
+def dehaze_image(params, image: np.ndarray, *, tile: int | None = None, overlap: int = 32,
+                 blend: str = "cosine") -> np.ndarray:
+  """float32 RGB (H, W, 3) in [0, 1] -> dehazed float32 RGB in [0, 1]."""
+  import minet_jax  # Heavy import kept out of `--help`.
+
+  def run(x):
+    return np.asarray(minet_jax.apply(params, np.ascontiguousarray(x, np.float32)))
+
+  if tile:
+    return tiling.tiled_apply(run, image, tile=tile, overlap=overlap, blend=blend)
+  return run(image)
+
+
+def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
+                 recursive: bool = False, tile: int | None = None, overlap: int = 32,
+                 blend: str = "cosine", suffix: str = "_dehazed",
+                 progress: bool = True) -> Outcome:
+  """Dehazes every input image into ``out_dir``; failures are collected, not raised."""
+  jobs, failed = plan(inputs, out_dir, recursive=recursive, suffix=suffix)
+  protect = [j.source for j in jobs]
+  written: list[pathlib.Path] = []
+  iterator = jobs
+  if progress:
+    from tqdm import tqdm
+    iterator = tqdm(jobs, desc="dehaze", unit="image", file=sys.stderr)
+  for job in iterator:
+    try:
+      image = image_io.read_rgb(job.source)
+      result = dehaze_image(params, image, tile=tile, overlap=overlap, blend=blend)
+      image_io.write_png(job.target, result, protect=protect)
+      written.append(job.target)
+    except Exception as e:  # One bad file must not cost the others.
+      failed[str(job.source)] = f"{type(e).__name__}: {e}" if not isinstance(
+          e, image_io.ImageReadError) else str(e)
+  return Outcome(written, failed)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m minet_jax.dehaze",
+      description="Dehaze images with a minet-jax checkpoint; writes <stem>_dehazed.png files.")
+  parser.add_argument("inputs", nargs="+", help="image files and/or folders")
+  parser.add_argument("-o", "--out", required=True, help="output folder (created if needed)")
+  parser.add_argument("--ckpt", required=True,
+                      help="checkpoint folder (python -m minet_jax.convert model_ITS.pth DIR)")
+  parser.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+  parser.add_argument("--tile", type=int, default=0,
+                      help="tile size for large images (0: whole image at once)")
+  parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+  parser.add_argument("--blend", default="cosine", choices=tiling.BLENDS,
+                      help="weighting across tile overlaps")
+  parser.add_argument("--suffix", default="_dehazed", help="appended to each output stem")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  args = parser.parse_args(argv)
+  if args.tile < 0 or args.overlap < 0 or (args.tile and args.overlap >= args.tile):
+    parser.error("--tile and --overlap must be >= 0, and --overlap smaller than --tile")
+  import minet_jax
+  try:
+    params = minet_jax.load(args.ckpt)
+  except (OSError, ValueError) as e:
+    print(f"dehaze: error: {e}", file=sys.stderr)
+    return 2
+  outcome = dehaze_files(params, args.inputs, args.out, recursive=args.recursive,
+                         tile=args.tile or None, overlap=args.overlap, blend=args.blend,
+                         suffix=args.suffix, progress=not args.no_progress)
+  print(f"wrote {len(outcome.written)} image(s) to {args.out}")
+  for source, reason in outcome.failed.items():
+    print(f"dehaze: failed: {source}: {reason}", file=sys.stderr)
+  return 1 if outcome.failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

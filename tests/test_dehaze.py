@@ -1,0 +1,138 @@
+"""python -m minet_jax.dehaze: odd inputs, corrupt files, never overwriting; tiling."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import minet_jax
+from minet_jax import dehaze, metrics, tiling
+from minet_jax.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+  cfg = ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))
+  rng = np.random.default_rng(2)
+  weights: dict = {}
+  for keys, shape in minet_jax.api.param_shapes(cfg).items():
+    node = weights
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = (0.2 * rng.standard_normal(shape)).astype(np.float32)
+  path = tmp_path_factory.mktemp("ckpt") / "tiny"
+  minet_jax.save(minet_jax.Params(weights=weights, config=cfg), path)
+  return path
+
+
+def _png16_rgb(path, a):
+  raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in a)
+
+  def chunk(tag, data):
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(
+        ">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+  ihdr = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 16, 2, 0, 0, 0)
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
+                   chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture()
+def photo_folder(tmp_path):
+  rng = np.random.default_rng(0)
+  d = tmp_path / "photos"
+  d.mkdir()
+  Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(d / "a.png")
+  Image.fromarray(rng.integers(0, 256, (17, 23), dtype=np.uint8), "L").save(d / "gray.jpg")
+  Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA").save(d / "rgba.png")
+  _png16_rgb(d / "deep.png", rng.integers(0, 65536, (12, 18, 3), dtype=np.uint16))
+  im = Image.fromarray(rng.integers(0, 256, (10, 26, 3), dtype=np.uint8))
+  exif = im.getexif()
+  exif[0x0112] = 8  # displayed rotated: stored 10x26 shows as 26x10
+  im.save(d / "turned.jpg", exif=exif)
+  (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00 not really")
+  (d / "notes.txt").write_text("ignored: not an image suffix")
+  return d
+
+
+def test_folder_with_a_corrupt_file(photo_folder, tiny_ckpt, tmp_path, capsys):
+  before = {p.name: p.read_bytes() for p in photo_folder.iterdir()}
+  out = tmp_path / "out"
+  rc = dehaze.main(["--ckpt", str(tiny_ckpt), str(photo_folder), "-o", str(out),
+                    "--no-progress"])
+  err = capsys.readouterr().err
+  assert rc == 1
+  assert "broken.png" in err and "a.png" not in err
+  shapes = {p.name: np.asarray(Image.open(p)).shape for p in out.iterdir()}
+  assert shapes == {"a_dehazed.png": (20, 30, 3), "gray_dehazed.png": (17, 23, 3),
+                    "rgba_dehazed.png": (16, 16, 3), "deep_dehazed.png": (12, 18, 3),
+                    "turned_dehazed.png": (26, 10, 3)}
+  assert {p.name: p.read_bytes() for p in photo_folder.iterdir()} == before
+
+
+def test_output_into_the_input_folder_never_overwrites(photo_folder, tiny_ckpt, capsys):
+  (photo_folder / "broken.png").unlink()
+  before = {p.name: p.read_bytes() for p in photo_folder.iterdir()}
+  # Same folder, empty suffix: every output name is an input name -> all refused.
+  rc = dehaze.main(["--ckpt", str(tiny_ckpt), str(photo_folder / "a.png"), "-o",
+                    str(photo_folder), "--suffix", "", "--no-progress"])
+  assert rc == 1 and "would overwrite an input" in capsys.readouterr().err
+  assert {p.name: p.read_bytes() for p in photo_folder.iterdir()} == before
+  # Default suffix: results land beside the inputs, which stay untouched.
+  assert dehaze.main(["--ckpt", str(tiny_ckpt), str(photo_folder / "a.png"), "-o",
+                      str(photo_folder), "--no-progress"]) == 0
+  assert (photo_folder / "a_dehazed.png").is_file()
+  assert all((photo_folder / n).read_bytes() == b for n, b in before.items())
+
+
+def test_missing_inputs_and_bad_flags(tiny_ckpt, tmp_path, capsys):
+  assert dehaze.main(["--ckpt", str(tiny_ckpt), str(tmp_path / "nope.png"), "-o",
+                      str(tmp_path / "o"), "--no-progress"]) == 1
+  assert "nope.png" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    dehaze.main(["--ckpt", str(tiny_ckpt), "x.png", "-o", "o", "--tile", "16",
+                 "--overlap", "16"])
+  assert dehaze.main(["--ckpt", str(tmp_path / "no_ckpt"), "x.png", "-o", "o"]) == 2
+
+
+@pytest.mark.parametrize("blend", tiling.BLENDS)
+def test_tiling_reconstructs_pointwise_functions(blend):
+  rng = np.random.default_rng(3)
+  img = rng.uniform(size=(45, 70, 3)).astype(np.float32)
+  calls = []
+
+  def fn(x):
+    calls.append(x.shape)
+    return np.sqrt(x)
+
+  out = tiling.tiled_apply(fn, img, tile=16, overlap=5, blend=blend)
+  np.testing.assert_allclose(out, np.sqrt(img), rtol=1e-6)
+  assert len(set(calls)) == 1  # one tile shape -> one compilation
+
+
+def test_tile_layout_and_windows():
+  for size, tile, overlap in [(100, 32, 8), (33, 32, 8), (32, 32, 0), (1000, 256, 64)]:
+    starts = tiling.tile_starts(size, tile, overlap)
+    assert starts[0] == 0 and starts[-1] == max(size - tile, 0)
+    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+  w = tiling.blend_window(8, 8, top=True, bottom=False, left=False, right=True, overlap=4)
+  assert w.min() > 0 and w[-1, 0] == 1.0 and w[0, 0] < 0.1 and w[-1, -1] < 0.1
+  with pytest.raises(ValueError, match="overlap"):
+    tiling.tile_starts(100, 16, 16)
+
+
+def test_tiled_model_close_to_whole_image(tiny_ckpt, tmp_path):
+  params = minet_jax.load(tiny_ckpt)
+  rng = np.random.default_rng(4)
+  y, x = np.mgrid[0:40, 0:56] / 56.0
+  img = np.clip(np.stack([0.5 + 0.3 * x, 0.6 - 0.2 * y, 0.4 + 0.1 * x * y], -1) +
+                0.05 * rng.standard_normal((40, 56, 3)), 0, 1).astype(np.float32)
+  whole = dehaze.dehaze_image(params, img)
+  tiled = dehaze.dehaze_image(params, img, tile=32, overlap=12)
+  assert tiled.shape == whole.shape and np.all(np.isfinite(tiled))
+  assert tiled.min() >= 0 and tiled.max() <= 1
+  assert float(metrics.psnr(tiled, whole, data_range=1.0)) > 15.0
