@@ -86,7 +86,8 @@ def _stored_as_is(im: Image.Image) -> bool:
           and "transparency" not in im.info and im.getexif().get(0x0112, 1) == 1)
 
 
-def _encoded(path: pathlib.Path, hw: tuple[int, int] | None = None) -> tuple[bytes, tuple[int, int]]:
+def _encoded(path: pathlib.Path,
+             hw: tuple[int, int] | None = None) -> tuple[bytes, tuple[int, int]]:
   """(encoded RGB image, (height, width)); a larger image is centre-cropped to `hw`."""
   with Image.open(path) as im:
     size = (im.height, im.width)
@@ -306,7 +307,7 @@ def _check_manual_dir(dataset: str, config: str | None, manual_dir: PathLike | N
     tree = folders.PAIRED_TREE if dataset == "paired_folder" else (
         folders.ITS_TREE if dataset == "reside_its" else folders.SOTS_TREE)
     problem = f"{dataset} is not built yet and no manual_dir (source folder) was given"
-    raise folders._layout_error(problem, tree, reside=dataset != "paired_folder")
+    raise folders.layout_error(problem, tree, reside=dataset != "paired_folder")
   if dataset == "reside_its":
     folders.find_its_pairs(manual_dir)
   elif dataset == "reside_sots":
@@ -419,7 +420,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--manual_dir", default=None, help="source folder (RESIDE, paired)")
   args = parser.parse_args(argv)
   start = time.perf_counter()
-  builder = build(args.name, args.data_dir, args.manual_dir)
+  try:
+    builder = build(args.name, args.data_dir, args.manual_dir)
+  except (folders.DatasetLayoutError, ValueError) as e:
+    parser.exit(2, f"error: {e}\n")
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
   print(f"{args.name}: {splits} in {builder.data_dir} ({time.perf_counter() - start:.1f} s)")
 

@@ -85,7 +85,8 @@ class PairRecord:
   beta: float | None = None
 
 
-def _layout_error(problem: str, tree: str, *, reside: bool = True) -> DatasetLayoutError:
+def layout_error(problem: str, tree: str, *, reside: bool = True) -> DatasetLayoutError:
+  """The error for `problem`, showing the expected `tree` and (RESIDE) the download page."""
   lines = [problem, "Expected layout:", tree]
   if reside:
     lines.append(f"RESIDE can be downloaded from {RESIDE_URL}")
@@ -122,7 +123,7 @@ def _index_by_scene(files: Sequence[pathlib.Path], tree: str,
   for path in files:
     scene = _scene_of(path.stem)
     if scene in by_scene:
-      raise _layout_error(
+      raise layout_error(
           f"two ground truths for scene {scene!r}: {by_scene[scene].name} and {path.name}",
           tree, reside=reside)
     by_scene[scene] = path
@@ -134,13 +135,13 @@ def _resolve(root: str | pathlib.Path, candidates: Sequence[str], tree: str,
   """Finds the folder holding ``hazy/`` among ``root`` and some sub-paths."""
   root = pathlib.Path(root).expanduser()
   if not root.is_dir():
-    raise _layout_error(f"{what} folder not found: {root}", tree)
+    raise layout_error(f"{what} folder not found: {root}", tree)
   for sub in ("", *candidates):
     folder = root / sub if sub else root
     if _first_dir(folder, HAZY_DIRS) is not None:
       return folder
   tried = ", ".join(str(root / c) for c in ("", *candidates))
-  raise _layout_error(f"no hazy/ folder for {what} under {root} (looked in {tried})", tree)
+  raise layout_error(f"no hazy/ folder for {what} under {root} (looked in {tried})", tree)
 
 
 def _parse_float(text: str) -> float | None:
@@ -153,7 +154,7 @@ def _parse_float(text: str) -> float | None:
 def _unmatched_error(hazy: Sequence[pathlib.Path], clear_dir: pathlib.Path, tree: str,
                      reside: bool) -> DatasetLayoutError:
   names = ", ".join(p.name for p in hazy[:5]) + (" ..." if len(hazy) > 5 else "")
-  return _layout_error(
+  return layout_error(
       f"{len(hazy)} hazy image(s) have no ground truth in {clear_dir}: {names}",
       tree, reside=reside)
 
@@ -171,10 +172,10 @@ def find_sots_pairs(root: str | pathlib.Path, subset: str | None = None) -> list
   hazy_dir = _first_dir(folder, HAZY_DIRS)
   gt_dir = _first_dir(folder, CLEAR_DIRS)
   if gt_dir is None:
-    raise _layout_error(f"no gt/ folder beside {hazy_dir}", SOTS_TREE)
+    raise layout_error(f"no gt/ folder beside {hazy_dir}", SOTS_TREE)
   hazy = _images(hazy_dir)
   if not hazy:
-    raise _layout_error(f"no images in {hazy_dir}", SOTS_TREE)
+    raise layout_error(f"no images in {hazy_dir}", SOTS_TREE)
   gts = _index_by_scene(_images(gt_dir), SOTS_TREE, reside=True)
   records, unmatched = [], []
   for path in hazy:
@@ -188,7 +189,7 @@ def find_sots_pairs(root: str | pathlib.Path, subset: str | None = None) -> list
     elif len(rest) == 2:
       airlight, beta = _parse_float(rest[0]), _parse_float(rest[1])
     else:
-      raise _layout_error(f"unexpected SOTS hazy file name {path.name}", SOTS_TREE)
+      raise layout_error(f"unexpected SOTS hazy file name {path.name}", SOTS_TREE)
     records.append(PairRecord(path, gts[scene], scene, path.stem, index, airlight, beta))
   if unmatched:
     raise _unmatched_error(unmatched, gt_dir, SOTS_TREE, reside=True)
@@ -201,17 +202,17 @@ def find_its_pairs(root: str | pathlib.Path) -> list[PairRecord]:
   hazy_dir = _first_dir(folder, HAZY_DIRS)
   clear_dir = _first_dir(folder, ("clear", "gt", "GT", "clean"))
   if clear_dir is None:
-    raise _layout_error(f"no clear/ folder beside {hazy_dir}", ITS_TREE)
+    raise layout_error(f"no clear/ folder beside {hazy_dir}", ITS_TREE)
   hazy = _images(hazy_dir)
   if not hazy:
-    raise _layout_error(f"no images in {hazy_dir}", ITS_TREE)
+    raise layout_error(f"no images in {hazy_dir}", ITS_TREE)
   clears = _index_by_scene(_images(clear_dir), ITS_TREE, reside=True)
   records, unmatched = [], []
   for path in hazy:
     parts = path.stem.split("_")
     airlight = _parse_float(parts[2]) if len(parts) == 3 else None
     if len(parts) != 3 or not parts[1].isdigit() or airlight is None:
-      raise _layout_error(f"unexpected ITS hazy file name {path.name} "
+      raise layout_error(f"unexpected ITS hazy file name {path.name} "
                           "(want <scene>_<k>_<A>.png)", ITS_TREE)
     if parts[0] not in clears:
       unmatched.append(path)
@@ -252,21 +253,21 @@ def find_paired_folder(root: str | pathlib.Path) -> list[PairRecord]:
   """
   root = pathlib.Path(root).expanduser()
   if not root.is_dir():
-    raise _layout_error(f"paired folder not found: {root}", PAIRED_TREE, reside=False)
+    raise layout_error(f"paired folder not found: {root}", PAIRED_TREE, reside=False)
   hazy_dir = _first_dir(root, HAZY_DIRS)
   if hazy_dir is None:
     records = _flat_pairs(root)
     if not records:
-      raise _layout_error(f"no hazy/ folder and no <id>_hazy images in {root}",
+      raise layout_error(f"no hazy/ folder and no <id>_hazy images in {root}",
                           PAIRED_TREE, reside=False)
     return records
   clear_dir = _first_dir(root, CLEAR_DIRS)
   if clear_dir is None:
-    raise _layout_error(f"no gt/, GT/, clear/ or clean/ folder beside {hazy_dir}",
+    raise layout_error(f"no gt/, GT/, clear/ or clean/ folder beside {hazy_dir}",
                         PAIRED_TREE, reside=False)
   hazy = _images(hazy_dir)
   if not hazy:
-    raise _layout_error(f"no images in {hazy_dir}", PAIRED_TREE, reside=False)
+    raise layout_error(f"no images in {hazy_dir}", PAIRED_TREE, reside=False)
   clear_files = _images(clear_dir)
   by_stem = {p.stem: p for p in clear_files}
   by_scene: dict[str, list[pathlib.Path]] = {}
@@ -281,7 +282,7 @@ def find_paired_folder(root: str | pathlib.Path) -> list[PairRecord]:
       clear = by_scene[scene][0]
     elif scene in by_scene:
       names = ", ".join(p.name for p in by_scene[scene])
-      raise _layout_error(f"{path.name} matches several ground truths: {names}",
+      raise layout_error(f"{path.name} matches several ground truths: {names}",
                           PAIRED_TREE, reside=False)
     else:
       unmatched.append(path)
