@@ -72,11 +72,111 @@ def get_model_config() -> ml_collections.ConfigDict:
   return model
 
 
+def get_data_config() -> ml_collections.ConfigDict:
+  """What to train and validate on, and how batches are cut (minet_jax.data)."""
+  data = ml_collections.ConfigDict()
+  # Training dataset: "synthetic_haze" (embedded, built offline), "reside_its",
+  # "reside_sots/indoor", "reside_sots/outdoor" or "paired_folder/<name>".
+  data.name = "synthetic_haze"
+  # Split (TFDS slicing allowed, e.g. "train[:90%]") to train on.
+  data.train_split = "train"
+  # Validation dataset; "" means the training dataset.
+  data.eval_name = ""
+  # Validation split (synthetic_haze: "validation"; reside_sots: "test").
+  data.eval_split = "validation"
+  # Where built TFDS datasets live ("" = TFDS's default, ~/tensorflow_datasets).
+  data.data_dir = ""
+  # Source folder of the training set (RESIDE / paired folders; only to build it once).
+  data.manual_dir = ""
+  # Source folder of the validation set, if it differs ("" = data.manual_dir).
+  data.eval_manual_dir = ""
+  # Side of the random square training crops; 0 trains on full images (as the paper does).
+  data.crop_size = 0
+  # Random horizontal flips of training pairs.
+  data.random_flip = True
+  # Global batch size (split over all devices; must be divisible by their number).
+  data.batch_size = 8
+  # Validation images per forward pass (padded up to a multiple of the device count).
+  data.eval_batch_size = 4
+  # Validate on the first N images of the split only (0 = all of them).
+  data.num_eval_images = 0
+  # grain worker processes for decoding/augmenting (0 = in the training process).
+  data.worker_count = 0
+  # The synthetic_haze set to build (minet_jax.data.synthetic.SyntheticHazeConfig).
+  data.synthetic = ml_collections.ConfigDict()
+  # (height, width) of every synthetic image.
+  data.synthetic.image_size = (144, 192)
+  # Rendered rooms in the synthetic train split.
+  data.synthetic.train_rooms = 32
+  # Rendered rooms in the synthetic validation split (no scene shared with train).
+  data.synthetic.validation_rooms = 8
+  # Crops of the Middlebury motorcycle added to the synthetic train split.
+  data.synthetic.motorcycle_views = 4
+  # Hazy renderings of each clear image (RESIDE ITS uses 10).
+  data.synthetic.hazes_per_scene = 3
+  # Seed of the synthetic set (its content, not the training order).
+  data.synthetic.seed = 0
+  return data
+
+
+def get_optimizer_config() -> ml_collections.ConfigDict:
+  """Adam and its learning-rate schedule (minet_jax.train.state.make_optimizer)."""
+  optimizer = ml_collections.ConfigDict()
+  # Optimizer; "adam" is the one the paper and the authors' code use.
+  optimizer.name = "adam"
+  # Peak learning rate.
+  optimizer.learning_rate = 1e-3
+  # "constant", "step" (x decay_factor every decay_steps) or "cosine" (to
+  # learning_rate * cosine_final_fraction at decay_steps).
+  optimizer.schedule = "step"
+  # Steps between decays ("step") or length of the decay ("cosine").
+  optimizer.decay_steps = 20_000
+  # Multiplier applied every decay_steps by the "step" schedule.
+  optimizer.decay_factor = 0.1
+  # Final learning rate of the "cosine" schedule, as a fraction of learning_rate.
+  optimizer.cosine_final_fraction = 0.0
+  # Linear warm-up from 0 over this many steps (0 = none).
+  optimizer.warmup_steps = 0
+  # Adam's beta1, beta2 and epsilon (PyTorch's and optax's defaults).
+  optimizer.b1 = 0.9
+  optimizer.b2 = 0.999
+  optimizer.eps = 1e-8
+  # Clip gradients to this global norm before Adam (0 = no clipping).
+  optimizer.grad_clip_norm = 0.0
+  return optimizer
+
+
 def get_config() -> ml_collections.ConfigDict:
-  """Base config (model only here; training configs add their sections)."""
+  """Base config: the released architecture and the paper's training recipe."""
   config = ml_collections.ConfigDict()
   # Architecture (minet_jax.ModelConfig).
   config.model = get_model_config()
   # Seed for parameter initialisation (and, in training, data order and augmentation).
   config.seed = 0
+  # Training and validation data.
+  config.data = get_data_config()
+  # Optimizer and learning-rate schedule.
+  config.optimizer = get_optimizer_config()
+  # Training loss on RGB in [0, 1]: "mse", "l2" (unsquared norm of the batch error,
+  # the authors' code) or "l1".
+  config.loss = "mse"
+  # Optimizer steps to train for (the paper: 350k).
+  config.num_train_steps = 350_000
+  # Steps between training-metric log lines (metrics.jsonl, TensorBoard).
+  config.log_every = 100
+  # Steps between validations (PSNR/SSIM, image grid, best checkpoint); 0 = only at the end.
+  config.eval_every = 5_000
+  # Steps between resumable checkpoints (one is also written at the end and on SIGTERM).
+  config.checkpoint_every = 5_000
+  # Resumable checkpoints to keep (the best-PSNR one is kept separately).
+  config.keep_checkpoints = 2
+  # Validation images shown in the before/after grid PNG (0 = no grid).
+  config.grid_images = 4
+  # Start from these weights (a minet_jax.save / convert folder or a training workdir);
+  # "" starts from a random init. Ignored when the workdir already holds a checkpoint.
+  config.init_from = ""
+  # Call jax.distributed.initialize() first (multi-host jobs; settings from the environment).
+  config.distributed = False
+  # Write checkpoints in a background thread while training goes on.
+  config.async_checkpointing = True
   return config

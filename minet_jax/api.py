@@ -216,25 +216,37 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     raise CheckpointError(f"{meta_file} is corrupt: {e}") from e
 
 
+def _weights_dir(path: pathlib.Path) -> pathlib.Path:
+  """``path/weights``, or in a training workdir its best (else latest) checkpoint's weights."""
+  if not (path / WEIGHTS_DIR).exists():
+    from minet_jax.train import checkpointing  # Deferred: only training workdirs need it.
+    found = checkpointing.find_params(path)
+    if found is not None:
+      return found
+  return path / WEIGHTS_DIR
+
+
 def load(path: str | os.PathLike) -> Params:
-  """Reads a checkpoint folder written by `save` (or by the converter)."""
+  """Reads a checkpoint folder written by `save` (or by the converter), or a training
+  workdir (``train.py --workdir``: its best-validation, else latest, weights)."""
   import orbax.checkpoint as ocp
 
   path = pathlib.Path(path).absolute()
   cfg = load_config(path)
+  weights_dir = _weights_dir(path)
   _, _, pure = _skeleton(cfg)
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), _stringify(pure))
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      weights = ckptr.restore(path / WEIGHTS_DIR, target)
+      weights = ckptr.restore(weights_dir, target)
   except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, ...).
-    raise CheckpointError(f"could not read the weights in {path / WEIGHTS_DIR}: "
+    raise CheckpointError(f"could not read the weights in {weights_dir}: "
                           f"{type(e).__name__}: {e}") from e
   # orbax restores what is on disk even when it disagrees with the target; check it here.
   expected, got = param_shapes(cfg), _flat_shapes(weights)
   if got != expected:
     wrong = sorted(".".join(k) for k in set(expected) | set(got) if expected.get(k) != got.get(k))
-    raise CheckpointError(f"could not read the weights in {path / WEIGHTS_DIR}: they do not fit "
+    raise CheckpointError(f"could not read the weights in {weights_dir}: they do not fit "
                           f"the architecture in {CONFIG_FILE} (differing: {', '.join(wrong[:8])}"
                           f"{' ...' if len(wrong) > 8 else ''})")
   return Params(weights=weights, config=cfg)

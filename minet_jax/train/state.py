@@ -1,0 +1,151 @@
+"""The training state: model, optimizer and step as one pytree.
+
+`TrainState` is what the jitted step consumes and returns. The NNX objects
+(`MINet` and its `nnx.Optimizer`) are split once into a static graph definition
+and a `nnx.State` of arrays, so the step is a pure function of arrays and a
+checkpoint is a pure dict of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+
+from minet_jax import api
+from minet_jax.config import ModelConfig, model_config
+from minet_jax.model import MINet
+
+
+@struct.dataclass
+class TrainState:
+  """Everything the train step needs, as a pytree.
+
+  Attributes:
+    step: number of optimizer updates applied (int32 scalar).
+    state: `nnx.State` of ``(model, optimizer)``: parameters and Adam moments.
+    rng: PRNG key of the run; the step folds in its index for any randomness.
+    graphdef: static graph of ``(model, optimizer)`` (holds the optax transform).
+  """
+  step: jax.Array
+  state: nnx.State
+  rng: jax.Array
+  graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+
+  def merge(self) -> tuple[MINet, nnx.Optimizer]:
+    """The live NNX model and optimizer (share no arrays with other states)."""
+    return nnx.merge(self.graphdef, self.state)
+
+  @property
+  def model_config(self) -> ModelConfig:
+    return self.merge()[0].config
+
+  def params(self) -> api.Params:
+    """The model's weights as `minet_jax.Params` (what `minet_jax.save` writes)."""
+    model, _ = self.merge()
+    return api.params_from_model(model)
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
+  """Learning rate as a function of the step, from ``config.optimizer``.
+
+  ``schedule`` is "constant", "step" (times ``decay_factor`` every ``decay_steps``,
+  the paper's recipe) or "cosine" (to ``learning_rate * cosine_final_fraction``
+  at ``decay_steps``); ``warmup_steps`` > 0 prepends a linear warm-up from 0.
+  """
+  lr = float(opt.learning_rate)
+  if opt.schedule == "constant":
+    main = optax.constant_schedule(lr)
+  elif opt.schedule == "step":
+    if opt.decay_steps <= 0:
+      raise ValueError("optimizer.schedule='step' needs optimizer.decay_steps > 0")
+    main = optax.exponential_decay(lr, transition_steps=int(opt.decay_steps),
+                                   decay_rate=float(opt.decay_factor), staircase=True)
+  elif opt.schedule == "cosine":
+    if opt.decay_steps <= 0:
+      raise ValueError("optimizer.schedule='cosine' needs optimizer.decay_steps > 0")
+    main = optax.cosine_decay_schedule(lr, int(opt.decay_steps),
+                                       alpha=float(opt.cosine_final_fraction))
+  else:
+    raise ValueError(f"optimizer.schedule must be 'constant', 'step' or 'cosine', "
+                     f"got {opt.schedule!r}")
+  if opt.warmup_steps <= 0:
+    return main
+  warmup = optax.linear_schedule(0.0, lr, int(opt.warmup_steps))
+  return optax.join_schedules([warmup, main], [int(opt.warmup_steps)])
+
+
+def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with the configured schedule, after optional global-norm clipping."""
+  if opt.name != "adam":
+    raise ValueError(f"optimizer.name must be 'adam' (the paper's optimizer), got {opt.name!r}")
+  adam = optax.adam(learning_rate_schedule(opt), b1=float(opt.b1), b2=float(opt.b2),
+                    eps=float(opt.eps))
+  if opt.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(float(opt.grad_clip_norm)), adam)
+  return adam
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       params: api.Params | None = None) -> TrainState:
+  """A fresh state: initialised (or given) weights, zeroed optimizer, step 0.
+
+  Args:
+    config: the training config (``model``, ``optimizer`` and ``seed`` are read).
+    params: start from these weights instead of a random init (fine-tuning); their
+      architecture must equal ``config.model``.
+  """
+  cfg = model_config(config.model)
+  init_key, run_key = jax.random.split(jax.random.key(int(config.seed)))
+  if params is None:
+    # XLA:CPU compiles the partitionable threefry PRNG (JAX's default) 5-15x slower,
+    # which made initialisation take longer than compiling the train step. The
+    # classic threefry draws from the same distributions, only different values.
+    with jax.threefry_partitionable(False):
+      model = MINet(cfg, rngs=nnx.Rngs(params=init_key))
+  elif params.config != cfg:
+    raise ValueError("the weights to start from have a different architecture than "
+                     f"config.model:\n  weights: {params.config}\n  config:  {cfg}\n"
+                     "set config.model to the checkpoint's architecture")
+  else:
+    model = api.model_from_params(jax.tree.map(jnp.array, params))  # A copy: training updates it.
+  optimizer = nnx.Optimizer(model, make_optimizer(config.optimizer), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  return TrainState(step=jnp.zeros((), jnp.int32), state=state,
+                    rng=jax.random.key_data(run_key), graphdef=graphdef)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
+  """The shapes and dtypes of `create_train_state(config)`, built without FLOPs."""
+  return nnx.eval_shape(lambda: create_train_state(config))  # type: ignore[return-value]
+
+
+def state_to_pure(state: TrainState) -> dict[str, Any]:
+  """Checkpointable pure dict (string keys, arrays) of everything but the graph."""
+  return {"step": state.step, "rng": state.rng,
+          "state": _stringify(nnx.to_pure_dict(state.state))}
+
+
+def state_from_pure(like: TrainState, pure: dict[str, Any]) -> TrainState:
+  """Inverse of `state_to_pure`, with `like` (e.g. an abstract state) giving the graph."""
+  template = nnx.to_pure_dict(like.state)
+  restored = jax.tree.map(lambda x: x, like.state)  # A fresh State to fill in.
+  nnx.replace_by_pure_dict(restored, _destringify(pure["state"], template))
+  return TrainState(step=jnp.asarray(pure["step"], jnp.int32), state=restored,
+                    rng=jnp.asarray(pure["rng"], jnp.uint32), graphdef=like.graphdef)
+
+
+def _stringify(tree: Any) -> Any:
+  if isinstance(tree, dict):
+    return {str(k): _stringify(v) for k, v in tree.items()}
+  return tree
+
+
+def _destringify(tree: Any, like: Any) -> Any:
+  if isinstance(like, dict):
+    return {k: _destringify(tree[str(k)], v) for k, v in like.items()}
+  return tree

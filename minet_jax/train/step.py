@@ -1,0 +1,102 @@
+"""The pure training step and the losses.
+
+``train_step(state, batch) -> (state, metrics)`` is a pure function of arrays:
+`make_train_step` closes it over the (static) loss choice and jits it, with the
+batch sharded over the mesh's data axis and the state replicated when a mesh is
+given (`minet_jax.train.sharding`). The batch holds ``hazy`` and ``clear``, NHWC
+float32 RGB in [0, 1]; the model's output is compared with ``clear`` unclipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minet_jax.train.state import TrainState
+
+LOSSES = ("mse", "l2", "l1")
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def reconstruction_loss(output: jax.Array, target: jax.Array, kind: str) -> jax.Array:
+  """Loss between a batch of outputs and targets (RGB, [0, 1] scale).
+
+  kind:
+    "mse": mean squared error over all pixels and channels.
+    "l2": unsquared Frobenius norm of the whole batch's error, the authors' training
+      loss (``torch.norm(output - gt)`` in Jiawei-Shen/MI-Net ``main.py``; they work on
+      a 0..255 scale, which multiplies this by 255 and changes nothing for Adam but
+      its epsilon).
+    "l1": mean absolute error.
+  """
+  err = output.astype(jnp.float32) - target.astype(jnp.float32)
+  if kind == "mse":
+    return jnp.mean(jnp.square(err))
+  if kind == "l2":
+    return jnp.sqrt(jnp.sum(jnp.square(err)))
+  if kind == "l1":
+    return jnp.mean(jnp.abs(err))
+  raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+
+
+def psnr01(output: jax.Array, target: jax.Array) -> jax.Array:
+  """Mean PSNR (dB) over a batch of [0, 1] images, output clipped (a training monitor)."""
+  mse = jnp.mean(jnp.square(jnp.clip(output, 0.0, 1.0) - target), axis=(1, 2, 3))
+  return jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)))
+
+
+def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
+               learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+               ) -> tuple[TrainState, Metrics]:
+  """One optimizer update on `batch`; returns the new state and scalar metrics.
+
+  Metrics: ``loss``, ``psnr`` (of this batch's outputs, before the update),
+  ``grad_norm`` and, given the schedule, ``learning_rate`` (the rate this update used).
+  """
+  model, optimizer = nnx.merge(state.graphdef, state.state)
+
+  def loss_fn(model):
+    output = model(batch["hazy"])
+    return reconstruction_loss(output, batch["clear"], loss), output
+
+  (value, output), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  optimizer.update(model, grads)
+  _, new_state = nnx.split((model, optimizer))
+  metrics = {
+      "loss": value,
+      "psnr": psnr01(output, batch["clear"]),
+      "grad_norm": _global_norm(nnx.state(grads, nnx.Param)),
+  }
+  if learning_rate_fn is not None:
+    metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+  return state.replace(step=state.step + 1, state=new_state), metrics
+
+
+def _global_norm(tree: Any) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def make_train_step(loss: str, learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+                    state_sharding: Any = None, batch_sharding: Any = None,
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """`train_step` jitted for one loss (and schedule), with optional shardings.
+
+  The state's buffers are donated: the old state must not be used after a call.
+  """
+  if loss not in LOSSES:
+    raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+
+  def step(state, batch):
+    return train_step(state, batch, loss=loss, learning_rate_fn=learning_rate_fn)
+
+  if state_sharding is None:
+    return jax.jit(step, donate_argnums=0)
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, None), donate_argnums=0)

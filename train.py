@@ -1,0 +1,52 @@
+"""Trains MI-Net.
+
+    python train.py --config configs/quickstart.py --workdir workdirs/quickstart
+    python train.py --config configs/its.py --workdir workdirs/its \
+        --config.data.manual_dir ~/data/RESIDE
+
+Rerunning with the same --workdir resumes from its latest checkpoint. Any config
+field can be overridden with --config.<field>=<value>; unknown fields are an error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (e.g. configs/quickstart.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and images go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error for an unknown --config.<field>."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpfull to see help on flags.")
+  except (AttributeError, KeyError) as e:  # ml_collections: a field the config lacks.
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    message = str(e.args[0] if e.args else e)
+    message = message.replace("\\n", " ").replace("\n", " ").replace("\\'", "").replace("'", "")
+    sys.exit(f"error: unknown config field {message} (overrides given: {' '.join(overrides)}); "
+             "see the config file for the fields that exist")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; -v 0 shows it.
+  from minet_jax.train import train_and_evaluate  # After flag parsing: a fast --help.
+  summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print(json.dumps(summary, indent=2))
+  if summary.get("stopped_by"):
+    sys.exit(143)  # 128 + SIGTERM: the job did not finish, a rerun resumes it.
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
