@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
+import secrets
 from collections.abc import Iterable
 
 import numpy as np
@@ -133,7 +133,9 @@ def write_png(path: PathLike, image: np.ndarray, *,
   if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] != 3):
     raise ValueError(f"write_png expects (H, W, 3) or (H, W), got shape {data.shape}")
   target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+  # os.open with 0o666 honours the umask (mkstemp would leave the file 0600).
+  tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, "wb") as f:
       Image.fromarray(data).save(f, format="PNG")

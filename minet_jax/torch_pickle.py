@@ -33,10 +33,10 @@ import os
 import pathlib
 import pickle
 import re
+import secrets
 import struct
 import sys
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -523,7 +523,7 @@ class _Global:
     self.module, self.name = module, name
 
   def __call__(self, *args):
-    raise TypeError("placeholder")
+    raise TypeError(f"{self.module}.{self.name} is only a name to write into a pickle")
 
 
 class _StorageRef:
@@ -587,8 +587,8 @@ def _write_checkpoint(tree, path: PathLike, *, legacy: bool, writer=_Writer) -> 
   w = writer(buf, legacy)
   w.dump(tree)
   storages = list(w.storages.values())
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  os.close(fd)
+  tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+  os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # honours the umask
   try:
     if legacy:
       with open(tmp, "wb") as f:
