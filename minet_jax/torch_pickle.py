@@ -134,6 +134,10 @@ class _LazyTensor:
       raise CheckpointFormatError(
           f"tensor of size {self.size} (offset {self.offset}, stride {self.stride}) "
           f"does not fit its storage of {flat.shape[0]} elements")
+    if int(np.prod(self.size, dtype=np.float64)) > 64 * flat.shape[0] + 2**20:
+      # Zero strides can make a tiny storage look huge; no state dict needs that.
+      raise CheckpointFormatError(f"tensor of size {self.size} is implausibly large for its "
+                                  f"storage of {flat.shape[0]} elements")
     item = flat.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
         flat[self.offset:], shape=self.size, strides=tuple(s * item for s in self.stride),
