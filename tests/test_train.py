@@ -1,0 +1,234 @@
+"""Training in-process with configs/tiny.py: artefacts, resume, non-finite loss, config."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+import minet_jax
+from configs import its, tiny
+from minet_jax.data import builders
+from minet_jax.train import checkpointing, state as state_lib
+from minet_jax.train import NonFiniteLossError, reconstruction_loss, train_and_evaluate
+from minet_jax.train.loop import _synthetic_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Runs share compiled steps (same HLO) through JAX's persistent cache."""
+  previous = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  yield
+  jax.config.update("jax_compilation_cache_dir", previous[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp("tfds")
+
+
+def tiny_config(data_dir: pathlib.Path, **overrides):
+  config = tiny.get_config()
+  config.data.data_dir = str(data_dir)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def read_metrics(workdir: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_checkpoint(workdir: pathlib.Path, step: int) -> tuple[dict, dict]:
+  """(pure train state, data iterator state) saved at `step`, read with plain orbax."""
+  folder = workdir / "checkpoints" / str(step)
+  with ocp.StandardCheckpointer() as ckptr:
+    pure = ckptr.restore(folder / "state")
+  data = json.loads((folder / "data" / "metadata").read_text()) if (
+      folder / "data" / "metadata").is_file() else None
+  return pure, data
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_dir):
+  """Four uninterrupted steps (validation and checkpoints at 2 and 4)."""
+  workdir = tmp_path_factory.mktemp("straight")
+  summary = train_and_evaluate(tiny_config(data_dir), workdir)
+  return workdir, summary
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory, data_dir):
+  """The same run stopped after two steps (copy it before resuming it)."""
+  workdir = tmp_path_factory.mktemp("two_steps")
+  train_and_evaluate(tiny_config(data_dir, num_train_steps=2), workdir)
+  return workdir
+
+
+def test_run_writes_checkpoints_logs_grid_and_loads(straight_run, data_dir):
+  workdir, summary = straight_run
+  assert summary["step"] == 4 and summary["stopped_by"] is None
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [2, 4]
+  assert len([p for p in (workdir / "best").iterdir() if p.name.isdigit()]) == 1
+  assert list(workdir.glob("events.out.tfevents.*"))
+
+  records = read_metrics(workdir)
+  train = [r for r in records if r.get("split") == "train"]
+  evals = [r for r in records if r.get("split") == "eval"]
+  assert [r["step"] for r in train] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) and r["learning_rate"] == pytest.approx(1e-3)
+             for r in train)
+  assert [r["step"] for r in evals] == [2, 4]
+
+  grid = np.asarray(Image.open(workdir / "images" / "step_0000004.png"))
+  size = tiny.get_config().data.synthetic.image_size
+  gap = 4  # Two rows (grid_images) of hazy | dehazed | clear.
+  assert grid.shape == (2 * size[0] + gap, 3 * size[1] + 2 * gap, 3)
+
+  # load(workdir) gives the best checkpoint; score it independently with scikit-image.
+  params = minet_jax.load(workdir)
+  assert params.config == minet_jax.model_config(tiny.get_config().model)
+  source = builders.load_source("synthetic_haze", "validation", data_dir,
+                                synthetic_config=_synthetic_config(tiny.get_config().data))
+  psnrs, ssims, hazy_psnrs = [], [], []
+  for i in range(len(source)):
+    example = source[i]
+    out = np.asarray(minet_jax.apply(params, example["hazy"])) * 255.0
+    clear = example["clear"].astype(np.float64)
+    psnrs.append(peak_signal_noise_ratio(clear, out.astype(np.float64), data_range=255))
+    ssims.append(structural_similarity(clear, out.astype(np.float64), data_range=255,
+                                       channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False))
+    hazy_psnrs.append(peak_signal_noise_ratio(clear, example["hazy"].astype(np.float64),
+                                              data_range=255))
+  best = max(evals, key=lambda r: r["psnr"])
+  assert summary["best_psnr"] == pytest.approx(best["psnr"])
+  assert best["psnr"] == pytest.approx(np.mean(psnrs), abs=1e-3)
+  assert best["ssim"] == pytest.approx(np.mean(ssims), abs=1e-4)
+  assert best["hazy_psnr"] == pytest.approx(np.mean(hazy_psnrs), abs=1e-3)
+
+
+def test_resume_equals_uninterrupted_run(straight_run, two_step_run, data_dir, tmp_path):
+  straight, _ = straight_run
+  workdir = tmp_path / "resumed"
+  shutil.copytree(two_step_run, workdir)
+  summary = train_and_evaluate(tiny_config(data_dir), workdir)
+  assert summary["step"] == 4
+  records = read_metrics(workdir)
+  assert {"step": 2, "event": "resume", "from_step": 2}.items() <= next(
+      r for r in records if r.get("event") == "resume").items()
+
+  # Same batches: the losses of steps 3 and 4 match the uninterrupted run's.
+  def losses(records):
+    return {r["step"]: r["loss"] for r in records if r.get("split") == "train"}
+  expected, got = losses(read_metrics(straight)), losses(records)
+  for step in (3, 4):
+    assert got[step] == pytest.approx(expected[step], rel=1e-5)
+
+  # Same weights, Adam moments, step and data position.
+  a, data_a = read_checkpoint(straight, 4)
+  b, data_b = read_checkpoint(workdir, 4)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  assert data_a == data_b == {"next_index": 4}
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(two_step_run, data_dir,
+                                                             tmp_path):
+  workdir = tmp_path / "diverging"
+  shutil.copytree(two_step_run, workdir)
+  before, _ = read_checkpoint(workdir, 2)
+  # Step 3 applies an absurd rate; the loss of step 4 overflows.
+  config = tiny_config(data_dir, **{"optimizer.learning_rate": 1e30})
+  with pytest.raises(NonFiniteLossError, match=r"at step 4.*last good checkpoint is step 2"):
+    train_and_evaluate(config, workdir)
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [2]
+  after, _ = read_checkpoint(workdir, 2)
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(after))
+  event = [r for r in read_metrics(workdir) if r.get("event") == "non_finite_loss"]
+  assert event and event[0]["step"] == 4 and event[0]["last_checkpoint"] == 2
+
+
+def test_resume_refuses_another_architecture(two_step_run, data_dir, tmp_path):
+  workdir = tmp_path / "other"
+  shutil.copytree(two_step_run, workdir)
+  with pytest.raises(ValueError, match="another architecture"):
+    train_and_evaluate(tiny_config(data_dir, **{"model.features": 4}), workdir)
+
+
+def test_unknown_config_field_is_an_error(tmp_path):
+  for override in ("--config.bogus=1", "--config.data.crop_siz=32"):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir",
+         str(tmp_path / "w"), override], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "unknown config field" in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_init_from_starts_from_the_given_weights(tmp_path):
+  config = tiny.get_config()
+  params = minet_jax.init(config, seed=3)
+  minet_jax.save(params, tmp_path / "start")
+  config.init_from = str(tmp_path / "start")
+  from minet_jax.train.loop import _initial_state
+  state = _initial_state(config)
+  for x, y in zip(jax.tree.leaves(state.params().weights), jax.tree.leaves(params.weights)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(state.step) == 0
+  config.model.features = 4
+  with pytest.raises(ValueError, match="different architecture"):
+    _initial_state(config)
+
+
+def test_losses_match_closed_forms():
+  rng = np.random.default_rng(0)
+  out, target = rng.random((2, 4, 6, 3)), rng.random((2, 4, 6, 3))
+  err = out - target
+  got = {k: float(reconstruction_loss(jnp.asarray(out), jnp.asarray(target), k))
+         for k in ("mse", "l2", "l1")}
+  assert got["mse"] == pytest.approx(np.mean(err**2), rel=1e-5)
+  assert got["l2"] == pytest.approx(np.sqrt(np.sum(err**2)), rel=1e-5)
+  assert got["l1"] == pytest.approx(np.mean(np.abs(err)), rel=1e-5)
+  with pytest.raises(ValueError, match="unknown loss"):
+    reconstruction_loss(jnp.asarray(out), jnp.asarray(target), "l3")
+
+
+def test_its_schedule_is_the_papers():
+  config = its.get_config()
+  schedule = state_lib.learning_rate_schedule(config.optimizer)
+  for step, lr in [(0, 1e-3), (19_999, 1e-3), (20_000, 1e-4), (40_000, 1e-5)]:
+    assert float(schedule(step)) == pytest.approx(lr, rel=1e-5)
+  assert config.num_train_steps == 350_000 and config.data.crop_size == 0
+  assert minet_jax.model_config(config.model) == minet_jax.ModelConfig()
+
+
+def test_find_params_prefers_best(straight_run):
+  workdir, _ = straight_run
+  found = checkpointing.find_params(workdir)
+  assert found is not None and found.parent.parent.name == "best"
