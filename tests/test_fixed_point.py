@@ -1,0 +1,220 @@
+"""The fixed-point engine against closed forms, finite differences and long solves."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import minet_jax
+from minet_jax import fixed_point as fp
+from minet_jax.model import IMBlock
+
+ITERATIVE = ("picard", "anderson")
+
+
+def _linear_problem(n=6, radius=0.8, seed=0):
+  rng = np.random.default_rng(seed)
+  a = rng.normal(size=(n, n))
+  a *= radius / np.linalg.norm(a, 2)
+  return a.astype(np.float32), rng.normal(size=n).astype(np.float32)
+
+
+def _linear_map(z, args):
+  a, b = args
+  return a @ z + b
+
+
+@pytest.mark.parametrize("solver", ITERATIVE + ("unrolled",))
+@pytest.mark.parametrize("backward", fp.BACKWARDS)
+def test_linear_fixed_point_and_gradient_match_closed_form(solver, backward):
+  a, b = _linear_problem()
+  c = np.random.default_rng(1).normal(size=a.shape[0]).astype(np.float32)
+  kw = dict(max_steps=120, rtol=1e-7, solver=solver, backward=backward, unroll=1)
+
+  def loss(a, b):
+    return jnp.dot(c, fp.fixed_point(_linear_map, jnp.zeros_like(b), (a, b), **kw).value)
+
+  result = jax.jit(lambda a, b: fp.fixed_point(_linear_map, jnp.zeros_like(b), (a, b), **kw))(a, b)
+  ga, gb = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, b)
+  i_minus_a = np.eye(len(b)) - a.astype(np.float64)
+  z_star = np.linalg.solve(i_minus_a, b)
+  u = np.linalg.solve(i_minus_a.T, c)  # dL/db = (I - A)^-T c, dL/dA = u z*^T.
+  np.testing.assert_allclose(result.value, z_star, atol=2e-5)
+  np.testing.assert_allclose(gb, u, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ga, np.outer(u, z_star), rtol=1e-4, atol=1e-4)
+  assert result.residual_history.shape == (120,)
+  if solver != "unrolled":
+    steps = int(result.num_steps)
+    assert 1 < steps < 120 and float(result.residual) <= 1e-7 + 1e-12
+    assert np.all(np.isfinite(result.residual_history[:steps]))
+    assert np.all(np.isnan(result.residual_history[steps:]))
+
+
+def _tiny_block(eta=1.0, gain=0.3, seed=0):
+  """An IM-block of a 4-feature model, made contractive by a small last IN scale."""
+  cfg = minet_jax.ModelConfig(features=4, pre_blocks=0, iterations=(1,), dilations=(1,), eta=eta)
+  block = IMBlock(cfg, 0, rngs=nnx.Rngs(seed))
+  block.f.norm2.scale[...] = jnp.full((4,), gain, jnp.float32)
+  block.f.norm2.bias[...] = jnp.linspace(-0.2, 0.3, 4)
+  graphdef, state = nnx.split(block)
+  return graphdef, state
+
+
+def _block_solve(graphdef, state, g0, **kw):
+  block = nnx.merge(graphdef, state)
+  t_map, f_state = block.map_fn()
+  return fp.fixed_point(t_map, g0, (g0, f_state), per_sample=True, unroll=1, **kw)
+
+
+def _flat(tree):
+  return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def test_implicit_gradient_matches_finite_differences_and_long_unrolled_solve():
+  graphdef, state = _tiny_block()
+  g0 = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  weights = jax.random.normal(jax.random.key(1), g0.shape)
+
+  def loss(state, g0, **kw):
+    z = _block_solve(graphdef, state, g0, **kw).value
+    return jnp.sum(jnp.sin(z) * weights)
+
+  implicit = dict(max_steps=80, rtol=1e-6, solver="picard", backward="implicit",
+                  adjoint_rtol=1e-7)
+  unrolled = dict(max_steps=80, solver="unrolled", backward="backprop")
+  assert float(jnp.max(_block_solve(graphdef, state, g0, **implicit).residual)) <= 1e-6
+  g_imp = jax.jit(jax.grad(lambda s, g: loss(s, g, **implicit), argnums=(0, 1)))(state, g0)
+  g_unr = jax.jit(jax.grad(lambda s, g: loss(s, g, **unrolled), argnums=(0, 1)))(state, g0)
+  np.testing.assert_allclose(_flat(g_imp), _flat(g_unr), rtol=2e-4, atol=2e-5)
+
+  # Central differences along one random direction in (parameters, g0), on the long
+  # fixed-length solve: a solve to tolerance would add its stopping noise to the quotient.
+  keys = jax.random.split(jax.random.key(2), len(jax.tree.leaves((state, g0))))
+  leaves, treedef = jax.tree.flatten((state, g0))
+  direction = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape)
+                                           for k, x in zip(keys, leaves)])
+  # The block's relus put kinks in the loss: the step must be small enough not to cross one.
+  eps = 1e-4
+  f = jax.jit(lambda s, g: loss(s, g, **unrolled))
+  plus = jax.tree.map(lambda x, d: x + eps * d, (state, g0), direction)
+  minus = jax.tree.map(lambda x, d: x - eps * d, (state, g0), direction)
+  fd = (float(f(*plus)) - float(f(*minus))) / (2 * eps)
+  analytic = float(jnp.dot(_flat(g_imp), _flat(direction)))
+  assert abs(fd - analytic) <= 1e-2 * abs(analytic), (fd, analytic)
+
+
+def test_anderson_reaches_picard_solution_in_fewer_evaluations():
+  # eta = 2.8 pushes the contraction factor of the tiny block close to 1: Picard is slow.
+  graphdef, state = _tiny_block(eta=2.8, gain=0.3)
+  g0 = jax.random.normal(jax.random.key(3), (1, 8, 8, 4))
+  kw = dict(max_steps=300, rtol=1e-6)
+  solve = jax.jit(lambda s, g, solver: _block_solve(graphdef, s, g, solver=solver, **kw),
+                  static_argnums=2)
+  picard, anderson = solve(state, g0, "picard"), solve(state, g0, "anderson")
+  assert float(picard.residual[0]) <= 1e-6 and float(anderson.residual[0]) <= 1e-6
+  assert int(picard.num_steps[0]) >= 60, "the problem should be slow for Picard"
+  assert int(anderson.num_steps[0]) <= 0.5 * int(picard.num_steps[0])
+  scale = float(jnp.max(jnp.abs(picard.value)))
+  np.testing.assert_allclose(anderson.value, picard.value, atol=1e-4 * scale)
+
+
+def _train_step_temp_bytes(solver, backward, steps):
+  graphdef, state = _tiny_block()
+  g0 = jnp.ones((1, 16, 16, 4))
+
+  def loss(state):
+    z = _block_solve(graphdef, state, g0, max_steps=steps, rtol=0.0, solver=solver,
+                     backward=backward).value
+    return jnp.sum(z * z)
+
+  compiled = jax.jit(jax.grad(loss)).lower(state).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_implicit_backward_memory_is_flat_in_iterations():
+  backprop = [_train_step_temp_bytes("unrolled", "backprop", t) for t in (4, 16)]
+  implicit = [_train_step_temp_bytes("picard", "implicit", t) for t in (4, 16)]
+  unrolled_implicit = [_train_step_temp_bytes("unrolled", "implicit", t) for t in (4, 16)]
+  # One 16x16x4 float32 map is 4 KiB; backprop keeps at least one per step.
+  assert backprop[1] - backprop[0] > 12 * 4096, backprop
+  assert abs(implicit[1] - implicit[0]) <= 4096, implicit
+  assert abs(unrolled_implicit[1] - unrolled_implicit[0]) <= 4096, unrolled_implicit
+  assert implicit[-1] < backprop[-1]
+
+
+def test_per_sample_stopping_freezes_converged_samples():
+  graphdef, state = _tiny_block()
+  easy = jnp.zeros((1, 8, 8, 4))
+  hard = 30.0 * jax.random.normal(jax.random.key(4), (1, 8, 8, 4))
+  kw = dict(max_steps=60, rtol=1e-5, solver="anderson")
+  solve = jax.jit(lambda g: _block_solve(graphdef, state, g, **kw))
+  both = solve(jnp.concatenate([easy, hard]))
+  alone = [solve(easy), solve(hard)]
+  for i in range(2):
+    assert int(both.num_steps[i]) == int(alone[i].num_steps[0])
+    scale = float(jnp.max(jnp.abs(alone[i].value)))
+    np.testing.assert_allclose(both.value[i], alone[i].value[0], atol=1e-4 * scale)
+  assert both.residual_history.shape == (2, 60)
+  assert solve._cache_size() == 2  # batch of 2 and batch of 1; no recompiles per input.
+
+
+def test_unrolled_is_a_plain_loop_bit_for_bit():
+  graphdef, state = _tiny_block()
+  g0 = jax.random.normal(jax.random.key(5), (2, 8, 8, 4))
+  got = jax.jit(lambda g: _block_solve(graphdef, state, g, max_steps=8).value)(g0)
+
+  def loop(g0):
+    block = nnx.merge(graphdef, state)
+    g = g0
+    for _ in range(8):
+      g = g0 + block.eta * block.f(g)
+    return g
+  np.testing.assert_array_equal(got, jax.jit(loop)(g0))
+
+
+def test_model_diagnostics_come_from_one_compilation():
+  cfg = minet_jax.ModelConfig(features=4, pre_blocks=0, iterations=(5, 7), dilations=(1, 2),
+                              solver="picard", rtol=1e-4, unroll=1)
+  model = minet_jax.model_from_params(minet_jax.init(cfg))
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward_with_diagnostics(x))
+  for seed in range(2):
+    x = jax.random.uniform(jax.random.key(seed), (1, 12, 10, 3))
+    y, results = run(state, x)
+    assert y.shape == x.shape and len(results) == 2
+    assert [r.residual_history.shape for r in results] == [(1, 5), (1, 7)]
+    for r in results:
+      steps = int(r.num_steps[0])
+      assert 1 <= steps <= r.residual_history.shape[1]
+      np.testing.assert_array_equal(r.residual, r.residual_history[:, steps - 1])
+  assert run._cache_size() == 1
+
+
+def test_bad_settings_name_the_problem():
+  a, b = _linear_problem()
+  with pytest.raises(ValueError, match="unknown solver"):
+    fp.fixed_point(_linear_map, b, (a, b), max_steps=3, solver="newton")
+  with pytest.raises(ValueError, match="unknown backward"):
+    fp.fixed_point(_linear_map, b, (a, b), max_steps=3, backward="adjoint")
+  with pytest.raises(ValueError, match="anderson_beta"):
+    fp.fixed_point(_linear_map, b, (a, b), max_steps=3, solver="anderson", anderson_beta=0.0)
+  with pytest.raises(ValueError, match="solver must be one of"):
+    minet_jax.ModelConfig(solver="broyden")
+
+
+def test_released_weights_still_match_the_authors_crop(shared_dir):
+  from minet_jax.api import param_shapes
+  from minet_jax.torch_names import weights_from_torch_state_dict
+
+  cfg = minet_jax.ModelConfig()
+  state_dict = dict(np.load(shared_dir / "weights" / "minet_its_official_state_dict.npz"))
+  params = minet_jax.Params(
+      weights=weights_from_torch_state_dict(state_dict, cfg, param_shapes(cfg)), config=cfg)
+  ref = np.load(shared_dir / "parity" / "official_outputs.npz")
+  x = jnp.asarray(ref["crop_input_rgb"][None] / 255.0, jnp.float32)
+  y = np.asarray(jax.jit(lambda p, x: minet_jax.model_from_params(p)(x))(params, x))[0]
+  mse = np.mean((y * 255.0 - ref["crop_output_rgb"]) ** 2)
+  assert 10 * np.log10(255.0 ** 2 / mse) > 120.0
