@@ -55,11 +55,10 @@ class IMBlockF(nnx.Module):
     smoothed = cfg.smoothed_dilation and dilation > 1
     conv = dict(use_bias=False, init_a=cfg.init_kaiming_a, dtype=cfg.dtype,
                 precision=cfg.precision, rngs=rngs)
-    smooth = dict(dtype=cfg.dtype, precision=cfg.precision)
-    self.pre_conv1 = ShareSepConv(2 * dilation - 1, **smooth) if smoothed else None
+    self.pre_conv1 = ShareSepConv(2 * dilation - 1, dtype=cfg.dtype) if smoothed else None
     self.conv1 = Conv2d(c, c, 3, padding=dilation, dilation=dilation, **conv)
     self.norm1 = InstanceNorm(c, eps=cfg.norm_eps)
-    self.pre_conv2 = ShareSepConv(2 * dilation - 1, **smooth) if smoothed else None
+    self.pre_conv2 = ShareSepConv(2 * dilation - 1, dtype=cfg.dtype) if smoothed else None
     self.conv2 = Conv2d(c, c, 3, padding=1, **conv)
     self.norm2 = InstanceNorm(c, eps=cfg.norm_eps)
 
