@@ -185,6 +185,9 @@ def save(params: Params, path: str | os.PathLike, *, overwrite: bool = False) ->
     raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+  umask = os.umask(0)
+  os.umask(umask)
+  tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should be an ordinary folder.
   try:
     weights = jax.tree.map(np.asarray, params.weights)
     with ocp.StandardCheckpointer() as ckptr:

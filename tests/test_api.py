@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import chex
 import jax
@@ -13,6 +14,12 @@ import pytest
 import minet_jax
 
 TINY = minet_jax.ModelConfig(features=8, iterations=(2, 2, 2))
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +75,8 @@ def test_model_params_round_trip(params):
 
 
 def test_save_load_is_bit_exact(params, image, tmp_path):
-  minet_jax.save(params, tmp_path / "ckpt")
+  path = minet_jax.save(params, tmp_path / "ckpt")
+  assert path.stat().st_mode & 0o755 == 0o755 & ~_umask()
   loaded = minet_jax.load(tmp_path / "ckpt")
   assert loaded.config == params.config
   chex.assert_trees_all_equal(loaded.weights, params.weights)
