@@ -50,9 +50,10 @@ problems do not interact, and one hard image neither holds back nor steers the o
 Backward modes
 --------------
 ``"backprop"`` differentiates through the iterations. ``lax.while_loop`` has no
-reverse-mode rule, so "picard"/"anderson" then run a ``lax.scan`` of ``max_steps``
-masked steps (a converged sample is frozen with ``jnp.where``, and its remaining
-evaluations are wasted): memory and time grow with ``max_steps``.
+reverse-mode rule, so for "picard"/"anderson" only the evaluation stops early: under
+differentiation (a custom JVP rule) they run the equivalent ``lax.scan`` of
+``max_steps`` masked steps (a converged sample is frozen with ``jnp.where``, and its
+remaining evaluations are wasted), and memory and time grow with ``max_steps``.
 
 ``"implicit"`` uses the implicit function theorem through ``jax.custom_vjp``. At a
 fixed point z* = T(z*, a), dz*/da = (I - dT/dz)^{-1} dT/da, so for an output
@@ -286,6 +287,30 @@ def _solve(fn, z0, args, opts: _Options, differentiable: bool):
   return _iterative(fn, z0, args, opts, differentiable)
 
 
+def _backprop(fn, z0, args, opts: _Options):
+  """Picard/Anderson that stop early when evaluated, and differentiate as a masked scan.
+
+  The primal is the while loop; the custom JVP rule differentiates the equivalent
+  fixed-length scan (same steps, finished samples frozen), which JAX can linearise and
+  transpose. So inference pays only for the steps taken, gradients for ``max_steps``.
+  """
+  closed, consts = jax.closure_convert(fn, z0, args)
+
+  def t_map(z, inputs):
+    return closed(z, inputs[0], *inputs[1])
+
+  @jax.custom_jvp
+  def solve(z0, inputs):
+    return _solve(t_map, z0, inputs, opts, differentiable=False)
+
+  @solve.defjvp
+  def solve_jvp(primals, tangents):
+    return jax.jvp(lambda z, i: _solve(t_map, z, i, opts, differentiable=True),
+                   primals, tangents)
+
+  return solve(z0, (args, consts))
+
+
 def _implicit(fn, z0, args, opts: _Options, adjoint: _Options):
   """The solve with a custom_vjp from the implicit function theorem (module docstring)."""
   # Hoist arrays that fn closes over into explicit inputs, so they get cotangents too.
@@ -384,6 +409,8 @@ def fixed_point(fn: Callable[[Any, Any], Any], z0: Any, args: Any, *,
 
   if backward == "implicit":
     value, num_steps, residual, history = _implicit(map_b, z0_b, args, opts, adjoint)
+  elif solver != "unrolled" and opts.max_steps > 0:
+    value, num_steps, residual, history = _backprop(map_b, z0_b, args, opts)
   else:
     value, num_steps, residual, history = _solve(map_b, z0_b, args, opts, differentiable=True)
   if not per_sample:

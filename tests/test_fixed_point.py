@@ -53,6 +53,16 @@ def test_linear_fixed_point_and_gradient_match_closed_form(solver, backward):
     assert np.all(np.isnan(result.residual_history[steps:]))
 
 
+def test_backprop_mode_evaluates_with_an_early_exit_loop():
+  a, b = _linear_problem()
+  kw = dict(max_steps=50, rtol=1e-6, solver="anderson", backward="backprop", unroll=1)
+  forward = str(jax.make_jaxpr(lambda b: fp.fixed_point(_linear_map, b, (a, b), **kw).value)(b))
+  assert "while" in forward and "scan" not in forward
+  gradient = str(jax.make_jaxpr(jax.grad(
+      lambda b: fp.fixed_point(_linear_map, b, (a, b), **kw).value.sum()))(b))
+  assert "scan" in gradient
+
+
 def _tiny_block(eta=1.0, gain=0.3, seed=0):
   """An IM-block of a 4-feature model, made contractive by a small last IN scale."""
   cfg = minet_jax.ModelConfig(features=4, pre_blocks=0, iterations=(1,), dilations=(1,), eta=eta)
