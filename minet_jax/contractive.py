@@ -1,0 +1,183 @@
+"""Contractive training: a penalty that keeps each IM-block's Picard map a contraction.
+
+Block i iterates g <- T_i(g) = g0 + eta * f_i(g). Picard and Anderson converge when T_i
+is a contraction, i.e. when ||J||_2 < 1 for J = eta * df_i/dg along the iteration
+(`minet_jax.stability` measures this; the released weights violate it). Training with
+
+    loss = reconstruction + contractive_weight * penalty(model, batch)
+
+pushes every block's estimated ||J||_2 below ``contractive_target``:
+
+    penalty = sum_i mean_over_samples max(0, sigma_i - target)^2,
+
+where sigma_i estimates ||J||_2 at a point g_i of the block's Picard path (a random
+iterate, see `operating_points`) by ``contractive_iters`` steps of power iteration
+on J^T J (one jvp and one vjp each; J is block diagonal over the batch, so each
+sample has its own vector and estimate). The vector and the
+operating point are held constant (stop-gradient); only the final sigma_i = ||J v||
+is differentiated, with respect to the parameters of f_i (the usual treatment of
+spectral-norm estimates, as in spectral normalisation). A few steps from a random
+start give a lower bound that tightens as training proceeds.
+
+Why a penalty and not spectrally normalised convolutions: f_i's instance norms divide
+by the feature statistics, so their Jacobian can be large whatever the conv
+weights' norms are (and is invariant to scaling those weights); bounding the convs
+alone does not bound J. The penalty measures J itself.
+
+The training loop (``minet_jax.train``) can add the term with `weighted_penalty`,
+which costs nothing when ``contractive_weight`` is 0 (the default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+
+from minet_jax import api
+from minet_jax import model as model_lib
+
+ModelLike = Union[model_lib.MINet, api.Params]
+
+
+def _as_model(model_or_params: ModelLike) -> model_lib.MINet:
+  if isinstance(model_or_params, api.Params):
+    return api.model_from_params(model_or_params)
+  if isinstance(model_or_params, model_lib.MINet):
+    return model_or_params
+  raise TypeError("penalty needs a minet_jax.MINet or minet_jax.Params, got "
+                  f"{type(model_or_params).__name__}")
+
+
+def _sample_norm(x: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim))))
+
+
+def _sample_unit(x: jax.Array) -> jax.Array:
+  norm = _sample_norm(x).reshape((-1,) + (1,) * (x.ndim - 1))
+  return x / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
+
+
+def block_spectral_norm(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array,
+                        key: jax.Array, num_iters: int) -> jax.Array:
+  """Per-sample power-iteration estimate of ||eta * df/dg||_2 at ``g``, shape (batch,).
+
+  Differentiable with respect to the block's parameters; ``g0`` and ``g`` are
+  treated as constants.
+  """
+  t_map, state = block.map_fn()
+  g0 = jax.lax.stop_gradient(g0)
+  g = jax.lax.stop_gradient(g)
+  frozen = jax.lax.stop_gradient(state)
+  _, matvec = jax.linearize(lambda z: t_map(z, (g0, frozen)), g)
+  transpose = jax.linear_transpose(matvec, g)
+
+  def step(v, _):
+    return _sample_unit(transpose(matvec(v))[0]), None
+
+  v0 = _sample_unit(jax.random.normal(key, g.shape, g.dtype))
+  v, _ = jax.lax.scan(step, v0, None, length=num_iters)
+  v = jax.lax.stop_gradient(v)
+  _, jv = jax.jvp(lambda z: t_map(z, (g0, state)), (g,), (v,))
+  return _sample_norm(jv)
+
+
+def random_iterate(block: model_lib.IMBlock, g0: jax.Array, key: jax.Array) -> jax.Array:
+  """The Picard iterate g_k of ``block`` from ``g0``, k uniform in {0, ..., T} (no gradient)."""
+  t_map, state = block.map_fn()
+  k = jax.random.randint(key, (), 0, block.iterations + 1)
+  g = jax.lax.fori_loop(0, k, lambda _, z: t_map(z, (g0, state)), g0)
+  return jax.lax.stop_gradient(g)
+
+
+def operating_points(model: model_lib.MINet, images: jax.Array, *,
+                     key: jax.Array | None = None) -> list[tuple[jax.Array, jax.Array]]:
+  """(g0, g) of every IM-block on RGB [0, 1] NHWC ``images`` (even H and W).
+
+  Without ``key``, g is the block's output. With ``key``, g is the Picard iterate
+  g_k from g0 with k drawn uniformly from {0, ..., T} per block (the batch shares k),
+  so that over training the penalty covers the whole path the iteration takes,
+  not one point of it: a map that contracts at its output can still cycle (for an
+  even T the output can sit on one point of a 2-cycle whose other point is never
+  checked). Either way the next block starts from this block's output.
+  """
+  cfg = model.config
+  x = model.features(model_lib.to_model_space(images, cfg).astype(cfg.dtype))
+  keys = jax.random.split(key, len(model.im_blocks)) if key is not None else None
+  points = []
+  for i, block in enumerate(model.im_blocks):
+    out = block(x)
+    points.append((x, out if keys is None else random_iterate(block, x, keys[i])))
+    x = out
+  return points
+
+
+def penalty(model_or_params: ModelLike, batch_or_features: Any, *, key: jax.Array,
+            num_iters: int | None = None, target: float | None = None,
+            per_block: bool = False) -> jax.Array:
+  """Contractivity penalty sum_i mean_b max(0, sigma_ib - target)^2 (module docstring).
+
+  Args:
+    model_or_params: a `minet_jax.MINet` or `minet_jax.Params`.
+    batch_or_features: what to evaluate the blocks on: RGB [0, 1] NHWC images with
+      even H and W or a training batch (a mapping with ``"hazy"``), for which each
+      block is checked at a random iterate of its Picard path (`operating_points`);
+      or the points themselves as a sequence of one ``(g0, g)`` pair per block (for
+      example from ``MINet.forward_with_diagnostics``: g0 of block i is block i-1's
+      ``value``), which saves running the encoder and the blocks again.
+    key: PRNG key for the random iterates and the power iterations' start vectors.
+    num_iters: power-iteration steps; default ``config.contractive_iters``.
+    target: the norm to stay below; default ``config.contractive_target``.
+    per_block: also return the (batch-mean) sigma of every block, shape (blocks,).
+
+  Returns:
+    The scalar penalty (unweighted), or ``(penalty, sigmas)`` with ``per_block``.
+  """
+  model = _as_model(model_or_params)
+  cfg = model.config
+  num_iters = cfg.contractive_iters if num_iters is None else int(num_iters)
+  target = cfg.contractive_target if target is None else float(target)
+  if num_iters < 1:
+    raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+  if isinstance(batch_or_features, Mapping):
+    if "hazy" not in batch_or_features:
+      raise ValueError("a batch mapping must hold the input images under 'hazy'")
+    batch_or_features = batch_or_features["hazy"]
+  if isinstance(batch_or_features, Sequence) and not hasattr(batch_or_features, "shape"):
+    points = list(batch_or_features)
+    if len(points) != len(model.im_blocks):
+      raise ValueError(f"got {len(points)} operating points for {len(model.im_blocks)} "
+                       "IM-blocks; pass one (g0, g) pair per block")
+  else:
+    images = jnp.asarray(batch_or_features, jnp.float32)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % 2 or images.shape[2] % 2:
+      raise ValueError(f"images must be NHWC RGB with even H and W, got {images.shape}")
+    key, point_key = jax.random.split(key)
+    points = jax.lax.stop_gradient(operating_points(model, images, key=point_key))
+  keys = jax.random.split(key, len(points))
+  total = jnp.float32(0.0)
+  sigmas = []
+  for block, (g0, g), k in zip(model.im_blocks, points, keys):
+    sigma = block_spectral_norm(block, g0, g, k, num_iters)
+    total = total + jnp.mean(jnp.square(jax.nn.relu(sigma - target)))
+    sigmas.append(jnp.mean(sigma))
+  return (total, jnp.stack(sigmas)) if per_block else total
+
+
+def weighted_penalty(model_or_params: ModelLike, batch_or_features: Any, *,
+                     key: jax.Array) -> jax.Array:
+  """``config.contractive_weight * penalty(...)``; a constant 0 when the weight is 0."""
+  model = _as_model(model_or_params)
+  weight = model.config.contractive_weight
+  if weight == 0.0:
+    return jnp.float32(0.0)
+  return weight * penalty(model, batch_or_features, key=key)
+
+
+def spectral_norms(model_or_params: ModelLike, images: jax.Array, *, key: jax.Array,
+                   num_iters: int = 20) -> jax.Array:
+  """Batch-mean ||eta * df/dg||_2 estimate per block (a training monitor), shape (blocks,)."""
+  _, sigmas = penalty(model_or_params, images, key=key, num_iters=num_iters, per_block=True)
+  return jax.lax.stop_gradient(sigmas)
