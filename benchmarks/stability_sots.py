@@ -8,11 +8,13 @@
    --crop): per block spectral radius (power iteration and Arnoldi) and norm of
    eta*df/dg at the released operating point, and a 32-step Picard residual curve from
    the block's input. Writes ``stability.json`` and ``block<i>_residuals.png``.
-2. Solvers: every SOTS indoor image through the model with each block run as in
+2. Solvers: the SOTS indoor images through the model with each block run as in
    `CONFIGS` (released T = 8, Picard for 16 and 32 steps, Anderson and damped Picard
    to tolerance); PSNR/SSIM (`minet_jax.metrics`, the paper's protocol) and per-block
-   steps/residuals. Writes ``sots_solvers.json`` and ``solvers_residuals.png`` (one
-   image's residual curves per block and solver), and prints a Markdown table.
+   steps/residuals. Merges into ``sots_solvers.json`` (so configurations can be run
+   on different image sets in separate calls), plots ``solvers_residuals.png`` (the
+   --stability-image's residual curves per block and solver) and prints a Markdown
+   table.
 
 CPU time: about half a minute per full-size forward at T = 8 on two cores; the whole
 run takes of the order of an hour.
@@ -46,11 +48,11 @@ CONFIGS = {
     "released": ("unrolled, T = 8 (released)", dict(solver="unrolled", iterations=(8, 8, 8))),
     "picard16": ("Picard, T = 16", dict(solver="unrolled", iterations=(16, 16, 16))),
     "picard32": ("Picard, T = 32", dict(solver="unrolled", iterations=(32, 32, 32))),
-    "anderson": ("Anderson m=5, rtol 1e-3, <= 40 steps",
-                 dict(solver="anderson", rtol=1e-3, anderson_m=5, iterations=(40, 40, 40))),
-    "damped": ("damped Picard beta=0.5, rtol 1e-3, <= 40 steps",
+    "anderson": ("Anderson m=5, rtol 1e-3, <= 100 steps",
+                 dict(solver="anderson", rtol=1e-3, anderson_m=5, iterations=(100, 100, 100))),
+    "damped": ("damped Picard beta=0.5, rtol 1e-3, <= 100 steps",
                dict(solver="anderson", rtol=1e-3, anderson_m=1, anderson_beta=0.5,
-                    iterations=(40, 40, 40))),
+                    iterations=(100, 100, 100))),
 }
 
 
@@ -67,9 +69,10 @@ def _forward(params: api.Params):
   return lambda x: run(state, x)
 
 
-def run_solvers(params, records, config_names, out_dir):
-  results = {}
-  curves = {}
+def run_solvers(params, records, config_names, out_dir, plot_image):
+  """Runs `config_names` on `records`; merges into an existing ``sots_solvers.json``."""
+  json_path = out_dir / "sots_solvers.json"
+  results = json.loads(json_path.read_text()) if json_path.exists() else {}
   for name in config_names:
     label, overrides = CONFIGS[name]
     cfg = dataclasses.replace(params.config, **overrides)
@@ -85,20 +88,20 @@ def run_solvers(params, records, config_names, out_dir):
                  "history": [float(v) for v in h[0]]} for s, r, h in diags]
       rows.append({"image": rec.key, "psnr": psnr, "ssim": ssim, "seconds": seconds,
                    "blocks": blocks})
-      if rec is records[0]:
-        curves[name] = [b["history"] for b in blocks]
       print(f"{name:<9} {rec.key:<8} {psnr:7.3f} dB {ssim:.5f}  steps "
             f"{[b['steps'] for b in blocks]}  residuals "
             f"{['%.2e' % b['residual'] for b in blocks]}  {seconds:.1f}s", flush=True)
     results[name] = {"label": label, "overrides": {k: list(v) if isinstance(v, tuple) else v
                                                    for k, v in overrides.items()},
                      "rows": rows}
-    (out_dir / "sots_solvers.json").write_text(json.dumps(results, indent=1) + "\n")
-  plot_curves(curves, records[0].key, out_dir / "solvers_residuals.png")
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+  curves = {name: [b["history"] for b in row["blocks"]] for name, res in results.items()
+            for row in res["rows"] if row["image"] == plot_image}
+  plot_curves(curves, results, plot_image, out_dir / "solvers_residuals.png")
   return results
 
 
-def plot_curves(curves, image_key, path):
+def plot_curves(curves, results, image_key, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -110,7 +113,7 @@ def plot_curves(curves, image_key, path):
   for b, ax in enumerate(np.atleast_1d(axes)):
     for name, blocks in curves.items():
       h = np.asarray(blocks[b], np.float64)
-      ax.semilogy(np.arange(1, len(h) + 1), h, ".-", ms=3, label=CONFIGS[name][0])
+      ax.semilogy(np.arange(1, len(h) + 1), h, ".-", ms=3, label=results[name]["label"])
     ax.set_title(f"IM-block {b + 1} on {image_key}")
     ax.set_xlabel("map evaluation j")
     ax.grid(True, which="both", alpha=0.3)
@@ -122,16 +125,16 @@ def plot_curves(curves, image_key, path):
 
 
 def markdown_table(results) -> str:
-  lines = ["| solver | mean PSNR (dB) | mean SSIM | mean steps per block | "
-           "blocks at rtol 1e-3 | mean final residual per block |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| solver | images | mean PSNR (dB) | mean SSIM | mean steps per block | "
+           "blocks at rtol 1e-3 | geo-mean final residual per block |",
+           "|---|---|---|---|---|---|---|"]
   for name, res in results.items():
     rows = res["rows"]
     steps = np.mean([[b["steps"] for b in r["blocks"]] for r in rows], axis=0)
     resid = np.exp(np.mean(np.log([[b["residual"] for b in r["blocks"]] for r in rows]), axis=0))
     converged = sum(b["residual"] <= 1e-3 for r in rows for b in r["blocks"])
     total = sum(len(r["blocks"]) for r in rows)
-    lines.append(f"| {res['label']} | {np.mean([r['psnr'] for r in rows]):.3f} | "
+    lines.append(f"| {res['label']} | {len(rows)} | {np.mean([r['psnr'] for r in rows]):.3f} | "
                  f"{np.mean([r['ssim'] for r in rows]):.5f} | "
                  f"{' / '.join(f'{s:.1f}' for s in steps)} | {converged}/{total} | "
                  f"{' / '.join(f'{v:.1e}' for v in resid)} |")
@@ -150,6 +153,9 @@ def main() -> int:
   parser.add_argument("--radius-iters", type=int, default=200)
   parser.add_argument("--arnoldi-iters", type=int, default=40)
   parser.add_argument("--norm-iters", type=int, default=40)
+  parser.add_argument("--operating-point", choices=["released", "anderson"], default="released",
+                      help="linearise at the released T = 8 outputs, or at Anderson's solution "
+                           "(the 'anderson' config); the latter writes into OUT/at_anderson")
   parser.add_argument("--skip-stability", action="store_true")
   parser.add_argument("--skip-psnr", action="store_true")
   args = parser.parse_args()
@@ -173,13 +179,18 @@ def main() -> int:
       top, left = (hazy.shape[0] - h) // 2, (hazy.shape[1] - w) // 2
       hazy = hazy[top:top + h, left:left + w]
     start = time.time()
-    report = stability.analyse_image(params, hazy, steps=32, radius_iters=args.radius_iters,
+    point_params, point_dir = params, args.out
+    if args.operating_point == "anderson":
+      point_params = api.Params(weights=params.weights, config=dataclasses.replace(
+          params.config, **CONFIGS["anderson"][1]))
+      point_dir = args.out / "at_anderson"
+    report = stability.analyse_image(point_params, hazy, steps=32, radius_iters=args.radius_iters,
                                      radius_window=args.radius_iters // 3,
                                      arnoldi_iters=args.arnoldi_iters,
                                      norm_iters=args.norm_iters)
     report["image"] = rec.key
     report["seconds"] = time.time() - start
-    stability.write_report(report, args.out)
+    stability.write_report(report, point_dir)
     print("\n".join(stability.summary_lines(report)), flush=True)
     for i, b in enumerate(report["blocks"], 1):
       print(f"block {i}: Arnoldi eigenvalue {b['arnoldi_eigenvalue']} (rel. residual "
@@ -187,7 +198,7 @@ def main() -> int:
             f"power ratio {b['spectral_radius_power']:.4f}, Rayleigh {b['rayleigh_quotient']:.4f}")
 
   if not args.skip_psnr:
-    results = run_solvers(params, records, args.configs, args.out)
+    results = run_solvers(params, records, args.configs, args.out, args.stability_image)
     print(markdown_table(results))
   return 0
 

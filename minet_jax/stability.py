@@ -305,10 +305,11 @@ def plot_block(report: dict[str, Any], index: int, path: pathlib.Path) -> None:
   ax.semilogy(steps, history, "o-", ms=3, label="Picard residual ||g_{j+1}-g_j|| / ||g_{j+1}||")
   ok = np.isfinite(history) & (history > 0)
   if ok.any():
-    # The asymptotic slope of Picard is rho: draw it through the last residual.
+    # The asymptotic slope of Picard is rho: draw it over the last few residuals.
     last = int(np.flatnonzero(ok)[-1])
     rate = report["spectral_radius"]
-    ax.semilogy(steps, history[last] * rate ** (steps - steps[last]), "--",
+    span = steps[max(last - 8, 0):last + 1]
+    ax.semilogy(span, history[last] * rate ** (span - steps[last]), "--",
                 label=f"slope rho(eta df/dg) = {rate:.3g}")
     ax.set_ylim(history[ok].min() / 3, history[ok].max() * 3)
   if 0 < t <= len(history):
