@@ -7,7 +7,8 @@ Trains the same small MI-Net (16 features, one residual block, T = 8 unrolled, a
 released model is trained) from the same initialisation on random 64x64 crops of the
 RESIDE ITS sample pairs, once per penalty weight (`minet_jax.contractive`, 0 = off),
 then evaluates every trained model on 128x128 centre crops of the 10 SOTS indoor
-samples:
+samples. With ``--init released`` the authors' released model is fine-tuned instead
+(and evaluated untouched as a reference row). Evaluation:
 
 * PSNR with the training-time solver (unrolled, T = 8);
 * Picard and Anderson to rtol 1e-4 (at most 100 steps): how many (image, block)
@@ -37,7 +38,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import minet_jax  # noqa: E402
-from minet_jax import api, contractive, metrics, stability  # noqa: E402
+from minet_jax import api, contractive, convert, metrics, stability  # noqa: E402
 from minet_jax.data import folders  # noqa: E402
 
 DEFAULT_SHARED = pathlib.Path(
@@ -64,8 +65,11 @@ def random_batch(pairs, rng, batch, size):
   return jnp.asarray(np.stack(hazy)), jnp.asarray(np.stack(clear))
 
 
-def train(cfg, pairs, *, steps, batch, size, lr, seed):
-  model = minet_jax.MINet(cfg, rngs=nnx.Rngs(seed))
+def train(cfg, pairs, *, steps, batch, size, lr, seed, init_weights=None):
+  if init_weights is None:
+    model = minet_jax.MINet(cfg, rngs=nnx.Rngs(seed))
+  else:
+    model = api.model_from_params(api.Params(weights=init_weights, config=cfg))
   graphdef, state = nnx.split(model)
   optimizer = optax.adam(lr)
   opt_state = optimizer.init(state)
@@ -98,7 +102,7 @@ def train(cfg, pairs, *, steps, batch, size, lr, seed):
 def evaluate(params, crops):
   hazy = jnp.asarray(np.stack([h for h, _ in crops]))
   clear = np.stack([c for _, c in crops]) * 255.0
-  out = {}
+  out = {"hazy_psnr": float(np.mean(metrics.psnr(np.asarray(hazy) * 255.0, clear)))}
   for name, overrides in (("unrolled T=8", dict(solver="unrolled")),
                           ("picard", dict(solver="picard", rtol=EVAL_RTOL,
                                           iterations=(EVAL_CAP,) * 3)),
@@ -110,7 +114,7 @@ def evaluate(params, crops):
     y, results = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward_with_diagnostics(x))(
         state, hazy)
     y = np.clip(np.asarray(y), 0.0, 1.0) * 255.0
-    psnr = float(np.mean([metrics.psnr(y[i], clear[i]) for i in range(len(crops))]))
+    psnr = float(np.mean(metrics.psnr(y, clear)))
     steps = np.stack([np.asarray(r.num_steps) for r in results], axis=1)  # (images, blocks)
     resid = np.stack([np.asarray(r.residual) for r in results], axis=1)
     converged = resid <= EVAL_RTOL
@@ -130,6 +134,9 @@ def main() -> int:
   parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0])
   parser.add_argument("--target", type=float, default=0.8)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--init", choices=["scratch", "released"], default="scratch",
+                      help="train the small model from scratch, or fine-tune the authors' "
+                           "released model (64 features; use a smaller --lr, e.g. 1e-4)")
   parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON of the results")
   args = parser.parse_args()
 
@@ -137,13 +144,28 @@ def main() -> int:
   crops = [(folders.centre_crop_to(h, (128, 128)), folders.centre_crop_to(c, (128, 128)))
            for h, c in load_pairs(folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor"))]
   results = []
+  init_weights = None
+  if args.init == "released":
+    released = convert.weights_from_checkpoint(args.shared / "weights" / "minet_its_official.pth")
+    init_weights = released.weights
+    # The untouched released model is the reference row.
+    args.weights = [None] + list(args.weights)
   for weight in args.weights:
-    cfg = minet_jax.ModelConfig(features=16, pre_blocks=1, iterations=(8, 8, 8),
-                                input_format="rgb01", contractive_weight=weight,
+    if args.init == "released":
+      cfg = dataclasses.replace(released.config, contractive_weight=weight or 0.0,
                                 contractive_target=args.target, contractive_iters=4)
-    print(f"training with contractive_weight={weight} ({args.steps} steps)", flush=True)
-    params, seconds, log = train(cfg, pairs, steps=args.steps, batch=args.batch,
-                                 size=args.size, lr=args.lr, seed=args.seed)
+    else:
+      cfg = minet_jax.ModelConfig(features=16, pre_blocks=1, iterations=(8, 8, 8),
+                                  input_format="rgb01", contractive_weight=weight,
+                                  contractive_target=args.target, contractive_iters=4)
+    if weight is None:
+      print("evaluating the released model as it is", flush=True)
+      params, seconds, log = released, float("nan"), [(0, float("nan"))]
+    else:
+      print(f"training with contractive_weight={weight} ({args.steps} steps)", flush=True)
+      params, seconds, log = train(cfg, pairs, steps=args.steps, batch=args.batch,
+                                   size=args.size, lr=args.lr, seed=args.seed,
+                                   init_weights=init_weights)
     scores = evaluate(params, crops)
     report = stability.analyse_image(params, (crops[0][0] * 255).astype(np.uint8), steps=32,
                                      radius_iters=100, radius_window=30, arnoldi_iters=30,
@@ -155,7 +177,7 @@ def main() -> int:
                     "theorem1": theorem})
     print(json.dumps(results[-1], indent=1), flush=True)
 
-  print(f"\n| penalty weight | train s/step | final train MSE | PSNR T=8 | "
+  print(f"\n| penalty weight | train s/step | final train MSE | PSNR T=8 (hazy {results[0]['eval']['hazy_psnr']:.2f}) | "
         f"Picard converged (steps/block) | Picard PSNR | Anderson converged (steps/block) | "
         f"Anderson PSNR | rho(eta J) per block | norm per block |")
   print("|---|---|---|---|---|---|---|---|---|---|")
@@ -164,7 +186,8 @@ def main() -> int:
     steps = lambda s: " / ".join(f"{x:.0f}" for x in s)  # noqa: E731
     radii = " / ".join(f"{b['spectral_radius']:.3f}" for b in r["theorem1"])
     norms = " / ".join(f"{b['spectral_norm']:.2f}" for b in r["theorem1"])
-    print(f"| {r['contractive_weight']:g} | {r['train_seconds_per_step']:.3f} | "
+    weight = "released" if r["contractive_weight"] is None else f"{r['contractive_weight']:g}"
+    print(f"| {weight} | {r['train_seconds_per_step']:.3f} | "
           f"{r['train_log'][-1][1]:.4f} | {e['unrolled T=8']['psnr']:.2f} | "
           f"{e['picard']['converged']}/{e['picard']['solves']} ({steps(e['picard']['mean_steps'])}) | "
           f"{e['picard']['psnr']:.2f} | "
