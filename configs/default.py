@@ -107,7 +107,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   # (height, width) of every synthetic image.
   data.synthetic.image_size = (144, 192)
   # Rendered rooms in the synthetic train split.
-  data.synthetic.train_rooms = 32
+  data.synthetic.train_rooms = 48
   # Rendered rooms in the synthetic validation split (no scene shared with train).
   data.synthetic.validation_rooms = 8
   # Crops of the Middlebury motorcycle added to the synthetic train split.
@@ -172,6 +172,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   # Validation images shown in the before/after grid PNG (0 = no grid).
   config.grid_images = 4
+  # Init of the tail's RGB -> RGB 1x1 convs when starting from scratch: "kaiming" (the
+  # authors' random init) or "identity" (pass the input colours through at first).
+  config.init_tail = "kaiming"
   # Start from these weights (a minet_jax.save / convert folder or a training workdir);
   # "" starts from a random init. Ignored when the workdir already holds a checkpoint.
   config.init_from = ""

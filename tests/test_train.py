@@ -193,7 +193,9 @@ def test_unknown_config_field_is_an_error(tmp_path):
 
 def test_init_from_starts_from_the_given_weights(tmp_path):
   config = tiny.get_config()
-  params = minet_jax.init(config, seed=3)
+  config.seed = 3
+  params = state_lib.create_train_state(config).params()
+  config.seed = 0
   minet_jax.save(params, tmp_path / "start")
   config.init_from = str(tmp_path / "start")
   from minet_jax.train.loop import _initial_state
@@ -232,3 +234,31 @@ def test_find_params_prefers_best(straight_run):
   workdir, _ = straight_run
   found = checkpointing.find_params(workdir)
   assert found is not None and found.parent.parent.name == "best"
+
+
+def test_default_synthetic_section_is_the_default_dataset():
+  """The quickstart trains on the same synthetic_haze that evaluate.py builds by default."""
+  from configs import default, quickstart
+  from minet_jax.data.synthetic import SyntheticHazeConfig
+  assert _synthetic_config(default.get_config().data) == SyntheticHazeConfig()
+  assert _synthetic_config(quickstart.get_config().data) == SyntheticHazeConfig()
+
+
+def test_identity_tail_init():
+  config = tiny.get_config()
+  config.init_tail = "identity"
+  state = state_lib.create_train_state(config)
+  model, _ = state.merge()
+  for name in ("conv_su1", "conv_su2", "deconv"):
+    conv = getattr(model, name)
+    np.testing.assert_array_equal(np.asarray(conv.kernel[...]).reshape(3, 3), np.eye(3))
+    np.testing.assert_array_equal(np.asarray(conv.bias[...]), np.zeros(3))
+  # Everything else keeps the authors' init (the same draws as "kaiming").
+  config.init_tail = "kaiming"
+  plain, _ = state_lib.create_train_state(config).merge()
+  np.testing.assert_array_equal(np.asarray(plain.deconv1.kernel[...]),
+                                np.asarray(model.deconv1.kernel[...]))
+  assert not np.allclose(np.asarray(plain.conv_su2.kernel[...]).reshape(3, 3), np.eye(3))
+  config.init_tail = "zeros"
+  with pytest.raises(ValueError, match="init_tail"):
+    state_lib.create_train_state(config)

@@ -116,15 +116,15 @@ def _restore_iterator(iterator, state: dict) -> None:
 # ------------------------------------------------------------------ evaluation
 
 
-def _predict_fn():
-  """Jitted state, NHWC [0, 1] -> dehazed NHWC clipped to [0, 1]."""
+def _predict_fn(mesh):
+  """Jitted state, NHWC [0, 1] -> dehazed NHWC clipped to [0, 1], replicated on every
+  device (so every host can read all of it)."""
 
-  @jax.jit
   def predict(state: TrainState, hazy: jax.Array) -> jax.Array:
     model, _ = state.merge()
     return jnp.clip(model(hazy), 0.0, 1.0)
 
-  return predict
+  return jax.jit(predict, out_shardings=sharding.replicated(mesh))
 
 
 class Evaluator:
@@ -138,12 +138,17 @@ class Evaluator:
                                          limit=limit)
     self.mesh = mesh
     self.grid_images = int(config.grid_images)
-    self.predict = _predict_fn()
+    self.predict = _predict_fn(mesh)
     self.hazy_scores: dict[str, float] | None = None
 
   def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-    for batch in self.dataset:
-      yield batch
+    try:
+      yield from self.dataset
+    except ValueError as e:
+      if "different sizes" not in str(e):
+        raise
+      raise ValueError(f"{e}. The validation images differ in size: set "
+                       "config.data.eval_batch_size=1") from e
 
   def __call__(self, state: TrainState) -> tuple[dict[str, float], list]:
     """(scores, grid rows): mean ``psnr``, ``ssim`` and the hazy input's, per image."""
@@ -208,7 +213,7 @@ class _StopRequest:
 def _check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a workdir trained with another architecture; records the config."""
   path = workdir / checkpointing.TRAIN_CONFIG_FILE
-  if path.is_file():
+  if path.is_file() and checkpointing.find_params(workdir) is not None:
     previous = json.loads(path.read_text())
     old = model_config(previous.get("model", {}))
     new = model_config(config.model)
@@ -308,13 +313,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         if step > (resumed_from or 0) + 1:  # The first step also compiles.
           train_seconds += time.time() - t0
           timed_steps += 1
-        if not math.isfinite(step_metrics["loss"]):
+        # A non-finite gradient has already spoilt this step's update, even if the
+        # loss (computed before it) is finite.
+        if not (math.isfinite(step_metrics["loss"]) and math.isfinite(step_metrics["grad_norm"])):
           ckpts.wait()
           last_good = ckpts.latest_step()
           writer.write_event(step, "non_finite_loss", loss=step_metrics["loss"],
-                             last_checkpoint=last_good)
+                             grad_norm=step_metrics["grad_norm"], last_checkpoint=last_good)
           raise NonFiniteLossError(
-              f"the training loss became {step_metrics['loss']} at step {step}; training "
+              f"the training loss became {step_metrics['loss']} (gradient norm "
+              f"{step_metrics['grad_norm']}) at step {step}; training "
               f"stopped without saving. The last good checkpoint is step {last_good} in "
               f"{workdir / checkpointing.LATEST_DIR} (None: no checkpoint yet). Lower "
               "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm, then "

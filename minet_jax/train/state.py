@@ -90,12 +90,38 @@ def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformati
   return adam
 
 
+INIT_TAILS = ("kaiming", "identity")
+# The tail's RGB -> RGB 1x1 convolutions (minet_jax.model.MINet.decode).
+_RGB_CONVS = ("conv_su1", "conv_su2", "deconv")
+
+
+def init_tail(model: MINet, kind: str) -> None:
+  """Re-initialises the tail's RGB -> RGB 1x1 convs in place.
+
+  "kaiming" keeps the authors' random init. "identity" makes ``conv_su1``,
+  ``conv_su2`` and ``deconv`` identity maps with zero bias, so the untrained
+  network passes the hazy colours through (times the channel gate) instead of
+  mixing them randomly; short runs then no longer spend their steps undoing a
+  random colour cast.
+  """
+  if kind not in INIT_TAILS:
+    raise ValueError(f"config.init_tail must be one of {INIT_TAILS}, got {kind!r}")
+  if kind == "kaiming":
+    return
+  for name in _RGB_CONVS:
+    conv = getattr(model, name)
+    conv.kernel[...] = jnp.eye(3, dtype=conv.kernel.dtype).reshape(conv.kernel.shape)
+    if conv.bias is not None:
+      conv.bias[...] = jnp.zeros_like(conv.bias[...])
+
+
 def create_train_state(config: ml_collections.ConfigDict,
                        params: api.Params | None = None) -> TrainState:
   """A fresh state: initialised (or given) weights, zeroed optimizer, step 0.
 
   Args:
-    config: the training config (``model``, ``optimizer`` and ``seed`` are read).
+    config: the training config (``model``, ``optimizer``, ``seed`` and ``init_tail``
+      are read).
     params: start from these weights instead of a random init (fine-tuning); their
       architecture must equal ``config.model``.
   """
@@ -107,6 +133,7 @@ def create_train_state(config: ml_collections.ConfigDict,
     # classic threefry draws from the same distributions, only different values.
     with jax.threefry_partitionable(False):
       model = MINet(cfg, rngs=nnx.Rngs(params=init_key))
+    init_tail(model, config.init_tail)
   elif params.config != cfg:
     raise ValueError("the weights to start from have a different architecture than "
                      f"config.model:\n  weights: {params.config}\n  config:  {cfg}\n"

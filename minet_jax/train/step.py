@@ -98,5 +98,6 @@ def make_train_step(loss: str, learning_rate_fn: Callable[[jax.Array], jax.Array
 
   if state_sharding is None:
     return jax.jit(step, donate_argnums=0)
+  # Metrics come back replicated, so every host can read them.
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, None), donate_argnums=0)
+                 out_shardings=(state_sharding, state_sharding), donate_argnums=0)
