@@ -262,3 +262,31 @@ def test_identity_tail_init():
   config.init_tail = "zeros"
   with pytest.raises(ValueError, match="init_tail"):
     state_lib.create_train_state(config)
+
+
+def test_contractive_penalty_joins_the_loss():
+  from minet_jax import contractive
+  from minet_jax.train import step as step_lib
+  config = tiny.get_config()
+  config.model.contractive_weight = 0.5
+  config.model.contractive_target = 0.0  # Every block's norm is above 0: the term is > 0.
+  config.model.contractive_iters = 1
+  config.model.iterations = (1, 1, 1)  # A smaller step to compile.
+  state = state_lib.create_train_state(config)
+  rng = np.random.default_rng(0)
+  batch = {"hazy": jnp.asarray(rng.random((2, 16, 16, 3)), jnp.float32),
+           "clear": jnp.asarray(rng.random((2, 16, 16, 3)), jnp.float32)}
+  model, _ = state.merge()
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
+
+  @jax.jit
+  def reference(batch, key):
+    return (reconstruction_loss(model(batch["hazy"]), batch["clear"], "mse"),
+            0.5 * contractive.penalty(model, batch, key=key))
+
+  reconstruction, expected = (float(x) for x in reference(batch, key))
+  _, metrics = step_lib.make_train_step("mse")(state, batch)
+  assert float(metrics["reconstruction_loss"]) == pytest.approx(reconstruction, rel=1e-5)
+  assert float(metrics["contractive_penalty"]) == pytest.approx(expected, rel=1e-4)
+  assert expected > 0
+  assert float(metrics["loss"]) == pytest.approx(reconstruction + expected, rel=1e-5)

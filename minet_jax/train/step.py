@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minet_jax import contractive
 from minet_jax.train.state import TrainState
 
 LOSSES = ("mse", "l2", "l1")
@@ -56,20 +57,33 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
                ) -> tuple[TrainState, Metrics]:
   """One optimizer update on `batch`; returns the new state and scalar metrics.
 
+  The loss is `reconstruction_loss` plus, when ``config.model.contractive_weight`` > 0,
+  the weighted contractivity penalty of `minet_jax.contractive` (its random operating
+  points and start vectors come from the run's key folded with the step).
+
   Metrics: ``loss``, ``psnr`` (of this batch's outputs, before the update),
-  ``grad_norm`` and, given the schedule, ``learning_rate`` (the rate this update used).
+  ``grad_norm``, ``reconstruction_loss`` and ``contractive_penalty`` when the penalty is
+  on, and, given the schedule, ``learning_rate`` (the rate this update used).
   """
   model, optimizer = nnx.merge(state.graphdef, state.state)
+  contractive_weight = model.config.contractive_weight
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(model):
     output = model(batch["hazy"])
-    return reconstruction_loss(output, batch["clear"], loss), output
+    reconstruction = reconstruction_loss(output, batch["clear"], loss)
+    if not contractive_weight:
+      return reconstruction, (output, {})
+    penalty = contractive.weighted_penalty(model, batch, key=key)
+    return reconstruction + penalty, (output, {"reconstruction_loss": reconstruction,
+                                               "contractive_penalty": penalty})
 
-  (value, output), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  (value, (output, parts)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
   _, new_state = nnx.split((model, optimizer))
   metrics = {
       "loss": value,
+      **parts,
       "psnr": psnr01(output, batch["clear"]),
       "grad_norm": _global_norm(nnx.state(grads, nnx.Param)),
   }
