@@ -41,8 +41,14 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; -v 0 shows it.
-  from minet_jax.train import train_and_evaluate  # After flag parsing: a fast --help.
-  summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  # After flag parsing: a fast --help.
+  from minet_jax import CheckpointError
+  from minet_jax.data import DatasetLayoutError
+  from minet_jax.train import NonFiniteLossError, train_and_evaluate
+  try:
+    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (DatasetLayoutError, CheckpointError, NonFiniteLossError) as e:
+    sys.exit(f"train: error: {e}")  # Errors that explain themselves; no traceback.
   print(json.dumps(summary, indent=2))
   if summary.get("stopped_by"):
     sys.exit(143)  # 128 + SIGTERM: the job did not finish, a rerun resumes it.

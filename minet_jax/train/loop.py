@@ -85,7 +85,8 @@ def _sources(config: ml_collections.ConfigDict):
   train = builders.load_source(data.name, data.train_split, data_dir, manual_dir,
                                synthetic_config=synthetic)
   eval_name = data.eval_name or data.name
-  eval_manual = data.eval_manual_dir or (manual_dir if eval_name == data.name else None)
+  # A RESIDE root holds ITS and SOTS alike, so the training folder is the default.
+  eval_manual = data.eval_manual_dir or manual_dir
   validation = builders.load_source(eval_name, data.eval_split, data_dir, eval_manual,
                                     synthetic_config=synthetic)
   return train, validation
