@@ -46,16 +46,17 @@ class CheckpointError(OSError):
 # ------------------------------------------------------------------ model <-> params
 
 
-def _stringify(tree: Any) -> Any:
+def stringify_keys(tree: Any) -> Any:
+  """Nested dict with every key a string (orbax and JSON need them; nnx lists use ints)."""
   if isinstance(tree, Mapping):
-    return {str(k): _stringify(v) for k, v in tree.items()}
+    return {str(k): stringify_keys(v) for k, v in tree.items()}
   return tree
 
 
-def _destringify(tree: Any, like: Any) -> Any:
+def restore_key_types(tree: Any, like: Any) -> Any:
   """Restores the key types of `like` (nnx uses ints for list indices)."""
   if isinstance(like, Mapping):
-    return {k: _destringify(tree[str(k)], v) for k, v in like.items()}
+    return {k: restore_key_types(tree[str(k)], v) for k, v in like.items()}
   return tree
 
 
@@ -68,7 +69,7 @@ def _skeleton(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, dict]:
 
 def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flat {path: shape} of every parameter of the architecture `cfg`."""
-  return _flat_shapes(_stringify(_skeleton(cfg)[2]))
+  return _flat_shapes(stringify_keys(_skeleton(cfg)[2]))
 
 
 def _flat_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -78,7 +79,7 @@ def _flat_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def params_from_model(model: MINet) -> Params:
   """Snapshot of an NNX model's parameters as `Params`."""
-  weights = _stringify(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  weights = stringify_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   return Params(weights=weights, config=model.config)
 
 
@@ -86,7 +87,7 @@ def model_from_params(params: Params) -> MINet:
   """An NNX model holding `params` (no copy of the arrays)."""
   graphdef, abstract, pure = _skeleton(params.config)
   state = jax.tree.map(lambda leaf: leaf, abstract)  # A fresh State; the cached one stays abstract.
-  nnx.replace_by_pure_dict(state, _destringify(params.weights, pure))
+  nnx.replace_by_pure_dict(state, restore_key_types(params.weights, pure))
   return nnx.merge(graphdef, state)
 
 
@@ -99,7 +100,10 @@ def init(config: ConfigLike = None, *, seed: int = 0) -> Params:
     seed: PRNG seed.
   """
   cfg = model_config(config)
-  return params_from_model(MINet(cfg, rngs=nnx.Rngs(seed)))
+  # The non-partitionable threefry compiles several times faster on XLA:CPU, which
+  # dominates the cost of drawing ~100 small parameter tensors eagerly.
+  with jax.threefry_partitionable(False):
+    return params_from_model(MINet(cfg, rngs=nnx.Rngs(seed)))
 
 
 # ------------------------------------------------------------------ apply
@@ -238,7 +242,7 @@ def load(path: str | os.PathLike) -> Params:
   cfg = load_config(path)
   weights_dir = _weights_dir(path)
   _, _, pure = _skeleton(cfg)
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), _stringify(pure))
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), stringify_keys(pure))
   try:
     with ocp.StandardCheckpointer() as ckptr:
       weights = ckptr.restore(weights_dir, target)

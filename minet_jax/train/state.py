@@ -154,25 +154,13 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
 def state_to_pure(state: TrainState) -> dict[str, Any]:
   """Checkpointable pure dict (string keys, arrays) of everything but the graph."""
   return {"step": state.step, "rng": state.rng,
-          "state": _stringify(nnx.to_pure_dict(state.state))}
+          "state": api.stringify_keys(nnx.to_pure_dict(state.state))}
 
 
 def state_from_pure(like: TrainState, pure: dict[str, Any]) -> TrainState:
   """Inverse of `state_to_pure`, with `like` (e.g. an abstract state) giving the graph."""
   template = nnx.to_pure_dict(like.state)
   restored = jax.tree.map(lambda x: x, like.state)  # A fresh State to fill in.
-  nnx.replace_by_pure_dict(restored, _destringify(pure["state"], template))
+  nnx.replace_by_pure_dict(restored, api.restore_key_types(pure["state"], template))
   return TrainState(step=jnp.asarray(pure["step"], jnp.int32), state=restored,
                     rng=jnp.asarray(pure["rng"], jnp.uint32), graphdef=like.graphdef)
-
-
-def _stringify(tree: Any) -> Any:
-  if isinstance(tree, dict):
-    return {str(k): _stringify(v) for k, v in tree.items()}
-  return tree
-
-
-def _destringify(tree: Any, like: Any) -> Any:
-  if isinstance(like, dict):
-    return {k: _destringify(tree[str(k)], v) for k, v in like.items()}
-  return tree
