@@ -60,8 +60,10 @@ fixed point z* = T(z*, a), dz*/da = (I - dT/dz)^{-1} dT/da, so for an output
 cotangent z_bar the input cotangent is a_bar = u dT/da, where the row vector u
 solves u = z_bar + u dT/dz, itself a fixed point of the linear map
 u -> z_bar + vjp_z(u). It is solved from u = z_bar with the forward's solver family
-(unrolled, Picard or Anderson; its own ``adjoint_*`` step limit and tolerances), and
-converges exactly when the forward Picard iteration is locally contractive. Only z*
+(unrolled, Picard or Anderson; its own ``adjoint_*`` step limit and tolerances);
+Picard on it converges exactly when rho(dT/dz) < 1 at z*, the forward's own local
+condition, and "unrolled" sums the first ``adjoint_max_steps`` terms of the Neumann
+series z_bar (I + J + J^2 + ...) with J = dT/dz at z*. Only z*
 and one linearisation of T are kept, so memory does not grow with the number of
 iterations. z0 gets a zero cotangent (the fixed point does not depend on where the
 search starts); when T was not solved to tolerance the gradient is that of the
