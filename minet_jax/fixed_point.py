@@ -296,10 +296,7 @@ def _backprop(fn, z0, args, opts: _Options):
   fixed-length scan (same steps, finished samples frozen), which JAX can linearise and
   transpose. So inference pays only for the steps taken, gradients for ``max_steps``.
   """
-  closed, consts = jax.closure_convert(fn, z0, args)
-
-  def t_map(z, inputs):
-    return closed(z, inputs[0], *inputs[1])
+  t_map, consts = _closed_map(fn, z0, args)
 
   @jax.custom_jvp
   def solve(z0, inputs):
@@ -313,13 +310,23 @@ def _backprop(fn, z0, args, opts: _Options):
   return solve(z0, (args, consts))
 
 
-def _implicit(fn, z0, args, opts: _Options, adjoint: _Options):
-  """The solve with a custom_vjp from the implicit function theorem (module docstring)."""
-  # Hoist arrays that fn closes over into explicit inputs, so they get cotangents too.
+def _closed_map(fn, z0, args):
+  """``fn`` with the arrays it closes over hoisted into explicit inputs ``(args, consts)``.
+
+  Custom JVP/VJP rules only differentiate their explicit inputs, so closed-over
+  tracers must become inputs to receive tangents and cotangents.
+  """
   closed, consts = jax.closure_convert(fn, z0, args)
 
   def t_map(z, inputs):
     return closed(z, inputs[0], *inputs[1])
+
+  return t_map, consts
+
+
+def _implicit(fn, z0, args, opts: _Options, adjoint: _Options):
+  """The solve with a custom_vjp from the implicit function theorem (module docstring)."""
+  t_map, consts = _closed_map(fn, z0, args)
 
   @jax.custom_vjp
   def solve(z0, inputs):
