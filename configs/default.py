@@ -157,8 +157,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = get_data_config()
   # Optimizer and learning-rate schedule.
   config.optimizer = get_optimizer_config()
-  # Training loss on RGB in [0, 1]: "mse", "l2" (unsquared norm of the batch error,
-  # the authors' code) or "l1".
+  # Training loss: "mse" or "l1" on RGB in [0, 1], or "l2", the authors' loss (unsquared
+  # norm of the whole batch's error on 0..255 pixel values; configs/its_authors.py).
   config.loss = "mse"
   # Optimizer steps to train for (the paper: 350k).
   config.num_train_steps = 350_000

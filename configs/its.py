@@ -17,8 +17,8 @@ The authors' released training script (Jiawei-Shen/MI-Net, ``main.py``) differs:
   * loss ``torch.norm(output - gt)``: the unsquared L2 norm of the whole batch's
     error on the 0..255 BGR scale (``config.loss = "l2"`` here);
   * ``--clip`` and ``--weight-decay`` are parsed but unused.
-To reproduce their run instead, set optimizer.learning_rate=0.01,
-optimizer.schedule="constant" and loss="l2".
+configs/its_authors.py is their run: learning rate 0.01, constant, loss "l2"; its
+gradients and Adam steps equal theirs (tests/test_training_parity.py).
 
 Fine-tuning the converted released weights is one field:
     --config.init_from=checkpoints/minet_its   (a `python -m minet_jax.convert` output)

@@ -215,7 +215,8 @@ def test_losses_match_closed_forms():
   got = {k: float(reconstruction_loss(jnp.asarray(out), jnp.asarray(target), k))
          for k in ("mse", "l2", "l1")}
   assert got["mse"] == pytest.approx(np.mean(err**2), rel=1e-5)
-  assert got["l2"] == pytest.approx(np.sqrt(np.sum(err**2)), rel=1e-5)
+  # The authors' loss: the norm of the error on 0..255 pixel values.
+  assert got["l2"] == pytest.approx(np.sqrt(np.sum((255.0 * err)**2)), rel=1e-5)
   assert got["l1"] == pytest.approx(np.mean(np.abs(err)), rel=1e-5)
   with pytest.raises(ValueError, match="unknown loss"):
     reconstruction_loss(jnp.asarray(out), jnp.asarray(target), "l3")

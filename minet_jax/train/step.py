@@ -14,12 +14,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from minet_jax import contractive
+from minet_jax.model import MINet
 from minet_jax.train.state import TrainState
 
 LOSSES = ("mse", "l2", "l1")
+# The authors' loss is taken on 0..255 pixel values.
+_PIXEL_SCALE = 255.0
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -30,17 +34,17 @@ def reconstruction_loss(output: jax.Array, target: jax.Array, kind: str) -> jax.
 
   kind:
     "mse": mean squared error over all pixels and channels.
-    "l2": unsquared Frobenius norm of the whole batch's error, the authors' training
-      loss (``torch.norm(output - gt)`` in Jiawei-Shen/MI-Net ``main.py``; they work on
-      a 0..255 scale, which multiplies this by 255 and changes nothing for Adam but
-      its epsilon).
+    "l2": the authors' training loss exactly (``torch.norm(output - gt)`` in
+      Jiawei-Shen/MI-Net ``main.py``): the unsquared Frobenius norm of the whole batch's
+      error on their 0..255 pixel scale, i.e. 255 times the norm on [0, 1]. The scale
+      matters only through Adam's epsilon, which it keeps identical to theirs.
     "l1": mean absolute error.
   """
   err = output.astype(jnp.float32) - target.astype(jnp.float32)
   if kind == "mse":
     return jnp.mean(jnp.square(err))
   if kind == "l2":
-    return jnp.sqrt(jnp.sum(jnp.square(err)))
+    return jnp.sqrt(jnp.sum(jnp.square(err * _PIXEL_SCALE)))
   if kind == "l1":
     return jnp.mean(jnp.abs(err))
   raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
@@ -50,6 +54,29 @@ def psnr01(output: jax.Array, target: jax.Array) -> jax.Array:
   """Mean PSNR (dB) over a batch of [0, 1] images, output clipped (a training monitor)."""
   mse = jnp.mean(jnp.square(jnp.clip(output, 0.0, 1.0) - target), axis=(1, 2, 3))
   return jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)))
+
+
+def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array
+                   ) -> tuple[tuple[jax.Array, tuple[jax.Array, Metrics]], nnx.State]:
+  """The training objective at `model` and its gradient with respect to the parameters.
+
+  Returns ``((loss, (output, parts)), grads)``: the objective is `reconstruction_loss`
+  plus, when ``model.config.contractive_weight`` > 0, the weighted contractivity penalty
+  of `minet_jax.contractive` (its random draws come from `key`); ``parts`` then holds
+  both terms. ``grads`` is an `nnx.State` of the parameters' gradients.
+  """
+  contractive_weight = model.config.contractive_weight
+
+  def loss_fn(model):
+    output = model(batch["hazy"])
+    reconstruction = reconstruction_loss(output, batch["clear"], loss)
+    if not contractive_weight:
+      return reconstruction, (output, {})
+    penalty = contractive.weighted_penalty(model, batch, key=key)
+    return reconstruction + penalty, (output, {"reconstruction_loss": reconstruction,
+                                               "contractive_penalty": penalty})
+
+  return nnx.value_and_grad(loss_fn, has_aux=True)(model)
 
 
 def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
@@ -66,35 +93,19 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
   on, and, given the schedule, ``learning_rate`` (the rate this update used).
   """
   model, optimizer = nnx.merge(state.graphdef, state.state)
-  contractive_weight = model.config.contractive_weight
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-  def loss_fn(model):
-    output = model(batch["hazy"])
-    reconstruction = reconstruction_loss(output, batch["clear"], loss)
-    if not contractive_weight:
-      return reconstruction, (output, {})
-    penalty = contractive.weighted_penalty(model, batch, key=key)
-    return reconstruction + penalty, (output, {"reconstruction_loss": reconstruction,
-                                               "contractive_penalty": penalty})
-
-  (value, (output, parts)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  (value, (output, parts)), grads = loss_and_grads(model, batch, loss=loss, key=key)
   optimizer.update(model, grads)
   _, new_state = nnx.split((model, optimizer))
   metrics = {
       "loss": value,
       **parts,
       "psnr": psnr01(output, batch["clear"]),
-      "grad_norm": _global_norm(nnx.state(grads, nnx.Param)),
+      "grad_norm": optax.global_norm(grads),
   }
   if learning_rate_fn is not None:
     metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
   return state.replace(step=state.step + 1, state=new_state), metrics
-
-
-def _global_norm(tree: Any) -> jax.Array:
-  leaves = jax.tree.leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 def make_train_step(loss: str, learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
