@@ -9,11 +9,14 @@ spatially flipped), the shared separable kernel is a single ``(k, k)`` array.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
@@ -63,12 +66,21 @@ class Conv2d(nnx.Module):
 
 
 class ConvTranspose2d(nnx.Module):
-  """``torch.nn.ConvTranspose2d(k, stride, padding)`` as a dilated forward convolution.
+  """``torch.nn.ConvTranspose2d(k, stride, padding)``; kernel stored as a forward conv's.
 
-  A transposed conv equals a stride-1 conv of the input dilated by ``stride`` with
-  padding ``k - 1 - padding`` and the spatially flipped, in/out-swapped kernel. The
-  stored ``kernel`` is that forward kernel (HWIO), so the call is one convolution;
-  the converter flips PyTorch's IOHW weight into it.
+  A transposed conv equals a stride-1 conv of the input dilated by ``stride`` (zeros
+  between pixels) with padding ``k - 1 - padding`` and the spatially flipped,
+  in/out-swapped kernel. The stored ``kernel`` is that forward kernel (HWIO); the
+  converter flips PyTorch's IOHW weight into it.
+
+  When the output is exactly ``stride`` times the input (``k - 2 * padding == stride``,
+  as for the released 4x4, stride-2, padding-1 layer) the call is sub-pixel: output
+  pixel ``(s*i + a, s*j + b)`` only ever meets the kernel taps of phase ``(a, b)``, so
+  each of the s*s phases is an ordinary small conv of the undilated input (2x2 for the
+  released layer), and the phases are interleaved into the output. That skips the
+  (1 - 1/s^2) of the dilated conv's multiply-adds that fall on inserted zeros, and its
+  gradient is an ordinary conv's: XLA:CPU differentiates the input-dilated conv ~25x
+  slower than these (benchmarks/layer_speed.py). Other shapes use the dilated conv.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
@@ -81,16 +93,44 @@ class ConvTranspose2d(nnx.Module):
     self.bias = nnx.Param(torch_default_uniform(fan_in)(rngs.params(), (out_features,)))
     self.stride = stride
     self.edge = kernel_size - 1 - padding
+    self.sub_pixel = kernel_size - 2 * padding == stride
     self.dtype = jnp.dtype(dtype)
     self.precision = _PRECISIONS[precision]
 
+  def _phase(self, a: int) -> tuple[slice, tuple[int, int]]:
+    """Kernel taps that reach output phase `a` along one axis (every s-th), and the padding.
+
+    In the dilated form output o = s*i + a reads dilated position o + t - edge for tap
+    t; it holds input pixel i + (a + t - edge) / s when that is an integer, else a zero.
+    """
+    s, k = self.stride, self.kernel.shape[0]
+    taps = [t for t in range(k) if (a + t - self.edge) % s == 0]
+    offsets = [(a + t - self.edge) // s for t in taps]
+    return slice(taps[0], taps[-1] + 1, s), (-offsets[0], offsets[-1])
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-        window_strides=(1, 1), padding=((self.edge, self.edge),) * 2,
-        lhs_dilation=(self.stride, self.stride),
-        dimension_numbers=_DIMENSION_NUMBERS, precision=self.precision)
-    return y + self.bias[...].astype(self.dtype)
+    x = x.astype(self.dtype)
+    kernel = self.kernel[...].astype(self.dtype)
+    bias = self.bias[...].astype(self.dtype)
+    s = self.stride
+    if not self.sub_pixel:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(1, 1), padding=((self.edge, self.edge),) * 2,
+          lhs_dilation=(s, s), dimension_numbers=_DIMENSION_NUMBERS, precision=self.precision)
+      return y + bias
+    phases = [self._phase(a) for a in range(s)]
+    rows = []
+    for taps_a, pad_a in phases:
+      row = []
+      for taps_b, pad_b in phases:
+        sub = kernel[taps_a, taps_b]
+        row.append(jax.lax.conv_general_dilated(
+            x, sub, window_strides=(1, 1), padding=(pad_a, pad_b),
+            dimension_numbers=_DIMENSION_NUMBERS, precision=self.precision))
+      rows.append(jnp.stack(row, axis=3))                   # N, H, W, s(b), C
+    y = jnp.stack(rows, axis=2)                             # N, H, s(a), W, s(b), C
+    n, h, _, w, _, c = y.shape
+    return y.reshape(n, h * s, w * s, c) + bias
 
 
 class ShareSepConv(nnx.Module):
@@ -110,20 +150,90 @@ class ShareSepConv(nnx.Module):
     self.dtype = jnp.dtype(dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    # A sum of k*k shifted, scaled copies rather than a grouped conv: XLA:CPU runs
-    # feature_group_count=C convs ~20x slower than this fused elementwise loop
-    # (benchmarks/layer_speed.py), and GPUs fuse it into one kernel as well.
-    k = self.kernel.shape[0]
-    pad = (k - 1) // 2
-    h, w = x.shape[1:3]
-    xp = jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    kernel = self.kernel[...].astype(self.dtype)
-    out = None
-    for a in range(k):
-      for b in range(k):
-        term = kernel[a, b] * xp[:, a:a + h, b:b + w, :]
-        out = term if out is None else out + term
-    return out
+    return shared_smoothing(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """sum_{a,b} kernel[a, b] * x shifted by (a - p, b - p), zero padded: the smoothing conv.
+
+  A sum of k*k shifted, scaled copies rather than a grouped conv: XLA:CPU runs
+  feature_group_count=C convs ~20x slower than this fused elementwise loop
+  (benchmarks/layer_speed.py), and GPUs fuse it into one kernel as well.
+  """
+  k = kernel.shape[0]
+  pad = (k - 1) // 2
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = None
+  for a in range(k):
+    for b in range(k):
+      term = kernel[a, b] * xp[:, a:a + h, b:b + w, :]
+      out = term if out is None else out + term
+  return out
+
+
+# Width of the column blocks of `_banded_smoothing`.
+_BAND_BLOCK = 16
+
+
+def _banded_smoothing(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The same map as `_shifted_sum`, written as banded matrix products over column blocks.
+
+  Columns are cut into blocks of B with a halo of p on each side; within a block, row
+  shift a applies the B x (B + 2p) banded matrix T_a[j, j + b] = kernel[a, b] to the
+  block's columns for every (sample, row, channel). It takes (B + 2p) / k times the
+  multiply-adds of the shifted sum, so it is not the forward pass; it is the form whose
+  transposes are cheap: matrix products and two pads, where the shifted sum's are k*k
+  full-size reductions (for the kernel) and k*k pads that XLA merges into one huge
+  addition across the unrolled IM-block iterations (for the input).
+  """
+  k = kernel.shape[0]
+  pad = (k - 1) // 2
+  n, h, w, c = x.shape
+  block = max(_BAND_BLOCK, 2 * pad)
+  blocks = -(-w // block)
+  # Columns minor, so every product contracts the last axis (no per-shift transposes).
+  xt = jnp.pad(jnp.transpose(x, (0, 1, 3, 2)),
+               ((0, 0), (pad, pad), (0, 0), (pad, blocks * block + block - w - pad)))
+  # Block j's window is padded columns [j*B, j*B + B + 2p): the block itself, then the
+  # first 2p columns of the next block. Static slices and reshapes only, so the
+  # transpose is two pads, not a scatter.
+  main = xt[..., :blocks * block].reshape(n, h + 2 * pad, c, blocks, block)
+  nxt = xt[..., block:(blocks + 1) * block].reshape(n, h + 2 * pad, c, blocks, block)
+  windows = jnp.concatenate([main, nxt[..., :2 * pad]], axis=-1)  # n, h+2p, c, blocks, B+2p
+  band = np.zeros((k, block, block + 2 * pad), np.float32)
+  for b in range(k):
+    band[b, np.arange(block), np.arange(block) + b] = 1.0
+  toeplitz = jnp.einsum("ab,bjq->ajq", kernel, band.astype(kernel.dtype))
+  out = sum(jnp.einsum("nhcbq,jq->nhcbj", windows[:, a:a + h], toeplitz[a],
+                       precision=jax.lax.Precision.HIGHEST) for a in range(k))
+  return jnp.transpose(out.reshape(n, h, c, blocks * block)[..., :w], (0, 1, 3, 2))
+
+
+@jax.custom_jvp
+def shared_smoothing(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Every channel of NHWC `x` convolved with the one (k, k) `kernel`, zero padding.
+
+  Differentiated through a custom JVP. The map is bilinear, so its tangent is
+  S(dx, kernel) + S(x, dkernel); both terms are written in the banded-matrix form of
+  `_banded_smoothing`, so reverse mode (which transposes the tangent) gets both
+  gradients from matrix products. Plain autodiff of the shifted sum made the 7x7
+  smoothing the costliest part of a training step (benchmarks/layer_speed.py --grad).
+  """
+  return _shifted_sum(x, kernel)
+
+
+@functools.partial(shared_smoothing.defjvp, symbolic_zeros=True)
+def _shared_smoothing_jvp(primals, tangents):
+  x, kernel = primals
+  dx, dkernel = tangents
+  out = _shifted_sum(x, kernel)
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(_banded_smoothing(dx, kernel))
+  if not isinstance(dkernel, SymbolicZero):
+    terms.append(_banded_smoothing(x, dkernel))
+  return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
 
 
 class InstanceNorm(nnx.Module):

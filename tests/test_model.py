@@ -85,15 +85,36 @@ def _torch_conv_transpose(x, w, stride, padding):
   return full[:, padding:full.shape[1] - padding, padding:full.shape[2] - padding, :]
 
 
-def test_conv_transpose_matches_the_scatter_definition():
+@pytest.mark.parametrize("kernel_size,stride,padding", [
+    (4, 2, 1),   # the released deconv3: sub-pixel (four 2x2 convs)
+    (2, 2, 0),   # sub-pixel, 1x1 phases
+    (5, 3, 1),   # sub-pixel, stride 3
+    (3, 2, 1),   # output 2H - 1: the dilated-conv path
+])
+def test_conv_transpose_matches_the_scatter_definition(kernel_size, stride, padding):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
-  w_torch = rng.normal(size=(3, 2, 4, 4)).astype(np.float32)  # (in, out, k, k)
-  layer = layers.ConvTranspose2d(3, 2, 4, stride=2, padding=1, rngs=nnx.Rngs(0))
+  w_torch = rng.normal(size=(3, 2, kernel_size, kernel_size)).astype(np.float32)  # (in, out, k, k)
+  layer = layers.ConvTranspose2d(3, 2, kernel_size, stride=stride, padding=padding,
+                                 rngs=nnx.Rngs(0))
   layer.kernel[...] = jnp.asarray(np.transpose(w_torch, (2, 3, 0, 1))[::-1, ::-1])
   layer.bias[...] = jnp.zeros(2)
-  np.testing.assert_allclose(layer(jnp.asarray(x)), _torch_conv_transpose(x, w_torch, 2, 1),
-                             atol=1e-5)
+  assert layer.sub_pixel == (kernel_size - 2 * padding == stride)
+  want = _torch_conv_transpose(x, w_torch, stride, padding)
+  np.testing.assert_allclose(layer(jnp.asarray(x)), want, atol=1e-5)
+
+  # Gradients (the layer is linear in x and in the kernel): <grad, v> = <g, layer(v)>,
+  # with layer(v) from the scatter definition.
+  g = rng.normal(size=want.shape).astype(np.float32)
+  v = rng.normal(size=x.shape).astype(np.float32)
+  u = rng.normal(size=w_torch.shape).astype(np.float32)
+  model_grads = nnx.grad(lambda m, x: jnp.sum(m(x) * g), argnums=(0, 1))(layer, jnp.asarray(x))
+  grad_kernel = np.asarray(model_grads[0]["kernel"][...])[::-1, ::-1].transpose(2, 3, 0, 1)
+  np.testing.assert_allclose(np.vdot(model_grads[1], v),
+                             np.vdot(g, _torch_conv_transpose(v, w_torch, stride, padding)),
+                             rtol=1e-4)
+  np.testing.assert_allclose(np.vdot(grad_kernel, u),
+                             np.vdot(g, _torch_conv_transpose(x, u, stride, padding)), rtol=1e-4)
 
 
 def test_instance_norm_matches_numpy():
@@ -107,15 +128,51 @@ def test_instance_norm_matches_numpy():
   np.testing.assert_allclose(norm(jnp.asarray(x)), expected, atol=1e-5)
 
 
+def _smoothing_definition(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+  k = kernel.shape[0]
+  p = (k - 1) // 2
+  h, w = x.shape[1:3]
+  padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return sum(kernel[a, b] * padded[:, a:a + h, b:b + w, :] for a in range(k) for b in range(k))
+
+
 def test_shared_separable_conv_applies_one_kernel_to_every_channel():
   x = np.random.default_rng(2).normal(size=(1, 9, 9, 3)).astype(np.float32)
   conv = layers.ShareSepConv(3)
   np.testing.assert_array_equal(conv(jnp.asarray(x)), x)  # identity at init
   kernel = np.random.default_rng(3).normal(size=(3, 3)).astype(np.float32)
   conv.kernel[...] = jnp.asarray(kernel)
-  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  expected = sum(kernel[a, b] * padded[:, a:a + 9, b:b + 9, :] for a in range(3) for b in range(3))
-  np.testing.assert_allclose(conv(jnp.asarray(x)), expected, atol=1e-5)
+  np.testing.assert_allclose(conv(jnp.asarray(x)), _smoothing_definition(x, kernel), atol=1e-5)
+
+
+@pytest.mark.parametrize("k,shape", [(3, (2, 6, 9, 4)), (7, (1, 9, 37, 3)), (7, (2, 5, 3, 2))])
+def test_shared_smoothing_derivatives(k, shape):
+  """The custom JVP (banded-matrix tangents) against the definition, in every mode.
+
+  Bilinear map S(x, K): reverse mode must satisfy <grad_x, v> = <g, S(v, K)> and
+  <grad_K, U> = <g, S(x, U)>; forward mode must equal S(v, K) + S(x, U); and the
+  reverse-over-forward derivative the contractivity penalty takes must equal
+  autodiff of the plain shifted sum. Widths 37 and 3 leave partial column blocks.
+  """
+  rng = np.random.default_rng(k)
+  x, g, v = (rng.normal(size=shape).astype(np.float32) for _ in range(3))
+  kernel, u = (rng.normal(size=(k, k)).astype(np.float32) for _ in range(2))
+  gx, gk = jax.grad(lambda x, k_: jnp.sum(layers.shared_smoothing(x, k_) * g),
+                    argnums=(0, 1))(jnp.asarray(x), jnp.asarray(kernel))
+  np.testing.assert_allclose(np.vdot(gx, v), np.vdot(g, _smoothing_definition(v, kernel)),
+                             rtol=1e-4)
+  np.testing.assert_allclose(np.vdot(gk, u), np.vdot(g, _smoothing_definition(x, u)), rtol=1e-4)
+  _, tangent = jax.jvp(layers.shared_smoothing, (jnp.asarray(x), jnp.asarray(kernel)),
+                       (jnp.asarray(v), jnp.asarray(u)))
+  np.testing.assert_allclose(tangent, _smoothing_definition(v, kernel) +
+                             _smoothing_definition(x, u), atol=1e-4)
+
+  def jvp_norm(fn):
+    return lambda k_: jnp.sum(jax.jvp(lambda z: fn(z, k_), (jnp.asarray(x),),
+                                      (jnp.asarray(v),))[1] ** 2)
+  np.testing.assert_allclose(jax.grad(jvp_norm(layers.shared_smoothing))(jnp.asarray(kernel)),
+                             jax.grad(jvp_norm(layers._shifted_sum))(jnp.asarray(kernel)),
+                             rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("unroll", [1, 2, True])

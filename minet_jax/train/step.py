@@ -101,7 +101,7 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
       "loss": value,
       **parts,
       "psnr": psnr01(output, batch["clear"]),
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
   }
   if learning_rate_fn is not None:
     metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
