@@ -47,17 +47,18 @@ def get_config():
   # 3e-3, 5e-3 and 1e-2 ended within 0.2 dB of each other).
   config.optimizer.learning_rate = 5e-3
   config.optimizer.schedule = "cosine"
-  config.optimizer.decay_steps = 300
+  config.optimizer.decay_steps = 1200
   config.optimizer.cosine_final_fraction = 0.05
   config.optimizer.warmup_steps = 0
   # L1: 3.3 dB above MSE after 200 steps in a comparison run (same seed and settings).
   config.loss = "l1"
-  # 300 steps (1,200 crops).
-  config.num_train_steps = 300
-  # Log every 10 steps; validate and keep the best every 100; checkpoint every 50.
+  # 1,200 steps (4,800 crops). Validation PSNR: 18.2 dB after 300 steps, 18.4 after 600,
+  # 18.8 after 900, 19.0 after 1,200 (docs/TRAINING.md).
+  config.num_train_steps = 1200
+  # Log every 10 steps; validate, keep the best and checkpoint every 300.
   config.log_every = 10
-  config.eval_every = 100
-  config.checkpoint_every = 50
+  config.eval_every = 300
+  config.checkpoint_every = 300
   config.keep_checkpoints = 2
   # Four validation images in each before/after grid.
   config.grid_images = 4
