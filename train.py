@@ -6,6 +6,11 @@
 
 Rerunning with the same --workdir resumes from its latest checkpoint. Any config
 field can be overridden with --config.<field>=<value>; unknown fields are an error.
+
+One process of a multi-process job (docs/TRAINING.md, "Several devices and hosts"):
+
+    python train.py --config configs/its.py --workdir /shared/its \
+        --coordinator_address host0:12345 --num_processes 2 --process_id 0
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (e.g. configs/quickstart.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and images go.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 of a multi-process job (default: "
+    "JAX_COORDINATOR_ADDRESS, else detected); giving any of these three flags joins the job.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the job (default: JAX_NUM_PROCESSES, else detected).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0..num_processes-1 (default: JAX_PROCESS_ID, "
+    "else detected).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,7 +57,14 @@ def main(argv: list[str]) -> None:
   # After flag parsing: a fast --help.
   from minet_jax import CheckpointError
   from minet_jax.data import DatasetLayoutError
-  from minet_jax.train import NonFiniteLossError, train_and_evaluate
+  from minet_jax.train import NonFiniteLossError, sharding, train_and_evaluate
+  launch = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:
+    # Before anything else touches JAX; --config.distributed=True alone joins via the
+    # environment inside train_and_evaluate.
+    sharding.maybe_initialize_distributed(any(v is not None for v in launch), *launch)
+  except ValueError as e:
+    sys.exit(f"train: error: {e}")
   try:
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (DatasetLayoutError, CheckpointError, NonFiniteLossError) as e:

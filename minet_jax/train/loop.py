@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from minet_jax import api, metrics
@@ -75,7 +76,18 @@ def _synthetic_config(data: ml_collections.ConfigDict):
 
 
 def _sources(config: ml_collections.ConfigDict):
-  """(train, validation) random-access sources; builds the TFDS datasets if needed."""
+  """(train, validation) random-access sources; builds the TFDS datasets if needed.
+
+  In a multi-process job process 0 builds (or opens) them first and the others wait:
+  two builds of one dataset folder at once would collide.
+  """
+  sources = _load_sources(config) if jax.process_index() == 0 else None
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("minet_jax: training data ready")
+  return sources or _load_sources(config)
+
+
+def _load_sources(config: ml_collections.ConfigDict):
   from minet_jax.data import builders
 
   data = config.data
@@ -183,18 +195,31 @@ class Evaluator:
 
 
 class _StopRequest:
-  """Turns SIGTERM into a flag the loop checks after each step (save, then stop)."""
+  """Turns SIGTERM into a flag the loop checks after each step (save, then stop).
+
+  Saving is collective in a multi-process job, so every process must stop after the
+  same step: there JAX's preemption notifier catches SIGTERM (on whichever processes
+  get it) and `reached` turns True on all of them at one step they agree on.
+  """
 
   def __init__(self):
     self.signal: int | None = None
+    self.multi_process = jax.process_count() > 1
 
   def __bool__(self) -> bool:
     return self.signal is not None
 
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; every process calls it after every step."""
+    if self.multi_process and multihost_utils.reached_preemption_sync_point(step):
+      self.signal = signal.SIGTERM
+    return bool(self)
+
   @contextlib.contextmanager
   def installed(self):
-    if threading.current_thread() is not threading.main_thread():
-      yield self  # Signal handlers can only be set from the main thread.
+    # A Python handler would replace JAX's notifier; and only the main thread may set one.
+    if self.multi_process or threading.current_thread() is not threading.main_thread():
+      yield self
       return
 
     def handler(signum, frame):
@@ -298,8 +323,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     writer.write_scalars(int(state.step), "eval", scores)
     writer.write_grid(int(state.step), rows)
     ckpts.save_best(state, scores)
-    tqdm.write(f"step {int(state.step)}: validation PSNR {scores['psnr']:.2f} dB "
-               f"(hazy input {scores['hazy_psnr']:.2f} dB), SSIM {scores['ssim']:.4f}")
+    if jax.process_index() == 0:
+      tqdm.write(f"step {int(state.step)}: validation PSNR {scores['psnr']:.2f} dB "
+                 f"(hazy input {scores['hazy_psnr']:.2f} dB), SSIM {scores['ssim']:.4f}")
 
   bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
@@ -341,10 +367,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           evaluate(state)
         if step % int(config.checkpoint_every) == 0 or step == total:
           save(state)
-        if stop:
+        if stop.reached(step):
           save(state)
           writer.write_event(step, "stopped", signal="SIGTERM")
-          tqdm.write(f"SIGTERM: saved step {step} in {workdir}; rerun to resume")
+          if jax.process_index() == 0:
+            tqdm.write(f"SIGTERM: saved step {step} in {workdir}; rerun to resume")
           break
   finally:
     bar.close()

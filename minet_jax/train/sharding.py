@@ -8,6 +8,7 @@ state replicated. Each host feeds its own slice of the global batch
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,13 +19,38 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-  """Joins a multi-host job (`jax.distributed.initialize`, settings from the environment).
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name, "")
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"{name}={value!r} must be an integer") from None
 
-  Must run before any other JAX call; a no-op when `enabled` is False.
+
+def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Joins a multi-process job with `jax.distributed.initialize` when `enabled`.
+
+  Arguments left None come from ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of
+  process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, and what those leave
+  unset from JAX's cluster detection (SLURM, Open MPI, Cloud TPU, Kubernetes).
+  Must run before any other JAX call; a no-op when `enabled` is False or this
+  process has already joined.
   """
-  if enabled:
-    jax.distributed.initialize()
+  if not enabled or jax.distributed.is_initialized():
+    return
+  if num_processes is None:
+    num_processes = _env_int("JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _env_int("JAX_PROCESS_ID")
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"the number of processes must be >= 1, got {num_processes}")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"the process id must be in [0, {num_processes}), got {process_id}")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
