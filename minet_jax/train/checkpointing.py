@@ -53,6 +53,15 @@ def find_params(workdir: str | pathlib.Path) -> pathlib.Path | None:
   return None
 
 
+def recorded_checksum(params_dir: str | pathlib.Path) -> str | None:
+  """The weights' SHA-256 saved beside a checkpoint's ``params/`` (in its meta), if any."""
+  meta_file = pathlib.Path(params_dir).parent / "meta" / "metadata"
+  try:
+    return json.loads(meta_file.read_text()).get("weights_sha256")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 def is_workdir(path: str | pathlib.Path) -> bool:
   """Whether `path` looks like a training workdir (has checkpoint folders)."""
   path = pathlib.Path(path)
@@ -108,11 +117,13 @@ class Checkpoints:
     step = int(state.step)
     if step in self.latest.all_steps():
       return False
+    weights = _host_weights(state)
     self.latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state_to_pure(state)),
-        params=ocp.args.StandardSave(_host_weights(state)),
+        params=ocp.args.StandardSave(weights),
         data=ocp.args.JsonSave(_json_ready(data_state)),
-        meta=ocp.args.JsonSave({"step": step, **meta})))
+        meta=ocp.args.JsonSave({"step": step, **meta,
+                                "weights_sha256": api.weights_checksum(weights)})))
     return True
 
   def best_psnr(self) -> float | None:
@@ -130,9 +141,12 @@ class Checkpoints:
     if (best is not None and scores["psnr"] <= best) or step in self.best.all_steps():
       return False
     scores = {k: float(v) for k, v in scores.items()}
+    weights = _host_weights(state)
     self.best.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(_host_weights(state)),
-        meta=ocp.args.JsonSave({"step": step, **scores})), metrics=scores)
+        params=ocp.args.StandardSave(weights),
+        meta=ocp.args.JsonSave({"step": step, **scores,
+                                "weights_sha256": api.weights_checksum(weights)})),
+        metrics=scores)
     return True
 
   def restore(self, like: TrainState, sharding: Any = None,
