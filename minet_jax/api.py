@@ -364,6 +364,13 @@ def _weights_dir(path: pathlib.Path) -> pathlib.Path:
   return path / WEIGHTS_DIR
 
 
+def one_line_error(e: BaseException) -> str:
+  """``Type: message`` on one line; tensorstore's long JSON spec (after the cause) is cut."""
+  message = str(e).split(" [tensorstore_spec=")[0].strip()
+  first = message.splitlines()[0] if message else ""
+  return f"{type(e).__name__}: {first[:300]}"
+
+
 def _quiet_abandoned_reads() -> None:
   """Silences orbax's stray "Event loop is closed" reports after a failed restore.
 
@@ -408,10 +415,8 @@ def load(path: str | os.PathLike) -> Params:
     with ocp.StandardCheckpointer() as ckptr:
       weights = ckptr.restore(weights_dir, target)
   except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, ...).
-    # tensorstore appends its whole JSON spec to the message; the cause comes before it.
-    reason = str(e).split(" [tensorstore_spec=")[0].splitlines()[0][:300] if str(e) else ""
     raise CheckpointError(f"could not read the weights in {weights_dir}: "
-                          f"{type(e).__name__}: {reason}") from e
+                          f"{one_line_error(e)}") from e
   # orbax restores what is on disk even when it disagrees with the target; check it here.
   expected, got = param_shapes(cfg), _flat_shapes(weights)
   if got != expected:

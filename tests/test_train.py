@@ -155,6 +155,45 @@ def test_resume_equals_uninterrupted_run(straight_run, two_step_run, data_dir, t
   assert data_a == data_b == {"next_index": 4}
 
 
+def _damage(checkpoint: pathlib.Path, how: str) -> None:
+  if how == "truncated state":
+    for f in (checkpoint / "state").rglob("*"):
+      if f.is_file():
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  else:
+    shutil.rmtree(checkpoint / "state")
+    shutil.rmtree(checkpoint / "data")
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "state and data deleted"])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(straight_run, data_dir, tmp_path,
+                                                            capsys, damage):
+  straight, _ = straight_run
+  workdir = tmp_path / "damaged"
+  shutil.copytree(straight, workdir)
+  _damage(workdir / "checkpoints" / "4", damage)
+  damaged_files = sorted(p.relative_to(workdir / "checkpoints" / "4")
+                         for p in (workdir / "checkpoints" / "4").rglob("*"))
+  summary = train_and_evaluate(tiny_config(data_dir), workdir)
+  assert summary["step"] == 4
+  out = capsys.readouterr().out
+  assert "checkpoint 4 could not be restored" in out
+  assert "resuming from step 2, the newest intact checkpoint" in out
+  # Moved aside whole, not deleted; a fresh step 4 took its place.
+  moved = workdir / "damaged_checkpoints" / "4"
+  assert sorted(p.relative_to(moved) for p in moved.rglob("*")) == damaged_files
+  records = read_metrics(workdir)
+  assert any(r.get("event") == "damaged_checkpoint" and r["step"] == 4 for r in records)
+  resume = next(r for r in records if r.get("event") == "resume")
+  assert resume["from_step"] == 2 and resume["skipped_damaged"] == [4]
+  # Steps 3 and 4 were redone from step 2 exactly as the straight run did them.
+  losses = {r["step"]: r["loss"] for r in records if r.get("split") == "train"}
+  straight_losses = {r["step"]: r["loss"] for r in read_metrics(straight)
+                     if r.get("split") == "train"}
+  assert losses[4] == pytest.approx(straight_losses[4], rel=1e-5)
+  read_checkpoint(workdir, 4)  # readable again
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(two_step_run, data_dir,
                                                              tmp_path):
   workdir = tmp_path / "diverging"

@@ -227,6 +227,18 @@ def _check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDi
     tmp.replace(path)
 
 
+def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> None:
+  """Says which checkpoint a resume uses, when newer ones were damaged, and where they went."""
+  for d in resumed.damaged:
+    writer.write_event(d.step, "damaged_checkpoint", reason=d.reason,
+                       moved_to=str(d.moved_to) if d.moved_to else None)
+    tqdm.write(f"checkpoint {d.step} could not be restored ({d.reason}); moved it to "
+               f"{d.moved_to}")
+  if resumed.damaged:
+    tqdm.write(f"resuming from step {resumed.step}, the newest intact checkpoint" if
+               resumed.step is not None else "no intact checkpoint left: starting afresh")
+
+
 def _initial_state(config: ml_collections.ConfigDict) -> TrainState:
   params = None
   if config.init_from:
@@ -265,11 +277,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   ckpts = checkpointing.Checkpoints(workdir, keep=int(config.keep_checkpoints),
                                     async_save=bool(config.async_checkpointing))
-  resumed_from = ckpts.latest_step()
+  resumed = ckpts.restore_newest_intact(abstract_train_state(config), replicated)
+  _report_damaged(resumed, writer)
+  resumed_from = resumed.step
   if resumed_from is not None:
-    state, data_state, meta = ckpts.restore(abstract_train_state(config), replicated)
-    _restore_iterator(train_iter, data_state)
-    writer.write_event(resumed_from, "resume", from_step=resumed_from)
+    state = resumed.state
+    _restore_iterator(train_iter, resumed.data)
+    writer.write_event(resumed_from, "resume", from_step=resumed_from,
+                       skipped_damaged=[d.step for d in resumed.damaged])
   else:
     state = sharding.replicate(_initial_state(config), mesh)
     writer.write_event(0, "start", init_from=config.init_from or None,
