@@ -230,6 +230,49 @@ def test_unknown_config_field_is_an_error(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.fixture()
+def train_cli():
+  """train.py's own flag parsing and main, in this process; flags are reset afterwards."""
+  from absl import flags
+  import train
+  yield train
+  flags.FLAGS.unparse_flags()
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)  # The --config.<field> flags a parse defined.
+
+
+@pytest.mark.parametrize("case", ["missing config file", "num_train_steps=0",
+                                  "negative batch size", "crop larger than the images",
+                                  "unwritable workdir", "workdir of another architecture"])
+def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_step_run,
+                                                           data_dir, tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  shutil.copytree(two_step_run, workdir)
+  before = (workdir / "config.json").read_bytes()
+  args = ["--config", "configs/tiny.py", "--workdir", str(workdir),
+          f"--config.data.data_dir={data_dir}"]
+  if case == "missing config file":
+    args[1] = str(tmp_path / "nope.py")
+  elif case == "num_train_steps=0":
+    args.append("--config.num_train_steps=0")
+  elif case == "negative batch size":
+    args.append("--config.data.batch_size=-2")
+  elif case == "crop larger than the images":
+    args.append("--config.data.crop_size=128")
+  elif case == "unwritable workdir":
+    (tmp_path / "a_file").write_text("")
+    args[3] = str(tmp_path / "a_file" / "run")
+  else:
+    args.append("--config.model.features=4")
+  argv = ["train.py", *args]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags defines --config.<field> from sys.argv
+  with pytest.raises(SystemExit) as exited:
+    train_cli.main(train_cli.parse_flags(argv))
+  message = str(exited.value.code)
+  assert message.startswith("train: error: ") and "\n" not in message, message
+  assert (workdir / "config.json").read_bytes() == before
+
+
 def test_init_from_starts_from_the_given_weights(tmp_path):
   config = tiny.get_config()
   config.seed = 3
