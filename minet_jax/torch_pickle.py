@@ -420,9 +420,7 @@ class _LimitedReader:
                                   "state dict needs that much")
     self._budget.bytes -= n
 
-  def read(self, n: int = -1) -> bytes:
-    if n is None or n < 0:
-      n = self._budget.bytes + 1
+  def read(self, n: int) -> bytes:  # The unpickler always asks for a length.
     self._take(n)
     data = self._f.read(n)
     self._budget.bytes += n - len(data)
