@@ -138,7 +138,7 @@ def test_tiled_model_close_to_whole_image(tiny_ckpt, tmp_path):
   assert float(metrics.psnr(tiled, whole, data_range=1.0)) > 15.0
 
 
-# ------------------------------------------------------------------ never a user's file, never outside -o
+# ------------------------------------------------------------------ users' files and -o
 
 
 def _png(path, seed=0):
