@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="comma-separated subset of minet,hazy,dcp (default: all)")
   parser.add_argument("--out", help="folder for per_image.csv and results.json")
   parser.add_argument("--save-images", help="folder for output PNGs (<method>/<image>.png)")
-  parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
+  parser.add_argument("--limit", type=int, help="evaluate only the first N (>= 0) pairs")
   parser.add_argument("--layout", default="auto", choices=("auto", "sots", "its", "paired"),
                       help="folder layout (default: detect)")
   parser.add_argument("--split", default="test", help="split of a dataset name (default: test)")

@@ -16,6 +16,7 @@ One process of a multi-process job (docs/TRAINING.md, "Several devices and hosts
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags, logging
@@ -35,8 +36,22 @@ _PROCESS_ID = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _config_file(argv: list[str]) -> str | None:
+  """The --config file named on the command line (config_flags allows "file.py:argument")."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":", 1)[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a one-line error for an unknown --config.<field>."""
+  """absl's flag parsing, with one-line errors for a missing config file or an unknown
+  --config.<field>."""
+  path = _config_file(argv)
+  if path and not os.path.isfile(path):
+    sys.exit(f"train: error: --config {path}: no such file")
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -47,6 +62,24 @@ def parse_flags(argv: list[str]) -> list[str]:
     message = message.replace("\\n", " ").replace("\n", " ").replace("\\'", "").replace("'", "")
     sys.exit(f"error: unknown config field {message} (overrides given: {' '.join(overrides)}); "
              "see the config file for the fields that exist")
+  except Exception as e:  # The config file is missing, or its own code failed.
+    sys.exit(f"train: error: could not load --config: {_last_line(e)}")
+
+
+def _last_line(e: Exception) -> str:
+  """config_flags nests the cause (e.g. "[Errno 2] No such file") on the last line."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[-1] if len(lines) > 1 else f"{type(e).__name__}: {e}"
+
+
+def _loaded_config():
+  """The config, or a one-line exit when its file could not be read."""
+  config = _CONFIG.value
+  try:
+    config.get("model")  # config_flags reports a file it could not read only on first use.
+  except OSError as e:
+    sys.exit(f"train: error: could not load --config: {_last_line(e)}")
+  return config
 
 
 def main(argv: list[str]) -> None:
@@ -57,7 +90,7 @@ def main(argv: list[str]) -> None:
   # After flag parsing: a fast --help.
   from minet_jax import CheckpointError
   from minet_jax.data import DatasetLayoutError
-  from minet_jax.train import NonFiniteLossError, sharding, train_and_evaluate
+  from minet_jax.train import ConfigError, NonFiniteLossError, sharding, train_and_evaluate
   launch = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     # Before anything else touches JAX; --config.distributed=True alone joins via the
@@ -66,8 +99,8 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     sys.exit(f"train: error: {e}")
   try:
-    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (DatasetLayoutError, CheckpointError, NonFiniteLossError) as e:
+    summary = train_and_evaluate(_loaded_config(), _WORKDIR.value)
+  except (ConfigError, DatasetLayoutError, CheckpointError, NonFiniteLossError) as e:
     sys.exit(f"train: error: {e}")  # Errors that explain themselves; no traceback.
   print(json.dumps(summary, indent=2))
   if summary.get("stopped_by"):

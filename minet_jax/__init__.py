@@ -5,8 +5,8 @@
     clear = minet_jax.apply(params, hazy_rgb_uint8)     # float32 RGB in [0, 1]
 """
 
-from minet_jax.api import (CheckpointError, Params, apply, init, load, load_config,
-                           model_from_params, params_from_model, save)
+from minet_jax.api import (CheckpointError, Params, apply, apply_checked, init, load,
+                           load_config, model_from_params, params_from_model, save)
 from minet_jax.config import ModelConfig, model_config, paper_text_variant
 from minet_jax.model import MINet
 
@@ -16,6 +16,7 @@ __all__ = [
     "ModelConfig",
     "Params",
     "apply",
+    "apply_checked",
     "init",
     "load",
     "load_config",

@@ -7,9 +7,12 @@ the pickle names is executed), its tensors are mapped to minet-jax names and
 layouts by `minet_jax.torch_names`, and the result is written with
 `minet_jax.save`, config included (the released architecture, which expects
 BGR 0..255 inputs internally; `minet_jax.apply` still takes RGB in [0, 1]).
-Every tensor is checked first -- missing, unexpected and mis-shaped ones are
-reported by name -- so a failed conversion writes nothing, and a successful one
-appears atomically.
+Every tensor's name, shape and dtype is checked against the architecture
+before any tensor data is read -- missing, unexpected, mis-shaped and
+non-float ones are reported by name -- and reading is capped at a small
+multiple of the architecture's size (`read_limit`), so a hostile or broken file
+cannot exhaust memory. Non-finite weights are refused too. A failed conversion
+leaves nothing behind, and a successful one appears atomically.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import secrets
+import shutil
 import sys
 
 import jax
@@ -32,19 +37,36 @@ def released_config() -> ModelConfig:
   return ModelConfig(input_format="bgr255")
 
 
+def read_limit(config: ConfigLike = None) -> int:
+  """Bytes the converter may read: the architecture's weights stored as float64,
+  twice (storages and their copies), plus 1 MiB. About 11 MB for the released model."""
+  cfg = released_config() if config is None else model_config(config)
+  elements = sum(int(np.prod(s)) for s in api.param_shapes(cfg).values())
+  return 2 * 8 * elements + (1 << 20)
+
+
 def weights_from_checkpoint(checkpoint_path: str | os.PathLike,
                             config: ConfigLike = None) -> api.Params:
   """Reads and maps a PyTorch checkpoint into `Params` without writing anything.
 
+  Names, shapes and dtypes are checked before any tensor data is read, and no
+  more than `read_limit` bytes are read.
+
   Raises:
     torch_pickle.UnsafePickleError: the file tries to run code.
     torch_pickle.CheckpointFormatError: not a readable PyTorch checkpoint.
-    torch_names.StateDictMismatch: tensors missing, unexpected or mis-shaped.
+    torch_names.StateDictMismatch: tensors missing, unexpected, mis-shaped, not
+      floating point, or holding NaN or infinite values.
   """
   cfg = released_config() if config is None else model_config(config)
-  state_dict = torch_pickle.load_state_dict(checkpoint_path)
-  weights = torch_names.weights_from_torch_state_dict(
-      state_dict, cfg, expected_shapes=api.param_shapes(cfg))
+  expected = api.param_shapes(cfg)
+  with torch_pickle.open_state_dict(checkpoint_path) as lazy:
+    torch_names.check_state_dict(lazy, cfg, expected_shapes=expected)
+    try:
+      state_dict = torch_pickle.read_tensors(lazy, max_bytes=read_limit(cfg))
+    except torch_pickle.CheckpointFormatError as e:
+      raise torch_pickle.CheckpointFormatError(f"{checkpoint_path}: {e}") from e
+  weights = torch_names.weights_from_torch_state_dict(state_dict, cfg, expected_shapes=expected)
   return api.Params(weights=jax.tree.map(jnp.asarray, weights), config=cfg)
 
 
@@ -53,20 +75,32 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *,
   """Converts ``checkpoint_path`` (.pth) into the checkpoint folder ``out_dir``.
 
   An existing non-empty ``out_dir`` is refused unless ``force``. The folder is
-  written beside ``out_dir`` and renamed into place, then read back and
-  compared tensor by tensor.
+  written beside ``out_dir``, read back and compared tensor by tensor, and only
+  then renamed into place: a conversion that fails at any point leaves no
+  folder behind (and, with ``force``, the old one untouched).
   """
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
     raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or "
                           "pass --force (force=True) to replace it")
   params = weights_from_checkpoint(checkpoint_path, config)
-  api.save(params, out_dir, overwrite=force)
-  reloaded = api.load(out_dir)
-  bad = [jax.tree_util.keystr(path) for path, a, b in _zip_leaves(params.weights, reloaded.weights)
-         if not np.array_equal(np.asarray(a), np.asarray(b))]
-  if bad or reloaded.config != params.config:
-    raise RuntimeError(f"{out_dir} does not read back what was written: {bad or 'config'}")
+  staging = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.converting"
+  try:
+    api.save(params, staging)
+    reloaded = api.load(staging)
+    bad = [jax.tree_util.keystr(path) for path, a, b in
+           _zip_leaves(params.weights, reloaded.weights)
+           if not np.array_equal(np.asarray(a), np.asarray(b))]
+    if bad or reloaded.config != params.config:
+      raise RuntimeError(f"{staging} does not read back what was written: {bad or 'config'}")
+    if out_dir.is_dir():
+      shutil.rmtree(out_dir)
+    elif out_dir.exists():
+      out_dir.unlink()
+    staging.rename(out_dir)
+  finally:
+    if staging.exists():
+      shutil.rmtree(staging)
   return params
 
 
@@ -88,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     params = convert(args.checkpoint, args.out_dir, force=args.force)
-  except (FileNotFoundError, FileExistsError, torch_pickle.UnsafePickleError,
-          torch_pickle.CheckpointFormatError, torch_names.StateDictMismatch) as e:
+  except (OSError, torch_pickle.UnsafePickleError, torch_pickle.CheckpointFormatError,
+          torch_names.StateDictMismatch) as e:  # OSError: missing file, taken or unwritable folder
     print(f"convert: error: {e}", file=sys.stderr)
     return 1
   print(f"converted {args.checkpoint} -> {args.out_dir}: "

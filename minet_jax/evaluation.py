@@ -228,10 +228,12 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
     methods: any of "minet", "hazy", "dcp", in table order.
     out_dir: if set, ``per_image.csv`` and ``results.json`` are written there.
     save_images: if set, outputs go to ``<save_images>/<method>/<image>.png``.
-    limit: evaluate only the first ``limit`` pairs.
+    limit: evaluate only the first ``limit`` pairs (>= 0).
     layout: folder layout for `minet_jax.data.folders.find_pairs`.
   """
   methods = tuple(methods)
+  if limit is not None and limit < 0:
+    raise ValueError(f"--limit must be >= 0, got {limit}")
   params = None
   if "minet" in methods:
     if ckpt is None:
@@ -243,7 +245,7 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
   if limit is not None:
     samples = samples[:limit]
   if not samples:
-    raise ValueError(f"no image pairs found in {data}")
+    raise ValueError(f"no image pairs found in {data}" + (" (--limit 0)" if limit == 0 else ""))
   rows: list[Row] = []
   failed: dict[str, str] = {}
   for sample in _progress(samples, progress):

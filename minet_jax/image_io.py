@@ -15,7 +15,8 @@ alpha, 16-bit, EXIF-rotated) into one predictable array:
 
 Every failure to read becomes an ``ImageReadError`` naming the file.
 ``write_png`` writes atomically and refuses paths listed in ``protect`` (used to
-make sure a tool never overwrites its inputs).
+make sure a tool never overwrites its inputs); with ``exclusive=True`` it refuses
+any existing file, in the same atomic step as the write.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def write_png(path: PathLike, image: np.ndarray, *,
-              protect: Iterable[PathLike] = ()) -> pathlib.Path:
+              protect: Iterable[PathLike] = (), exclusive: bool = False) -> pathlib.Path:
   """Writes an RGB (H, W, 3) or gray (H, W) image as an 8-bit PNG.
 
   ``image`` is uint8, or float in [0, 1] (clipped and rounded). The file is
@@ -121,6 +122,7 @@ def write_png(path: PathLike, image: np.ndarray, *,
 
   Raises:
     ProtectedPathError: ``path`` resolves to one of ``protect``.
+    FileExistsError: ``exclusive`` and something already exists at ``path``.
   """
   path = pathlib.Path(path)
   target = path.resolve()
@@ -139,8 +141,22 @@ def write_png(path: PathLike, image: np.ndarray, *,
   try:
     with os.fdopen(fd, "wb") as f:
       Image.fromarray(data).save(f, format="PNG")
-    os.replace(tmp, target)
-  except BaseException:
+    if exclusive:
+      _link_new(tmp, target, path)
+    else:
+      os.replace(tmp, target)
+  finally:
     pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
   return path
+
+
+def _link_new(tmp: pathlib.Path, target: pathlib.Path, shown: pathlib.Path) -> None:
+  """Puts ``tmp`` at ``target`` unless something is there (a hard link fails atomically)."""
+  if os.path.lexists(target):
+    raise FileExistsError(f"refusing to overwrite {shown}: it already exists")
+  try:
+    os.link(tmp, target)
+  except FileExistsError:
+    raise FileExistsError(f"refusing to overwrite {shown}: it already exists") from None
+  except OSError:  # A file system without hard links: checked above, then renamed.
+    os.replace(tmp, target)

@@ -384,9 +384,10 @@ def main(argv: list[str] | None = None) -> int:
 
   from minet_jax import api
   from minet_jax.image_io import ImageReadError, read_rgb
+  from minet_jax.torch_pickle import UnsafePickleError
   try:
     params = _load_params(args)
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, UnsafePickleError) as e:
     print(f"error: could not load the model: {e}", file=sys.stderr)
     return 2
   try:

@@ -8,6 +8,7 @@ its dilation (``res1``, ``res2``, ``res4`` for dilations 1, 2, 4).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -117,37 +118,77 @@ def _nest(flat: Mapping[Path, np.ndarray]) -> dict:
   return tree
 
 
+# What a released weight may be stored as; anything else (complex, integer) is refused, not cast.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _strip(name: str) -> str:
+  return name[len("module."):] if name.startswith("module.") else name
+
+
+def _torch_shape(shape: tuple[int, ...], rule: str) -> tuple[int, ...]:
+  # A zero-stride view: the layout rule's shape without allocating the tensor.
+  return tuple(to_torch_layout(np.broadcast_to(np.uint8(0), shape), rule).shape)
+
+
+def check_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig,
+                     expected_shapes: Mapping[Path, tuple[int, ...]] | None = None) -> None:
+  """Raises `StateDictMismatch` naming every missing, unexpected, mis-shaped or non-float tensor.
+
+  Reads only names, ``.shape`` and ``.dtype``, so it can vet a checkpoint's lazily
+  read tensors (`minet_jax.torch_pickle.LazyTensor`) before any of their data is read.
+  """
+  sd = {_strip(k): v for k, v in state_dict.items()}
+  table = torch_name_table(cfg)
+  wanted = {name for name, _ in table.values()}
+  missing = sorted(wanted - set(sd))
+  unexpected = sorted(set(sd) - wanted)
+  mismatched, not_float = [], []
+  for path, (name, rule) in table.items():
+    if name not in sd:
+      continue
+    got = tuple(sd[name].shape)
+    if expected_shapes is not None and got != _torch_shape(tuple(expected_shapes[path]), rule):
+      mismatched.append(f"{name}: got {got}, expected "
+                        f"{_torch_shape(tuple(expected_shapes[path]), rule)}")
+    if np.dtype(sd[name].dtype).name not in FLOAT_DTYPES:
+      not_float.append(f"{name}: {np.dtype(sd[name].dtype).name} (weights are "
+                       f"{'/'.join(FLOAT_DTYPES)}; refusing to cast)")
+  if missing or unexpected or mismatched or not_float:
+    lines = ["state dict does not match the MI-Net architecture "
+             f"(dilations {cfg.dilations}, smoothed_dilation {cfg.smoothed_dilation}):"]
+    lines += [f"  missing: {n}" for n in missing]
+    lines += [f"  unexpected: {n}" for n in unexpected]
+    lines += [f"  shape mismatch: {m}" for m in mismatched]
+    lines += [f"  not floating point: {m}" for m in not_float]
+    raise StateDictMismatch("\n".join(lines))
+
+
 def weights_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
                                   cfg: ModelConfig,
                                   expected_shapes: Mapping[Path, tuple[int, ...]] | None = None,
                                   ) -> dict:
   """Converts a PyTorch state dict (numpy arrays) into a nested `Params.weights` dict.
 
-  Raises `StateDictMismatch` naming every missing, unexpected and mis-shaped tensor.
-  A leading ``module.`` (DataParallel) is stripped.
+  Raises `StateDictMismatch` naming every missing, unexpected, mis-shaped and
+  non-float tensor (see `check_state_dict`), and every tensor holding NaN or
+  infinite values (or values beyond float32's range). A leading ``module.``
+  (DataParallel) is stripped.
   """
-  sd = {(k[len("module."):] if k.startswith("module.") else k): np.asarray(v)
-        for k, v in state_dict.items()}
-  table = torch_name_table(cfg)
-  wanted = {name for name, _ in table.values()}
-  missing = sorted(wanted - set(sd))
-  unexpected = sorted(set(sd) - wanted)
-  flat, mismatched = {}, []
-  for path, (name, rule) in table.items():
-    if name not in sd:
-      continue
-    array = np.ascontiguousarray(to_jax_layout(sd[name], rule).astype(np.float32))
-    if expected_shapes is not None and tuple(array.shape) != tuple(expected_shapes[path]):
-      mismatched.append(f"{name}: got {tuple(sd[name].shape)}, expected "
-                        f"{tuple(to_torch_layout(np.zeros(expected_shapes[path]), rule).shape)}")
+  check_state_dict(state_dict, cfg, expected_shapes)
+  sd = {_strip(k): v for k, v in state_dict.items()}
+  flat, non_finite = {}, []
+  for path, (name, rule) in torch_name_table(cfg).items():
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
+      array = np.ascontiguousarray(to_jax_layout(np.asarray(sd[name]), rule).astype(np.float32))
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+      non_finite.append(f"  {name}: {bad} of {array.size} values")
     flat[path] = array
-  if missing or unexpected or mismatched:
-    lines = ["state dict does not match the MI-Net architecture "
-             f"(dilations {cfg.dilations}, smoothed_dilation {cfg.smoothed_dilation}):"]
-    lines += [f"  missing: {n}" for n in missing]
-    lines += [f"  unexpected: {n}" for n in unexpected]
-    lines += [f"  shape mismatch: {m}" for m in mismatched]
-    raise StateDictMismatch("\n".join(lines))
+  if non_finite:
+    raise StateDictMismatch("the checkpoint holds NaN or infinite weights (or values beyond "
+                            "float32's range):\n" +
+                            "\n".join(non_finite))
   return _nest(flat)
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import chex
 import jax
@@ -14,6 +18,7 @@ import pytest
 import minet_jax
 
 TINY = minet_jax.ModelConfig(features=8, iterations=(2, 2, 2))
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _umask() -> int:
@@ -145,3 +150,99 @@ def test_bad_inputs_raise_the_documented_error(params, bad, error, pattern):
 def test_apply_needs_params(image):
   with pytest.raises(TypeError, match="minet_jax.Params"):
     minet_jax.apply({"conv1": {}}, image)
+
+
+# ------------------------------------------------------------------ damaged and foreign folders
+
+
+def test_flipped_bytes_in_saved_weights_are_detected(params, tmp_path):
+  path = minet_jax.save(params, tmp_path / "ckpt")
+  largest = max((f for f in (path / "weights").rglob("*") if f.is_file()),
+                key=lambda f: f.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+  largest.write_bytes(bytes(data))
+  with pytest.raises(minet_jax.CheckpointError, match="checksum|could not read"):
+    minet_jax.load(path)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(params, tmp_path):
+  import orbax.checkpoint as ocp
+  path = minet_jax.save(params, tmp_path / "ckpt")
+  weights = jax.tree.map(np.array, params.weights)
+  weights["conv1"]["kernel"][0, 0, 0, 0] = np.nan
+  shutil.rmtree(path / "weights")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path / "weights", weights)
+  meta = json.loads((path / "minet_config.json").read_text())
+  meta.pop("weights_sha256", None)  # as in a folder saved before checksums were recorded
+  (path / "minet_config.json").write_text(json.dumps(meta))
+  with pytest.raises(minet_jax.CheckpointError, match=r"conv1\.kernel holds 1 NaN"):
+    minet_jax.load(path)
+
+
+def test_newer_format_version_is_refused(params, tmp_path):
+  path = minet_jax.save(params, tmp_path / "ckpt")
+  meta = json.loads((path / "minet_config.json").read_text())
+  meta["format_version"] = minet_jax.api.FORMAT_VERSION + 1
+  (path / "minet_config.json").write_text(json.dumps(meta))
+  with pytest.raises(minet_jax.CheckpointError, match="newer .* upgrade minet-jax"):
+    minet_jax.load(path)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.int64])
+def test_save_refuses_complex_and_integer_weights(params, tmp_path, dtype):
+  weights = jax.tree.map(np.array, params.weights)
+  weights["gate"]["kernel"] = weights["gate"]["kernel"].astype(dtype)
+  with pytest.raises(TypeError, match=r"gate\.kernel has dtype .*\(refusing to cast\)"):
+    minet_jax.save(minet_jax.Params(weights=weights, config=params.config), tmp_path / "c")
+  assert not list(tmp_path.iterdir())
+
+
+def test_missing_weights_file_is_one_line_without_stray_tracebacks(params, tmp_path):
+  path = minet_jax.save(params, tmp_path / "ckpt")
+  (path / "weights" / "manifest.ocdbt").unlink()
+  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  result = subprocess.run([sys.executable, "-m", "minet_jax.dehaze", "--ckpt", str(path),
+                           str(tmp_path / "x.png"), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.startswith("dehaze: error: could not read the weights")
+  assert result.stderr.count("\n") == 1, result.stderr
+
+
+# ------------------------------------------------------------------ odd arrays, checks under jit
+
+
+class _DuckImage:
+  """Array-like with a dtype numpy cannot interpret (as a torch tensor has)."""
+  shape = (8, 8, 3)
+  ndim = 3
+  dtype = "torch.float32"
+
+
+def test_duck_typed_dtype_gets_a_clear_error(params):
+  with pytest.raises(TypeError, match="not a numpy dtype"):
+    minet_jax.apply(params, _DuckImage())
+
+
+def test_big_endian_floats_are_accepted(params, image):
+  native = image.astype(np.float32) / 255.0
+  np.testing.assert_array_equal(minet_jax.apply(params, native.astype(">f4")),
+                                minet_jax.apply(params, native))
+
+
+def test_apply_checked_catches_bad_values_under_jit(params, image):
+  checked = jax.jit(minet_jax.apply_checked)
+  scaled = image.astype(np.float32)  # 0..255: plain jit(apply) clips it silently
+  err, _ = checked(params, scaled)
+  with pytest.raises(ValueError, match="divide 0..255 data by 255"):
+    err.throw()
+  err, _ = checked(params, np.where(image > 128, np.nan, scaled / 255.0).astype(np.float32))
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    err.throw()
+  err, out = checked(params, scaled / 255.0)
+  assert err.get() is None
+  np.testing.assert_allclose(out, minet_jax.apply(params, image), atol=1e-6)
+  assert "apply_checked" in minet_jax.apply.__doc__

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import io
 import os
 import pickle
+import tracemalloc
+import zipfile
 
 import jax
 import numpy as np
@@ -114,3 +118,137 @@ def test_refuses_to_overwrite_unless_forced(tmp_path, official, converted, capsy
   assert not (out / "keep.txt").exists()
   assert minet_jax.load(out).num_params() == params.num_params()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temp folders left
+
+
+def test_official_zip_checkpoint_gives_the_legacy_weights(official, shared_dir):
+  pth, _ = official
+  zipped = shared_dir / "weights" / "minet_its_official_zip.pth"
+  assert zipfile.is_zipfile(zipped) and not zipfile.is_zipfile(pth)
+  got = _flat(convert.weights_from_checkpoint(zipped).weights)
+  want = _flat(convert.weights_from_checkpoint(pth).weights)
+  assert got.keys() == want.keys() and len(want) == 73
+  for k in want:
+    assert got[k].dtype == want[k].dtype == np.float32, k
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+# ------------------------------------------------------------------ hostile files: bounded memory
+
+WEIGHTS_BYTES = 628_078 * 4  # the released architecture in float32, about 2.5 MB
+
+
+class _ViewRef:
+  """Pickles as a tensor of any size and stride over a given storage."""
+
+  def __init__(self, storage, size, stride):
+    self.storage, self.size, self.stride = storage, size, stride
+
+  def __reduce__(self):
+    return (torch_pickle._Global("torch._utils", "_rebuild_tensor_v2"),
+            (self.storage, 0, self.size, self.stride, False, collections.OrderedDict()))
+
+
+def _write_zip(path, tree, bombs: dict[str, int] = {}) -> None:
+  """A torch zip checkpoint of ``tree``; storage ``key`` in ``bombs`` is instead that many
+  deflated zero bytes."""
+  buf = io.BytesIO()
+  writer = torch_pickle._Writer(buf, legacy=False)
+  writer.dump(tree)
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("archive/data.pkl", buf.getvalue())
+    zf.writestr("archive/byteorder", "little")
+    for key, array in writer.storages.values():
+      if key not in bombs:
+        zf.writestr(f"archive/data/{key}", array.tobytes())
+        continue
+      info = zipfile.ZipInfo(f"archive/data/{key}")
+      info.compress_type = zipfile.ZIP_DEFLATED
+      chunk = bytes(1 << 20)
+      with zf.open(info, "w", force_zip64=True) as member:
+        for _ in range(bombs[key] >> 20):
+          member.write(chunk)
+
+
+def _released_state_dict() -> dict[str, np.ndarray]:
+  """Zeros of every tensor of the released architecture, in PyTorch names and layouts."""
+  cfg = convert.released_config()
+  shapes = minet_jax.api.param_shapes(cfg)
+  return {name: np.ascontiguousarray(torch_names.to_torch_layout(np.zeros(shapes[path],
+                                                                             np.float32), rule))
+          for path, (name, rule) in torch_names.torch_name_table(cfg).items()}
+
+
+def _peak_bytes(fn) -> int:
+  """Peak Python + numpy heap while ``fn`` runs (numpy reports its buffers to tracemalloc)."""
+  # Builds and caches the architecture's shapes outside the measurement.
+  minet_jax.api.param_shapes(convert.released_config())
+  tracemalloc.start()
+  try:
+    fn()
+  except (torch_pickle.CheckpointFormatError, torch_pickle.UnsafePickleError,
+          torch_names.StateDictMismatch):
+    pass
+  finally:
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+  return peak
+
+
+def test_zero_stride_tensors_cannot_exhaust_memory(tmp_path, capsys):
+  # Each tensor is 1024x1024 float64 (8 MB) over a 2-element storage: a 2 KB file.
+  path = tmp_path / "stride0.pth"
+  tree = collections.OrderedDict(
+      (f"t{i}", _ViewRef(torch_pickle._StorageRef(np.zeros(2)), (1024, 1024), (0, 0)))
+      for i in range(16))
+  _write_zip(path, tree)
+  peak = _peak_bytes(lambda: convert.weights_from_checkpoint(path))
+  assert peak < WEIGHTS_BYTES, f"peak {peak:,} bytes"
+  assert convert.main([str(path), str(tmp_path / "out")]) == 1
+  assert "more than once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("declared", ["honest", "inflated"])
+def test_zip_bomb_storage_cannot_exhaust_memory(tmp_path, declared, capsys):
+  # Every tensor of the architecture, right names and shapes; conv1.weight's storage member
+  # inflates to 128 MiB (from 130 KB). "honest": the pickle declares the tensor's own 1728
+  # elements; "inflated": it declares a storage as large as the member.
+  sd = _released_state_dict()
+  bomb = 128 << 20
+  tree = collections.OrderedDict((k, torch_pickle._TensorRef(v)) for k, v in sd.items())
+  if declared == "inflated":
+    storage = torch_pickle._StorageRef(np.zeros(1, np.float32))
+    storage.array = np.broadcast_to(np.float32(0), (bomb // 4,))  # Declares the size only.
+    tree["conv1.weight"] = _ViewRef(storage, sd["conv1.weight"].shape, (27, 9, 3, 1))
+  path = tmp_path / "bomb.pth"
+  _write_zip(path, tree, bombs={"0": bomb})
+  assert path.stat().st_size < 2 * WEIGHTS_BYTES
+  peak = _peak_bytes(lambda: convert.weights_from_checkpoint(path))
+  assert peak < WEIGHTS_BYTES, f"peak {peak:,} bytes"
+  assert convert.main([str(path), str(tmp_path / "out")]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("convert: error: ") and err.count("\n") == 1, err
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.int64])
+def test_complex_and_integer_weights_are_refused_not_cast(tmp_path, dtype, capsys):
+  sd = _released_state_dict()
+  sd["gate.weight"] = sd["gate.weight"].astype(dtype)
+  path = tmp_path / "typed.pth"
+  torch_pickle.save_state_dict(sd, path)
+  out = tmp_path / "out"
+  assert convert.main([str(path), str(out)]) == 1
+  err = capsys.readouterr().err
+  assert f"gate.weight: {np.dtype(dtype).name}" in err and "refusing to cast" in err
+  assert not out.exists()
+
+
+def test_nan_weights_leave_no_folder(tmp_path, capsys):
+  sd = _released_state_dict()
+  sd["deconv3.bias"][1] = np.nan
+  path = tmp_path / "nan.pth"
+  torch_pickle.save_state_dict(sd, path)
+  out = tmp_path / "out"
+  assert convert.main([str(path), str(out)]) == 1
+  assert "deconv3.bias: 1 of 64 values" in capsys.readouterr().err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pth"]

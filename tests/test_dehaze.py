@@ -136,3 +136,77 @@ def test_tiled_model_close_to_whole_image(tiny_ckpt, tmp_path):
   assert tiled.shape == whole.shape and np.all(np.isfinite(tiled))
   assert tiled.min() >= 0 and tiled.max() <= 1
   assert float(metrics.psnr(tiled, whole, data_range=1.0)) > 15.0
+
+
+# ------------------------------------------------------------------ users' files and -o
+
+
+def _png(path, seed=0):
+  """A small random image (PNG, or JPEG by the suffix)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 14, 3), dtype=np.uint8)).save(
+      path)
+  return path
+
+
+def _snapshot(root):
+  return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_existing_file_of_the_output_name_is_never_replaced(tiny_ckpt, tmp_path, capsys):
+  # photo.jpg -> photo.png with an empty suffix: the user's own photo.png must survive.
+  folder = tmp_path / "photos"
+  _png(folder / "photo.png", seed=1)
+  _png(folder / "photo.jpg", seed=2)
+  before = _snapshot(folder)
+  rc = dehaze.main(["--ckpt", str(tiny_ckpt), str(folder / "photo.jpg"), "-o", str(folder),
+                    "--suffix", "", "--no-progress"])
+  assert rc == 1
+  assert "photo.png already exists" in capsys.readouterr().err
+  assert _snapshot(folder) == before
+
+
+def test_suffix_cannot_write_outside_the_output_folder(tiny_ckpt, tmp_path, capsys):
+  _png(tmp_path / "in" / "a.png")
+  before = _snapshot(tmp_path)
+  with pytest.raises(SystemExit):
+    dehaze.main(["--ckpt", str(tiny_ckpt), str(tmp_path / "in" / "a.png"), "-o",
+                 str(tmp_path / "o" / "deep"), "--suffix", "/../../x", "--no-progress"])
+  assert "no path separators" in capsys.readouterr().err
+  assert _snapshot(tmp_path) == before
+  with pytest.raises(ValueError, match="no path separators"):
+    dehaze.plan([tmp_path / "in"], tmp_path / "o", suffix="/../x")
+
+
+def test_output_folder_inside_the_input_folder_is_reported(tiny_ckpt, tmp_path, capsys):
+  photos = tmp_path / "photos"
+  _png(photos / "a.png", 1)
+  _png(photos / "sub" / "b.png", 2)
+  _png(photos / "out" / "real.png", 3)        # the user's image inside the chosen -o
+  _png(photos / "old" / "a_dehazed.png", 4)   # a result of an earlier run
+  rc = dehaze.main(["--ckpt", str(tiny_ckpt), str(photos), "-o", str(photos / "out"),
+                    "--recursive", "--no-progress"])
+  err = capsys.readouterr().err
+  assert rc == 1  # real.png was not processed, and that is an error
+  assert f"skipped: {photos / 'old' / 'a_dehazed.png'}: named like an earlier result" in err
+  assert f"failed: {photos / 'out' / 'real.png'}: not processed: it lies inside the output" in err
+  assert (photos / "out" / "a_dehazed.png").is_file()
+  assert (photos / "out" / "sub" / "b_dehazed.png").is_file()
+  assert not list(photos.rglob("*_dehazed_dehazed.png"))
+
+
+def test_output_folder_equal_to_the_input_folder(tiny_ckpt, tmp_path, capsys):
+  photos = tmp_path / "photos"
+  _png(photos / "a.png", 1)
+  _png(photos / "b.png", 2)
+  args = ["--ckpt", str(tiny_ckpt), str(photos), "-o", str(photos), "--no-progress"]
+  assert dehaze.main(args) == 0
+  assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a_dehazed.png", "b.png",
+                                                      "b_dehazed.png"]
+  capsys.readouterr()
+  before = _snapshot(photos)
+  assert dehaze.main(args) == 1  # a second run replaces nothing and says why
+  err = capsys.readouterr().err
+  assert "a_dehazed.png: named like an earlier result" in err
+  assert "a_dehazed.png already exists" in err
+  assert _snapshot(photos) == before

@@ -119,3 +119,12 @@ def test_real_sots_hazy_rows_match_published(shared_dir):
   mean_p, mean_s = scores["mean"]["hazy_input"]
   assert report.summary()["hazy"]["psnr"] == pytest.approx(mean_p, abs=1e-3)
   assert report.summary()["hazy"]["ssim"] == pytest.approx(mean_s, abs=1e-5)
+
+
+def test_negative_and_zero_limits_are_refused(sots_like, capsys):
+  root, _ = sots_like
+  args = ["--data", str(root), "--methods", "hazy", "--no-progress", "--limit"]
+  assert evaluate_cli.main(args + ["-1"]) == 2  # not "all but the last image"
+  assert "--limit must be >= 0, got -1" in capsys.readouterr().err
+  assert evaluate_cli.main(args + ["0"]) == 2
+  assert "no image pairs found" in capsys.readouterr().err

@@ -134,3 +134,16 @@ def test_cli_writes_json_and_plots(tmp_path, capsys):
   assert "Theorem 1" in capsys.readouterr().out
   assert stability.main(["--ckpt", str(tmp_path / "missing"), "--image", str(tmp_path / "in.png"),
                          "--out", str(out)]) == 2
+
+
+def test_unsafe_pth_is_a_one_line_error(tmp_path, capsys):
+  # A pickle that would run os.system: refused, reported on one line, nothing run.
+  marker = tmp_path / "MARKER"
+  (tmp_path / "evil.pth").write_bytes(
+      b"\x80\x02cposix\nsystem\nX" + len(f"touch {marker}").to_bytes(4, "little") +
+      f"touch {marker}".encode() + b"\x85R.")
+  code = stability.main(["--pth", str(tmp_path / "evil.pth"), "--image", str(tmp_path / "x.png"),
+                         "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1 and "posix.system" in err, err
+  assert not marker.exists() and not (tmp_path / "out").exists()

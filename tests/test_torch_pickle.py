@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import collections
 import os
+import pathlib
 import pickle
+import struct
 import zipfile
 
 import numpy as np
@@ -258,3 +260,126 @@ def test_inert_classes_cannot_be_called(tmp_path):
   path.write_bytes(b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(X\x01\x00\x00\x00sK\x00)))tR.")
   with pytest.raises(tp.UnsafePickleError, match="not a storage"):
     tp.load(path)
+
+
+# ------------------------------------------------------------------ tampering and malformed files
+
+
+def _body(obj) -> bytes:
+  """The opcodes that push ``obj`` (a protocol-2 pickle without its header and STOP)."""
+  return pickle.dumps(obj, protocol=2)[2:-1]
+
+
+def _global(module: str, name: str) -> bytes:
+  return pickle.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+def test_build_cannot_change_the_readers_functions(tmp_path):
+  # BUILD with a slot state would setattr() on the reader's own stand-in function.
+  defaults = tp._rebuild_tensor_v2.__defaults__
+  path = tmp_path / "tamper.pth"
+  path.write_bytes(b"\x80\x02" + _global("torch._utils", "_rebuild_tensor_v2") +
+                   _body((None, {"__defaults__": (True, 1, 2)})) + pickle.BUILD + pickle.STOP)
+  try:
+    with pytest.raises(tp.UnsafePickleError, match="refusing"):
+      tp.load(path)
+    assert tp._rebuild_tensor_v2.__defaults__ == defaults
+  finally:
+    tp._rebuild_tensor_v2.__defaults__ = defaults
+
+
+def _legacy_file(path, main: bytes, keys=(), storages: bytes = b"") -> None:
+  path.write_bytes(pickle.dumps(tp.LEGACY_MAGIC, protocol=2) +
+                   pickle.dumps(tp.LEGACY_PROTOCOL, protocol=2) +
+                   pickle.dumps({"little_endian": True}, protocol=2) + main +
+                   pickle.dumps(list(keys), protocol=2) + storages)
+
+
+def _zip_file(path, data_pkl: bytes) -> None:
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("archive/data.pkl", data_pkl)
+    zf.writestr("archive/version", "3\n")
+
+
+def _tensor_pickle(size, stride, numel=4, header_numel=None) -> tuple[bytes, bytes]:
+  """(main pickle, storage bytes) of {"w": tensor(size, stride)} over one float storage."""
+  storage_id = (pickle.MARK + _body("storage") + _global("torch", "FloatStorage") +
+                _body("0") + _body("cpu") + _body(numel) + pickle.NONE + pickle.TUPLE +
+                pickle.BINPERSID)
+  main = (b"\x80\x02" + pickle.EMPTY_DICT + _body("w") +
+          _global("torch._utils", "_rebuild_tensor_v2") + pickle.MARK + storage_id +
+          _body(0) + _body(size) + _body(stride) + pickle.TUPLE + pickle.REDUCE +
+          pickle.SETITEM + pickle.STOP)
+  data = struct.pack("<q", numel if header_numel is None else header_numel)
+  return main, data + np.zeros(numel, np.float32).tobytes()
+
+
+def _malformed(tmp_path, case: str) -> pathlib.Path:
+  path = tmp_path / f"{case}.pth"
+  if case == "negative size":
+    main, data = _tensor_pickle((-2, 2), (2, 1))
+    _legacy_file(path, main, ["0"], data)
+  elif case == "size given as an int":
+    main, data = _tensor_pickle(4, (1,))
+    _legacy_file(path, main, ["0"], data)
+  elif case == "header claims 2**60 elements":
+    main, data = _tensor_pickle((2, 2), (2, 1), header_numel=2**60)
+    _legacy_file(path, main, ["0"], data)
+  elif case == "200k-deep nesting":
+    _zip_file(path, b"\x80\x02" + pickle.EMPTY_LIST * 200_000 + pickle.APPEND * 199_999 +
+              pickle.STOP)
+  elif case == "40k-deep nesting":  # within the opcode allowance
+    _zip_file(path, b"\x80\x02" + pickle.EMPTY_TUPLE + pickle.TUPLE1 * 40_000 + pickle.STOP)
+  elif case == "BUILD assigns __class__":
+    path.write_bytes(b"\x80\x02" + _global("collections", "OrderedDict") + pickle.EMPTY_TUPLE +
+                     pickle.REDUCE + _body((None, {"__class__": 1})) + pickle.BUILD +
+                     pickle.STOP)
+  return path
+
+
+@pytest.mark.parametrize("case", ["negative size", "size given as an int",
+                                  "header claims 2**60 elements", "200k-deep nesting",
+                                  "40k-deep nesting", "BUILD assigns __class__"])
+def test_malformed_pickles_are_one_line_refusals(tmp_path, case, capsys):
+  from minet_jax import convert
+  path = _malformed(tmp_path, case)
+  with pytest.raises((tp.CheckpointFormatError, tp.UnsafePickleError)):
+    tp.load(path)
+  assert convert.main([str(path), str(tmp_path / "out")]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("convert: error: ") and err.count("\n") == 1, err
+  assert not (tmp_path / "out").exists()
+
+
+def test_flipped_bytes_never_give_a_raw_error(tmp_path):
+  src = tmp_path / "sd.pth"
+  tp.save_state_dict({"a": np.arange(6, dtype=np.float32).reshape(2, 3),
+                      "b": np.float16([1, 2])}, src, legacy=True)
+  data = src.read_bytes()
+  path = tmp_path / "flipped.pth"
+  raw = {}
+  for i in range(len(data)):
+    path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+    try:
+      tp.load_state_dict(path)
+    except (tp.CheckpointFormatError, tp.UnsafePickleError):
+      pass
+    except Exception as e:  # noqa: BLE001 - what the test looks for
+      raw[i] = f"{type(e).__name__}: {e}"
+  assert not raw, raw
+
+
+def test_overlapping_views_are_refused_before_reading(tmp_path):
+  # A stride-0 view would make a 2-element storage stand for a 1M-element tensor.
+  path = tmp_path / "zero_stride.pth"
+  main, data = _tensor_pickle((1024, 1024), (0, 0), numel=2)
+  _legacy_file(path, main, ["0"], data)
+  with pytest.raises(tp.CheckpointFormatError, match="more than once"):
+    tp.load(path)
+  main, data = _tensor_pickle((3, 3), (2, 1), numel=9)  # rows overlap by one element
+  _legacy_file(path, main, ["0"], data)
+  with pytest.raises(tp.CheckpointFormatError, match="more than once"):
+    tp.load(path)
+  main, data = _tensor_pickle((3, 3), (1, 3), numel=9)  # a transposed view is fine
+  _legacy_file(path, main, ["0"], data)
+  assert tp.load(path)["w"].shape == (3, 3)

@@ -155,6 +155,45 @@ def test_resume_equals_uninterrupted_run(straight_run, two_step_run, data_dir, t
   assert data_a == data_b == {"next_index": 4}
 
 
+def _damage(checkpoint: pathlib.Path, how: str) -> None:
+  if how == "truncated state":
+    for f in (checkpoint / "state").rglob("*"):
+      if f.is_file():
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  else:
+    shutil.rmtree(checkpoint / "state")
+    shutil.rmtree(checkpoint / "data")
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "state and data deleted"])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(straight_run, data_dir, tmp_path,
+                                                            capsys, damage):
+  straight, _ = straight_run
+  workdir = tmp_path / "damaged"
+  shutil.copytree(straight, workdir)
+  _damage(workdir / "checkpoints" / "4", damage)
+  damaged_files = sorted(p.relative_to(workdir / "checkpoints" / "4")
+                         for p in (workdir / "checkpoints" / "4").rglob("*"))
+  summary = train_and_evaluate(tiny_config(data_dir), workdir)
+  assert summary["step"] == 4
+  out = capsys.readouterr().out
+  assert "checkpoint 4 could not be restored" in out
+  assert "resuming from step 2, the newest intact checkpoint" in out
+  # Moved aside whole, not deleted; a fresh step 4 took its place.
+  moved = workdir / "damaged_checkpoints" / "4"
+  assert sorted(p.relative_to(moved) for p in moved.rglob("*")) == damaged_files
+  records = read_metrics(workdir)
+  assert any(r.get("event") == "damaged_checkpoint" and r["step"] == 4 for r in records)
+  resume = next(r for r in records if r.get("event") == "resume")
+  assert resume["from_step"] == 2 and resume["skipped_damaged"] == [4]
+  # Steps 3 and 4 were redone from step 2 exactly as the straight run did them.
+  losses = {r["step"]: r["loss"] for r in records if r.get("split") == "train"}
+  straight_losses = {r["step"]: r["loss"] for r in read_metrics(straight)
+                     if r.get("split") == "train"}
+  assert losses[4] == pytest.approx(straight_losses[4], rel=1e-5)
+  read_checkpoint(workdir, 4)  # readable again
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(two_step_run, data_dir,
                                                              tmp_path):
   workdir = tmp_path / "diverging"
@@ -189,6 +228,49 @@ def test_unknown_config_field_is_an_error(tmp_path):
     assert result.returncode != 0
     assert "unknown config field" in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+@pytest.fixture()
+def train_cli():
+  """train.py's own flag parsing and main, in this process; flags are reset afterwards."""
+  from absl import flags
+  import train
+  yield train
+  flags.FLAGS.unparse_flags()
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)  # The --config.<field> flags a parse defined.
+
+
+@pytest.mark.parametrize("case", ["missing config file", "num_train_steps=0",
+                                  "negative batch size", "crop larger than the images",
+                                  "unwritable workdir", "workdir of another architecture"])
+def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_step_run,
+                                                           data_dir, tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  shutil.copytree(two_step_run, workdir)
+  before = (workdir / "config.json").read_bytes()
+  args = ["--config", "configs/tiny.py", "--workdir", str(workdir),
+          f"--config.data.data_dir={data_dir}"]
+  if case == "missing config file":
+    args[1] = str(tmp_path / "nope.py")
+  elif case == "num_train_steps=0":
+    args.append("--config.num_train_steps=0")
+  elif case == "negative batch size":
+    args.append("--config.data.batch_size=-2")
+  elif case == "crop larger than the images":
+    args.append("--config.data.crop_size=128")
+  elif case == "unwritable workdir":
+    (tmp_path / "a_file").write_text("")
+    args[3] = str(tmp_path / "a_file" / "run")
+  else:
+    args.append("--config.model.features=4")
+  argv = ["train.py", *args]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags defines --config.<field> from sys.argv
+  with pytest.raises(SystemExit) as exited:
+    train_cli.main(train_cli.parse_flags(argv))
+  message = str(exited.value.code)
+  assert message.startswith("train: error: ") and "\n" not in message, message
+  assert (workdir / "config.json").read_bytes() == before
 
 
 def test_init_from_starts_from_the_given_weights(tmp_path):

@@ -8,8 +8,10 @@ A training workdir holds::
       state/             parameters, Adam moments, step, PRNG key
       params/            the weights alone, in `minet_jax.save`'s format
       data/              the input pipeline's iterator state (JSON)
-      meta/              step, wall time and the last validation scores (JSON)
+      meta/              step, wall time, the last validation scores and the
+                         weights' SHA-256 (JSON)
   best/<step>/           params/ and meta/ of the best validation PSNR so far
+  damaged_checkpoints/   checkpoints that failed to restore on resume, moved aside
 
 so ``minet_jax.load(workdir)`` (and ``evaluate.py --ckpt workdir``) rebuild the
 model from ``minet_config.json`` and the best (else latest) ``params/``.
@@ -17,6 +19,7 @@ model from ``minet_config.json`` and the best (else latest) ``params/``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any
@@ -30,6 +33,7 @@ from minet_jax.train.state import TrainState, state_from_pure, state_to_pure
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+DAMAGED_DIR = "damaged_checkpoints"
 TRAIN_CONFIG_FILE = "config.json"
 _LATEST_ITEMS = ("state", "params", "data", "meta")
 _BEST_ITEMS = ("params", "meta")
@@ -51,6 +55,15 @@ def find_params(workdir: str | pathlib.Path) -> pathlib.Path | None:
       if candidate.is_dir():
         return candidate
   return None
+
+
+def recorded_checksum(params_dir: str | pathlib.Path) -> str | None:
+  """The weights' SHA-256 saved beside a checkpoint's ``params/`` (in its meta), if any."""
+  meta_file = pathlib.Path(params_dir).parent / "meta" / "metadata"
+  try:
+    return json.loads(meta_file.read_text()).get("weights_sha256")
+  except (OSError, ValueError, AttributeError):
+    return None
 
 
 def is_workdir(path: str | pathlib.Path) -> bool:
@@ -84,6 +97,24 @@ def _host_weights(state: TrainState) -> dict:
   return jax.tree.map(np.asarray, state.params().weights)
 
 
+@dataclasses.dataclass
+class Damaged:
+  """A checkpoint that did not restore: why, and where it was moved."""
+  step: int
+  reason: str
+  moved_to: pathlib.Path | None
+
+
+@dataclasses.dataclass
+class Resumed:
+  """What `Checkpoints.restore_newest_intact` found (``step`` None: nothing intact)."""
+  step: int | None
+  state: TrainState | None
+  data: Any
+  meta: dict
+  damaged: list[Damaged]
+
+
 class Checkpoints:
   """The periodic and best-PSNR checkpoint managers of one workdir."""
 
@@ -108,11 +139,13 @@ class Checkpoints:
     step = int(state.step)
     if step in self.latest.all_steps():
       return False
+    weights = _host_weights(state)
     self.latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state_to_pure(state)),
-        params=ocp.args.StandardSave(_host_weights(state)),
+        params=ocp.args.StandardSave(weights),
         data=ocp.args.JsonSave(_json_ready(data_state)),
-        meta=ocp.args.JsonSave({"step": step, **meta})))
+        meta=ocp.args.JsonSave({"step": step, **meta,
+                                "weights_sha256": api.weights_checksum(weights)})))
     return True
 
   def best_psnr(self) -> float | None:
@@ -130,9 +163,12 @@ class Checkpoints:
     if (best is not None and scores["psnr"] <= best) or step in self.best.all_steps():
       return False
     scores = {k: float(v) for k, v in scores.items()}
+    weights = _host_weights(state)
     self.best.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(_host_weights(state)),
-        meta=ocp.args.JsonSave({"step": step, **scores})), metrics=scores)
+        params=ocp.args.StandardSave(weights),
+        meta=ocp.args.JsonSave({"step": step, **scores,
+                                "weights_sha256": api.weights_checksum(weights)})),
+        metrics=scores)
     return True
 
   def restore(self, like: TrainState, sharding: Any = None,
@@ -156,6 +192,48 @@ class Checkpoints:
         meta=ocp.args.JsonRestore()))
     state = state_from_pure(like, restored.state)
     return state, _from_json(restored.data), dict(restored.meta)
+
+  def restore_newest_intact(self, like: TrainState, sharding: Any = None) -> Resumed:
+    """Restores the newest checkpoint that reads back completely.
+
+    Each checkpoint is verified by restoring all of it: state, data iterator,
+    meta and the weights in ``params/`` (against the checksum in its meta). A
+    newer one that fails is moved to ``<workdir>/damaged_checkpoints/`` (never
+    deleted) and reported in ``damaged``; the next older one is tried.
+    """
+    damaged: list[Damaged] = []
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        state, data, meta = self.restore(like, sharding, step)
+        self._verify_params(step, state, meta)
+      except Exception as e:  # orbax/tensorstore raise many types for damaged files.
+        damaged.append(Damaged(step, api.one_line_error(e), self._move_aside(step)))
+        continue
+      return Resumed(step, state, data, meta, damaged)
+    return Resumed(None, None, None, {}, damaged)
+
+  def _verify_params(self, step: int, state: TrainState, meta: dict) -> None:
+    folder = self.workdir / LATEST_DIR / str(step) / "params"
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _host_weights(state))
+    with ocp.StandardCheckpointer() as ckptr:
+      weights = ckptr.restore(folder, like)
+    recorded = meta.get("weights_sha256")
+    if recorded is not None and api.weights_checksum(weights) != recorded:
+      raise ValueError(f"the weights in {folder} do not match their recorded checksum")
+
+  def _move_aside(self, step: int) -> pathlib.Path | None:
+    if jax.process_index() != 0:
+      return None
+    source = self.workdir / LATEST_DIR / str(step)
+    target = self.workdir / DAMAGED_DIR / str(step)
+    n = 0
+    while target.exists():
+      n += 1
+      target = self.workdir / DAMAGED_DIR / f"{step}.{n}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+    self.latest.reload()
+    return target
 
   def wait(self) -> None:
     """Blocks until every pending (asynchronous) save is on disk."""

@@ -40,29 +40,36 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite; training stopped before saving it."""
 
 
+class ConfigError(ValueError):
+  """The config, or the workdir it is used with, cannot be trained; the message says why."""
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field and a fix for values training cannot use."""
-  model_config(config.model)  # Checks the architecture fields.
+  """Raises `ConfigError` naming the field and a fix for values training cannot use."""
+  try:
+    model_config(config.model)  # Checks the architecture fields.
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.model: {e}") from e
   if config.loss not in LOSSES:
-    raise ValueError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
+    raise ConfigError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
   positive = ["num_train_steps", "log_every", "checkpoint_every", "keep_checkpoints"]
   for name in positive:
     if int(config[name]) < 1:
-      raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+      raise ConfigError(f"config.{name} must be >= 1, got {config[name]}")
   for name in ("eval_every", "grid_images"):
     if int(config[name]) < 0:
-      raise ValueError(f"config.{name} must be >= 0, got {config[name]}")
+      raise ConfigError(f"config.{name} must be >= 0, got {config[name]}")
   data = config.data
   if int(data.batch_size) < 1 or int(data.eval_batch_size) < 1:
-    raise ValueError("config.data.batch_size and config.data.eval_batch_size must be >= 1")
+    raise ConfigError("config.data.batch_size and config.data.eval_batch_size must be >= 1")
   if int(data.crop_size) < 0 or int(data.crop_size) % 2:
-    raise ValueError(f"config.data.crop_size must be 0 (full images) or an even number of "
+    raise ConfigError(f"config.data.crop_size must be 0 (full images) or an even number of "
                      f"pixels (the encoder halves them), got {data.crop_size}")
   if float(config.optimizer.learning_rate) <= 0:
-    raise ValueError(f"config.optimizer.learning_rate must be > 0, got "
+    raise ConfigError(f"config.optimizer.learning_rate must be > 0, got "
                      f"{config.optimizer.learning_rate}")
   if not 0 <= int(config.seed) < 2**31:
-    raise ValueError(f"config.seed must be in [0, 2**31), got {config.seed}")
+    raise ConfigError(f"config.seed must be in [0, 2**31), got {config.seed}")
 
 
 # ------------------------------------------------------------------ data
@@ -237,26 +244,71 @@ class _StopRequest:
 
 
 def _check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Refuses to resume a workdir trained with another architecture; records the config."""
+  """Refuses a workdir holding a run of another architecture; writes nothing."""
   path = workdir / checkpointing.TRAIN_CONFIG_FILE
   if path.is_file() and checkpointing.find_params(workdir) is not None:
-    previous = json.loads(path.read_text())
-    old = model_config(previous.get("model", {}))
-    new = model_config(config.model)
+    try:
+      old = model_config(json.loads(path.read_text()).get("model", {})).to_dict()
+    except (ValueError, TypeError, AttributeError) as e:
+      raise ConfigError(f"{path} is corrupt ({type(e).__name__}: {e}); use a fresh "
+                        "--workdir") from e
+    new = model_config(config.model).to_dict()
     if old != new:
-      raise ValueError(f"{workdir} holds a run of another architecture:\n  there: {old}\n"
-                       f"  now:   {new}\nuse a fresh --workdir, or the same config.model")
-  if jax.process_index() == 0:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
-    tmp.replace(path)
+      diff = ", ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now"
+                       for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+      raise ConfigError(f"{workdir} holds a run of another architecture ({diff}); use a fresh "
+                        "--workdir, or the same config.model")
+
+
+def _check_crop(config: ml_collections.ConfigDict, source) -> None:
+  """Refuses a crop larger than the training images (checked on the first one)."""
+  crop = int(config.data.crop_size)
+  if crop and len(source):
+    h, w = np.shape(source[0]["hazy"])[:2]
+    if crop > min(h, w):
+      raise ConfigError(f"config.data.crop_size {crop} is larger than the {h}x{w} training "
+                        "images; use a smaller crop_size, or 0 for whole images")
+
+
+def _prepare_workdir(workdir: pathlib.Path) -> None:
+  """Creates the workdir and makes sure files can be written there."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write_test.{jax.process_index()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(f"cannot write to --workdir {workdir}: {e.strerror or e}") from e
+
+
+def _record_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Writes the training config of this (accepted) start as ``config.json``."""
+  path = workdir / checkpointing.TRAIN_CONFIG_FILE
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
+  tmp.replace(path)
+
+
+def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> None:
+  """Says which checkpoint a resume uses, when newer ones were damaged, and where they went."""
+  for d in resumed.damaged:
+    writer.write_event(d.step, "damaged_checkpoint", reason=d.reason,
+                       moved_to=str(d.moved_to) if d.moved_to else None)
+    tqdm.write(f"checkpoint {d.step} could not be restored ({d.reason}); moved it to "
+               f"{d.moved_to}")
+  if resumed.damaged:
+    tqdm.write(f"resuming from step {resumed.step}, the newest intact checkpoint" if
+               resumed.step is not None else "no intact checkpoint left: starting afresh")
 
 
 def _initial_state(config: ml_collections.ConfigDict) -> TrainState:
   params = None
   if config.init_from:
     params = api.load(pathlib.Path(config.init_from).expanduser())
-  return create_train_state(config, params)
+  try:
+    return create_train_state(config, params)
+  except ValueError as e:  # e.g. init_from weights of a different architecture
+    raise ConfigError(str(e)) from e
 
 
 def _mean(history: list[dict[str, float]]) -> dict[str, float]:
@@ -278,29 +330,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   validate_config(config)
   sharding.maybe_initialize_distributed(bool(config.distributed))
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
   _check_workdir_config(workdir, config)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
 
   train_source, eval_source = _sources(config)
+  _check_crop(config, train_source)
+  _prepare_workdir(workdir)  # Nothing is written before the start is accepted.
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   train_iter = _train_iterator(config, train_source, mesh)
   evaluator = Evaluator(config, eval_source, mesh)
 
   ckpts = checkpointing.Checkpoints(workdir, keep=int(config.keep_checkpoints),
                                     async_save=bool(config.async_checkpointing))
-  resumed_from = ckpts.latest_step()
+  resumed = ckpts.restore_newest_intact(abstract_train_state(config), replicated)
+  _report_damaged(resumed, writer)
+  resumed_from = resumed.step
   if resumed_from is not None:
-    state, data_state, meta = ckpts.restore(abstract_train_state(config), replicated)
-    _restore_iterator(train_iter, data_state)
-    writer.write_event(resumed_from, "resume", from_step=resumed_from)
+    state = resumed.state
+    _restore_iterator(train_iter, resumed.data)
+    writer.write_event(resumed_from, "resume", from_step=resumed_from,
+                       skipped_damaged=[d.step for d in resumed.damaged])
   else:
     state = sharding.replicate(_initial_state(config), mesh)
     writer.write_event(0, "start", init_from=config.init_from or None,
                        devices=mesh.devices.size, processes=jax.process_count())
   if jax.process_index() == 0:
     checkpointing.write_model_config(workdir, state.model_config)
+    _record_config(workdir, config)
 
   schedule = learning_rate_schedule(config.optimizer)
   train_step = make_train_step(config.loss, schedule, replicated, sharding.batch_sharded(mesh))
