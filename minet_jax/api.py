@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.experimental import checkify
 
+from minet_jax import strips
 from minet_jax.config import ConfigLike, ModelConfig, model_config
 from minet_jax.model import MINet
 
@@ -183,12 +184,13 @@ def to_float_rgb(img: Any) -> jax.Array:
   return x[None] if x.ndim == 3 else x
 
 
-def apply(params: Params, img: Any) -> jax.Array:
+def apply(params: Params, img: Any, *, strip_rows: int | None = None) -> jax.Array:
   """Dehazes `img` (HxWx3 or NxHxWx3, RGB, uint8/uint16 or float in [0, 1]).
 
   Returns float32 RGB in [0, 1] with the input's layout. Any height and width work:
   odd sizes are padded for the stride-2 encoder and cropped back.
 
+<<<<<<< HEAD
   Bad input raises ValueError/TypeError naming the problem. Under
   ``jax.jit(minet_jax.apply)`` (or vmap, grad) the image is a tracer without
   values: shape, channel and dtype errors still raise, but the value checks
@@ -199,10 +201,17 @@ def apply(params: Params, img: Any) -> jax.Array:
 
       err, out = jax.jit(minet_jax.apply_checked)(params, img)
       err.throw()  # ValueError naming the problem, if there was one
+=======
+  Images above `strips.AUTO_PIXELS` (2 MP) run their full-resolution layers in row
+  strips (`minet_jax.strips`): the same result up to float32 rounding, in a fraction
+  of the memory. ``strip_rows`` overrides the choice: 0 for the whole image at once,
+  n > 0 for strips of n rows.
+>>>>>>> strips
   """
   if not isinstance(params, Params):
     raise TypeError(f"params must be minet_jax.Params (from init/load), got "
                     f"{type(params).__name__}")
+<<<<<<< HEAD
   out = _forward(params, to_float_rgb(img))
   return out[0] if len(img.shape) == 3 else out
 
@@ -239,12 +248,29 @@ def apply_checked(params: Params, img: Any) -> tuple[checkify.Error, jax.Array]:
   if isinstance(img, np.ndarray) and not img.dtype.isnative:
     img = img.astype(img.dtype.newbyteorder("="))
   return _apply_checked(params, img)
+=======
+  x = to_float_rgb(img)
+  rows = strips.choose_strip_rows(x.shape[1], x.shape[2], strip_rows)
+  out = _forward_strips(params, x, rows) if rows else _forward(params, x)
+  return out[0] if img.ndim == 3 else out
+>>>>>>> strips
 
 
 @jax.jit
 def _forward(params: Params, x: jax.Array) -> jax.Array:
   # Compiled once per (architecture, image shape); nested inside a caller's jit it inlines.
   return jnp.clip(model_from_params(params)(x), 0.0, 1.0).astype(jnp.float32)
+
+
+def _forward_strips(params: Params, x: jax.Array, rows: int) -> jax.Array:
+  # Not jitted as a whole: called eagerly, `strips.forward` runs compiled stages one
+  # after the other, each with only its own scratch memory.
+  return _clip(strips.forward(model_from_params(params), x, rows))
+
+
+@jax.jit
+def _clip(x: jax.Array) -> jax.Array:
+  return jnp.clip(x, 0.0, 1.0).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------ save / load

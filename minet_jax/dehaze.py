@@ -18,8 +18,10 @@ What is never done, and said instead on stderr:
 * a file that cannot be read or processed is reported and the others go on.
 
 The exit code is 1 if any input was not processed (skipped earlier results do
-not count). ``--tile`` processes large images in overlapping tiles (see
-`minet_jax.tiling` for the cost).
+not count). Images above 2 MP are processed exactly in bounded memory by running
+the full-resolution layers in row strips (`minet_jax.strips`; ``--strip-rows``
+sets the strip height, 0 turns it off). ``--tile`` instead processes large images
+in independent overlapping tiles, an approximation (see `minet_jax.tiling`).
 """
 
 from __future__ import annotations
@@ -133,12 +135,16 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
 
 
 def dehaze_image(params, image: np.ndarray, *, tile: int | None = None, overlap: int = 32,
-                 blend: str = "cosine") -> np.ndarray:
-  """float32 RGB (H, W, 3) in [0, 1] -> dehazed float32 RGB in [0, 1]."""
+                 blend: str = "cosine", strip_rows: int | None = None) -> np.ndarray:
+  """float32 RGB (H, W, 3) in [0, 1] -> dehazed float32 RGB in [0, 1].
+
+  ``strip_rows`` is `minet_jax.apply`'s (None: strips above 2 MP, 0: never).
+  """
   import minet_jax  # Heavy import kept out of `--help`.
 
   def run(x):
-    return np.asarray(minet_jax.apply(params, np.ascontiguousarray(x, np.float32)))
+    x = np.ascontiguousarray(x, np.float32)
+    return np.asarray(minet_jax.apply(params, x, strip_rows=strip_rows))
 
   if tile:
     return tiling.tiled_apply(run, image, tile=tile, overlap=overlap, blend=blend)
@@ -148,7 +154,7 @@ def dehaze_image(params, image: np.ndarray, *, tile: int | None = None, overlap:
 def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
                  recursive: bool = False, tile: int | None = None, overlap: int = 32,
                  blend: str = "cosine", suffix: str = "_dehazed",
-                 progress: bool = True) -> Outcome:
+                 progress: bool = True, strip_rows: int | None = None) -> Outcome:
   """Dehazes every input image into ``out_dir``; failures are collected, not raised.
 
   Only files this call creates are written (see `plan`); an output that appears
@@ -164,7 +170,8 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
   for job in iterator:
     try:
       image = image_io.read_rgb(job.source)
-      result = dehaze_image(params, image, tile=tile, overlap=overlap, blend=blend)
+      result = dehaze_image(params, image, tile=tile, overlap=overlap, blend=blend,
+                            strip_rows=strip_rows)
       image_io.write_png(job.target, result, protect=protect, exclusive=True)
       written.append(job.target)
     except Exception as e:  # One bad file must not cost the others.
@@ -187,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
   parser.add_argument("--blend", default="cosine", choices=tiling.BLENDS,
                       help="weighting across tile overlaps")
+  parser.add_argument("--strip-rows", type=int, default=None,
+                      help="rows per strip of the exact strip-wise forward (default: "
+                           "automatic above 2 MP; 0: whole image at once)")
   parser.add_argument("--suffix", default="_dehazed",
                       help="appended to each output stem; files named *<suffix>.png in input "
                            "folders are taken for earlier results and skipped")
@@ -198,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     check_suffix(args.suffix)
   except ValueError as e:
     parser.error(str(e))
+  if args.strip_rows is not None and args.strip_rows < 0:
+    parser.error("--strip-rows must be >= 0")
   import minet_jax
   try:
     params = minet_jax.load(args.ckpt)
@@ -206,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   outcome = dehaze_files(params, args.inputs, args.out, recursive=args.recursive,
                          tile=args.tile or None, overlap=args.overlap, blend=args.blend,
-                         suffix=args.suffix, progress=not args.no_progress)
+                         suffix=args.suffix, progress=not args.no_progress,
+                         strip_rows=args.strip_rows)
   print(f"wrote {len(outcome.written)} image(s) to {args.out}")
   for source, reason in outcome.skipped.items():
     print(f"dehaze: skipped: {source}: {reason}", file=sys.stderr)

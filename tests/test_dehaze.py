@@ -210,3 +210,19 @@ def test_output_folder_equal_to_the_input_folder(tiny_ckpt, tmp_path, capsys):
   assert "a_dehazed.png: named like an earlier result" in err
   assert "a_dehazed.png already exists" in err
   assert _snapshot(photos) == before
+
+
+def test_strip_rows_flag_matches_the_whole_image(tiny_ckpt, tmp_path):
+  rng = np.random.default_rng(5)
+  src = tmp_path / "photo.png"
+  Image.fromarray(rng.integers(0, 256, (41, 56, 3), dtype=np.uint8)).save(src)
+  outs = {}
+  for rows in ("0", "8"):
+    out = tmp_path / f"rows{rows}"
+    assert dehaze.main(["--ckpt", str(tiny_ckpt), str(src), "-o", str(out), "--no-progress",
+                        "--strip-rows", rows]) == 0
+    outs[rows] = np.asarray(Image.open(out / "photo_dehazed.png")).astype(int)
+  # Equal up to float32 rounding, so 8-bit values differ by at most one level.
+  assert np.abs(outs["0"] - outs["8"]).max() <= 1
+  with pytest.raises(SystemExit):
+    dehaze.main(["--ckpt", str(tiny_ckpt), str(src), "-o", "o", "--strip-rows", "-1"])
