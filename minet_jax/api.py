@@ -190,7 +190,6 @@ def apply(params: Params, img: Any, *, strip_rows: int | None = None) -> jax.Arr
   Returns float32 RGB in [0, 1] with the input's layout. Any height and width work:
   odd sizes are padded for the stride-2 encoder and cropped back.
 
-<<<<<<< HEAD
   Bad input raises ValueError/TypeError naming the problem. Under
   ``jax.jit(minet_jax.apply)`` (or vmap, grad) the image is a tracer without
   values: shape, channel and dtype errors still raise, but the value checks
@@ -201,18 +200,18 @@ def apply(params: Params, img: Any, *, strip_rows: int | None = None) -> jax.Arr
 
       err, out = jax.jit(minet_jax.apply_checked)(params, img)
       err.throw()  # ValueError naming the problem, if there was one
-=======
+
   Images above `strips.AUTO_PIXELS` (2 MP) run their full-resolution layers in row
   strips (`minet_jax.strips`): the same result up to float32 rounding, in a fraction
   of the memory. ``strip_rows`` overrides the choice: 0 for the whole image at once,
   n > 0 for strips of n rows.
->>>>>>> strips
   """
   if not isinstance(params, Params):
     raise TypeError(f"params must be minet_jax.Params (from init/load), got "
                     f"{type(params).__name__}")
-<<<<<<< HEAD
-  out = _forward(params, to_float_rgb(img))
+  x = to_float_rgb(img)
+  rows = strips.choose_strip_rows(x.shape[1], x.shape[2], strip_rows)
+  out = _forward_strips(params, x, rows) if rows else _forward(params, x)
   return out[0] if len(img.shape) == 3 else out
 
 
@@ -248,12 +247,6 @@ def apply_checked(params: Params, img: Any) -> tuple[checkify.Error, jax.Array]:
   if isinstance(img, np.ndarray) and not img.dtype.isnative:
     img = img.astype(img.dtype.newbyteorder("="))
   return _apply_checked(params, img)
-=======
-  x = to_float_rgb(img)
-  rows = strips.choose_strip_rows(x.shape[1], x.shape[2], strip_rows)
-  out = _forward_strips(params, x, rows) if rows else _forward(params, x)
-  return out[0] if img.ndim == 3 else out
->>>>>>> strips
 
 
 @jax.jit
