@@ -30,3 +30,13 @@ def shared_dir() -> pathlib.Path:
       pytest.fail(message)
     pytest.skip(message)
   return path
+
+
+@pytest.fixture(scope="session")
+def released_params(shared_dir, tmp_path_factory):
+  """The authors' released checkpoint, converted by `minet_jax.convert` and loaded."""
+  import minet_jax
+  from minet_jax import convert
+  out = tmp_path_factory.mktemp("released") / "minet_its"
+  convert.convert(shared_dir / "weights" / "minet_its_official.pth", out)
+  return minet_jax.load(out)

@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 
 import minet_jax
-from minet_jax import convert, metrics
+from minet_jax import metrics
 
 
 @pytest.fixture(scope="module")
-def params(shared_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp("parity") / "minet_its"
-  convert.convert(shared_dir / "weights" / "minet_its_official.pth", out)
-  return minet_jax.load(out)
+def params(released_params):
+  return released_params
 
 
 @pytest.fixture(scope="module")

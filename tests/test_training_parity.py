@@ -42,7 +42,7 @@ from flax import nnx
 
 import minet_jax
 from configs import its_authors
-from minet_jax import convert, torch_names
+from minet_jax import torch_names
 from minet_jax.train import state as state_lib
 from minet_jax.train.step import loss_and_grads, make_train_step
 
@@ -60,10 +60,8 @@ def reference(shared_dir):
 
 
 @pytest.fixture(scope="module")
-def released(shared_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp("training_parity") / "minet_its"
-  convert.convert(shared_dir / "weights" / "minet_its_official.pth", out)
-  return minet_jax.load(out)
+def released(released_params):
+  return released_params
 
 
 @pytest.fixture(scope="module")
