@@ -79,8 +79,8 @@ class ConvTranspose2d(nnx.Module):
   each of the s*s phases is an ordinary small conv of the undilated input (2x2 for the
   released layer), and the phases are interleaved into the output. That skips the
   (1 - 1/s^2) of the dilated conv's multiply-adds that fall on inserted zeros, and its
-  gradient is an ordinary conv's: XLA:CPU differentiates the input-dilated conv ~25x
-  slower than these (benchmarks/layer_speed.py). Other shapes use the dilated conv.
+  gradient is an ordinary conv's: XLA:CPU differentiates the input-dilated conv ~18x
+  slower than these (benchmarks/layer_speed.py --grad). Other shapes use the dilated conv.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
