@@ -38,7 +38,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import minet_jax  # noqa: E402
-from minet_jax import api, contractive, convert, metrics, stability  # noqa: E402
+from minet_jax import params as params_lib  # noqa: E402
+from minet_jax import contractive, convert, metrics, stability  # noqa: E402
 from minet_jax.data import folders  # noqa: E402
 
 DEFAULT_SHARED = pathlib.Path(
@@ -69,7 +70,7 @@ def train(cfg, pairs, *, steps, batch, size, lr, seed, init_weights=None):
   if init_weights is None:
     model = minet_jax.MINet(cfg, rngs=nnx.Rngs(seed))
   else:
-    model = api.model_from_params(api.Params(weights=init_weights, config=cfg))
+    model = params_lib.model_from_params(params_lib.Params(weights=init_weights, config=cfg))
   graphdef, state = nnx.split(model)
   optimizer = optax.adam(lr)
   opt_state = optimizer.init(state)
@@ -96,7 +97,7 @@ def train(cfg, pairs, *, steps, batch, size, lr, seed, init_weights=None):
       log.append((i + 1, float(mse)))
       print(f"  step {i + 1}: mse {float(mse):.5f}", flush=True)
   seconds = (time.time() - start) / max(steps - 1, 1)
-  return api.params_from_model(nnx.merge(graphdef, state)), seconds, log
+  return params_lib.params_from_model(nnx.merge(graphdef, state)), seconds, log
 
 
 def evaluate(params, crops):
@@ -109,7 +110,7 @@ def evaluate(params, crops):
                           ("anderson", dict(solver="anderson", rtol=EVAL_RTOL,
                                             iterations=(EVAL_CAP,) * 3))):
     cfg = dataclasses.replace(params.config, **overrides)
-    model = api.model_from_params(api.Params(weights=params.weights, config=cfg))
+    model = params_lib.model_from_params(params_lib.Params(weights=params.weights, config=cfg))
     graphdef, state = nnx.split(model)
     y, results = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward_with_diagnostics(x))(
         state, hazy)

@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import minet_jax  # noqa: E402
-from minet_jax import api  # noqa: E402
+from minet_jax import params as params_lib  # noqa: E402
 
 MODES = (("unrolled", "backprop"), ("unrolled", "implicit"), ("picard", "implicit"))
 
@@ -43,7 +43,7 @@ def step_memory(cfg: minet_jax.ModelConfig, size: int) -> dict[str, int]:
 
   def train_step(weights, opt_state, hazy, clear):
     def loss_fn(w):
-      out = api.model_from_params(api.Params(weights=w, config=cfg))(hazy)
+      out = params_lib.model_from_params(params_lib.Params(weights=w, config=cfg))(hazy)
       return jnp.mean(jnp.square(out - clear))
     loss, grads = jax.value_and_grad(loss_fn)(weights)
     updates, opt_state = optimizer.update(grads, opt_state, weights)

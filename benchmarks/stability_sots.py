@@ -37,7 +37,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from minet_jax import api, convert, metrics, stability  # noqa: E402
+from minet_jax import params as params_lib  # noqa: E402
+from minet_jax import convert, metrics, stability  # noqa: E402
 from minet_jax.data import folders  # noqa: E402
 
 DEFAULT_SHARED = pathlib.Path(
@@ -56,8 +57,8 @@ CONFIGS = {
 }
 
 
-def _forward(params: api.Params):
-  model = api.model_from_params(params)
+def _forward(params: params_lib.Params):
+  model = params_lib.model_from_params(params)
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -76,7 +77,7 @@ def run_solvers(params, records, config_names, out_dir, plot_image):
   for name in config_names:
     label, overrides = CONFIGS[name]
     cfg = dataclasses.replace(params.config, **overrides)
-    forward = _forward(api.Params(weights=params.weights, config=cfg))
+    forward = _forward(params_lib.Params(weights=params.weights, config=cfg))
     rows = []
     for rec in records:
       hazy, gt = folders.load_pair(rec)
@@ -181,7 +182,7 @@ def main() -> int:
     start = time.time()
     point_params, point_dir = params, args.out
     if args.operating_point == "anderson":
-      point_params = api.Params(weights=params.weights, config=dataclasses.replace(
+      point_params = params_lib.Params(weights=params.weights, config=dataclasses.replace(
           params.config, **CONFIGS["anderson"][1]))
       point_dir = args.out / "at_anderson"
     report = stability.analyse_image(point_params, hazy, steps=32, radius_iters=args.radius_iters,

@@ -5,10 +5,11 @@
     clear = minet_jax.apply(params, hazy_rgb_uint8)     # float32 RGB in [0, 1]
 """
 
-from minet_jax.api import (CheckpointError, Params, apply, apply_checked, init, load,
-                           load_config, model_from_params, params_from_model, save)
+from minet_jax.api import apply, apply_checked
+from minet_jax.checkpoint import CheckpointError, load, load_config, save
 from minet_jax.config import ModelConfig, model_config, paper_text_variant
 from minet_jax.model import MINet
+from minet_jax.params import Params, init, model_from_params, params_from_model
 
 __all__ = [
     "CheckpointError",

@@ -36,15 +36,15 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 
-from minet_jax import api
+from minet_jax.params import Params, model_from_params
 from minet_jax import model as model_lib
 
-ModelLike = Union[model_lib.MINet, api.Params]
+ModelLike = Union[model_lib.MINet, Params]
 
 
 def _as_model(model_or_params: ModelLike) -> model_lib.MINet:
-  if isinstance(model_or_params, api.Params):
-    return api.model_from_params(model_or_params)
+  if isinstance(model_or_params, Params):
+    return model_from_params(model_or_params)
   if isinstance(model_or_params, model_lib.MINet):
     return model_or_params
   raise TypeError("penalty needs a minet_jax.MINet or minet_jax.Params, got "

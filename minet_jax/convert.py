@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import secrets
-import shutil
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minet_jax import api, torch_names, torch_pickle
+from minet_jax import checkpoint, files, torch_names, torch_pickle
 from minet_jax.config import ConfigLike, ModelConfig, model_config
+from minet_jax.params import Params, flat_weights, param_shapes
 
 
 def released_config() -> ModelConfig:
@@ -41,12 +40,12 @@ def read_limit(config: ConfigLike = None) -> int:
   """Bytes the converter may read: the architecture's weights stored as float64,
   twice (storages and their copies), plus 1 MiB. About 11 MB for the released model."""
   cfg = released_config() if config is None else model_config(config)
-  elements = sum(int(np.prod(s)) for s in api.param_shapes(cfg).values())
+  elements = sum(int(np.prod(s)) for s in param_shapes(cfg).values())
   return 2 * 8 * elements + (1 << 20)
 
 
 def weights_from_checkpoint(checkpoint_path: str | os.PathLike,
-                            config: ConfigLike = None) -> api.Params:
+                            config: ConfigLike = None) -> Params:
   """Reads and maps a PyTorch checkpoint into `Params` without writing anything.
 
   Names, shapes and dtypes are checked before any tensor data is read, and no
@@ -59,7 +58,7 @@ def weights_from_checkpoint(checkpoint_path: str | os.PathLike,
       floating point, or holding NaN or infinite values.
   """
   cfg = released_config() if config is None else model_config(config)
-  expected = api.param_shapes(cfg)
+  expected = param_shapes(cfg)
   with torch_pickle.open_state_dict(checkpoint_path) as lazy:
     torch_names.check_state_dict(lazy, cfg, expected_shapes=expected)
     try:
@@ -67,11 +66,11 @@ def weights_from_checkpoint(checkpoint_path: str | os.PathLike,
     except torch_pickle.CheckpointFormatError as e:
       raise torch_pickle.CheckpointFormatError(f"{checkpoint_path}: {e}") from e
   weights = torch_names.weights_from_torch_state_dict(state_dict, cfg, expected_shapes=expected)
-  return api.Params(weights=jax.tree.map(jnp.asarray, weights), config=cfg)
+  return Params(weights=jax.tree.map(jnp.asarray, weights), config=cfg)
 
 
 def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-            config: ConfigLike = None, force: bool = False) -> api.Params:
+            config: ConfigLike = None, force: bool = False) -> Params:
   """Converts ``checkpoint_path`` (.pth) into the checkpoint folder ``out_dir``.
 
   An existing non-empty ``out_dir`` is refused unless ``force``. The folder is
@@ -84,30 +83,15 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or "
                           "pass --force (force=True) to replace it")
   params = weights_from_checkpoint(checkpoint_path, config)
-  staging = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.converting"
-  try:
-    api.save(params, staging)
-    reloaded = api.load(staging)
-    bad = [jax.tree_util.keystr(path) for path, a, b in
-           _zip_leaves(params.weights, reloaded.weights)
-           if not np.array_equal(np.asarray(a), np.asarray(b))]
+  with files.replacing(out_dir, folder=True) as staging:
+    checkpoint.save(params, staging, overwrite=True)
+    reloaded = checkpoint.load(staging)
+    written, read = flat_weights(params.weights), flat_weights(reloaded.weights)
+    bad = [".".join(k) for k in written
+           if k not in read or not np.array_equal(np.asarray(written[k]), np.asarray(read[k]))]
     if bad or reloaded.config != params.config:
       raise RuntimeError(f"{staging} does not read back what was written: {bad or 'config'}")
-    if out_dir.is_dir():
-      shutil.rmtree(out_dir)
-    elif out_dir.exists():
-      out_dir.unlink()
-    staging.rename(out_dir)
-  finally:
-    if staging.exists():
-      shutil.rmtree(staging)
   return params
-
-
-def _zip_leaves(a, b):
-  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
-  flat_b = jax.tree.leaves(b)
-  return [(path, x, y) for (path, x), y in zip(flat_a, flat_b, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minet_jax import dcp, image_io, metrics
+from minet_jax import api, dcp, image_io, metrics
 from minet_jax.data import folders
 
 METHODS = ("minet", "hazy", "dcp")
@@ -90,8 +90,7 @@ def samples_from(data: str | os.PathLike, *, layout: str = "auto", split: str = 
 
 
 def _minet_forward(params, x):
-  import minet_jax  # The package imports this module's siblings; import late to avoid cycles.
-  return jnp.clip(minet_jax.model_from_params(params)(x[None])[0], 0.0, 1.0)
+  return api.dehaze_batch(params, x[None])[0]
 
 
 class _Compiled:

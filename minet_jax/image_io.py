@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import secrets
 from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from minet_jax import files
 
 PathLike = str | os.PathLike
 
@@ -134,29 +135,6 @@ def write_png(path: PathLike, image: np.ndarray, *,
     data = data[..., 0]
   if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] != 3):
     raise ValueError(f"write_png expects (H, W, 3) or (H, W), got shape {data.shape}")
-  target.parent.mkdir(parents=True, exist_ok=True)
-  # os.open with 0o666 honours the umask (mkstemp would leave the file 0600).
-  tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      Image.fromarray(data).save(f, format="PNG")
-    if exclusive:
-      _link_new(tmp, target, path)
-    else:
-      os.replace(tmp, target)
-  finally:
-    pathlib.Path(tmp).unlink(missing_ok=True)
+  with files.replacing(target, exclusive=exclusive) as tmp:
+    Image.fromarray(data).save(tmp, format="PNG")
   return path
-
-
-def _link_new(tmp: pathlib.Path, target: pathlib.Path, shown: pathlib.Path) -> None:
-  """Puts ``tmp`` at ``target`` unless something is there (a hard link fails atomically)."""
-  if os.path.lexists(target):
-    raise FileExistsError(f"refusing to overwrite {shown}: it already exists")
-  try:
-    os.link(tmp, target)
-  except FileExistsError:
-    raise FileExistsError(f"refusing to overwrite {shown}: it already exists") from None
-  except OSError:  # A file system without hard links: checked above, then renamed.
-    os.replace(tmp, target)

@@ -261,8 +261,9 @@ def analyse_image(params: Any, image: np.ndarray, *, seed: int = 0,
     **block_kwargs: forwarded to `analyse_block`.
   """
   from minet_jax import api, model as model_lib
+  from minet_jax.params import model_from_params
 
-  model = api.model_from_params(params)
+  model = model_from_params(params)
   cfg = params.config
   x = api.to_float_rgb(image)
   h, w = x.shape[1:3]
@@ -353,9 +354,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _load_params(args: argparse.Namespace):
-  from minet_jax import api
+  from minet_jax import checkpoint
   if args.ckpt:
-    return api.load(args.ckpt)
+    return checkpoint.load(args.ckpt)
   from minet_jax import convert
   return convert.weights_from_checkpoint(args.pth)
 

@@ -185,7 +185,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(params, tmp_path):
 def test_newer_format_version_is_refused(params, tmp_path):
   path = minet_jax.save(params, tmp_path / "ckpt")
   meta = json.loads((path / "minet_config.json").read_text())
-  meta["format_version"] = minet_jax.api.FORMAT_VERSION + 1
+  meta["format_version"] = minet_jax.checkpoint.FORMAT_VERSION + 1
   (path / "minet_config.json").write_text(json.dumps(meta))
   with pytest.raises(minet_jax.CheckpointError, match="newer .* upgrade minet-jax"):
     minet_jax.load(path)

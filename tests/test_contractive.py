@@ -108,7 +108,7 @@ def test_training_on_the_penalty_makes_picard_converge():
 
 
 def _random_params(cfg, seed=0):
-  from minet_jax.api import param_shapes
+  from minet_jax.params import param_shapes
   rng = np.random.default_rng(seed)
   weights: dict = {}
   for path, shape in param_shapes(cfg).items():

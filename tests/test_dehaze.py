@@ -19,7 +19,7 @@ def tiny_ckpt(tmp_path_factory):
   cfg = ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))
   rng = np.random.default_rng(2)
   weights: dict = {}
-  for keys, shape in minet_jax.api.param_shapes(cfg).items():
+  for keys, shape in minet_jax.params.param_shapes(cfg).items():
     node = weights
     for k in keys[:-1]:
       node = node.setdefault(k, {})

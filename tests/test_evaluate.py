@@ -53,7 +53,7 @@ def tiny_ckpt(tmp_path_factory):
   cfg = ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))
   rng = np.random.default_rng(1)
   weights: dict = {}
-  for path_keys, shape in minet_jax.api.param_shapes(cfg).items():
+  for path_keys, shape in minet_jax.params.param_shapes(cfg).items():
     node = weights
     for k in path_keys[:-1]:
       node = node.setdefault(k, {})

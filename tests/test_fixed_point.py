@@ -187,7 +187,7 @@ def test_unrolled_is_a_plain_loop_bit_for_bit():
 
 def _random_params(cfg):
   """Random weights of the right shapes, without compiling an initialiser per layer."""
-  from minet_jax.api import param_shapes
+  from minet_jax.params import param_shapes
 
   rng = np.random.default_rng(0)
   weights: dict = {}

@@ -11,7 +11,7 @@ from flax import nnx
 
 import minet_jax
 from minet_jax import layers
-from minet_jax.api import param_shapes
+from minet_jax.params import param_shapes
 from minet_jax.model import IMBlock, MINet
 from minet_jax.torch_names import (torch_name_table, torch_state_dict_from_weights,
                                    weights_from_torch_state_dict)

@@ -100,7 +100,7 @@ def test_block_analysis_matches_dense_jacobian(eta):
 
 def random_params(cfg: minet_jax.ModelConfig, seed: int = 0) -> minet_jax.Params:
   """Random weights of the right shapes, without compiling an initialiser per layer."""
-  from minet_jax.api import param_shapes
+  from minet_jax.params import param_shapes
 
   rng = np.random.default_rng(seed)
   weights: dict = {}

@@ -14,7 +14,8 @@ A training workdir holds::
   damaged_checkpoints/   checkpoints that failed to restore on resume, moved aside
 
 so ``minet_jax.load(workdir)`` (and ``evaluate.py --ckpt workdir``) rebuild the
-model from ``minet_config.json`` and the best (else latest) ``params/``.
+model from ``minet_config.json`` and the best (else latest) ``params/``: the folder
+and item names are `minet_jax.checkpoint`'s, which reads them without training code.
 """
 
 from __future__ import annotations
@@ -28,56 +29,20 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from minet_jax import api
+from minet_jax import checkpoint
+from minet_jax.checkpoint import BEST_DIR, LATEST_DIR, META_ITEM, PARAMS_ITEM
+from minet_jax.params import weights_checksum
 from minet_jax.train.state import TrainState, state_from_pure, state_to_pure
 
-LATEST_DIR = "checkpoints"
-BEST_DIR = "best"
 DAMAGED_DIR = "damaged_checkpoints"
 TRAIN_CONFIG_FILE = "config.json"
-_LATEST_ITEMS = ("state", "params", "data", "meta")
-_BEST_ITEMS = ("params", "meta")
-
-
-def _steps(folder: pathlib.Path) -> list[int]:
-  """Finalised orbax step folders (orbax writes to a temporary name and renames)."""
-  if not folder.is_dir():
-    return []
-  return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def find_params(workdir: str | pathlib.Path) -> pathlib.Path | None:
-  """The ``params/`` folder of a training workdir's best, else latest, checkpoint."""
-  workdir = pathlib.Path(workdir)
-  for sub in (BEST_DIR, LATEST_DIR):
-    for step in reversed(_steps(workdir / sub)):
-      candidate = workdir / sub / str(step) / "params"
-      if candidate.is_dir():
-        return candidate
-  return None
-
-
-def recorded_checksum(params_dir: str | pathlib.Path) -> str | None:
-  """The weights' SHA-256 saved beside a checkpoint's ``params/`` (in its meta), if any."""
-  meta_file = pathlib.Path(params_dir).parent / "meta" / "metadata"
-  try:
-    return json.loads(meta_file.read_text()).get("weights_sha256")
-  except (OSError, ValueError, AttributeError):
-    return None
-
-
-def is_workdir(path: str | pathlib.Path) -> bool:
-  """Whether `path` looks like a training workdir (has checkpoint folders)."""
-  path = pathlib.Path(path)
-  return (path / LATEST_DIR).is_dir() or (path / BEST_DIR).is_dir()
+_LATEST_ITEMS = ("state", PARAMS_ITEM, "data", META_ITEM)
+_BEST_ITEMS = (PARAMS_ITEM, META_ITEM)
 
 
 def write_model_config(workdir: pathlib.Path, params_config: Any) -> None:
   """Writes ``minet_config.json`` in the format `minet_jax.load_config` reads."""
-  meta = {"format_version": api.FORMAT_VERSION, "model": params_config.to_dict()}
-  tmp = workdir / (api.CONFIG_FILE + ".tmp")
-  tmp.write_text(json.dumps(meta, indent=2) + "\n")
-  tmp.replace(workdir / api.CONFIG_FILE)
+  checkpoint.write_config(workdir, params_config)
 
 
 def _json_ready(state: Any) -> Any:
@@ -145,7 +110,7 @@ class Checkpoints:
         params=ocp.args.StandardSave(weights),
         data=ocp.args.JsonSave(_json_ready(data_state)),
         meta=ocp.args.JsonSave({"step": step, **meta,
-                                "weights_sha256": api.weights_checksum(weights)})))
+                                "weights_sha256": weights_checksum(weights)})))
     return True
 
   def best_psnr(self) -> float | None:
@@ -167,7 +132,7 @@ class Checkpoints:
     self.best.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(weights),
         meta=ocp.args.JsonSave({"step": step, **scores,
-                                "weights_sha256": api.weights_checksum(weights)})),
+                                "weights_sha256": weights_checksum(weights)})),
         metrics=scores)
     return True
 
@@ -207,19 +172,14 @@ class Checkpoints:
         state, data, meta = self.restore(like, sharding, step)
         self._verify_params(step, state, meta)
       except Exception as e:  # orbax/tensorstore raise many types for damaged files.
-        damaged.append(Damaged(step, api.one_line_error(e), self._move_aside(step)))
+        damaged.append(Damaged(step, checkpoint.one_line_error(e), self._move_aside(step)))
         continue
       return Resumed(step, state, data, meta, damaged)
     return Resumed(None, None, None, {}, damaged)
 
   def _verify_params(self, step: int, state: TrainState, meta: dict) -> None:
-    folder = self.workdir / LATEST_DIR / str(step) / "params"
-    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _host_weights(state))
-    with ocp.StandardCheckpointer() as ckptr:
-      weights = ckptr.restore(folder, like)
-    recorded = meta.get("weights_sha256")
-    if recorded is not None and api.weights_checksum(weights) != recorded:
-      raise ValueError(f"the weights in {folder} do not match their recorded checksum")
+    folder = self.workdir / LATEST_DIR / str(step) / PARAMS_ITEM
+    checkpoint.read_weights(folder, state.model_config, meta.get("weights_sha256"))
 
   def _move_aside(self, step: int) -> pathlib.Path | None:
     if jax.process_index() != 0:

@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from minet_jax import api, metrics
+from minet_jax import api, checkpoint, files, metrics
 from minet_jax.config import model_config
 from minet_jax.train import checkpointing, sharding
 from minet_jax.train.logging import MetricWriter
@@ -141,8 +141,7 @@ def _predict_fn(mesh):
   device (so every host can read all of it)."""
 
   def predict(state: TrainState, hazy: jax.Array) -> jax.Array:
-    model, _ = state.merge()
-    return jnp.clip(model(hazy), 0.0, 1.0)
+    return api.dehaze_batch(state.params(), hazy)
 
   return jax.jit(predict, out_shardings=sharding.replicated(mesh))
 
@@ -283,10 +282,8 @@ def _prepare_workdir(workdir: pathlib.Path) -> None:
 
 def _record_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """Writes the training config of this (accepted) start as ``config.json``."""
-  path = workdir / checkpointing.TRAIN_CONFIG_FILE
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
-  tmp.replace(path)
+  files.write_text(workdir / checkpointing.TRAIN_CONFIG_FILE,
+                   config.to_json_best_effort(indent=2) + "\n")
 
 
 def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> None:
@@ -304,7 +301,7 @@ def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> Non
 def _initial_state(config: ml_collections.ConfigDict) -> TrainState:
   params = None
   if config.init_from:
-    params = api.load(pathlib.Path(config.init_from).expanduser())
+    params = checkpoint.load(pathlib.Path(config.init_from).expanduser())
   try:
     return create_train_state(config, params)
   except ValueError as e:  # e.g. init_from weights of a different architecture

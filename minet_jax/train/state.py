@@ -16,9 +16,10 @@ import ml_collections
 import optax
 from flax import nnx, struct
 
-from minet_jax import api
 from minet_jax.config import ModelConfig, model_config
 from minet_jax.model import MINet
+from minet_jax.params import (Params, model_from_params, params_from_model, restore_key_types,
+                              stringify_keys)
 
 
 @struct.dataclass
@@ -44,10 +45,10 @@ class TrainState:
   def model_config(self) -> ModelConfig:
     return self.merge()[0].config
 
-  def params(self) -> api.Params:
+  def params(self) -> Params:
     """The model's weights as `minet_jax.Params` (what `minet_jax.save` writes)."""
     model, _ = self.merge()
-    return api.params_from_model(model)
+    return params_from_model(model)
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
@@ -116,7 +117,7 @@ def init_tail(model: MINet, kind: str) -> None:
 
 
 def create_train_state(config: ml_collections.ConfigDict,
-                       params: api.Params | None = None) -> TrainState:
+                       params: Params | None = None) -> TrainState:
   """A fresh state: initialised (or given) weights, zeroed optimizer, step 0.
 
   Args:
@@ -139,7 +140,7 @@ def create_train_state(config: ml_collections.ConfigDict,
                      f"config.model:\n  weights: {params.config}\n  config:  {cfg}\n"
                      "set config.model to the checkpoint's architecture")
   else:
-    model = api.model_from_params(jax.tree.map(jnp.array, params))  # A copy: training updates it.
+    model = model_from_params(jax.tree.map(jnp.array, params))  # A copy: training updates it.
   optimizer = nnx.Optimizer(model, make_optimizer(config.optimizer), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   return TrainState(step=jnp.zeros((), jnp.int32), state=state,
@@ -154,13 +155,13 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
 def state_to_pure(state: TrainState) -> dict[str, Any]:
   """Checkpointable pure dict (string keys, arrays) of everything but the graph."""
   return {"step": state.step, "rng": state.rng,
-          "state": api.stringify_keys(nnx.to_pure_dict(state.state))}
+          "state": stringify_keys(nnx.to_pure_dict(state.state))}
 
 
 def state_from_pure(like: TrainState, pure: dict[str, Any]) -> TrainState:
   """Inverse of `state_to_pure`, with `like` (e.g. an abstract state) giving the graph."""
   template = nnx.to_pure_dict(like.state)
   restored = jax.tree.map(lambda x: x, like.state)  # A fresh State to fill in.
-  nnx.replace_by_pure_dict(restored, api.restore_key_types(pure["state"], template))
+  nnx.replace_by_pure_dict(restored, restore_key_types(pure["state"], template))
   return TrainState(step=jnp.asarray(pure["step"], jnp.int32), state=restored,
                     rng=jnp.asarray(pure["rng"], jnp.uint32), graphdef=like.graphdef)
