@@ -7,8 +7,11 @@ Needs no download: the first run renders `synthetic_haze` (ray-cast rooms and th
 Middlebury motorcycle hazed with RESIDE ITS's beta and A ranges) into the TFDS
 folder. The network keeps MI-Net's topology (encoder, three IM-blocks of
 dilations 1/2/4 with smoothing, MLF fusion, RCA tail) at half the width and half
-the fixed-point iterations, so a 2-core CPU can run a few hundred steps; see
-docs/TRAINING.md for what it reaches.
+the fixed-point iterations, so a 2-core CPU runs its 1,200 steps in minutes.
+
+Expected: validation PSNR / SSIM 19.00 dB / 0.782 on the 24 synthetic validation
+images (hazy input 11.86 dB, dark channel prior 18.59 dB), about 4.3 minutes from an
+empty dataset folder on a 2-core CPU (docs/TRAINING.md has the measurement).
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ def get_config():
   config.model.features = 32
   # Half the released iterations per IM-block (8 -> 4); dilations stay 1/2/4.
   config.model.iterations = (4, 4, 4)
-  # On CPU "auto" unrolls the IM-block loop (a rolled loop's gradient is 20-30x slower).
-  config.model.unroll = "auto"
   # RGB in [0, 1] in and out; the released BGR 0..255 convention only matters for its weights.
   config.model.input_format = "rgb01"
   # Start the tail's RGB -> RGB 1x1 convs at the identity. With the authors' random init
@@ -31,14 +32,10 @@ def get_config():
   # seed (a colour cast the run had not yet undone); the identity start was within
   # 0.1 dB across seeds.
   config.init_tail = "identity"
-  # The embedded synthetic set at its default size (144x192 images, 156 train / 24
-  # validation pairs, no scene shared).
-  config.data.name = "synthetic_haze"
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"
-  # 64 px random crops with flips, four per step.
+  # Data: the base config's embedded synthetic set at its default size (144x192 images,
+  # 156 train / 24 validation pairs, no scene shared).
+  # 64 px random crops (flipped at random, as by default), four per step.
   config.data.crop_size = 64
-  config.data.random_flip = True
   config.data.batch_size = 4
   # Whole 144x192 validation images, eight per forward pass.
   config.data.eval_batch_size = 8
@@ -49,7 +46,6 @@ def get_config():
   config.optimizer.schedule = "cosine"
   config.optimizer.decay_steps = 1200
   config.optimizer.cosine_final_fraction = 0.05
-  config.optimizer.warmup_steps = 0
   # L1: 3.3 dB above MSE after 200 steps in a comparison run (same seed and settings).
   config.loss = "l1"
   # 1,200 steps (4,800 crops). Validation PSNR: 18.2 dB after 300 steps, 18.4 after 600,
@@ -59,7 +55,4 @@ def get_config():
   config.log_every = 10
   config.eval_every = 300
   config.checkpoint_every = 300
-  config.keep_checkpoints = 2
-  # Four validation images in each before/after grid.
-  config.grid_images = 4
   return config

@@ -33,7 +33,6 @@ def get_config():
   config.data.eval_batch_size = 2
   # A constant rate: a stopped-and-resumed run sees exactly the rates of a straight one.
   config.optimizer.schedule = "constant"
-  config.optimizer.learning_rate = 1e-3
   # A few steps, logging, validating and checkpointing often.
   config.num_train_steps = 4
   config.log_every = 1

@@ -57,6 +57,10 @@ class SyntheticHazeConfig:
   seed: int = 0
 
   def __post_init__(self):
+    # Config files and JSON give lists; the record must hash and compare as tuples.
+    object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+    for name in ("beta_range", "airlight_range"):
+      object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
     h, w = self.image_size
     if h < 16 or w < 16:
       raise ValueError(f"image_size must be at least 16x16, got {self.image_size}")
