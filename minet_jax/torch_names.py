@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from minet_jax.config import ModelConfig
 
@@ -108,16 +109,6 @@ def to_torch_layout(array: np.ndarray, rule: str) -> np.ndarray:
   raise ValueError(f"unknown layout rule {rule!r}")
 
 
-def _nest(flat: Mapping[Path, np.ndarray]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
-
-
 # What a released weight may be stored as; anything else (complex, integer) is refused, not cast.
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -189,7 +180,7 @@ def weights_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
     raise StateDictMismatch("the checkpoint holds NaN or infinite weights (or values beyond "
                             "float32's range):\n" +
                             "\n".join(non_finite))
-  return _nest(flat)
+  return traverse_util.unflatten_dict(flat)
 
 
 def torch_state_dict_from_weights(weights: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
