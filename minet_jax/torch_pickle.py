@@ -47,7 +47,6 @@ import os
 import pathlib
 import pickle
 import re
-import secrets
 import struct
 import sys
 import tarfile
@@ -56,6 +55,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import numpy as np
+
+from minet_jax import files
 
 PathLike = str | os.PathLike
 
@@ -966,9 +967,7 @@ def _write_checkpoint(tree, path: PathLike, *, legacy: bool, writer=_Writer) -> 
   w = writer(buf, legacy)
   w.dump(tree)
   storages = list(w.storages.values())
-  tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-  os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # honours the umask
-  try:
+  with files.replacing(path) as tmp:
     if legacy:
       with open(tmp, "wb") as f:
         for header in (LEGACY_MAGIC, LEGACY_PROTOCOL,
@@ -988,10 +987,6 @@ def _write_checkpoint(tree, path: PathLike, *, legacy: bool, writer=_Writer) -> 
         for key, arr in storages:
           zf.writestr(f"{root}data/{key}", arr.tobytes())
         zf.writestr(root + "version", "3\n")
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: PathLike, *,
