@@ -31,7 +31,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   # IM-block solver (minet_jax.fixed_point): "unrolled" = exactly `iterations` steps (released);
   # "picard"/"anderson" iterate to rtol/atol, at most `iterations` steps.
   model.solver = "unrolled"
-  # Stop when rms(T(g) - g) <= atol + rtol * rms(T(g)) ("picard"/"anderson" only).
+  # Stop when rms(T(g) - g) <= atol + rtol * rms(T(g)) ("picard"/"anderson"; "unrolled" only
+  # reports whether its last step meets it, as each block's status).
   model.rtol = 1e-3
   # Absolute tolerance of that test, per element (0: relative only).
   model.atol = 0.0
