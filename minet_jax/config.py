@@ -19,7 +19,10 @@ from typing import Any, Union
 
 import ml_collections
 
-from minet_jax.fixed_point import BACKWARDS, SOLVERS
+# Names of the IM-block solvers and backward modes; `minet_jax.fixed_point.from_config`
+# turns them into solver and adjoint objects (this module imports nothing from the package).
+SOLVERS = ("unrolled", "picard", "anderson")
+BACKWARDS = ("backprop", "implicit")
 
 INPUT_FORMATS = ("bgr255", "rgb01")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -43,11 +46,12 @@ class ModelConfig:
   smoothed_dilation: bool = True
   # lax.scan unroll of the IM-block iteration: "auto" (full on CPU, 1 elsewhere), or an int/bool.
   unroll: Union[str, int, bool] = "auto"
-  # How each IM-block solves g = g0 + eta * f(g) (minet_jax.fixed_point): "unrolled" runs
-  # exactly `iterations` steps (the released model); "picard" and "anderson" run until the
-  # relative residual meets rtol/atol, at most `iterations` steps.
+  # How each IM-block solves g = g0 + eta * f(g) (minet_jax.fixed_point, which documents the
+  # maths): "unrolled" runs exactly `iterations` steps (the released model); "picard" and
+  # "anderson" run until the relative residual meets rtol/atol, at most `iterations` steps.
   solver: str = "unrolled"
-  # "picard"/"anderson" stop when rms(T(g) - g) <= atol + rtol * rms(T(g)), T(g) = g0 + eta f(g).
+  # "picard"/"anderson" stop when rms(T(g) - g) <= atol + rtol * rms(T(g)), T(g) = g0 + eta f(g);
+  # for "unrolled" the test only decides the reported status of each block's solve.
   rtol: float = 1e-3
   # Absolute tolerance of that test, per element (0: relative only).
   atol: float = 0.0

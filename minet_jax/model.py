@@ -74,16 +74,16 @@ class IMBlockF(nnx.Module):
 class IMBlock(nnx.Module):
   """One implicit Euler step x_out = x_in + eta * f(x_out), solved by `fixed_point`.
 
-  The solver, tolerances and backward mode come from the config; each sample of a
-  batch is its own fixed-point problem (instance norm keeps them independent).
+  The solver and adjoint objects are built from the config (`fixed_point.from_config`);
+  each sample of a batch is its own fixed-point problem (instance norm keeps them
+  independent).
   """
 
   def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs):
     self.f = IMBlockF(cfg, cfg.dilations[index], rngs=rngs)
     self.iterations = cfg.iterations[index]
     self.eta = cfg.eta
-    self.unroll = cfg.unroll
-    self.solver_config = cfg
+    self.solver, self.adjoint = fp.from_config(cfg)
 
   def map_fn(self):
     """The block's map as ``(T, args)``: T(g, args) = g0 + eta * f(g), args = (g0, f's state).
@@ -102,15 +102,9 @@ class IMBlock(nnx.Module):
 
   def solve(self, g0: jax.Array) -> fp.FixedPointResult:
     """Runs the block's solver from g = g0; diagnostics have a leading batch axis."""
-    cfg = self.solver_config
     implicit_euler_map, state = self.map_fn()
-    return fp.fixed_point(
-        implicit_euler_map, g0, (g0, state), max_steps=self.iterations, rtol=cfg.rtol,
-        atol=cfg.atol, solver=cfg.solver, unroll=self.unroll, backward=cfg.backward,
-        per_sample=True, anderson_m=cfg.anderson_m, anderson_beta=cfg.anderson_beta,
-        anderson_reg=cfg.anderson_reg,
-        adjoint_max_steps=cfg.adjoint_max_steps or self.iterations,
-        adjoint_rtol=cfg.adjoint_rtol, adjoint_atol=cfg.adjoint_atol)
+    return fp.fixed_point(implicit_euler_map, self.solver, g0, (g0, state),
+                          max_steps=self.iterations, adjoint=self.adjoint, per_sample=True)
 
   def __call__(self, g0: jax.Array) -> jax.Array:
     return self.solve(g0).value
@@ -203,9 +197,9 @@ class MINet(nnx.Module):
                                ) -> tuple[jax.Array, list[fp.FixedPointResult]]:
     """Like ``__call__``, plus each IM-block's `FixedPointResult`.
 
-    The diagnostics (steps taken, final residual, residual history padded with NaN
-    to the block's `iterations`) have a leading batch axis; under ``jax.jit`` they
-    come back without recompiling per image of the same size.
+    The diagnostics (status, steps taken, final residual, residual history padded
+    with NaN to the block's `iterations`) have a leading batch axis; under ``jax.jit``
+    they come back without recompiling per image of the same size.
     """
     cfg = self.config
     h, w = rgb.shape[1:3]

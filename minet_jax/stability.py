@@ -210,8 +210,8 @@ def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
                              window=radius_window)
     hess = arnoldi(matvec, jax.random.normal(k2, g.shape), num_iters=arnoldi_iters)
     norm = spectral_norm(matvec, rmatvec, jax.random.normal(k3, g.shape), num_iters=norm_iters)
-    picard = fp.fixed_point(t_map, g0, (g0, f_state), max_steps=steps, solver="unrolled",
-                            per_sample=True, unroll=1)
+    picard = fp.fixed_point(t_map, fp.Unrolled(unroll=1), g0, (g0, f_state), max_steps=steps,
+                            per_sample=True)
     return radius, hess, norm, picard.residual_history[0]
 
   radius, hess, norm, history = jax.device_get(figures(state, g0, g, key))

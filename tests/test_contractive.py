@@ -91,8 +91,8 @@ def test_training_on_the_penalty_makes_picard_converge():
   @jax.jit
   def picard(state):
     t_map, f_state = nnx.merge(graphdef, state).map_fn()
-    return fp.fixed_point(t_map, g0, (g0, f_state), max_steps=200, rtol=1e-5,
-                          solver="picard", per_sample=True)
+    return fp.fixed_point(t_map, fp.Picard(rtol=1e-5), g0, (g0, f_state), max_steps=200,
+                          per_sample=True)
 
   before = picard(state)
   for i in range(60):

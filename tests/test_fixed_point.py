@@ -15,6 +15,10 @@ from minet_jax.model import IMBlock
 ITERATIVE = ("picard", "anderson")
 
 
+SOLVER_CLASSES = {"unrolled": fp.Unrolled, "picard": fp.Picard, "anderson": fp.Anderson}
+ADJOINT_CLASSES = {"backprop": fp.Backprop, "implicit": fp.Implicit}
+
+
 def _linear_problem(n=6, radius=0.8, seed=0):
   rng = np.random.default_rng(seed)
   a = rng.normal(size=(n, n))
@@ -32,12 +36,14 @@ def _linear_map(z, args):
 def test_linear_fixed_point_and_gradient_match_closed_form(solver, backward):
   a, b = _linear_problem()
   c = np.random.default_rng(1).normal(size=a.shape[0]).astype(np.float32)
-  kw = dict(max_steps=120, rtol=1e-7, solver=solver, backward=backward, unroll=1)
+  method = SOLVER_CLASSES[solver](rtol=1e-7, unroll=1)
+  kw = dict(max_steps=120, adjoint=ADJOINT_CLASSES[backward]())
 
   def loss(a, b):
-    return jnp.dot(c, fp.fixed_point(_linear_map, jnp.zeros_like(b), (a, b), **kw).value)
+    return jnp.dot(c, fp.fixed_point(_linear_map, method, jnp.zeros_like(b), (a, b), **kw).value)
 
-  result = jax.jit(lambda a, b: fp.fixed_point(_linear_map, jnp.zeros_like(b), (a, b), **kw))(a, b)
+  result = jax.jit(
+      lambda a, b: fp.fixed_point(_linear_map, method, jnp.zeros_like(b), (a, b), **kw))(a, b)
   ga, gb = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, b)
   i_minus_a = np.eye(len(b)) - a.astype(np.float64)
   z_star = np.linalg.solve(i_minus_a, b)
@@ -55,11 +61,13 @@ def test_linear_fixed_point_and_gradient_match_closed_form(solver, backward):
 
 def test_backprop_mode_evaluates_with_an_early_exit_loop():
   a, b = _linear_problem()
-  kw = dict(max_steps=50, rtol=1e-6, solver="anderson", backward="backprop", unroll=1)
-  forward = str(jax.make_jaxpr(lambda b: fp.fixed_point(_linear_map, b, (a, b), **kw).value)(b))
+  method = fp.Anderson(rtol=1e-6, unroll=1)
+  kw = dict(max_steps=50, adjoint=fp.Backprop())
+  forward = str(jax.make_jaxpr(
+      lambda b: fp.fixed_point(_linear_map, method, b, (a, b), **kw).value)(b))
   assert "while" in forward and "scan" not in forward
   gradient = str(jax.make_jaxpr(jax.grad(
-      lambda b: fp.fixed_point(_linear_map, b, (a, b), **kw).value.sum()))(b))
+      lambda b: fp.fixed_point(_linear_map, method, b, (a, b), **kw).value.sum()))(b))
   assert "scan" in gradient
 
 
@@ -73,10 +81,10 @@ def _tiny_block(eta=1.0, gain=0.3, seed=0):
   return graphdef, state
 
 
-def _block_solve(graphdef, state, g0, **kw):
+def _block_solve(graphdef, state, g0, solver, **kw):
   block = nnx.merge(graphdef, state)
   t_map, f_state = block.map_fn()
-  return fp.fixed_point(t_map, g0, (g0, f_state), per_sample=True, unroll=1, **kw)
+  return fp.fixed_point(t_map, solver, g0, (g0, f_state), per_sample=True, **kw)
 
 
 def _flat(tree):
@@ -92,9 +100,9 @@ def test_implicit_gradient_matches_finite_differences_and_long_unrolled_solve():
     z = _block_solve(graphdef, state, g0, **kw).value
     return jnp.sum(jnp.sin(z) * weights)
 
-  implicit = dict(max_steps=80, rtol=1e-6, solver="picard", backward="implicit",
-                  adjoint_rtol=1e-7)
-  unrolled = dict(max_steps=80, solver="unrolled", backward="backprop")
+  implicit = dict(solver=fp.Picard(rtol=1e-6, unroll=1), max_steps=80,
+                  adjoint=fp.Implicit(rtol=1e-7))
+  unrolled = dict(solver=fp.Unrolled(unroll=1), max_steps=80, adjoint=fp.Backprop())
   assert float(jnp.max(_block_solve(graphdef, state, g0, **implicit).residual)) <= 1e-6
   g_imp = jax.jit(jax.grad(lambda s, g: loss(s, g, **implicit), argnums=(0, 1)))(state, g0)
   g_unr = jax.jit(jax.grad(lambda s, g: loss(s, g, **unrolled), argnums=(0, 1)))(state, g0)
@@ -120,10 +128,10 @@ def test_anderson_reaches_picard_solution_in_fewer_evaluations():
   # eta = 2.8 pushes the contraction factor of the tiny block close to 1: Picard is slow.
   graphdef, state = _tiny_block(eta=2.8, gain=0.3)
   g0 = jax.random.normal(jax.random.key(3), (1, 8, 8, 4))
-  kw = dict(max_steps=300, rtol=1e-6)
-  solve = jax.jit(lambda s, g, solver: _block_solve(graphdef, s, g, solver=solver, **kw),
+  solve = jax.jit(lambda s, g, solver: _block_solve(graphdef, s, g, solver, max_steps=300),
                   static_argnums=2)
-  picard, anderson = solve(state, g0, "picard"), solve(state, g0, "anderson")
+  picard = solve(state, g0, fp.Picard(rtol=1e-6, unroll=1))
+  anderson = solve(state, g0, fp.Anderson(rtol=1e-6, unroll=1))
   assert float(picard.residual[0]) <= 1e-6 and float(anderson.residual[0]) <= 1e-6
   assert int(picard.num_steps[0]) >= 60, "the problem should be slow for Picard"
   assert int(anderson.num_steps[0]) <= 0.5 * int(picard.num_steps[0])
@@ -131,13 +139,13 @@ def test_anderson_reaches_picard_solution_in_fewer_evaluations():
   np.testing.assert_allclose(anderson.value, picard.value, atol=1e-4 * scale)
 
 
-def _train_step_temp_bytes(solver, backward, steps):
+def _train_step_temp_bytes(solver, adjoint, steps):
   graphdef, state = _tiny_block()
   g0 = jnp.ones((1, 16, 16, 4))
 
   def loss(state):
-    z = _block_solve(graphdef, state, g0, max_steps=steps, rtol=0.0, solver=solver,
-                     backward=backward).value
+    z = _block_solve(graphdef, state, g0, solver(rtol=0.0, unroll=1), max_steps=steps,
+                     adjoint=adjoint).value
     return jnp.sum(z * z)
 
   compiled = jax.jit(jax.grad(loss)).lower(state).compile()
@@ -145,9 +153,9 @@ def _train_step_temp_bytes(solver, backward, steps):
 
 
 def test_implicit_backward_memory_is_flat_in_iterations():
-  backprop = [_train_step_temp_bytes("unrolled", "backprop", t) for t in (4, 16)]
-  implicit = [_train_step_temp_bytes("picard", "implicit", t) for t in (4, 16)]
-  unrolled_implicit = [_train_step_temp_bytes("unrolled", "implicit", t) for t in (4, 16)]
+  backprop = [_train_step_temp_bytes(fp.Unrolled, fp.Backprop(), t) for t in (4, 16)]
+  implicit = [_train_step_temp_bytes(fp.Picard, fp.Implicit(), t) for t in (4, 16)]
+  unrolled_implicit = [_train_step_temp_bytes(fp.Unrolled, fp.Implicit(), t) for t in (4, 16)]
   # One 16x16x4 float32 map is 4 KiB; backprop keeps at least one per step.
   assert backprop[1] - backprop[0] > 12 * 4096, backprop
   assert abs(implicit[1] - implicit[0]) <= 4096, implicit
@@ -159,8 +167,8 @@ def test_per_sample_stopping_freezes_converged_samples():
   graphdef, state = _tiny_block()
   easy = jnp.zeros((1, 8, 8, 4))
   hard = 30.0 * jax.random.normal(jax.random.key(4), (1, 8, 8, 4))
-  kw = dict(max_steps=60, rtol=1e-5, solver="anderson")
-  solve = jax.jit(lambda g: _block_solve(graphdef, state, g, **kw))
+  solve = jax.jit(lambda g: _block_solve(graphdef, state, g, fp.Anderson(rtol=1e-5, unroll=1),
+                                         max_steps=60))
   both = solve(jnp.concatenate([easy, hard]))
   alone = [solve(easy), solve(hard)]
   for i in range(2):
@@ -174,7 +182,8 @@ def test_per_sample_stopping_freezes_converged_samples():
 def test_unrolled_is_a_plain_loop_bit_for_bit():
   graphdef, state = _tiny_block()
   g0 = jax.random.normal(jax.random.key(5), (2, 8, 8, 4))
-  got = jax.jit(lambda g: _block_solve(graphdef, state, g, max_steps=8).value)(g0)
+  got = jax.jit(lambda g: _block_solve(graphdef, state, g, fp.Unrolled(unroll=1),
+                                       max_steps=8).value)(g0)
 
   def loop(g0):
     block = nnx.merge(graphdef, state)
@@ -215,16 +224,131 @@ def test_model_diagnostics_come_from_one_compilation():
       steps = int(r.num_steps[0])
       assert 1 <= steps <= r.residual_history.shape[1]
       np.testing.assert_array_equal(r.residual, r.residual_history[:, steps - 1])
+      # atol = 0: the test is residual <= rtol.
+      np.testing.assert_array_equal(r.status == fp.RESULTS.successful, r.residual <= 1e-4)
   assert run._cache_size() == 1
 
 
 def test_bad_settings_name_the_problem():
   a, b = _linear_problem()
   with pytest.raises(ValueError, match="unknown solver"):
-    fp.fixed_point(_linear_map, b, (a, b), max_steps=3, solver="newton")
-  with pytest.raises(ValueError, match="unknown backward"):
-    fp.fixed_point(_linear_map, b, (a, b), max_steps=3, backward="adjoint")
-  with pytest.raises(ValueError, match="anderson_beta"):
-    fp.fixed_point(_linear_map, b, (a, b), max_steps=3, solver="anderson", anderson_beta=0.0)
+    fp.fixed_point(_linear_map, "newton", b, (a, b), max_steps=3)
+  with pytest.raises(ValueError, match="unknown adjoint"):
+    fp.fixed_point(_linear_map, fp.Picard(), b, (a, b), max_steps=3, adjoint="adjoint")
+  with pytest.raises(ValueError, match="Anderson.beta"):
+    fp.Anderson(beta=0.0)
   with pytest.raises(ValueError, match="solver must be one of"):
     minet_jax.ModelConfig(solver="broyden")
+  with pytest.raises(ValueError, match="Anderson.m"):
+    fp.Anderson(m=0)
+  with pytest.raises(ValueError, match="Picard.rtol"):
+    fp.Picard(rtol=-1.0)
+  with pytest.raises(ValueError, match="Unrolled.unroll"):
+    fp.Unrolled(unroll=0)
+  with pytest.raises(ValueError, match="Implicit.max_steps"):
+    fp.Implicit(max_steps=-1)
+  with pytest.raises(ValueError, match="max_steps"):
+    fp.fixed_point(_linear_map, fp.Picard(), b, (a, b), max_steps=2.5)
+
+
+# ------------------------------------------------------------------ status
+
+SOLVERS_TO_TOLERANCE = [fp.Unrolled(rtol=1e-6, unroll=1), fp.Picard(rtol=1e-6, unroll=1),
+                        fp.Anderson(rtol=1e-6, unroll=1)]
+_IDS = ["unrolled", "picard", "anderson"]
+
+
+def _per_sample_scaling(z, args):
+  """z -> a z + b with one (a, b) per sample: fixed point b / (1 - a) where a != 1."""
+  a, b = args
+  return a[:, None] * z + b[:, None]
+
+
+def _doubling(z, _):
+  """z -> 2 z + 1: its fixed point -1 repels, so Picard runs off to infinity."""
+  return 2.0 * z + 1.0
+
+
+@pytest.mark.parametrize("solver", SOLVERS_TO_TOLERANCE, ids=_IDS)
+def test_solved_linear_contraction_is_successful(solver):
+  a, b = _linear_problem()
+  result = jax.jit(lambda a, b: fp.fixed_point(_linear_map, solver, jnp.zeros_like(b), (a, b),
+                                               max_steps=200))(a, b)
+  z_star = np.linalg.solve(np.eye(len(b)) - a.astype(np.float64), b)
+  assert result.status.dtype == jnp.int32
+  assert int(result.status) == fp.RESULTS.successful
+  np.testing.assert_allclose(result.value, z_star, atol=2e-5)
+
+
+@pytest.mark.parametrize("solver", SOLVERS_TO_TOLERANCE, ids=_IDS)
+def test_too_few_steps_reach_max_steps(solver):
+  a, b = _linear_problem()
+  result = fp.fixed_point(_linear_map, solver, jnp.zeros_like(b), (a, b), max_steps=3)
+  assert int(result.status) == fp.RESULTS.max_steps_reached
+  assert int(result.num_steps) == 3 and float(result.residual) > 1e-6
+  none = fp.fixed_point(_linear_map, solver, b, (a, b), max_steps=0)
+  assert int(none.status) == fp.RESULTS.max_steps_reached and int(none.num_steps) == 0
+
+
+@pytest.mark.parametrize("solver", [fp.Unrolled(unroll=1), fp.Picard(rtol=1e-6),
+                                    fp.Anderson(m=1, rtol=1e-6)],
+                         ids=["unrolled", "picard", "anderson-m1"])
+def test_diverging_map_is_nonfinite(solver):
+  result = jax.jit(lambda z: fp.fixed_point(_doubling, solver, z, max_steps=300))(jnp.zeros(3))
+  assert int(result.status) == fp.RESULTS.nonfinite
+  assert np.isnan(float(result.residual))
+  if not isinstance(solver, fp.Unrolled):
+    # Stopped where the float32 norms overflowed (|z| ~ 2^64), long before the cap.
+    assert int(result.num_steps) < 100
+    assert np.all(np.isnan(result.residual_history[int(result.num_steps):]))
+
+
+def test_anderson_finds_a_repelling_fixed_point_and_misses_a_missing_one():
+  # Anderson solves linear maps in a few steps whether or not the fixed point attracts.
+  z0 = jnp.zeros(3)
+  doubling = fp.fixed_point(_doubling, fp.Anderson(rtol=1e-6), z0, max_steps=50)
+  assert int(doubling.status) == fp.RESULTS.successful
+  np.testing.assert_allclose(doubling.value, -np.ones(3), atol=1e-5)
+  # exp(z) = z has no real solution: whatever happens, it is not a success.
+  missing = fp.fixed_point(lambda z, _: jnp.exp(z), fp.Anderson(rtol=1e-6), z0, max_steps=50)
+  assert int(missing.status) != fp.RESULTS.successful
+
+
+@pytest.mark.parametrize("solver", [fp.Unrolled(rtol=1e-6, unroll=1),
+                                    fp.Picard(rtol=1e-6, unroll=1)], ids=["unrolled", "picard"])
+def test_status_is_per_sample(solver):
+  # Sample 0 contracts fast, sample 1 too slowly for 300 steps, sample 2 diverges.
+  a, b = jnp.array([0.5, 0.999, 2.0]), jnp.ones(3)
+  z0 = jnp.zeros((3, 4))
+  solve = jax.jit(lambda a, b: fp.fixed_point(_per_sample_scaling, solver, z0, (a, b),
+                                              max_steps=300, per_sample=True))
+  result = solve(a, b)
+  np.testing.assert_array_equal(result.status, [fp.RESULTS.successful,
+                                                fp.RESULTS.max_steps_reached,
+                                                fp.RESULTS.nonfinite])
+  np.testing.assert_allclose(result.value[0], 2.0, rtol=1e-5)
+  assert int(result.num_steps[1]) == 300
+  if isinstance(solver, fp.Picard):
+    assert int(result.num_steps[0]) < 40 and int(result.num_steps[2]) < 100
+  # The same statuses come out of the differentiable (masked scan) path.
+  primal = jax.jvp(lambda b: fp.fixed_point(_per_sample_scaling, solver, z0, (a, b),
+                                            max_steps=300, per_sample=True),
+                   (b,), (jnp.ones(3),))[0]
+  np.testing.assert_array_equal(primal.status, result.status)
+  np.testing.assert_array_equal(primal.num_steps, result.num_steps)
+
+
+def test_from_config_builds_the_named_objects():
+  cfg = minet_jax.ModelConfig(solver="anderson", anderson_m=3, anderson_beta=0.5,
+                              anderson_reg=1e-4, rtol=1e-4, atol=1e-6, unroll=2,
+                              backward="implicit", adjoint_rtol=1e-5)
+  solver, adjoint = fp.from_config(cfg)
+  assert solver == fp.Anderson(m=3, beta=0.5, reg=1e-4, rtol=1e-4, atol=1e-6, unroll=2)
+  # adjoint_max_steps = 0 means the block's own step cap.
+  assert adjoint == fp.Implicit(max_steps=None, rtol=1e-5, atol=0.0)
+  assert fp.from_config(minet_jax.ModelConfig()) == (fp.Unrolled(rtol=1e-3), fp.Backprop())
+  picard = minet_jax.ModelConfig(solver="picard", backward="implicit", adjoint_max_steps=7)
+  assert fp.from_config(picard) == (fp.Picard(rtol=1e-3), fp.Implicit(7, 1e-3, 0.0))
+  hash((solver, adjoint))  # static under jit
+  assert fp.Implicit(rtol=1e-7).adjoint_solver(solver) == fp.Anderson(
+      m=3, beta=0.5, reg=1e-4, rtol=1e-7, atol=1e-6, unroll=2)
