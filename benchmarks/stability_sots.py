@@ -63,7 +63,7 @@ def _forward(params: params_lib.Params):
 
   @jax.jit
   def run(state, x):
-    y, results = nnx.merge(graphdef, state).forward_with_diagnostics(x)
+    y, results = nnx.merge(graphdef, state).forward_rgb_with_diagnostics(x)
     return jnp.clip(y, 0.0, 1.0), [(r.num_steps, r.residual, r.residual_history)
                                    for r in results]
 

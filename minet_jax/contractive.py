@@ -104,14 +104,12 @@ def operating_points(model: model_lib.MINet, images: jax.Array, *,
   checked). Either way the next block starts from this block's output.
   """
   cfg = model.config
-  x = model.features(model_lib.to_model_space(images, cfg).astype(cfg.dtype))
-  keys = jax.random.split(key, len(model.im_blocks)) if key is not None else None
-  points = []
-  for i, block in enumerate(model.im_blocks):
-    out = block(x)
-    points.append((x, out if keys is None else random_iterate(block, x, keys[i])))
-    x = out
-  return points
+  runs = model.solve_blocks(model_lib.to_model_space(images, cfg).astype(cfg.dtype))
+  if key is None:
+    return [(run.g0, run.result.value) for run in runs]
+  keys = jax.random.split(key, len(runs))
+  return [(run.g0, random_iterate(block, run.g0, k))
+          for block, run, k in zip(model.im_blocks, runs, keys)]
 
 
 def penalty(model_or_params: ModelLike, batch_or_features: Any, *, key: jax.Array,
@@ -125,8 +123,8 @@ def penalty(model_or_params: ModelLike, batch_or_features: Any, *, key: jax.Arra
       even H and W or a training batch (a mapping with ``"hazy"``), for which each
       block is checked at a random iterate of its Picard path (`operating_points`);
       or the points themselves as a sequence of one ``(g0, g)`` pair per block (for
-      example from ``MINet.forward_with_diagnostics``: g0 of block i is block i-1's
-      ``value``), which saves running the encoder and the blocks again.
+      example ``(run.g0, run.result.value)`` for each run of ``MINet.solve_blocks``),
+      which saves running the encoder and the blocks again.
     key: PRNG key for the random iterates and the power iterations' start vectors.
     num_iters: power-iteration steps; default ``config.contractive_iters``.
     target: the norm to stay below; default ``config.contractive_target``.

@@ -260,35 +260,27 @@ def analyse_image(params: Any, image: np.ndarray, *, seed: int = 0,
     seed: seed of the power iterations.
     **block_kwargs: forwarded to `analyse_block`.
   """
-  from minet_jax import api, model as model_lib
+  from minet_jax import api
   from minet_jax.params import model_from_params
 
   model = model_from_params(params)
   cfg = params.config
   x = api.to_float_rgb(image)
   h, w = x.shape[1:3]
-  pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
-  x = jnp.pad(x, pad, mode=cfg.pad_mode) if (h % 2 or w % 2) else x
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def operating_points(state, x):
     m = nnx.merge(graphdef, state)
-    feats = m.features(model_lib.to_model_space(x, cfg).astype(cfg.dtype))
-    inputs, results = [], []
-    for block in m.im_blocks:
-      inputs.append(feats)
-      results.append(block.solve(feats))
-      feats = results[-1].value
-    return inputs, results
+    return m.solve_blocks(m.model_input(x))
 
-  inputs, results = operating_points(state, x)
-  keys = jax.random.split(jax.random.key(seed), len(results))
+  runs = operating_points(state, x)
+  keys = jax.random.split(jax.random.key(seed), len(runs))
   blocks = []
-  for i, (block, g0, res) in enumerate(zip(model.im_blocks, inputs, results)):
-    report = analyse_block(block, g0, res.value, key=keys[i], **block_kwargs)
-    report["model_steps"] = int(res.num_steps[0])
-    report["model_residual"] = float(res.residual[0])
+  for block, run, key in zip(model.im_blocks, runs, keys):
+    report = analyse_block(block, run.g0, run.result.value, key=key, **block_kwargs)
+    report["model_steps"] = int(run.result.num_steps[0])
+    report["model_residual"] = float(run.result.residual[0])
     blocks.append(report)
   return {"config": cfg.to_dict(), "image_size": [int(h), int(w)], "blocks": blocks}
 

@@ -134,7 +134,7 @@ def test_penalty_inputs_agree_and_weight_zero_is_free():
   assert float(from_images) > 0
   np.testing.assert_allclose(from_batch, from_images, rtol=1e-6)
   # Operating points from the diagnostics equal the blocks' outputs.
-  _, results = model.forward_with_diagnostics(images)
+  _, results = model.forward_rgb_with_diagnostics(images)
   outputs = contractive.operating_points(model, images)
   np.testing.assert_allclose(outputs[1][0], results[0].value, rtol=1e-6)
   np.testing.assert_allclose(outputs[1][1], results[1].value, rtol=1e-6)
