@@ -138,12 +138,13 @@ def test_penalty_inputs_agree_and_weight_zero_is_free():
   outputs = contractive.operating_points(model, images)
   np.testing.assert_allclose(outputs[1][0], results[0].value, rtol=1e-6)
   np.testing.assert_allclose(outputs[1][1], results[1].value, rtol=1e-6)
-  from_points = penalty(params, outputs, key)
+  at_points = jax.jit(lambda p, x, k: contractive.penalty_at_points(p, x, key=k))
+  from_points = at_points(params, outputs, key)
   assert float(from_points) > 0
   assert float(contractive.weighted_penalty(params, images, key=key)) == 0.0
   with pytest.raises(ValueError, match="even H and W"):
     contractive.penalty(params, images[:, :7], key=key)
   with pytest.raises(ValueError, match="operating points"):
-    contractive.penalty(params, [(images, images)], key=key)
+    contractive.penalty_at_points(params, [(images, images)], key=key)
   with pytest.raises(TypeError, match="MINet or minet_jax.Params"):
     contractive.penalty({"weights": 1}, images, key=key)
