@@ -112,7 +112,7 @@ def evaluate(params, crops):
     cfg = dataclasses.replace(params.config, **overrides)
     model = params_lib.model_from_params(params_lib.Params(weights=params.weights, config=cfg))
     graphdef, state = nnx.split(model)
-    y, results = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward_with_diagnostics(x))(
+    y, results = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward_rgb_with_diagnostics(x))(
         state, hazy)
     y = np.clip(np.asarray(y), 0.0, 1.0) * 255.0
     psnr = float(np.mean(metrics.psnr(y, clear)))

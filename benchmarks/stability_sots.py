@@ -39,6 +39,7 @@ from flax import nnx  # noqa: E402
 
 from minet_jax import params as params_lib  # noqa: E402
 from minet_jax import convert, metrics, stability  # noqa: E402
+from minet_jax.stability import report as stability_report  # noqa: E402
 from minet_jax.data import folders  # noqa: E402
 
 DEFAULT_SHARED = pathlib.Path(
@@ -63,7 +64,7 @@ def _forward(params: params_lib.Params):
 
   @jax.jit
   def run(state, x):
-    y, results = nnx.merge(graphdef, state).forward_with_diagnostics(x)
+    y, results = nnx.merge(graphdef, state).forward_rgb_with_diagnostics(x)
     return jnp.clip(y, 0.0, 1.0), [(r.num_steps, r.residual, r.residual_history)
                                    for r in results]
 
@@ -191,7 +192,7 @@ def main() -> int:
                                      norm_iters=args.norm_iters)
     report["image"] = rec.key
     report["seconds"] = time.time() - start
-    stability.write_report(report, point_dir)
+    stability_report.write_report(report, point_dir)
     print("\n".join(stability.summary_lines(report)), flush=True)
     for i, b in enumerate(report["blocks"], 1):
       print(f"block {i}: Arnoldi eigenvalue {b['arnoldi_eigenvalue']} (rel. residual "

@@ -12,8 +12,8 @@ pushes every block's estimated ||J||_2 below ``contractive_target``:
 
 where sigma_i estimates ||J||_2 at a point g_i of the block's Picard path (a random
 iterate, see `operating_points`) by ``contractive_iters`` steps of power iteration
-on J^T J (one jvp and one vjp each; J is block diagonal over the batch, so each
-sample has its own vector and estimate). The vector and the
+on J^T J (`minet_jax.spectral`; one jvp and one vjp each; J is block diagonal over the
+batch, so each sample has its own vector and estimate). The vector and the
 operating point are held constant (stop-gradient); only the final sigma_i = ||J v||
 is differentiated, with respect to the parameters of f_i (the usual treatment of
 spectral-norm estimates, as in spectral normalisation). A few steps from a random
@@ -24,20 +24,24 @@ by the feature statistics, so their Jacobian can be large whatever the conv
 weights' norms are (and is invariant to scaling those weights); bounding the convs
 alone does not bound J. The penalty measures J itself.
 
-The training loop (``minet_jax.train``) can add the term with `weighted_penalty`,
-which costs nothing when ``contractive_weight`` is 0 (the default).
+`penalty` takes a batch of images and finds the points itself; `penalty_at_points`
+takes one ``(g0, g)`` pair per block. The training loop (``minet_jax.train``) adds
+the term with `weighted_penalty`, which costs nothing when ``contractive_weight`` is
+0 (the default).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Union
 
 import jax
 import jax.numpy as jnp
 
-from minet_jax.params import Params, model_from_params
 from minet_jax import model as model_lib
+from minet_jax import spectral
+from minet_jax.config import ModelConfig
+from minet_jax.params import Params, model_from_params
 
 ModelLike = Union[model_lib.MINet, Params]
 
@@ -51,15 +55,6 @@ def _as_model(model_or_params: ModelLike) -> model_lib.MINet:
                   f"{type(model_or_params).__name__}")
 
 
-def _sample_norm(x: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim))))
-
-
-def _sample_unit(x: jax.Array) -> jax.Array:
-  norm = _sample_norm(x).reshape((-1,) + (1,) * (x.ndim - 1))
-  return x / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
-
-
 def block_spectral_norm(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array,
                         key: jax.Array, num_iters: int) -> jax.Array:
   """Per-sample power-iteration estimate of ||eta * df/dg||_2 at ``g``, shape (batch,).
@@ -71,17 +66,13 @@ def block_spectral_norm(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array,
   g0 = jax.lax.stop_gradient(g0)
   g = jax.lax.stop_gradient(g)
   frozen = jax.lax.stop_gradient(state)
-  _, matvec = jax.linearize(lambda z: t_map(z, (g0, frozen)), g)
-  transpose = jax.linear_transpose(matvec, g)
-
-  def step(v, _):
-    return _sample_unit(transpose(matvec(v))[0]), None
-
-  v0 = _sample_unit(jax.random.normal(key, g.shape, g.dtype))
-  v, _ = jax.lax.scan(step, v0, None, length=num_iters)
+  matvec, rmatvec = spectral.linearise(lambda z: t_map(z, (g0, frozen)), g)
+  v0 = jax.random.normal(key, g.shape, g.dtype)
+  v, _ = spectral.top_singular_vector(matvec, rmatvec, v0, num_iters=num_iters, per_sample=True)
   v = jax.lax.stop_gradient(v)
+  # Only this last product sees the live parameters: sigma = ||J v|| is what is differentiated.
   _, jv = jax.jvp(lambda z: t_map(z, (g0, state)), (g,), (v,))
-  return _sample_norm(jv)
+  return spectral.norm(jv, per_sample=True)
 
 
 def random_iterate(block: model_lib.IMBlock, g0: jax.Array, key: jax.Array) -> jax.Array:
@@ -104,29 +95,37 @@ def operating_points(model: model_lib.MINet, images: jax.Array, *,
   checked). Either way the next block starts from this block's output.
   """
   cfg = model.config
-  x = model.features(model_lib.to_model_space(images, cfg).astype(cfg.dtype))
-  keys = jax.random.split(key, len(model.im_blocks)) if key is not None else None
-  points = []
-  for i, block in enumerate(model.im_blocks):
-    out = block(x)
-    points.append((x, out if keys is None else random_iterate(block, x, keys[i])))
-    x = out
-  return points
+  runs = model.solve_blocks(model_lib.to_model_space(images, cfg).astype(cfg.dtype))
+  if key is None:
+    return [(run.g0, run.result.value) for run in runs]
+  keys = jax.random.split(key, len(runs))
+  return [(run.g0, random_iterate(block, run.g0, k))
+          for block, run, k in zip(model.im_blocks, runs, keys)]
 
 
-def penalty(model_or_params: ModelLike, batch_or_features: Any, *, key: jax.Array,
-            num_iters: int | None = None, target: float | None = None,
+def _settings(cfg: ModelConfig, num_iters: int | None, target: float | None
+              ) -> tuple[int, float]:
+  """The power-iteration steps and target to use, the config's where not given."""
+  num_iters = cfg.contractive_iters if num_iters is None else int(num_iters)
+  target = cfg.contractive_target if target is None else float(target)
+  if num_iters < 1:
+    raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+  return num_iters, target
+
+
+def penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Array], *,
+            key: jax.Array, num_iters: int | None = None, target: float | None = None,
             per_block: bool = False) -> jax.Array:
-  """Contractivity penalty sum_i mean_b max(0, sigma_ib - target)^2 (module docstring).
+  """Contractivity penalty sum_i mean_b max(0, sigma_ib - target)^2 on a batch of images.
+
+  Each block is checked at a random iterate of its Picard path (`operating_points`);
+  the model runs its encoder and blocks on ``images`` for that. Where the points are
+  already at hand, `penalty_at_points` skips that run.
 
   Args:
     model_or_params: a `minet_jax.MINet` or `minet_jax.Params`.
-    batch_or_features: what to evaluate the blocks on: RGB [0, 1] NHWC images with
-      even H and W or a training batch (a mapping with ``"hazy"``), for which each
-      block is checked at a random iterate of its Picard path (`operating_points`);
-      or the points themselves as a sequence of one ``(g0, g)`` pair per block (for
-      example from ``MINet.forward_with_diagnostics``: g0 of block i is block i-1's
-      ``value``), which saves running the encoder and the blocks again.
+    images: RGB [0, 1] NHWC with even H and W, or a training batch (a mapping that
+      holds them under ``"hazy"``).
     key: PRNG key for the random iterates and the power iterations' start vectors.
     num_iters: power-iteration steps; default ``config.contractive_iters``.
     target: the norm to stay below; default ``config.contractive_target``.
@@ -136,26 +135,41 @@ def penalty(model_or_params: ModelLike, batch_or_features: Any, *, key: jax.Arra
     The scalar penalty (unweighted), or ``(penalty, sigmas)`` with ``per_block``.
   """
   model = _as_model(model_or_params)
-  cfg = model.config
-  num_iters = cfg.contractive_iters if num_iters is None else int(num_iters)
-  target = cfg.contractive_target if target is None else float(target)
-  if num_iters < 1:
-    raise ValueError(f"num_iters must be >= 1, got {num_iters}")
-  if isinstance(batch_or_features, Mapping):
-    if "hazy" not in batch_or_features:
+  num_iters, target = _settings(model.config, num_iters, target)
+  if isinstance(images, Mapping):
+    if "hazy" not in images:
       raise ValueError("a batch mapping must hold the input images under 'hazy'")
-    batch_or_features = batch_or_features["hazy"]
-  if isinstance(batch_or_features, Sequence) and not hasattr(batch_or_features, "shape"):
-    points = list(batch_or_features)
-    if len(points) != len(model.im_blocks):
-      raise ValueError(f"got {len(points)} operating points for {len(model.im_blocks)} "
-                       "IM-blocks; pass one (g0, g) pair per block")
-  else:
-    images = jnp.asarray(batch_or_features, jnp.float32)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % 2 or images.shape[2] % 2:
-      raise ValueError(f"images must be NHWC RGB with even H and W, got {images.shape}")
-    key, point_key = jax.random.split(key)
-    points = jax.lax.stop_gradient(operating_points(model, images, key=point_key))
+    images = images["hazy"]
+  images = jnp.asarray(images, jnp.float32)
+  if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % 2 or images.shape[2] % 2:
+    raise ValueError(f"images must be NHWC RGB with even H and W, got {images.shape}")
+  key, point_key = jax.random.split(key)
+  points = jax.lax.stop_gradient(operating_points(model, images, key=point_key))
+  return penalty_at_points(model, points, key=key, num_iters=num_iters, target=target,
+                           per_block=per_block)
+
+
+def penalty_at_points(model_or_params: ModelLike,
+                      points: Sequence[tuple[jax.Array, jax.Array]], *, key: jax.Array,
+                      num_iters: int | None = None, target: float | None = None,
+                      per_block: bool = False) -> jax.Array:
+  """`penalty` at given operating points instead of a batch of images.
+
+  Args:
+    model_or_params: a `minet_jax.MINet` or `minet_jax.Params`.
+    points: one ``(g0, g)`` pair per IM-block: the block's input and the point to
+      check, NHWC features (from `operating_points`, or from
+      ``MINet.solve_blocks``: ``(run.g0, run.result.value)``), which saves running
+      the encoder and the blocks again.
+    key: PRNG key for the power iterations' start vectors.
+    num_iters, target, per_block: as for `penalty`.
+  """
+  model = _as_model(model_or_params)
+  num_iters, target = _settings(model.config, num_iters, target)
+  points = list(points)
+  if len(points) != len(model.im_blocks):
+    raise ValueError(f"got {len(points)} operating points for {len(model.im_blocks)} "
+                     "IM-blocks; pass one (g0, g) pair per block")
   keys = jax.random.split(key, len(points))
   total = jnp.float32(0.0)
   sigmas = []
@@ -166,18 +180,11 @@ def penalty(model_or_params: ModelLike, batch_or_features: Any, *, key: jax.Arra
   return (total, jnp.stack(sigmas)) if per_block else total
 
 
-def weighted_penalty(model_or_params: ModelLike, batch_or_features: Any, *,
-                     key: jax.Array) -> jax.Array:
+def weighted_penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Array],
+                     *, key: jax.Array) -> jax.Array:
   """``config.contractive_weight * penalty(...)``; a constant 0 when the weight is 0."""
   model = _as_model(model_or_params)
   weight = model.config.contractive_weight
   if weight == 0.0:
     return jnp.float32(0.0)
-  return weight * penalty(model, batch_or_features, key=key)
-
-
-def spectral_norms(model_or_params: ModelLike, images: jax.Array, *, key: jax.Array,
-                   num_iters: int = 20) -> jax.Array:
-  """Batch-mean ||eta * df/dg||_2 estimate per block (a training monitor), shape (blocks,)."""
-  _, sigmas = penalty(model_or_params, images, key=key, num_iters=num_iters, per_block=True)
-  return jax.lax.stop_gradient(sigmas)
+  return weight * penalty(model, images, key=key)

@@ -18,6 +18,8 @@ and, when `smoothed_dilation` and d_i > 1, each conv is preceded by a shared
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -124,8 +126,21 @@ class RCAGate(nnx.Module):
     return jax.nn.sigmoid(self.fc2(self.fc1(pooled))).astype(x.dtype)
 
 
+class BlockRun(NamedTuple):
+  """One IM-block inside the network (`MINet.solve_blocks`)."""
+  g0: jax.Array  # The block's input: the encoder output or the previous block's output.
+  result: fp.FixedPointResult  # Its solve; ``result.value`` is the block's output.
+
+
 class MINet(nnx.Module):
-  """MI-Net. Call on NHWC RGB images in [0, 1]; returns NHWC RGB in [0, 1] scale, unclipped."""
+  """MI-Net. Call on NHWC RGB images in [0, 1]; returns NHWC RGB in [0, 1] scale, unclipped.
+
+  Two input spaces: the public entry points (``__call__``,
+  `forward_rgb_with_diagnostics`) take RGB in [0, 1] with any H and W; the stages
+  (`encode`, `solve_blocks`, `fuse`, `decode`) work in model space, the image as the
+  first layer sees it (`to_model_space`: BGR 0..255 for the released weights, see
+  ``config.input_format``) with even H and W, which `model_input` produces.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.config = cfg
@@ -151,69 +166,74 @@ class MINet(nnx.Module):
     self.layer1 = RCAGate(3, cfg, rngs=rngs)
     self.deconv = Conv2d(3, 3, 1, **conv)
 
-  def features(self, image: jax.Array) -> jax.Array:
+  def model_input(self, rgb: jax.Array) -> jax.Array:
+    """RGB [0, 1] NHWC (any H, W) -> the model-space image the stages take.
+
+    Odd sides are padded by one row/column (``config.pad_mode``): one stride-2
+    encoder conv and one 2x transposed conv round-trip even sizes exactly.
+    """
+    cfg = self.config
+    h, w = rgb.shape[1:3]
+    pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
+    x = jnp.pad(rgb.astype(jnp.float32), pad, mode=cfg.pad_mode) if (h % 2 or w % 2) else rgb
+    return to_model_space(x, cfg).astype(cfg.dtype)
+
+  def encode(self, model_image: jax.Array) -> jax.Array:
     """Encoder: model-space image (even H, W) -> half-resolution features."""
-    x = jax.nn.relu(self.norm1(self.conv1(image)))
+    x = jax.nn.relu(self.norm1(self.conv1(model_image)))
     x = jax.nn.relu(self.norm2(self.conv2(x)))
     x = jax.nn.relu(self.norm3(self.conv3(x)))
     for block in self.pre_processing:
       x = block(x)
     return x
 
+  def solve_blocks(self, model_image: jax.Array) -> list[BlockRun]:
+    """`encode`, then every IM-block in turn: each block's input and its solve.
+
+    Takes a model-space image with even H and W. The first block's ``g0`` is the
+    encoder output; every later one is the previous block's ``result.value``.
+    """
+    g0 = self.encode(model_image)
+    runs = []
+    for block in self.im_blocks:
+      runs.append(BlockRun(g0, block.solve(g0)))
+      g0 = runs[-1].result.value
+    return runs
+
   def fuse(self, states: list[jax.Array]) -> jax.Array:
     """MLF: per-pixel weights from a conv over all block outputs (no softmax, as released)."""
     weights = self.gate(jnp.concatenate(states, axis=-1))
     return sum(s * weights[..., i:i + 1] for i, s in enumerate(states))
 
-  def decode(self, fused: jax.Array, image: jax.Array) -> jax.Array:
-    """Decoder and tail: fused features + model-space input -> model-space output."""
+  def decode(self, fused: jax.Array, model_image: jax.Array) -> jax.Array:
+    """Decoder and tail: fused features + the model-space input -> model-space output."""
     x = jax.nn.relu(self.norm4(self.deconv3(fused)))
     x = jax.nn.relu(self.norm5(self.deconv2(x)))
     x = self.deconv1(x)
-    x = jax.nn.leaky_relu(self.conv_su1(x) + self.conv_su2(image),
+    x = jax.nn.leaky_relu(self.conv_su1(x) + self.conv_su2(model_image),
                           negative_slope=self.config.leaky_slope)
     x = x + x * self.layer1(x)
     return self.deconv(x)
 
-  def network_with_diagnostics(self, image: jax.Array
-                               ) -> tuple[jax.Array, list[fp.FixedPointResult]]:
-    """The authors' forward pass on a model-space NHWC image with even H and W.
-
-    Returns the model-space output and each IM-block's `FixedPointResult` (its
-    ``value`` is the block's output, the next block's g0).
-    """
-    x = self.features(image)
-    results = []
-    for block in self.im_blocks:
-      results.append(block.solve(x))
-      x = results[-1].value
-    return self.decode(self.fuse([r.value for r in results]), image), results
-
-  def network(self, image: jax.Array) -> jax.Array:
-    """The authors' forward pass on a model-space NHWC image with even H and W."""
-    return self.network_with_diagnostics(image)[0]
-
-  def forward_with_diagnostics(self, rgb: jax.Array
-                               ) -> tuple[jax.Array, list[fp.FixedPointResult]]:
-    """Like ``__call__``, plus each IM-block's `FixedPointResult`.
+  def forward_rgb_with_diagnostics(self, rgb: jax.Array
+                                   ) -> tuple[jax.Array, list[fp.FixedPointResult]]:
+    """Like ``__call__`` (RGB [0, 1] in and out), plus each IM-block's `FixedPointResult`.
 
     The diagnostics (status, steps taken, final residual, residual history padded
     with NaN to the block's `iterations`) have a leading batch axis; under ``jax.jit``
-    they come back without recompiling per image of the same size.
+    they come back without recompiling per image of the same size. A result's
+    ``value`` is the block's output, the next block's g0.
     """
-    cfg = self.config
     h, w = rgb.shape[1:3]
-    # One stride-2 encoder conv and one 2x transposed conv: even sizes round-trip exactly.
-    pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
-    x = jnp.pad(rgb.astype(jnp.float32), pad, mode=cfg.pad_mode) if (h % 2 or w % 2) else rgb
-    x = to_model_space(x, cfg).astype(cfg.dtype)
-    out, results = self.network_with_diagnostics(x)
-    y = from_model_space(out.astype(jnp.float32), cfg)
+    model_image = self.model_input(rgb)
+    results = [run.result for run in self.solve_blocks(model_image)]
+    out = self.decode(self.fuse([r.value for r in results]), model_image)
+    y = from_model_space(out.astype(jnp.float32), self.config)
     return y[:, :h, :w, :], results
 
   def __call__(self, rgb: jax.Array) -> jax.Array:
     """RGB [0, 1] NHWC (any H, W) -> RGB [0, 1]-scale NHWC, unclipped."""
-    return self.forward_with_diagnostics(rgb)[0]
+    return self.forward_rgb_with_diagnostics(rgb)[0]
 
 
 def to_model_space(rgb: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -6,7 +6,7 @@ conv3 that reads them, and in the decoder deconv3 (the 2x transposed conv),
 norm4, deconv2, norm5 and deconv1. Here those stages run on horizontal strips of
 ``rows`` image rows plus a halo of neighbouring rows, so only strip-sized
 64-channel maps exist at full resolution; the half-resolution middle (residual
-blocks, IM-blocks) runs on the whole image as in `MINet.network`, and so do the
+blocks, IM-blocks) runs on the whole image as in `MINet.__call__`, and so do the
 3-channel tail and its global pooling. Nothing is approximated:
 
 * Each strip calls the model's own layer modules on its rows plus the halo, and
@@ -18,7 +18,7 @@ blocks, IM-blocks) runs on the whole image as in `MINet.network`, and so do the
   that conv and normalises it with them. Recomputing the cheap early layers costs
   less memory than keeping one full-resolution 64-channel map.
 
-The result equals `MINet.network` up to float32 rounding (the summation order of
+The result equals the whole-image forward up to float32 rounding (the summation order of
 the statistics differs). Every pass is a loop over strips of one shape. Called
 eagerly (as `minet_jax.apply` does), the network runs as eight compiled stages, one
 after the other (encoder, residual blocks, each IM-block, fusion, decoder, tail),
@@ -249,8 +249,9 @@ def _decode(model: MINet, fused: jax.Array, image: jax.Array, rows: int) -> jax.
 
 
 def network(model: MINet, image: jax.Array, rows: int) -> jax.Array:
-  """`MINet.network` (model-space NHWC image, even H and W) with strips of `rows` rows.
+  """MI-Net on a model-space NHWC image (even H and W) with strips of `rows` rows.
 
+  The same function as `MINet.decode(fuse(...), image)` after `MINet.solve_blocks`.
   `rows` must be even and at most the image height. Called eagerly, the stages run
   as separate programs, so one program's scratch never sits beside another's;
   under an enclosing ``jax.jit`` they inline into one program, which XLA:CPU lays
@@ -371,7 +372,7 @@ def forward(model: MINet, rgb: jax.Array, rows: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _to_network_input(cfg: ModelConfig, rgb: jax.Array) -> jax.Array:
-  # As MINet.forward_with_diagnostics: odd sides are padded for the stride-2 encoder.
+  # As MINet.model_input: odd sides are padded for the stride-2 encoder.
   h, w = rgb.shape[1:3]
   pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
   x = jnp.pad(rgb.astype(jnp.float32), pad, mode=cfg.pad_mode) if (h % 2 or w % 2) else rgb

@@ -134,16 +134,17 @@ def test_penalty_inputs_agree_and_weight_zero_is_free():
   assert float(from_images) > 0
   np.testing.assert_allclose(from_batch, from_images, rtol=1e-6)
   # Operating points from the diagnostics equal the blocks' outputs.
-  _, results = model.forward_with_diagnostics(images)
+  _, results = model.forward_rgb_with_diagnostics(images)
   outputs = contractive.operating_points(model, images)
   np.testing.assert_allclose(outputs[1][0], results[0].value, rtol=1e-6)
   np.testing.assert_allclose(outputs[1][1], results[1].value, rtol=1e-6)
-  from_points = penalty(params, outputs, key)
+  at_points = jax.jit(lambda p, x, k: contractive.penalty_at_points(p, x, key=k))
+  from_points = at_points(params, outputs, key)
   assert float(from_points) > 0
   assert float(contractive.weighted_penalty(params, images, key=key)) == 0.0
   with pytest.raises(ValueError, match="even H and W"):
     contractive.penalty(params, images[:, :7], key=key)
   with pytest.raises(ValueError, match="operating points"):
-    contractive.penalty(params, [(images, images)], key=key)
+    contractive.penalty_at_points(params, [(images, images)], key=key)
   with pytest.raises(TypeError, match="MINet or minet_jax.Params"):
     contractive.penalty({"weights": 1}, images, key=key)

@@ -214,7 +214,7 @@ def test_model_diagnostics_come_from_one_compilation():
                               solver="picard", rtol=1e-4, unroll=1)
   model = minet_jax.model_from_params(_random_params(cfg))
   graphdef, state = nnx.split(model)
-  run = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward_with_diagnostics(x))
+  run = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward_rgb_with_diagnostics(x))
   for seed in range(2):
     x = jax.random.uniform(jax.random.key(seed), (1, 12, 10, 3))
     y, results = run(state, x)

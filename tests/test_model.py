@@ -209,8 +209,8 @@ def test_rgb01_input_format_feeds_the_image_unchanged():
   model = MINet(minet_jax.ModelConfig(features=4, iterations=(1,), dilations=(1,),
                                       input_format="rgb01"), rngs=nnx.Rngs(0))
   seen = []
-  original = model.features
-  model.features = lambda image: seen.append(image) or original(image)
+  original = model.encode
+  model.encode = lambda image: seen.append(image) or original(image)
   x = jax.random.uniform(jax.random.key(0), (1, 4, 6, 3))
   model(x)
   np.testing.assert_array_equal(seen[0], x)

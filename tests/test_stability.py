@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,18 +14,21 @@ import pytest
 from flax import nnx
 
 import minet_jax
-from minet_jax import stability
+from minet_jax import spectral, stability
 from minet_jax.model import IMBlock
+from minet_jax.stability import cli
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _estimates(a: np.ndarray, *, radius_iters=300, window=100, arnoldi_iters=12):
   a = jnp.asarray(a, jnp.float32)
-  matvec, rmatvec = stability.linearise(lambda v: a @ v, jnp.zeros(a.shape[0]))
+  matvec, rmatvec = spectral.linearise(lambda v: a @ v, jnp.zeros(a.shape[0]))
   keys = jax.random.split(jax.random.key(0), 3)
   v = [jax.random.normal(k, (a.shape[0],)) for k in keys]
-  radius = stability.spectral_radius(matvec, v[0], num_iters=radius_iters, window=window)
-  ritz = stability.ritz_summary(stability.arnoldi(matvec, v[1], num_iters=arnoldi_iters))
-  norm = stability.spectral_norm(matvec, rmatvec, v[2], num_iters=200)
+  radius = spectral.spectral_radius(matvec, v[0], num_iters=radius_iters, window=window)
+  ritz = spectral.ritz_summary(spectral.arnoldi(matvec, v[1], num_iters=arnoldi_iters))
+  norm = spectral.spectral_norm(matvec, rmatvec, v[2], num_iters=200)
   return float(radius["radius"]), ritz["radius"], float(norm["norm"]), radius
 
 
@@ -122,7 +128,7 @@ def test_cli_writes_json_and_plots(tmp_path, capsys):
   rgb = (np.random.default_rng(0).uniform(size=(14, 11, 3)) * 255).astype(np.uint8)
   Image.fromarray(rgb).save(tmp_path / "in.png")
   out = tmp_path / "report"
-  code = stability.main(["--ckpt", str(tmp_path / "ckpt"), "--image", str(tmp_path / "in.png"),
+  code = cli.main(["--ckpt", str(tmp_path / "ckpt"), "--image", str(tmp_path / "in.png"),
                          "--out", str(out), "--steps", "5", "--radius-iters", "8",
                          "--radius-window", "4", "--arnoldi-iters", "4", "--norm-iters", "4"])
   assert code == 0
@@ -132,7 +138,7 @@ def test_cli_writes_json_and_plots(tmp_path, capsys):
     assert len(block["residual_history"]) == 5 and block["model_steps"] == 3
     assert (out / f"block{i}_residuals.png").read_bytes()[:4] == b"\x89PNG"
   assert "Theorem 1" in capsys.readouterr().out
-  assert stability.main(["--ckpt", str(tmp_path / "missing"), "--image", str(tmp_path / "in.png"),
+  assert cli.main(["--ckpt", str(tmp_path / "missing"), "--image", str(tmp_path / "in.png"),
                          "--out", str(out)]) == 2
 
 
@@ -142,8 +148,21 @@ def test_unsafe_pth_is_a_one_line_error(tmp_path, capsys):
   (tmp_path / "evil.pth").write_bytes(
       b"\x80\x02cposix\nsystem\nX" + len(f"touch {marker}").to_bytes(4, "little") +
       f"touch {marker}".encode() + b"\x85R.")
-  code = stability.main(["--pth", str(tmp_path / "evil.pth"), "--image", str(tmp_path / "x.png"),
+  code = cli.main(["--pth", str(tmp_path / "evil.pth"), "--image", str(tmp_path / "x.png"),
                          "--out", str(tmp_path / "out")])
   err = capsys.readouterr().err
   assert code == 2 and err.count("\n") == 1 and "posix.system" in err, err
   assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_analysis_imports_no_plotting_and_the_module_runs(tmp_path):
+  # The analysis is usable without matplotlib; the report and the CLI bring it in.
+  script = "import sys, minet_jax.stability; print('matplotlib' in sys.modules)"
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip().splitlines()[-1] == "False"
+  result = subprocess.run([sys.executable, "-m", "minet_jax.stability", "--help"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert "python -m minet_jax.stability" in result.stdout
