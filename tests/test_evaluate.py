@@ -44,18 +44,9 @@ def sots_like(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-  # Random weights straight from the parameter shapes (cheaper than running init).
-  cfg = ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))
-  rng = np.random.default_rng(1)
-  weights: dict = {}
-  for path_keys, shape in minet_jax.params.param_shapes(cfg).items():
-    node = weights
-    for k in path_keys[:-1]:
-      node = node.setdefault(k, {})
-    node[path_keys[-1]] = (0.2 * rng.standard_normal(shape)).astype(np.float32)
+def tiny_ckpt(tmp_path_factory, random_params):
   path = tmp_path_factory.mktemp("ckpt") / "tiny"
-  minet_jax.save(minet_jax.Params(weights=weights, config=cfg), path)
+  minet_jax.save(random_params(ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))), path)
   return path
 
 
