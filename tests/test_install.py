@@ -35,9 +35,11 @@ def _can_build_offline() -> bool:
   return (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None
 
 
-def _outside_checkout(entry: str) -> bool:
+def _not_the_checkout(entry: str) -> bool:
+  """A sys.path folder other than the checkout's root (where ``minet_jax/`` would be found);
+  a virtual environment inside the checkout (CI's) is kept."""
   path = pathlib.Path(entry or ".").resolve()
-  return path.is_dir() and path != REPO and REPO not in path.parents
+  return path.is_dir() and path != REPO
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def installed(tmp_path_factory) -> pathlib.Path:
   purelib = subprocess.run(
       [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
       capture_output=True, text=True, check=True).stdout.strip()
-  ours = [entry for entry in sys.path if _outside_checkout(entry)]
+  ours = [entry for entry in sys.path if _not_the_checkout(entry)]
   (pathlib.Path(purelib) / "outer_environment.pth").write_text("\n".join(ours) + "\n")
   # pip builds a local folder in place (build/, *.egg-info): build a copy of what it reads.
   source = root.parent / "source"
