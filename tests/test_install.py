@@ -81,7 +81,6 @@ def installed(tmp_path_factory) -> pathlib.Path:
   return root / "bin"
 
 
-@pytest.mark.slow
 def test_import_resolves_to_the_installed_copy(installed):
   result = subprocess.run(
       [str(installed / "python"), "-c",
@@ -96,7 +95,6 @@ def test_import_resolves_to_the_installed_copy(installed):
   assert version == minet_jax.__version__
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_console_script_help(installed, script):
   result = subprocess.run([str(installed / script), "--help"], capture_output=True, text=True,
@@ -105,7 +103,6 @@ def test_console_script_help(installed, script):
   assert result.stdout.lower().startswith("usage:"), result.stdout[:500]
 
 
-@pytest.mark.slow
 def test_installed_train_reads_a_config_relative_to_the_current_folder(installed, tmp_path):
   # configs/tiny.py imports `configs.default`: loaded from the checkout's folder while the
   # script itself runs from the environment's bin/. An unknown field fails after loading.
