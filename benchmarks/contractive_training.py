@@ -29,18 +29,16 @@ import pathlib
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a plain checkout
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-import minet_jax  # noqa: E402
-from minet_jax import params as params_lib  # noqa: E402
-from minet_jax import contractive, convert, metrics, stability  # noqa: E402
-from minet_jax.data import folders  # noqa: E402
+import minet_jax
+from minet_jax import params as params_lib
+from minet_jax import contractive, convert, metrics, stability
+from minet_jax.data import folders
 
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))

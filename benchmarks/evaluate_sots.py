@@ -19,8 +19,7 @@ import pathlib
 import sys
 import tempfile
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a plain checkout
-from minet_jax import convert, evaluation  # noqa: E402
+from minet_jax import convert, evaluation
 
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))

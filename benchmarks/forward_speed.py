@@ -9,17 +9,14 @@ authors' PyTorch model takes about 4.8 s per 620x460 image on a 2-core CPU with 
 from __future__ import annotations
 
 import argparse
-import pathlib
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a plain checkout
-import minet_jax  # noqa: E402
+import minet_jax
 
 
 def main() -> None:

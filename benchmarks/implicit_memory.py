@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a plain checkout
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import optax
 
-import minet_jax  # noqa: E402
-from minet_jax import params as params_lib  # noqa: E402
+import minet_jax
+from minet_jax import params as params_lib
 
 MODES = (("unrolled", "backprop"), ("unrolled", "implicit"), ("picard", "implicit"))
 

@@ -18,16 +18,12 @@ import argparse
 import statistics
 import time
 
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a plain checkout
-from minet_jax import layers  # noqa: E402
+from minet_jax import layers
 
 _DN = ("NHWC", "HWIO", "NHWC")
 

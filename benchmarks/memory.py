@@ -27,14 +27,13 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a plain checkout
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
 
-import minet_jax  # noqa: E402
-from minet_jax import strips  # noqa: E402
+import minet_jax
+from minet_jax import strips
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("MINET_SHARED", ROOT.parent / "shared"))

@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a plain checkout
-import minet_jax  # noqa: E402
-from minet_jax import convert, image_io, metrics  # noqa: E402
+import minet_jax
+from minet_jax import convert, image_io, metrics
 
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))

@@ -22,10 +22,9 @@ import time
 import numpy as np
 import skimage.data
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a plain checkout
-import minet_jax  # noqa: E402
-from minet_jax import metrics, tiling  # noqa: E402
-from minet_jax.data import folders  # noqa: E402
+import minet_jax
+from minet_jax import metrics, tiling
+from minet_jax.data import folders
 
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))

@@ -26,7 +26,6 @@ import os
 import pathlib
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -34,10 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a plain checkout
-from configs import its_authors  # noqa: E402
-from minet_jax.train import state as state_lib  # noqa: E402
-from minet_jax.train.step import loss_and_grads, make_train_step  # noqa: E402
+from minet_jax.train import config_file
+from minet_jax.train import state as state_lib
+from minet_jax.train.step import loss_and_grads, make_train_step
+
+its_authors = config_file.load_module(
+    pathlib.Path(__file__).resolve().parents[1] / "configs" / "its_authors.py")
 
 
 def median_seconds(fn, *args, repeats: int) -> float:

@@ -10,17 +10,14 @@ computation unrolled (jax-ml/jax#12868), which is why `ModelConfig.unroll` defau
 from __future__ import annotations
 
 import argparse
-import pathlib
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a plain checkout
-import minet_jax  # noqa: E402
+import minet_jax
 
 
 def time_grad(unroll, size: int, batch: int, repeats: int) -> tuple[float, float]:

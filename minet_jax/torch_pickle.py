@@ -1,4 +1,4 @@
-"""Reading (and writing) PyTorch checkpoints without importing torch.
+"""Reading PyTorch checkpoints without importing torch.
 
 A ``.pth`` file is a pickle, and unpickling runs whatever callables the pickle
 names. This module reads both formats ``torch.save`` writes with a restricted
@@ -55,8 +55,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import numpy as np
-
-from minet_jax import files
 
 PathLike = str | os.PathLike
 
@@ -891,110 +889,3 @@ def load_state_dict(path: PathLike, *, max_bytes: int | None = None) -> dict[str
   with open_state_dict(path) as lazy, _named(pathlib.Path(path)):
     return read_tensors(lazy, max_bytes=default_max_bytes(path) if max_bytes is None
                         else max_bytes)
-
-
-# --------------------------------------------------------------------------- writer
-
-
-class _Global:
-  """A name to emit as a pickle GLOBAL without importing it."""
-
-  def __init__(self, module: str, name: str):
-    self.module, self.name = module, name
-
-  def __call__(self, *args):
-    raise TypeError(f"{self.module}.{self.name} is only a name to write into a pickle")
-
-
-class _StorageRef:
-  """A flat array stored once, however many tensors view it."""
-
-  def __init__(self, array: np.ndarray):
-    array = np.ascontiguousarray(array).reshape(-1)
-    if array.dtype not in _TORCH_STORAGE_NAMES:
-      raise TypeError(f"dtype {array.dtype} has no torch storage type")
-    self.array = array.astype(array.dtype.newbyteorder("<"))
-
-
-class _TensorRef:
-  """Pickles as ``torch._utils._rebuild_tensor_v2`` over a storage."""
-
-  def __init__(self, array: np.ndarray, storage: _StorageRef | None = None, offset: int = 0):
-    self.shape = tuple(np.shape(array))
-    self.storage = _StorageRef(array) if storage is None else storage
-    self.offset = offset
-
-  def __reduce__(self):
-    stride = tuple(int(np.prod(self.shape[i + 1:], dtype=np.int64))
-                   for i in range(len(self.shape)))
-    return (_Global("torch._utils", "_rebuild_tensor_v2"),
-            (self.storage, self.offset, self.shape, stride, False, collections.OrderedDict()))
-
-
-_TORCH_STORAGE_NAMES = {np.dtype(v): k for k, v in _STORAGE_DTYPES.items()
-                        if v is not None and k != "UntypedStorage"}
-
-
-class _Writer(pickle._Pickler):  # The pure-Python pickler lets us emit GLOBALs by name.
-
-  dispatch = dict(pickle._Pickler.dispatch)
-
-  def __init__(self, file, legacy: bool):
-    super().__init__(file, protocol=2)
-    self.legacy = legacy
-    self.storages: dict[int, tuple[str, np.ndarray]] = {}
-
-  def save_name(self, obj):
-    self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-    self.memoize(obj)
-
-  dispatch[_Global] = save_name
-
-  def persistent_id(self, obj):
-    if not isinstance(obj, _StorageRef):
-      return None
-    key = self.storages.setdefault(id(obj), (str(len(self.storages)), obj.array))[0]
-    kind = _Global("torch", _TORCH_STORAGE_NAMES[obj.array.dtype])
-    if self.legacy:
-      return ("storage", kind, key, "cpu", obj.array.size, None)
-    return ("storage", kind, key, "cpu", obj.array.size)
-
-
-def _write_checkpoint(tree, path: PathLike, *, legacy: bool, writer=_Writer) -> None:
-  """Pickles ``tree`` (with _TensorRef leaves) into a torch.save-style file."""
-  path = pathlib.Path(path)
-  buf = io.BytesIO()
-  w = writer(buf, legacy)
-  w.dump(tree)
-  storages = list(w.storages.values())
-  with files.replacing(path) as tmp:
-    if legacy:
-      with open(tmp, "wb") as f:
-        for header in (LEGACY_MAGIC, LEGACY_PROTOCOL,
-                       {"protocol_version": LEGACY_PROTOCOL, "little_endian": True,
-                        "type_sizes": {"short": 2, "int": 4, "long": 4}}):
-          pickle.dump(header, f, protocol=2)
-        f.write(buf.getvalue())
-        pickle.dump([key for key, _ in storages], f, protocol=2)
-        for _, arr in storages:
-          f.write(struct.pack("<q", arr.size))
-          f.write(arr.tobytes())
-    else:
-      root = "archive/"
-      with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        zf.writestr(root + "data.pkl", buf.getvalue())
-        zf.writestr(root + "byteorder", "little")
-        for key, arr in storages:
-          zf.writestr(f"{root}data/{key}", arr.tobytes())
-        zf.writestr(root + "version", "3\n")
-
-
-def save_state_dict(state_dict: Mapping[str, np.ndarray], path: PathLike, *,
-                    legacy: bool = False) -> None:
-  """Writes ``{name: array}`` in the layout ``torch.save(state_dict)`` produces.
-
-  Zip format by default, the pre-1.6 legacy stream with ``legacy=True``;
-  arrays are stored C-contiguous little-endian; the file appears atomically.
-  """
-  tree = collections.OrderedDict((name, _TensorRef(np.asarray(v))) for name, v in state_dict.items())
-  _write_checkpoint(tree, path, legacy=legacy)

@@ -40,3 +40,20 @@ def released_params(shared_dir, tmp_path_factory):
   out = tmp_path_factory.mktemp("released") / "minet_its"
   convert.convert(shared_dir / "weights" / "minet_its_official.pth", out)
   return minet_jax.load(out)
+
+
+@pytest.fixture(scope="session")
+def random_params():
+  """Untrained parameters: ``random_params(config=None, seed=0)`` is
+  ``minet_jax.init(config, seed=seed)`` (the authors' initialisation), made once per
+  (config, seed) in a session, since each new architecture's init compiles for seconds.
+  ``config`` is a `ModelConfig` or None (the released architecture)."""
+  import minet_jax
+  made: dict = {}
+
+  def make(config=None, seed: int = 0):
+    if (config, seed) not in made:
+      made[config, seed] = minet_jax.init(config, seed=seed)
+    return made[config, seed]
+
+  return make

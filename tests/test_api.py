@@ -28,8 +28,8 @@ def _umask() -> int:
 
 
 @pytest.fixture(scope="module")
-def params():
-  return minet_jax.init(TINY, seed=1)
+def params(random_params):
+  return random_params(TINY, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def image():
   return np.random.default_rng(0).integers(0, 256, size=(19, 26, 3), dtype=np.uint8)
 
 
-def test_done_when_example_shape():
-  out = minet_jax.apply(minet_jax.init(), np.zeros((37, 53, 3), np.uint8))
+def test_done_when_example_shape(random_params):
+  out = minet_jax.apply(random_params(), np.zeros((37, 53, 3), np.uint8))
   assert out.shape == (37, 53, 3)
 
 

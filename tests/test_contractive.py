@@ -107,24 +107,10 @@ def test_training_on_the_penalty_makes_picard_converge():
   assert np.all(radii < 1.0), radii
 
 
-def _random_params(cfg, seed=0):
-  from minet_jax.params import param_shapes
-  rng = np.random.default_rng(seed)
-  weights: dict = {}
-  for path, shape in param_shapes(cfg).items():
-    node = weights
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    scale = path[-1] == "scale"
-    node[path[-1]] = jnp.asarray((1.0 if scale else 0.0) + 0.3 * rng.normal(size=shape),
-                                 jnp.float32)
-  return minet_jax.Params(weights=weights, config=cfg)
-
-
-def test_penalty_inputs_agree_and_weight_zero_is_free():
+def test_penalty_inputs_agree_and_weight_zero_is_free(random_params):
   cfg = minet_jax.ModelConfig(features=3, pre_blocks=0, iterations=(3, 3), dilations=(1, 2),
                               contractive_target=0.0, contractive_iters=3)
-  params = _random_params(cfg)
+  params = random_params(cfg)
   images = jax.random.uniform(jax.random.key(6), (2, 8, 6, 3))
   key = jax.random.key(7)
   model = minet_jax.model_from_params(params)

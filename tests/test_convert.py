@@ -16,6 +16,8 @@ import pytest
 import minet_jax
 from minet_jax import convert, torch_names, torch_pickle
 
+import pth_writer
+
 
 @pytest.fixture(scope="module")
 def official(shared_dir):
@@ -62,10 +64,10 @@ def test_zip_and_plain_state_dicts_convert_identically(tmp_path, official, legac
   sd = {prefix + k: ref[k] for k in ref.files}
   path = tmp_path / "sd.pth"
   if wrapper:
-    tree = {"epoch": 1, wrapper: {k: torch_pickle._TensorRef(v) for k, v in sd.items()}}
-    torch_pickle._write_checkpoint(tree, path, legacy=legacy)
+    tree = {"epoch": 1, wrapper: {k: pth_writer.TensorRef(v) for k, v in sd.items()}}
+    pth_writer.write_checkpoint(tree, path, legacy=legacy)
   else:
-    torch_pickle.save_state_dict(sd, path, legacy=legacy)
+    pth_writer.save_state_dict(sd, path, legacy=legacy)
   got = _flat(convert.weights_from_checkpoint(path).weights)
   want = _flat(convert.weights_from_checkpoint(pth).weights)
   assert got.keys() == want.keys()
@@ -79,7 +81,7 @@ def test_mismatched_state_dict_names_every_problem(tmp_path, official, capsys):
   sd["extra.weight"] = np.zeros(3, np.float32)
   sd["conv1.weight"] = np.zeros((64, 3, 5, 5), np.float32)
   path = tmp_path / "bad.pth"
-  torch_pickle.save_state_dict(sd, path)
+  pth_writer.save_state_dict(sd, path)
   out = tmp_path / "out"
   assert convert.main([str(path), str(out)]) == 1
   err = capsys.readouterr().err
@@ -144,7 +146,7 @@ class _ViewRef:
     self.storage, self.size, self.stride = storage, size, stride
 
   def __reduce__(self):
-    return (torch_pickle._Global("torch._utils", "_rebuild_tensor_v2"),
+    return (pth_writer.Global("torch._utils", "_rebuild_tensor_v2"),
             (self.storage, 0, self.size, self.stride, False, collections.OrderedDict()))
 
 
@@ -152,7 +154,7 @@ def _write_zip(path, tree, bombs: dict[str, int] = {}) -> None:
   """A torch zip checkpoint of ``tree``; storage ``key`` in ``bombs`` is instead that many
   deflated zero bytes."""
   buf = io.BytesIO()
-  writer = torch_pickle._Writer(buf, legacy=False)
+  writer = pth_writer.Writer(buf, legacy=False)
   writer.dump(tree)
   with zipfile.ZipFile(path, "w") as zf:
     zf.writestr("archive/data.pkl", buf.getvalue())
@@ -198,7 +200,7 @@ def test_zero_stride_tensors_cannot_exhaust_memory(tmp_path, capsys):
   # Each tensor is 1024x1024 float64 (8 MB) over a 2-element storage: a 2 KB file.
   path = tmp_path / "stride0.pth"
   tree = collections.OrderedDict(
-      (f"t{i}", _ViewRef(torch_pickle._StorageRef(np.zeros(2)), (1024, 1024), (0, 0)))
+      (f"t{i}", _ViewRef(pth_writer.StorageRef(np.zeros(2)), (1024, 1024), (0, 0)))
       for i in range(16))
   _write_zip(path, tree)
   peak = _peak_bytes(lambda: convert.weights_from_checkpoint(path))
@@ -214,9 +216,9 @@ def test_zip_bomb_storage_cannot_exhaust_memory(tmp_path, declared, capsys):
   # elements; "inflated": it declares a storage as large as the member.
   sd = _released_state_dict()
   bomb = 128 << 20
-  tree = collections.OrderedDict((k, torch_pickle._TensorRef(v)) for k, v in sd.items())
+  tree = collections.OrderedDict((k, pth_writer.TensorRef(v)) for k, v in sd.items())
   if declared == "inflated":
-    storage = torch_pickle._StorageRef(np.zeros(1, np.float32))
+    storage = pth_writer.StorageRef(np.zeros(1, np.float32))
     storage.array = np.broadcast_to(np.float32(0), (bomb // 4,))  # Declares the size only.
     tree["conv1.weight"] = _ViewRef(storage, sd["conv1.weight"].shape, (27, 9, 3, 1))
   path = tmp_path / "bomb.pth"
@@ -235,7 +237,7 @@ def test_complex_and_integer_weights_are_refused_not_cast(tmp_path, dtype, capsy
   sd = _released_state_dict()
   sd["gate.weight"] = sd["gate.weight"].astype(dtype)
   path = tmp_path / "typed.pth"
-  torch_pickle.save_state_dict(sd, path)
+  pth_writer.save_state_dict(sd, path)
   out = tmp_path / "out"
   assert convert.main([str(path), str(out)]) == 1
   err = capsys.readouterr().err
@@ -247,7 +249,7 @@ def test_nan_weights_leave_no_folder(tmp_path, capsys):
   sd = _released_state_dict()
   sd["deconv3.bias"][1] = np.nan
   path = tmp_path / "nan.pth"
-  torch_pickle.save_state_dict(sd, path)
+  pth_writer.save_state_dict(sd, path)
   out = tmp_path / "out"
   assert convert.main([str(path), str(out)]) == 1
   assert "deconv3.bias: 1 of 64 values" in capsys.readouterr().err

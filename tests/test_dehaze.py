@@ -15,17 +15,9 @@ from minet_jax.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-  cfg = ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))
-  rng = np.random.default_rng(2)
-  weights: dict = {}
-  for keys, shape in minet_jax.params.param_shapes(cfg).items():
-    node = weights
-    for k in keys[:-1]:
-      node = node.setdefault(k, {})
-    node[keys[-1]] = (0.2 * rng.standard_normal(shape)).astype(np.float32)
+def tiny_ckpt(tmp_path_factory, random_params):
   path = tmp_path_factory.mktemp("ckpt") / "tiny"
-  minet_jax.save(minet_jax.Params(weights=weights, config=cfg), path)
+  minet_jax.save(random_params(ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))), path)
   return path
 
 

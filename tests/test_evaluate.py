@@ -1,10 +1,9 @@
-"""evaluate.py / minet_jax.evaluation on tiny folders (and the real SOTS sample, hazy rows)."""
+"""minet_jax.evaluation and its command line on tiny folders (and the SOTS sample, hazy rows)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +13,6 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 import minet_jax
 from minet_jax import evaluation
 from minet_jax.config import ModelConfig
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-import evaluate as evaluate_cli  # noqa: E402
 
 
 def _sk(out, gt):
@@ -48,18 +44,9 @@ def sots_like(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-  # Random weights straight from the parameter shapes (cheaper than running init).
-  cfg = ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))
-  rng = np.random.default_rng(1)
-  weights: dict = {}
-  for path_keys, shape in minet_jax.params.param_shapes(cfg).items():
-    node = weights
-    for k in path_keys[:-1]:
-      node = node.setdefault(k, {})
-    node[path_keys[-1]] = (0.2 * rng.standard_normal(shape)).astype(np.float32)
+def tiny_ckpt(tmp_path_factory, random_params):
   path = tmp_path_factory.mktemp("ckpt") / "tiny"
-  minet_jax.save(minet_jax.Params(weights=weights, config=cfg), path)
+  minet_jax.save(random_params(ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))), path)
   return path
 
 
@@ -67,7 +54,7 @@ def test_scores_failures_and_outputs(sots_like, tiny_ckpt, tmp_path, capsys):
   root, truth = sots_like
   before = {p: p.read_bytes() for p in root.rglob("*.png")}
   out, images = tmp_path / "res", tmp_path / "img"
-  rc = evaluate_cli.main(["--ckpt", str(tiny_ckpt), "--data", str(root), "--out", str(out),
+  rc = evaluation.main(["--ckpt", str(tiny_ckpt), "--data", str(root), "--out", str(out),
                           "--save-images", str(images), "--no-progress"])
   captured = capsys.readouterr()
   assert rc == 1  # one image failed ...
@@ -105,7 +92,7 @@ def test_limit_methods_and_errors(sots_like):
     evaluation.evaluate(None, root, methods=["minet"], progress=False)
   with pytest.raises(ValueError, match="unknown method"):
     evaluation.evaluate(None, root, methods=["cap"], progress=False)
-  assert evaluate_cli.main(["--data", str(root / "nowhere"), "--methods", "hazy"]) == 2
+  assert evaluation.main(["--data", str(root / "nowhere"), "--methods", "hazy"]) == 2
 
 
 def test_real_sots_hazy_rows_match_published(shared_dir):
@@ -124,7 +111,7 @@ def test_real_sots_hazy_rows_match_published(shared_dir):
 def test_negative_and_zero_limits_are_refused(sots_like, capsys):
   root, _ = sots_like
   args = ["--data", str(root), "--methods", "hazy", "--no-progress", "--limit"]
-  assert evaluate_cli.main(args + ["-1"]) == 2  # not "all but the last image"
+  assert evaluation.main(args + ["-1"]) == 2  # not "all but the last image"
   assert "--limit must be >= 0, got -1" in capsys.readouterr().err
-  assert evaluate_cli.main(args + ["0"]) == 2
+  assert evaluation.main(args + ["0"]) == 2
   assert "no image pairs found" in capsys.readouterr().err

@@ -194,25 +194,10 @@ def test_unrolled_is_a_plain_loop_bit_for_bit():
   np.testing.assert_array_equal(got, jax.jit(loop)(g0))
 
 
-def _random_params(cfg):
-  """Random weights of the right shapes, without compiling an initialiser per layer."""
-  from minet_jax.params import param_shapes
-
-  rng = np.random.default_rng(0)
-  weights: dict = {}
-  for path, shape in param_shapes(cfg).items():
-    node = weights
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    mean = 1.0 if path[-1] == "scale" else 0.0
-    node[path[-1]] = jnp.asarray(mean + 0.3 * rng.normal(size=shape), jnp.float32)
-  return minet_jax.Params(weights=weights, config=cfg)
-
-
-def test_model_diagnostics_come_from_one_compilation():
+def test_model_diagnostics_come_from_one_compilation(random_params):
   cfg = minet_jax.ModelConfig(features=4, pre_blocks=0, iterations=(5, 7), dilations=(1, 2),
                               solver="picard", rtol=1e-4, unroll=1)
-  model = minet_jax.model_from_params(_random_params(cfg))
+  model = minet_jax.model_from_params(random_params(cfg))
   graphdef, state = nnx.split(model)
   run = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward_rgb_with_diagnostics(x))
   for seed in range(2):

@@ -59,9 +59,9 @@ def test_name_table_matches_the_released_checkpoint(shared_dir):
     np.testing.assert_array_equal(back[name], value, err_msg=name)
 
 
-def test_state_dict_mismatch_names_every_tensor():
+def test_state_dict_mismatch_names_every_tensor(random_params):
   cfg = TINY
-  sd = torch_state_dict_from_weights(minet_jax.init(cfg).weights, cfg)
+  sd = torch_state_dict_from_weights(random_params(cfg).weights, cfg)
   sd["module.extra.weight"] = np.zeros(3)
   del sd["gate.bias"]
   sd["conv1.weight"] = np.zeros((8, 3, 5, 5), np.float32)

@@ -104,23 +104,7 @@ def test_block_analysis_matches_dense_jacobian(eta):
     assert report["observed_ratio_tail"] > 0.9
 
 
-def random_params(cfg: minet_jax.ModelConfig, seed: int = 0) -> minet_jax.Params:
-  """Random weights of the right shapes, without compiling an initialiser per layer."""
-  from minet_jax.params import param_shapes
-
-  rng = np.random.default_rng(seed)
-  weights: dict = {}
-  for path, shape in param_shapes(cfg).items():
-    node = weights
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    value = 1.0 + 0.1 * rng.normal(size=shape) if path[-1] == "scale" else 0.3 * rng.normal(
-        size=shape)
-    node[path[-1]] = jnp.asarray(value, jnp.float32)
-  return minet_jax.Params(weights=weights, config=cfg)
-
-
-def test_cli_writes_json_and_plots(tmp_path, capsys):
+def test_cli_writes_json_and_plots(tmp_path, capsys, random_params):
   from PIL import Image
 
   cfg = minet_jax.ModelConfig(features=4, pre_blocks=0, iterations=(3, 3), dilations=(1, 2))

@@ -14,12 +14,12 @@ from minet_jax import strips
 from minet_jax.config import ModelConfig
 
 
-def test_strips_equal_the_whole_image_forward():
+def test_strips_equal_the_whole_image_forward(random_params):
   # Random weights of the released architecture; 201x299 is padded to 202x300, cut
   # into 7 strips of 32 rows (the last overlapping its neighbour), so top and bottom
   # borders, interior seams and the overlap are all exercised; two different images
   # check that statistics stay per sample.
-  params = minet_jax.init(seed=1)
+  params = random_params()
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(2, 201, 299, 3)).astype(np.float32)
   whole = np.asarray(minet_jax.apply(params, images, strip_rows=0))
@@ -29,9 +29,9 @@ def test_strips_equal_the_whole_image_forward():
   assert np.abs(whole[0] - whole[1]).max() > 0.1  # the two samples differ
 
 
-def test_strips_under_an_enclosing_jit_and_any_strip_height():
+def test_strips_under_an_enclosing_jit_and_any_strip_height(random_params):
   cfg = ModelConfig(features=8, pre_blocks=1, iterations=(2, 2, 2))
-  params = minet_jax.init(cfg, seed=2)
+  params = random_params(cfg, seed=2)
   image = jnp.asarray(np.random.default_rng(1).uniform(size=(37, 50, 3)), jnp.float32)
   whole = np.asarray(minet_jax.apply(params, image, strip_rows=0))
   # Strips narrower than the halos; many strips, inside a caller's jit; one strip

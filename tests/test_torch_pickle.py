@@ -14,6 +14,8 @@ import pytest
 
 from minet_jax import torch_pickle as tp
 
+import pth_writer
+
 
 # ------------------------------------------------------------------ fixtures built without torch
 
@@ -32,18 +34,18 @@ class FakeModule:
 class ParamRef:
 
   def __init__(self, array):
-    self.tensor = tp._TensorRef(array)
+    self.tensor = pth_writer.TensorRef(array)
 
   def __reduce__(self):
-    return (tp._Global("torch._utils", "_rebuild_parameter"),
+    return (pth_writer.Global("torch._utils", "_rebuild_parameter"),
             (self.tensor, True, collections.OrderedDict()))
 
 
-class ModuleWriter(tp._Writer):
-  dispatch = dict(tp._Writer.dispatch)
+class ModuleWriter(pth_writer.Writer):
+  dispatch = dict(pth_writer.Writer.dispatch)
 
   def save_module(self, obj):
-    cls = tp._Global(*obj.cls_path.rsplit(".", 1))
+    cls = pth_writer.Global(*obj.cls_path.rsplit(".", 1))
     if self.legacy:  # Legacy torch names module classes through a persistent id.
       self.save_pers(("module", cls, "/somewhere/module.py", ""))
     else:
@@ -56,7 +58,7 @@ class ModuleWriter(tp._Writer):
         "_parameters": collections.OrderedDict(
             (k, None if v is None else ParamRef(v)) for k, v in obj.params.items()),
         "_buffers": collections.OrderedDict(
-            (k, None if v is None else tp._TensorRef(v)) for k, v in obj.buffers.items()),
+            (k, None if v is None else pth_writer.TensorRef(v)) for k, v in obj.buffers.items()),
         "_non_persistent_buffers_set": obj.non_persistent,
         "_modules": obj.modules,
     })
@@ -121,7 +123,7 @@ def test_plain_state_dict_roundtrip(tmp_path, legacy):
         "module.b": rng.integers(-9, 9, size=(3,)).astype(np.int64),
         "module.c": np.float16([1.5, -2]), "module.flag": np.array([True, False])}
   path = tmp_path / "sd.pth"
-  tp.save_state_dict(sd, path, legacy=legacy)
+  pth_writer.save_state_dict(sd, path, legacy=legacy)
   assert zipfile.is_zipfile(path) != legacy
   _assert_same(tp.load_state_dict(path), {k[len("module."):]: v for k, v in sd.items()})
   assert [p.name for p in tmp_path.iterdir()] == ["sd.pth"]
@@ -135,16 +137,16 @@ def test_whole_module_checkpoints(tmp_path, legacy, wrap):
           "model": {"epoch": 3, "model": module},
           "state_dict_of_module": {"state_dict": module, "best": 1.0}}[wrap]
   path = tmp_path / "m.pth"
-  tp._write_checkpoint(tree, path, legacy=legacy, writer=ModuleWriter)
+  pth_writer.write_checkpoint(tree, path, legacy=legacy, writer=ModuleWriter)
   _assert_same(tp.load_state_dict(path), expect)
 
 
 def test_state_dict_wrapper_and_numpy_scalar(tmp_path):
   w = np.arange(6, dtype=np.float32).reshape(2, 3)
   tree = {"epoch": np.int64(12), "lr": np.float32(0.5),
-          "state_dict": collections.OrderedDict(w=tp._TensorRef(w))}
+          "state_dict": collections.OrderedDict(w=pth_writer.TensorRef(w))}
   path = tmp_path / "c.pth"
-  tp._write_checkpoint(tree, path, legacy=False)
+  pth_writer.write_checkpoint(tree, path, legacy=False)
   obj = tp.load(path)
   assert obj["epoch"] == 12 and obj["lr"] == 0.5
   _assert_same(tp.to_state_dict(obj), {"w": w})
@@ -152,11 +154,11 @@ def test_state_dict_wrapper_and_numpy_scalar(tmp_path):
 
 def test_shared_storage_views(tmp_path):
   base = np.arange(10, dtype=np.float32)
-  storage = tp._StorageRef(base)
-  tree = {"a": tp._TensorRef(np.zeros((2, 2), np.float32), storage, offset=3),
-          "b": tp._TensorRef(np.zeros(10, np.float32), storage)}
+  storage = pth_writer.StorageRef(base)
+  tree = {"a": pth_writer.TensorRef(np.zeros((2, 2), np.float32), storage, offset=3),
+          "b": pth_writer.TensorRef(np.zeros(10, np.float32), storage)}
   path = tmp_path / "v.pth"
-  tp._write_checkpoint(tree, path, legacy=True)
+  pth_writer.write_checkpoint(tree, path, legacy=True)
   sd = tp.load_state_dict(path)
   np.testing.assert_array_equal(sd["a"], [[3, 4], [5, 6]])
   np.testing.assert_array_equal(sd["b"], base)
@@ -164,7 +166,7 @@ def test_shared_storage_views(tmp_path):
 
 def test_no_weights_is_a_clear_error(tmp_path):
   path = tmp_path / "x.pth"
-  tp._write_checkpoint({"epoch": 1, "optimizer": {"lr": 0.1}}, path, legacy=False)
+  pth_writer.write_checkpoint({"epoch": 1, "optimizer": {"lr": 0.1}}, path, legacy=False)
   with pytest.raises(tp.CheckpointFormatError, match="top-level keys"):
     tp.load_state_dict(path)
 
@@ -353,7 +355,7 @@ def test_malformed_pickles_are_one_line_refusals(tmp_path, case, capsys):
 
 def test_flipped_bytes_never_give_a_raw_error(tmp_path):
   src = tmp_path / "sd.pth"
-  tp.save_state_dict({"a": np.arange(6, dtype=np.float32).reshape(2, 3),
+  pth_writer.save_state_dict({"a": np.arange(6, dtype=np.float32).reshape(2, 3),
                       "b": np.float16([1, 2])}, src, legacy=True)
   data = src.read_bytes()
   path = tmp_path / "flipped.pth"

@@ -232,10 +232,11 @@ def test_unknown_config_field_is_an_error(tmp_path):
 
 @pytest.fixture()
 def train_cli():
-  """train.py's own flag parsing and main, in this process; flags are reset afterwards."""
+  """train.py's flag parsing and main (minet_jax.train.cli), in this process; flags are
+  reset afterwards."""
   from absl import flags
-  import train
-  yield train
+  from minet_jax.train import cli
+  yield cli
   flags.FLAGS.unparse_flags()
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
     delattr(flags.FLAGS, name)  # The --config.<field> flags a parse defined.

@@ -13,6 +13,9 @@ import time
 
 import pytest
 
+# Each test trains in several fresh processes (start-up, compile, checkpoints): minutes.
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
