@@ -39,7 +39,7 @@ from flax import nnx  # noqa: E402
 
 import minet_jax  # noqa: E402
 from minet_jax import params as params_lib  # noqa: E402
-from minet_jax import contractive, convert, metrics, stability  # noqa: E402
+from minet_jax import contractive, convert, image_io, metrics, stability  # noqa: E402
 from minet_jax.data import folders  # noqa: E402
 
 DEFAULT_SHARED = pathlib.Path(
@@ -142,7 +142,7 @@ def main() -> int:
   args = parser.parse_args()
 
   pairs = load_pairs(folders.find_its_pairs(args.shared / "data/RESIDE/ITS"))
-  crops = [(folders.centre_crop_to(h, (128, 128)), folders.centre_crop_to(c, (128, 128)))
+  crops = [(image_io.centre_crop(h, 128, 128), image_io.centre_crop(c, 128, 128))
            for h, c in load_pairs(folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor"))]
   results = []
   init_weights = None

@@ -30,10 +30,9 @@ from typing import Sequence
 
 import numpy as np
 
-from minet_jax.image_io import read_rgb
+from minet_jax.image_io import IMAGE_SUFFIXES, centre_crop, read_rgb
 
 RESIDE_URL = "https://sites.google.com/view/reside-dehaze-datasets"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 HAZY_DIRS = ("hazy", "Hazy", "HAZY")
 CLEAR_DIRS = ("gt", "GT", "clear", "clean", "Clear", "Clean")
 
@@ -325,20 +324,6 @@ def find_pairs(root: str | pathlib.Path, layout: str = "auto",
   return find_paired_folder(root)
 
 
-def centre_crop_to(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-  """Crops the centre ``hw`` = (height, width) window of an HxWx... image.
-
-  Used for SOTS ground truths released at 640x480 around 620x460 hazy images
-  (an offset of 10 px on each side).
-  """
-  h, w = int(hw[0]), int(hw[1])
-  height, width = image.shape[:2]
-  if h > height or w > width:
-    raise ValueError(f"cannot centre-crop a {height}x{width} image to {h}x{w} (it is smaller)")
-  top, left = (height - h) // 2, (width - w) // 2
-  return image[top:top + h, left:left + w]
-
-
 def _read_rgb(path: pathlib.Path) -> np.ndarray:
   return read_rgb(path, dtype=np.uint8)
 
@@ -353,7 +338,7 @@ def load_pair(record: PairRecord) -> tuple[np.ndarray, np.ndarray]:
   clear = _read_rgb(record.clear)
   if clear.shape != hazy.shape:
     try:
-      clear = centre_crop_to(clear, hazy.shape[:2])
+      clear = centre_crop(clear, *hazy.shape[:2])
     except ValueError as e:
       raise DatasetLayoutError(
           f"ground truth {record.clear} is {clear.shape[0]}x{clear.shape[1]} but hazy "
