@@ -315,7 +315,7 @@ def test_its_schedule_is_the_papers():
 
 def test_find_params_prefers_best(straight_run):
   workdir, _ = straight_run
-  found = checkpointing.find_params(workdir)
+  found = minet_jax.checkpoint.find_params(workdir)
   assert found is not None and found.parent.parent.name == "best"
 
 

@@ -128,6 +128,10 @@ class _Problem(Exception):
   """What is wrong with a dataset folder; `_find` adds the layout's tree to it."""
 
 
+# (hazy images, clear images, the folder holding the clear ones)
+_Files = tuple[list[pathlib.Path], list[pathlib.Path], pathlib.Path]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layout:
   """One folder layout, as the generic finder `_find` needs it.
@@ -146,8 +150,7 @@ class _Layout:
   name: str
   tree: str
   reside: bool
-  files: Callable[[pathlib.Path, _Layout], tuple[list[pathlib.Path], list[pathlib.Path],
-                                                 pathlib.Path]]
+  files: Callable[[pathlib.Path, _Layout], _Files]
   index: Callable[[list[pathlib.Path]], Any]
   match: Callable[[pathlib.Path, Any], PairRecord | None]
   subdirs: tuple[str, ...] = ()
@@ -183,7 +186,7 @@ def _find(root: str | pathlib.Path, layout: _Layout) -> list[PairRecord]:
 # ------------------------------------------------------------------ where the images are
 
 
-def _beside_each_other(root: pathlib.Path, layout: _Layout):
+def _beside_each_other(root: pathlib.Path, layout: _Layout) -> _Files:
   """``hazy/`` and the ground-truth folder side by side, in root or one of its subdirs."""
   candidates = ("", *layout.subdirs)
   folder = next((root / sub for sub in candidates if _first_dir(root / sub, HAZY_DIRS)), None)
@@ -204,7 +207,7 @@ _FLAT_HAZY = re.compile(r"^(?P<id>.+?)_(hazy|Hazy|HAZY)$")
 _FLAT_CLEAR = re.compile(r"^(?P<id>.+?)_(gt|GT|clear|clean|Clear|Clean)$")
 
 
-def _flat(root: pathlib.Path, layout: _Layout):
+def _flat(root: pathlib.Path, layout: _Layout) -> _Files:
   """``<id>_hazy`` and ``<id>_GT`` files in one folder (NH-HAZE as released)."""
   del layout
   files = _images(root)
@@ -254,7 +257,8 @@ def _match_its(path: pathlib.Path, clears: dict[str, pathlib.Path]) -> PairRecor
                     airlight=airlight)
 
 
-def _by_stem_and_scene(clears: list[pathlib.Path]):
+def _by_stem_and_scene(clears: list[pathlib.Path]
+                       ) -> tuple[dict[str, pathlib.Path], dict[str, list[pathlib.Path]]]:
   by_scene: dict[str, list[pathlib.Path]] = {}
   for p in clears:
     by_scene.setdefault(_scene_of(p.stem), []).append(p)
