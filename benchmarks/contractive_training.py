@@ -37,7 +37,7 @@ from flax import nnx
 
 import minet_jax
 from minet_jax import params as params_lib
-from minet_jax import contractive, convert, metrics, stability
+from minet_jax import contractive, convert, image_io, metrics, stability
 from minet_jax.data import folders
 
 DEFAULT_SHARED = pathlib.Path(
@@ -140,7 +140,7 @@ def main() -> int:
   args = parser.parse_args()
 
   pairs = load_pairs(folders.find_its_pairs(args.shared / "data/RESIDE/ITS"))
-  crops = [(folders.centre_crop_to(h, (128, 128)), folders.centre_crop_to(c, (128, 128)))
+  crops = [(image_io.centre_crop(h, 128, 128), image_io.centre_crop(c, 128, 128))
            for h, c in load_pairs(folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor"))]
   results = []
   init_weights = None

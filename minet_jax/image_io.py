@@ -113,6 +113,25 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
   return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def centre_crop(image, height: int, width: int):
+  """The centre ``height x width`` window of an image; equal sizes pass through.
+
+  ``image`` is (H, W), (H, W, C) or a batch (..., H, W, C), a numpy or a JAX array
+  (only sliced). Used for SOTS ground truths, released at 640x480 around 620x460
+  hazy images (10 px on each side).
+  """
+  axis = 0 if image.ndim == 2 else image.ndim - 3  # The height axis.
+  h, w = image.shape[axis], image.shape[axis + 1]
+  if height > h or width > w:
+    raise ValueError(f"cannot centre-crop a {h}x{w} image to {height}x{width}: the image is "
+                     "smaller than that (a crop cannot be larger than its image)")
+  top, left = (h - height) // 2, (w - width) // 2
+  window = [slice(None)] * image.ndim
+  window[axis] = slice(top, top + height)
+  window[axis + 1] = slice(left, left + width)
+  return image[tuple(window)]
+
+
 def write_png(path: PathLike, image: np.ndarray, *,
               protect: Iterable[PathLike] = (), exclusive: bool = False) -> pathlib.Path:
   """Writes an RGB (H, W, 3) or gray (H, W) image as an 8-bit PNG.

@@ -24,23 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minet_jax.image_io import centre_crop
+
 DATA_RANGE = 255.0
-
-
-def center_crop(image, height: int, width: int):
-  """Crops the centre ``height x width`` of ``(..., H, W, C)``; equal sizes pass through."""
-  h, w = image.shape[-3], image.shape[-2]
-  if h < height or w < width:
-    raise ValueError(f"cannot centre-crop an image of {h}x{w} to the larger {height}x{width}")
-  top, left = (h - height) // 2, (w - width) // 2
-  return image[..., top:top + height, left:left + width, :]
 
 
 def match_ground_truth(output, gt):
   """Centre-crops ``gt`` to ``output``'s size when it is larger (SOTS 640x480 GT)."""
   if output.shape[-1] != gt.shape[-1]:
     raise ValueError(f"channel count differs: output {output.shape}, ground truth {gt.shape}")
-  return center_crop(gt, output.shape[-3], output.shape[-2])
+  return centre_crop(gt, output.shape[-3], output.shape[-2])
 
 
 @functools.partial(jax.jit, static_argnames=("data_range",))
@@ -101,13 +94,18 @@ def ssim(output, target, data_range: float = DATA_RANGE, sigma: float = 1.5,
   return jnp.mean(s, axis=(1, 2, 3)).reshape(batch)
 
 
-def dehazing_scores(output, gt, data_range: float = DATA_RANGE) -> tuple[float, float]:
-  """(PSNR, SSIM) of one output against its ground truth under the protocol above.
+def protocol_scores(output, gt, data_range: float = DATA_RANGE) -> tuple[jax.Array, jax.Array]:
+  """Per-image (PSNR, SSIM) of outputs against ground truths under the protocol above.
 
-  ``output`` is unclipped on the ``data_range`` scale; ``gt`` may be larger and
-  is centre-cropped.
+  ``output`` is an unclipped image or batch on the ``data_range`` scale; ``gt``
+  may be larger and is centre-cropped.
   """
   output = jnp.clip(jnp.asarray(output, jnp.float32), 0.0, data_range)
   gt = match_ground_truth(output, jnp.asarray(gt, jnp.float32))
-  return (float(psnr(output, gt, data_range=data_range)),
-          float(ssim(output, gt, data_range=data_range)))
+  return psnr(output, gt, data_range=data_range), ssim(output, gt, data_range=data_range)
+
+
+def dehazing_scores(output, gt, data_range: float = DATA_RANGE) -> tuple[float, float]:
+  """`protocol_scores` of one image, as Python floats."""
+  p, s = protocol_scores(output, gt, data_range)
+  return float(p), float(s)

@@ -129,14 +129,6 @@ def test_missing_and_malformed_folders(tmp_path, sots_dir):
     folders.find_pairs(small, layout="nope")
 
 
-def test_centre_crop_to():
-  image = np.arange(6 * 8).reshape(6, 8)
-  np.testing.assert_array_equal(folders.centre_crop_to(image, (2, 4)), image[2:4, 2:6])
-  np.testing.assert_array_equal(folders.centre_crop_to(image, (6, 8)), image)
-  with pytest.raises(ValueError, match="smaller"):
-    folders.centre_crop_to(image, (7, 8))
-
-
 def _edges(image: np.ndarray) -> np.ndarray:
   grey = image.astype(np.float64).mean(-1)
   gy, gx = np.gradient(grey)

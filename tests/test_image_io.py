@@ -143,3 +143,17 @@ def test_write_png_refuses_protected_and_clips(tmp_path):
   assert not list((tmp_path / "new").glob("*.tmp"))
   with pytest.raises(ValueError, match="NaN"):
     image_io.write_png(tmp_path / "n.png", np.full((2, 2, 3), np.nan))
+
+
+def test_centre_crop():
+  # A colour image, as the metrics crop SOTS ground truths.
+  gt = np.arange(6 * 8 * 3).reshape(6, 8, 3)
+  np.testing.assert_array_equal(image_io.centre_crop(gt, 4, 4), gt[1:5, 2:6])
+  with pytest.raises(ValueError, match="larger"):
+    image_io.centre_crop(gt, 7, 8)
+  # A grey image, and the identity crop.
+  image = np.arange(6 * 8).reshape(6, 8)
+  np.testing.assert_array_equal(image_io.centre_crop(image, 2, 4), image[2:4, 2:6])
+  np.testing.assert_array_equal(image_io.centre_crop(image, 6, 8), image)
+  with pytest.raises(ValueError, match="smaller"):
+    image_io.centre_crop(image, 7, 8)

@@ -47,11 +47,7 @@ def test_ssim_detects_structure_change():
   assert float(metrics.ssim(gt[::-1], gt)) < 0.2
 
 
-def test_center_crop_and_errors():
-  gt = np.arange(6 * 8 * 3).reshape(6, 8, 3)
-  np.testing.assert_array_equal(metrics.center_crop(gt, 4, 4), gt[1:5, 2:6])
-  with pytest.raises(ValueError, match="larger"):
-    metrics.center_crop(gt, 7, 8)
+def test_ssim_needs_a_whole_window():
   with pytest.raises(ValueError, match="at least 11x11"):
     metrics.ssim(np.zeros((8, 20, 3)), np.zeros((8, 20, 3)))
 
@@ -63,7 +59,7 @@ def test_real_images_protocol_scores(shared_dir):
   for name in ("1400_1.png", "1403_8.png"):
     hazy = image_io.read_rgb(sots / "hazy" / name, np.uint8).astype(np.float64)
     gt = image_io.read_rgb(sots / "gt" / (name.split("_")[0] + ".png"), np.uint8)
-    gt = metrics.center_crop(gt.astype(np.float64), *hazy.shape[:2])
+    gt = image_io.centre_crop(gt.astype(np.float64), *hazy.shape[:2])
     p, s = metrics.dehazing_scores(hazy, image_io.read_rgb(
         sots / "gt" / (name.split("_")[0] + ".png"), np.uint8))
     assert abs(p - peak_signal_noise_ratio(gt, hazy, data_range=255)) < 1e-4
@@ -80,3 +76,13 @@ def test_dehazing_scores_clips_output():
   p, _ = metrics.dehazing_scores(out, gt)
   clipped = np.clip(out, 0, 255)
   assert p == pytest.approx(peak_signal_noise_ratio(gt, clipped, data_range=255), abs=1e-4)
+
+
+def test_protocol_scores_of_a_batch_match_per_image_scores():
+  rng = np.random.default_rng(5)
+  out = rng.uniform(-20, 275, (2, 16, 18, 3))  # Unclipped, as a model may give.
+  gt = rng.uniform(0, 255, (2, 20, 22, 3))  # Larger: centre-cropped.
+  p, s = metrics.protocol_scores(out, gt)
+  assert p.shape == s.shape == (2,)
+  for i in range(2):
+    np.testing.assert_allclose((p[i], s[i]), metrics.dehazing_scores(out[i], gt[i]), rtol=1e-6)

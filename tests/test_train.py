@@ -21,7 +21,7 @@ from configs import its, tiny
 from minet_jax.data import builders
 from minet_jax.train import checkpointing, state as state_lib
 from minet_jax.train import NonFiniteLossError, reconstruction_loss, train_and_evaluate
-from minet_jax.train.loop import _synthetic_config
+from minet_jax.train.inputs import synthetic_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ def test_run_writes_checkpoints_logs_grid_and_loads(straight_run, data_dir):
   params = minet_jax.load(workdir)
   assert params.config == minet_jax.model_config(tiny.get_config().model)
   source = builders.load_source("synthetic_haze", "validation", data_dir,
-                                synthetic_config=_synthetic_config(tiny.get_config().data))
+                                synthetic_config=synthetic_config(tiny.get_config().data))
   psnrs, ssims, hazy_psnrs = [], [], []
   for i in range(len(source)):
     example = source[i]
@@ -316,7 +316,7 @@ def test_its_schedule_is_the_papers():
 
 def test_find_params_prefers_best(straight_run):
   workdir, _ = straight_run
-  found = checkpointing.find_params(workdir)
+  found = minet_jax.checkpoint.find_params(workdir)
   assert found is not None and found.parent.parent.name == "best"
 
 
@@ -324,8 +324,8 @@ def test_default_synthetic_section_is_the_default_dataset():
   """The quickstart trains on the same synthetic_haze that evaluate.py builds by default."""
   from configs import default, quickstart
   from minet_jax.data.synthetic import SyntheticHazeConfig
-  assert _synthetic_config(default.get_config().data) == SyntheticHazeConfig()
-  assert _synthetic_config(quickstart.get_config().data) == SyntheticHazeConfig()
+  assert synthetic_config(default.get_config().data) == SyntheticHazeConfig()
+  assert synthetic_config(quickstart.get_config().data) == SyntheticHazeConfig()
 
 
 def test_identity_tail_init():

@@ -10,7 +10,6 @@ from __future__ import annotations
 from minet_jax.data.folders import DatasetLayoutError
 from minet_jax.data.folders import PairRecord
 from minet_jax.data.folders import RESIDE_URL
-from minet_jax.data.folders import centre_crop_to
 from minet_jax.data.folders import find_its_pairs
 from minet_jax.data.folders import find_paired_folder
 from minet_jax.data.folders import find_pairs

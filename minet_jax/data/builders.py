@@ -45,7 +45,7 @@ from PIL import Image
 
 from minet_jax.data import folders
 from minet_jax.data import synthetic
-from minet_jax.image_io import read_rgb
+from minet_jax.image_io import centre_crop, read_rgb
 
 VERSION = tfds.core.Version("1.0.0")
 RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -99,7 +99,7 @@ def _encoded(path: pathlib.Path,
       raise folders.DatasetLayoutError(
           f"ground truth {path} is {image.shape[0]}x{image.shape[1]}, smaller than its hazy "
           f"image ({hw[0]}x{hw[1]}); a ground truth must be the hazy size or larger")
-    image = folders.centre_crop_to(image, hw)
+    image = centre_crop(image, *hw)
   return _png(image), image.shape[:2]
 
 

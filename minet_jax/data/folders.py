@@ -26,14 +26,14 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from minet_jax.image_io import read_rgb
+from minet_jax.image_io import IMAGE_SUFFIXES, centre_crop, read_rgb
 
 RESIDE_URL = "https://sites.google.com/view/reside-dehaze-datasets"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 HAZY_DIRS = ("hazy", "Hazy", "HAZY")
 CLEAR_DIRS = ("gt", "GT", "clear", "clean", "Clear", "Clean")
 
@@ -117,33 +117,6 @@ def _scene_of(stem: str) -> str:
   return stem.split("_", 1)[0]
 
 
-def _index_by_scene(files: Sequence[pathlib.Path], tree: str,
-                    reside: bool) -> dict[str, pathlib.Path]:
-  by_scene: dict[str, pathlib.Path] = {}
-  for path in files:
-    scene = _scene_of(path.stem)
-    if scene in by_scene:
-      raise layout_error(
-          f"two ground truths for scene {scene!r}: {by_scene[scene].name} and {path.name}",
-          tree, reside=reside)
-    by_scene[scene] = path
-  return by_scene
-
-
-def _resolve(root: str | pathlib.Path, candidates: Sequence[str], tree: str,
-             what: str) -> pathlib.Path:
-  """Finds the folder holding ``hazy/`` among ``root`` and some sub-paths."""
-  root = pathlib.Path(root).expanduser()
-  if not root.is_dir():
-    raise layout_error(f"{what} folder not found: {root}", tree)
-  for sub in ("", *candidates):
-    folder = root / sub if sub else root
-    if _first_dir(folder, HAZY_DIRS) is not None:
-      return folder
-  tried = ", ".join(str(root / c) for c in ("", *candidates))
-  raise layout_error(f"no hazy/ folder for {what} under {root} (looked in {tried})", tree)
-
-
 def _parse_float(text: str) -> float | None:
   try:
     return float(text)
@@ -151,12 +124,182 @@ def _parse_float(text: str) -> float | None:
     return None
 
 
-def _unmatched_error(hazy: Sequence[pathlib.Path], clear_dir: pathlib.Path, tree: str,
-                     reside: bool) -> DatasetLayoutError:
-  names = ", ".join(p.name for p in hazy[:5]) + (" ..." if len(hazy) > 5 else "")
-  return layout_error(
-      f"{len(hazy)} hazy image(s) have no ground truth in {clear_dir}: {names}",
-      tree, reside=reside)
+class _Problem(Exception):
+  """What is wrong with a dataset folder; `_find` adds the layout's tree to it."""
+
+
+# (hazy images, clear images, the folder holding the clear ones)
+_Files = tuple[list[pathlib.Path], list[pathlib.Path], pathlib.Path]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """One folder layout, as the generic finder `_find` needs it.
+
+  Attributes:
+    name: what the messages call the dataset ("SOTS indoor", "ITS", "paired").
+    tree: the expected tree, shown in every error.
+    reside: whether errors point to the RESIDE download page.
+    files: (root, layout) -> (hazy images, clear images, the clears' folder).
+    index: the clear images -> a lookup for `match`.
+    match: (hazy image, lookup) -> its record, or None when it has no ground truth.
+    subdirs: where below the root the ``hazy/`` folder may also be.
+    clear_dirs: names of the ground-truth folder beside ``hazy/``, first found wins.
+    clear_names: how a missing ground-truth folder is named in the error.
+  """
+  name: str
+  tree: str
+  reside: bool
+  files: Callable[[pathlib.Path, _Layout], _Files]
+  index: Callable[[list[pathlib.Path]], Any]
+  match: Callable[[pathlib.Path, Any], PairRecord | None]
+  subdirs: tuple[str, ...] = ()
+  clear_dirs: tuple[str, ...] = CLEAR_DIRS
+  clear_names: str = "gt/"
+
+
+def _find(root: str | pathlib.Path, layout: _Layout) -> list[PairRecord]:
+  """The records of `root` in `layout`: resolve the folders, index the ground truths,
+  match every hazy image, and report what does not fit."""
+  root = pathlib.Path(root).expanduser()
+  try:
+    if not root.is_dir():
+      raise _Problem(f"{layout.name} folder not found: {root}")
+    hazy, clears, clear_dir = layout.files(root, layout)
+    lookup = layout.index(clears)
+    records, unmatched = [], []
+    for path in hazy:
+      record = layout.match(path, lookup)
+      if record is None:
+        unmatched.append(path)
+      else:
+        records.append(record)
+    if unmatched:
+      names = ", ".join(p.name for p in unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+      raise _Problem(f"{len(unmatched)} hazy image(s) have no ground truth in {clear_dir}: "
+                     f"{names}")
+  except _Problem as e:
+    raise layout_error(str(e), layout.tree, reside=layout.reside) from None
+  return records
+
+
+# ------------------------------------------------------------------ where the images are
+
+
+def _beside_each_other(root: pathlib.Path, layout: _Layout) -> _Files:
+  """``hazy/`` and the ground-truth folder side by side, in root or one of its subdirs."""
+  candidates = ("", *layout.subdirs)
+  folder = next((root / sub for sub in candidates if _first_dir(root / sub, HAZY_DIRS)), None)
+  if folder is None:
+    tried = ", ".join(str(root / sub) for sub in candidates)
+    raise _Problem(f"no hazy/ folder for {layout.name} under {root} (looked in {tried})")
+  hazy_dir = _first_dir(folder, HAZY_DIRS)
+  clear_dir = _first_dir(folder, layout.clear_dirs)
+  if clear_dir is None:
+    raise _Problem(f"no {layout.clear_names} folder beside {hazy_dir}")
+  hazy = _images(hazy_dir)
+  if not hazy:
+    raise _Problem(f"no images in {hazy_dir}")
+  return hazy, _images(clear_dir), clear_dir
+
+
+_FLAT_HAZY = re.compile(r"^(?P<id>.+?)_(hazy|Hazy|HAZY)$")
+_FLAT_CLEAR = re.compile(r"^(?P<id>.+?)_(gt|GT|clear|clean|Clear|Clean)$")
+
+
+def _flat(root: pathlib.Path, layout: _Layout) -> _Files:
+  """``<id>_hazy`` and ``<id>_GT`` files in one folder (NH-HAZE as released)."""
+  del layout
+  files = _images(root)
+  hazy = [p for p in files if _FLAT_HAZY.match(p.stem)]
+  if not hazy:
+    raise _Problem(f"no hazy/ folder and no <id>_hazy images in {root}")
+  return hazy, [p for p in files if _FLAT_CLEAR.match(p.stem)], root
+
+
+# ------------------------------------------------------------------ how they pair
+
+
+def _by_scene(clears: list[pathlib.Path]) -> dict[str, pathlib.Path]:
+  """One ground truth per scene, named ``<scene>[_anything]``."""
+  by_scene: dict[str, pathlib.Path] = {}
+  for path in clears:
+    scene = _scene_of(path.stem)
+    if scene in by_scene:
+      raise _Problem(f"two ground truths for scene {scene!r}: {by_scene[scene].name} and "
+                     f"{path.name}")
+    by_scene[scene] = path
+  return by_scene
+
+
+def _match_sots(path: pathlib.Path, gts: dict[str, pathlib.Path]) -> PairRecord | None:
+  scene, *rest = path.stem.split("_")
+  if scene not in gts:
+    return None
+  index = airlight = beta = None
+  if len(rest) == 1 and rest[0].isdigit():
+    index = int(rest[0])
+  elif len(rest) == 2:
+    airlight, beta = _parse_float(rest[0]), _parse_float(rest[1])
+  else:
+    raise _Problem(f"unexpected SOTS hazy file name {path.name}")
+  return PairRecord(path, gts[scene], scene, path.stem, index, airlight, beta)
+
+
+def _match_its(path: pathlib.Path, clears: dict[str, pathlib.Path]) -> PairRecord | None:
+  parts = path.stem.split("_")
+  airlight = _parse_float(parts[2]) if len(parts) == 3 else None
+  if len(parts) != 3 or not parts[1].isdigit() or airlight is None:
+    raise _Problem(f"unexpected ITS hazy file name {path.name} (want <scene>_<k>_<A>.png)")
+  if parts[0] not in clears:
+    return None
+  return PairRecord(path, clears[parts[0]], parts[0], path.stem, index=int(parts[1]),
+                    airlight=airlight)
+
+
+def _by_stem_and_scene(clears: list[pathlib.Path]
+                       ) -> tuple[dict[str, pathlib.Path], dict[str, list[pathlib.Path]]]:
+  by_scene: dict[str, list[pathlib.Path]] = {}
+  for p in clears:
+    by_scene.setdefault(_scene_of(p.stem), []).append(p)
+  return {p.stem: p for p in clears}, by_scene
+
+
+def _match_paired(path: pathlib.Path, lookup) -> PairRecord | None:
+  """The clear image of identical stem, else the only one of the same scene id."""
+  by_stem, by_scene = lookup
+  scene = _scene_of(path.stem)
+  if path.stem in by_stem:
+    clear = by_stem[path.stem]
+  elif len(by_scene.get(scene, [])) == 1:
+    clear = by_scene[scene][0]
+  elif scene in by_scene:
+    names = ", ".join(p.name for p in by_scene[scene])
+    raise _Problem(f"{path.name} matches several ground truths: {names}")
+  else:
+    return None
+  return PairRecord(path, clear, scene, path.stem)
+
+
+def _by_flat_id(clears: list[pathlib.Path]) -> dict[str, pathlib.Path]:
+  return {_FLAT_CLEAR.match(p.stem)["id"]: p for p in clears}
+
+
+def _match_flat(path: pathlib.Path, clears: dict[str, pathlib.Path]) -> PairRecord | None:
+  scene = _FLAT_HAZY.match(path.stem)["id"]
+  return PairRecord(path, clears[scene], scene, path.stem) if scene in clears else None
+
+
+_SOTS = _Layout("SOTS", SOTS_TREE, True, _beside_each_other, _by_scene, _match_sots)
+_ITS = _Layout("ITS", ITS_TREE, True, _beside_each_other, _by_scene, _match_its,
+               subdirs=("ITS",), clear_dirs=("clear", "gt", "GT", "clean"),
+               clear_names="clear/")
+_PAIRED = _Layout("paired", PAIRED_TREE, False, _beside_each_other, _by_stem_and_scene,
+                  _match_paired, clear_names="gt/, GT/, clear/ or clean/")
+_PAIRED_FLAT = dataclasses.replace(_PAIRED, files=_flat, index=_by_flat_id, match=_match_flat)
+
+
+# ------------------------------------------------------------------ finders
 
 
 def find_sots_pairs(root: str | pathlib.Path, subset: str | None = None) -> list[PairRecord]:
@@ -167,81 +310,15 @@ def find_sots_pairs(root: str | pathlib.Path, subset: str | None = None) -> list
       parent of it: ``SOTS`` or the RESIDE root, with `subset` naming the part.
     subset: ``"indoor"`` or ``"outdoor"`` when `root` is a parent folder.
   """
-  candidates = [subset, f"SOTS/{subset}"] if subset else []
-  folder = _resolve(root, candidates, SOTS_TREE, "SOTS" + (f" {subset}" if subset else ""))
-  hazy_dir = _first_dir(folder, HAZY_DIRS)
-  gt_dir = _first_dir(folder, CLEAR_DIRS)
-  if gt_dir is None:
-    raise layout_error(f"no gt/ folder beside {hazy_dir}", SOTS_TREE)
-  hazy = _images(hazy_dir)
-  if not hazy:
-    raise layout_error(f"no images in {hazy_dir}", SOTS_TREE)
-  gts = _index_by_scene(_images(gt_dir), SOTS_TREE, reside=True)
-  records, unmatched = [], []
-  for path in hazy:
-    scene, *rest = path.stem.split("_")
-    if scene not in gts:
-      unmatched.append(path)
-      continue
-    index = airlight = beta = None
-    if len(rest) == 1 and rest[0].isdigit():
-      index = int(rest[0])
-    elif len(rest) == 2:
-      airlight, beta = _parse_float(rest[0]), _parse_float(rest[1])
-    else:
-      raise layout_error(f"unexpected SOTS hazy file name {path.name}", SOTS_TREE)
-    records.append(PairRecord(path, gts[scene], scene, path.stem, index, airlight, beta))
-  if unmatched:
-    raise _unmatched_error(unmatched, gt_dir, SOTS_TREE, reside=True)
-  return records
+  if not subset:
+    return _find(root, _SOTS)
+  return _find(root, dataclasses.replace(_SOTS, name=f"SOTS {subset}",
+                                         subdirs=(subset, f"SOTS/{subset}")))
 
 
 def find_its_pairs(root: str | pathlib.Path) -> list[PairRecord]:
   """Pairs of RESIDE ITS; `root` is the ``ITS`` folder or the RESIDE root."""
-  folder = _resolve(root, ["ITS"], ITS_TREE, "ITS")
-  hazy_dir = _first_dir(folder, HAZY_DIRS)
-  clear_dir = _first_dir(folder, ("clear", "gt", "GT", "clean"))
-  if clear_dir is None:
-    raise layout_error(f"no clear/ folder beside {hazy_dir}", ITS_TREE)
-  hazy = _images(hazy_dir)
-  if not hazy:
-    raise layout_error(f"no images in {hazy_dir}", ITS_TREE)
-  clears = _index_by_scene(_images(clear_dir), ITS_TREE, reside=True)
-  records, unmatched = [], []
-  for path in hazy:
-    parts = path.stem.split("_")
-    airlight = _parse_float(parts[2]) if len(parts) == 3 else None
-    if len(parts) != 3 or not parts[1].isdigit() or airlight is None:
-      raise layout_error(f"unexpected ITS hazy file name {path.name} "
-                          "(want <scene>_<k>_<A>.png)", ITS_TREE)
-    if parts[0] not in clears:
-      unmatched.append(path)
-      continue
-    records.append(PairRecord(path, clears[parts[0]], parts[0], path.stem,
-                              index=int(parts[1]), airlight=airlight))
-  if unmatched:
-    raise _unmatched_error(unmatched, clear_dir, ITS_TREE, reside=True)
-  return records
-
-
-_FLAT_HAZY = re.compile(r"^(?P<id>.+?)_(hazy|Hazy|HAZY)$")
-_FLAT_CLEAR = re.compile(r"^(?P<id>.+?)_(gt|GT|clear|clean|Clear|Clean)$")
-
-
-def _flat_pairs(root: pathlib.Path) -> list[PairRecord]:
-  files = _images(root)
-  clears = {m["id"]: p for p in files if (m := _FLAT_CLEAR.match(p.stem))}
-  records, unmatched = [], []
-  for path in files:
-    if (m := _FLAT_HAZY.match(path.stem)) is None:
-      continue
-    if m["id"] not in clears:
-      unmatched.append(path)
-      continue
-    records.append(PairRecord(path, clears[m["id"]], m["id"], path.stem))
-  if unmatched:
-    raise _unmatched_error(unmatched, root, PAIRED_TREE, reside=False)
-  return records
+  return _find(root, _ITS)
 
 
 def find_paired_folder(root: str | pathlib.Path) -> list[PairRecord]:
@@ -251,46 +328,9 @@ def find_paired_folder(root: str | pathlib.Path) -> list[PairRecord]:
   else with the clear image whose scene id (stem before the first ``_``)
   matches its own.
   """
-  root = pathlib.Path(root).expanduser()
-  if not root.is_dir():
-    raise layout_error(f"paired folder not found: {root}", PAIRED_TREE, reside=False)
-  hazy_dir = _first_dir(root, HAZY_DIRS)
-  if hazy_dir is None:
-    records = _flat_pairs(root)
-    if not records:
-      raise layout_error(f"no hazy/ folder and no <id>_hazy images in {root}",
-                          PAIRED_TREE, reside=False)
-    return records
-  clear_dir = _first_dir(root, CLEAR_DIRS)
-  if clear_dir is None:
-    raise layout_error(f"no gt/, GT/, clear/ or clean/ folder beside {hazy_dir}",
-                        PAIRED_TREE, reside=False)
-  hazy = _images(hazy_dir)
-  if not hazy:
-    raise layout_error(f"no images in {hazy_dir}", PAIRED_TREE, reside=False)
-  clear_files = _images(clear_dir)
-  by_stem = {p.stem: p for p in clear_files}
-  by_scene: dict[str, list[pathlib.Path]] = {}
-  for p in clear_files:
-    by_scene.setdefault(_scene_of(p.stem), []).append(p)
-  records, unmatched = [], []
-  for path in hazy:
-    scene = _scene_of(path.stem)
-    if path.stem in by_stem:
-      clear = by_stem[path.stem]
-    elif len(by_scene.get(scene, [])) == 1:
-      clear = by_scene[scene][0]
-    elif scene in by_scene:
-      names = ", ".join(p.name for p in by_scene[scene])
-      raise layout_error(f"{path.name} matches several ground truths: {names}",
-                          PAIRED_TREE, reside=False)
-    else:
-      unmatched.append(path)
-      continue
-    records.append(PairRecord(path, clear, scene, path.stem))
-  if unmatched:
-    raise _unmatched_error(unmatched, clear_dir, PAIRED_TREE, reside=False)
-  return records
+  folder = pathlib.Path(root).expanduser()
+  flat = folder.is_dir() and _first_dir(folder, HAZY_DIRS) is None
+  return _find(folder, _PAIRED_FLAT if flat else _PAIRED)
 
 
 def find_pairs(root: str | pathlib.Path, layout: str = "auto",
@@ -325,20 +365,6 @@ def find_pairs(root: str | pathlib.Path, layout: str = "auto",
   return find_paired_folder(root)
 
 
-def centre_crop_to(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-  """Crops the centre ``hw`` = (height, width) window of an HxWx... image.
-
-  Used for SOTS ground truths released at 640x480 around 620x460 hazy images
-  (an offset of 10 px on each side).
-  """
-  h, w = int(hw[0]), int(hw[1])
-  height, width = image.shape[:2]
-  if h > height or w > width:
-    raise ValueError(f"cannot centre-crop a {height}x{width} image to {h}x{w} (it is smaller)")
-  top, left = (height - h) // 2, (width - w) // 2
-  return image[top:top + h, left:left + w]
-
-
 def _read_rgb(path: pathlib.Path) -> np.ndarray:
   return read_rgb(path, dtype=np.uint8)
 
@@ -353,7 +379,7 @@ def load_pair(record: PairRecord) -> tuple[np.ndarray, np.ndarray]:
   clear = _read_rgb(record.clear)
   if clear.shape != hazy.shape:
     try:
-      clear = centre_crop_to(clear, hazy.shape[:2])
+      clear = centre_crop(clear, *hazy.shape[:2])
     except ValueError as e:
       raise DatasetLayoutError(
           f"ground truth {record.clear} is {clear.shape[0]}x{clear.shape[1]} but hazy "

@@ -29,6 +29,8 @@ import grain
 import numpy as np
 from absl import flags
 
+from minet_jax.image_io import centre_crop
+
 PAIR_FIELDS = ("hazy", "clear")
 
 
@@ -80,9 +82,7 @@ class CentreCrop(grain.transforms.Map):
       if ch > h or cw > w:
         raise ValueError(f"crop_size {ch}x{cw} is larger than the {h}x{w} image "
                          f"{element.get('key', '?')!r}; use a smaller crop_size")
-      top, left = (h - ch) // 2, (w - cw) // 2
-      hazy = hazy[top:top + ch, left:left + cw]
-      clear = clear[top:top + ch, left:left + cw]
+      hazy, clear = centre_crop(hazy, ch, cw), centre_crop(clear, ch, cw)
     return {"hazy": hazy, "clear": clear}
 
 

@@ -37,6 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from minet_jax.data import scenes
+from minet_jax.image_io import to_uint8
 
 SPLITS = ("train", "validation")
 _STREAM = {"train": 0, "validation": 1, "motorcycle": 2}
@@ -113,10 +114,6 @@ def add_haze(clear: np.ndarray, depth: np.ndarray, beta: float, airlight: float,
   return j * t + airlight * (1.0 - t)
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def _scene_list(split: str, config: SyntheticHazeConfig) -> list[tuple[str, str, int]]:
   """(scene id, stream, index) of every clear image of a split."""
   if split == "train":
@@ -138,7 +135,7 @@ def render_scene(stream: str, index: int,
     posters = scenes.TRAIN_POSTERS if stream == "train" else scenes.VALIDATION_POSTERS
     rgb, depth = scenes.render_room(rng, config.image_size, posters, config.supersample)
   # Millimetre steps, as Kinect / NYU depth PNGs store it; the haze is made from this.
-  return _to_uint8(rgb), (np.round(depth * 1000.0) / 1000.0).astype(np.float32)
+  return to_uint8(rgb), (np.round(depth * 1000.0) / 1000.0).astype(np.float32)
 
 
 def generate(split: str, config: SyntheticHazeConfig | None = None) -> Iterator[dict]:
@@ -156,7 +153,7 @@ def generate(split: str, config: SyntheticHazeConfig | None = None) -> Iterator[
     for k in range(config.hazes_per_scene):
       beta = float(rng.uniform(*config.beta_range))
       airlight = float(rng.uniform(*config.airlight_range))
-      hazy = _to_uint8(add_haze(clear, depth, beta, airlight, config.depth_scale_m))
+      hazy = to_uint8(add_haze(clear, depth, beta, airlight, config.depth_scale_m))
       suffix = f"{index:02d}_{k}" if stream == "motorcycle" else str(k)
       yield {"hazy": hazy, "clear": clear, "depth": depth, "scene": scene,
              "key": f"{scene}_{suffix}", "index": k, "beta": np.float32(beta),

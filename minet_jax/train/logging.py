@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from minet_jax.image_io import to_uint8
+
 METRICS_FILE = "metrics.jsonl"
 IMAGES_DIR = "images"
 
@@ -85,17 +87,11 @@ class MetricWriter:
       self._tb = None
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-  """[0, 1] float (clipped) or uint8 HxWx3 -> uint8."""
-  image = np.asarray(image)
-  if image.dtype == np.uint8:
-    return image
-  return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def image_grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 4) -> np.ndarray:
   """Tiles rows of HxWx3 images (e.g. hazy | dehazed | clear) with white gaps."""
-  rows = [[to_uint8(im) for im in row] for row in rows]
+  # A diverged model's NaN outputs still make a (black) grid rather than end the run.
+  rows = [[to_uint8(np.nan_to_num(im, nan=0.0, posinf=1.0, neginf=0.0)) for im in row]
+          for row in rows]
   height = max(im.shape[0] for row in rows for im in row)
   width = max(sum(im.shape[1] for im in row) + gap * (len(row) - 1) for row in rows)
   grid = np.full((len(rows) * height + gap * (len(rows) - 1), width, 3), 255, np.uint8)

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from minet_jax import contractive
+from minet_jax.metrics import psnr
 from minet_jax.model import MINet
 from minet_jax.train.state import TrainState
 
@@ -48,12 +49,6 @@ def reconstruction_loss(output: jax.Array, target: jax.Array, kind: str) -> jax.
   if kind == "l1":
     return jnp.mean(jnp.abs(err))
   raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
-
-
-def psnr01(output: jax.Array, target: jax.Array) -> jax.Array:
-  """Mean PSNR (dB) over a batch of [0, 1] images, output clipped (a training monitor)."""
-  mse = jnp.mean(jnp.square(jnp.clip(output, 0.0, 1.0) - target), axis=(1, 2, 3))
-  return jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)))
 
 
 def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array
@@ -100,7 +95,8 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
   metrics = {
       "loss": value,
       **parts,
-      "psnr": psnr01(output, batch["clear"]),
+      # A monitor on the [0, 1] scale: the batch's mean PSNR of its clipped outputs.
+      "psnr": jnp.mean(psnr(jnp.clip(output, 0.0, 1.0), batch["clear"], data_range=1.0)),
       "grad_norm": optax.tree.norm(grads),
   }
   if learning_rate_fn is not None:
