@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minet_jax.train import config_file
+from minet_jax.train import cli, config_file
 from minet_jax.train import state as state_lib
 from minet_jax.train.step import loss_and_grads, make_train_step
 
@@ -88,10 +88,15 @@ def main() -> None:
   parser.add_argument("--shapes", nargs="+", default=["2x128x128", "8x64x64", "1x460x620"],
                       help="batch shapes N x H x W")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--no-training-flags", action="store_true",
+                      help="run without the XLA flags train.py adds (cli.TRAINING_XLA_FLAGS)")
   args = parser.parse_args()
+  # As train.py does, before the backend starts (the next line starts it).
+  flags = os.environ.get("XLA_FLAGS", "") if args.no_training_flags else cli.add_xla_flags()
   device = jax.devices()[0]
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind}, "
-        f"{os.cpu_count()} host cores ({platform.processor() or platform.machine()})")
+        f"{os.cpu_count()} host cores ({platform.processor() or platform.machine()}); "
+        f"XLA_FLAGS={flags!r}")
   print("released architecture (T=8, dilations 1/2/4, smoothed), loss l2, Adam; seconds")
   print(f"{'batch':>10} | {'forward':>8} | {'fwd+bwd':>8} | {'step':>8} | {'compile':>8}")
   for text in args.shapes:

@@ -374,3 +374,17 @@ def test_contractive_penalty_joins_the_loss():
   assert float(metrics["contractive_penalty"]) == pytest.approx(expected, rel=1e-4)
   assert expected > 0
   assert float(metrics["loss"]) == pytest.approx(reconstruction + expected, rel=1e-5)
+
+
+def test_training_xla_flags_are_added_once_and_never_over_the_users():
+  from minet_jax.train import cli
+  flag = cli.TRAINING_XLA_FLAGS[0]
+  env = {}
+  assert cli.add_xla_flags(environ=env) == flag
+  assert cli.add_xla_flags(environ=env) == flag  # idempotent
+  env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+  assert cli.add_xla_flags(environ=env) == f"--xla_dump_to=/tmp/x {flag}"
+  # The user's own value of the same flag (an empty one opts out) stays as it is.
+  name = flag.split("=")[0]
+  env = {"XLA_FLAGS": f"{name}="}
+  assert cli.add_xla_flags(environ=env) == f"{name}="
