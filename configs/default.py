@@ -11,9 +11,12 @@ their defaults and their documentation once.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from minet_jax.config import ModelConfig
 from minet_jax.data.synthetic import SyntheticHazeConfig
@@ -24,10 +27,23 @@ def section(record: Any) -> ml_collections.ConfigDict:
 
   The record's class is the one definition of the fields, their defaults and their
   meaning (documented where the class is); a section built here cannot drift from it.
-  Tuples stay tuples so ``--config.model.iterations=(4,4,4)`` type-checks.
+  Tuples stay tuples so ``--config.model.iterations=(4,4,4)`` type-checks; an optional
+  field whose default is None takes its type on the command line
+  (``--config.data.synthetic.depth_scale_m=5.0``), and a field of several types takes
+  any of them (``--config.model.unroll=1`` or ``=auto``).
   """
-  return ml_collections.ConfigDict(
-      {field.name: getattr(record, field.name) for field in dataclasses.fields(record)})
+  hints = typing.get_type_hints(type(record))
+  fields = {}
+  for field in dataclasses.fields(record):
+    value, hint = getattr(record, field.name), hints[field.name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+      kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+      if value is None and len(kinds) == 1:
+        value = config_dict.placeholder(kinds[0])
+      elif len(kinds) > 1:
+        value = ml_collections.FieldReference(value, field_type=object)
+    fields[field.name] = value
+  return ml_collections.ConfigDict(fields)
 
 
 def get_data_config() -> ml_collections.ConfigDict:

@@ -590,12 +590,15 @@ def fixed_point(fn: Callable[[Any, Any], Any], solver: Solver, z0: Any, args: An
   Returns:
     `FixedPointResult`; with ``per_sample`` its diagnostics have a leading batch axis.
   """
+  # Type names only: a misplaced array (the old fixed_point(fn, z0, args) order) would
+  # otherwise print whole.
   if not isinstance(solver, (Unrolled, Picard, Anderson)):
-    raise ValueError(f"unknown solver {solver!r}; pass Unrolled(), Picard(...) or "
-                     f"Anderson(...) (from_config builds one from the names {SOLVERS})")
+    raise ValueError(f"unknown solver of type {type(solver).__name__}; the call is "
+                     "fixed_point(fn, solver, z0, args, ...) with solver Unrolled(), "
+                     f"Picard(...) or Anderson(...) (from_config builds one from {SOLVERS})")
   if not isinstance(adjoint, (Backprop, Implicit)):
-    raise ValueError(f"unknown adjoint {adjoint!r}; pass Backprop() or Implicit(...) "
-                     f"(from_config builds one from the names {BACKWARDS})")
+    raise ValueError(f"unknown adjoint of type {type(adjoint).__name__}; pass Backprop() or "
+                     f"Implicit(...) (from_config builds one from {BACKWARDS})")
   _check_steps("max_steps", max_steps)
   if per_sample:
     leaves = jax.tree.leaves(z0)

@@ -172,11 +172,7 @@ class MINet(nnx.Module):
     Odd sides are padded by one row/column (``config.pad_mode``): one stride-2
     encoder conv and one 2x transposed conv round-trip even sizes exactly.
     """
-    cfg = self.config
-    h, w = rgb.shape[1:3]
-    pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
-    x = jnp.pad(rgb.astype(jnp.float32), pad, mode=cfg.pad_mode) if (h % 2 or w % 2) else rgb
-    return to_model_space(x, cfg).astype(cfg.dtype)
+    return to_model_input(rgb, self.config)
 
   def encode(self, model_image: jax.Array) -> jax.Array:
     """Encoder: model-space image (even H, W) -> half-resolution features."""
@@ -234,6 +230,14 @@ class MINet(nnx.Module):
   def __call__(self, rgb: jax.Array) -> jax.Array:
     """RGB [0, 1] NHWC (any H, W) -> RGB [0, 1]-scale NHWC, unclipped."""
     return self.forward_rgb_with_diagnostics(rgb)[0]
+
+
+def to_model_input(rgb: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """`MINet.model_input` without a model: pad odd sides, then `to_model_space` in `cfg.dtype`."""
+  h, w = rgb.shape[1:3]
+  pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
+  x = jnp.pad(rgb.astype(jnp.float32), pad, mode=cfg.pad_mode) if (h % 2 or w % 2) else rgb
+  return to_model_space(x, cfg).astype(cfg.dtype)
 
 
 def to_model_space(rgb: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -39,7 +39,7 @@ from flax import nnx
 
 from minet_jax.config import ModelConfig
 from minet_jax.layers import InstanceNorm
-from minet_jax.model import MINet, from_model_space, to_model_space
+from minet_jax.model import MINet, from_model_space, to_model_input
 
 # apply() switches to strips above this many pixels: there the whole-image forward
 # would need more than ~3.5 GB, and the strips' recomputation (~20-30% more time) pays.
@@ -372,11 +372,7 @@ def forward(model: MINet, rgb: jax.Array, rows: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _to_network_input(cfg: ModelConfig, rgb: jax.Array) -> jax.Array:
-  # As MINet.model_input: odd sides are padded for the stride-2 encoder.
-  h, w = rgb.shape[1:3]
-  pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
-  x = jnp.pad(rgb.astype(jnp.float32), pad, mode=cfg.pad_mode) if (h % 2 or w % 2) else rgb
-  return to_model_space(x, cfg).astype(cfg.dtype)
+  return to_model_input(rgb, cfg)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))

@@ -32,6 +32,17 @@ def test_overridden_sections_build_the_records():
                                                             beta_range=(1.0, 2.0)))
 
 
+def test_optional_and_several_type_fields_take_overrides():
+  # A None default takes its declared type; unroll takes "auto", an int or a bool.
+  config = default.get_config()
+  assert config.data.synthetic.depth_scale_m is None
+  config.data.synthetic.depth_scale_m = 5.0
+  assert synthetic.SyntheticHazeConfig(**config.data.synthetic).depth_scale_m == 5.0
+  for unroll in (1, True, "auto"):
+    config.model.unroll = unroll
+    assert minet_jax.model_config(config).unroll == unroll
+
+
 def test_paper_text_variant_is_a_config():
   assert minet_jax.model_config(paper_text.get_config()) == minet_jax.paper_text_variant()
   assert minet_jax.paper_text_variant().iterations == (12, 12, 12)

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from minet_jax import api, checkpoint, convert, stability
+from minet_jax import api, checkpoint, convert, image_io, stability
 from minet_jax.image_io import ImageReadError, read_rgb
 from minet_jax.params import Params
 from minet_jax.stability import report as report_lib
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     h, w = args.crop
     if not (0 < h <= image.shape[0] and 0 < w <= image.shape[1]):
       parser.error(f"--crop {h} {w} does not fit the {image.shape[0]}x{image.shape[1]} image")
-    top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
-    image = image[top:top + h, left:left + w]
+    image = image_io.centre_crop(image, h, w)
   api.validate_image(image)
   report = stability.analyse_image(
       params, image, seed=args.seed, steps=args.steps, radius_iters=args.radius_iters,

@@ -41,12 +41,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 _HELP_FLAGS = ("--help", "-?", "--helpshort", "-h")
 
-# XLA:CPU flags training runs with unless XLA_FLAGS already sets them. YNNPACK's dot
-# kernels make MI-Net's training step ~20% faster on a CPU (2x128x128, released
-# architecture: 1.52-1.68 s against 1.96-2.02 s in alternating runs of
-# benchmarks/train_step_speed.py); results stay float32 (the gradient and Adam parity
-# tests pass with and without). They do not help the inference shapes, so only
-# training sets them. Opt out with e.g. XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
+# XLA:CPU flags training runs with unless XLA_FLAGS already names them. By default
+# XLA:CPU (jaxlib 0.10) hands many fusions to YNNPACK (elementwise, reductions, a few
+# convolutions, most dots); restricting that to dot fusions makes MI-Net's training step
+# ~20% faster on an x86-64 CPU (2x128x128, released architecture: 1.52-2.24 s against
+# 1.96-2.53 s, alternating runs of benchmarks/train_step_speed.py with and without
+# --no-training-flags); results stay float32 (the gradient and Adam parity tests pass
+# with and without). It was measured on jaxlib 0.10 only, and XLA aborts on a flag it
+# does not know, so it is added only there. MINET_XLA_DEFAULTS=1 keeps XLA's defaults.
 TRAINING_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 
 
@@ -100,15 +102,30 @@ def add_xla_flags(flag_list: tuple[str, ...] = TRAINING_XLA_FLAGS,
   """Appends the flags of `flag_list` that XLA_FLAGS does not already name; returns it.
 
   XLA reads XLA_FLAGS when JAX first starts a backend, so this must run before any
-  computation (`main` calls it first); later it only changes what child processes see.
+  computation (`run` calls it before parsing the command line). Nothing is added when
+  MINET_XLA_DEFAULTS=1, when XLA_FLAGS names a flags file (a value not starting with
+  "-"), or on a jaxlib other than the 0.10 series the flags were measured with.
   """
   environ = os.environ if environ is None else environ
   current = environ.get("XLA_FLAGS", "")
+  if (environ.get("MINET_XLA_DEFAULTS", "") not in ("", "0")
+      or (current.strip() and not current.strip().startswith("-"))
+      or not _jaxlib_version().startswith("0.10.")):
+    return current
   named = {part.split("=", 1)[0] for part in current.split()}
   extra = [flag for flag in flag_list if flag.split("=", 1)[0] not in named]
   if extra:
     environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
   return environ.get("XLA_FLAGS", "")
+
+
+def _jaxlib_version() -> str:
+  # Read from the installed distribution: importing jaxlib is not needed for this.
+  from importlib import metadata
+  try:
+    return metadata.version("jaxlib")
+  except metadata.PackageNotFoundError:
+    return ""
 
 
 def _last_line(e: Exception) -> str:
@@ -138,7 +155,6 @@ def main(argv: list[str]) -> None:
   from minet_jax.data import DatasetLayoutError
   from minet_jax.train import ConfigError, NonFiniteLossError, sharding, train_and_evaluate
   launch = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  add_xla_flags()
   try:
     # Before anything else touches JAX; --config.distributed=True alone joins via the
     # environment inside train_and_evaluate.
@@ -156,4 +172,5 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """`train.py` and the ``minet-train`` console script: parse sys.argv, train, exit."""
+  add_xla_flags()  # First: the config file may start JAX's backend while flags parse.
   app.run(main, flags_parser=parse_flags)

@@ -95,8 +95,11 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
   metrics = {
       "loss": value,
       **parts,
-      # A monitor on the [0, 1] scale: the batch's mean PSNR of its clipped outputs.
-      "psnr": jnp.mean(psnr(jnp.clip(output, 0.0, 1.0), batch["clear"], data_range=1.0)),
+      # A monitor on the [0, 1] scale: the batch's mean PSNR of its clipped outputs, each
+      # capped at 100 dB so one exactly matched sample (a saturated crop) cannot make the
+      # logged mean infinite.
+      "psnr": jnp.mean(jnp.minimum(
+          psnr(jnp.clip(output, 0.0, 1.0), batch["clear"], data_range=1.0), 100.0)),
       "grad_norm": optax.tree.norm(grads),
   }
   if learning_rate_fn is not None:
