@@ -88,11 +88,12 @@ def main() -> None:
   parser.add_argument("--shapes", nargs="+", default=["2x128x128", "8x64x64", "1x460x620"],
                       help="batch shapes N x H x W")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--no-training-flags", action="store_true",
-                      help="run without the XLA flags train.py adds (cli.TRAINING_XLA_FLAGS)")
+  parser.add_argument("--training-flags", action="store_true",
+                      help="run with the XLA flags train.py adds under "
+                           "MINET_XLA_TRAINING_FLAGS=1 (cli.TRAINING_XLA_FLAGS)")
   args = parser.parse_args()
   # As train.py does, before the backend starts (the next line starts it).
-  flags = os.environ.get("XLA_FLAGS", "") if args.no_training_flags else cli.add_xla_flags()
+  flags = cli.add_xla_flags(enabled=args.training_flags or None)
   device = jax.devices()[0]
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind}, "
         f"{os.cpu_count()} host cores ({platform.processor() or platform.machine()}); "

@@ -9,9 +9,9 @@ folder. The network keeps MI-Net's topology (encoder, three IM-blocks of
 dilations 1/2/4 with smoothing, MLF fusion, RCA tail) at half the width and half
 the fixed-point iterations, so a 2-core CPU runs its 1,200 steps in minutes.
 
-Expected: validation PSNR / SSIM 19.00 dB / 0.782 on the 24 synthetic validation
-images (hazy input 11.86 dB, dark channel prior 18.59 dB), about 4.3 minutes from an
-empty dataset folder on a 2-core CPU (docs/TRAINING.md has the measurement).
+Expected: validation PSNR / SSIM 19.0-19.3 dB / 0.78 on the 24 synthetic validation
+images (hazy input 11.86 dB, dark channel prior 18.59 dB; two machines), 4-7 minutes
+from an empty dataset folder on a 2-core CPU (docs/TRAINING.md has the measurements).
 """
 
 from __future__ import annotations

@@ -376,23 +376,22 @@ def test_contractive_penalty_joins_the_loss():
   assert float(metrics["loss"]) == pytest.approx(reconstruction + expected, rel=1e-5)
 
 
-def test_training_xla_flags_are_added_once_and_never_over_the_users():
+def test_training_xla_flags_are_opt_in_added_once_and_never_over_the_users():
   from minet_jax.train import cli
   if not cli._jaxlib_version().startswith("0.10."):
     pytest.skip("the training XLA flags are only added on jaxlib 0.10")
   flag = cli.TRAINING_XLA_FLAGS[0]
   env = {}
+  assert cli.add_xla_flags(environ=env) == "" and "XLA_FLAGS" not in env  # opt-in
+  env = {"MINET_XLA_TRAINING_FLAGS": "1"}
   assert cli.add_xla_flags(environ=env) == flag
   assert cli.add_xla_flags(environ=env) == flag  # idempotent
   env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
-  assert cli.add_xla_flags(environ=env) == f"--xla_dump_to=/tmp/x {flag}"
+  assert cli.add_xla_flags(environ=env, enabled=True) == f"--xla_dump_to=/tmp/x {flag}"
   # The user's own value of the same flag stays as it is.
   name = flag.split("=")[0]
   env = {"XLA_FLAGS": f"{name}=eltwise"}
-  assert cli.add_xla_flags(environ=env) == f"{name}=eltwise"
+  assert cli.add_xla_flags(environ=env, enabled=True) == f"{name}=eltwise"
   # A flags file (XLA reads a value not starting with "-" as one) is left alone.
   env = {"XLA_FLAGS": "/tmp/xla_flags.txt"}
-  assert cli.add_xla_flags(environ=env) == "/tmp/xla_flags.txt"
-  # MINET_XLA_DEFAULTS=1 keeps XLA's defaults.
-  env = {"MINET_XLA_DEFAULTS": "1"}
-  assert cli.add_xla_flags(environ=env) == "" and "XLA_FLAGS" not in env
+  assert cli.add_xla_flags(environ=env, enabled=True) == "/tmp/xla_flags.txt"

@@ -41,14 +41,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 _HELP_FLAGS = ("--help", "-?", "--helpshort", "-h")
 
-# XLA:CPU flags training runs with unless XLA_FLAGS already names them. By default
-# XLA:CPU (jaxlib 0.10) hands many fusions to YNNPACK (elementwise, reductions, a few
-# convolutions, most dots); restricting that to dot fusions makes MI-Net's training step
-# ~20% faster on an x86-64 CPU (2x128x128, released architecture: 1.52-2.24 s against
-# 1.96-2.53 s, alternating runs of benchmarks/train_step_speed.py with and without
-# --no-training-flags); results stay float32 (the gradient and Adam parity tests pass
-# with and without). It was measured on jaxlib 0.10 only, and XLA aborts on a flag it
-# does not know, so it is added only there. MINET_XLA_DEFAULTS=1 keeps XLA's defaults.
+# XLA:CPU flags a training run adds with MINET_XLA_TRAINING_FLAGS=1 (unless XLA_FLAGS
+# already names them). By default XLA:CPU (jaxlib 0.10) hands many fusions to YNNPACK
+# (elementwise, reductions, a few convolutions, most dots); restricting that to dot
+# fusions makes the released architecture's training step ~20% faster on an x86-64 CPU
+# (2x128x128: 1.52-2.24 s against 1.96-2.53 s, alternating runs of
+# benchmarks/train_step_speed.py) and the quickstart's 7% faster. Results stay float32
+# (the gradient and Adam parity tests pass either way) but round differently, and over
+# 1,200 Adam steps that moved the quickstart's score (docs/TRAINING.md), so it is opt-in.
+# Measured on jaxlib 0.10 only, and XLA aborts on a flag it does not know: only there.
 TRAINING_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 
 
@@ -98,18 +99,20 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def add_xla_flags(flag_list: tuple[str, ...] = TRAINING_XLA_FLAGS,
-                  environ: dict | None = None) -> str:
+                  environ: dict | None = None, *, enabled: bool | None = None) -> str:
   """Appends the flags of `flag_list` that XLA_FLAGS does not already name; returns it.
 
-  XLA reads XLA_FLAGS when JAX first starts a backend, so this must run before any
-  computation (`run` calls it before parsing the command line). Nothing is added when
-  MINET_XLA_DEFAULTS=1, when XLA_FLAGS names a flags file (a value not starting with
-  "-"), or on a jaxlib other than the 0.10 series the flags were measured with.
+  Only when `enabled` (default: MINET_XLA_TRAINING_FLAGS=1 in `environ`). XLA reads
+  XLA_FLAGS when JAX first starts a backend, so this must run before any computation
+  (`run` calls it before parsing the command line). Nothing is added when XLA_FLAGS
+  names a flags file (a value not starting with "-"), or on a jaxlib other than the
+  0.10 series the flags were measured with.
   """
   environ = os.environ if environ is None else environ
   current = environ.get("XLA_FLAGS", "")
-  if (environ.get("MINET_XLA_DEFAULTS", "") not in ("", "0")
-      or (current.strip() and not current.strip().startswith("-"))
+  if enabled is None:
+    enabled = environ.get("MINET_XLA_TRAINING_FLAGS", "") not in ("", "0")
+  if (not enabled or (current.strip() and not current.strip().startswith("-"))
       or not _jaxlib_version().startswith("0.10.")):
     return current
   named = {part.split("=", 1)[0] for part in current.split()}
