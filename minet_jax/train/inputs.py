@@ -23,9 +23,8 @@ def synthetic_config(data: ml_collections.ConfigDict) -> SyntheticHazeConfig:
   """The `SyntheticHazeConfig` of ``config.data.synthetic``."""
   from minet_jax.data.synthetic import SyntheticHazeConfig  # Deferred: renders with skimage.
 
-  fields = data.synthetic.to_dict()
-  fields["image_size"] = tuple(fields["image_size"])
-  return SyntheticHazeConfig(**fields)
+  # The record turns list-valued fields (from JSON or the command line) into tuples.
+  return SyntheticHazeConfig(**data.synthetic.to_dict())
 
 
 def sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
