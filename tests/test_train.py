@@ -376,6 +376,19 @@ def test_contractive_penalty_joins_the_loss():
   assert float(metrics["loss"]) == pytest.approx(reconstruction + expected, rel=1e-5)
 
 
+def test_psnr_monitor_is_capped_at_100_db():
+  # A batch the model already reproduces (a saturated crop, say) logs 100 dB, not inf.
+  from minet_jax.train import step as step_lib
+  config = tiny.get_config()
+  config.model.iterations = (1, 1, 1)  # A smaller step to compile.
+  state = state_lib.create_train_state(config)
+  model, _ = state.merge()
+  hazy = jnp.asarray(np.random.default_rng(0).random((2, 16, 16, 3)), jnp.float32)
+  batch = {"hazy": hazy, "clear": jnp.clip(jax.jit(lambda x: model(x))(hazy), 0.0, 1.0)}
+  _, metrics = step_lib.make_train_step("mse")(state, batch)
+  assert float(metrics["psnr"]) == 100.0
+
+
 def test_training_xla_flags_are_opt_in_added_once_and_never_over_the_users():
   from minet_jax.train import cli
   if not cli._jaxlib_version().startswith("0.10."):
