@@ -1,6 +1,6 @@
 """Milliseconds per layer call at the IM-blocks' working size (a 620x460 image's half).
 
-    python benchmarks/layer_speed.py [--batch 1 --height 230 --width 310] [--grad]
+    python benchmarks/layer_speed.py [--batch 1 --height 230 --width 310] [--grad] [--wgrad]
 
 Compares ways of computing the shared separable (smoothing) conv: a grouped conv with
 `feature_group_count=C`, and the sum of k*k shifted copies that `layers.ShareSepConv`
@@ -10,6 +10,11 @@ training differentiates: the transposed conv as an input-dilated conv vs the sub
 `layers.ConvTranspose2d`, and the smoothing conv's plain autodiff vs
 `layers.shared_smoothing` (custom JVP). ``--batch 2 --height 64 --width 64`` is what
 those layers see in a 2x128x128 training step.
+
+``--wgrad`` splits a 3x3 conv's gradient into its input and weight (kernel) parts, the
+weight gradient being the slow one on XLA:CPU, and times two matrix-product forms of
+that weight gradient beside XLA's: nine per-tap products (C x NHW) @ (NHW x C), and one
+im2col product (9C x NHW) @ (NHW x C). Each is checked against XLA's before it is timed.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ def main() -> None:
   parser.add_argument("--width", type=int, default=310)
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--grad", action="store_true", help="also time the gradients")
+  parser.add_argument("--wgrad", action="store_true",
+                      help="also time a 3x3 conv's input and weight gradients, and the "
+                           "weight gradient as matrix products")
   args = parser.parse_args()
   x = jax.random.normal(jax.random.key(0), (args.batch, args.height, args.width, 64))
   w = jax.random.normal(jax.random.key(1), (3, 3, 64, 64))
@@ -80,6 +88,8 @@ def main() -> None:
   print(f"4x4 stride-2 transposed conv:        {ms:8.1f} ms")
   if args.grad:
     time_gradients(x, half, wt)
+  if args.wgrad:
+    time_weight_gradients(x, w)
 
 
 def _grad_ms(fn, *args) -> float:
@@ -110,6 +120,58 @@ def time_gradients(x: jax.Array, half: jax.Array, kernel: jax.Array) -> None:
     smoothing = jax.random.normal(jax.random.key(2), (k, k))
     for name, fn in (("autodiff", shifted_sum), ("custom JVP (layers)", layers.shared_smoothing)):
       print(f"shared {k}x{k} smoothing, {name:19s} gradient {_grad_ms(fn, x, smoothing):8.1f} ms")
+
+
+def _shifted_windows(x: jax.Array, d: int) -> list[jax.Array]:
+  """The nine (N, H, W, C) windows of the zero-padded input a 3x3 conv of dilation d reads."""
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
+  return [xp[:, a * d:a * d + h, b * d:b * d + w, :] for a in range(3) for b in range(3)]
+
+
+def weight_grad_per_tap(x: jax.Array, dy: jax.Array, d: int) -> jax.Array:
+  """dL/dW of a 3x3 conv (HWIO) as nine (C x NHW) @ (NHW x C) products."""
+  c = x.shape[-1]
+  flat = dy.reshape(-1, dy.shape[-1])
+  taps = [lax.dot_general(v.reshape(-1, c), flat, (((0,), (0,)), ((), ())),
+                          precision=lax.Precision.HIGHEST) for v in _shifted_windows(x, d)]
+  return jnp.stack(taps).reshape(3, 3, c, -1)
+
+
+def weight_grad_im2col(x: jax.Array, dy: jax.Array, d: int) -> jax.Array:
+  """dL/dW of a 3x3 conv (HWIO) as one (9C x NHW) @ (NHW x C) product."""
+  c = x.shape[-1]
+  cols = jnp.concatenate(_shifted_windows(x, d), axis=-1).reshape(-1, 9 * c)
+  grad = lax.dot_general(cols, dy.reshape(-1, dy.shape[-1]), (((0,), (0,)), ((), ())),
+                         precision=lax.Precision.HIGHEST)
+  return grad.reshape(3, 3, c, -1)
+
+
+def time_weight_gradients(x: jax.Array, w: jax.Array) -> None:
+  """A 3x3 conv's forward, input and weight gradients, and two GEMM weight gradients."""
+  dy = jax.random.normal(jax.random.key(5), x.shape)
+  for d in (1, 2, 4):
+    def conv(x, w, d=d):
+      return lax.conv_general_dilated(x, w, (1, 1), ((d, d),) * 2, rhs_dilation=(d, d),
+                                      dimension_numbers=_DN, precision=lax.Precision.HIGHEST)
+
+    def input_grad(x, w, dy, conv=conv):
+      return jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]
+
+    def weight_grad(x, w, dy, conv=conv):
+      return jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
+
+    reference = jax.jit(weight_grad)(x, w, dy)
+    line = [f"3x3 conv, dilation {d}: forward {time_ms(conv, x, w):7.1f} ms, input gradient "
+            f"{time_ms(input_grad, x, w, dy):7.1f} ms, weight gradient: XLA "
+            f"{time_ms(weight_grad, x, w, dy):7.1f} ms"]
+    for name, fn in (("per-tap GEMMs", weight_grad_per_tap), ("im2col GEMM", weight_grad_im2col)):
+      got = jax.jit(fn, static_argnums=2)(x, dy, d)
+      error = float(jnp.max(jnp.abs(got - reference)) / jnp.max(jnp.abs(reference)))
+      if error > 1e-4:
+        raise SystemExit(f"{name} differs from XLA's weight gradient (relative {error:.1e})")
+      line.append(f"{name} {time_ms(lambda x, dy, fn=fn: fn(x, dy, d), x, dy):7.1f} ms")
+    print(", ".join(line))
 
 
 if __name__ == "__main__":
