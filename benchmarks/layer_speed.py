@@ -1,6 +1,7 @@
 """Milliseconds per layer call at the IM-blocks' working size (a 620x460 image's half).
 
     python benchmarks/layer_speed.py [--batch 1 --height 230 --width 310] [--grad] [--wgrad]
+        [--ynn-fusions default]
 
 Compares ways of computing the shared separable (smoothing) conv: a grouped conv with
 `feature_group_count=C`, and the sum of k*k shifted copies that `layers.ShareSepConv`
@@ -15,6 +16,10 @@ those layers see in a 2x128x128 training step.
 weight gradient being the slow one on XLA:CPU, and times two matrix-product forms of
 that weight gradient beside XLA's: nine per-tap products (C x NHW) @ (NHW x C), and one
 im2col product (9C x NHW) @ (NHW x C). Each is checked against XLA's before it is timed.
+
+``--ynn-fusions dot`` compiles every timed program the way the training step is
+compiled by default on a CPU (``config.xla_cpu_ynn_fusions``: YNNPACK for matrix
+products only, convolutions in XLA's own kernels).
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ from flax import nnx
 from jax import lax
 
 from minet_jax import layers
+from minet_jax.train.step import cpu_compiler_options
 
 _DN = ("NHWC", "HWIO", "NHWC")
+# Set from --ynn-fusions: XLA options every timed program is compiled with.
+_COMPILER_OPTIONS = None
 
 
 def time_ms(fn, *args, repeats: int = 5) -> float:
-  fn = jax.jit(fn)
+  fn = jax.jit(fn, compiler_options=_COMPILER_OPTIONS)
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
@@ -52,14 +60,6 @@ def grouped(x, kernel):
                                   feature_group_count=x.shape[-1], dimension_numbers=_DN)
 
 
-def shifted_sum(x, kernel):
-  k = kernel.shape[0]
-  pad = (k - 1) // 2
-  h, w = x.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  return sum(kernel[a, b] * xp[:, a:a + h, b:b + w, :] for a in range(k) for b in range(k))
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--height", type=int, default=230)
@@ -69,10 +69,15 @@ def main() -> None:
   parser.add_argument("--wgrad", action="store_true",
                       help="also time a 3x3 conv's input and weight gradients, and the "
                            "weight gradient as matrix products")
+  parser.add_argument("--ynn-fusions", default="default",
+                      help="what XLA:CPU hands to YNNPACK, as config.xla_cpu_ynn_fusions")
   args = parser.parse_args()
+  global _COMPILER_OPTIONS
+  _COMPILER_OPTIONS = cpu_compiler_options(args.ynn_fusions)
   x = jax.random.normal(jax.random.key(0), (args.batch, args.height, args.width, 64))
   w = jax.random.normal(jax.random.key(1), (3, 3, 64, 64))
-  print(f"backend {jax.default_backend()}, input {args.batch}x{args.height}x{args.width}x64")
+  print(f"backend {jax.default_backend()}, input {args.batch}x{args.height}x{args.width}x64, "
+        f"compiler options {_COMPILER_OPTIONS}")
   for d in (1, 2, 4):
     ms = time_ms(lambda x, w, d=d: lax.conv_general_dilated(
         x, w, (1, 1), ((d, d),) * 2, rhs_dilation=(d, d), dimension_numbers=_DN), x, w)
@@ -80,7 +85,18 @@ def main() -> None:
   for k in (3, 7):
     kernel = jax.random.normal(jax.random.key(2), (k, k))
     print(f"shared {k}x{k} smoothing, grouped conv: {time_ms(grouped, x, kernel):8.1f} ms")
-    print(f"shared {k}x{k} smoothing, shifted sum:  {time_ms(shifted_sum, x, kernel):8.1f} ms")
+    print(f"shared {k}x{k} smoothing, shifted sum:  "
+          f"{time_ms(layers.shared_smoothing, x, kernel):8.1f} ms")
+  # The decoder's last conv (1x1, 64 -> 3) runs at full resolution: twice H and W.
+  full = jax.image.resize(x, (args.batch, 2 * args.height, 2 * args.width, 64), "nearest")
+  w1 = jax.random.normal(jax.random.key(6), (1, 1, 64, 3))
+  as_conv = time_ms(lambda x, w: lax.conv_general_dilated(
+      x, w, (1, 1), ((0, 0),) * 2, dimension_numbers=_DN, precision=lax.Precision.HIGHEST),
+      full, w1)
+  as_dot = time_ms(lambda x, w: lax.dot_general(
+      x, w[0, 0], (((3,), (0,)), ((), ())), precision=lax.Precision.HIGHEST), full, w1)
+  print(f"1x1 conv 64->3 at {2 * args.height}x{2 * args.width}: as a convolution {as_conv:.1f} "
+        f"ms, as a matrix product (layers.Conv2d) {as_dot:.1f} ms")
   half = x[:, ::2, ::2]
   wt = jax.random.normal(jax.random.key(3), (4, 4, 64, 64))
   ms = time_ms(lambda x, w: lax.conv_general_dilated(
@@ -118,7 +134,7 @@ def time_gradients(x: jax.Array, half: jax.Array, kernel: jax.Array) -> None:
           f"gradient {_grad_ms(fn, half, kernel):8.1f} ms")
   for k in (3, 7):
     smoothing = jax.random.normal(jax.random.key(2), (k, k))
-    for name, fn in (("autodiff", shifted_sum), ("custom JVP (layers)", layers.shared_smoothing)):
+    for name, fn in (("autodiff", layers._shifted_sum), ("custom JVP (layers)", layers.shared_smoothing)):
       print(f"shared {k}x{k} smoothing, {name:19s} gradient {_grad_ms(fn, x, smoothing):8.1f} ms")
 
 
@@ -161,12 +177,12 @@ def time_weight_gradients(x: jax.Array, w: jax.Array) -> None:
     def weight_grad(x, w, dy, conv=conv):
       return jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
 
-    reference = jax.jit(weight_grad)(x, w, dy)
+    reference = jax.jit(weight_grad, compiler_options=_COMPILER_OPTIONS)(x, w, dy)
     line = [f"3x3 conv, dilation {d}: forward {time_ms(conv, x, w):7.1f} ms, input gradient "
             f"{time_ms(input_grad, x, w, dy):7.1f} ms, weight gradient: XLA "
             f"{time_ms(weight_grad, x, w, dy):7.1f} ms"]
     for name, fn in (("per-tap GEMMs", weight_grad_per_tap), ("im2col GEMM", weight_grad_im2col)):
-      got = jax.jit(fn, static_argnums=2)(x, dy, d)
+      got = jax.jit(fn, static_argnums=2, compiler_options=_COMPILER_OPTIONS)(x, dy, d)
       error = float(jnp.max(jnp.abs(got - reference)) / jnp.max(jnp.abs(reference)))
       if error > 1e-4:
         raise SystemExit(f"{name} differs from XLA's weight gradient (relative {error:.1e})")

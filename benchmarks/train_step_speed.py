@@ -1,13 +1,29 @@
 """Seconds per training step of the released architecture (jitted, after compilation).
 
     python benchmarks/train_step_speed.py [--shapes 2x128x128 8x64x64 1x460x620] [--repeats 3]
+        [--ynn-fusions default dot]
 
 For each batch shape (N x H x W) prints, on the default backend: the forward pass, the
 forward + backward pass (loss and gradients of all parameters), and the whole training
 step (forward, backward, Adam update; what `train.py` runs), each as the median of
 `--repeats` timed calls, plus the first step's compile time. The step is the project's
 own `make_train_step` with `configs/its_authors.py` (released architecture, loss "l2",
-Adam at 0.01), started from random weights.
+Adam at 0.01), started from random weights; ``--config`` times another config's model,
+loss and optimizer (``--config configs/quickstart.py --shapes 4x64x64``: the quickstart's
+step). On a CPU each shape is timed once per
+`--ynn-fusions` setting (``config.xla_cpu_ynn_fusions``: what XLA hands to YNNPACK),
+one after the other, so the settings are compared under the same load.
+
+Where the time goes now (2x128x128, XLA's defaults; `jax.profiler` trace of one step,
+per-thunk times summed): the 60 weight gradients of the half-resolution 3x3 convs
+take ~28 %, at about a third of the forward conv's rate; XLA writes each as a
+convolution whose contraction is the batch (2) and whose window is the whole image,
+plus transposes of its operands (another ~7 %); the forward and input-gradient convs
+~27 %; elementwise, reduction, slicing and padding fusions the rest. With "dot" the
+convolutions run in XLA's own kernels instead of YNNPACK's, which at these sizes are
+faster for the forward conv and no slower for its gradients (`layer_speed.py --batch 2
+--height 64 --width 64 --wgrad`, with and without ``--ynn-fusions dot``; figures in
+docs/TRAINING.md).
 
 Where the time went before the step was fast (2x128x128 on a 2-core CPU): XLA:CPU
 differentiates a convolution with an *input* dilation (how a transposed conv is usually
@@ -33,12 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minet_jax.train import cli, config_file
+from minet_jax.train import config_file
 from minet_jax.train import state as state_lib
-from minet_jax.train.step import loss_and_grads, make_train_step
+from minet_jax.train.step import cpu_compiler_options, loss_and_grads, make_train_step
 
-its_authors = config_file.load_module(
-    pathlib.Path(__file__).resolve().parents[1] / "configs" / "its_authors.py")
+_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def median_seconds(fn, *args, repeats: int) -> float:
@@ -50,19 +65,22 @@ def median_seconds(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def measure(shape: tuple[int, int, int], repeats: int) -> dict[str, float]:
+def measure(config, shape: tuple[int, int, int], repeats: int, ynn_fusions: str
+            ) -> dict[str, float]:
   n, h, w = shape
-  config = its_authors.get_config()
   rng = np.random.default_rng(0)
   batch = {"hazy": jnp.asarray(rng.random((n, h, w, 3), np.float32)),
            "clear": jnp.asarray(rng.random((n, h, w, 3), np.float32))}
   state = state_lib.create_train_state(config)
-  model, _ = state.merge()
+  graphdef, _ = nnx.split(state.merge()[0])
   key = jax.random.key(0)
 
-  forward = nnx.jit(lambda m, x: m(x))
-  grads = nnx.jit(lambda m, b: loss_and_grads(m, b, loss=config.loss, key=key))
-  step = make_train_step(config.loss)
+  # The forward and fwd+bwd splits are compiled with the same options as the step.
+  options = cpu_compiler_options(ynn_fusions)
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=options)
+  grads = jax.jit(lambda s, b: loss_and_grads(nnx.merge(graphdef, s), b, loss=config.loss,
+                                              key=key), compiler_options=options)
+  step = make_train_step(config.loss, ynn_fusions=ynn_fusions)
 
   start = time.perf_counter()
   state, _ = step(state, batch)
@@ -75,12 +93,12 @@ def measure(shape: tuple[int, int, int], repeats: int) -> dict[str, float]:
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
-  model, _ = state.merge()
-  jax.block_until_ready(forward(model, batch["hazy"]))
-  jax.block_until_ready(grads(model, batch))
+  _, model_state = nnx.split(state.merge()[0])
+  jax.block_until_ready(forward(model_state, batch["hazy"]))
+  jax.block_until_ready(grads(model_state, batch))
   return {"compile_s": compile_s, "step_s": statistics.median(times),
-          "forward_s": median_seconds(forward, model, batch["hazy"], repeats=repeats),
-          "forward_backward_s": median_seconds(grads, model, batch, repeats=repeats)}
+          "forward_s": median_seconds(forward, model_state, batch["hazy"], repeats=repeats),
+          "forward_backward_s": median_seconds(grads, model_state, batch, repeats=repeats)}
 
 
 def main() -> None:
@@ -88,25 +106,32 @@ def main() -> None:
   parser.add_argument("--shapes", nargs="+", default=["2x128x128", "8x64x64", "1x460x620"],
                       help="batch shapes N x H x W")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--training-flags", action="store_true",
-                      help="run with the XLA flags train.py adds under "
-                           "MINET_XLA_TRAINING_FLAGS=1 (cli.TRAINING_XLA_FLAGS)")
+  parser.add_argument("--config", default=str(_CONFIGS / "its_authors.py"),
+                      help="training config whose model, loss and optimizer are timed")
+  parser.add_argument("--ynn-fusions", nargs="+", default=["default", "dot"],
+                      help="config.xla_cpu_ynn_fusions settings to time, alternately for "
+                           "each shape (CPU only; default: XLA's defaults and 'dot')")
   args = parser.parse_args()
-  # As train.py does, before the backend starts (the next line starts it).
-  flags = cli.add_xla_flags(enabled=args.training_flags or None)
+  config = config_file.load_module(pathlib.Path(args.config)).get_config()
   device = jax.devices()[0]
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind}, "
         f"{os.cpu_count()} host cores ({platform.processor() or platform.machine()}); "
-        f"XLA_FLAGS={flags!r}")
-  print("released architecture (T=8, dilations 1/2/4, smoothed), loss l2, Adam; seconds")
-  print(f"{'batch':>10} | {'forward':>8} | {'fwd+bwd':>8} | {'step':>8} | {'compile':>8}")
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  m = config.model
+  print(f"{args.config}: {m.features} features, iterations {tuple(m.iterations)}, dilations "
+        f"{tuple(m.dilations)}, loss {config.loss}, Adam; seconds")
+  settings = args.ynn_fusions if jax.default_backend() == "cpu" else ["default"]
+  print(f"{'batch':>10} | {'ynn_fusions':>11} | {'forward':>8} | {'fwd+bwd':>8} | "
+        f"{'step':>8} | {'compile':>8}")
   for text in args.shapes:
     shape = tuple(int(v) for v in text.lower().split("x"))
     if len(shape) != 3:
       raise SystemExit(f"--shapes takes N x H x W, got {text!r}")
-    r = measure(shape, args.repeats)
-    print(f"{text:>10} | {r['forward_s']:8.3f} | {r['forward_backward_s']:8.3f} | "
-          f"{r['step_s']:8.3f} | {r['compile_s']:8.1f}", flush=True)
+    for ynn_fusions in settings:
+      r = measure(config, shape, args.repeats, ynn_fusions)
+      print(f"{text:>10} | {ynn_fusions:>11} | {r['forward_s']:8.3f} | "
+            f"{r['forward_backward_s']:8.3f} | {r['step_s']:8.3f} | {r['compile_s']:8.1f}",
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -146,4 +146,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed = False
   # Write checkpoints in a background thread while training goes on.
   config.async_checkpointing = True
+  # On a CPU, what XLA hands to YNNPACK when it compiles the training step: "default"
+  # (XLA's choice: most matrix products, some convolutions, elementwise and reduction
+  # fusions) or a comma-separated list of dot, eltwise, reduce, convolution. "dot" runs
+  # the convolutions and their gradients in XLA's own kernels, which are faster at
+  # training batch sizes (benchmarks/train_step_speed.py, docs/TRAINING.md); other
+  # programs (validation, inference) keep the defaults. Ignored off the CPU.
+  config.xla_cpu_ynn_fusions = "dot"
   return config

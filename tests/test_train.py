@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from configs import its, tiny
 from minet_jax.data import builders
 from minet_jax.train import checkpointing, state as state_lib
 from minet_jax.train import NonFiniteLossError, reconstruction_loss, train_and_evaluate
+from minet_jax.train.checks import ConfigError, validate_config
 from minet_jax.train.inputs import synthetic_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -389,22 +391,52 @@ def test_psnr_monitor_is_capped_at_100_db():
   assert float(metrics["psnr"]) == 100.0
 
 
-def test_training_xla_flags_are_opt_in_added_once_and_never_over_the_users():
-  from minet_jax.train import cli
-  if not cli._jaxlib_version().startswith("0.10."):
-    pytest.skip("the training XLA flags are only added on jaxlib 0.10")
-  flag = cli.TRAINING_XLA_FLAGS[0]
-  env = {}
-  assert cli.add_xla_flags(environ=env) == "" and "XLA_FLAGS" not in env  # opt-in
-  env = {"MINET_XLA_TRAINING_FLAGS": "1"}
-  assert cli.add_xla_flags(environ=env) == flag
-  assert cli.add_xla_flags(environ=env) == flag  # idempotent
-  env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
-  assert cli.add_xla_flags(environ=env, enabled=True) == f"--xla_dump_to=/tmp/x {flag}"
-  # The user's own value of the same flag stays as it is.
-  name = flag.split("=")[0]
-  env = {"XLA_FLAGS": f"{name}=eltwise"}
-  assert cli.add_xla_flags(environ=env, enabled=True) == f"{name}=eltwise"
-  # A flags file (XLA reads a value not starting with "-" as one) is left alone.
-  env = {"XLA_FLAGS": "/tmp/xla_flags.txt"}
-  assert cli.add_xla_flags(environ=env, enabled=True) == "/tmp/xla_flags.txt"
+def test_ynn_fusions_setting_is_parsed_and_refused_when_unknown():
+  from minet_jax.train import step as step_lib
+  assert step_lib.parse_ynn_fusions("default") == ()
+  assert step_lib.parse_ynn_fusions("dot, eltwise") == ("dot", "eltwise")
+  assert step_lib.cpu_compiler_options("default") is None
+  for bad in ("dots", "", "dot,,reduce"):
+    with pytest.raises(ValueError, match="dot, eltwise, reduce, convolution"):
+      step_lib.parse_ynn_fusions(bad)
+  config = tiny.get_config()
+  config.xla_cpu_ynn_fusions = "conv"
+  with pytest.raises(ConfigError, match="xla_cpu_ynn_fusions must be 'default' or"):
+    validate_config(config)
+
+
+def _conv_fusions(compiled_text: str) -> tuple[int, int]:
+  """(convolutions in YNNPACK fusions, all convolutions) of a compiled CPU program."""
+  ynn_computations = set(re.findall(r"calls=%?([\w.\-]+).*__ynn_fusion", compiled_text))
+  blocks = re.split(r"\n(?=\S)", compiled_text)
+  in_ynn = sum(block.count(" convolution(") for block in blocks
+               if block.split(" ", 1)[0].lstrip("%") in ynn_computations)
+  return in_ynn, compiled_text.count(" convolution(")
+
+
+def test_training_step_is_compiled_with_the_configs_ynn_fusions():
+  """The "dot" setting reaches XLA: none of the step's convolutions go to YNNPACK."""
+  from minet_jax.train import step as step_lib
+  if jax.default_backend() != "cpu":
+    pytest.skip("a CPU-only option")
+  if step_lib.cpu_compiler_options("dot") is None:
+    pytest.skip("this jaxlib does not take xla_cpu_experimental_ynn_fusion_type")
+  config = tiny.get_config()
+  config.model.iterations = (1, 1, 1)  # A smaller step to compile.
+  state = state_lib.create_train_state(config)
+  batch = {"hazy": jnp.zeros((2, 16, 16, 3)), "clear": jnp.zeros((2, 16, 16, 3))}
+  counts = {}
+  for setting in ("default", "dot"):
+    step = step_lib.make_train_step("mse", ynn_fusions=setting)
+    counts[setting] = _conv_fusions(step.lower(state, batch).compile().as_text())
+  assert counts["dot"][0] == 0 and counts["dot"][1] > 0
+  assert counts["default"][0] > 0  # XLA's default does send some there (jaxlib 0.10).
+
+
+def test_an_option_xla_does_not_take_warns_and_falls_back_to_defaults(monkeypatch):
+  from minet_jax.train import step as step_lib
+  if jax.default_backend() != "cpu":
+    pytest.skip("a CPU-only option")
+  monkeypatch.setattr(step_lib, "_YNN_OPTION", "xla_cpu_no_such_option_for_the_test")
+  with pytest.warns(UserWarning, match="XLA does not take"):
+    assert step_lib.cpu_compiler_options("dot") is None

@@ -149,7 +149,7 @@ def test_adam_steps_match(config, released, batch, reference, ours):
   """
   cfg = released.config
   state = state_lib.create_train_state(config, released)
-  step = make_train_step(config.loss)
+  step = make_train_step(config.loss, ynn_fusions=config.xla_cpu_ynn_fusions)
   _, _, grads = ours["l2"]
   start = torch_named(released.weights, cfg)
   state, _ = step(state, batch)

@@ -17,7 +17,7 @@ import numpy as np
 from minet_jax import checkpoint
 from minet_jax.config import model_config
 from minet_jax.train import checkpointing
-from minet_jax.train.step import LOSSES
+from minet_jax.train.step import LOSSES, parse_ynn_fusions
 
 
 class ConfigError(ValueError):
@@ -50,6 +50,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"{config.optimizer.learning_rate}")
   if not 0 <= int(config.seed) < 2**31:
     raise ConfigError(f"config.seed must be in [0, 2**31), got {config.seed}")
+  try:
+    parse_ynn_fusions(config.xla_cpu_ynn_fusions)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from e
 
 
 def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:

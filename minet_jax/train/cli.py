@@ -41,18 +41,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 _HELP_FLAGS = ("--help", "-?", "--helpshort", "-h")
 
-# XLA:CPU flags a training run adds with MINET_XLA_TRAINING_FLAGS=1 (unless XLA_FLAGS
-# already names them). By default XLA:CPU (jaxlib 0.10) hands many fusions to YNNPACK
-# (elementwise, reductions, a few convolutions, most dots); restricting that to dot
-# fusions makes the released architecture's training step ~20% faster on an x86-64 CPU
-# (2x128x128: 1.52-2.24 s against 1.96-2.53 s, alternating runs of
-# benchmarks/train_step_speed.py) and the quickstart's 7% faster. Results stay float32
-# (the gradient and Adam parity tests pass either way) but round differently, and over
-# 1,200 Adam steps that moved the quickstart's score (docs/TRAINING.md), so it is opt-in.
-# Measured on jaxlib 0.10 only, and XLA aborts on a flag it does not know: only there.
-TRAINING_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
-
-
 def _config_file(argv: list[str]) -> str | None:
   """The --config file named on the command line (config_flags allows "file.py:argument")."""
   for i, arg in enumerate(argv[1:], 1):
@@ -96,39 +84,6 @@ def parse_flags(argv: list[str]) -> list[str]:
              "see the config file for the fields that exist")
   except Exception as e:  # The config file is missing, or its own code failed.
     sys.exit(f"train: error: could not load --config: {_last_line(e)}")
-
-
-def add_xla_flags(flag_list: tuple[str, ...] = TRAINING_XLA_FLAGS,
-                  environ: dict | None = None, *, enabled: bool | None = None) -> str:
-  """Appends the flags of `flag_list` that XLA_FLAGS does not already name; returns it.
-
-  Only when `enabled` (default: MINET_XLA_TRAINING_FLAGS=1 in `environ`). XLA reads
-  XLA_FLAGS when JAX first starts a backend, so this must run before any computation
-  (`run` calls it before parsing the command line). Nothing is added when XLA_FLAGS
-  names a flags file (a value not starting with "-"), or on a jaxlib other than the
-  0.10 series the flags were measured with.
-  """
-  environ = os.environ if environ is None else environ
-  current = environ.get("XLA_FLAGS", "")
-  if enabled is None:
-    enabled = environ.get("MINET_XLA_TRAINING_FLAGS", "") not in ("", "0")
-  if (not enabled or (current.strip() and not current.strip().startswith("-"))
-      or not _jaxlib_version().startswith("0.10.")):
-    return current
-  named = {part.split("=", 1)[0] for part in current.split()}
-  extra = [flag for flag in flag_list if flag.split("=", 1)[0] not in named]
-  if extra:
-    environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
-  return environ.get("XLA_FLAGS", "")
-
-
-def _jaxlib_version() -> str:
-  # Read from the installed distribution: importing jaxlib is not needed for this.
-  from importlib import metadata
-  try:
-    return metadata.version("jaxlib")
-  except metadata.PackageNotFoundError:
-    return ""
 
 
 def _last_line(e: Exception) -> str:
@@ -175,5 +130,4 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """`train.py` and the ``minet-train`` console script: parse sys.argv, train, exit."""
-  add_xla_flags()  # First: the config file may start JAX's backend while flags parse.
   app.run(main, flags_parser=parse_flags)

@@ -114,7 +114,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     _record_config(workdir, config)
 
   schedule = learning_rate_schedule(config.optimizer)
-  train_step = make_train_step(config.loss, schedule, replicated, sharding.batch_sharded(mesh))
+  train_step = make_train_step(config.loss, schedule, replicated, sharding.batch_sharded(mesh),
+                               ynn_fusions=config.xla_cpu_ynn_fusions)
 
   step = int(state.step)
   total = int(config.num_train_steps)

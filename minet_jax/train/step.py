@@ -9,6 +9,8 @@ float32 RGB in [0, 1]; the model's output is compared with ``clear`` unclipped.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -108,20 +110,79 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
 
 
 def make_train_step(loss: str, learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
-                    state_sharding: Any = None, batch_sharding: Any = None,
+                    state_sharding: Any = None, batch_sharding: Any = None, *,
+                    ynn_fusions: str = "default",
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """`train_step` jitted for one loss (and schedule), with optional shardings.
 
+  `ynn_fusions` (``config.xla_cpu_ynn_fusions``) picks what XLA:CPU hands to YNNPACK
+  in this one program (`cpu_compiler_options`); other programs keep XLA's defaults.
   The state's buffers are donated: the old state must not be used after a call.
   """
   if loss not in LOSSES:
     raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+  options = cpu_compiler_options(ynn_fusions)
 
   def step(state, batch):
     return train_step(state, batch, loss=loss, learning_rate_fn=learning_rate_fn)
 
   if state_sharding is None:
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, compiler_options=options)
   # Metrics come back replicated, so every host can read them.
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, state_sharding), donate_argnums=0)
+                 out_shardings=(state_sharding, state_sharding), donate_argnums=0,
+                 compiler_options=options)
+
+
+# config.xla_cpu_ynn_fusions' names for XLA:CPU's YNNPACK fusion kinds (the enum values
+# of its ``xla_cpu_experimental_ynn_fusion_type`` option, jaxlib 0.10).
+YNN_FUSION_KINDS = {
+    "dot": "LIBRARY_FUSION_TYPE_DOT",
+    "eltwise": "LIBRARY_FUSION_TYPE_ELTWISE",
+    "reduce": "LIBRARY_FUSION_TYPE_REDUCE",
+    "convolution": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+}
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def parse_ynn_fusions(value: str) -> tuple[str, ...]:
+  """``"default"`` -> (); ``"dot"``, ``"dot,eltwise"``, ... -> the kinds; else ValueError."""
+  if value == "default":
+    return ()
+  kinds = tuple(part.strip() for part in value.split(","))
+  unknown = [k for k in kinds if k not in YNN_FUSION_KINDS]
+  if unknown or not kinds:
+    raise ValueError(f"xla_cpu_ynn_fusions must be 'default' or a comma-separated list of "
+                     f"{', '.join(YNN_FUSION_KINDS)}; got {value!r}")
+  return kinds
+
+
+def cpu_compiler_options(ynn_fusions: str) -> dict[str, str] | None:
+  """Per-program XLA options restricting YNNPACK to `ynn_fusions`, or None for XLA's defaults.
+
+  By default XLA:CPU (jaxlib 0.10) hands YNNPACK most matrix products and some
+  convolutions, elementwise and reduction fusions. For the training step, keeping
+  only matrix products there ("dot") runs the convolutions and their gradients in
+  XLA's own kernels, which are faster at training batch sizes
+  (benchmarks/train_step_speed.py); whole-image inference is faster with the
+  defaults, so only the program built with these options changes. None (defaults)
+  off the CPU backend, and where jaxlib does not take the option (it is
+  experimental): checked once by compiling a tiny program with it.
+  """
+  kinds = parse_ynn_fusions(ynn_fusions)
+  if not kinds or jax.default_backend() != "cpu":
+    return None
+  options = {_YNN_OPTION: ",".join(YNN_FUSION_KINDS[k] for k in kinds)}
+  return options if _compiles_with(tuple(options.items())) else None
+
+
+@functools.cache
+def _compiles_with(options: tuple[tuple[str, str], ...]) -> bool:
+  try:
+    jax.jit(jnp.negative, compiler_options=dict(options)).lower(
+        jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
+  except Exception as e:  # jaxlib reports an unknown option as a runtime error.
+    warnings.warn(f"XLA does not take {dict(options)} ({e}); the training step is compiled "
+                  "with XLA's defaults", stacklevel=3)
+    return False
+  return True
