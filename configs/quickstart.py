@@ -9,9 +9,10 @@ folder. The network keeps MI-Net's topology (encoder, three IM-blocks of
 dilations 1/2/4 with smoothing, MLF fusion, RCA tail) at half the width and half
 the fixed-point iterations, so a 2-core CPU runs its 1,200 steps in minutes.
 
-Expected: validation PSNR / SSIM 19.0-19.3 dB / 0.78 on the 24 synthetic validation
-images (hazy input 11.86 dB, dark channel prior 18.59 dB; two machines), 4-7 minutes
-from an empty dataset folder on a 2-core CPU (docs/TRAINING.md has the measurements).
+Expected: validation PSNR / SSIM 18.8-19.3 dB / 0.75-0.78 on the 24 synthetic validation
+images (hazy input 11.86 dB, dark channel prior 18.59 dB; seeds 0-2, two machines), 4-7
+minutes from an empty dataset folder on a 2-core CPU (docs/TRAINING.md has the
+measurements).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def get_config():
   config.optimizer.cosine_final_fraction = 0.05
   # L1: 3.3 dB above MSE after 200 steps in a comparison run (same seed and settings).
   config.loss = "l1"
-  # 1,200 steps (4,800 crops). Validation PSNR: 18.2 dB after 300 steps, 18.4 after 600,
-  # 18.8 after 900, 19.0 after 1,200 (docs/TRAINING.md).
+  # 1,200 steps (4,800 crops). Validation PSNR in one run: 18.2 dB after 300 steps, 18.4
+  # after 600, 18.6 after 900, 18.8 after 1,200 (docs/TRAINING.md has others).
   config.num_train_steps = 1200
   # Log every 10 steps; validate, keep the best and checkpoint every 300.
   config.log_every = 10
