@@ -1,0 +1,199 @@
+"""minet-jax against the authors' PyTorch code, interleaved in one process.
+
+    python benchmarks/vs_pytorch.py --authors ~/src/MI-Net \\
+        --pth ../shared/weights/minet_its_official.pth [--mode inference train] \\
+        [--repeats 7] [--torch-site-packages DIR]
+
+Needs PyTorch, which is not a dependency of this project: install it anywhere and
+either run this with that interpreter (with minet-jax installed there too) or pass
+``--torch-site-packages`` (the folder holding ``torch/``), which is appended to
+sys.path. ``--authors`` is a checkout of Jiawei-Shen/MI-Net (its ``MINet.py`` is
+imported, not copied); ``--pth`` their released checkpoint.
+
+On a shared or noisy machine, timings taken in separate runs minutes apart differ by
+30% or more, which is larger than the differences asked about. So each repeat times
+every contender once, in turn, in this one process, and the medians and their ratios
+are printed together. Both frameworks get the same thread count (``--threads``,
+default all cores); OpenMP's idle threads are told to sleep (OMP_WAIT_POLICY=PASSIVE)
+and every call is followed by a short pause, so one side's spinning threads do not
+slow the other.
+
+inference: one 460x620 image (values 0..255, the released model's input scale):
+  the authors' model in eager mode, under ``torch.compile`` (inductor, ``freezing``,
+  channels_last: what a PyTorch deployment would use), and ``jax.jit(minet_jax.apply)``
+  with the converted weights (outputs compared first).
+train: one optimizer step of the released architecture on random batches (2x128x128
+  and 8x64x64 by default, ``--shapes``): the authors' ``main.py`` step (their
+  ``torch.norm`` loss, Adam at 0.01) and minet-jax's jitted step
+  (``configs/its_authors.py``), once per ``config.xla_cpu_ynn_fusions`` setting given
+  (``--ynn-fusions``, default: "default" and "dot").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Before torch starts OpenMP.
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import minet_jax  # noqa: E402
+from minet_jax import convert  # noqa: E402
+from minet_jax.train import config_file  # noqa: E402
+from minet_jax.train import state as state_lib  # noqa: E402
+from minet_jax.train.step import make_train_step  # noqa: E402
+
+_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+_PAUSE_S = 0.2
+
+
+def _import_torch(site_packages: str | None):
+  if site_packages:
+    sys.path.append(site_packages)
+  try:
+    import torch
+  except ImportError:
+    raise SystemExit("vs_pytorch: PyTorch is not importable; install it (it is not a "
+                     "dependency of minet-jax) or pass --torch-site-packages") from None
+  return torch
+
+
+def _authors_model(torch, authors: str, pth: str):
+  """The authors' MI_Net with their released weights, from their own MINet.py."""
+  if not (pathlib.Path(authors) / "MINet.py").is_file():
+    raise SystemExit(f"vs_pytorch: --authors {authors}: no MINet.py there")
+  sys.path.insert(0, authors)
+  from MINet import MI_Net  # noqa: PLC0415 (the authors' module)
+  model = MI_Net()
+  state = torch.load(pth, map_location="cpu", weights_only=False)
+  # The release pickles {"model": the DataParallel-wrapped module, ...}.
+  state = state.get("model", state) if isinstance(state, dict) else state
+  state = state if isinstance(state, dict) else state.state_dict()
+  model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+  return model
+
+
+def _interleaved(contenders: dict, repeats: int) -> dict[str, float]:
+  """Median seconds per contender; each repeat calls every contender once, in turn."""
+  for fn in contenders.values():
+    fn()  # Compile / warm up.
+  times = {name: [] for name in contenders}
+  for _ in range(repeats):
+    for name, fn in contenders.items():
+      time.sleep(_PAUSE_S)
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _print(results: dict[str, float], reference: str) -> None:
+  for name, seconds in results.items():
+    ratio = seconds / results[reference]
+    print(f"  {name:44s} {seconds:7.3f} s  ({ratio:.2f}x {reference})", flush=True)
+
+
+def inference(torch, model, pth: str, repeats: int) -> None:
+  rng = np.random.default_rng(0)
+  rgb = rng.random((1, 460, 620, 3), np.float32)
+  bgr255 = torch.from_numpy(np.ascontiguousarray(rgb[..., ::-1].transpose(0, 3, 1, 2)) * 255)
+  model = model.eval()
+  params = convert.weights_from_checkpoint(pth)
+  apply = jax.jit(minet_jax.apply)
+  image = jnp.asarray(rgb)
+
+  import torch._inductor.config as inductor_config  # noqa: PLC0415
+  inductor_config.freezing = True
+  compiled = torch.compile(model.to(memory_format=torch.channels_last))
+  bgr255_cl = bgr255.to(memory_format=torch.channels_last)
+  with torch.no_grad():
+    start = time.perf_counter()
+    theirs = compiled(bgr255_cl)
+    print(f"  torch.compile first call (compilation) {time.perf_counter() - start:.1f} s")
+    ours = np.asarray(apply(params, image))
+    # minet_jax.apply clips to [0, 1], as the authors clip before saving.
+    theirs_rgb = np.clip(theirs.numpy().transpose(0, 2, 3, 1)[..., ::-1] / 255.0, 0.0, 1.0)
+    mse = float(np.mean((ours - theirs_rgb) ** 2))
+    print(f"  outputs agree to {10 * np.log10(1.0 / max(mse, 1e-30)):.1f} dB PSNR")
+    results = _interleaved({
+        "authors' PyTorch, eager": lambda: model(bgr255),
+        "authors' PyTorch, torch.compile": lambda: compiled(bgr255_cl),
+        "minet-jax, jax.jit(minet_jax.apply)":
+            lambda: jax.block_until_ready(apply(params, image)),
+    }, repeats)
+  print(f"inference, 460x620, median of {repeats}:")
+  _print(results, "authors' PyTorch, torch.compile")
+
+
+def train(torch, model, shapes: list[tuple[int, int, int]], settings: list[str],
+          repeats: int) -> None:
+  config = config_file.load_module(_CONFIGS / "its_authors.py").get_config()
+  model = model.train()
+  optimizer = torch.optim.Adam(model.parameters(), lr=float(config.optimizer.learning_rate))
+  for n, h, w in shapes:
+    rng = np.random.default_rng(0)
+    hazy, clear = (rng.random((n, h, w, 3), np.float32) for _ in range(2))
+    x = torch.from_numpy(np.ascontiguousarray(hazy.transpose(0, 3, 1, 2)) * 255)
+    y = torch.from_numpy(np.ascontiguousarray(clear.transpose(0, 3, 1, 2)) * 255)
+
+    def authors_step():
+      optimizer.zero_grad()
+      torch.norm(model(x) - y).backward()  # Their main.py's loss.
+      optimizer.step()
+
+    batch = {"hazy": jnp.asarray(hazy), "clear": jnp.asarray(clear)}
+    contenders = {"authors' PyTorch, eager (their main.py step)": authors_step}
+    for setting in settings:
+      step = make_train_step(config.loss, ynn_fusions=setting)
+      holder = {"state": state_lib.create_train_state(config)}
+
+      def ours(step=step, holder=holder):
+        holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready(metrics)
+
+      contenders[f"minet-jax step, xla_cpu_ynn_fusions={setting}"] = ours
+    results = _interleaved(contenders, repeats)
+    print(f"training step, {n}x{h}x{w}, median of {repeats}:")
+    _print(results, "authors' PyTorch, eager (their main.py step)")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--authors", required=True, help="folder holding the authors' MINet.py")
+  parser.add_argument("--pth", required=True, help="the authors' released checkpoint")
+  parser.add_argument("--mode", nargs="+", choices=("inference", "train"),
+                      default=["inference", "train"])
+  parser.add_argument("--shapes", nargs="+", default=["2x128x128", "8x64x64"],
+                      help="training batch shapes N x H x W")
+  parser.add_argument("--ynn-fusions", nargs="+", default=["default", "dot"])
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--torch-site-packages", default=None)
+  args = parser.parse_args()
+  shapes = []
+  for text in args.shapes:
+    shape = tuple(int(v) for v in text.lower().split("x"))
+    if len(shape) != 3:
+      raise SystemExit(f"--shapes takes N x H x W, got {text!r}")
+    shapes.append(shape)
+  torch = _import_torch(args.torch_site_packages)
+  torch.set_num_threads(args.threads)
+  model = _authors_model(torch, args.authors, args.pth)
+  print(f"torch {torch.__version__} ({args.threads} threads), jax {jax.__version__} "
+        f"({jax.default_backend()}), {os.cpu_count()} cores ({platform.machine()})")
+  if "inference" in args.mode:
+    inference(torch, model, args.pth, args.repeats)
+  if "train" in args.mode:
+    train(torch, model, shapes, args.ynn_fusions, args.repeats)
+
+
+if __name__ == "__main__":
+  main()
