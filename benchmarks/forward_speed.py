@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import minet_jax
+import op_profile  # benchmarks/op_profile.py, beside this script
 from minet_jax import strips
 
 
@@ -74,7 +75,8 @@ def _peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def measure(params: minet_jax.Params, width: int, height: int, repeats: int) -> dict:
+def measure(params: minet_jax.Params, width: int, height: int, repeats: int,
+            profile: bool = False) -> dict:
   """Times one image size; returns the figures `main` prints."""
   image = np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)
   whole = jax.jit(minet_jax.apply)
@@ -92,6 +94,8 @@ def measure(params: minet_jax.Params, width: int, height: int, repeats: int) -> 
   first = _seconds(call, 1)[0]
   times = _seconds(call, repeats)
   per_image = statistics.median(times)
+  if profile and not stripped:
+    op_profile.print_op_times(op_profile.op_times(compiled, params, image))
   flops = float(cost.get("flops", float("nan")))
   return {"path": "strips (eager stages)" if stripped else "one jitted program",
           # The jitted program was compiled above; the strip path compiles its stages
@@ -109,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dtype", default="float32", help="compute dtype (float32/bfloat16)")
   parser.add_argument("--ckpt", default="", help="weights folder (default: random weights)")
+  parser.add_argument("--profile", action="store_true",
+                      help="also print where the time goes, by kind of operation "
+                           "(one-program sizes only; benchmarks/op_profile.py)")
   args = parser.parse_args(argv)
 
   if args.ckpt:
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{jax.local_device_count()} device(s); host: {platform.processor() or platform.machine()}"
         f"; float32 2048^3 matmul: {peak:.0f} GFLOP/s; dtype {args.dtype}")
   for width, height in args.sizes:
-    r = measure(params, width, height, args.repeats)
+    r = measure(params, width, height, args.repeats, profile=args.profile)
     print(f"{width}x{height} [{r['path']}]: {r['s_per_image']:.2f} s/image (median of "
           f"{args.repeats}); compile {r['compile_s']:.1f} s; {r['gflop']:.0f} GFLOP, "
           f"{r['gflops_per_s']:.0f} GFLOP/s ({r['gflops_per_s'] / peak:.0%} of matmul); "

@@ -10,20 +10,21 @@ step (forward, backward, Adam update; what `train.py` runs), each as the median 
 own `make_train_step` with `configs/its_authors.py` (released architecture, loss "l2",
 Adam at 0.01), started from random weights; ``--config`` times another config's model,
 loss and optimizer (``--config configs/quickstart.py --shapes 4x64x64``: the quickstart's
-step). On a CPU each shape is timed once per
+step; ``--profile`` adds the breakdown below). On a CPU each shape is timed once per
 `--ynn-fusions` setting (``config.xla_cpu_ynn_fusions``: what XLA hands to YNNPACK),
 one after the other, so the settings are compared under the same load.
 
-Where the time goes now (2x128x128, XLA's defaults; `jax.profiler` trace of one step,
-per-thunk times summed): the 60 weight gradients of the half-resolution 3x3 convs
-take ~28 %, at about a third of the forward conv's rate; XLA writes each as a
-convolution whose contraction is the batch (2) and whose window is the whole image,
-plus transposes of its operands (another ~7 %); the forward and input-gradient convs
-~27 %; elementwise, reduction, slicing and padding fusions the rest. With "dot" the
-convolutions run in XLA's own kernels instead of YNNPACK's, which at these sizes are
-faster for the forward conv and no slower for its gradients (`layer_speed.py --batch 2
---height 64 --width 64 --wgrad`, with and without ``--ynn-fusions dot``; figures in
-docs/TRAINING.md).
+Where the time goes now (``--profile``, 2x128x128, XLA's defaults, per-operation
+times of one step summed by kind): the weight gradients of the 3x3 convs ~32%, at
+about a third of the forward conv's rate (XLA writes each as a convolution whose
+contraction is the batch of 2 and whose window is the whole image, after transposing
+its operands: most of the ~9% of transposes); forward and input-gradient convs ~29%;
+the smoothing's shifted sums and other slices ~11%; the banded smoothing gradients'
+matrix products ~9%; elementwise ~7%; reductions ~4%. With "dot" the convolutions run
+in XLA's own kernels instead of YNNPACK's, which at these sizes are faster at all
+three: `layer_speed.py --batch 2 --height 64 --width 64 --wgrad`, a 3x3 64 -> 64 conv,
+two runs each: forward 2.4-3.7 ms against 4.0-6.0, input gradient 2.5-3.1 against
+4.0-5.5, weight gradient 6.9-10.5 against 9.8-12.2.
 
 Where the time went before the step was fast (2x128x128 on a 2-core CPU): XLA:CPU
 differentiates a convolution with an *input* dilation (how a transposed conv is usually
@@ -38,6 +39,7 @@ conv's (`benchmarks/layer_speed.py --grad` times both forms).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import platform
@@ -49,9 +51,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import op_profile  # benchmarks/op_profile.py, beside this script
+
 from minet_jax.train import config_file
 from minet_jax.train import state as state_lib
-from minet_jax.train.step import cpu_compiler_options, loss_and_grads, make_train_step
+from minet_jax.train.step import (cpu_compiler_options, loss_and_grads, make_train_step,
+                                  train_step)
 
 _CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -65,8 +70,8 @@ def median_seconds(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def measure(config, shape: tuple[int, int, int], repeats: int, ynn_fusions: str
-            ) -> dict[str, float]:
+def measure(config, shape: tuple[int, int, int], repeats: int, ynn_fusions: str,
+            profile: bool = False) -> dict[str, float]:
   n, h, w = shape
   rng = np.random.default_rng(0)
   batch = {"hazy": jnp.asarray(rng.random((n, h, w, 3), np.float32)),
@@ -93,6 +98,12 @@ def measure(config, shape: tuple[int, int, int], repeats: int, ynn_fusions: str
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
+  if profile:
+    # Without donation, so the profiled program can run twice on the same state.
+    undonated = jax.jit(functools.partial(train_step, loss=config.loss),
+                        compiler_options=options)
+    op_profile.print_op_times(op_profile.op_times(
+        undonated.lower(state, batch).compile(), state, batch))
   _, model_state = nnx.split(state.merge()[0])
   jax.block_until_ready(forward(model_state, batch["hazy"]))
   jax.block_until_ready(grads(model_state, batch))
@@ -111,6 +122,9 @@ def main() -> None:
   parser.add_argument("--ynn-fusions", nargs="+", default=["default", "dot"],
                       help="config.xla_cpu_ynn_fusions settings to time, alternately for "
                            "each shape (CPU only; default: XLA's defaults and 'dot')")
+  parser.add_argument("--profile", action="store_true",
+                      help="also print where a step's time goes, by kind of operation "
+                           "(benchmarks/op_profile.py)")
   args = parser.parse_args()
   config = config_file.load_module(pathlib.Path(args.config)).get_config()
   device = jax.devices()[0]
@@ -128,7 +142,7 @@ def main() -> None:
     if len(shape) != 3:
       raise SystemExit(f"--shapes takes N x H x W, got {text!r}")
     for ynn_fusions in settings:
-      r = measure(config, shape, args.repeats, ynn_fusions)
+      r = measure(config, shape, args.repeats, ynn_fusions, profile=args.profile)
       print(f"{text:>10} | {ynn_fusions:>11} | {r['forward_s']:8.3f} | "
             f"{r['forward_backward_s']:8.3f} | {r['step_s']:8.3f} | {r['compile_s']:8.1f}",
             flush=True)
