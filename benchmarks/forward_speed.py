@@ -1,7 +1,7 @@
 """Seconds per image of the released architecture's forward pass, FLOP rate and compile time.
 
     python benchmarks/forward_speed.py [--sizes 620x460 2708x1800] [--repeats 3]
-        [--dtype float32] [--ckpt DIR]
+        [--dtype float32] [--ckpt DIR] [--profile]
 
 For every WIDTHxHEIGHT it times `minet_jax.apply` the way users call it: sizes up to
 `minet_jax.strips.AUTO_PIXELS` (2 MP) as one jitted program (``jax.jit(apply)``), larger
@@ -18,7 +18,10 @@ ones eagerly, where `apply` runs the exact strip path (eight compiled stages, se
   the same run (a 2048x2048 ``jnp.dot``), the practical ceiling for convolutions;
 * XLA's compiled memory plan of the whole-image program (arguments + outputs +
   temporaries) and this process's peak RSS so far (a running maximum: sizes are run in
-  the order given).
+  the order given);
+* with ``--profile``, for the one-program sizes: one call's per-operation time summed by
+  kind of operation (convolutions, shifted sums, elementwise, reductions, ...;
+  benchmarks/op_profile.py).
 
 Weights: ``--ckpt`` (a `minet_jax.save` folder), else random weights of the released
 architecture (the time does not depend on their values). docs/PRETRAINED.md quotes the
