@@ -18,8 +18,8 @@ that weight gradient beside XLA's: nine per-tap products (C x NHW) @ (NHW x C), 
 im2col product (9C x NHW) @ (NHW x C). Each is checked against XLA's before it is timed.
 
 ``--ynn-fusions dot`` compiles every timed program the way the training step is
-compiled by default on a CPU (``config.xla_cpu_ynn_fusions``: YNNPACK for matrix
-products only, convolutions in XLA's own kernels).
+compiled with ``config.xla_cpu_ynn_fusions = "dot"`` (YNNPACK for matrix products
+only, convolutions in XLA's own kernels).
 """
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ def grouped(x, kernel):
   full = jnp.broadcast_to(kernel[:, :, None, None], (k, k, 1, x.shape[-1]))
   return lax.conv_general_dilated(x, full, (1, 1), ((pad, pad),) * 2,
                                   feature_group_count=x.shape[-1], dimension_numbers=_DN)
+
+
+def shifted_sum(x, kernel):
+  """The smoothing conv as plain code (`layers.shared_smoothing` without its custom JVP)."""
+  k = kernel.shape[0]
+  pad = (k - 1) // 2
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return sum(kernel[a, b] * xp[:, a:a + h, b:b + w, :] for a in range(k) for b in range(k))
 
 
 def main() -> None:
@@ -134,7 +143,7 @@ def time_gradients(x: jax.Array, half: jax.Array, kernel: jax.Array) -> None:
           f"gradient {_grad_ms(fn, half, kernel):8.1f} ms")
   for k in (3, 7):
     smoothing = jax.random.normal(jax.random.key(2), (k, k))
-    for name, fn in (("autodiff", layers._shifted_sum), ("custom JVP (layers)", layers.shared_smoothing)):
+    for name, fn in (("autodiff", shifted_sum), ("custom JVP (layers)", layers.shared_smoothing)):
       print(f"shared {k}x{k} smoothing, {name:19s} gradient {_grad_ms(fn, x, smoothing):8.1f} ms")
 
 

@@ -73,7 +73,7 @@ def _kind(lines: list[str], computations: dict[str, list[str]], depth: int = 0) 
   return "elementwise"
 
 
-def op_times(compiled, *args) -> dict[str, tuple[int, float]]:
+def op_times(compiled: jax.stages.Compiled, *args) -> dict[str, tuple[int, float]]:
   """{kind: (operations, milliseconds)} for one call of `compiled` (a `jax.stages.Compiled`)."""
   hlo = compiled.as_text()
   computations = _computations(hlo)

@@ -1,7 +1,7 @@
-"""Seconds per training step of the released architecture (jitted, after compilation).
+"""Seconds per training step (jitted, after compilation); the released architecture by default.
 
     python benchmarks/train_step_speed.py [--shapes 2x128x128 8x64x64 1x460x620] [--repeats 3]
-        [--ynn-fusions default dot]
+        [--config configs/its_authors.py] [--ynn-fusions default dot] [--profile]
 
 For each batch shape (N x H x W) prints, on the default backend: the forward pass, the
 forward + backward pass (loss and gradients of all parameters), and the whole training
@@ -48,6 +48,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -56,7 +57,7 @@ import op_profile  # benchmarks/op_profile.py, beside this script
 from minet_jax.train import config_file
 from minet_jax.train import state as state_lib
 from minet_jax.train.step import (cpu_compiler_options, loss_and_grads, make_train_step,
-                                  train_step)
+                                  parse_ynn_fusions, train_step)
 
 _CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -70,8 +71,9 @@ def median_seconds(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def measure(config, shape: tuple[int, int, int], repeats: int, ynn_fusions: str,
-            profile: bool = False) -> dict[str, float]:
+def measure(config: ml_collections.ConfigDict, shape: tuple[int, int, int], repeats: int,
+            ynn_fusions: str, profile: bool = False) -> dict[str, float]:
+  """Times `config`'s forward, forward + backward and training step on random data."""
   n, h, w = shape
   rng = np.random.default_rng(0)
   batch = {"hazy": jnp.asarray(rng.random((n, h, w, 3), np.float32)),
@@ -126,6 +128,11 @@ def main() -> None:
                       help="also print where a step's time goes, by kind of operation "
                            "(benchmarks/op_profile.py)")
   args = parser.parse_args()
+  for setting in args.ynn_fusions:
+    try:
+      parse_ynn_fusions(setting)
+    except ValueError as e:
+      raise SystemExit(f"train_step_speed: --ynn-fusions: {e}") from None
   config = config_file.load_module(pathlib.Path(args.config)).get_config()
   device = jax.devices()[0]
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind}, "

@@ -13,9 +13,9 @@ imported, not copied); ``--pth`` their released checkpoint.
 On a shared or noisy machine, timings taken in separate runs minutes apart differ by
 30% or more, which is larger than the differences asked about. So each repeat times
 every contender once, in turn, in this one process, and the medians and their ratios
-are printed together. Both frameworks get the same thread count (``--threads``,
-default all cores); OpenMP's idle threads are told to sleep (OMP_WAIT_POLICY=PASSIVE)
-and every call is followed by a short pause, so one side's spinning threads do not
+are printed together. PyTorch gets ``--threads`` threads (default: all cores, which
+XLA:CPU uses too); OpenMP's idle threads are told to sleep (OMP_WAIT_POLICY=PASSIVE)
+and every call is preceded by a short pause, so one side's spinning threads do not
 slow the other.
 
 inference: one 460x620 image (values 0..255, the released model's input scale):
@@ -32,6 +32,7 @@ train: one optimizer step of the released architecture on random batches (2x128x
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import pathlib
 import platform
@@ -49,7 +50,7 @@ import minet_jax  # noqa: E402
 from minet_jax import convert  # noqa: E402
 from minet_jax.train import config_file  # noqa: E402
 from minet_jax.train import state as state_lib  # noqa: E402
-from minet_jax.train.step import make_train_step  # noqa: E402
+from minet_jax.train.step import make_train_step, parse_ynn_fusions  # noqa: E402
 
 _CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 _PAUSE_S = 0.2
@@ -66,7 +67,7 @@ def _import_torch(site_packages: str | None):
   return torch
 
 
-def _authors_model(torch, authors: str, pth: str):
+def _authors_model(torch, authors: str, pth: str) -> "torch.nn.Module":
   """The authors' MI_Net with their released weights, from their own MINet.py."""
   if not (pathlib.Path(authors) / "MINet.py").is_file():
     raise SystemExit(f"vs_pytorch: --authors {authors}: no MINet.py there")
@@ -102,6 +103,7 @@ def _print(results: dict[str, float], reference: str) -> None:
 
 
 def inference(torch, model, pth: str, repeats: int) -> None:
+  """Prints eager, torch.compile and minet-jax seconds per 460x620 image, interleaved."""
   rng = np.random.default_rng(0)
   rgb = rng.random((1, 460, 620, 3), np.float32)
   bgr255 = torch.from_numpy(np.ascontiguousarray(rgb[..., ::-1].transpose(0, 3, 1, 2)) * 255)
@@ -112,7 +114,9 @@ def inference(torch, model, pth: str, repeats: int) -> None:
 
   import torch._inductor.config as inductor_config  # noqa: PLC0415
   inductor_config.freezing = True
-  compiled = torch.compile(model.to(memory_format=torch.channels_last))
+  # A copy: .to(memory_format=...) converts a module in place, and the eager model
+  # (and the training step after this) must keep the authors' NCHW weights.
+  compiled = torch.compile(copy.deepcopy(model).to(memory_format=torch.channels_last))
   bgr255_cl = bgr255.to(memory_format=torch.channels_last)
   with torch.no_grad():
     start = time.perf_counter()
@@ -135,6 +139,7 @@ def inference(torch, model, pth: str, repeats: int) -> None:
 
 def train(torch, model, shapes: list[tuple[int, int, int]], settings: list[str],
           repeats: int) -> None:
+  """Prints the authors' training step and minet-jax's (per setting) per shape, interleaved."""
   config = config_file.load_module(_CONFIGS / "its_authors.py").get_config()
   model = model.train()
   optimizer = torch.optim.Adam(model.parameters(), lr=float(config.optimizer.learning_rate))
@@ -166,6 +171,7 @@ def train(torch, model, shapes: list[tuple[int, int, int]], settings: list[str],
 
 
 def main() -> None:
+  """Parses the command line and prints the requested comparisons."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--authors", required=True, help="folder holding the authors' MINet.py")
   parser.add_argument("--pth", required=True, help="the authors' released checkpoint")
@@ -184,6 +190,12 @@ def main() -> None:
     if len(shape) != 3:
       raise SystemExit(f"--shapes takes N x H x W, got {text!r}")
     shapes.append(shape)
+  for setting in args.ynn_fusions:
+    try:
+      parse_ynn_fusions(setting)
+    except ValueError as e:
+      raise SystemExit(f"vs_pytorch: --ynn-fusions: {e}") from None
+  settings = args.ynn_fusions if jax.default_backend() == "cpu" else ["default"]
   torch = _import_torch(args.torch_site_packages)
   torch.set_num_threads(args.threads)
   model = _authors_model(torch, args.authors, args.pth)
@@ -192,7 +204,7 @@ def main() -> None:
   if "inference" in args.mode:
     inference(torch, model, args.pth, args.repeats)
   if "train" in args.mode:
-    train(torch, model, shapes, args.ynn_fusions, args.repeats)
+    train(torch, model, shapes, settings, args.repeats)
 
 
 if __name__ == "__main__":

@@ -147,12 +147,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Write checkpoints in a background thread while training goes on.
   config.async_checkpointing = True
   # On a CPU, what XLA hands to YNNPACK when it compiles the training step: "default"
-  # (XLA's choice: most matrix products, convolutions, elementwise and reduction
+  # (XLA's choice: most matrix products and convolutions, and elementwise and reduction
   # fusions) or a comma-separated list of dot, eltwise, reduce, convolution. "dot" runs
-  # the convolutions and their gradients in XLA's own kernels: on an idle CPU the
-  # released architecture's step is ~30% faster, but a run sharing its cores with other
-  # work was slower, and the quickstart's scores were 0.2 dB lower on average over four
-  # seeds (docs/TRAINING.md). Other programs (validation) keep XLA's choice; ignored off
+  # the convolutions and their gradients in XLA's own kernels: on an idle CPU it takes
+  # 26-40% off the released architecture's step, but a run sharing its cores with other
+  # work was slower, and the quickstart scored 0.1-0.2 dB lower on average over four
+  # pairs of runs (docs/TRAINING.md). Other programs (validation) keep XLA's choice; ignored off
   # the CPU.
   config.xla_cpu_ynn_fusions = "default"
   return config

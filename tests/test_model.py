@@ -117,6 +117,26 @@ def test_conv_transpose_matches_the_scatter_definition(kernel_size, stride, padd
                              np.vdot(g, _torch_conv_transpose(x, u, stride, padding)), rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 0), (1, 1)])
+def test_conv_1x1_matches_a_reference_convolution(dtype, use_bias, stride, padding):
+  """A 1x1 conv (a matrix product over channels when stride 1, unpadded) is the conv."""
+  conv = layers.Conv2d(16, 3, 1, stride=stride, padding=padding, use_bias=use_bias,
+                       dtype=dtype, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 9, 11, 16))
+  want = np.asarray(jax.lax.conv_general_dilated(
+      x, conv.kernel[...], (stride, stride),
+      ((padding, padding),) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST), np.float64)
+  if use_bias:
+    want = want + np.asarray(conv.bias[...], np.float64)
+  got = conv(x)
+  assert got.dtype == jnp.dtype(dtype) and got.shape == want.shape
+  tolerance = 1e-5 if dtype == "float32" else 5e-2
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tolerance, atol=tolerance)
+
+
 def test_instance_norm_matches_numpy():
   x = np.random.default_rng(1).normal(2.0, 3.0, size=(2, 6, 7, 4)).astype(np.float32)
   norm = layers.InstanceNorm(4)

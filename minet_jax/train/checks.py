@@ -53,7 +53,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   try:
     parse_ynn_fusions(config.xla_cpu_ynn_fusions)
   except ValueError as e:
-    raise ConfigError(f"config.{e}") from e
+    raise ConfigError(f"config.xla_cpu_ynn_fusions {e}") from e
 
 
 def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:

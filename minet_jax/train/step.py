@@ -150,24 +150,22 @@ def parse_ynn_fusions(value: str) -> tuple[str, ...]:
   if value == "default":
     return ()
   kinds = tuple(part.strip() for part in value.split(","))
-  unknown = [k for k in kinds if k not in YNN_FUSION_KINDS]
-  if unknown or not kinds:
-    raise ValueError(f"xla_cpu_ynn_fusions must be 'default' or a comma-separated list of "
-                     f"{', '.join(YNN_FUSION_KINDS)}; got {value!r}")
+  if any(k not in YNN_FUSION_KINDS for k in kinds) or len(set(kinds)) < len(kinds):
+    raise ValueError(f"must be 'default' or a comma-separated list of distinct names "
+                     f"from {', '.join(YNN_FUSION_KINDS)}; got {value!r}")
   return kinds
 
 
 def cpu_compiler_options(ynn_fusions: str) -> dict[str, str] | None:
   """Per-program XLA options restricting YNNPACK to `ynn_fusions`, or None for XLA's defaults.
 
-  By default XLA:CPU (jaxlib 0.10) hands YNNPACK most matrix products and some
-  convolutions, elementwise and reduction fusions. For the training step, keeping
-  only matrix products there ("dot") runs the convolutions and their gradients in
-  XLA's own kernels, which are faster at training batch sizes
-  (benchmarks/train_step_speed.py); whole-image inference is faster with the
-  defaults, so only the program built with these options changes. None (defaults)
-  off the CPU backend, and where jaxlib does not take the option (it is
-  experimental): checked once by compiling a tiny program with it.
+  By default XLA:CPU (jaxlib 0.10) hands YNNPACK most matrix products and
+  convolutions, and elementwise and reduction fusions. Keeping only matrix products
+  there ("dot") runs the convolutions and their gradients in XLA's own kernels, which
+  are faster at training batch sizes (benchmarks/train_step_speed.py, docs/TRAINING.md);
+  only the program compiled with these options changes. None (XLA's defaults) off the
+  CPU backend, and where jaxlib does not take the option (it is experimental): checked
+  once by compiling a tiny program with it.
   """
   kinds = parse_ynn_fusions(ynn_fusions)
   if not kinds or jax.default_backend() != "cpu":
