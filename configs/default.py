@@ -152,7 +152,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the convolutions and their gradients in XLA's own kernels: on an idle CPU it takes
   # 26-40% off the released architecture's step, but a run sharing its cores with other
   # work was slower, and the quickstart scored 0.1-0.2 dB lower on average over four
-  # pairs of runs (docs/TRAINING.md). Other programs (validation) keep XLA's choice; ignored off
-  # the CPU.
+  # pairs of runs (docs/TRAINING.md). Other programs (validation) keep XLA's choice;
+  # ignored off the CPU.
   config.xla_cpu_ynn_fusions = "default"
   return config

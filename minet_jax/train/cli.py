@@ -41,6 +41,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 _HELP_FLAGS = ("--help", "-?", "--helpshort", "-h")
 
+
 def _config_file(argv: list[str]) -> str | None:
   """The --config file named on the command line (config_flags allows "file.py:argument")."""
   for i, arg in enumerate(argv[1:], 1):
