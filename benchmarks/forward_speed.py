@@ -1,18 +1,20 @@
 """Seconds per image of the released architecture's forward pass, FLOP rate and compile time.
 
     python benchmarks/forward_speed.py [--sizes 620x460 2708x1800] [--repeats 3]
-        [--dtype float32] [--ckpt DIR] [--profile]
+        [--dtype float32] [--conv-backends xla onednn] [--ckpt DIR] [--profile]
 
 For every WIDTHxHEIGHT it times `minet_jax.apply` the way users call it: sizes up to
 `minet_jax.strips.AUTO_PIXELS` (2 MP) as one jitted program (``jax.jit(apply)``), larger
 ones eagerly, where `apply` runs the exact strip path (eight compiled stages, see
-`minet_jax.strips`). It prints, per size:
+`minet_jax.strips`), once per ``--conv-backends`` setting (``ModelConfig.conv_backend``:
+XLA's convolutions or oneDNN's). It prints, per size and setting:
 
 * compile: for the jitted program XLA's lowering + compilation time; for the strip path
   the first call's wall time minus s/image (its stages compile on first use);
 * s/image: the median of ``--repeats`` calls after the first;
-* GFLOP: XLA's cost analysis of the whole-image jitted program (compiled, never run), i.e.
-  the model's arithmetic; the strip path recomputes the early full-resolution layers,
+* GFLOP: XLA's cost analysis of the whole-image jitted program with XLA's convolutions
+  (compiled, never run; it cannot see into oneDNN's custom calls), i.e. the model's
+  arithmetic; the strip path recomputes the early full-resolution layers,
   so its own count is somewhat higher than this;
 * GFLOP/s: that count over s/image, against the CPU's float32 matmul rate measured in
   the same run (a 2048x2048 ``jnp.dot``), the practical ceiling for convolutions;
@@ -86,7 +88,10 @@ def measure(params: minet_jax.Params, width: int, height: int, repeats: int,
   start = time.perf_counter()
   compiled = whole.lower(params, image).compile()
   xla_compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
+  # The arithmetic as XLA counts it for its own convolutions (custom calls count zero).
+  counted = params if params.config.conv_backend == "xla" else minet_jax.Params(
+      weights=params.weights, config=dataclasses.replace(params.config, conv_backend="xla"))
+  cost = whole.lower(counted, image).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   plan = compiled.memory_analysis()
   plan_gb = (plan.argument_size_in_bytes + plan.output_size_in_bytes
@@ -115,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="WIDTHxHEIGHT sizes, run in this order (default: 620x460)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dtype", default="float32", help="compute dtype (float32/bfloat16)")
+  parser.add_argument("--conv-backends", nargs="+", default=["xla", "onednn"],
+                      help="ModelConfig.conv_backend settings, each timed at every size")
   parser.add_argument("--ckpt", default="", help="weights folder (default: random weights)")
   parser.add_argument("--profile", action="store_true",
                       help="also print where the time goes, by kind of operation "
@@ -123,21 +130,24 @@ def main(argv: list[str] | None = None) -> None:
 
   if args.ckpt:
     loaded = minet_jax.load(args.ckpt)
-    params = minet_jax.Params(weights=loaded.weights,
-                              config=dataclasses.replace(loaded.config, dtype=args.dtype))
+    weights, config = loaded.weights, dataclasses.replace(loaded.config, dtype=args.dtype)
   else:
-    params = minet_jax.init(minet_jax.ModelConfig(dtype=args.dtype))
+    base = minet_jax.init(minet_jax.ModelConfig(dtype=args.dtype))
+    weights, config = base.weights, base.config
   peak = matmul_gflops()
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"{jax.local_device_count()} device(s); host: {platform.processor() or platform.machine()}"
         f"; float32 2048^3 matmul: {peak:.0f} GFLOP/s; dtype {args.dtype}")
   for width, height in args.sizes:
-    r = measure(params, width, height, args.repeats, profile=args.profile)
-    print(f"{width}x{height} [{r['path']}]: {r['s_per_image']:.2f} s/image (median of "
-          f"{args.repeats}); compile {r['compile_s']:.1f} s; {r['gflop']:.0f} GFLOP, "
-          f"{r['gflops_per_s']:.0f} GFLOP/s ({r['gflops_per_s'] / peak:.0%} of matmul); "
-          f"XLA plan of the whole-image program {r['plan_gb']:.2f} GB; "
-          f"peak RSS so far {r['peak_rss_gb']:.2f} GB", flush=True)
+    for backend in args.conv_backends:
+      params = minet_jax.Params(weights=weights,
+                                config=dataclasses.replace(config, conv_backend=backend))
+      r = measure(params, width, height, args.repeats, profile=args.profile)
+      print(f"{width}x{height} {backend} [{r['path']}]: {r['s_per_image']:.2f} s/image (median of "
+            f"{args.repeats}); compile {r['compile_s']:.1f} s; {r['gflop']:.0f} GFLOP, "
+            f"{r['gflops_per_s']:.0f} GFLOP/s ({r['gflops_per_s'] / peak:.0%} of matmul); "
+            f"XLA plan of the whole-image program {r['plan_gb']:.2f} GB; "
+            f"peak RSS so far {r['peak_rss_gb']:.2f} GB", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ of the compiled program runs under `jax.profiler.trace`; the trace's per-operati
 events (named like the program's HLO instructions) are summed by the kind of work the
 instruction does, read from the optimised HLO (`Compiled.as_text`): a convolution
 (a weight gradient when its window is larger than 7x7: XLA writes the kernel gradient
-as a convolution whose window is the whole image), a matrix product, a reduction,
+as a convolution whose window is the whole image; `minet_jax.onednn`'s custom calls
+are convolutions too), a matrix product, a reduction,
 a transpose or copy, a slice, pad or concatenation (the shared smoothing's shifted
 sums are fusions of slices), else elementwise.
 
@@ -29,6 +30,9 @@ import jax
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _WINDOW = re.compile(r"window=\{size=(\d+)x(\d+)")
+# The oneDNN convolutions of minet_jax.onednn: one custom-call target, `kind` 2 is the
+# kernel gradient.
+_ONEDNN = re.compile(r'custom_call_target="minet_onednn_conv".*kind\s*=\s*(\d)')
 
 
 def _computations(hlo: str) -> dict[str, list[str]]:
@@ -55,6 +59,10 @@ def _kind(lines: list[str], computations: dict[str, list[str]], depth: int = 0) 
       if window and int(window.group(1)) * int(window.group(2)) > 49:
         return "convolution, weight gradient"
       return "convolution"
+    onednn = _ONEDNN.search(line)
+    if onednn:
+      return ("convolution, weight gradient (oneDNN)" if onednn.group(1) == "2"
+              else "convolution (oneDNN)")
     called += _CALLS.findall(line)
   if "dot" in ops:
     return "matrix product"

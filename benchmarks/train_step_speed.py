@@ -124,6 +124,9 @@ def main() -> None:
   parser.add_argument("--ynn-fusions", nargs="+", default=["default", "dot"],
                       help="config.xla_cpu_ynn_fusions settings to time, alternately for "
                            "each shape (CPU only; default: XLA's defaults and 'dot')")
+  parser.add_argument("--conv-backends", nargs="+", default=["xla", "onednn"],
+                      help="config.model.conv_backend settings to time, alternately with "
+                           "the --ynn-fusions ones (default: XLA's convolutions and oneDNN's)")
   parser.add_argument("--profile", action="store_true",
                       help="also print where a step's time goes, by kind of operation "
                            "(benchmarks/op_profile.py)")
@@ -141,16 +144,19 @@ def main() -> None:
   m = config.model
   print(f"{args.config}: {m.features} features, iterations {tuple(m.iterations)}, dilations "
         f"{tuple(m.dilations)}, loss {config.loss}, Adam; seconds")
-  settings = args.ynn_fusions if jax.default_backend() == "cpu" else ["default"]
-  print(f"{'batch':>10} | {'ynn_fusions':>11} | {'forward':>8} | {'fwd+bwd':>8} | "
-        f"{'step':>8} | {'compile':>8}")
+  fusions = args.ynn_fusions if jax.default_backend() == "cpu" else ["default"]
+  settings = [(b, f) for b in args.conv_backends for f in fusions]
+  print(f"{'batch':>10} | {'conv':>6} | {'ynn_fusions':>11} | {'forward':>8} | "
+        f"{'fwd+bwd':>8} | {'step':>8} | {'compile':>8}")
   for text in args.shapes:
     shape = tuple(int(v) for v in text.lower().split("x"))
     if len(shape) != 3:
       raise SystemExit(f"--shapes takes N x H x W, got {text!r}")
-    for ynn_fusions in settings:
+    for backend, ynn_fusions in settings:
+      with config.unlocked():
+        config.model.conv_backend = backend
       r = measure(config, shape, args.repeats, ynn_fusions, profile=args.profile)
-      print(f"{text:>10} | {ynn_fusions:>11} | {r['forward_s']:8.3f} | "
+      print(f"{text:>10} | {backend:>6} | {ynn_fusions:>11} | {r['forward_s']:8.3f} | "
             f"{r['forward_backward_s']:8.3f} | {r['step_s']:8.3f} | {r['compile_s']:8.1f}",
             flush=True)
 

@@ -2,7 +2,7 @@
 
     python benchmarks/vs_pytorch.py --authors ~/src/MI-Net \\
         --pth ../shared/weights/minet_its_official.pth [--mode inference train] \\
-        [--repeats 7] [--torch-site-packages DIR]
+        [--conv-backends xla onednn] [--repeats 7] [--torch-site-packages DIR]
 
 Needs PyTorch, which is not a dependency of this project: install it anywhere and
 either run this with that interpreter (with minet-jax installed there too) or pass
@@ -21,18 +21,20 @@ slow the other.
 inference: one 460x620 image (values 0..255, the released model's input scale):
   the authors' model in eager mode, under ``torch.compile`` (inductor, ``freezing``,
   channels_last: what a PyTorch deployment would use), and ``jax.jit(minet_jax.apply)``
-  with the converted weights (outputs compared first).
+  with the converted weights, once per ``ModelConfig.conv_backend`` given
+  (``--conv-backends``, default "xla" and "onednn"; outputs compared first).
 train: one optimizer step of the released architecture on random batches (2x128x128
   and 8x64x64 by default, ``--shapes``): the authors' ``main.py`` step (their
   ``torch.norm`` loss, Adam at 0.01) and minet-jax's jitted step
-  (``configs/its_authors.py``), once per ``config.xla_cpu_ynn_fusions`` setting given
-  (``--ynn-fusions``, default: "default" and "dot").
+  (``configs/its_authors.py``), once per convolution backend and
+  ``config.xla_cpu_ynn_fusions`` setting given (``--ynn-fusions``, default: "default").
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import pathlib
 import platform
@@ -102,13 +104,16 @@ def _print(results: dict[str, float], reference: str) -> None:
     print(f"  {name:44s} {seconds:7.3f} s  ({ratio:.2f}x {reference})", flush=True)
 
 
-def inference(torch, model, pth: str, repeats: int) -> None:
+def inference(torch, model, pth: str, backends: list[str], repeats: int) -> None:
   """Prints eager, torch.compile and minet-jax seconds per 460x620 image, interleaved."""
   rng = np.random.default_rng(0)
   rgb = rng.random((1, 460, 620, 3), np.float32)
   bgr255 = torch.from_numpy(np.ascontiguousarray(rgb[..., ::-1].transpose(0, 3, 1, 2)) * 255)
   model = model.eval()
-  params = convert.weights_from_checkpoint(pth)
+  released = convert.weights_from_checkpoint(pth)
+  variants = {b: minet_jax.Params(weights=released.weights,
+                                  config=dataclasses.replace(released.config, conv_backend=b))
+              for b in backends}
   apply = jax.jit(minet_jax.apply)
   image = jnp.asarray(rgb)
 
@@ -122,23 +127,23 @@ def inference(torch, model, pth: str, repeats: int) -> None:
     start = time.perf_counter()
     theirs = compiled(bgr255_cl)
     print(f"  torch.compile first call (compilation) {time.perf_counter() - start:.1f} s")
-    ours = np.asarray(apply(params, image))
     # minet_jax.apply clips to [0, 1], as the authors clip before saving.
     theirs_rgb = np.clip(theirs.numpy().transpose(0, 2, 3, 1)[..., ::-1] / 255.0, 0.0, 1.0)
-    mse = float(np.mean((ours - theirs_rgb) ** 2))
-    print(f"  outputs agree to {10 * np.log10(1.0 / max(mse, 1e-30)):.1f} dB PSNR")
-    results = _interleaved({
-        "authors' PyTorch, eager": lambda: model(bgr255),
-        "authors' PyTorch, torch.compile": lambda: compiled(bgr255_cl),
-        "minet-jax, jax.jit(minet_jax.apply)":
-            lambda: jax.block_until_ready(apply(params, image)),
-    }, repeats)
+    contenders = {"authors' PyTorch, eager": lambda: model(bgr255),
+                  "authors' PyTorch, torch.compile": lambda: compiled(bgr255_cl)}
+    for backend, params in variants.items():
+      mse = float(np.mean((np.asarray(apply(params, image)) - theirs_rgb) ** 2))
+      print(f"  conv_backend={backend}: outputs agree to "
+            f"{10 * np.log10(1.0 / max(mse, 1e-30)):.1f} dB PSNR")
+      contenders[f"minet-jax, jax.jit(minet_jax.apply), {backend}"] = (
+          lambda params=params: jax.block_until_ready(apply(params, image)))
+    results = _interleaved(contenders, repeats)
   print(f"inference, 460x620, median of {repeats}:")
   _print(results, "authors' PyTorch, torch.compile")
 
 
-def train(torch, model, shapes: list[tuple[int, int, int]], settings: list[str],
-          repeats: int) -> None:
+def train(torch, model, shapes: list[tuple[int, int, int]],
+          settings: list[tuple[str, str]], repeats: int) -> None:
   """Prints the authors' training step and minet-jax's (per setting) per shape, interleaved."""
   config = config_file.load_module(_CONFIGS / "its_authors.py").get_config()
   model = model.train()
@@ -156,7 +161,9 @@ def train(torch, model, shapes: list[tuple[int, int, int]], settings: list[str],
 
     batch = {"hazy": jnp.asarray(hazy), "clear": jnp.asarray(clear)}
     contenders = {"authors' PyTorch, eager (their main.py step)": authors_step}
-    for setting in settings:
+    for backend, setting in settings:
+      with config.unlocked():
+        config.model.conv_backend = backend
       step = make_train_step(config.loss, ynn_fusions=setting)
       holder = {"state": state_lib.create_train_state(config)}
 
@@ -164,7 +171,7 @@ def train(torch, model, shapes: list[tuple[int, int, int]], settings: list[str],
         holder["state"], metrics = step(holder["state"], batch)
         jax.block_until_ready(metrics)
 
-      contenders[f"minet-jax step, xla_cpu_ynn_fusions={setting}"] = ours
+      contenders[f"minet-jax step, {backend}, ynn_fusions={setting}"] = ours
     results = _interleaved(contenders, repeats)
     print(f"training step, {n}x{h}x{w}, median of {repeats}:")
     _print(results, "authors' PyTorch, eager (their main.py step)")
@@ -179,7 +186,8 @@ def main() -> None:
                       default=["inference", "train"])
   parser.add_argument("--shapes", nargs="+", default=["2x128x128", "8x64x64"],
                       help="training batch shapes N x H x W")
-  parser.add_argument("--ynn-fusions", nargs="+", default=["default", "dot"])
+  parser.add_argument("--conv-backends", nargs="+", default=["xla", "onednn"])
+  parser.add_argument("--ynn-fusions", nargs="+", default=["default"])
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--torch-site-packages", default=None)
@@ -195,14 +203,15 @@ def main() -> None:
       parse_ynn_fusions(setting)
     except ValueError as e:
       raise SystemExit(f"vs_pytorch: --ynn-fusions: {e}") from None
-  settings = args.ynn_fusions if jax.default_backend() == "cpu" else ["default"]
+  fusions = args.ynn_fusions if jax.default_backend() == "cpu" else ["default"]
+  settings = [(b, f) for b in args.conv_backends for f in fusions]
   torch = _import_torch(args.torch_site_packages)
   torch.set_num_threads(args.threads)
   model = _authors_model(torch, args.authors, args.pth)
   print(f"torch {torch.__version__} ({args.threads} threads), jax {jax.__version__} "
         f"({jax.default_backend()}), {os.cpu_count()} cores ({platform.machine()})")
   if "inference" in args.mode:
-    inference(torch, model, args.pth, args.repeats)
+    inference(torch, model, args.pth, args.conv_backends, args.repeats)
   if "train" in args.mode:
     train(torch, model, shapes, settings, args.repeats)
 

@@ -18,8 +18,26 @@ import numpy as np
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
+from minet_jax import onednn
+
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int] = (1, 1),
+           padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
+           dilation: tuple[int, int] = (1, 1), precision: jax.lax.Precision | None = None,
+           backend: str = "auto") -> jax.Array:
+  """A dense NHWC x HWIO convolution, run by `backend` (`minet_jax.config.CONV_BACKENDS`).
+
+  float32 convolutions go to oneDNN when `minet_jax.onednn.use_onednn(backend)`;
+  everything else to ``lax.conv_general_dilated``.
+  """
+  if x.dtype == kernel.dtype == jnp.float32 and onednn.use_onednn(backend):
+    return onednn.conv(x, kernel, strides=strides, padding=padding, dilation=dilation)
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
+      dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
 
 
 def kaiming_normal(a: float) -> jax.nn.initializers.Initializer:
@@ -41,7 +59,7 @@ class Conv2d(nnx.Module):
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
                stride: int = 1, padding: int = 0, dilation: int = 1, use_bias: bool = True,
                init_a: float = 0.1, dtype: str = "float32", precision: str = "highest",
-               rngs: nnx.Rngs):
+               backend: str = "auto", rngs: nnx.Rngs):
     shape = (kernel_size, kernel_size, in_features, out_features)
     self.kernel = nnx.Param(kaiming_normal(init_a)(rngs.params(), shape, jnp.float32))
     fan_in = in_features * kernel_size * kernel_size
@@ -52,6 +70,7 @@ class Conv2d(nnx.Module):
     self.dilation = dilation
     self.dtype = jnp.dtype(dtype)
     self.precision = _PRECISIONS[precision]
+    self.backend = backend
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.kernel.shape[:2] == (1, 1) and self.stride == 1 and self.padding == 0:
@@ -62,12 +81,10 @@ class Conv2d(nnx.Module):
           x.astype(self.dtype), self.kernel[...][0, 0].astype(self.dtype),
           (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
       return y if self.bias is None else y + self.bias[...].astype(self.dtype)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-        window_strides=(self.stride, self.stride),
-        padding=((self.padding, self.padding),) * 2,
-        rhs_dilation=(self.dilation, self.dilation),
-        dimension_numbers=_DIMENSION_NUMBERS, precision=self.precision)
+    y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+               strides=(self.stride, self.stride), padding=((self.padding, self.padding),) * 2,
+               dilation=(self.dilation, self.dilation), precision=self.precision,
+               backend=self.backend)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -93,7 +110,7 @@ class ConvTranspose2d(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
                stride: int, padding: int, dtype: str = "float32", precision: str = "highest",
-               rngs: nnx.Rngs):
+               backend: str = "auto", rngs: nnx.Rngs):
     shape = (kernel_size, kernel_size, in_features, out_features)
     # PyTorch computes the transposed conv's fan_in from its weight's dim 1 (out channels).
     fan_in = out_features * kernel_size * kernel_size
@@ -104,6 +121,7 @@ class ConvTranspose2d(nnx.Module):
     self.sub_pixel = kernel_size - 2 * padding == stride
     self.dtype = jnp.dtype(dtype)
     self.precision = _PRECISIONS[precision]
+    self.backend = backend
 
   def _phase(self, a: int) -> tuple[slice, tuple[int, int]]:
     """Kernel taps that reach output phase `a` along one axis (every s-th), and the padding.
@@ -132,9 +150,8 @@ class ConvTranspose2d(nnx.Module):
       row = []
       for taps_b, pad_b in phases:
         sub = kernel[taps_a, taps_b]
-        row.append(jax.lax.conv_general_dilated(
-            x, sub, window_strides=(1, 1), padding=(pad_a, pad_b),
-            dimension_numbers=_DIMENSION_NUMBERS, precision=self.precision))
+        row.append(conv2d(x, sub, padding=(pad_a, pad_b), precision=self.precision,
+                          backend=self.backend))
       rows.append(jnp.stack(row, axis=3))                   # N, H, W, s(b), C
     y = jnp.stack(rows, axis=2)                             # N, H, s(a), W, s(b), C
     n, h, _, w, _, c = y.shape
@@ -149,16 +166,26 @@ class ShareSepConv(nnx.Module):
   conv would otherwise treat independently. Initialised to the identity.
   """
 
-  def __init__(self, kernel_size: int, *, dtype: str = "float32"):
+  def __init__(self, kernel_size: int, *, dtype: str = "float32", backend: str = "auto"):
     if kernel_size % 2 != 1:
       raise ValueError(f"shared separable kernel size must be odd, got {kernel_size}")
     centre = kernel_size // 2
     self.kernel = nnx.Param(
         jnp.zeros((kernel_size, kernel_size), jnp.float32).at[centre, centre].set(1.0))
     self.dtype = jnp.dtype(dtype)
+    self.backend = backend
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return shared_smoothing(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    if self.dtype == jnp.float32 and onednn.use_onednn(self.backend):
+      # A depthwise conv whose C kernels are all `kernel`: oneDNN's depthwise kernels
+      # beat both forms below, forward and backward (benchmarks/layer_speed.py
+      # --conv-backend); the kernel's gradient sums the C per-channel ones.
+      k, c = kernel.shape[0], x.shape[-1]
+      pad = (k - 1) // 2
+      return onednn.conv(x, jnp.broadcast_to(kernel[:, :, None, None], (k, k, 1, c)),
+                         padding=((pad, pad), (pad, pad)), groups=c)
+    return shared_smoothing(x, kernel)
 
 
 def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -38,7 +38,7 @@ class ResidualBlock(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     c = cfg.features
     conv = dict(padding=1, use_bias=False, init_a=cfg.init_kaiming_a, dtype=cfg.dtype,
-                precision=cfg.precision, rngs=rngs)
+                precision=cfg.precision, backend=cfg.conv_backend, rngs=rngs)
     self.conv1 = Conv2d(c, c, 3, **conv)
     self.norm1 = InstanceNorm(c, eps=cfg.norm_eps)
     self.conv2 = Conv2d(c, c, 3, **conv)
@@ -56,11 +56,13 @@ class IMBlockF(nnx.Module):
     c = cfg.features
     smoothed = cfg.smoothed_dilation and dilation > 1
     conv = dict(use_bias=False, init_a=cfg.init_kaiming_a, dtype=cfg.dtype,
-                precision=cfg.precision, rngs=rngs)
-    self.pre_conv1 = ShareSepConv(2 * dilation - 1, dtype=cfg.dtype) if smoothed else None
+                precision=cfg.precision, backend=cfg.conv_backend, rngs=rngs)
+    self.pre_conv1 = ShareSepConv(2 * dilation - 1, dtype=cfg.dtype,
+                                  backend=cfg.conv_backend) if smoothed else None
     self.conv1 = Conv2d(c, c, 3, padding=dilation, dilation=dilation, **conv)
     self.norm1 = InstanceNorm(c, eps=cfg.norm_eps)
-    self.pre_conv2 = ShareSepConv(2 * dilation - 1, dtype=cfg.dtype) if smoothed else None
+    self.pre_conv2 = ShareSepConv(2 * dilation - 1, dtype=cfg.dtype,
+                                  backend=cfg.conv_backend) if smoothed else None
     self.conv2 = Conv2d(c, c, 3, padding=1, **conv)
     self.norm2 = InstanceNorm(c, eps=cfg.norm_eps)
 
@@ -117,7 +119,7 @@ class RCAGate(nnx.Module):
 
   def __init__(self, channels: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.conv = Conv2d(channels, channels, 1, init_a=cfg.init_kaiming_a, dtype=cfg.dtype,
-                       precision=cfg.precision, rngs=rngs)
+                       precision=cfg.precision, backend=cfg.conv_backend, rngs=rngs)
     self.fc1 = Scalar(rngs=rngs)
     self.fc2 = Scalar(rngs=rngs)
 
@@ -145,7 +147,7 @@ class MINet(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.config = cfg
     c, a, dt = cfg.features, cfg.init_kaiming_a, cfg.dtype
-    conv = dict(init_a=a, dtype=dt, precision=cfg.precision, rngs=rngs)
+    conv = dict(init_a=a, dtype=dt, precision=cfg.precision, backend=cfg.conv_backend, rngs=rngs)
     self.conv1 = Conv2d(3, c, 3, padding=1, use_bias=False, **conv)
     self.norm1 = InstanceNorm(c, eps=cfg.norm_eps)
     self.conv2 = Conv2d(c, c, 3, padding=1, use_bias=False, **conv)
@@ -156,7 +158,7 @@ class MINet(nnx.Module):
     self.im_blocks = nnx.List([IMBlock(cfg, i, rngs=rngs) for i in range(cfg.num_blocks)])
     self.gate = Conv2d(c * cfg.num_blocks, cfg.num_blocks, 3, padding=1, **conv)
     self.deconv3 = ConvTranspose2d(c, c, 4, stride=2, padding=1, dtype=dt,
-                                   precision=cfg.precision, rngs=rngs)
+                                   precision=cfg.precision, backend=cfg.conv_backend, rngs=rngs)
     self.norm4 = InstanceNorm(c, eps=cfg.norm_eps)
     self.deconv2 = Conv2d(c, c, 3, padding=1, **conv)
     self.norm5 = InstanceNorm(c, eps=cfg.norm_eps)

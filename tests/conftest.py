@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import platform
 
 import pytest
 
@@ -57,3 +58,30 @@ def random_params():
     return made[config, seed]
 
   return make
+
+
+def require_onednn() -> None:
+  """Skips unless minet_jax.onednn's kernels build here; fails instead under CI=true on
+  x86-64 Linux, where the pinned oneDNN wheels exist and so must work."""
+  from minet_jax import onednn
+  try:
+    onednn.ensure_available()
+  except onednn.OneDNNUnavailable as e:
+    if (os.environ.get("CI", "").lower() == "true" and platform.system() == "Linux"
+        and platform.machine() == "x86_64"):
+      pytest.fail(f"oneDNN kernels unavailable on x86-64 Linux: {e}")
+    pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def onednn_kernels() -> None:
+  """`require_onednn` as a fixture."""
+  require_onednn()
+
+
+@pytest.fixture(scope="module", params=["xla", "onednn"])
+def conv_backend(request) -> str:
+  """Each explicit `ModelConfig.conv_backend` in turn (oneDNN skipped where unavailable)."""
+  if request.param == "onednn":
+    require_onednn()
+  return request.param

@@ -15,6 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "minet_jax"
 # The inference core: what `import minet_jax` and `load`/`apply` may use.
 CORE = {"minet_jax", "minet_jax.api", "minet_jax.checkpoint", "minet_jax.config",
         "minet_jax.files", "minet_jax.fixed_point", "minet_jax.layers", "minet_jax.model",
+        "minet_jax.onednn",
         "minet_jax.params", "minet_jax.strips"}
 
 

@@ -6,6 +6,8 @@ Full 460x620 SOTS images take ~15 s each on a 2-core CPU; they are checked by
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +18,10 @@ from minet_jax import metrics
 
 
 @pytest.fixture(scope="module")
-def params(released_params):
-  return released_params
+def params(released_params, conv_backend):
+  """The released weights, convolutions run by each backend in turn."""
+  return minet_jax.Params(weights=released_params.weights, config=dataclasses.replace(
+      released_params.config, conv_backend=conv_backend))
 
 
 @pytest.fixture(scope="module")

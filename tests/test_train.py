@@ -426,6 +426,7 @@ def test_training_step_is_compiled_with_the_configs_ynn_fusions():
     pytest.skip("this jaxlib does not take xla_cpu_experimental_ynn_fusion_type")
   config = tiny.get_config()
   config.model.iterations = (1, 1, 1)  # A smaller step to compile.
+  config.model.conv_backend = "xla"  # XLA's convolutions are what the option steers.
   state = state_lib.create_train_state(config)
   batch = {"hazy": jnp.zeros((2, 16, 16, 3)), "clear": jnp.zeros((2, 16, 16, 3))}
   counts = {}

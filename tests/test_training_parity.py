@@ -34,6 +34,8 @@ Tolerances, and why:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,14 +62,17 @@ def reference(shared_dir):
 
 
 @pytest.fixture(scope="module")
-def released(released_params):
-  return released_params
+def released(released_params, conv_backend):
+  """The released weights, convolutions run by each backend in turn."""
+  return minet_jax.Params(weights=released_params.weights, config=dataclasses.replace(
+      released_params.config, conv_backend=conv_backend))
 
 
 @pytest.fixture(scope="module")
-def config():
+def config(conv_backend):
   config = its_authors.get_config()
   assert config.optimizer.learning_rate == LEARNING_RATE and config.loss == "l2"
+  config.model.conv_backend = conv_backend
   return config
 
 

@@ -1,0 +1,249 @@
+"""The oneDNN convolution primitives against XLA's convolutions and finite differences.
+
+`minet_jax.onednn` computes with oneDNN and differentiates by its own transpose rules,
+so every derivative JAX can ask for is checked here against ``lax.conv_general_dilated``
+(an independent implementation) and against finite differences. The model-level
+checks (the released weights' outputs and gradients against the authors') run with
+both backends in test_parity.py and test_training_parity.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+import minet_jax
+from minet_jax import layers, onednn
+
+pytestmark = pytest.mark.usefixtures("onednn_kernels")
+
+
+# (image shape, kernel shape, strides, padding, dilation, groups): the model's kinds
+# (3x3 same, dilated, stride 2, the transposed conv's 2x2 phases with one-sided
+# padding, the shared smoothing as a depthwise conv) and a grouped one, at odd sizes.
+GEOMETRIES = [
+    ((2, 9, 11, 5), (3, 3, 5, 7), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    ((1, 13, 10, 4), (3, 3, 4, 6), (1, 1), ((4, 4), (4, 4)), (4, 4), 1),
+    ((2, 9, 11, 5), (3, 3, 5, 7), (2, 2), ((1, 1), (1, 1)), (1, 1), 1),
+    ((1, 7, 9, 4), (2, 2, 4, 3), (1, 1), ((1, 0), (0, 1)), (1, 1), 1),
+    ((2, 12, 9, 6), (7, 7, 1, 6), (1, 1), ((3, 3), (3, 3)), (1, 1), 6),
+    ((1, 8, 10, 8), (3, 3, 2, 8), (2, 1), ((1, 2), (0, 1)), (1, 2), 4),
+]
+IDS = ["3x3", "dilated", "stride2", "subpixel", "depthwise7x7", "grouped"]
+
+
+def _case(shape, kshape, seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal(shape, np.float32)),
+          jnp.asarray(rng.standard_normal(kshape, np.float32)))
+
+
+def _pair(strides, padding, dilation, groups):
+  ours = lambda x, w: onednn.conv(x, w, strides=strides, padding=padding, dilation=dilation,
+                                  groups=groups)
+  xla = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, strides, padding, rhs_dilation=dilation, feature_group_count=groups,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
+  return ours, xla
+
+
+def _close(a, b, rtol=2e-5):
+  """Equal up to float32 rounding of sums of a few hundred terms, relative to the scale."""
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.shape == b.shape and a.dtype == b.dtype == np.float32
+  np.testing.assert_allclose(a, b, rtol=0, atol=rtol * max(float(np.abs(b).max()), 1e-30))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_forward_vjp_jvp_match_xla(geometry):
+  shape, kshape, *rest = geometry
+  ours, xla = _pair(*rest)
+  x, w = _case(shape, kshape)
+  y = jax.jit(ours)(x, w)
+  _close(y, xla(x, w))
+  hlo = jax.jit(ours).lower(x, w).as_text()
+  assert "minet_onednn_conv" in hlo and "convolution" not in hlo
+  ct = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape, np.float32))
+  for got, want in zip(jax.jit(lambda x, w, ct: jax.vjp(ours, x, w)[1](ct))(x, w, ct),
+                       jax.vjp(xla, x, w)[1](ct)):
+    _close(got, want)
+  dx, dw = _case(shape, kshape, seed=2)
+  _close(jax.jvp(ours, (x, w), (dx, dw))[1], jax.jvp(xla, (x, w), (dx, dw))[1])
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_second_order_matches_xla(geometry):
+  # Gradient of a function of the kernel gradient: transposes of the transposes.
+  shape, kshape, *rest = geometry
+  ours, xla = _pair(*rest)
+  x, w = _case(shape, kshape)
+
+  def outer(conv):
+    inner = lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+    return jax.grad(lambda x, w: jnp.sum(jax.grad(inner, argnums=1)(x, w) ** 2),
+                    argnums=(0, 1))
+
+  for got, want in zip(outer(ours)(x, w), outer(xla)(x, w)):
+    _close(got, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:4], ids=IDS[:4])
+def test_derivatives_match_finite_differences(geometry):
+  shape, kshape, *rest = geometry
+  ours, _ = _pair(*rest)
+  x, w = _case(shape, kshape)
+  # float32: steps of 1e-2 on O(1) values keep rounding well below the tolerance.
+  check_grads(lambda x, w: jnp.tanh(ours(x, w) / 4), (x, w), order=2, modes=("fwd", "rev"),
+              eps=1e-2, atol=2e-2, rtol=2e-2)
+
+
+def test_vmap_folds_images_and_maps_kernels():
+  ours, xla = _pair((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+  x, w = _case((2, 6, 7, 3), (3, 3, 3, 4))
+  xs = jnp.stack([x, 2 * x - 1, x * x])
+  ws = jnp.stack([w, -w])
+  _close(jax.vmap(ours, (0, None))(xs, w), jax.vmap(xla, (0, None))(xs, w))
+  _close(jax.vmap(ours, (None, 0))(x, ws), jax.vmap(xla, (None, 0))(x, ws))
+  _close(jax.vmap(ours, (1, None), 2)(jnp.moveaxis(xs, 0, 1), w),
+         jax.vmap(xla, (1, None), 2)(jnp.moveaxis(xs, 0, 1), w))
+  # Per-example kernel gradients (vmap of grad): the kernel gradient's batch cannot fold.
+  per_example = lambda conv: jax.vmap(jax.grad(lambda w, x: jnp.sum(conv(x[None], w) ** 2)),
+                                      (None, 0))(w, x)
+  _close(per_example(ours), per_example(xla), rtol=1e-4)
+
+
+def test_off_cpu_lowering_is_xla_convolution():
+  # On GPUs and TPUs the primitives lower to XLA's own convolutions.
+  ours, _ = _pair((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+  x, w = _case((1, 6, 7, 3), (3, 3, 3, 4))
+  grad = jax.grad(lambda x, w: jnp.sum(ours(x, w) ** 2), argnums=(0, 1))
+  exported = jax.export.export(jax.jit(grad), platforms=["cuda"])(x, w)
+  text = exported.mlir_module()
+  assert "minet_onednn_conv" not in text and text.count("stablehlo.convolution") == 3
+
+
+def test_bad_operands_are_refused():
+  x, w = _case((1, 6, 7, 3), (3, 3, 3, 4))
+  with pytest.raises(TypeError, match="float32"):
+    onednn.conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="does not fit 3 input channels"):
+    onednn.conv(x, jnp.zeros((3, 3, 2, 4)))
+  with pytest.raises(ValueError, match="conv_backend must be"):
+    onednn.use_onednn("mkl")
+  with pytest.raises(ValueError, match="conv_backend must be one of"):
+    minet_jax.ModelConfig(conv_backend="mkl")
+
+
+def test_missing_onednn_is_a_clear_error_and_auto_falls_back(tmp_path):
+  # A fresh interpreter whose oneDNN root is empty: "onednn" says what is missing,
+  # "auto" quietly keeps XLA's convolutions, and the model still runs.
+  code = """
+import jax.numpy as jnp, numpy as np
+from minet_jax import layers, onednn
+assert not onednn.available()
+try:
+    onednn.use_onednn("onednn")
+except onednn.OneDNNUnavailable as e:
+    print("ERROR:", e)
+assert onednn.use_onednn("auto") is False
+x = jnp.ones((1, 5, 5, 2)); w = jnp.ones((3, 3, 2, 2))
+y = layers.conv2d(x, w, padding=((1, 1), (1, 1)), backend="auto")
+assert float(y[0, 2, 2, 0]) == 18.0
+print("OK")
+"""
+  env = dict(os.environ, MINET_ONEDNN_ROOT=str(tmp_path), MINET_JAX_CACHE=str(tmp_path / "c"))
+  done = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert "oneDNN headers or library not found under" in done.stdout
+  assert "MINET_ONEDNN_ROOT" in done.stdout and done.stdout.rstrip().endswith("OK")
+
+
+def test_a_failed_build_warns_under_auto(tmp_path):
+  # Headers and library present but the compiler broken: "auto" warns once, then runs XLA's.
+  root = tmp_path / "root"
+  (root / "include" / "oneapi" / "dnnl").mkdir(parents=True)
+  (root / "include" / "oneapi" / "dnnl" / "dnnl.hpp").write_text("#error broken\n")
+  (root / "lib").mkdir()
+  (root / "lib" / "libdnnl.so").write_text("")
+  code = """
+import warnings
+from minet_jax import onednn
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert onednn.use_onednn("auto") is False
+    assert onednn.use_onednn("auto") is False
+assert len(caught) == 1, [str(w.message) for w in caught]
+print(caught[0].message)
+"""
+  env = dict(os.environ, MINET_ONEDNN_ROOT=str(root),
+             MINET_JAX_CACHE=str(tmp_path / "c"))
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert "conv_backend='auto' runs XLA's convolutions" in done.stdout
+  assert "compiling onednn_conv.cc failed" in done.stdout and "broken" in done.stdout
+  assert not list((tmp_path / "c").glob("*.so"))  # Nothing half-built left behind.
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layers_agree_across_backends(dtype):
+  # Every conv layer of the model, oneDNN against XLA (bfloat16 stays on XLA).
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 10, 12, 8), np.float32))
+  for make in (lambda b, r: layers.Conv2d(8, 6, 3, stride=2, padding=1, dilation=1,
+                                          dtype=dtype, backend=b, rngs=r),
+               lambda b, r: layers.Conv2d(8, 6, 3, padding=2, dilation=2, dtype=dtype,
+                                          backend=b, rngs=r),
+               lambda b, r: layers.ConvTranspose2d(8, 6, 4, stride=2, padding=1,
+                                                   dtype=dtype, backend=b, rngs=r)):
+    a, b = make("xla", nnx.Rngs(0)), make("onednn", nnx.Rngs(0))
+    _close_or_equal(a(x), b(x), dtype)
+  smooth = [layers.ShareSepConv(7, dtype=dtype, backend=b) for b in ("xla", "onednn")]
+  kernel = jnp.asarray(rng.standard_normal((7, 7), np.float32))
+  for s in smooth:
+    s.kernel[...] = kernel
+  _close_or_equal(smooth[0](x), smooth[1](x), dtype)
+
+
+def _close_or_equal(a, b, dtype):
+  if dtype == "float32":
+    _close(b, a)
+  else:
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_released_model_onednn_matches_xla(random_params):
+  # The whole network, forward and all parameter gradients, oneDNN against XLA.
+  base = random_params()
+  outs, grads = {}, {}
+  img = jnp.asarray(np.random.default_rng(0).random((1, 32, 48, 3), np.float32))
+  for backend in ("xla", "onednn"):
+    params = minet_jax.Params(weights=base.weights,
+                              config=dataclasses.replace(base.config, conv_backend=backend))
+    model = minet_jax.model_from_params(params)
+    outs[backend] = np.asarray(jax.jit(lambda x: model(x))(img))
+    graphdef, state = nnx.split(model)
+    loss = lambda s: jnp.sum(nnx.merge(graphdef, s)(img) ** 2)
+    grads[backend] = jax.tree.leaves(jax.jit(jax.grad(loss))(state))
+  _close(outs["onednn"], outs["xla"], rtol=1e-5)
+  # Per tensor, relative L2 error: the 3 x 8 weight-tied iterations amplify float32
+  # rounding (test_training_parity.py measures ~2e-3 against the authors'). Biases that
+  # feed an instance norm have a true gradient of zero: both sides hold noise there,
+  # so tensors that small only have to stay that small.
+  largest = max(float(np.linalg.norm(g)) for g in grads["xla"])
+  for got, want in zip(grads["onednn"], grads["xla"]):
+    got, want = np.asarray(got), np.asarray(want)
+    if np.linalg.norm(want) < 1e-5 * largest:
+      assert np.linalg.norm(got) < 1e-5 * largest
+    else:
+      assert np.linalg.norm(got - want) <= 2e-3 * np.linalg.norm(want)
