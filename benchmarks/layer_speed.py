@@ -1,7 +1,7 @@
 """Milliseconds per layer call at the IM-blocks' working size (a 620x460 image's half).
 
     python benchmarks/layer_speed.py [--batch 1 --height 230 --width 310] [--grad] [--wgrad]
-        [--ynn-fusions default]
+        [--ynn-fusions default] [--conv-backends xla onednn]
 
 Compares ways of computing the shared separable (smoothing) conv: a grouped conv with
 `feature_group_count=C`, and the sum of k*k shifted copies that `layers.ShareSepConv`
@@ -16,6 +16,10 @@ those layers see in a 2x128x128 training step.
 weight gradient being the slow one on XLA:CPU, and times two matrix-product forms of
 that weight gradient beside XLA's: nine per-tap products (C x NHW) @ (NHW x C), and one
 im2col product (9C x NHW) @ (NHW x C). Each is checked against XLA's before it is timed.
+
+``--conv-backends xla onednn`` times, for each `ModelConfig.conv_backend` given, a 3x3
+64 -> 64 conv (`layers.conv2d`) and the 3x3 and 7x7 shared smoothing
+(`layers.smoothing`): forward, and forward plus both gradients.
 
 ``--ynn-fusions dot`` compiles every timed program the way the training step is
 compiled with ``config.xla_cpu_ynn_fusions = "dot"`` (YNNPACK for matrix products
@@ -78,6 +82,8 @@ def main() -> None:
   parser.add_argument("--wgrad", action="store_true",
                       help="also time a 3x3 conv's input and weight gradients, and the "
                            "weight gradient as matrix products")
+  parser.add_argument("--conv-backends", nargs="*", default=[],
+                      help="also time the convolution backends given (xla, onednn)")
   parser.add_argument("--ynn-fusions", default="default",
                       help="what XLA:CPU hands to YNNPACK, as config.xla_cpu_ynn_fusions")
   args = parser.parse_args()
@@ -115,6 +121,22 @@ def main() -> None:
     time_gradients(x, half, wt)
   if args.wgrad:
     time_weight_gradients(x, w)
+  if args.conv_backends:
+    time_backends(x, w, args.conv_backends)
+
+
+def time_backends(x: jax.Array, w: jax.Array, backends: list[str]) -> None:
+  """The 3x3 conv and the shared smoothing per convolution backend: forward, fwd + grads."""
+  smooth = {k: jax.random.normal(jax.random.key(2), (k, k)) for k in (3, 7)}
+  for backend in backends:
+    conv = lambda x, w, b=backend: layers.conv2d(x, w, padding=((1, 1), (1, 1)),
+                                                 precision=lax.Precision.HIGHEST, backend=b)
+    print(f"{backend:>6}: 3x3 conv 64->64        forward {time_ms(conv, x, w):8.1f} ms, "
+          f"forward + gradients {_grad_ms(conv, x, w):8.1f} ms")
+    for k, kernel in smooth.items():
+      fn = lambda x, kernel, b=backend: layers.smoothing(x, kernel, backend=b)
+      print(f"{backend:>6}: shared {k}x{k} smoothing  forward {time_ms(fn, x, kernel):8.1f} ms, "
+            f"forward + gradients {_grad_ms(fn, x, kernel):8.1f} ms")
 
 
 def _grad_ms(fn, *args) -> float:

@@ -1,7 +1,8 @@
 """Seconds per training step (jitted, after compilation); the released architecture by default.
 
     python benchmarks/train_step_speed.py [--shapes 2x128x128 8x64x64 1x460x620] [--repeats 3]
-        [--config configs/its_authors.py] [--ynn-fusions default dot] [--profile]
+        [--config configs/its_authors.py] [--conv-backends xla onednn]
+        [--ynn-fusions default dot] [--profile]
 
 For each batch shape (N x H x W) prints, on the default backend: the forward pass, the
 forward + backward pass (loss and gradients of all parameters), and the whole training
@@ -10,11 +11,20 @@ step (forward, backward, Adam update; what `train.py` runs), each as the median 
 own `make_train_step` with `configs/its_authors.py` (released architecture, loss "l2",
 Adam at 0.01), started from random weights; ``--config`` times another config's model,
 loss and optimizer (``--config configs/quickstart.py --shapes 4x64x64``: the quickstart's
-step; ``--profile`` adds the breakdown below). On a CPU each shape is timed once per
-`--ynn-fusions` setting (``config.xla_cpu_ynn_fusions``: what XLA hands to YNNPACK),
-one after the other, so the settings are compared under the same load.
+step; ``--profile`` adds the breakdown below). Each shape is timed once per
+``--conv-backends`` setting (``ModelConfig.conv_backend``: XLA's convolutions or
+oneDNN's) and, on a CPU, ``--ynn-fusions`` setting (``config.xla_cpu_ynn_fusions``: what
+XLA hands to YNNPACK), one after the other, so the settings are compared under the
+same load.
 
-Where the time goes now (``--profile``, 2x128x128, XLA's defaults, per-operation
+Where the time goes with oneDNN's convolutions (``--conv-backends onednn --profile``,
+2x128x128): convolutions and their input gradients ~43%, kernel gradients ~28%,
+elementwise ~20%, reductions (instance norms) ~7%, everything else ~2%. oneDNN runs the
+3x3 convolutions' gradients 3-5x faster than XLA:CPU and the shared smoothing as a
+depthwise convolution (`layer_speed.py --conv-backends xla onednn`), which is why the
+step takes half the time of XLA's.
+
+Where the time goes with XLA's convolutions (``--profile``, 2x128x128, XLA's defaults, per-operation
 times of one step summed by kind): the weight gradients of the 3x3 convs ~32%, at
 about a third of the forward conv's rate (XLA writes each as a convolution whose
 contraction is the batch of 2 and whose window is the whole image, after transposing

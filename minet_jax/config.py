@@ -30,6 +30,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # oneDNN's kernels; XLA's elsewhere), "xla" (XLA's own), "auto" (oneDNN's when the
 # default backend is the CPU and the kernels build, else XLA's).
 CONV_BACKENDS = ("auto", "xla", "onednn")
+# Fields that say how a machine runs the model, not what the model is: checkpoints do
+# not store them, and configs differing only there describe the same architecture.
+RUNTIME_FIELDS = ("conv_backend",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +88,10 @@ class ModelConfig:
   # Convolution precision: "highest" (exact float32; parity with PyTorch on GPUs that would
   # otherwise use TF32) or "default" (fastest the backend offers).
   precision: str = "highest"
-  # Who runs the convolutions: one of CONV_BACKENDS. The results agree to float32
-  # rounding; oneDNN's CPU kernels are 2x faster for training (docs/TRAINING.md).
+  # Who runs the convolutions: one of CONV_BACKENDS (a RUNTIME_FIELD). The results agree
+  # to float32 rounding; oneDNN's CPU kernels make a training step ~2x faster
+  # (docs/TRAINING.md). Programs using them cannot be serialised with jax.export: use
+  # "xla" for that.
   conv_backend: str = "auto"
   # What the network's first layer sees: "bgr255" (released weights) or "rgb01".
   input_format: str = "bgr255"
@@ -148,6 +153,10 @@ class ModelConfig:
     """A JSON-friendly dict (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v
             for k, v in dataclasses.asdict(self).items()}
+
+  def architecture(self) -> dict[str, Any]:
+    """`to_dict` without the RUNTIME_FIELDS: what checkpoints store and runs compare."""
+    return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
 
 
 def paper_text_variant(**overrides: Any) -> ModelConfig:

@@ -176,16 +176,24 @@ class ShareSepConv(nnx.Module):
     self.backend = backend
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
-    if self.dtype == jnp.float32 and onednn.use_onednn(self.backend):
-      # A depthwise conv whose C kernels are all `kernel`: oneDNN's depthwise kernels
-      # beat both forms below, forward and backward (benchmarks/layer_speed.py
-      # --conv-backend); the kernel's gradient sums the C per-channel ones.
-      k, c = kernel.shape[0], x.shape[-1]
-      pad = (k - 1) // 2
-      return onednn.conv(x, jnp.broadcast_to(kernel[:, :, None, None], (k, k, 1, c)),
-                         padding=((pad, pad), (pad, pad)), groups=c)
-    return shared_smoothing(x, kernel)
+    return smoothing(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                     backend=self.backend)
+
+
+def smoothing(x: jax.Array, kernel: jax.Array, *, backend: str = "auto") -> jax.Array:
+  """Every channel of NHWC `x` convolved with the one (k, k) `kernel`, zero padding.
+
+  With oneDNN (`minet_jax.onednn.use_onednn(backend)`, float32) a depthwise conv whose
+  C kernels are all `kernel`: oneDNN's depthwise kernels beat both XLA forms below,
+  forward and backward (benchmarks/layer_speed.py --conv-backends); the kernel's
+  gradient is the sum of the C per-channel ones. Otherwise `shared_smoothing`.
+  """
+  if x.dtype == kernel.dtype == jnp.float32 and onednn.use_onednn(backend):
+    k, c = kernel.shape[0], x.shape[-1]
+    pad = (k - 1) // 2
+    return onednn.conv(x, jnp.broadcast_to(kernel[:, :, None, None], (k, k, 1, c)),
+                       padding=((pad, pad), (pad, pad)), groups=c)
+  return shared_smoothing(x, kernel)
 
 
 def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:

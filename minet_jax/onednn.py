@@ -3,7 +3,7 @@
 XLA:CPU's own convolution kernels trail oneDNN's (the library PyTorch's CPU convs use)
 on this model's shapes, most of all in the gradients: a 3x3 64->64 conv at 1x230x310x64
 takes ~195 ms forward+backward in XLA:CPU and ~51 ms in oneDNN (benchmarks/layer_speed.py
---conv-backend). This module puts oneDNN behind three primitives:
+--conv-backends). This module puts oneDNN behind three primitives:
 
   conv        y  = conv(x, w)          NHWC image, HWIO kernel
   conv_input  dx = conv_input(dy, w)   the transpose of x -> conv(x, w)
@@ -17,8 +17,11 @@ transposes, so a program built with them runs anywhere.
 
 The kernels live in ``csrc/onednn_conv.cc``, an XLA FFI handler compiled on first use
 with the system C++ compiler against the oneDNN headers and library of the
-``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (the ``onednn`` extra), and
-cached under ``$MINET_JAX_CACHE`` (default ``~/.cache/minet_jax``). Only float32.
+``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (dependencies on x86-64 Linux;
+``$MINET_ONEDNN_ROOT`` points at another install), and cached under
+``$MINET_JAX_CACHE`` (default ``~/.cache/minet_jax``). Only float32. Programs that use
+them cannot be serialised with `jax.export` (the custom call has no compatibility
+guarantee); ``conv_backend="xla"`` builds exportable ones.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -52,9 +55,38 @@ class OneDNNUnavailable(RuntimeError):
   """The oneDNN kernels cannot be built or loaded here; the message says why."""
 
 
-def _onednn_root() -> pathlib.Path:
-  """Prefix holding include/oneapi/dnnl and lib/libdnnl.so: $MINET_ONEDNN_ROOT or the env's."""
-  return pathlib.Path(os.environ.get("MINET_ONEDNN_ROOT", sys.prefix))
+# The pinned wheels (pyproject.toml): the library, and the headers to compile against.
+_WHEELS = {"lib": ("onednn-cpu-gomp", "libdnnl.so"),
+           "include": ("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp")}
+
+
+def _installed_dirs() -> tuple[pathlib.Path, pathlib.Path] | None:
+  """(include dir, lib dir) of oneDNN, or None when either is missing.
+
+  ``$MINET_ONEDNN_ROOT`` (a prefix holding include/oneapi/dnnl and lib/libdnnl.so)
+  wins; else the wheels' own file lists say where pip put them (the environment's
+  prefix, or the user site for ``pip install --user``).
+  """
+  if "MINET_ONEDNN_ROOT" in os.environ:
+    root = pathlib.Path(os.environ["MINET_ONEDNN_ROOT"])
+    dirs = {"include": root / "include", "lib": root / "lib"}
+  else:
+    dirs = {}
+    for key, (wheel, suffix) in _WHEELS.items():
+      try:
+        files = importlib.metadata.distribution(wheel).files or []
+      except importlib.metadata.PackageNotFoundError:
+        return None
+      for f in files:
+        if str(f).endswith(suffix):
+          found = pathlib.Path(os.path.normpath(f.locate()))
+          # include/oneapi/dnnl/dnnl.hpp -> include; lib/libdnnl.so -> lib.
+          dirs[key] = found.parents[suffix.count("/")]
+          break
+  if not ((dirs.get("include", pathlib.Path("/nonexistent")) / _WHEELS["include"][1]).is_file()
+          and any(dirs["lib"].glob("libdnnl.so*"))):
+    return None
+  return dirs["include"], dirs["lib"]
 
 
 def _cache_dir() -> pathlib.Path:
@@ -62,33 +94,32 @@ def _cache_dir() -> pathlib.Path:
                                      pathlib.Path.home() / ".cache" / "minet_jax"))
 
 
-def _compile_command(root: pathlib.Path, output: pathlib.Path) -> list[str]:
+def _compile(include: pathlib.Path, lib: pathlib.Path, output: pathlib.Path) -> None:
   compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
   if compiler is None:
     raise OneDNNUnavailable("no C++ compiler found (set CXX, or install g++)")
-  lib = root / "lib"
-  return [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(_SOURCE),
-          "-I", jax.ffi.include_dir(), "-I", str(root / "include"),
-          "-L", str(lib), "-ldnnl", f"-Wl,-rpath,{lib}", "-o", str(output)]
+  command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(_SOURCE),
+             "-I", jax.ffi.include_dir(), "-I", str(include),
+             "-L", str(lib), "-ldnnl", f"-Wl,-rpath,{lib}", "-o", str(output)]
+  done = subprocess.run(command, capture_output=True, text=True)
+  if done.returncode != 0:
+    # The first errors say what is wrong; what follows them is mostly consequences.
+    raise OneDNNUnavailable(f"compiling {_SOURCE.name} failed:\n{done.stderr[:4000]}")
 
 
-def _installed(root: pathlib.Path) -> bool:
-  return ((root / "include" / "oneapi" / "dnnl" / "dnnl.hpp").is_file()
-          and any((root / "lib").glob("libdnnl.so*")))
-
-
-@functools.cache
-def _load() -> None:
-  """Compiles (once per source, jaxlib and oneDNN) and registers the FFI handler."""
-  root = _onednn_root()
-  if not _installed(root):
+def _build_and_register() -> None:
+  dirs = _installed_dirs()
+  if dirs is None:
     raise OneDNNUnavailable(
-        f"oneDNN headers or library not found under {root} (pip install "
-        "'minet-jax[onednn]', or point MINET_ONEDNN_ROOT at a oneDNN install)")
-  probe = _compile_command(root, pathlib.Path("out.so"))
+        "oneDNN headers or library not found: pip install onednn-cpu-gomp==2023.2.0 "
+        "onednn-devel-cpu-gomp==2023.2.0 (x86-64 Linux), or point MINET_ONEDNN_ROOT at "
+        "a oneDNN 3 install")
+  include, lib = dirs
+  # One library per source, jax version and oneDNN install; the compiler is only
+  # needed when that library is not built yet.
   key = hashlib.sha256("\0".join(
-      [_SOURCE.read_text(), *probe, jax.__version__,
-       str(sorted(p.name for p in (root / "lib").glob("libdnnl.so*")))]).encode()).hexdigest()
+      [_SOURCE.read_text(), jax.__version__, jax.ffi.include_dir(), str(include), str(lib),
+       str(sorted(p.name for p in lib.glob("libdnnl.so*")))]).encode()).hexdigest()
   library = _cache_dir() / f"minet_onednn_{key[:16]}.so"
   if not library.is_file():
     library.parent.mkdir(parents=True, exist_ok=True)
@@ -96,13 +127,33 @@ def _load() -> None:
     # never leaves a half-written library behind.
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
       partial = pathlib.Path(tmp) / library.name
-      done = subprocess.run(_compile_command(root, partial), capture_output=True, text=True)
-      if done.returncode != 0:
-        raise OneDNNUnavailable(f"compiling {_SOURCE.name} failed:\n{done.stderr[:4000]}")
+      _compile(include, lib, partial)
       os.replace(partial, library)
   handle = ctypes.cdll.LoadLibrary(str(library))
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handle.MinetOnednnConv),
                               platform="cpu")
+
+
+# The outcome of the first attempt (None: loaded), so a failed build is not retried on
+# every convolution traced.
+_LOADED: list[OneDNNUnavailable | None] = []
+
+
+def _load() -> None:
+  """Compiles (once per source, jax and oneDNN) and registers the FFI handler."""
+  if not _LOADED:
+    try:
+      _build_and_register()
+      _LOADED.append(None)
+    except OneDNNUnavailable as e:
+      _LOADED.append(e)
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+      # An unwritable cache folder, a CXX that is not there, a library that will not
+      # load: all mean no oneDNN here, said with the cause.
+      _LOADED.append(OneDNNUnavailable(f"building or loading the oneDNN kernels failed: "
+                                       f"{type(e).__name__}: {e}"))
+  if _LOADED[0] is not None:
+    raise _LOADED[0]
 
 
 def available() -> bool:
@@ -127,26 +178,27 @@ def _warn_auto_fallback(reason: str) -> None:
 def use_onednn(backend: str) -> bool:
   """Whether float32 convolutions under ``ModelConfig.conv_backend=backend`` go to oneDNN.
 
-  "onednn" raises `OneDNNUnavailable` when the kernels cannot be built here. "auto"
+  Off CPUs, XLA's. On a CPU, "onednn" raises `OneDNNUnavailable` when the kernels
+  cannot be built here. "auto"
   takes them when the default backend is a single CPU device and they build. With
   several devices it keeps XLA's: XLA's SPMD partitioner cannot split a custom call,
   so a batch-sharded oneDNN conv would run whole on every device (correct, not
   parallel). Where the oneDNN wheels are installed but the build fails it says so
   once (a warning); where they are not (other than x86-64 Linux) it quietly keeps XLA's.
   """
-  if backend == "xla":
+  if backend not in ("auto", "xla", "onednn"):
+    raise ValueError(f"conv_backend must be 'auto', 'xla' or 'onednn', got {backend!r}")
+  if backend == "xla" or jax.default_backend() != "cpu":
     return False
   if backend == "onednn":
     _load()
     return True
-  if backend != "auto":
-    raise ValueError(f"conv_backend must be 'auto', 'xla' or 'onednn', got {backend!r}")
-  if jax.default_backend() != "cpu" or jax.device_count() > 1:
+  if jax.device_count() > 1:
     return False
   try:
     _load()
   except OneDNNUnavailable as e:
-    if _installed(_onednn_root()):
+    if _installed_dirs() is not None:
       _warn_auto_fallback(str(e))
     return False
   return True
@@ -186,6 +238,9 @@ def _conv_abstract(x, w, *, strides, padding, dilation, groups):
   _check_float32(x, w)
   n, h, wd, c = x.shape
   kh, kw, ci, co = w.shape
+  if any(p < 0 for pair in padding for p in pair):
+    # lax crops for negative padding; oneDNN has no such mode.
+    raise ValueError(f"padding must be >= 0, got {padding}")
   if ci * groups != c or co % groups:
     raise ValueError(f"a {w.shape} kernel in {groups} group(s) does not fit {c} input "
                      "channels")
@@ -299,15 +354,16 @@ def _batch_rule(prim, image_operands):
                    for i, d in enumerate((da, db)))
     if foldable:
       size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
-      merged = []
-      for i, (x, d) in enumerate(zip(args, dims)):
+      merged, n = [], None
+      for x, d in zip(args, dims):
         if d is None:
           merged.append(x)
           continue
         x = jnp.moveaxis(x, d, 0)
-        merged.append(x.reshape(size * x.shape[1], *x.shape[2:]))
+        n = x.shape[1]
+        merged.append(x.reshape(size * n, *x.shape[2:]))
       out = prim.bind(*merged, **params)
-      return out.reshape(size, out.shape[0] // size, *out.shape[1:]), 0
+      return out.reshape(size, n, *out.shape[1:]), 0
     size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
     a, b = (jnp.moveaxis(x, d, 0) if d is not None
             else jnp.broadcast_to(x, (size, *x.shape)) for x, d in zip(args, dims))

@@ -24,7 +24,8 @@ from jax.test_util import check_grads
 import minet_jax
 from minet_jax import layers, onednn
 
-pytestmark = pytest.mark.usefixtures("onednn_kernels")
+# Tests that need the kernels built; the fallback tests run everywhere.
+needs_kernels = pytest.mark.usefixtures("onednn_kernels")
 
 
 # (image shape, kernel shape, strides, padding, dilation, groups): the model's kinds
@@ -63,6 +64,7 @@ def _close(a, b, rtol=2e-5):
   np.testing.assert_allclose(a, b, rtol=0, atol=rtol * max(float(np.abs(b).max()), 1e-30))
 
 
+@needs_kernels
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
 def test_forward_vjp_jvp_match_xla(geometry):
   shape, kshape, *rest = geometry
@@ -80,6 +82,7 @@ def test_forward_vjp_jvp_match_xla(geometry):
   _close(jax.jvp(ours, (x, w), (dx, dw))[1], jax.jvp(xla, (x, w), (dx, dw))[1])
 
 
+@needs_kernels
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
 def test_second_order_matches_xla(geometry):
   # Gradient of a function of the kernel gradient: transposes of the transposes.
@@ -96,6 +99,7 @@ def test_second_order_matches_xla(geometry):
     _close(got, want, rtol=1e-4)
 
 
+@needs_kernels
 @pytest.mark.parametrize("geometry", GEOMETRIES[:4], ids=IDS[:4])
 def test_derivatives_match_finite_differences(geometry):
   shape, kshape, *rest = geometry
@@ -106,6 +110,7 @@ def test_derivatives_match_finite_differences(geometry):
               eps=1e-2, atol=2e-2, rtol=2e-2)
 
 
+@needs_kernels
 def test_vmap_folds_images_and_maps_kernels():
   ours, xla = _pair((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
   x, w = _case((2, 6, 7, 3), (3, 3, 3, 4))
@@ -119,8 +124,12 @@ def test_vmap_folds_images_and_maps_kernels():
   per_example = lambda conv: jax.vmap(jax.grad(lambda w, x: jnp.sum(conv(x[None], w) ** 2)),
                                       (None, 0))(w, x)
   _close(per_example(ours), per_example(xla), rtol=1e-4)
+  # An empty vmapped batch gives an empty result, as XLA's does.
+  empty = jnp.zeros((0, 2, 6, 7, 3))
+  assert jax.vmap(ours, (0, None))(empty, w).shape == (0, 2, 6, 7, 4)
 
 
+@needs_kernels
 def test_off_cpu_lowering_is_xla_convolution():
   # On GPUs and TPUs the primitives lower to XLA's own convolutions.
   ours, _ = _pair((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
@@ -131,8 +140,11 @@ def test_off_cpu_lowering_is_xla_convolution():
   assert "minet_onednn_conv" not in text and text.count("stablehlo.convolution") == 3
 
 
+@needs_kernels
 def test_bad_operands_are_refused():
   x, w = _case((1, 6, 7, 3), (3, 3, 3, 4))
+  with pytest.raises(ValueError, match="padding must be >= 0"):
+    onednn.conv(x, w, padding=((1, -1), (0, 0)))
   with pytest.raises(TypeError, match="float32"):
     onednn.conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
   with pytest.raises(ValueError, match="does not fit 3 input channels"):
@@ -164,7 +176,8 @@ print("OK")
   done = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
-  assert "oneDNN headers or library not found under" in done.stdout
+  assert "oneDNN headers or library not found" in done.stdout
+  assert "pip install onednn-cpu-gomp==2023.2.0" in done.stdout
   assert "MINET_ONEDNN_ROOT" in done.stdout and done.stdout.rstrip().endswith("OK")
 
 
@@ -195,6 +208,32 @@ print(caught[0].message)
   assert not list((tmp_path / "c").glob("*.so"))  # Nothing half-built left behind.
 
 
+def test_a_failed_build_is_not_retried_and_odd_failures_fall_back(tmp_path):
+  # A compiler that fails: tried once however many convolutions are traced. A CXX that
+  # does not exist (an OSError, not a compile error) is a fallback too, not a crash.
+  log = tmp_path / "calls"
+  fake = tmp_path / "cxx"
+  fake.write_text(f"#!/bin/sh\necho call >> {log}\necho 'fake compiler failed' >&2\nexit 1\n")
+  fake.chmod(0o755)
+  code = """
+import warnings, jax.numpy as jnp
+from minet_jax import layers, onednn
+warnings.simplefilter("ignore")
+x = jnp.ones((1, 5, 5, 2)); w = jnp.ones((3, 3, 2, 2))
+for _ in range(4):
+    layers.conv2d(x, w, padding=((1, 1), (1, 1)), backend="auto")
+assert not onednn.available()
+print("OK")
+"""
+  for cxx, cache in ((str(fake), "c1"), (str(tmp_path / "missing-g++"), "c2")):
+    env = dict(os.environ, CXX=cxx, MINET_JAX_CACHE=str(tmp_path / cache))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr
+  assert log.read_text().split() == ["call"]
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_layers_agree_across_backends(dtype):
   # Every conv layer of the model, oneDNN against XLA (bfloat16 stays on XLA).
@@ -222,28 +261,55 @@ def _close_or_equal(a, b, dtype):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+@needs_kernels
 def test_released_model_onednn_matches_xla(random_params):
   # The whole network, forward and all parameter gradients, oneDNN against XLA.
   base = random_params()
   outs, grads = {}, {}
   img = jnp.asarray(np.random.default_rng(0).random((1, 32, 48, 3), np.float32))
-  for backend in ("xla", "onednn"):
+  for backend in ("xla", "onednn", "auto"):
     params = minet_jax.Params(weights=base.weights,
                               config=dataclasses.replace(base.config, conv_backend=backend))
     model = minet_jax.model_from_params(params)
-    outs[backend] = np.asarray(jax.jit(lambda x: model(x))(img))
+    forward = jax.jit(lambda x: model(x))
+    # Each backend really runs its own convolutions ("auto": oneDNN on one CPU device).
+    hlo = forward.lower(img).as_text()
+    uses_onednn = "minet_onednn_conv" in hlo
+    assert uses_onednn == (backend != "xla")
+    assert ("stablehlo.convolution" in hlo) == (backend == "xla")
+    if backend == "auto":
+      continue
+    outs[backend] = np.asarray(forward(img))
     graphdef, state = nnx.split(model)
     loss = lambda s: jnp.sum(nnx.merge(graphdef, s)(img) ** 2)
     grads[backend] = jax.tree.leaves(jax.jit(jax.grad(loss))(state))
   _close(outs["onednn"], outs["xla"], rtol=1e-5)
-  # Per tensor, relative L2 error: the 3 x 8 weight-tied iterations amplify float32
-  # rounding (test_training_parity.py measures ~2e-3 against the authors'). Biases that
-  # feed an instance norm have a true gradient of zero: both sides hold noise there,
-  # so tensors that small only have to stay that small.
+  # Per tensor, relative L2 error (measured: 6e-6 at most; against the authors' PyTorch,
+  # test_training_parity.py allows 1e-2). Biases that feed an instance norm have a true
+  # gradient of zero: both sides hold noise there, so those only have to stay that small.
   largest = max(float(np.linalg.norm(g)) for g in grads["xla"])
   for got, want in zip(grads["onednn"], grads["xla"]):
     got, want = np.asarray(got), np.asarray(want)
     if np.linalg.norm(want) < 1e-5 * largest:
       assert np.linalg.norm(got) < 1e-5 * largest
     else:
-      assert np.linalg.norm(got - want) <= 2e-3 * np.linalg.norm(want)
+      assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
+
+
+def test_conv_backend_is_the_machines_choice_not_the_checkpoints(tmp_path):
+  # Checkpoints store the architecture only; weights saved under one backend train
+  # and load under another.
+  from configs import tiny
+  from minet_jax.train import state as state_lib
+  config = tiny.get_config()
+  params = minet_jax.init(dataclasses.replace(minet_jax.model_config(config.model),
+                                              conv_backend="xla"))
+  minet_jax.save(params, tmp_path / "ckpt")
+  assert "conv_backend" not in (tmp_path / "ckpt" / "minet_config.json").read_text()
+  assert minet_jax.load(tmp_path / "ckpt").config.conv_backend == "auto"
+  config.model.conv_backend = "auto"
+  state = state_lib.create_train_state(config, params)
+  assert state.merge()[0].config.conv_backend == "auto"
+  config.model.features = 16
+  with pytest.raises(ValueError, match="different architecture"):
+    state_lib.create_train_state(config, params)

@@ -17,6 +17,7 @@
 // calls from XLA's threads never share it.
 
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -59,7 +60,7 @@ std::string Key(const Geometry& g) {
 // JAX's HWIO kernel.
 struct Plan {
   dnnl::primitive conv;
-  dnnl::memory::desc src, wei, dst, wei_user, scratch;
+  dnnl::memory::desc src, wei, dst, wei_user, scratch, reorder_scratch;
   bool reorder = false;
   dnnl::reorder wei_reorder;
 };
@@ -104,9 +105,12 @@ std::unique_ptr<Plan> Build(const Geometry& g) {
   }
   plan->reorder = plan->wei != wei_user;
   if (plan->reorder) {
-    plan->wei_reorder = g.kind == 2
-        ? dnnl::reorder(dnnl::reorder::primitive_desc(eng, plan->wei, eng, wei_user))
-        : dnnl::reorder(dnnl::reorder::primitive_desc(eng, wei_user, eng, plan->wei));
+    // User scratchpad here too: with the library's own, a primitive may not move
+    // between threads, and XLA calls the handler from any of its threads.
+    auto pd = g.kind == 2 ? dnnl::reorder::primitive_desc(eng, plan->wei, eng, wei_user, attr)
+                          : dnnl::reorder::primitive_desc(eng, wei_user, eng, plan->wei, attr);
+    plan->wei_reorder = dnnl::reorder(pd);
+    plan->reorder_scratch = pd.scratchpad_desc();
   }
   return plan;
 }
@@ -167,22 +171,31 @@ ffi::Error Conv(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     dnnl::memory wei_user(plan.wei_user, eng, w);
     std::vector<char> wei_bytes(plan.reorder ? plan.wei.get_size() : 0);
     dnnl::memory wei = plan.reorder ? dnnl::memory(plan.wei, eng, wei_bytes.data()) : wei_user;
+    std::vector<char> reorder_bytes(plan.reorder ? plan.reorder_scratch.get_size() : 0);
+    auto reorder = [&](dnnl::memory& from, dnnl::memory& to) {
+      dnnl::memory scratch(plan.reorder_scratch, eng, reorder_bytes.data());
+      plan.wei_reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                                        {DNNL_ARG_SCRATCHPAD, scratch}});
+    };
     if (kind == 0) {
-      if (plan.reorder) plan.wei_reorder.execute(stream, wei_user, wei);
+      if (plan.reorder) reorder(wei_user, wei);
       plan.conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei},
                                  {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
     } else if (kind == 1) {
-      if (plan.reorder) plan.wei_reorder.execute(stream, wei_user, wei);
+      if (plan.reorder) reorder(wei_user, wei);
       plan.conv.execute(stream, {{DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_WEIGHTS, wei},
                                  {DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_SCRATCHPAD, scratch}});
     } else {
       plan.conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, dst},
                                  {DNNL_ARG_DIFF_WEIGHTS, wei}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      if (plan.reorder) plan.wei_reorder.execute(stream, wei, wei_user);
+      if (plan.reorder) reorder(wei, wei_user);
     }
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    // Nothing may unwind through the C boundary into XLA (e.g. std::bad_alloc).
+    return ffi::Error::Internal(std::string("minet_onednn_conv: ") + e.what());
   }
   return ffi::Error::Success();
 }

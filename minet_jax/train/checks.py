@@ -61,11 +61,11 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   path = workdir / checkpointing.TRAIN_CONFIG_FILE
   if path.is_file() and checkpoint.find_params(workdir) is not None:
     try:
-      old = model_config(json.loads(path.read_text()).get("model", {})).to_dict()
+      old = model_config(json.loads(path.read_text()).get("model", {})).architecture()
     except (ValueError, TypeError, AttributeError) as e:
       raise ConfigError(f"{path} is corrupt ({type(e).__name__}: {e}); use a fresh "
                         "--workdir") from e
-    new = model_config(config.model).to_dict()
+    new = model_config(config.model).architecture()
     if old != new:
       diff = ", ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now"
                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))

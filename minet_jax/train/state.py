@@ -135,12 +135,14 @@ def create_train_state(config: ml_collections.ConfigDict,
     with jax.threefry_partitionable(False):
       model = MINet(cfg, rngs=nnx.Rngs(params=init_key))
     init_tail(model, config.init_tail)
-  elif params.config != cfg:
+  elif params.config.architecture() != cfg.architecture():
     raise ValueError("the weights to start from have a different architecture than "
                      f"config.model:\n  weights: {params.config}\n  config:  {cfg}\n"
                      "set config.model to the checkpoint's architecture")
   else:
-    model = model_from_params(jax.tree.map(jnp.array, params))  # A copy: training updates it.
+    # A copy (training updates it), run as config.model says (e.g. its conv_backend).
+    model = model_from_params(Params(weights=jax.tree.map(jnp.array, params.weights),
+                                     config=cfg))
   optimizer = nnx.Optimizer(model, make_optimizer(config.optimizer), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   return TrainState(step=jnp.zeros((), jnp.int32), state=state,
