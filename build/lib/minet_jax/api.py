@@ -1,0 +1,174 @@
+"""Dehazing with `Params`: `apply` and `apply_checked`.
+
+``minet_jax.apply(params, img)`` needs nothing but the parameters and the image, and
+``jax.jit(minet_jax.apply)`` works (`Params` keeps its config as static metadata).
+Under jit the image's values cannot be checked eagerly; `apply_checked` checks them
+with `jax.experimental.checkify` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from minet_jax import strips
+from minet_jax.params import Params, model_from_params
+
+# ------------------------------------------------------------------ apply
+
+
+_INTEGER_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+def _is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_layout(img: Any) -> np.dtype:
+  """The checks that need no values (work on tracers too); returns the numpy dtype."""
+  if not hasattr(img, "shape") or not hasattr(img, "dtype"):
+    raise TypeError(f"image must be a numpy or jax array, got {type(img).__name__}; "
+                    "wrap it with np.asarray(...)")
+  try:
+    dtype = np.dtype(img.dtype)
+  except TypeError:
+    raise TypeError(f"image dtype {img.dtype!r} is not a numpy dtype; pass a numpy or jax "
+                    "array (np.asarray(...))") from None
+  shape = tuple(img.shape)
+  if len(shape) not in (3, 4):
+    raise ValueError(f"image must be HxWx3 or NxHxWx3, got shape {shape}")
+  if shape[-1] != 3:
+    hint = ("convert grayscale with np.repeat(img[..., None], 3, -1) or "
+            "PIL's .convert('RGB'); drop alpha with img[..., :3]")
+    raise ValueError(f"image must have 3 (RGB) channels in the last axis, got shape "
+                     f"{shape}; {hint}")
+  if 0 in shape:
+    raise ValueError(f"image is empty: shape {shape}")
+  if dtype not in _INTEGER_SCALE and not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"unsupported image dtype {dtype}; use uint8 (0..255), uint16 (0..65535) "
+                    "or float in [0, 1]")
+  return dtype
+
+
+_NON_FINITE = "image contains NaN or infinite values"
+_RANGE = "float images must lie in [0, 1], got values in [{lo}, {hi}]; divide 0..255 data by 255"
+
+
+def validate_image(img: Any) -> None:
+  """Raises ValueError/TypeError with the fix when `img` is not a valid image batch.
+
+  Shape, channel and dtype checks always run. The value checks (NaN/Inf, floats
+  outside [0, 1]) run only on concrete arrays: a traced image (inside jit, vmap,
+  grad) has no values yet -- see `apply_checked` for checking those.
+  """
+  dtype = _check_layout(img)
+  if jnp.issubdtype(dtype, jnp.floating) and _is_concrete(img):
+    values = np.asarray(img, dtype=np.float32)
+    if not np.all(np.isfinite(values)):
+      raise ValueError(_NON_FINITE)
+    lo, hi = float(values.min()), float(values.max())
+    if lo < -1e-3 or hi > 1.0 + 1e-3:
+      raise ValueError(_RANGE.format(lo=f"{lo:.4g}", hi=f"{hi:.4g}"))
+
+
+def to_float_rgb(img: Any) -> jax.Array:
+  """Validated image -> float32 NHWC in [0, 1] (integer types scaled by their range)."""
+  validate_image(img)
+  if isinstance(img, np.ndarray) and not img.dtype.isnative:
+    img = img.astype(img.dtype.newbyteorder("="))  # e.g. big-endian data; JAX takes native only
+  x = jnp.asarray(img)
+  scale = _INTEGER_SCALE.get(np.dtype(x.dtype))
+  x = x.astype(jnp.float32) / scale if scale else x.astype(jnp.float32)
+  return x[None] if x.ndim == 3 else x
+
+
+def apply(params: Params, img: Any, *, strip_rows: int | None = None) -> jax.Array:
+  """Dehazes `img` (HxWx3 or NxHxWx3, RGB, uint8/uint16 or float in [0, 1]).
+
+  Returns float32 RGB in [0, 1] with the input's layout. Any height and width work:
+  odd sizes are padded for the stride-2 encoder and cropped back.
+
+  Bad input raises ValueError/TypeError naming the problem. Under
+  ``jax.jit(minet_jax.apply)`` (or vmap, grad) the image is a tracer without
+  values: shape, channel and dtype errors still raise, but the value checks
+  cannot run, so a float image holding NaN or Inf silently gives NaN outputs
+  and one on the 0..255 scale silently gives a clipped, wrong image. When you
+  jit it yourself, use `apply_checked`, which makes those checks part of the
+  compiled function::
+
+      err, out = jax.jit(minet_jax.apply_checked)(params, img)
+      err.throw()  # ValueError naming the problem, if there was one
+
+  Images above `strips.AUTO_PIXELS` (2 MP) run their full-resolution layers in row
+  strips (`minet_jax.strips`): the same result up to float32 rounding, in a fraction
+  of the memory. ``strip_rows`` overrides the choice: 0 for the whole image at once,
+  n > 0 for strips of n rows.
+  """
+  if not isinstance(params, Params):
+    raise TypeError(f"params must be minet_jax.Params (from init/load), got "
+                    f"{type(params).__name__}")
+  x = to_float_rgb(img)
+  rows = strips.choose_strip_rows(x.shape[1], x.shape[2], strip_rows)
+  out = _forward_strips(params, x, rows) if rows else _forward(params, x)
+  return out[0] if len(img.shape) == 3 else out
+
+
+def _apply_with_value_checks(params: Params, img: Any) -> jax.Array:
+  dtype = _check_layout(img)
+  if jnp.issubdtype(dtype, jnp.floating):
+    x = jnp.asarray(img, jnp.float32)
+    checkify.check(jnp.all(jnp.isfinite(x)), _NON_FINITE)
+    lo, hi = jnp.min(x), jnp.max(x)
+    checkify.check((lo >= -1e-3) & (hi <= 1.0 + 1e-3), _RANGE, lo=lo, hi=hi)
+  return apply(params, img)
+
+
+_apply_checked = checkify.checkify(_apply_with_value_checks)
+
+
+def apply_checked(params: Params, img: Any) -> tuple[checkify.Error, jax.Array]:
+  """`apply` whose value checks also work under ``jax.jit``: returns ``(error, output)``.
+
+  The NaN/Inf and [0, 1] checks of float images are `jax.experimental.checkify`
+  checks, so they run inside the compiled function, traced or not. Shape,
+  channel and dtype errors raise at once, as in `apply`. ``error.throw()``
+  raises a `ValueError` (checkify's ``JaxRuntimeError``) naming the problem and
+  does nothing when the image was fine; ``error.get()`` gives the message or
+  None. The output of a failed check is not meaningful.
+
+      err, out = jax.jit(minet_jax.apply_checked)(params, img)
+      err.throw()
+  """
+  if not isinstance(params, Params):
+    raise TypeError(f"params must be minet_jax.Params (from init/load), got "
+                    f"{type(params).__name__}")
+  if isinstance(img, np.ndarray) and not img.dtype.isnative:
+    img = img.astype(img.dtype.newbyteorder("="))
+  return _apply_checked(params, img)
+
+
+def dehaze_batch(params: Params, x: jax.Array) -> jax.Array:
+  """float32 NHWC RGB in [0, 1] -> dehazed, clipped to [0, 1]; no checks, traceable.
+
+  The model step every evaluator shares (`apply` checks its input first).
+  """
+  return jnp.clip(model_from_params(params)(x), 0.0, 1.0).astype(jnp.float32)
+
+
+# Compiled once per (architecture, image shape); nested inside a caller's jit it inlines.
+_forward = jax.jit(dehaze_batch)
+
+
+def _forward_strips(params: Params, x: jax.Array, rows: int) -> jax.Array:
+  # Not jitted as a whole: called eagerly, `strips.forward` runs compiled stages one
+  # after the other, each with only its own scratch memory.
+  return _clip(strips.forward(model_from_params(params), x, rows))
+
+
+@jax.jit
+def _clip(x: jax.Array) -> jax.Array:
+  return jnp.clip(x, 0.0, 1.0).astype(jnp.float32)

@@ -1,0 +1,250 @@
+"""The on-disk format of MI-Net weights: `save`, `load`, `load_config`.
+
+A checkpoint folder holds::
+
+  minet_config.json   {"format_version", "model": ModelConfig fields, "weights_sha256"}
+  weights/            the weights (orbax, float32)
+
+`load` verifies the SHA-256, refuses non-finite weights (naming the tensor) and
+refuses folders written by a newer ``format_version`` than this code reads.
+
+A training workdir (``train.py --workdir``) has the same ``minet_config.json`` and
+keeps its weights in orbax step folders, ``best/<step>/params`` and
+``checkpoints/<step>/params`` with the checksum in the step's ``meta/``; `load`
+reads the best, else the latest. Training (`minet_jax.train.checkpointing`) writes
+that layout with the names defined here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+from minet_jax import files
+from minet_jax.config import ModelConfig, model_config
+from minet_jax.params import (Params, abstract_weights, non_finite, param_shapes, stringify_keys,
+                              weight_shapes, weights_checksum)
+
+CONFIG_FILE = "minet_config.json"
+WEIGHTS_DIR = "weights"
+FORMAT_VERSION = 1
+# A training workdir: orbax step folders of the latest checkpoints and of the best one,
+# each step holding the weights (PARAMS_ITEM) and a JSON record (META_ITEM).
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+PARAMS_ITEM = "params"
+META_ITEM = "meta"
+
+
+class CheckpointError(OSError):
+  """A checkpoint folder is missing, incomplete or unreadable."""
+
+
+def one_line_error(e: BaseException) -> str:
+  """``Type: message`` on one line; tensorstore's long JSON spec (after the cause) is cut."""
+  message = str(e).split(" [tensorstore_spec=")[0].strip()
+  first = message.splitlines()[0] if message else ""
+  return f"{type(e).__name__}: {first[:300]}"
+
+
+# ------------------------------------------------------------------ config file
+
+
+def config_record(cfg: ModelConfig, weights: Any = None) -> dict:
+  """The contents of ``minet_config.json`` (with the weights' checksum when given)."""
+  # The architecture only: which backend runs the convolutions is the loading
+  # machine's choice (a loaded config gets the default, "auto").
+  meta = {"format_version": FORMAT_VERSION, "model": cfg.architecture()}
+  if weights is not None:
+    meta["weights_sha256"] = weights_checksum(weights)
+  return meta
+
+
+def write_config(folder: str | os.PathLike, cfg: ModelConfig, weights: Any = None) -> None:
+  """Writes ``minet_config.json`` into `folder` (whole, never half-written)."""
+  files.write_text(pathlib.Path(folder) / CONFIG_FILE,
+                   json.dumps(config_record(cfg, weights), indent=2) + "\n")
+
+
+def _read_meta(path: pathlib.Path) -> dict:
+  meta_file = path / CONFIG_FILE
+  if not path.is_dir():
+    raise CheckpointError(f"checkpoint folder {path} does not exist")
+  if not meta_file.is_file():
+    raise CheckpointError(f"{path} is not a minet-jax checkpoint: {CONFIG_FILE} is missing "
+                          "(convert an authors' .pth with `python -m minet_jax.convert`)")
+  try:
+    meta = json.loads(meta_file.read_text())
+    version = meta["format_version"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{meta_file} is corrupt: {type(e).__name__}: {e}") from e
+  if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    raise CheckpointError(f"{meta_file} is corrupt: format_version {version!r}")
+  if version > FORMAT_VERSION:
+    raise CheckpointError(f"{meta_file} has format_version {version}, newer than the "
+                          f"{FORMAT_VERSION} this minet-jax reads; upgrade minet-jax to load it")
+  return meta
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+  """The `ModelConfig` stored in a checkpoint folder written by `save`."""
+  path = pathlib.Path(path)
+  meta = _read_meta(path)
+  try:
+    return model_config(meta["model"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path / CONFIG_FILE} is corrupt: {e}") from e
+
+
+# ------------------------------------------------------------------ training workdirs
+
+
+def _steps(folder: pathlib.Path) -> list[int]:
+  """Finalised orbax step folders (orbax writes to a temporary name and renames)."""
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def find_params(workdir: str | os.PathLike) -> pathlib.Path | None:
+  """The ``params/`` folder of a training workdir's best, else latest, checkpoint."""
+  workdir = pathlib.Path(workdir)
+  for sub in (BEST_DIR, LATEST_DIR):
+    for step in reversed(_steps(workdir / sub)):
+      candidate = workdir / sub / str(step) / PARAMS_ITEM
+      if candidate.is_dir():
+        return candidate
+  return None
+
+
+def recorded_checksum(params_dir: str | os.PathLike) -> str | None:
+  """The weights' SHA-256 saved beside a step's ``params/`` (in its ``meta/``), if any."""
+  meta_file = pathlib.Path(params_dir).parent / META_ITEM / "metadata"
+  try:
+    return json.loads(meta_file.read_text()).get("weights_sha256")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+# ------------------------------------------------------------------ save / load
+
+
+def weights_to_save(weights: Any) -> dict:
+  """The weights as float32 numpy arrays; refuses non-float dtypes and non-finite values."""
+
+  def convert(path, leaf):
+    array = np.asarray(leaf)
+    if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
+      name = ".".join(str(k.key) for k in path)
+      raise TypeError(f"weight {name} has dtype {array.dtype}; MI-Net weights are floating "
+                      "point (refusing to cast)")
+    return array.astype(np.float32)
+
+  arrays = jax.tree_util.tree_map_with_path(convert, stringify_keys(weights))
+  problem = non_finite(arrays)
+  if problem:
+    raise ValueError(f"refusing to save non-finite weights: {problem}")
+  return arrays
+
+
+def save(params: Params, path: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+  """Writes `params` to the folder `path` (orbax weights + JSON config).
+
+  The folder is written beside its destination and renamed into place, so an
+  interrupted save leaves nothing half-written. An existing non-empty folder is
+  refused unless ``overwrite=True``. Weights are stored as float32 with their
+  SHA-256 in ``minet_config.json``; non-float (complex, integer) or non-finite
+  weights are refused.
+  """
+  import orbax.checkpoint as ocp  # Deferred: orbax's import is slow and apply() needs none of it.
+
+  path = pathlib.Path(path).absolute()
+  if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+    raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+  weights = weights_to_save(params.weights)
+  with files.replacing(path, folder=True) as tmp:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp / WEIGHTS_DIR, weights)
+    write_config(tmp, params.config, weights)
+  return path
+
+
+def _quiet_abandoned_reads() -> None:
+  """Silences orbax's stray "Event loop is closed" reports after a failed restore.
+
+  When one read of a damaged checkpoint fails, orbax closes its event loop while
+  tensorstore is still finishing the other reads; their completions then report
+  ``RuntimeError('Event loop is closed')`` through `sys.unraisablehook`, as
+  tracebacks printed long after `load` raised its own error. Exactly those are
+  dropped; everything else goes to the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop_reports", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._drops_closed_loop_reports = True
+  sys.unraisablehook = hook
+
+
+def read_weights(weights_dir: str | os.PathLike, cfg: ModelConfig,
+                 checksum: str | None = None) -> dict:
+  """Restores the weights of architecture `cfg` from an orbax folder and checks them.
+
+  Raises `CheckpointError` when they are unreadable, do not fit `cfg`, differ from
+  `checksum` (when given) or are not finite.
+  """
+  import orbax.checkpoint as ocp
+
+  weights_dir = pathlib.Path(weights_dir)
+  _quiet_abandoned_reads()
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      weights = ckptr.restore(weights_dir.absolute(), abstract_weights(cfg))
+  except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, ...).
+    raise CheckpointError(f"could not read the weights in {weights_dir}: "
+                          f"{one_line_error(e)}") from e
+  # orbax restores what is on disk even when it disagrees with the target; check it here.
+  expected, got = param_shapes(cfg), weight_shapes(weights)
+  if got != expected:
+    wrong = sorted(".".join(k) for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+    raise CheckpointError(f"could not read the weights in {weights_dir}: they do not fit "
+                          f"the architecture in {CONFIG_FILE} (differing: {', '.join(wrong[:8])}"
+                          f"{' ...' if len(wrong) > 8 else ''})")
+  if checksum is not None and weights_checksum(weights) != checksum:
+    raise CheckpointError(f"the weights in {weights_dir} do not match the checksum recorded "
+                          "when they were saved: the files were changed or damaged")
+  problem = non_finite(weights)
+  if problem:
+    raise CheckpointError(f"the weights in {weights_dir} are not usable: {problem}")
+  return weights
+
+
+def load(path: str | os.PathLike) -> Params:
+  """Reads a checkpoint folder written by `save` (or by the converter), or a training
+  workdir (``train.py --workdir``: its best-validation, else latest, weights).
+
+  Raises `CheckpointError` when the folder is missing, from a newer format, or its
+  weights are unreadable, do not fit the architecture, do not match their recorded
+  checksum (damaged files), or are not finite (naming the tensor).
+  """
+  path = pathlib.Path(path).absolute()
+  meta = _read_meta(path)
+  cfg = load_config(path)
+  weights_dir, checksum = path / WEIGHTS_DIR, meta.get("weights_sha256")
+  if not weights_dir.exists():
+    found = find_params(path)
+    if found is not None:
+      weights_dir, checksum = found, recorded_checksum(found)
+  return Params(weights=read_weights(weights_dir, cfg, checksum), config=cfg)

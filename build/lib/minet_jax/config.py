@@ -1,0 +1,190 @@
+"""The model's architecture as one hashable record.
+
+`ModelConfig` holds every architectural hyperparameter of MI-Net. Its defaults are
+the authors' released model (Jiawei-Shen/MI-Net, ``MINet.py``), which is the model
+the paper's 0.628M parameter count and results describe: T = 8 iterations per
+IM-block, eta = 1, dilations 1/2/4 with smoothed dilated convolutions. The paper's
+text (Shen et al., CVPRW 2020) describes T = 12 and dilations 1/2/5; that variant is
+`paper_text_variant()`.
+
+The record is frozen and hashable so it can ride along with the weights as static
+pytree metadata: ``jax.jit(minet_jax.apply)`` then needs nothing but ``(params, img)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Union
+
+import ml_collections
+
+# Names of the IM-block solvers and backward modes; `minet_jax.fixed_point.from_config`
+# turns them into solver and adjoint objects (this module imports nothing from the package).
+SOLVERS = ("unrolled", "picard", "anderson")
+BACKWARDS = ("backprop", "implicit")
+
+INPUT_FORMATS = ("bgr255", "rgb01")
+DTYPES = ("float32", "bfloat16", "float16")
+# Who runs the convolutions (`minet_jax.onednn`): "onednn" (float32 on CPU through
+# oneDNN's kernels; XLA's elsewhere), "xla" (XLA's own), "auto" (oneDNN's when the
+# default backend is the CPU and the kernels build, else XLA's).
+CONV_BACKENDS = ("auto", "xla", "onednn")
+# Fields that say how a machine runs the model, not what the model is: checkpoints do
+# not store them, and configs differing only there describe the same architecture.
+RUNTIME_FIELDS = ("conv_backend",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of MI-Net. Defaults reproduce the authors' released checkpoint."""
+
+  # Width of every feature map between the encoder and the decoder.
+  features: int = 64
+  # Number of residual blocks after the stride-2 encoder conv ("pre_processing").
+  pre_blocks: int = 3
+  # Fixed-point iterations T of each IM-block (one entry per block).
+  iterations: tuple[int, ...] = (8, 8, 8)
+  # Dilation of the first 3x3 conv of each IM-block's f (one entry per block).
+  dilations: tuple[int, ...] = (1, 2, 4)
+  # Implicit Euler step size: each block iterates g <- g0 + eta * f(g).
+  eta: float = 1.0
+  # Put a shared (2d-1)x(2d-1) smoothing kernel before both convs of blocks with d > 1.
+  smoothed_dilation: bool = True
+  # lax.scan unroll of the IM-block iteration: "auto" (full on CPU, 1 elsewhere), or an int/bool.
+  unroll: Union[str, int, bool] = "auto"
+  # How each IM-block solves g = g0 + eta * f(g) (minet_jax.fixed_point, which documents the
+  # maths): "unrolled" runs exactly `iterations` steps (the released model); "picard" and
+  # "anderson" run until the relative residual meets rtol/atol, at most `iterations` steps.
+  solver: str = "unrolled"
+  # "picard"/"anderson" stop when rms(T(g) - g) <= atol + rtol * rms(T(g)), T(g) = g0 + eta f(g);
+  # for "unrolled" the test only decides the reported status of each block's solve.
+  rtol: float = 1e-3
+  # Absolute tolerance of that test, per element (0: relative only).
+  atol: float = 0.0
+  # Anderson acceleration: number of past iterates mixed (m).
+  anderson_m: int = 5
+  # Anderson damping beta in (0, 1]: 1 mixes the map values only, smaller leans on the iterates.
+  anderson_beta: float = 1.0
+  # Tikhonov regulariser of Anderson's m x m least squares, relative to its mean diagonal.
+  anderson_reg: float = 1e-5
+  # IM-block gradients: "backprop" through the iterations, or "implicit" (implicit function
+  # theorem; memory flat in the number of iterations).
+  backward: str = "backprop"
+  # Step cap of the implicit backward's adjoint solve (0: the block's `iterations`).
+  adjoint_max_steps: int = 0
+  # Relative and absolute tolerances of the adjoint solve (same test as rtol/atol).
+  adjoint_rtol: float = 1e-3
+  adjoint_atol: float = 0.0
+  # Training only (minet_jax.contractive.penalty): weight of the penalty on each block's
+  # estimated ||eta * df/dg||_2 above contractive_target (0: off).
+  contractive_weight: float = 0.0
+  # Spectral-norm level the penalty aims below (< 1 makes the Picard map a contraction).
+  contractive_target: float = 0.9
+  # Power-iteration steps (one jvp + one vjp each) of the penalty's norm estimate.
+  contractive_iters: int = 4
+  # Compute dtype of convolutions; parameters and normalisation statistics stay float32.
+  dtype: str = "float32"
+  # Convolution precision: "highest" (exact float32; parity with PyTorch on GPUs that would
+  # otherwise use TF32) or "default" (fastest the backend offers).
+  precision: str = "highest"
+  # Who runs the convolutions: one of CONV_BACKENDS (a RUNTIME_FIELD). The results agree
+  # to float32 rounding; oneDNN's CPU kernels make a training step ~2x faster
+  # (docs/TRAINING.md). Programs using them cannot be serialised with jax.export: use
+  # "xla" for that.
+  conv_backend: str = "auto"
+  # What the network's first layer sees: "bgr255" (released weights) or "rgb01".
+  input_format: str = "bgr255"
+  # Epsilon of every instance norm (PyTorch's InstanceNorm2d default).
+  norm_eps: float = 1e-5
+  # Negative slope of the LeakyReLU in the tail.
+  leaky_slope: float = 0.1
+  # Negative slope `a` of the Kaiming-normal init of plain convs (authors: kaiming_normal_(w, 0.1)).
+  init_kaiming_a: float = 0.1
+  # Padding mode used to grow odd image sizes to even before the stride-2 encoder ("edge"/"reflect").
+  pad_mode: str = "reflect"
+
+  def __post_init__(self) -> None:
+    # Normalise list-valued fields (ml_collections and JSON give lists) so the record hashes.
+    object.__setattr__(self, "iterations", tuple(int(t) for t in self.iterations))
+    object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
+    if self.features < 1 or self.pre_blocks < 0:
+      raise ValueError(f"features must be >= 1 and pre_blocks >= 0, got {self.features}, "
+                       f"{self.pre_blocks}")
+    if len(self.iterations) != len(self.dilations) or not self.iterations:
+      raise ValueError("iterations and dilations need one entry per IM-block and the same "
+                       f"length, got iterations={self.iterations}, dilations={self.dilations}")
+    if any(t < 0 for t in self.iterations):
+      raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+    if any(d < 1 for d in self.dilations):
+      raise ValueError(f"dilations must be >= 1, got {self.dilations}")
+    if self.input_format not in INPUT_FORMATS:
+      raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {self.input_format!r}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.precision not in ("highest", "default"):
+      raise ValueError(f"precision must be 'highest' or 'default', got {self.precision!r}")
+    if self.conv_backend not in CONV_BACKENDS:
+      raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {self.conv_backend!r}")
+    if self.pad_mode not in ("edge", "reflect"):
+      raise ValueError(f"pad_mode must be 'edge' or 'reflect', got {self.pad_mode!r}")
+    if self.solver not in SOLVERS:
+      raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+    if self.backward not in BACKWARDS:
+      raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
+    for name in ("rtol", "atol", "anderson_reg", "adjoint_rtol", "adjoint_atol",
+                 "contractive_weight", "contractive_target"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if self.anderson_m < 1 or not 0.0 < self.anderson_beta <= 1.0:
+      raise ValueError(f"anderson_m must be >= 1 and anderson_beta in (0, 1], got "
+                       f"{self.anderson_m}, {self.anderson_beta}")
+    if self.adjoint_max_steps < 0 or self.contractive_iters < 1:
+      raise ValueError(f"adjoint_max_steps must be >= 0 and contractive_iters >= 1, got "
+                       f"{self.adjoint_max_steps}, {self.contractive_iters}")
+    if isinstance(self.unroll, str) and self.unroll != "auto":
+      raise ValueError(f"unroll must be 'auto', a bool or a positive int, got {self.unroll!r}")
+
+  @property
+  def num_blocks(self) -> int:
+    return len(self.iterations)
+
+  def to_dict(self) -> dict[str, Any]:
+    """A JSON-friendly dict (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()}
+
+  def architecture(self) -> dict[str, Any]:
+    """`to_dict` without the RUNTIME_FIELDS: what checkpoints store and runs compare."""
+    return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def paper_text_variant(**overrides: Any) -> ModelConfig:
+  """The architecture as the paper's text describes it: T = 12, dilations 1/2/5."""
+  return ModelConfig(**{"iterations": (12, 12, 12), "dilations": (1, 2, 5), **overrides})
+
+
+ConfigLike = Union[None, ModelConfig, Mapping[str, Any], ml_collections.ConfigDict]
+
+
+def model_config(config: ConfigLike = None) -> ModelConfig:
+  """Builds a `ModelConfig` from None (released), a `ModelConfig`, or a (Config)dict.
+
+  A full training config with a ``model`` section is accepted as well as the section.
+  Unknown keys are an error, so a typo never silently falls back to a default.
+  """
+  if config is None:
+    return ModelConfig()
+  if isinstance(config, ModelConfig):
+    return config
+  if isinstance(config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    raise TypeError(f"config must be None, a ModelConfig or a mapping, got {type(config).__name__}")
+  if "model" in config and isinstance(config["model"], (Mapping, ml_collections.ConfigDict)):
+    return model_config(config["model"])
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(config) - known)
+  if unknown:
+    raise ValueError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
+  return ModelConfig(**dict(config))

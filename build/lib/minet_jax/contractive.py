@@ -1,0 +1,190 @@
+"""Contractive training: a penalty that keeps each IM-block's Picard map a contraction.
+
+Block i iterates g <- T_i(g) = g0 + eta * f_i(g). Picard and Anderson converge when T_i
+is a contraction, i.e. when ||J||_2 < 1 for J = eta * df_i/dg along the iteration
+(`minet_jax.stability` measures this; the released weights violate it). Training with
+
+    loss = reconstruction + contractive_weight * penalty(model, batch)
+
+pushes every block's estimated ||J||_2 below ``contractive_target``:
+
+    penalty = sum_i mean_over_samples max(0, sigma_i - target)^2,
+
+where sigma_i estimates ||J||_2 at a point g_i of the block's Picard path (a random
+iterate, see `operating_points`) by ``contractive_iters`` steps of power iteration
+on J^T J (`minet_jax.spectral`; one jvp and one vjp each; J is block diagonal over the
+batch, so each sample has its own vector and estimate). The vector and the
+operating point are held constant (stop-gradient); only the final sigma_i = ||J v||
+is differentiated, with respect to the parameters of f_i (the usual treatment of
+spectral-norm estimates, as in spectral normalisation). A few steps from a random
+start give a lower bound that tightens as training proceeds.
+
+Why a penalty and not spectrally normalised convolutions: f_i's instance norms divide
+by the feature statistics, so their Jacobian can be large whatever the conv
+weights' norms are (and is invariant to scaling those weights); bounding the convs
+alone does not bound J. The penalty measures J itself.
+
+`penalty` takes a batch of images and finds the points itself; `penalty_at_points`
+takes one ``(g0, g)`` pair per block. The training loop (``minet_jax.train``) adds
+the term with `weighted_penalty`, which costs nothing when ``contractive_weight`` is
+0 (the default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+
+from minet_jax import model as model_lib
+from minet_jax import spectral
+from minet_jax.config import ModelConfig
+from minet_jax.params import Params, model_from_params
+
+ModelLike = Union[model_lib.MINet, Params]
+
+
+def _as_model(model_or_params: ModelLike) -> model_lib.MINet:
+  if isinstance(model_or_params, Params):
+    return model_from_params(model_or_params)
+  if isinstance(model_or_params, model_lib.MINet):
+    return model_or_params
+  raise TypeError("penalty needs a minet_jax.MINet or minet_jax.Params, got "
+                  f"{type(model_or_params).__name__}")
+
+
+def block_spectral_norm(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array,
+                        key: jax.Array, num_iters: int) -> jax.Array:
+  """Per-sample power-iteration estimate of ||eta * df/dg||_2 at ``g``, shape (batch,).
+
+  Differentiable with respect to the block's parameters; ``g0`` and ``g`` are
+  treated as constants.
+  """
+  t_map, state = block.map_fn()
+  g0 = jax.lax.stop_gradient(g0)
+  g = jax.lax.stop_gradient(g)
+  frozen = jax.lax.stop_gradient(state)
+  matvec, rmatvec = spectral.linearise(lambda z: t_map(z, (g0, frozen)), g)
+  v0 = jax.random.normal(key, g.shape, g.dtype)
+  v, _ = spectral.top_singular_vector(matvec, rmatvec, v0, num_iters=num_iters, per_sample=True)
+  v = jax.lax.stop_gradient(v)
+  # Only this last product sees the live parameters: sigma = ||J v|| is what is differentiated.
+  _, jv = jax.jvp(lambda z: t_map(z, (g0, state)), (g,), (v,))
+  return spectral.norm(jv, per_sample=True)
+
+
+def random_iterate(block: model_lib.IMBlock, g0: jax.Array, key: jax.Array) -> jax.Array:
+  """The Picard iterate g_k of ``block`` from ``g0``, k uniform in {0, ..., T} (no gradient)."""
+  t_map, state = block.map_fn()
+  k = jax.random.randint(key, (), 0, block.iterations + 1)
+  g = jax.lax.fori_loop(0, k, lambda _, z: t_map(z, (g0, state)), g0)
+  return jax.lax.stop_gradient(g)
+
+
+def operating_points(model: model_lib.MINet, images: jax.Array, *,
+                     key: jax.Array | None = None) -> list[tuple[jax.Array, jax.Array]]:
+  """(g0, g) of every IM-block on RGB [0, 1] NHWC ``images`` (even H and W).
+
+  Without ``key``, g is the block's output. With ``key``, g is the Picard iterate
+  g_k from g0 with k drawn uniformly from {0, ..., T} per block (the batch shares k),
+  so that over training the penalty covers the whole path the iteration takes,
+  not one point of it: a map that contracts at its output can still cycle (for an
+  even T the output can sit on one point of a 2-cycle whose other point is never
+  checked). Either way the next block starts from this block's output.
+  """
+  cfg = model.config
+  runs = model.solve_blocks(model_lib.to_model_space(images, cfg).astype(cfg.dtype))
+  if key is None:
+    return [(run.g0, run.result.value) for run in runs]
+  keys = jax.random.split(key, len(runs))
+  return [(run.g0, random_iterate(block, run.g0, k))
+          for block, run, k in zip(model.im_blocks, runs, keys)]
+
+
+def _settings(cfg: ModelConfig, num_iters: int | None, target: float | None
+              ) -> tuple[int, float]:
+  """The power-iteration steps and target to use, the config's where not given."""
+  num_iters = cfg.contractive_iters if num_iters is None else int(num_iters)
+  target = cfg.contractive_target if target is None else float(target)
+  if num_iters < 1:
+    raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+  return num_iters, target
+
+
+def penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Array], *,
+            key: jax.Array, num_iters: int | None = None, target: float | None = None,
+            per_block: bool = False) -> jax.Array:
+  """Contractivity penalty sum_i mean_b max(0, sigma_ib - target)^2 on a batch of images.
+
+  Each block is checked at a random iterate of its Picard path (`operating_points`);
+  the model runs its encoder and blocks on ``images`` for that. Where the points are
+  already at hand, `penalty_at_points` skips that run.
+
+  Args:
+    model_or_params: a `minet_jax.MINet` or `minet_jax.Params`.
+    images: RGB [0, 1] NHWC with even H and W, or a training batch (a mapping that
+      holds them under ``"hazy"``).
+    key: PRNG key for the random iterates and the power iterations' start vectors.
+    num_iters: power-iteration steps; default ``config.contractive_iters``.
+    target: the norm to stay below; default ``config.contractive_target``.
+    per_block: also return the (batch-mean) sigma of every block, shape (blocks,).
+
+  Returns:
+    The scalar penalty (unweighted), or ``(penalty, sigmas)`` with ``per_block``.
+  """
+  model = _as_model(model_or_params)
+  num_iters, target = _settings(model.config, num_iters, target)
+  if isinstance(images, Mapping):
+    if "hazy" not in images:
+      raise ValueError("a batch mapping must hold the input images under 'hazy'")
+    images = images["hazy"]
+  images = jnp.asarray(images, jnp.float32)
+  if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % 2 or images.shape[2] % 2:
+    raise ValueError(f"images must be NHWC RGB with even H and W, got {images.shape}")
+  key, point_key = jax.random.split(key)
+  points = jax.lax.stop_gradient(operating_points(model, images, key=point_key))
+  return penalty_at_points(model, points, key=key, num_iters=num_iters, target=target,
+                           per_block=per_block)
+
+
+def penalty_at_points(model_or_params: ModelLike,
+                      points: Sequence[tuple[jax.Array, jax.Array]], *, key: jax.Array,
+                      num_iters: int | None = None, target: float | None = None,
+                      per_block: bool = False) -> jax.Array:
+  """`penalty` at given operating points instead of a batch of images.
+
+  Args:
+    model_or_params: a `minet_jax.MINet` or `minet_jax.Params`.
+    points: one ``(g0, g)`` pair per IM-block: the block's input and the point to
+      check, NHWC features (from `operating_points`, or from
+      ``MINet.solve_blocks``: ``(run.g0, run.result.value)``), which saves running
+      the encoder and the blocks again.
+    key: PRNG key for the power iterations' start vectors.
+    num_iters, target, per_block: as for `penalty`.
+  """
+  model = _as_model(model_or_params)
+  num_iters, target = _settings(model.config, num_iters, target)
+  points = list(points)
+  if len(points) != len(model.im_blocks):
+    raise ValueError(f"got {len(points)} operating points for {len(model.im_blocks)} "
+                     "IM-blocks; pass one (g0, g) pair per block")
+  keys = jax.random.split(key, len(points))
+  total = jnp.float32(0.0)
+  sigmas = []
+  for block, (g0, g), k in zip(model.im_blocks, points, keys):
+    sigma = block_spectral_norm(block, g0, g, k, num_iters)
+    total = total + jnp.mean(jnp.square(jax.nn.relu(sigma - target)))
+    sigmas.append(jnp.mean(sigma))
+  return (total, jnp.stack(sigmas)) if per_block else total
+
+
+def weighted_penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Array],
+                     *, key: jax.Array) -> jax.Array:
+  """``config.contractive_weight * penalty(...)``; a constant 0 when the weight is 0."""
+  model = _as_model(model_or_params)
+  weight = model.config.contractive_weight
+  if weight == 0.0:
+    return jnp.float32(0.0)
+  return weight * penalty(model, images, key=key)

@@ -1,0 +1,325 @@
+"""Scores dehazing methods on paired hazy/clear images: MI-Net, the hazy input, DCP.
+
+    report = evaluate("checkpoints/minet_its", "data/RESIDE/SOTS/indoor")
+    print(report.table())
+
+Data is a folder (RESIDE SOTS/ITS layout or any ``hazy/`` + ``gt/``/``clear/``
+folder, see `minet_jax.data.folders`) or a built dataset name such as
+``reside_sots/indoor`` (see `minet_jax.data.builders`). Each image is scored
+with `minet_jax.metrics.dehazing_scores` (the published SOTS protocol: RGB
+0..255, output clipped, larger ground truth centre-cropped). Every method is
+compiled once per image shape ahead of time, so ``s/image`` is steady-state
+run time; compilation is reported separately. An image that fails is recorded
+with its error and the rest are still evaluated.
+
+`main` is the command line: ``python evaluate.py`` in a checkout, ``minet-evaluate``
+once installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minet_jax import api, dcp, image_io, metrics
+from minet_jax.data import folders
+
+METHODS = ("minet", "hazy", "dcp")
+PROTOCOL = ("PSNR/SSIM on RGB 0..255; output clipped to [0, 255] (not rounded); ground truth "
+            "centre-cropped to the output size when larger; SSIM: 11x11 Gaussian window, "
+            "sigma 1.5, K1 0.01, K2 0.03, population covariance, mean over RGB")
+
+
+@dataclasses.dataclass
+class Sample:
+  """One evaluation pair; ``load`` returns (hazy, clear) uint8 RGB arrays."""
+  key: str
+  load: Callable[[], tuple[np.ndarray, np.ndarray]]
+  hazy_path: pathlib.Path | None = None
+  clear_path: pathlib.Path | None = None
+
+
+@dataclasses.dataclass
+class Row:
+  """The score of one method on one image (``error`` set when it failed)."""
+  key: str
+  method: str
+  psnr: float = math.nan
+  ssim: float = math.nan
+  seconds: float = math.nan
+  error: str = ""
+
+
+# ------------------------------------------------------------------ data
+
+
+_DATASET_PREFIXES = ("reside_sots", "reside_its", "paired_folder", "synthetic_haze")
+
+
+def samples_from(data: str | os.PathLike, *, layout: str = "auto", split: str = "test",
+                 data_dir: str | os.PathLike | None = None) -> list[Sample]:
+  """Evaluation pairs from a folder, or from a built dataset name + split."""
+  path = pathlib.Path(data).expanduser()
+  if not path.exists() and str(data).split("/", 1)[0] in _DATASET_PREFIXES:
+    from minet_jax.data import builders  # Deferred: TFDS imports take seconds.
+    source = builders.load_source(str(data), split, data_dir)
+
+    def make(i: int) -> Sample:
+      def load():
+        ex = source[i]
+        return ex["hazy"], ex["clear"]
+      return Sample(key=f"{i:05d}", load=load)
+
+    return [make(i) for i in range(len(source))]
+  records = folders.find_pairs(path, layout=layout)
+  return [Sample(key=r.key, load=lambda r=r: folders.load_pair(r), hazy_path=r.hazy,
+                 clear_path=r.clear) for r in records]
+
+
+# ------------------------------------------------------------------ methods
+
+
+def _minet_forward(params, x):
+  return api.dehaze_batch(params, x[None])[0]
+
+
+class _Compiled:
+  """A method compiled ahead of time for each image shape it meets."""
+
+  def __init__(self, fn: Callable[[jax.Array], jax.Array]):
+    self._jitted = jax.jit(fn)
+    self._cache: dict[tuple[int, ...], Any] = {}
+    self.compile_seconds = 0.0
+
+  def prepare(self, x: jax.Array) -> None:
+    """Compiles for ``x``'s shape unless already done (kept out of the timings)."""
+    if x.shape not in self._cache:
+      start = time.perf_counter()
+      self._cache[x.shape] = self._jitted.lower(x).compile()
+      self.compile_seconds += time.perf_counter() - start
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    self.prepare(x)
+    return self._cache[x.shape](x)
+
+
+def build_methods(methods: Sequence[str], params=None,
+                  dcp_config: dcp.DCPConfig | None = None) -> dict[str, Callable]:
+  """name -> function from float32 RGB [0, 1] (H, W, 3) to the same, clipped."""
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
+  out: dict[str, Callable] = {}
+  for name in methods:
+    if name == "minet":
+      if params is None:
+        raise ValueError("method 'minet' needs a checkpoint (--ckpt)")
+      out[name] = _Compiled(lambda x, p=params: _minet_forward(p, x))
+    elif name == "hazy":
+      out[name] = lambda x: x
+    elif name == "dcp":
+      cfg = dcp_config or dcp.DCPConfig()
+      out[name] = _Compiled(lambda x: dcp._dehaze(x, cfg)[0])
+  return out
+
+
+# ------------------------------------------------------------------ report
+
+
+@dataclasses.dataclass
+class Report:
+  """Per-image rows and their per-method means."""
+  rows: list[Row]
+  methods: tuple[str, ...]
+  failed: dict[str, str]  # image key -> error, for images that could not be read
+  compile_seconds: dict[str, float]
+  data: str = ""
+  ckpt: str = ""
+
+  def summary(self) -> dict[str, dict[str, float]]:
+    out = {}
+    for m in self.methods:
+      ok = [r for r in self.rows if r.method == m and not r.error]
+      out[m] = {
+          "psnr": float(np.mean([r.psnr for r in ok])) if ok else math.nan,
+          "ssim": float(np.mean([r.ssim for r in ok])) if ok else math.nan,
+          "seconds_per_image": float(np.mean([r.seconds for r in ok])) if ok else math.nan,
+          "images": len(ok),
+          "failed": sum(1 for r in self.rows if r.method == m and r.error),
+      }
+    return out
+
+  def table(self) -> str:
+    names = {"minet": "MI-Net", "hazy": "hazy input", "dcp": "DCP"}
+    lines = [f"{'method':<12} | {'PSNR (dB)':>9} | {'SSIM':>7} | {'s/image':>8} | images",
+             f"{'-' * 12}-+-{'-' * 9}-+-{'-' * 7}-+-{'-' * 8}-+-------"]
+    for m, s in self.summary().items():
+      lines.append(f"{names.get(m, m):<12} | {s['psnr']:>9.2f} | {s['ssim']:>7.4f} | "
+                   f"{s['seconds_per_image']:>8.3f} | {s['images']}"
+                   + (f" ({s['failed']} failed)" if s["failed"] else ""))
+    compiled = ", ".join(f"{m} {t:.1f} s" for m, t in self.compile_seconds.items() if t > 0)
+    if compiled:
+      lines.append(f"(compilation, once per image shape, not in s/image: {compiled})")
+    if self.failed:
+      lines.append(f"{len(self.failed)} image(s) failed: " + ", ".join(sorted(self.failed)))
+    return "\n".join(lines)
+
+  def to_json(self) -> dict[str, Any]:
+    return {"data": self.data, "ckpt": self.ckpt, "protocol": PROTOCOL,
+            "summary": self.summary(), "failed_images": self.failed,
+            "compile_seconds": self.compile_seconds,
+            "per_image": [dataclasses.asdict(r) for r in self.rows]}
+
+  def write(self, out_dir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
+    """Writes ``per_image.csv`` and ``results.json`` into ``out_dir``."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out_dir / "per_image.csv", out_dir / "results.json"
+    with open(csv_path, "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(["image", "method", "psnr", "ssim", "seconds", "error"])
+      for r in self.rows:
+        writer.writerow([r.key, r.method, f"{r.psnr:.4f}", f"{r.ssim:.5f}", f"{r.seconds:.4f}",
+                         r.error])
+    json_path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
+    return csv_path, json_path
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def _progress(items: Sequence[Sample], enabled: bool) -> Iterator[Sample]:
+  if not enabled:
+    return iter(items)
+  from tqdm import tqdm
+  return iter(tqdm(items, desc="evaluate", unit="image", file=sys.stderr))
+
+
+def _note(message: str, enabled: bool) -> None:
+  if enabled:
+    from tqdm import tqdm
+    tqdm.write(message, file=sys.stderr)
+  else:
+    print(message, file=sys.stderr)
+
+
+def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
+             methods: Sequence[str] = METHODS, out_dir: str | os.PathLike | None = None,
+             save_images: str | os.PathLike | None = None, limit: int | None = None,
+             layout: str = "auto", split: str = "test",
+             data_dir: str | os.PathLike | None = None,
+             dcp_config: dcp.DCPConfig | None = None, progress: bool = True) -> Report:
+  """Evaluates ``methods`` on the pairs in ``data``; see the module docstring.
+
+  Args:
+    ckpt: a converted/saved minet-jax checkpoint folder (needed for "minet").
+    data: a paired folder, or a built dataset name (with ``split``, ``data_dir``).
+    methods: any of "minet", "hazy", "dcp", in table order.
+    out_dir: if set, ``per_image.csv`` and ``results.json`` are written there.
+    save_images: if set, outputs go to ``<save_images>/<method>/<image>.png``.
+    limit: evaluate only the first ``limit`` pairs (>= 0).
+    layout: folder layout for `minet_jax.data.folders.find_pairs`.
+  """
+  methods = tuple(methods)
+  if limit is not None and limit < 0:
+    raise ValueError(f"--limit must be >= 0, got {limit}")
+  params = None
+  if "minet" in methods:
+    if ckpt is None:
+      raise ValueError("method 'minet' needs a checkpoint folder (--ckpt)")
+    import minet_jax
+    params = minet_jax.load(ckpt)
+  fns = build_methods(methods, params, dcp_config)
+  samples = samples_from(data, layout=layout, split=split, data_dir=data_dir)
+  if limit is not None:
+    samples = samples[:limit]
+  if not samples:
+    raise ValueError(f"no image pairs found in {data}" + (" (--limit 0)" if limit == 0 else ""))
+  rows: list[Row] = []
+  failed: dict[str, str] = {}
+  for sample in _progress(samples, progress):
+    try:
+      hazy, clear = sample.load()
+    except Exception as e:  # One unreadable pair must not end the run.
+      failed[sample.key] = f"{type(e).__name__}: {e}"
+      _note(f"evaluate: skipping {sample.key}: {failed[sample.key]}", progress)
+      rows += [Row(sample.key, m, error=failed[sample.key]) for m in methods]
+      continue
+    x = jnp.asarray(hazy, jnp.float32) / 255.0
+    protect = [p for p in (sample.hazy_path, sample.clear_path) if p is not None]
+    for name, fn in fns.items():
+      try:
+        if isinstance(fn, _Compiled):
+          fn.prepare(x)
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(x))
+        seconds = time.perf_counter() - start
+        p, s = metrics.dehazing_scores(out * 255.0, clear)
+        rows.append(Row(sample.key, name, p, s, seconds))
+        if save_images is not None:
+          image_io.write_png(pathlib.Path(save_images) / name / f"{sample.key}.png",
+                             np.asarray(out), protect=protect)
+      except Exception as e:
+        message = f"{type(e).__name__}: {e}"
+        rows.append(Row(sample.key, name, error=message))
+        _note(f"evaluate: {name} failed on {sample.key}: {message}", progress)
+        if os.environ.get("MINET_DEBUG"):
+          traceback.print_exc()
+  compile_seconds = {n: getattr(f, "compile_seconds", 0.0) for n, f in fns.items()}
+  report = Report(rows, methods, failed, compile_seconds, str(data), str(ckpt or ""))
+  if out_dir is not None:
+    report.write(out_dir)
+  return report
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`evaluate.py` and the ``minet-evaluate`` console script: prints the table; 2 on bad
+  arguments or data, 1 when any image failed (the others are still scored), else 0."""
+  parser = argparse.ArgumentParser(
+      description="Scores MI-Net, the hazy input and the dark channel prior on paired images.",
+      epilog="--out DIR adds per_image.csv and results.json, --save-images DIR the outputs "
+             "as PNG.")
+  parser.add_argument("--ckpt", help="minet-jax checkpoint folder (python -m minet_jax.convert)")
+  parser.add_argument("--data", required=True,
+                      help="paired folder (SOTS/ITS layout, or hazy/ + gt/ or clear/) or a "
+                           "built dataset name such as reside_sots/indoor")
+  parser.add_argument("--methods", default=",".join(METHODS),
+                      help="comma-separated subset of minet,hazy,dcp (default: all)")
+  parser.add_argument("--out", help="folder for per_image.csv and results.json")
+  parser.add_argument("--save-images", help="folder for output PNGs (<method>/<image>.png)")
+  parser.add_argument("--limit", type=int, help="evaluate only the first N (>= 0) pairs")
+  parser.add_argument("--layout", default="auto", choices=("auto", "sots", "its", "paired"),
+                      help="folder layout (default: detect)")
+  parser.add_argument("--split", default="test", help="split of a dataset name (default: test)")
+  parser.add_argument("--data-dir", help="where built datasets live (dataset names only)")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  args = parser.parse_args(argv)
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  try:
+    report = evaluate(
+        args.ckpt, args.data, methods=methods, out_dir=args.out, save_images=args.save_images,
+        limit=args.limit, layout=args.layout, split=args.split, data_dir=args.data_dir,
+        progress=not args.no_progress)
+  except (ValueError, OSError) as e:
+    print(f"evaluate: error: {e}", file=sys.stderr)
+    return 2
+  print(report.table())
+  return 1 if any(r.error for r in report.rows) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,159 @@
+"""Reading and writing photographs as RGB arrays.
+
+``read_rgb`` turns whatever a user hands us (PNG/JPEG/..., grayscale, palette,
+alpha, 16-bit, EXIF-rotated) into one predictable array:
+
+* shape ``(H, W, 3)``, RGB, in the orientation a viewer shows (EXIF applied);
+* ``float32`` in ``[0, 1]`` by default, or ``uint8`` with ``dtype=np.uint8``;
+* grayscale is replicated to three channels;
+* alpha is composited onto a white background (what most viewers show for
+  transparent regions; the colour stored under fully transparent pixels is
+  often arbitrary and would otherwise leak into the result);
+* 16-bit grayscale (``I;16``) keeps its full precision (divided by 65535);
+  16-bit colour PNGs are decoded by Pillow at 8 bits per channel (the high
+  byte), which is below what the network resolves anyway.
+
+Every failure to read becomes an ``ImageReadError`` naming the file.
+``write_png`` writes atomically and refuses paths listed in ``protect`` (used to
+make sure a tool never overwrites its inputs); with ``exclusive=True`` it refuses
+any existing file, in the same atomic step as the write.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from minet_jax import files
+
+PathLike = str | os.PathLike
+
+# Suffixes the folder walkers pick up; anything Pillow opens can still be passed by name.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageReadError(ValueError):
+  """An image file could not be read; the message names the file and the cause."""
+
+
+class ProtectedPathError(ValueError):
+  """A write would replace a file that must not be overwritten (e.g. an input)."""
+
+
+def _to_unit_float(im: Image.Image) -> np.ndarray:
+  """Pillow image of any mode -> float32 HxWx3 in [0, 1], alpha composited on white."""
+  mode = im.mode
+  if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+    gray = np.asarray(im).astype(np.float32) / 65535.0
+    return np.repeat(gray[..., None], 3, axis=-1)
+  if mode == "I":
+    # 32-bit integer images come from 16-bit sources (PNG/TIFF) in practice.
+    arr = np.asarray(im).astype(np.float64)
+    scale = 65535.0 if arr.max(initial=0) > 255 else 255.0
+    gray = np.clip(arr / scale, 0.0, 1.0).astype(np.float32)
+    return np.repeat(gray[..., None], 3, axis=-1)
+  if mode == "F":
+    arr = np.asarray(im).astype(np.float32)
+    scale = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+    gray = np.clip(arr / scale, 0.0, 1.0)
+    return np.repeat(gray[..., None], 3, axis=-1)
+  has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+      mode == "P" and "transparency" in im.info) or (
+      mode in ("L", "RGB") and "transparency" in im.info)
+  if has_alpha:
+    rgba = np.asarray(im.convert("RGBA")).astype(np.float32) / 255.0
+    alpha = rgba[..., 3:4]
+    return rgba[..., :3] * alpha + (1.0 - alpha)
+  return np.asarray(im.convert("RGB")).astype(np.float32) / 255.0
+
+
+def read_rgb(path: PathLike, dtype=np.float32) -> np.ndarray:
+  """Reads an image file as an upright RGB array of shape (H, W, 3).
+
+  Args:
+    path: the image file.
+    dtype: ``np.float32`` (default) for values in [0, 1], or ``np.uint8`` for
+      0..255 (16-bit sources are rounded to 8 bits).
+
+  Raises:
+    ImageReadError: the file is missing, not an image, truncated or corrupt.
+  """
+  path = pathlib.Path(path)
+  dtype = np.dtype(dtype)
+  if dtype not in (np.dtype(np.float32), np.dtype(np.uint8)):
+    raise ValueError(f"read_rgb: dtype must be float32 or uint8, got {dtype}")
+  if not path.is_file():
+    raise ImageReadError(f"cannot read image {path}: no such file")
+  try:
+    with Image.open(path) as im:
+      im.load()  # Decode now so truncated files fail here, not later.
+      im = ImageOps.exif_transpose(im)
+      rgb = _to_unit_float(im)
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+          Image.DecompressionBombError) as e:
+    raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+  if dtype == np.uint8:
+    return np.round(rgb * 255.0).astype(np.uint8)
+  return rgb
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+  """uint8 passes through; floats are read as [0, 1], clipped and rounded."""
+  image = np.asarray(image)
+  if image.dtype == np.uint8:
+    return image
+  if not np.issubdtype(image.dtype, np.floating):
+    raise TypeError(f"expected uint8 or a float image in [0, 1], got dtype {image.dtype}")
+  if not np.all(np.isfinite(image)):
+    raise ValueError("image contains NaN or infinite values")
+  return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def centre_crop(image, height: int, width: int):
+  """The centre ``height x width`` window of an image; equal sizes pass through.
+
+  ``image`` is (H, W), (H, W, C) or a batch (..., H, W, C), a numpy or a JAX array
+  (only sliced). Used for SOTS ground truths, released at 640x480 around 620x460
+  hazy images (10 px on each side).
+  """
+  axis = 0 if image.ndim == 2 else image.ndim - 3  # The height axis.
+  h, w = image.shape[axis], image.shape[axis + 1]
+  if height > h or width > w:
+    raise ValueError(f"cannot centre-crop a {h}x{w} image to {height}x{width}: the image is "
+                     "smaller than that (a crop cannot be larger than its image)")
+  top, left = (h - height) // 2, (w - width) // 2
+  window = [slice(None)] * image.ndim
+  window[axis] = slice(top, top + height)
+  window[axis + 1] = slice(left, left + width)
+  return image[tuple(window)]
+
+
+def write_png(path: PathLike, image: np.ndarray, *,
+              protect: Iterable[PathLike] = (), exclusive: bool = False) -> pathlib.Path:
+  """Writes an RGB (H, W, 3) or gray (H, W) image as an 8-bit PNG.
+
+  ``image`` is uint8, or float in [0, 1] (clipped and rounded). The file is
+  written to a temporary name in the same folder and renamed into place, so a
+  crash never leaves a half-written PNG. Parent folders are created.
+
+  Raises:
+    ProtectedPathError: ``path`` resolves to one of ``protect``.
+    FileExistsError: ``exclusive`` and something already exists at ``path``.
+  """
+  path = pathlib.Path(path)
+  target = path.resolve()
+  for p in protect:
+    if pathlib.Path(p).resolve() == target:
+      raise ProtectedPathError(f"refusing to overwrite {path}: it is a protected input file")
+  data = to_uint8(image)
+  if data.ndim == 3 and data.shape[-1] == 1:
+    data = data[..., 0]
+  if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] != 3):
+    raise ValueError(f"write_png expects (H, W, 3) or (H, W), got shape {data.shape}")
+  with files.replacing(target, exclusive=exclusive) as tmp:
+    Image.fromarray(data).save(tmp, format="PNG")
+  return path

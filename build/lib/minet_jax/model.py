@@ -1,0 +1,256 @@
+"""MI-Net (Shen et al., CVPRW 2020) in Flax NNX, NHWC.
+
+Data flow, with the authors' layer names (Jiawei-Shen/MI-Net, ``MINet.py``):
+
+  encoder   conv1-norm1-relu, conv2-norm2-relu, conv3(stride 2)-norm3-relu,
+            pre_processing: residual blocks (conv-IN-relu-conv-IN, + input, relu)
+  IM-blocks x1 = IM_1(x), x2 = IM_2(x1), x3 = IM_3(x2); block i solves
+            g = g0 + eta * f_i(g) from g = g0 = its input (fixed_point.py)
+  MLF       gate: 3x3 conv on concat(x1, x2, x3) -> 3 maps; fused = sum_i W_i * x_i
+  decoder   deconv3 (transposed 4x4, stride 2)-norm4-relu, deconv2-norm5-relu, deconv1 (1x1)
+  tail      ("RCA" as released) x = LeakyReLU(conv_su1(x) + conv_su2(input));
+            psi = sigmoid(fc2(fc1(GAP(layer1.conv(x))))); x = x + x * psi; deconv (1x1)
+
+Block f_i is conv-IN-relu-conv-IN-relu with no skip; its first conv is dilated by d_i
+and, when `smoothed_dilation` and d_i > 1, each conv is preceded by a shared
+(2d-1)x(2d-1) smoothing kernel (``pre_conv1``/``pre_conv2``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minet_jax import fixed_point as fp
+from minet_jax.config import ModelConfig
+from minet_jax.layers import Conv2d, ConvTranspose2d, InstanceNorm, Scalar, ShareSepConv
+
+# The released model was trained on raw BGR pixel values, with no mean subtraction.
+_BGR255_SCALE = 255.0
+
+
+class ResidualBlock(nnx.Module):
+  """Encoder residual block: relu(x + IN(conv(relu(IN(conv(x))))))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    c = cfg.features
+    conv = dict(padding=1, use_bias=False, init_a=cfg.init_kaiming_a, dtype=cfg.dtype,
+                precision=cfg.precision, backend=cfg.conv_backend, rngs=rngs)
+    self.conv1 = Conv2d(c, c, 3, **conv)
+    self.norm1 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.conv2 = Conv2d(c, c, 3, **conv)
+    self.norm2 = InstanceNorm(c, eps=cfg.norm_eps)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jax.nn.relu(self.norm1(self.conv1(x)))
+    return jax.nn.relu(x + self.norm2(self.conv2(y)))
+
+
+class IMBlockF(nnx.Module):
+  """The f of one IM-block: [smooth]-dilated conv-IN-relu, [smooth]-conv-IN-relu, no skip."""
+
+  def __init__(self, cfg: ModelConfig, dilation: int, *, rngs: nnx.Rngs):
+    c = cfg.features
+    smoothed = cfg.smoothed_dilation and dilation > 1
+    conv = dict(use_bias=False, init_a=cfg.init_kaiming_a, dtype=cfg.dtype,
+                precision=cfg.precision, backend=cfg.conv_backend, rngs=rngs)
+    self.pre_conv1 = ShareSepConv(2 * dilation - 1, dtype=cfg.dtype,
+                                  backend=cfg.conv_backend) if smoothed else None
+    self.conv1 = Conv2d(c, c, 3, padding=dilation, dilation=dilation, **conv)
+    self.norm1 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.pre_conv2 = ShareSepConv(2 * dilation - 1, dtype=cfg.dtype,
+                                  backend=cfg.conv_backend) if smoothed else None
+    self.conv2 = Conv2d(c, c, 3, padding=1, **conv)
+    self.norm2 = InstanceNorm(c, eps=cfg.norm_eps)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.pre_conv1 is not None:
+      x = self.pre_conv1(x)
+    y = jax.nn.relu(self.norm1(self.conv1(x)))
+    if self.pre_conv2 is not None:
+      y = self.pre_conv2(y)
+    return jax.nn.relu(self.norm2(self.conv2(y)))
+
+
+class IMBlock(nnx.Module):
+  """One implicit Euler step x_out = x_in + eta * f(x_out), solved by `fixed_point`.
+
+  The solver and adjoint objects are built from the config (`fixed_point.from_config`);
+  each sample of a batch is its own fixed-point problem (instance norm keeps them
+  independent).
+  """
+
+  def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs):
+    self.f = IMBlockF(cfg, cfg.dilations[index], rngs=rngs)
+    self.iterations = cfg.iterations[index]
+    self.eta = cfg.eta
+    self.solver, self.adjoint = fp.from_config(cfg)
+
+  def map_fn(self):
+    """The block's map as ``(T, args)``: T(g, args) = g0 + eta * f(g), args = (g0, f's state).
+
+    Splitting f into graph and state makes its parameters explicit inputs of T, so
+    the implicit backward can return their gradients.
+    """
+    graphdef, state = nnx.split(self.f)
+    eta = self.eta
+
+    def implicit_euler_map(g, args):
+      g0_, f_state = args
+      return g0_ + eta * nnx.merge(graphdef, f_state)(g)
+
+    return implicit_euler_map, state
+
+  def solve(self, g0: jax.Array) -> fp.FixedPointResult:
+    """Runs the block's solver from g = g0; diagnostics have a leading batch axis."""
+    implicit_euler_map, state = self.map_fn()
+    return fp.fixed_point(implicit_euler_map, self.solver, g0, (g0, state),
+                          max_steps=self.iterations, adjoint=self.adjoint, per_sample=True)
+
+  def __call__(self, g0: jax.Array) -> jax.Array:
+    return self.solve(g0).value
+
+
+class RCAGate(nnx.Module):
+  """The released "RCA" channel gate on the 3-channel image: sigmoid(fc2(fc1(GAP(conv(x)))))."""
+
+  def __init__(self, channels: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.conv = Conv2d(channels, channels, 1, init_a=cfg.init_kaiming_a, dtype=cfg.dtype,
+                       precision=cfg.precision, backend=cfg.conv_backend, rngs=rngs)
+    self.fc1 = Scalar(rngs=rngs)
+    self.fc2 = Scalar(rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pooled = jnp.mean(self.conv(x).astype(jnp.float32), axis=(1, 2), keepdims=True)
+    return jax.nn.sigmoid(self.fc2(self.fc1(pooled))).astype(x.dtype)
+
+
+class BlockRun(NamedTuple):
+  """One IM-block inside the network (`MINet.solve_blocks`)."""
+  g0: jax.Array  # The block's input: the encoder output or the previous block's output.
+  result: fp.FixedPointResult  # Its solve; ``result.value`` is the block's output.
+
+
+class MINet(nnx.Module):
+  """MI-Net. Call on NHWC RGB images in [0, 1]; returns NHWC RGB in [0, 1] scale, unclipped.
+
+  Two input spaces: the public entry points (``__call__``,
+  `forward_rgb_with_diagnostics`) take RGB in [0, 1] with any H and W; the stages
+  (`encode`, `solve_blocks`, `fuse`, `decode`) work in model space, the image as the
+  first layer sees it (`to_model_space`: BGR 0..255 for the released weights, see
+  ``config.input_format``) with even H and W, which `model_input` produces.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    c, a, dt = cfg.features, cfg.init_kaiming_a, cfg.dtype
+    conv = dict(init_a=a, dtype=dt, precision=cfg.precision, backend=cfg.conv_backend, rngs=rngs)
+    self.conv1 = Conv2d(3, c, 3, padding=1, use_bias=False, **conv)
+    self.norm1 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.conv2 = Conv2d(c, c, 3, padding=1, use_bias=False, **conv)
+    self.norm2 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.conv3 = Conv2d(c, c, 3, stride=2, padding=1, use_bias=False, **conv)
+    self.norm3 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.pre_processing = nnx.List([ResidualBlock(cfg, rngs=rngs) for _ in range(cfg.pre_blocks)])
+    self.im_blocks = nnx.List([IMBlock(cfg, i, rngs=rngs) for i in range(cfg.num_blocks)])
+    self.gate = Conv2d(c * cfg.num_blocks, cfg.num_blocks, 3, padding=1, **conv)
+    self.deconv3 = ConvTranspose2d(c, c, 4, stride=2, padding=1, dtype=dt,
+                                   precision=cfg.precision, backend=cfg.conv_backend, rngs=rngs)
+    self.norm4 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.deconv2 = Conv2d(c, c, 3, padding=1, **conv)
+    self.norm5 = InstanceNorm(c, eps=cfg.norm_eps)
+    self.deconv1 = Conv2d(c, 3, 1, **conv)
+    self.conv_su1 = Conv2d(3, 3, 1, **conv)
+    self.conv_su2 = Conv2d(3, 3, 1, **conv)
+    self.layer1 = RCAGate(3, cfg, rngs=rngs)
+    self.deconv = Conv2d(3, 3, 1, **conv)
+
+  def model_input(self, rgb: jax.Array) -> jax.Array:
+    """RGB [0, 1] NHWC (any H, W) -> the model-space image the stages take.
+
+    Odd sides are padded by one row/column (``config.pad_mode``): one stride-2
+    encoder conv and one 2x transposed conv round-trip even sizes exactly.
+    """
+    return to_model_input(rgb, self.config)
+
+  def encode(self, model_image: jax.Array) -> jax.Array:
+    """Encoder: model-space image (even H, W) -> half-resolution features."""
+    x = jax.nn.relu(self.norm1(self.conv1(model_image)))
+    x = jax.nn.relu(self.norm2(self.conv2(x)))
+    x = jax.nn.relu(self.norm3(self.conv3(x)))
+    for block in self.pre_processing:
+      x = block(x)
+    return x
+
+  def solve_blocks(self, model_image: jax.Array) -> list[BlockRun]:
+    """`encode`, then every IM-block in turn: each block's input and its solve.
+
+    Takes a model-space image with even H and W. The first block's ``g0`` is the
+    encoder output; every later one is the previous block's ``result.value``.
+    """
+    g0 = self.encode(model_image)
+    runs = []
+    for block in self.im_blocks:
+      runs.append(BlockRun(g0, block.solve(g0)))
+      g0 = runs[-1].result.value
+    return runs
+
+  def fuse(self, states: list[jax.Array]) -> jax.Array:
+    """MLF: per-pixel weights from a conv over all block outputs (no softmax, as released)."""
+    weights = self.gate(jnp.concatenate(states, axis=-1))
+    return sum(s * weights[..., i:i + 1] for i, s in enumerate(states))
+
+  def decode(self, fused: jax.Array, model_image: jax.Array) -> jax.Array:
+    """Decoder and tail: fused features + the model-space input -> model-space output."""
+    x = jax.nn.relu(self.norm4(self.deconv3(fused)))
+    x = jax.nn.relu(self.norm5(self.deconv2(x)))
+    x = self.deconv1(x)
+    x = jax.nn.leaky_relu(self.conv_su1(x) + self.conv_su2(model_image),
+                          negative_slope=self.config.leaky_slope)
+    x = x + x * self.layer1(x)
+    return self.deconv(x)
+
+  def forward_rgb_with_diagnostics(self, rgb: jax.Array
+                                   ) -> tuple[jax.Array, list[fp.FixedPointResult]]:
+    """Like ``__call__`` (RGB [0, 1] in and out), plus each IM-block's `FixedPointResult`.
+
+    The diagnostics (status, steps taken, final residual, residual history padded
+    with NaN to the block's `iterations`) have a leading batch axis; under ``jax.jit``
+    they come back without recompiling per image of the same size. A result's
+    ``value`` is the block's output, the next block's g0.
+    """
+    h, w = rgb.shape[1:3]
+    model_image = self.model_input(rgb)
+    results = [run.result for run in self.solve_blocks(model_image)]
+    out = self.decode(self.fuse([r.value for r in results]), model_image)
+    y = from_model_space(out.astype(jnp.float32), self.config)
+    return y[:, :h, :w, :], results
+
+  def __call__(self, rgb: jax.Array) -> jax.Array:
+    """RGB [0, 1] NHWC (any H, W) -> RGB [0, 1]-scale NHWC, unclipped."""
+    return self.forward_rgb_with_diagnostics(rgb)[0]
+
+
+def to_model_input(rgb: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """`MINet.model_input` without a model: pad odd sides, then `to_model_space` in `cfg.dtype`."""
+  h, w = rgb.shape[1:3]
+  pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
+  x = jnp.pad(rgb.astype(jnp.float32), pad, mode=cfg.pad_mode) if (h % 2 or w % 2) else rgb
+  return to_model_space(x, cfg).astype(cfg.dtype)
+
+
+def to_model_space(rgb: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """RGB [0, 1] -> what the first layer expects (`cfg.input_format`)."""
+  if cfg.input_format == "bgr255":
+    return rgb[..., ::-1].astype(jnp.float32) * _BGR255_SCALE
+  return rgb.astype(jnp.float32)
+
+
+def from_model_space(x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Inverse of `to_model_space`."""
+  if cfg.input_format == "bgr255":
+    return x[..., ::-1] / _BGR255_SCALE
+  return x

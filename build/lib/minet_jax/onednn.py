@@ -1,0 +1,393 @@
+"""2-D convolutions through oneDNN on XLA:CPU, as differentiable JAX primitives.
+
+XLA:CPU's own convolution kernels trail oneDNN's (the library PyTorch's CPU convs use)
+on this model's shapes, most of all in the gradients: a 3x3 64->64 conv's forward plus
+both gradients takes 271-289 ms in XLA:CPU and 57-70 ms in oneDNN at 1x230x310x64, 24.6
+and 6.5 ms at 2x64x64x64, and the shared 3x3 smoothing 123-144 ms against 6-7 ms
+(`benchmarks/layer_speed.py --conv-backends xla onednn`, 2-core x86-64). This module
+puts oneDNN behind three primitives:
+
+  conv        y  = conv(x, w)          NHWC image, HWIO kernel
+  conv_input  dx = conv_input(dy, w)   the transpose of x -> conv(x, w)
+  conv_kernel dw = conv_kernel(x, dy)  the transpose of w -> conv(x, w)
+
+Each is bilinear, and the transpose of each with respect to either operand is another
+of the three, so JVPs, VJPs and their transposes (linearize, jvp-of-grad, the fixed
+point's custom JVP) all stay on oneDNN. Batching folds a vmapped image axis into N.
+On other platforms the primitives lower to `lax.conv_general_dilated` and its
+transposes, so a program built with them runs anywhere.
+
+The kernels live in ``csrc/onednn_conv.cc``, an XLA FFI handler compiled on first use
+with the system C++ compiler against the oneDNN headers and library of the
+``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (dependencies on x86-64 Linux;
+``$MINET_ONEDNN_ROOT`` points at another install), and cached under
+``$MINET_JAX_CACHE`` (default ``~/.cache/minet_jax``). Only float32. Programs that use
+them cannot be serialised with `jax.export` (the custom call has no compatibility
+guarantee); ``conv_backend="xla"`` builds exportable ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+_SOURCE = pathlib.Path(__file__).parent / "csrc" / "onednn_conv.cc"
+_TARGET = "minet_onednn_conv"
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+# Values of the handler's `kind` attribute.
+_FORWARD, _INPUT, _KERNEL = 0, 1, 2
+
+
+class OneDNNUnavailable(RuntimeError):
+  """The oneDNN kernels cannot be built or loaded here; the message says why."""
+
+
+# The pinned wheels (pyproject.toml): the library, and the headers to compile against.
+_WHEELS = {"lib": ("onednn-cpu-gomp", "libdnnl.so"),
+           "include": ("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp")}
+
+
+def _installed_dirs() -> tuple[pathlib.Path, pathlib.Path] | None:
+  """(include dir, lib dir) of oneDNN, or None when either is missing.
+
+  ``$MINET_ONEDNN_ROOT`` (a prefix holding include/oneapi/dnnl and lib/libdnnl.so)
+  wins; else the wheels' own file lists say where pip put them (the environment's
+  prefix, or the user site for ``pip install --user``).
+  """
+  if "MINET_ONEDNN_ROOT" in os.environ:
+    root = pathlib.Path(os.environ["MINET_ONEDNN_ROOT"])
+    dirs = {"include": root / "include", "lib": root / "lib"}
+  else:
+    dirs = {}
+    for key, (wheel, suffix) in _WHEELS.items():
+      try:
+        files = importlib.metadata.distribution(wheel).files or []
+      except importlib.metadata.PackageNotFoundError:
+        return None
+      for f in files:
+        if str(f).endswith(suffix):
+          found = pathlib.Path(os.path.normpath(f.locate()))
+          # include/oneapi/dnnl/dnnl.hpp -> include; lib/libdnnl.so -> lib.
+          dirs[key] = found.parents[suffix.count("/")]
+          break
+  if not ((dirs.get("include", pathlib.Path("/nonexistent")) / _WHEELS["include"][1]).is_file()
+          and any(dirs["lib"].glob("libdnnl.so*"))):
+    return None
+  return dirs["include"], dirs["lib"]
+
+
+def _cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("MINET_JAX_CACHE",
+                                     pathlib.Path.home() / ".cache" / "minet_jax"))
+
+
+def _compile(include: pathlib.Path, lib: pathlib.Path, output: pathlib.Path) -> None:
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if compiler is None:
+    raise OneDNNUnavailable("no C++ compiler found (set CXX, or install g++)")
+  command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(_SOURCE),
+             "-I", jax.ffi.include_dir(), "-I", str(include),
+             "-L", str(lib), "-ldnnl", f"-Wl,-rpath,{lib}", "-o", str(output)]
+  done = subprocess.run(command, capture_output=True, text=True)
+  if done.returncode != 0:
+    # The first errors say what is wrong; what follows them is mostly consequences.
+    raise OneDNNUnavailable(f"compiling {_SOURCE.name} failed:\n{done.stderr[:4000]}")
+
+
+def _build_and_register() -> None:
+  dirs = _installed_dirs()
+  if dirs is None:
+    raise OneDNNUnavailable(
+        "oneDNN headers or library not found: pip install onednn-cpu-gomp==2023.2.0 "
+        "onednn-devel-cpu-gomp==2023.2.0 (x86-64 Linux), or point MINET_ONEDNN_ROOT at "
+        "a oneDNN 3 install")
+  include, lib = dirs
+  # One library per source, jax version and oneDNN install; the compiler is only
+  # needed when that library is not built yet.
+  key = hashlib.sha256("\0".join(
+      [_SOURCE.read_text(), jax.__version__, jax.ffi.include_dir(), str(include), str(lib),
+       str(sorted(p.name for p in lib.glob("libdnnl.so*")))]).encode()).hexdigest()
+  library = _cache_dir() / f"minet_onednn_{key[:16]}.so"
+  if not library.is_file():
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed, so a concurrent or interrupted build
+    # never leaves a half-written library behind.
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+      partial = pathlib.Path(tmp) / library.name
+      _compile(include, lib, partial)
+      os.replace(partial, library)
+  handle = ctypes.cdll.LoadLibrary(str(library))
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handle.MinetOnednnConv),
+                              platform="cpu")
+
+
+# The outcome of the first attempt (None: loaded), so a failed build is not retried on
+# every convolution traced.
+_LOADED: list[OneDNNUnavailable | None] = []
+
+
+def _load() -> None:
+  """Compiles (once per source, jax and oneDNN) and registers the FFI handler."""
+  if not _LOADED:
+    try:
+      _build_and_register()
+      _LOADED.append(None)
+    except OneDNNUnavailable as e:
+      _LOADED.append(e)
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+      # An unwritable cache folder, a CXX that is not there, a library that will not
+      # load: all mean no oneDNN here, said with the cause.
+      _LOADED.append(OneDNNUnavailable(f"building or loading the oneDNN kernels failed: "
+                                       f"{type(e).__name__}: {e}"))
+  if _LOADED[0] is not None:
+    raise _LOADED[0]
+
+
+def available() -> bool:
+  """Whether the oneDNN kernels build and load here (the first call may compile them)."""
+  try:
+    _load()
+  except OneDNNUnavailable:
+    return False
+  return True
+
+
+def ensure_available() -> None:
+  """Builds and loads the kernels, or raises `OneDNNUnavailable` saying why not."""
+  _load()
+
+
+@functools.cache
+def _warn_auto_fallback(reason: str) -> None:
+  warnings.warn(f"conv_backend='auto' runs XLA's convolutions: {reason}", stacklevel=3)
+
+
+def use_onednn(backend: str) -> bool:
+  """Whether float32 convolutions under ``ModelConfig.conv_backend=backend`` go to oneDNN.
+
+  Off CPUs, XLA's. On a CPU, "onednn" raises `OneDNNUnavailable` when the kernels
+  cannot be built here. "auto"
+  takes them when the default backend is a single CPU device and they build. With
+  several devices it keeps XLA's: XLA's SPMD partitioner cannot split a custom call,
+  so a batch-sharded oneDNN conv would run whole on every device (correct, not
+  parallel). Where the oneDNN wheels are installed but the build fails it says so
+  once (a warning); where they are not (other than x86-64 Linux) it quietly keeps XLA's.
+  """
+  if backend not in ("auto", "xla", "onednn"):
+    raise ValueError(f"conv_backend must be 'auto', 'xla' or 'onednn', got {backend!r}")
+  if backend == "xla" or jax.default_backend() != "cpu":
+    return False
+  if backend == "onednn":
+    _load()
+    return True
+  if jax.device_count() > 1:
+    return False
+  try:
+    _load()
+  except OneDNNUnavailable as e:
+    if _installed_dirs() is not None:
+      _warn_auto_fallback(str(e))
+    return False
+  return True
+
+
+# Geometry parameters shared by the three primitives: strides and dilation as (h, w),
+# padding as ((lo, hi), (lo, hi)).
+def _geometry(strides, padding, dilation, groups) -> dict:
+  return dict(strides=tuple(int(s) for s in strides),
+              padding=tuple((int(lo), int(hi)) for lo, hi in padding),
+              dilation=tuple(int(d) for d in dilation), groups=int(groups))
+
+
+def _out_size(size: int, k: int, stride: int, lo: int, hi: int, dilation: int) -> int:
+  return (size + lo + hi - (dilation * (k - 1) + 1)) // stride + 1
+
+
+def _reference(x, w, *, strides, padding, dilation, groups):
+  return jax.lax.conv_general_dilated(
+      x, w, window_strides=strides, padding=padding, rhs_dilation=dilation,
+      dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=groups,
+      precision=jax.lax.Precision.HIGHEST)
+
+
+conv_p = Primitive("onednn_conv")
+conv_input_p = Primitive("onednn_conv_input")
+conv_kernel_p = Primitive("onednn_conv_kernel")
+
+
+def _check_float32(*avals) -> None:
+  for aval in avals:
+    if aval.dtype != jnp.float32:
+      raise TypeError(f"oneDNN convolutions take float32, got {aval.dtype}")
+
+
+def _conv_abstract(x, w, *, strides, padding, dilation, groups):
+  _check_float32(x, w)
+  n, h, wd, c = x.shape
+  kh, kw, ci, co = w.shape
+  if any(p < 0 for pair in padding for p in pair):
+    # lax crops for negative padding; oneDNN has no such mode.
+    raise ValueError(f"padding must be >= 0, got {padding}")
+  if ci * groups != c or co % groups:
+    raise ValueError(f"a {w.shape} kernel in {groups} group(s) does not fit {c} input "
+                     "channels")
+  oh = _out_size(h, kh, strides[0], *padding[0], dilation[0])
+  ow = _out_size(wd, kw, strides[1], *padding[1], dilation[1])
+  return jax.core.ShapedArray((n, oh, ow, co), jnp.float32)
+
+
+def _conv_input_abstract(dy, w, *, in_hw, strides, padding, dilation, groups):
+  _check_float32(dy, w)
+  return jax.core.ShapedArray((dy.shape[0], *in_hw, w.shape[2] * groups), jnp.float32)
+
+
+def _conv_kernel_abstract(x, dy, *, kernel_hw, strides, padding, dilation, groups):
+  _check_float32(x, dy)
+  return jax.core.ShapedArray((*kernel_hw, x.shape[3] // groups, dy.shape[3]), jnp.float32)
+
+
+conv_p.def_abstract_eval(_conv_abstract)
+conv_input_p.def_abstract_eval(_conv_input_abstract)
+conv_kernel_p.def_abstract_eval(_conv_kernel_abstract)
+
+
+def _ffi_attrs(kind: int, strides, padding, dilation, groups) -> dict:
+  return dict(kind=np.int64(kind), strides=np.asarray(strides, np.int64),
+              pad_lo=np.asarray([p[0] for p in padding], np.int64),
+              pad_hi=np.asarray([p[1] for p in padding], np.int64),
+              dilation=np.asarray(dilation, np.int64), groups=np.int64(groups))
+
+
+def _cpu_lowering(kind: int):
+  lower = jax.ffi.ffi_lowering(_TARGET)
+
+  def rule(ctx, a, b, *, strides, padding, dilation, groups, in_hw=None, kernel_hw=None):
+    del in_hw, kernel_hw  # the result's shape carries them
+    return lower(ctx, a, b, **_ffi_attrs(kind, strides, padding, dilation, groups))
+  return rule
+
+
+# Reference implementations: the lowering off CPU, and the truth the tests compare with.
+def _reference_input(dy, w, *, in_hw, **geometry):
+  x = jnp.zeros((dy.shape[0], *in_hw, w.shape[2] * geometry["groups"]), dy.dtype)
+  return jax.vjp(lambda x: _reference(x, w, **geometry), x)[1](dy)[0]
+
+
+def _reference_kernel(x, dy, *, kernel_hw, **geometry):
+  w = jnp.zeros((*kernel_hw, x.shape[3] // geometry["groups"], dy.shape[3]), x.dtype)
+  return jax.vjp(lambda w: _reference(x, w, **geometry), w)[1](dy)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(prim: Primitive, params: tuple) -> callable:
+  return jax.jit(functools.partial(prim.bind, **dict(params)))
+
+
+def _eager(prim: Primitive, *args, **params):
+  """Outside jit, a primitive runs as its own one-op program."""
+  return _jitted(prim, tuple(sorted(params.items())))(*args)
+
+
+for _p, _kind, _ref in ((conv_p, _FORWARD, _reference), (conv_input_p, _INPUT, _reference_input),
+                        (conv_kernel_p, _KERNEL, _reference_kernel)):
+  mlir.register_lowering(_p, _cpu_lowering(_kind), platform="cpu")
+  # Elsewhere (GPU, TPU) the same program runs XLA's convolutions.
+  mlir.register_lowering(_p, mlir.lower_fun(_ref, multiple_results=False))
+  _p.def_impl(functools.partial(_eager, _p))
+
+
+# Transposes. With <., .> the elementwise inner product:
+#   <conv(x, w), dy> = <x, conv_input(dy, w)> = <w, conv_kernel(x, dy)>,
+# so each primitive's transpose in either operand is one of the other two.
+def _geom(params: dict) -> dict:
+  return {k: params[k] for k in ("strides", "padding", "dilation", "groups")}
+
+
+def _conv_t_x(ct, x, w, **params):
+  return conv_input_p.bind(ct, w, in_hw=tuple(x.aval.shape[1:3]), **_geom(params))
+
+
+def _conv_t_w(ct, x, w, **params):
+  return conv_kernel_p.bind(x, ct, kernel_hw=tuple(w.aval.shape[:2]), **_geom(params))
+
+
+def _input_t_dy(ct, dy, w, **params):
+  return conv_p.bind(ct, w, **_geom(params))
+
+
+def _input_t_w(ct, dy, w, **params):
+  return conv_kernel_p.bind(ct, dy, kernel_hw=tuple(w.aval.shape[:2]), **_geom(params))
+
+
+def _kernel_t_x(ct, x, dy, **params):
+  return conv_input_p.bind(dy, ct, in_hw=tuple(x.aval.shape[1:3]), **_geom(params))
+
+
+def _kernel_t_dy(ct, x, dy, **params):
+  return conv_p.bind(x, ct, **_geom(params))
+
+
+ad.defbilinear(conv_p, _conv_t_x, _conv_t_w)
+ad.defbilinear(conv_input_p, _input_t_dy, _input_t_w)
+ad.defbilinear(conv_kernel_p, _kernel_t_x, _kernel_t_dy)
+
+
+def _batch_rule(prim, image_operands):
+  """vmap: a batched image operand folds into N; anything else maps over the batch."""
+
+  def rule(args, dims, **params):
+    (a, b), (da, db) = args, dims
+    foldable = all(d is None or i in image_operands
+                   for i, d in enumerate((da, db)))
+    if foldable:
+      size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+      merged, n = [], None
+      for x, d in zip(args, dims):
+        if d is None:
+          merged.append(x)
+          continue
+        x = jnp.moveaxis(x, d, 0)
+        n = x.shape[1]
+        merged.append(x.reshape(size * n, *x.shape[2:]))
+      out = prim.bind(*merged, **params)
+      return out.reshape(size, n, *out.shape[1:]), 0
+    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+    a, b = (jnp.moveaxis(x, d, 0) if d is not None
+            else jnp.broadcast_to(x, (size, *x.shape)) for x, d in zip(args, dims))
+    return jax.lax.map(lambda ab: prim.bind(*ab, **params), (a, b)), 0
+  return rule
+
+
+# Which operands carry N: the kernel gradient sums over N, so a vmapped batch there
+# cannot fold into it.
+batching.primitive_batchers[conv_p] = _batch_rule(conv_p, (0,))
+batching.primitive_batchers[conv_input_p] = _batch_rule(conv_input_p, (0,))
+batching.primitive_batchers[conv_kernel_p] = _batch_rule(conv_kernel_p, ())
+
+
+def conv(x: jax.Array, w: jax.Array, *, strides: Sequence[int] = (1, 1),
+         padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+         dilation: Sequence[int] = (1, 1), groups: int = 1) -> jax.Array:
+  """``lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
+  feature_group_count=groups)`` in NHWC/HWIO.
+
+  float32 only; differentiable to any order. Raises `OneDNNUnavailable` when the
+  kernels cannot be built here.
+  """
+  _load()
+  return conv_p.bind(x, w, **_geometry(strides, padding, dilation, groups))

@@ -1,0 +1,125 @@
+"""MI-Net parameters as data: `Params`, `init`, and the model <-> params maps.
+
+`Params` carries the weights and the architecture they belong to, so a function of
+`Params` needs nothing else and ``jax.jit`` can take it: the config is static pytree
+metadata, the weights are the leaves. Weights are a nested dict with string keys
+(orbax and JSON need them; NNX indexes list entries with ints, which
+`model_from_params` restores).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx, struct, traverse_util
+
+from minet_jax.config import ConfigLike, ModelConfig, model_config
+from minet_jax.model import MINet
+
+
+@struct.dataclass
+class Params:
+  """MI-Net weights (nested dict of arrays, string keys) and their `ModelConfig`."""
+  weights: dict
+  config: ModelConfig = struct.field(pytree_node=False)
+
+  def num_params(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.weights))
+
+
+def stringify_keys(tree: Any) -> Any:
+  """Nested dict with every key a string (orbax and JSON need them; nnx lists use ints)."""
+  if isinstance(tree, Mapping):
+    return {str(k): stringify_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def restore_key_types(tree: Any, like: Any) -> Any:
+  """Restores the key types of `like` (nnx uses ints for list indices)."""
+  if isinstance(like, Mapping):
+    return {k: restore_key_types(tree[str(k)], v) for k, v in like.items()}
+  return tree
+
+
+def flat_weights(weights: Mapping) -> dict[tuple[str, ...], Any]:
+  """{path: leaf} of a weights tree, keys as strings, sorted by path."""
+  flat = traverse_util.flatten_dict(stringify_keys(weights))
+  return dict(sorted(flat.items()))
+
+
+@functools.lru_cache(maxsize=16)
+def _skeleton(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, dict]:
+  """Graph definition, abstract state and its pure-dict shape, built without FLOPs."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: MINet(cfg, rngs=nnx.Rngs(0))))
+  return graphdef, state, nnx.to_pure_dict(state)
+
+
+def abstract_weights(cfg: ModelConfig) -> dict:
+  """The weights tree of architecture `cfg` as `jax.ShapeDtypeStruct` leaves (string keys)."""
+  pure = _skeleton(cfg)[2]
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), stringify_keys(pure))
+
+
+def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Flat {path: shape} of every parameter of the architecture `cfg`."""
+  return weight_shapes(abstract_weights(cfg))
+
+
+def weight_shapes(weights: Mapping) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Flat {path: shape} of a weights tree (compare with `param_shapes`)."""
+  return {path: tuple(leaf.shape) for path, leaf in flat_weights(weights).items()}
+
+
+def params_from_model(model: MINet) -> Params:
+  """Snapshot of an NNX model's parameters as `Params`."""
+  weights = stringify_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return Params(weights=weights, config=model.config)
+
+
+def model_from_params(params: Params) -> MINet:
+  """An NNX model holding `params` (no copy of the arrays)."""
+  graphdef, abstract, pure = _skeleton(params.config)
+  state = jax.tree.map(lambda leaf: leaf, abstract)  # A fresh State; the cached one stays abstract.
+  nnx.replace_by_pure_dict(state, restore_key_types(params.weights, pure))
+  return nnx.merge(graphdef, state)
+
+
+def init(config: ConfigLike = None, *, seed: int = 0) -> Params:
+  """Freshly initialised MI-Net parameters (the authors' initialisation).
+
+  Args:
+    config: None for the released architecture, a `ModelConfig`, or a (Config)dict
+      (a full training config with a ``model`` section, or that section).
+    seed: PRNG seed.
+  """
+  cfg = model_config(config)
+  # The non-partitionable threefry compiles several times faster on XLA:CPU, which
+  # dominates the cost of drawing ~100 small parameter tensors eagerly.
+  with jax.threefry_partitionable(False):
+    return params_from_model(MINet(cfg, rngs=nnx.Rngs(seed)))
+
+
+def weights_checksum(weights: Mapping) -> str:
+  """SHA-256 of every weight's name, shape and float32 little-endian bytes."""
+  digest = hashlib.sha256()
+  named = sorted((".".join(path), leaf) for path, leaf in flat_weights(weights).items())
+  for name, leaf in named:  # Ordered by dotted name: the order recorded checksums used.
+    array = np.ascontiguousarray(np.asarray(leaf, dtype="<f4"))
+    digest.update(f"{name}:{array.shape}\n".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def non_finite(weights: Mapping) -> str | None:
+  """Names the first weight holding NaN or Inf values (None when all are finite)."""
+  for path, leaf in flat_weights(weights).items():
+    array = np.asarray(leaf)
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+      return f"{'.'.join(path)} holds {bad} NaN or infinite value(s)"
+  return None

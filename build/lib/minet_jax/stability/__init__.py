@@ -1,0 +1,179 @@
+"""Theorem 1 on real weights: is each IM-block's Picard map locally contractive?
+
+Block i iterates g <- T(g) = g0 + eta * f_i(g). Near a point g the error of that
+iteration evolves by the Jacobian J = eta * df_i/dg, so the iteration settles when
+the spectral radius rho(J) < 1, which is the paper's Theorem 1 condition: every
+eigenvalue lambda of df/dg has |lambda| < 1/eta. The spectral norm ||J||_2 >= rho(J)
+bounds one step's contraction; ||J||_2 < 1 makes T a contraction in the plain L2
+norm, while rho(J) < 1 only promises contraction eventually (for a non-normal J the
+error can first grow).
+
+Estimators (matrix-free; J is 4.6M x 4.6M for a 460x620 image; `minet_jax.spectral`):
+
+* spectral radius: power iteration, reported as the growth rate over its last steps
+  (which converges also when the dominant eigenvalue is a complex pair), with the
+  plain ratio and the Rayleigh quotient beside it.
+* spectral radius, second opinion: Arnoldi; the largest |Ritz value| converges far
+  faster than power iteration when eigenvalues crowd near the top, as they do
+  here. Both see only part of the spectrum and in practice approach rho from
+  below, so the verdict uses the larger of the two.
+* spectral norm: power iteration on J^T J, a lower bound that converges to ||J||_2.
+* observed contraction: ratios r_{j+1}/r_j of successive Picard residuals. For a
+  linear map they tend to rho(J); for MI-Net they are measured on the same block
+  input g0 the model produced, by running Picard from g0 for ``steps`` steps.
+
+The operating point is each block's output in the model as configured (for the
+released model: after T = 8 steps). Where a block has not converged there is no
+fixed point to linearise about; the estimate then describes the map where the
+model actually uses it.
+
+This package: the analysis here, which needs no plotting library; the written
+report (``stability.json`` and residual plots) in `minet_jax.stability.report`; the
+command line in `minet_jax.stability.cli`:
+
+    python -m minet_jax.stability --ckpt checkpoints/minet_its \\
+        --image ../shared/data/RESIDE/SOTS/indoor/hazy/1400_1.png --out stability/1400_1
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from minet_jax import fixed_point as fp
+from minet_jax import spectral
+
+
+# Relative residuals below this are float32 rounding noise, not contraction.
+RESIDUAL_FLOOR = 1e-6
+
+
+def observed_ratios(history: np.ndarray, floor: float = RESIDUAL_FLOOR) -> np.ndarray:
+  """r_{j+1} / r_j over the finite part of a residual history above ``floor``."""
+  r = np.asarray(history, np.float64)
+  r = r[np.isfinite(r)]
+  below = np.flatnonzero(r < floor)
+  r = r[:below[0]] if below.size else r
+  return r[1:] / np.maximum(r[:-1], np.finfo(np.float64).tiny)
+
+
+def _geomean(x: np.ndarray) -> float:
+  x = x[np.isfinite(x) & (x > 0)]
+  return float(np.exp(np.mean(np.log(x)))) if x.size else float("nan")
+
+
+def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
+                  steps: int = 32, radius_iters: int = 60, radius_window: int = 20,
+                  arnoldi_iters: int = 30, norm_iters: int = 30) -> dict[str, Any]:
+  """Theorem-1 figures of one `IMBlock` at the operating point ``g`` with input ``g0``.
+
+  Args:
+    block: an `minet_jax.model.IMBlock`.
+    g0, g: the block's input and its output in the model (one image, NHWC, batch 1).
+    key: PRNG key of the power iterations' start vectors.
+    steps: Picard steps from g0 whose residuals give the observed contraction.
+    radius_iters, radius_window, arnoldi_iters, norm_iters: estimator settings.
+  """
+  if g.shape[0] != 1:
+    raise ValueError(f"analyse one image at a time (batch 1), got batch {g.shape[0]}")
+  graphdef, state = nnx.split(block)
+
+  @jax.jit
+  def figures(state, g0, g, key):
+    blk = nnx.merge(graphdef, state)
+    t_map, f_state = blk.map_fn()
+    matvec, rmatvec = spectral.linearise(lambda z: t_map(z, (g0, f_state)), g)
+    k1, k2, k3 = jax.random.split(key, 3)
+    radius = spectral.spectral_radius(matvec, jax.random.normal(k1, g.shape),
+                                      num_iters=radius_iters, window=radius_window)
+    hess = spectral.arnoldi(matvec, jax.random.normal(k2, g.shape), num_iters=arnoldi_iters)
+    norm = spectral.spectral_norm(matvec, rmatvec, jax.random.normal(k3, g.shape),
+                                  num_iters=norm_iters)
+    picard = fp.fixed_point(t_map, fp.Unrolled(unroll=1), g0, (g0, f_state), max_steps=steps,
+                            per_sample=True)
+    return radius, hess, norm, picard.residual_history[0]
+
+  radius, hess, norm, history = jax.device_get(figures(state, g0, g, key))
+  ritz = spectral.ritz_summary(hess)
+  ratios = observed_ratios(history)
+  t = int(block.iterations)
+  eta = float(block.eta)
+  # Both estimators see only part of the spectrum and approach rho from below in
+  # practice, so the verdict uses the larger of the two.
+  rho = max(float(radius["radius"]), ritz["radius"])
+  sigma = float(norm["norm"])
+  return {
+      "eta": eta,
+      "iterations": t,
+      "dilation": int(block.f.conv1.dilation),
+      "spectral_radius": rho,
+      "spectral_radius_growth": float(radius["radius"]),
+      "spectral_radius_power": float(radius["radius_power"]),
+      "rayleigh_quotient": float(radius["rayleigh"]),
+      "spectral_radius_arnoldi": ritz["radius"],
+      "arnoldi_eigenvalue": ritz["eigenvalue"],
+      "arnoldi_relative_residual": ritz["relative_residual"],
+      "arnoldi_leading_moduli": ritz["leading"],
+      "spectral_norm": sigma,
+      "max_abs_eigenvalue_df": rho / eta,
+      "theorem1_bound": 1.0 / eta,
+      "theorem1_holds": bool(rho < 1.0),
+      "contraction_in_l2": bool(sigma < 1.0),
+      # Residual ratios around the operating point (steps T/2..T) and at the end of the run.
+      "observed_ratio_at_T": _geomean(ratios[max(t // 2 - 1, 0):max(t - 1, 1)]),
+      "observed_ratio_tail": _geomean(ratios[-max(len(ratios) // 4, 1):]),
+      "residual_at_T": float(history[t - 1]) if 0 < t <= len(history) else float("nan"),
+      "residual_history": [float(x) for x in history],
+      "power_ratios": [float(x) for x in radius["ratios"]],
+      "norm_history": [float(x) for x in norm["history"]],
+  }
+
+
+def analyse_image(params: Any, image: np.ndarray, *, seed: int = 0,
+                  **block_kwargs: Any) -> dict[str, Any]:
+  """Runs the model on one image and `analyse_block` on every IM-block.
+
+  Args:
+    params: `minet_jax.Params`; its config decides the operating point (solver, T).
+    image: HxWx3 RGB, uint8 or float in [0, 1].
+    seed: seed of the power iterations.
+    **block_kwargs: forwarded to `analyse_block`.
+  """
+  from minet_jax import api
+  from minet_jax.params import model_from_params
+
+  model = model_from_params(params)
+  x = api.to_float_rgb(image)
+  h, w = x.shape[1:3]
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def operating_points(state, x):
+    m = nnx.merge(graphdef, state)
+    return m.solve_blocks(m.model_input(x))
+
+  runs = operating_points(state, x)
+  keys = jax.random.split(jax.random.key(seed), len(runs))
+  blocks = []
+  for block, run, key in zip(model.im_blocks, runs, keys):
+    report = analyse_block(block, run.g0, run.result.value, key=key, **block_kwargs)
+    report["model_steps"] = int(run.result.num_steps[0])
+    report["model_residual"] = float(run.result.residual[0])
+    blocks.append(report)
+  return {"config": params.config.to_dict(), "image_size": [int(h), int(w)], "blocks": blocks}
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+  """The per-block table of an `analyse_image` report, one line per row."""
+  lines = ["block  dilation  rho power  rho Arnoldi  ||eta J||_2  observed@T  observed tail  "
+           "Theorem 1"]
+  for i, b in enumerate(report["blocks"]):
+    lines.append(f"{i + 1:>5}  {b['dilation']:>8}  {b['spectral_radius_growth']:>9.4f}  "
+                 f"{b['spectral_radius_arnoldi']:>11.4f}  "
+                 f"{b['spectral_norm']:>11.4f}  {b['observed_ratio_at_T']:>10.4f}  "
+                 f"{b['observed_ratio_tail']:>13.4f}  "
+                 f"{'holds' if b['theorem1_holds'] else 'FAILS'}")
+  return lines

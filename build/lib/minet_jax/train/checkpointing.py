@@ -1,0 +1,205 @@
+"""Training checkpoints with orbax: periodic (resume) and best by validation PSNR.
+
+A training workdir holds::
+
+  config.json            the full training config of the latest start
+  minet_config.json      the model config, as `minet_jax.save` writes it
+  checkpoints/<step>/    the latest `keep` checkpoints, for resuming:
+      state/             parameters, Adam moments, step, PRNG key
+      params/            the weights alone, in `minet_jax.save`'s format
+      data/              the input pipeline's iterator state (JSON)
+      meta/              step, wall time, the last validation scores and the
+                         weights' SHA-256 (JSON)
+  best/<step>/           params/ and meta/ of the best validation PSNR so far
+  damaged_checkpoints/   checkpoints that failed to restore on resume, moved aside
+
+so ``minet_jax.load(workdir)`` (and ``evaluate.py --ckpt workdir``) rebuild the
+model from ``minet_config.json`` and the best (else latest) ``params/``: the folder
+and item names are `minet_jax.checkpoint`'s, which reads them without training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from minet_jax import checkpoint
+from minet_jax.checkpoint import BEST_DIR, LATEST_DIR, META_ITEM, PARAMS_ITEM
+from minet_jax.params import weights_checksum
+from minet_jax.train.state import TrainState, state_from_pure, state_to_pure
+
+DAMAGED_DIR = "damaged_checkpoints"
+TRAIN_CONFIG_FILE = "config.json"
+_LATEST_ITEMS = ("state", PARAMS_ITEM, "data", META_ITEM)
+_BEST_ITEMS = (PARAMS_ITEM, META_ITEM)
+
+
+def write_model_config(workdir: pathlib.Path, params_config: Any) -> None:
+  """Writes ``minet_config.json`` in the format `minet_jax.load_config` reads."""
+  checkpoint.write_config(workdir, params_config)
+
+
+def _json_ready(state: Any) -> Any:
+  """Iterator states are dicts of numbers or JSON bytes (grain's DataLoader)."""
+  if isinstance(state, bytes):
+    return {"__bytes__": state.decode("utf-8")}
+  return state
+
+
+def _from_json(state: Any) -> Any:
+  if isinstance(state, dict) and set(state) == {"__bytes__"}:
+    return state["__bytes__"].encode("utf-8")
+  return state
+
+
+def _host_weights(state: TrainState) -> dict:
+  return jax.tree.map(np.asarray, state.params().weights)
+
+
+@dataclasses.dataclass
+class Damaged:
+  """A checkpoint that did not restore: why, and where it was moved."""
+  step: int
+  reason: str
+  moved_to: pathlib.Path | None
+
+
+@dataclasses.dataclass
+class Resumed:
+  """What `Checkpoints.restore_newest_intact` found (``step`` None: nothing intact)."""
+  step: int | None
+  state: TrainState | None
+  data: Any
+  meta: dict
+  damaged: list[Damaged]
+
+
+class Checkpoints:
+  """The periodic and best-PSNR checkpoint managers of one workdir."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, keep: int = 2, async_save: bool = True):
+    workdir = pathlib.Path(workdir).absolute()
+    self.workdir = workdir
+    self.latest = ocp.CheckpointManager(
+        workdir / LATEST_DIR, item_names=_LATEST_ITEMS,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
+                                             enable_async_checkpointing=async_save))
+    self.best = ocp.CheckpointManager(
+        workdir / BEST_DIR, item_names=_BEST_ITEMS,
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                             best_fn=lambda m: m["psnr"], best_mode="max",
+                                             enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def save(self, state: TrainState, data_state: Any, meta: dict) -> bool:
+    """Saves a resumable checkpoint at ``state.step`` unless one exists; True if saved."""
+    step = int(state.step)
+    if step in self.latest.all_steps():
+      return False
+    weights = _host_weights(state)
+    self.latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state_to_pure(state)),
+        params=ocp.args.StandardSave(weights),
+        data=ocp.args.JsonSave(_json_ready(data_state)),
+        meta=ocp.args.JsonSave({"step": step, **meta,
+                                "weights_sha256": weights_checksum(weights)})))
+    return True
+
+  def best_psnr(self) -> float | None:
+    """The validation PSNR of the best checkpoint so far (None before the first)."""
+    step = self.best.latest_step()
+    if step is None:
+      return None
+    meta = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return float(meta.meta["psnr"])
+
+  def save_best(self, state: TrainState, scores: dict[str, float]) -> bool:
+    """Keeps this step's weights if its validation PSNR beats the best so far."""
+    best = self.best_psnr()
+    step = int(state.step)
+    if (best is not None and scores["psnr"] <= best) or step in self.best.all_steps():
+      return False
+    scores = {k: float(v) for k, v in scores.items()}
+    weights = _host_weights(state)
+    self.best.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(weights),
+        meta=ocp.args.JsonSave({"step": step, **scores,
+                                "weights_sha256": weights_checksum(weights)})),
+        metrics=scores)
+    return True
+
+  def restore(self, like: TrainState, sharding: Any = None,
+              step: int | None = None) -> tuple[TrainState, Any, dict]:
+    """(state, data iterator state, meta) of the latest (or given) checkpoint.
+
+    Args:
+      like: a (possibly abstract) state giving the structure, shapes and graph.
+      sharding: where to place the restored arrays (e.g. replicated over a mesh).
+    """
+    step = self.latest.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.workdir / LATEST_DIR}")
+
+    def target(x):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    pure = jax.tree.map(target, state_to_pure(like))
+    restored = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(pure), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    state = state_from_pure(like, restored.state)
+    return state, _from_json(restored.data), dict(restored.meta)
+
+  def restore_newest_intact(self, like: TrainState, sharding: Any = None) -> Resumed:
+    """Restores the newest checkpoint that reads back completely.
+
+    Each checkpoint is verified by restoring all of it: state, data iterator,
+    meta and the weights in ``params/`` (against the checksum in its meta). A
+    newer one that fails is moved to ``<workdir>/damaged_checkpoints/`` (never
+    deleted) and reported in ``damaged``; the next older one is tried.
+    """
+    damaged: list[Damaged] = []
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        state, data, meta = self.restore(like, sharding, step)
+        self._verify_params(step, state, meta)
+      except Exception as e:  # orbax/tensorstore raise many types for damaged files.
+        damaged.append(Damaged(step, checkpoint.one_line_error(e), self._move_aside(step)))
+        continue
+      return Resumed(step, state, data, meta, damaged)
+    return Resumed(None, None, None, {}, damaged)
+
+  def _verify_params(self, step: int, state: TrainState, meta: dict) -> None:
+    folder = self.workdir / LATEST_DIR / str(step) / PARAMS_ITEM
+    checkpoint.read_weights(folder, state.model_config, meta.get("weights_sha256"))
+
+  def _move_aside(self, step: int) -> pathlib.Path | None:
+    if jax.process_index() != 0:
+      return None
+    source = self.workdir / LATEST_DIR / str(step)
+    target = self.workdir / DAMAGED_DIR / str(step)
+    n = 0
+    while target.exists():
+      n += 1
+      target = self.workdir / DAMAGED_DIR / f"{step}.{n}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+    self.latest.reload()
+    return target
+
+  def wait(self) -> None:
+    """Blocks until every pending (asynchronous) save is on disk."""
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()

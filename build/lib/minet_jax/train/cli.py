@@ -1,0 +1,134 @@
+"""Trains MI-Net.
+
+    python train.py --config configs/quickstart.py --workdir workdirs/quickstart
+    python train.py --config configs/its.py --workdir workdirs/its \\
+        --config.data.manual_dir ~/data/RESIDE
+
+``minet-train`` (the installed console script) takes the same flags; the --config
+path is relative to the current folder either way. Rerunning with the same --workdir
+resumes from its latest checkpoint. Any config field can be overridden with
+--config.<field>=<value>; unknown fields are an error.
+
+One process of a multi-process job (docs/TRAINING.md, "Several devices and hosts"):
+
+    python train.py --config configs/its.py --workdir /shared/its \\
+        --coordinator_address host0:12345 --num_processes 2 --process_id 0
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from minet_jax.train import config_file
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (e.g. configs/quickstart.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and images go.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 of a multi-process job (default: "
+    "JAX_COORDINATOR_ADDRESS, else detected); giving any of these three flags joins the job.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the job (default: JAX_NUM_PROCESSES, else detected).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0..num_processes-1 (default: JAX_PROCESS_ID, "
+    "else detected).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_HELP_FLAGS = ("--help", "-?", "--helpshort", "-h")
+
+
+def _config_file(argv: list[str]) -> str | None:
+  """The --config file named on the command line (config_flags allows "file.py:argument")."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":", 1)[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return None
+
+
+def usage(program: str) -> str:
+  """The --help text: a usage line, this module's docstring, and the flags defined here."""
+  flag_lines = flags.FLAGS.module_help(__name__).strip("\n").splitlines()[1:]  # no header
+  return "\n".join([f"usage: {program} --config FILE --workdir DIR [--config.FIELD=VALUE ...]",
+                    "", __doc__.strip(), "", "flags:", *flag_lines, "",
+                    "Try --helpfull to get a list of all flags."])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with one-line errors for a missing config file or an unknown
+  --config.<field>, and a --help that exits 0."""
+  if any(arg in _HELP_FLAGS for arg in argv[1:]):
+    # absl's own --help lists the flags of __main__ (train.py or the console script,
+    # which define none) and exits 1.
+    print(usage(os.path.basename(argv[0])))
+    sys.exit(0)
+  path = _config_file(argv)
+  if path and not os.path.isfile(path):
+    sys.exit(f"train: error: --config {path}: no such file")
+  if path:
+    config_file.make_importable(path)  # Its `from configs import ...` outside a checkout.
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpfull to see help on flags.")
+  except (AttributeError, KeyError) as e:  # ml_collections: a field the config lacks.
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    message = str(e.args[0] if e.args else e)
+    message = message.replace("\\n", " ").replace("\n", " ").replace("\\'", "").replace("'", "")
+    sys.exit(f"error: unknown config field {message} (overrides given: {' '.join(overrides)}); "
+             "see the config file for the fields that exist")
+  except Exception as e:  # The config file is missing, or its own code failed.
+    sys.exit(f"train: error: could not load --config: {_last_line(e)}")
+
+
+def _last_line(e: Exception) -> str:
+  """config_flags nests the cause (e.g. "[Errno 2] No such file") on the last line."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[-1] if len(lines) > 1 else f"{type(e).__name__}: {e}"
+
+
+def _loaded_config():
+  """The config, or a one-line exit when its file could not be read."""
+  config = _CONFIG.value
+  try:
+    config.get("model")  # config_flags reports a file it could not read only on first use.
+  except OSError as e:
+    sys.exit(f"train: error: could not load --config: {_last_line(e)}")
+  return config
+
+
+def main(argv: list[str]) -> None:
+  """Trains with the parsed flags; prints the run's summary as JSON."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; -v 0 shows it.
+  # Deferred: the dataset and checkpoint code load only once the flags parse.
+  from minet_jax import CheckpointError
+  from minet_jax.data import DatasetLayoutError
+  from minet_jax.train import ConfigError, NonFiniteLossError, sharding, train_and_evaluate
+  launch = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:
+    # Before anything else touches JAX; --config.distributed=True alone joins via the
+    # environment inside train_and_evaluate.
+    sharding.maybe_initialize_distributed(any(v is not None for v in launch), *launch)
+  except ValueError as e:
+    sys.exit(f"train: error: {e}")
+  try:
+    summary = train_and_evaluate(_loaded_config(), _WORKDIR.value)
+  except (ConfigError, DatasetLayoutError, CheckpointError, NonFiniteLossError) as e:
+    sys.exit(f"train: error: {e}")  # Errors that explain themselves; no traceback.
+  print(json.dumps(summary, indent=2))
+  if summary.get("stopped_by"):
+    sys.exit(143)  # 128 + SIGTERM: the job did not finish, a rerun resumes it.
+
+
+def run() -> None:
+  """`train.py` and the ``minet-train`` console script: parse sys.argv, train, exit."""
+  app.run(main, flags_parser=parse_flags)

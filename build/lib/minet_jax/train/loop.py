@@ -1,0 +1,203 @@
+"""`train_and_evaluate(config, workdir)`: the training loop.
+
+Resumes from the workdir's latest checkpoint when there is one (weights, Adam
+state, step, PRNG key and the input pipeline's position), else starts from
+``config.init_from`` or a random init. Validates every ``eval_every`` steps
+(PSNR/SSIM under the SOTS protocol, an image grid, the best checkpoint),
+checkpoints every ``checkpoint_every`` steps, at the end, and on SIGTERM.
+A non-finite loss stops the run with `NonFiniteLossError`; the checkpoints on
+disk are then all from before it.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from minet_jax import checkpoint, files
+from minet_jax.train import checkpointing, inputs, sharding
+from minet_jax.train.checks import (ConfigError, check_crop, check_workdir_config,
+                                    prepare_workdir, validate_config)
+from minet_jax.train.evaluator import Evaluator
+from minet_jax.train.logging import MetricWriter
+from minet_jax.train.signals import StopRequest
+from minet_jax.train.state import (TrainState, abstract_train_state, create_train_state,
+                                   learning_rate_schedule)
+from minet_jax.train.step import make_train_step
+
+__all__ = ["ConfigError", "NonFiniteLossError", "train_and_evaluate", "validate_config"]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite; training stopped before saving it."""
+
+
+def _record_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Writes the training config of this (accepted) start as ``config.json``."""
+  files.write_text(workdir / checkpointing.TRAIN_CONFIG_FILE,
+                   config.to_json_best_effort(indent=2) + "\n")
+
+
+def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> None:
+  """Says which checkpoint a resume uses, when newer ones were damaged, and where they went."""
+  for d in resumed.damaged:
+    writer.write_event(d.step, "damaged_checkpoint", reason=d.reason,
+                       moved_to=str(d.moved_to) if d.moved_to else None)
+    tqdm.write(f"checkpoint {d.step} could not be restored ({d.reason}); moved it to "
+               f"{d.moved_to}")
+  if resumed.damaged:
+    tqdm.write(f"resuming from step {resumed.step}, the newest intact checkpoint" if
+               resumed.step is not None else "no intact checkpoint left: starting afresh")
+
+
+def _initial_state(config: ml_collections.ConfigDict) -> TrainState:
+  """The state of a fresh start: ``config.init_from``'s weights, else a random init."""
+  params = None
+  if config.init_from:
+    params = checkpoint.load(pathlib.Path(config.init_from).expanduser())
+  try:
+    return create_train_state(config, params)
+  except ValueError as e:  # e.g. init_from weights of a different architecture
+    raise ConfigError(str(e)) from e
+
+
+def _mean(history: list[dict[str, float]]) -> dict[str, float]:
+  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                       ) -> dict[str, Any]:
+  """Trains MI-Net as `config` says, in `workdir` (resuming it if it has checkpoints).
+
+  Returns a summary: ``step`` reached, ``stopped_by`` (None, or "SIGTERM"), the
+  last validation scores (``psnr``, ``ssim``, ``hazy_psnr``, ...), ``best_psnr``,
+  ``steps_per_second`` and ``seconds``.
+  """
+  t_start = time.time()
+  validate_config(config)
+  sharding.maybe_initialize_distributed(bool(config.distributed))
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  check_workdir_config(workdir, config)
+  mesh = sharding.make_mesh()
+  replicated = sharding.replicated(mesh)
+
+  train_source, eval_source = inputs.sources(config)
+  check_crop(config, train_source)
+  prepare_workdir(workdir)  # Nothing is written before the start is accepted.
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  train_iter = inputs.train_iterator(config, train_source, mesh)
+  evaluator = Evaluator(config, eval_source, mesh)
+
+  ckpts = checkpointing.Checkpoints(workdir, keep=int(config.keep_checkpoints),
+                                    async_save=bool(config.async_checkpointing))
+  resumed = ckpts.restore_newest_intact(abstract_train_state(config), replicated)
+  _report_damaged(resumed, writer)
+  resumed_from = resumed.step
+  if resumed_from is not None:
+    state = resumed.state
+    inputs.restore_iterator(train_iter, resumed.data)
+    writer.write_event(resumed_from, "resume", from_step=resumed_from,
+                       skipped_damaged=[d.step for d in resumed.damaged])
+  else:
+    state = sharding.replicate(_initial_state(config), mesh)
+    writer.write_event(0, "start", init_from=config.init_from or None,
+                       devices=mesh.devices.size, processes=jax.process_count())
+  if jax.process_index() == 0:
+    checkpointing.write_model_config(workdir, state.model_config)
+    _record_config(workdir, config)
+
+  schedule = learning_rate_schedule(config.optimizer)
+  train_step = make_train_step(config.loss, schedule, replicated, sharding.batch_sharded(mesh),
+                               ynn_fusions=config.xla_cpu_ynn_fusions)
+
+  step = int(state.step)
+  total = int(config.num_train_steps)
+  last_scores: dict[str, float] = {}
+  history: list[dict[str, float]] = []
+  stop = StopRequest()
+  train_seconds, timed_steps = 0.0, 0
+
+  def save(state: TrainState) -> None:
+    meta = {"time": time.time(), **{f"eval_{k}": v for k, v in last_scores.items()}}
+    ckpts.save(state, inputs.iterator_state(train_iter), meta)
+
+  def evaluate(state: TrainState) -> None:
+    nonlocal last_scores
+    scores, rows = evaluator(state)
+    last_scores = scores
+    writer.write_scalars(int(state.step), "eval", scores)
+    writer.write_grid(int(state.step), rows)
+    ckpts.save_best(state, scores)
+    if jax.process_index() == 0:
+      tqdm.write(f"step {int(state.step)}: validation PSNR {scores['psnr']:.2f} dB "
+                 f"(hazy input {scores['hazy_psnr']:.2f} dB), SSIM {scores['ssim']:.4f}")
+
+  bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
+             disable=jax.process_index() != 0)
+  try:
+    with stop.installed():
+      while step < total:
+        batch = sharding.global_batch(next(train_iter), mesh)
+        t0 = time.time()
+        state, step_metrics = train_step(state, batch)
+        step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        step += 1
+        if step > (resumed_from or 0) + 1:  # The first step also compiles.
+          train_seconds += time.time() - t0
+          timed_steps += 1
+        # A non-finite gradient has already spoilt this step's update, even if the
+        # loss (computed before it) is finite.
+        if not (math.isfinite(step_metrics["loss"]) and math.isfinite(step_metrics["grad_norm"])):
+          ckpts.wait()
+          last_good = ckpts.latest_step()
+          writer.write_event(step, "non_finite_loss", loss=step_metrics["loss"],
+                             grad_norm=step_metrics["grad_norm"], last_checkpoint=last_good)
+          raise NonFiniteLossError(
+              f"the training loss became {step_metrics['loss']} (gradient norm "
+              f"{step_metrics['grad_norm']}) at step {step}; training "
+              f"stopped without saving. The last good checkpoint is step {last_good} in "
+              f"{workdir / checkpointing.LATEST_DIR} (None: no checkpoint yet). Lower "
+              "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm, then "
+              "rerun: training resumes from that checkpoint.")
+        history.append(step_metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_metrics['loss']:.4g}", psnr=f"{step_metrics['psnr']:.2f}")
+        if step % int(config.log_every) == 0 or step == total:
+          summary = _mean(history)
+          if timed_steps:
+            summary["steps_per_second"] = timed_steps / train_seconds
+          writer.write_scalars(step, "train", summary)
+          history = []
+        if (int(config.eval_every) and step % int(config.eval_every) == 0) or step == total:
+          evaluate(state)
+        if step % int(config.checkpoint_every) == 0 or step == total:
+          save(state)
+        if stop.reached(step):
+          save(state)
+          writer.write_event(step, "stopped", signal="SIGTERM")
+          if jax.process_index() == 0:
+            tqdm.write(f"SIGTERM: saved step {step} in {workdir}; rerun to resume")
+          break
+  finally:
+    bar.close()
+    ckpts.wait()
+    best_psnr = ckpts.best_psnr()
+    ckpts.close()
+    writer.close()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
+  return {
+      "step": step,
+      "stopped_by": "SIGTERM" if stop else None,
+      **last_scores,
+      "best_psnr": best_psnr,
+      "steps_per_second": timed_steps / train_seconds if timed_steps else None,
+      "seconds": time.time() - t_start,
+  }

@@ -1,0 +1,169 @@
+"""The training state: model, optimizer and step as one pytree.
+
+`TrainState` is what the jitted step consumes and returns. The NNX objects
+(`MINet` and its `nnx.Optimizer`) are split once into a static graph definition
+and a `nnx.State` of arrays, so the step is a pure function of arrays and a
+checkpoint is a pure dict of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+
+from minet_jax.config import ModelConfig, model_config
+from minet_jax.model import MINet
+from minet_jax.params import (Params, model_from_params, params_from_model, restore_key_types,
+                              stringify_keys)
+
+
+@struct.dataclass
+class TrainState:
+  """Everything the train step needs, as a pytree.
+
+  Attributes:
+    step: number of optimizer updates applied (int32 scalar).
+    state: `nnx.State` of ``(model, optimizer)``: parameters and Adam moments.
+    rng: PRNG key of the run; the step folds in its index for any randomness.
+    graphdef: static graph of ``(model, optimizer)`` (holds the optax transform).
+  """
+  step: jax.Array
+  state: nnx.State
+  rng: jax.Array
+  graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+
+  def merge(self) -> tuple[MINet, nnx.Optimizer]:
+    """The live NNX model and optimizer (share no arrays with other states)."""
+    return nnx.merge(self.graphdef, self.state)
+
+  @property
+  def model_config(self) -> ModelConfig:
+    return self.merge()[0].config
+
+  def params(self) -> Params:
+    """The model's weights as `minet_jax.Params` (what `minet_jax.save` writes)."""
+    model, _ = self.merge()
+    return params_from_model(model)
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
+  """Learning rate as a function of the step, from ``config.optimizer``.
+
+  ``schedule`` is "constant", "step" (times ``decay_factor`` every ``decay_steps``,
+  the paper's recipe) or "cosine" (to ``learning_rate * cosine_final_fraction``
+  at ``decay_steps``); ``warmup_steps`` > 0 prepends a linear warm-up from 0.
+  """
+  lr = float(opt.learning_rate)
+  if opt.schedule == "constant":
+    main = optax.constant_schedule(lr)
+  elif opt.schedule == "step":
+    if opt.decay_steps <= 0:
+      raise ValueError("optimizer.schedule='step' needs optimizer.decay_steps > 0")
+    main = optax.exponential_decay(lr, transition_steps=int(opt.decay_steps),
+                                   decay_rate=float(opt.decay_factor), staircase=True)
+  elif opt.schedule == "cosine":
+    if opt.decay_steps <= 0:
+      raise ValueError("optimizer.schedule='cosine' needs optimizer.decay_steps > 0")
+    main = optax.cosine_decay_schedule(lr, int(opt.decay_steps),
+                                       alpha=float(opt.cosine_final_fraction))
+  else:
+    raise ValueError(f"optimizer.schedule must be 'constant', 'step' or 'cosine', "
+                     f"got {opt.schedule!r}")
+  if opt.warmup_steps <= 0:
+    return main
+  warmup = optax.linear_schedule(0.0, lr, int(opt.warmup_steps))
+  return optax.join_schedules([warmup, main], [int(opt.warmup_steps)])
+
+
+def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with the configured schedule, after optional global-norm clipping."""
+  if opt.name != "adam":
+    raise ValueError(f"optimizer.name must be 'adam' (the paper's optimizer), got {opt.name!r}")
+  adam = optax.adam(learning_rate_schedule(opt), b1=float(opt.b1), b2=float(opt.b2),
+                    eps=float(opt.eps))
+  if opt.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(float(opt.grad_clip_norm)), adam)
+  return adam
+
+
+INIT_TAILS = ("kaiming", "identity")
+# The tail's RGB -> RGB 1x1 convolutions (minet_jax.model.MINet.decode).
+_RGB_CONVS = ("conv_su1", "conv_su2", "deconv")
+
+
+def init_tail(model: MINet, kind: str) -> None:
+  """Re-initialises the tail's RGB -> RGB 1x1 convs in place.
+
+  "kaiming" keeps the authors' random init. "identity" makes ``conv_su1``,
+  ``conv_su2`` and ``deconv`` identity maps with zero bias, so the untrained
+  network passes the hazy colours through (times the channel gate) instead of
+  mixing them randomly; short runs then no longer spend their steps undoing a
+  random colour cast.
+  """
+  if kind not in INIT_TAILS:
+    raise ValueError(f"config.init_tail must be one of {INIT_TAILS}, got {kind!r}")
+  if kind == "kaiming":
+    return
+  for name in _RGB_CONVS:
+    conv = getattr(model, name)
+    conv.kernel[...] = jnp.eye(3, dtype=conv.kernel.dtype).reshape(conv.kernel.shape)
+    if conv.bias is not None:
+      conv.bias[...] = jnp.zeros_like(conv.bias[...])
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       params: Params | None = None) -> TrainState:
+  """A fresh state: initialised (or given) weights, zeroed optimizer, step 0.
+
+  Args:
+    config: the training config (``model``, ``optimizer``, ``seed`` and ``init_tail``
+      are read).
+    params: start from these weights instead of a random init (fine-tuning); their
+      architecture must equal ``config.model``.
+  """
+  cfg = model_config(config.model)
+  init_key, run_key = jax.random.split(jax.random.key(int(config.seed)))
+  if params is None:
+    # XLA:CPU compiles the partitionable threefry PRNG (JAX's default) 5-15x slower,
+    # which made initialisation take longer than compiling the train step. The
+    # classic threefry draws from the same distributions, only different values.
+    with jax.threefry_partitionable(False):
+      model = MINet(cfg, rngs=nnx.Rngs(params=init_key))
+    init_tail(model, config.init_tail)
+  elif params.config.architecture() != cfg.architecture():
+    raise ValueError("the weights to start from have a different architecture than "
+                     f"config.model:\n  weights: {params.config}\n  config:  {cfg}\n"
+                     "set config.model to the checkpoint's architecture")
+  else:
+    # A copy (training updates it), run as config.model says (e.g. its conv_backend).
+    model = model_from_params(Params(weights=jax.tree.map(jnp.array, params.weights),
+                                     config=cfg))
+  optimizer = nnx.Optimizer(model, make_optimizer(config.optimizer), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  return TrainState(step=jnp.zeros((), jnp.int32), state=state,
+                    rng=jax.random.key_data(run_key), graphdef=graphdef)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
+  """The shapes and dtypes of `create_train_state(config)`, built without FLOPs."""
+  return nnx.eval_shape(lambda: create_train_state(config))  # type: ignore[return-value]
+
+
+def state_to_pure(state: TrainState) -> dict[str, Any]:
+  """Checkpointable pure dict (string keys, arrays) of everything but the graph."""
+  return {"step": state.step, "rng": state.rng,
+          "state": stringify_keys(nnx.to_pure_dict(state.state))}
+
+
+def state_from_pure(like: TrainState, pure: dict[str, Any]) -> TrainState:
+  """Inverse of `state_to_pure`, with `like` (e.g. an abstract state) giving the graph."""
+  template = nnx.to_pure_dict(like.state)
+  restored = jax.tree.map(lambda x: x, like.state)  # A fresh State to fill in.
+  nnx.replace_by_pure_dict(restored, restore_key_types(pure["state"], template))
+  return TrainState(step=jnp.asarray(pure["step"], jnp.int32), state=restored,
+                    rng=jnp.asarray(pure["rng"], jnp.uint32), graphdef=like.graphdef)
