@@ -253,6 +253,11 @@ def _conv_abstract(x, w, *, strides, padding, dilation, groups):
 
 def _conv_input_abstract(dy, w, *, in_hw, strides, padding, dilation, groups):
   _check_float32(dy, w)
+  sizes = tuple(_out_size(in_hw[i], w.shape[i], strides[i], *padding[i], dilation[i])
+                for i in range(2))
+  if sizes != tuple(dy.shape[1:3]) or any(p < 0 for pair in padding for p in pair):
+    raise ValueError(f"a {tuple(in_hw)} input does not give the {tuple(dy.shape[1:3])} "
+                     f"output under strides {strides}, padding {padding}")
   return jax.core.ShapedArray((dy.shape[0], *in_hw, w.shape[2] * groups), jnp.float32)
 
 
@@ -378,6 +383,21 @@ def _batch_rule(prim, image_operands):
 batching.primitive_batchers[conv_p] = _batch_rule(conv_p, (0,))
 batching.primitive_batchers[conv_input_p] = _batch_rule(conv_input_p, (0,))
 batching.primitive_batchers[conv_kernel_p] = _batch_rule(conv_kernel_p, ())
+
+
+def conv_input(dy: jax.Array, w: jax.Array, input_hw: Sequence[int], *,
+               strides: Sequence[int] = (1, 1),
+               padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+               dilation: Sequence[int] = (1, 1), groups: int = 1) -> jax.Array:
+  """The transpose of ``x -> conv(x, w, ...)`` for an `input_hw`-sized x, applied to `dy`.
+
+  That is a transposed convolution (PyTorch's ``conv_transpose2d`` of `dy` with the
+  kernel ``w`` read as OIHW = ``w.transpose(3, 2, 0, 1)``), computed without inserted
+  zeros. float32; raises `OneDNNUnavailable` when the kernels cannot be built here.
+  """
+  _load()
+  return conv_input_p.bind(dy, w, in_hw=tuple(int(v) for v in input_hw),
+                           **_geometry(strides, padding, dilation, groups))
 
 
 def conv(x: jax.Array, w: jax.Array, *, strides: Sequence[int] = (1, 1),

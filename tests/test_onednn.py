@@ -145,6 +145,8 @@ def test_bad_operands_are_refused():
   x, w = _case((1, 6, 7, 3), (3, 3, 3, 4))
   with pytest.raises(ValueError, match="padding must be >= 0"):
     onednn.conv(x, w, padding=((1, -1), (0, 0)))
+  with pytest.raises(ValueError, match="does not give the"):
+    onednn.conv_input(jnp.zeros((1, 6, 7, 4)), w, (9, 9), padding=((1, 1), (1, 1)))
   with pytest.raises(TypeError, match="float32"):
     onednn.conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
   with pytest.raises(ValueError, match="does not fit 3 input channels"):
@@ -244,6 +246,11 @@ def test_layers_agree_across_backends(dtype):
                lambda b, r: layers.Conv2d(8, 6, 3, padding=2, dilation=2, dtype=dtype,
                                           backend=b, rngs=r),
                lambda b, r: layers.ConvTranspose2d(8, 6, 4, stride=2, padding=1,
+                                                   dtype=dtype, backend=b, rngs=r),
+               # Not sub-pixel (k - 2p != s): XLA's input-dilated form.
+               lambda b, r: layers.ConvTranspose2d(8, 6, 3, stride=2, padding=1,
+                                                   dtype=dtype, backend=b, rngs=r),
+               lambda b, r: layers.ConvTranspose2d(8, 6, 5, stride=3, padding=0,
                                                    dtype=dtype, backend=b, rngs=r)):
     a, b = make("xla", nnx.Rngs(0)), make("onednn", nnx.Rngs(0))
     _close_or_equal(a(x), b(x), dtype)
