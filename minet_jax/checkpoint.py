@@ -2,7 +2,8 @@
 
 A checkpoint folder holds::
 
-  minet_config.json   {"format_version", "model": ModelConfig fields, "weights_sha256"}
+  minet_config.json   {"format_version", "model": ModelConfig fields but the
+                      RUNTIME_FIELDS (conv_backend), "weights_sha256"}
   weights/            the weights (orbax, float32)
 
 `load` verifies the SHA-256, refuses non-finite weights (naming the tensor) and
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 
 from minet_jax import files
-from minet_jax.config import ModelConfig, model_config
+from minet_jax.config import RUNTIME_FIELDS, ModelConfig, model_config
 from minet_jax.params import (Params, abstract_weights, non_finite, param_shapes, stringify_keys,
                               weight_shapes, weights_checksum)
 
@@ -97,7 +98,10 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
   path = pathlib.Path(path)
   meta = _read_meta(path)
   try:
-    return model_config(meta["model"])
+    stored = dict(meta["model"])
+    # Checkpoints written before RUNTIME_FIELDS existed may carry one: how to run the
+    # model is the loading machine's choice, so it gets the default.
+    return model_config({k: v for k, v in stored.items() if k not in RUNTIME_FIELDS})
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"{path / CONFIG_FILE} is corrupt: {e}") from e
 

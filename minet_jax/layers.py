@@ -107,8 +107,9 @@ class ConvTranspose2d(nnx.Module):
   gradient is an ordinary conv's: XLA:CPU differentiates the input-dilated conv ~18x
   slower than these (benchmarks/layer_speed.py --grad). Other shapes use the dilated conv.
   With oneDNN (`minet_jax.onednn.use_onednn`, float32) any shape is the input gradient of
-  the strided conv it transposes (`onednn.conv_input`), written straight into the output:
-  as fast forward as the four phases, a faster gradient.
+  the strided conv it transposes (`onednn.conv_input`), written straight into the output
+  with no interleaving (in ad-hoc timings against the four phases in oneDNN: the same
+  forward, a gradient as fast or faster).
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,

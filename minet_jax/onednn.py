@@ -86,7 +86,7 @@ def _installed_dirs() -> tuple[pathlib.Path, pathlib.Path] | None:
           dirs[key] = found.parents[suffix.count("/")]
           break
   if not ((dirs.get("include", pathlib.Path("/nonexistent")) / _WHEELS["include"][1]).is_file()
-          and any(dirs["lib"].glob("libdnnl.so*"))):
+          and any(dirs.get("lib", pathlib.Path("/nonexistent")).glob("libdnnl.so*"))):
     return None
   return dirs["include"], dirs["lib"]
 
@@ -253,9 +253,14 @@ def _conv_abstract(x, w, *, strides, padding, dilation, groups):
 
 def _conv_input_abstract(dy, w, *, in_hw, strides, padding, dilation, groups):
   _check_float32(dy, w)
+  if any(p < 0 for pair in padding for p in pair):
+    raise ValueError(f"padding must be >= 0, got {padding}")
+  if dy.shape[3] != w.shape[3] or w.shape[3] % groups:
+    raise ValueError(f"a {w.shape} kernel in {groups} group(s) does not fit {dy.shape[3]} "
+                     "output channels")
   sizes = tuple(_out_size(in_hw[i], w.shape[i], strides[i], *padding[i], dilation[i])
                 for i in range(2))
-  if sizes != tuple(dy.shape[1:3]) or any(p < 0 for pair in padding for p in pair):
+  if min(in_hw) < 1 or sizes != tuple(dy.shape[1:3]):
     raise ValueError(f"a {tuple(in_hw)} input does not give the {tuple(dy.shape[1:3])} "
                      f"output under strides {strides}, padding {padding}")
   return jax.core.ShapedArray((dy.shape[0], *in_hw, w.shape[2] * groups), jnp.float32)

@@ -75,6 +75,15 @@ def test_zip_and_plain_state_dicts_convert_identically(tmp_path, official, legac
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+def test_any_conv_backend_converts(tmp_path, official):
+  # The backend is not stored (a RUNTIME_FIELD), so the read-back check compares the
+  # architecture only; the loaded checkpoint gets the default backend.
+  pth, _ = official
+  params = convert.convert(pth, tmp_path / "out", config={"conv_backend": "xla"})
+  assert params.config.conv_backend == "xla"
+  assert minet_jax.load(tmp_path / "out").config.conv_backend == "auto"
+
+
 def test_mismatched_state_dict_names_every_problem(tmp_path, official, capsys):
   _, ref = official
   sd = {k: ref[k] for k in ref.files if k != "gate.bias"}

@@ -10,6 +10,7 @@ both backends in test_parity.py and test_training_parity.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -38,8 +39,10 @@ GEOMETRIES = [
     ((1, 7, 9, 4), (2, 2, 4, 3), (1, 1), ((1, 0), (0, 1)), (1, 1), 1),
     ((2, 12, 9, 6), (7, 7, 1, 6), (1, 1), ((3, 3), (3, 3)), (1, 1), 6),
     ((1, 8, 10, 8), (3, 3, 2, 8), (2, 1), ((1, 2), (0, 1)), (1, 2), 4),
+    # Strides that leave the last input rows and columns unread (their gradient is 0).
+    ((1, 8, 9, 3), (3, 3, 3, 4), (3, 2), ((0, 0), (0, 0)), (1, 1), 1),
 ]
-IDS = ["3x3", "dilated", "stride2", "subpixel", "depthwise7x7", "grouped"]
+IDS = ["3x3", "dilated", "stride2", "subpixel", "depthwise7x7", "grouped", "uncovered"]
 
 
 def _case(shape, kshape, seed=0):
@@ -147,6 +150,8 @@ def test_bad_operands_are_refused():
     onednn.conv(x, w, padding=((1, -1), (0, 0)))
   with pytest.raises(ValueError, match="does not give the"):
     onednn.conv_input(jnp.zeros((1, 6, 7, 4)), w, (9, 9), padding=((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="does not fit 5 output channels"):
+    onednn.conv_input(jnp.zeros((1, 6, 7, 5)), w, (6, 7), padding=((1, 1), (1, 1)))
   with pytest.raises(TypeError, match="float32"):
     onednn.conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
   with pytest.raises(ValueError, match="does not fit 3 input channels"):
@@ -213,6 +218,12 @@ print(caught[0].message)
 def test_a_failed_build_is_not_retried_and_odd_failures_fall_back(tmp_path):
   # A compiler that fails: tried once however many convolutions are traced. A CXX that
   # does not exist (an OSError, not a compile error) is a fallback too, not a crash.
+  # A oneDNN install the loader accepts (headers and library present), so the build runs.
+  root = tmp_path / "root"
+  (root / "include" / "oneapi" / "dnnl").mkdir(parents=True)
+  (root / "include" / "oneapi" / "dnnl" / "dnnl.hpp").write_text("")
+  (root / "lib").mkdir()
+  (root / "lib" / "libdnnl.so").write_text("")
   log = tmp_path / "calls"
   fake = tmp_path / "cxx"
   fake.write_text(f"#!/bin/sh\necho call >> {log}\necho 'fake compiler failed' >&2\nexit 1\n")
@@ -228,7 +239,8 @@ assert not onednn.available()
 print("OK")
 """
   for cxx, cache in ((str(fake), "c1"), (str(tmp_path / "missing-g++"), "c2")):
-    env = dict(os.environ, CXX=cxx, MINET_JAX_CACHE=str(tmp_path / cache))
+    env = dict(os.environ, CXX=cxx, MINET_JAX_CACHE=str(tmp_path / cache),
+               MINET_ONEDNN_ROOT=str(root))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr
@@ -320,3 +332,9 @@ def test_conv_backend_is_the_machines_choice_not_the_checkpoints(tmp_path):
   config.model.features = 16
   with pytest.raises(ValueError, match="different architecture"):
     state_lib.create_train_state(config, params)
+  # A checkpoint written before conv_backend was left out still loads with the default.
+  meta_file = tmp_path / "ckpt" / "minet_config.json"
+  meta = json.loads(meta_file.read_text())
+  meta["model"]["conv_backend"] = "onednn"
+  meta_file.write_text(json.dumps(meta))
+  assert minet_jax.load(tmp_path / "ckpt").config.conv_backend == "auto"
