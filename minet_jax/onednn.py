@@ -46,6 +46,8 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from minet_jax.config import CONV_BACKENDS
+
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "onednn_conv.cc"
 _TARGET = "minet_onednn_conv"
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -188,8 +190,8 @@ def use_onednn(backend: str) -> bool:
   parallel). Where the oneDNN wheels are installed but the build fails it says so
   once (a warning); where they are not (other than x86-64 Linux) it quietly keeps XLA's.
   """
-  if backend not in ("auto", "xla", "onednn"):
-    raise ValueError(f"conv_backend must be 'auto', 'xla' or 'onednn', got {backend!r}")
+  if backend not in CONV_BACKENDS:
+    raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {backend!r}")
   if backend == "xla" or jax.default_backend() != "cpu":
     return False
   if backend == "onednn":
@@ -236,13 +238,17 @@ def _check_float32(*avals) -> None:
       raise TypeError(f"oneDNN convolutions take float32, got {aval.dtype}")
 
 
+def _check_padding(padding) -> None:
+  if any(p < 0 for pair in padding for p in pair):
+    # lax crops for negative padding; oneDNN has no such mode.
+    raise ValueError(f"padding must be >= 0, got {padding}")
+
+
 def _conv_abstract(x, w, *, strides, padding, dilation, groups):
   _check_float32(x, w)
   n, h, wd, c = x.shape
   kh, kw, ci, co = w.shape
-  if any(p < 0 for pair in padding for p in pair):
-    # lax crops for negative padding; oneDNN has no such mode.
-    raise ValueError(f"padding must be >= 0, got {padding}")
+  _check_padding(padding)
   if ci * groups != c or co % groups:
     raise ValueError(f"a {w.shape} kernel in {groups} group(s) does not fit {c} input "
                      "channels")
@@ -253,8 +259,7 @@ def _conv_abstract(x, w, *, strides, padding, dilation, groups):
 
 def _conv_input_abstract(dy, w, *, in_hw, strides, padding, dilation, groups):
   _check_float32(dy, w)
-  if any(p < 0 for pair in padding for p in pair):
-    raise ValueError(f"padding must be >= 0, got {padding}")
+  _check_padding(padding)
   if dy.shape[3] != w.shape[3] or w.shape[3] % groups:
     raise ValueError(f"a {w.shape} kernel in {groups} group(s) does not fit {dy.shape[3]} "
                      "output channels")

@@ -188,13 +188,18 @@ print("OK")
   assert "MINET_ONEDNN_ROOT" in done.stdout and done.stdout.rstrip().endswith("OK")
 
 
+def _fake_onednn_root(folder, header: str):
+  """A oneDNN install the loader accepts (a dnnl.hpp and a libdnnl.so), so a build runs."""
+  (folder / "include" / "oneapi" / "dnnl").mkdir(parents=True)
+  (folder / "include" / "oneapi" / "dnnl" / "dnnl.hpp").write_text(header)
+  (folder / "lib").mkdir()
+  (folder / "lib" / "libdnnl.so").write_text("")
+  return folder
+
+
 def test_a_failed_build_warns_under_auto(tmp_path):
   # Headers and library present but the compiler broken: "auto" warns once, then runs XLA's.
-  root = tmp_path / "root"
-  (root / "include" / "oneapi" / "dnnl").mkdir(parents=True)
-  (root / "include" / "oneapi" / "dnnl" / "dnnl.hpp").write_text("#error broken\n")
-  (root / "lib").mkdir()
-  (root / "lib" / "libdnnl.so").write_text("")
+  root = _fake_onednn_root(tmp_path / "root", "#error broken\n")
   code = """
 import warnings
 from minet_jax import onednn
@@ -218,12 +223,7 @@ print(caught[0].message)
 def test_a_failed_build_is_not_retried_and_odd_failures_fall_back(tmp_path):
   # A compiler that fails: tried once however many convolutions are traced. A CXX that
   # does not exist (an OSError, not a compile error) is a fallback too, not a crash.
-  # A oneDNN install the loader accepts (headers and library present), so the build runs.
-  root = tmp_path / "root"
-  (root / "include" / "oneapi" / "dnnl").mkdir(parents=True)
-  (root / "include" / "oneapi" / "dnnl" / "dnnl.hpp").write_text("")
-  (root / "lib").mkdir()
-  (root / "lib" / "libdnnl.so").write_text("")
+  root = _fake_onednn_root(tmp_path / "root", "")
   log = tmp_path / "calls"
   fake = tmp_path / "cxx"
   fake.write_text(f"#!/bin/sh\necho call >> {log}\necho 'fake compiler failed' >&2\nexit 1\n")
