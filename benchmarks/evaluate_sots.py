@@ -1,6 +1,7 @@
 """The SOTS-sample evaluation of the authors' released model, checked against their scores.
 
     python benchmarks/evaluate_sots.py [--shared ../shared] [--ckpt DIR] [--out DIR]
+        [--precision default] [--dtype bfloat16]
 
 Converts ``shared/weights/minet_its_official.pth`` (unless --ckpt names a
 converted folder), runs `minet_jax.evaluation.evaluate` on the 10 SOTS indoor
@@ -20,6 +21,7 @@ import sys
 import tempfile
 
 from minet_jax import convert, evaluation
+from minet_jax.config import add_speed_arguments, speed_changes
 
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
@@ -31,6 +33,7 @@ def main() -> int:
   parser.add_argument("--ckpt", type=pathlib.Path, default=None)
   parser.add_argument("--out", type=pathlib.Path, default=None,
                       help="folder for per_image.csv and results.json")
+  add_speed_arguments(parser)
   args = parser.parse_args()
   official = json.loads((args.shared / "parity" / "official_scores.json").read_text())
   with tempfile.TemporaryDirectory() as tmp:
@@ -38,7 +41,8 @@ def main() -> int:
     if ckpt is None:
       ckpt = pathlib.Path(tmp) / "minet_its"
       convert.convert(args.shared / "weights" / "minet_its_official.pth", ckpt)
-    report = evaluation.evaluate(ckpt, args.shared / "data/RESIDE/SOTS/indoor", out_dir=args.out)
+    report = evaluation.evaluate(ckpt, args.shared / "data/RESIDE/SOTS/indoor", out_dir=args.out,
+                                 config_changes=speed_changes(args))
   print(report.table())
   print()
   print(f"{'image':<8} {'ours PSNR':>10} {'official':>9} {'ours SSIM':>10} {'official':>9}")

@@ -1,6 +1,6 @@
 """Full-image parity with the authors' PyTorch outputs (two 460x620 SOTS images).
 
-    python benchmarks/parity_full.py [--shared ../shared] [--ckpt DIR]
+    python benchmarks/parity_full.py [--shared ../shared] [--ckpt DIR] [--precision default]
 
 Converts the released checkpoint (unless --ckpt names a converted folder), runs
 the two SOTS images whose official outputs are in
@@ -23,6 +23,7 @@ import numpy as np
 
 import minet_jax
 from minet_jax import convert, image_io, metrics
+from minet_jax.config import add_speed_arguments, speed_changes
 
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
@@ -33,13 +34,14 @@ def main() -> int:
   parser.add_argument("--shared", type=pathlib.Path, default=DEFAULT_SHARED)
   parser.add_argument("--ckpt", type=pathlib.Path, default=None,
                       help="converted checkpoint folder (default: convert into a temp dir)")
+  add_speed_arguments(parser)
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     ckpt = args.ckpt
     if ckpt is None:
       ckpt = pathlib.Path(tmp) / "minet_its"
       convert.convert(args.shared / "weights" / "minet_its_official.pth", ckpt)
-    params = minet_jax.load(ckpt)
+    params = minet_jax.load(ckpt).replace_config(**speed_changes(args))
   model = minet_jax.model_from_params(params)
   forward = jax.jit(lambda x: model(x))
   ref = np.load(args.shared / "parity" / "official_outputs.npz")

@@ -2,7 +2,8 @@
 
     python benchmarks/vs_pytorch.py --authors ~/src/MI-Net \\
         --pth ../shared/weights/minet_its_official.pth [--mode inference train] \\
-        [--conv-backends xla onednn] [--repeats 7] [--torch-site-packages DIR]
+        [--conv-backends xla onednn] [--dtypes float32 bfloat16] [--repeats 7]
+        [--torch-site-packages DIR]
 
 Needs PyTorch, which is not a dependency of this project: install it anywhere and
 either run this with that interpreter (with minet-jax installed there too) or pass
@@ -22,7 +23,9 @@ inference: one 460x620 image (values 0..255, the released model's input scale):
   the authors' model in eager mode, under ``torch.compile`` (inductor, ``freezing``,
   channels_last: what a PyTorch deployment would use), and ``jax.jit(minet_jax.apply)``
   with the converted weights, once per ``ModelConfig.conv_backend`` given
-  (``--conv-backends``, default "xla" and "onednn"; outputs compared first).
+  (``--conv-backends``, default "xla" and "onednn") and ``ModelConfig.dtype``
+  (``--dtypes``, default float32; bfloat16 brings in torch.compile under bfloat16
+  autocast, PyTorch's own reduced-precision deployment); outputs compared first.
 train: one optimizer step of the released architecture on random batches (2x128x128
   and 8x64x64 by default, ``--shapes``): the authors' ``main.py`` step (their
   ``torch.norm`` loss, Adam at 0.01) and minet-jax's jitted step
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import os
 import pathlib
 import platform
@@ -98,22 +100,28 @@ def _interleaved(contenders: dict, repeats: int) -> dict[str, float]:
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _psnr(a: np.ndarray, b: np.ndarray) -> str:
+  """PSNR of two [0, 1] images as text, against torch.compile's float32 output."""
+  mse = float(np.mean((a - b) ** 2))
+  return f"{10 * np.log10(1.0 / max(mse, 1e-30)):.1f} dB PSNR with torch.compile's float32 output"
+
+
 def _print(results: dict[str, float], reference: str) -> None:
   for name, seconds in results.items():
     ratio = seconds / results[reference]
     print(f"  {name:44s} {seconds:7.3f} s  ({ratio:.2f}x {reference})", flush=True)
 
 
-def inference(torch, model, pth: str, backends: list[str], repeats: int) -> None:
+def inference(torch, model, pth: str, backends: list[str], dtypes: list[str],
+              repeats: int) -> None:
   """Prints eager, torch.compile and minet-jax seconds per 460x620 image, interleaved."""
   rng = np.random.default_rng(0)
   rgb = rng.random((1, 460, 620, 3), np.float32)
   bgr255 = torch.from_numpy(np.ascontiguousarray(rgb[..., ::-1].transpose(0, 3, 1, 2)) * 255)
   model = model.eval()
   released = convert.weights_from_checkpoint(pth)
-  variants = {b: minet_jax.Params(weights=released.weights,
-                                  config=dataclasses.replace(released.config, conv_backend=b))
-              for b in backends}
+  variants = {f"{b}, {d}": released.replace_config(conv_backend=b, dtype=d)
+              for d in dtypes for b in backends}
   apply = jax.jit(minet_jax.apply)
   image = jnp.asarray(rgb)
 
@@ -131,11 +139,21 @@ def inference(torch, model, pth: str, backends: list[str], repeats: int) -> None
     theirs_rgb = np.clip(theirs.numpy().transpose(0, 2, 3, 1)[..., ::-1] / 255.0, 0.0, 1.0)
     contenders = {"authors' PyTorch, eager": lambda: model(bgr255),
                   "authors' PyTorch, torch.compile": lambda: compiled(bgr255_cl)}
-    for backend, params in variants.items():
-      mse = float(np.mean((np.asarray(apply(params, image)) - theirs_rgb) ** 2))
-      print(f"  conv_backend={backend}: outputs agree to "
-            f"{10 * np.log10(1.0 / max(mse, 1e-30)):.1f} dB PSNR")
-      contenders[f"minet-jax, jax.jit(minet_jax.apply), {backend}"] = (
+    if "bfloat16" in dtypes:
+      # PyTorch's own reduced-precision deployment, for the bfloat16 variants: the
+      # compiled model under CPU autocast (bfloat16 convolutions).
+      def autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+          return compiled_bf16(bgr255_cl)
+      compiled_bf16 = torch.compile(copy.deepcopy(model).to(memory_format=torch.channels_last))
+      bf16_rgb = np.clip(autocast().float().numpy().transpose(0, 2, 3, 1)[..., ::-1] / 255.0,
+                         0.0, 1.0)
+      print(f"  torch.compile + autocast bfloat16: outputs agree to {_psnr(bf16_rgb, theirs_rgb)}")
+      contenders["authors' PyTorch, torch.compile, autocast bfloat16"] = autocast
+    for variant, params in variants.items():
+      print(f"  minet-jax {variant}: outputs agree to "
+            f"{_psnr(np.asarray(apply(params, image)), theirs_rgb)}")
+      contenders[f"minet-jax, jax.jit(minet_jax.apply), {variant}"] = (
           lambda params=params: jax.block_until_ready(apply(params, image)))
     results = _interleaved(contenders, repeats)
   print(f"inference, 460x620, median of {repeats}:")
@@ -187,6 +205,9 @@ def main() -> None:
   parser.add_argument("--shapes", nargs="+", default=["2x128x128", "8x64x64"],
                       help="training batch shapes N x H x W")
   parser.add_argument("--conv-backends", nargs="+", default=["xla", "onednn"])
+  parser.add_argument("--dtypes", nargs="+", default=["float32"],
+                      help="ModelConfig.dtype of the inference variants; with bfloat16, "
+                           "torch.compile under bfloat16 autocast joins the comparison")
   parser.add_argument("--ynn-fusions", nargs="+", default=["default"])
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -211,7 +232,7 @@ def main() -> None:
   print(f"torch {torch.__version__} ({args.threads} threads), jax {jax.__version__} "
         f"({jax.default_backend()}), {os.cpu_count()} cores ({platform.machine()})")
   if "inference" in args.mode:
-    inference(torch, model, args.pth, args.conv_backends, args.repeats)
+    inference(torch, model, args.pth, args.conv_backends, args.dtypes, args.repeats)
   if "train" in args.mode:
     train(torch, model, shapes, settings, args.repeats)
 

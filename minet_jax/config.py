@@ -13,6 +13,7 @@ pytree metadata: ``jax.jit(minet_jax.apply)`` then needs nothing but ``(params, 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Mapping
 from typing import Any, Union
@@ -26,8 +27,9 @@ BACKWARDS = ("backprop", "implicit")
 
 INPUT_FORMATS = ("bgr255", "rgb01")
 DTYPES = ("float32", "bfloat16", "float16")
-# Who runs the convolutions (`minet_jax.onednn`): "onednn" (float32 on CPU through
-# oneDNN's kernels; XLA's elsewhere), "xla" (XLA's own), "auto" (oneDNN's when the
+PRECISIONS = ("highest", "default")
+# Who runs the convolutions (`minet_jax.onednn`): "onednn" (on CPU through oneDNN's
+# kernels: float32, and bfloat16 where the CPU has it natively; XLA's elsewhere), "xla" (XLA's own), "auto" (oneDNN's when the
 # default backend is the CPU and the kernels build, else XLA's).
 CONV_BACKENDS = ("auto", "xla", "onednn")
 # Fields that say how a machine runs the model, not what the model is: checkpoints do
@@ -86,7 +88,8 @@ class ModelConfig:
   # Compute dtype of convolutions; parameters and normalisation statistics stay float32.
   dtype: str = "float32"
   # Convolution precision: "highest" (exact float32; parity with PyTorch on GPUs that would
-  # otherwise use TF32) or "default" (fastest the backend offers).
+  # otherwise use TF32) or "default" (fastest the backend offers: TF32 on recent NVIDIA
+  # GPUs, bfloat16 products with float32 sums on CPUs with AVX512-BF16 or AMX).
   precision: str = "highest"
   # Who runs the convolutions: one of CONV_BACKENDS (a RUNTIME_FIELD). The results agree
   # to float32 rounding; oneDNN's CPU kernels make a training step ~2x faster
@@ -122,8 +125,8 @@ class ModelConfig:
       raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {self.input_format!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-    if self.precision not in ("highest", "default"):
-      raise ValueError(f"precision must be 'highest' or 'default', got {self.precision!r}")
+    if self.precision not in PRECISIONS:
+      raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
     if self.conv_backend not in CONV_BACKENDS:
       raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {self.conv_backend!r}")
     if self.pad_mode not in ("edge", "reflect"):
@@ -188,3 +191,21 @@ def model_config(config: ConfigLike = None) -> ModelConfig:
   if unknown:
     raise ValueError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
   return ModelConfig(**dict(config))
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds --dtype and --precision (ModelConfig fields) to a command-line tool's parser."""
+  group = parser.add_argument_group(
+      "speed", "faster, inexact inference (docs/PRETRAINED.md); default: the checkpoint's "
+      "settings, exact float32 for the released model")
+  group.add_argument("--precision", choices=PRECISIONS, default=None,
+                     help="'default': bfloat16 products with float32 sums on CPUs with "
+                          "AVX512-BF16 or AMX (TF32 on NVIDIA GPUs)")
+  group.add_argument("--dtype", choices=DTYPES, default=None,
+                     help="compute dtype of the convolutions and the features between them")
+
+
+def speed_changes(args: argparse.Namespace) -> dict[str, str]:
+  """The ModelConfig changes `add_speed_arguments`' options ask for (for `Params.replace_config`)."""
+  return {name: getattr(args, name) for name in ("precision", "dtype")
+          if getattr(args, name) is not None}

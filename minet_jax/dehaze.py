@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from minet_jax import image_io, tiling
+from minet_jax.config import add_speed_arguments, speed_changes
 
 PathLike = str | os.PathLike
 
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--suffix", default="_dehazed",
                       help="appended to each output stem; files named *<suffix>.png in input "
                            "folders are taken for earlier results and skipped")
+  add_speed_arguments(parser)
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
   if args.tile < 0 or args.overlap < 0 or (args.tile and args.overlap >= args.tile):
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
   import minet_jax
   try:
     params = minet_jax.load(args.ckpt)
+    params = params.replace_config(**speed_changes(args))
   except (OSError, ValueError) as e:
     print(f"dehaze: error: {e}", file=sys.stderr)
     return 2

@@ -28,7 +28,7 @@ import pathlib
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minet_jax import api, dcp, image_io, metrics
+from minet_jax.config import add_speed_arguments, speed_changes
 from minet_jax.data import folders
 
 METHODS = ("minet", "hazy", "dcp")
@@ -222,7 +223,8 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
              save_images: str | os.PathLike | None = None, limit: int | None = None,
              layout: str = "auto", split: str = "test",
              data_dir: str | os.PathLike | None = None,
-             dcp_config: dcp.DCPConfig | None = None, progress: bool = True) -> Report:
+             dcp_config: dcp.DCPConfig | None = None,
+             config_changes: Mapping[str, Any] | None = None, progress: bool = True) -> Report:
   """Evaluates ``methods`` on the pairs in ``data``; see the module docstring.
 
   Args:
@@ -233,6 +235,8 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
     save_images: if set, outputs go to ``<save_images>/<method>/<image>.png``.
     limit: evaluate only the first ``limit`` pairs (>= 0).
     layout: folder layout for `minet_jax.data.folders.find_pairs`.
+    config_changes: `ModelConfig` fields to run MI-Net with instead of the checkpoint's,
+      e.g. ``{"precision": "default"}`` (`minet_jax.Params.replace_config`).
   """
   methods = tuple(methods)
   if limit is not None and limit < 0:
@@ -243,6 +247,7 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
       raise ValueError("method 'minet' needs a checkpoint folder (--ckpt)")
     import minet_jax
     params = minet_jax.load(ckpt)
+    params = params.replace_config(**(config_changes or {}))
   fns = build_methods(methods, params, dcp_config)
   samples = samples_from(data, layout=layout, split=split, data_dir=data_dir)
   if limit is not None:
@@ -306,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="folder layout (default: detect)")
   parser.add_argument("--split", default="test", help="split of a dataset name (default: test)")
   parser.add_argument("--data-dir", help="where built datasets live (dataset names only)")
+  add_speed_arguments(parser)
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -313,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(
         args.ckpt, args.data, methods=methods, out_dir=args.out, save_images=args.save_images,
         limit=args.limit, layout=args.layout, split=args.split, data_dir=args.data_dir,
-        progress=not args.no_progress)
+        config_changes=speed_changes(args), progress=not args.no_progress)
   except (ValueError, OSError) as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 2

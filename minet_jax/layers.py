@@ -30,11 +30,12 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int] = (1, 1)
            backend: str = "auto") -> jax.Array:
   """A dense NHWC x HWIO convolution, run by `backend` (`minet_jax.config.CONV_BACKENDS`).
 
-  float32 convolutions go to oneDNN when `minet_jax.onednn.use_onednn(backend)`;
+  Convolutions go to oneDNN when `minet_jax.onednn.use_onednn(backend, dtype)`;
   everything else to ``lax.conv_general_dilated``.
   """
-  if x.dtype == kernel.dtype == jnp.float32 and onednn.use_onednn(backend):
-    return onednn.conv(x, kernel, strides=strides, padding=padding, dilation=dilation)
+  if x.dtype == kernel.dtype and onednn.use_onednn(backend, x.dtype):
+    return onednn.conv(x, kernel, strides=strides, padding=padding, dilation=dilation,
+                       bf16_products=onednn.bf16_products_for(precision))
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
       dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
@@ -106,7 +107,7 @@ class ConvTranspose2d(nnx.Module):
   (1 - 1/s^2) of the dilated conv's multiply-adds that fall on inserted zeros, and its
   gradient is an ordinary conv's: XLA:CPU differentiates the input-dilated conv ~18x
   slower than these (benchmarks/layer_speed.py --grad). Other shapes use the dilated conv.
-  With oneDNN (`minet_jax.onednn.use_onednn`, float32) any shape is the input gradient of
+  With oneDNN (`minet_jax.onednn.use_onednn`) any shape is the input gradient of
   the strided conv it transposes (`onednn.conv_input`), written straight into the output
   with no interleaving (in ad-hoc timings against the four phases in oneDNN: the same
   forward, a gradient as fast or faster).
@@ -143,7 +144,7 @@ class ConvTranspose2d(nnx.Module):
     kernel = self.kernel[...].astype(self.dtype)
     bias = self.bias[...].astype(self.dtype)
     s = self.stride
-    if self.dtype == jnp.float32 and onednn.use_onednn(self.backend):
+    if onednn.use_onednn(self.backend, self.dtype):
       # What a transposed conv is by definition: the input gradient of the stride-s
       # conv it transposes, whose kernel is the stored one unflipped, in/out swapped.
       # oneDNN writes it straight into the output (no zeros, no interleaving).
@@ -151,7 +152,8 @@ class ConvTranspose2d(nnx.Module):
       pad = k - 1 - self.edge
       out_hw = [(n - 1) * s - 2 * pad + k for n in x.shape[1:3]]
       return onednn.conv_input(x, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), out_hw,
-                               strides=(s, s), padding=((pad, pad), (pad, pad))) + bias
+                               strides=(s, s), padding=((pad, pad), (pad, pad)),
+                               bf16_products=onednn.bf16_products_for(self.precision)) + bias
     if not self.sub_pixel:
       y = jax.lax.conv_general_dilated(
           x, kernel, window_strides=(1, 1), padding=((self.edge, self.edge),) * 2,
@@ -196,12 +198,12 @@ class ShareSepConv(nnx.Module):
 def smoothing(x: jax.Array, kernel: jax.Array, *, backend: str = "auto") -> jax.Array:
   """Every channel of NHWC `x` convolved with the one (k, k) `kernel`, zero padding.
 
-  With oneDNN (`minet_jax.onednn.use_onednn(backend)`, float32) a depthwise conv whose
+  With oneDNN (`minet_jax.onednn.use_onednn(backend, dtype)`) a depthwise conv whose
   C kernels are all `kernel`: oneDNN's depthwise kernels beat both XLA forms below,
   forward and backward (benchmarks/layer_speed.py --conv-backends); the kernel's
   gradient is the sum of the C per-channel ones. Otherwise `shared_smoothing`.
   """
-  if x.dtype == kernel.dtype == jnp.float32 and onednn.use_onednn(backend):
+  if x.dtype == kernel.dtype and onednn.use_onednn(backend, x.dtype):
     k, c = kernel.shape[0], x.shape[-1]
     pad = (k - 1) // 2
     return onednn.conv(x, jnp.broadcast_to(kernel[:, :, None, None], (k, k, 1, c)),

@@ -21,7 +21,10 @@ The kernels live in ``csrc/onednn_conv.cc``, an XLA FFI handler compiled on firs
 with the system C++ compiler against the oneDNN headers and library of the
 ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (dependencies on x86-64 Linux;
 ``$MINET_ONEDNN_ROOT`` points at another install), and cached under
-``$MINET_JAX_CACHE`` (default ``~/.cache/minet_jax``). Only float32. Programs that use
+``$MINET_JAX_CACHE`` (default ``~/.cache/minet_jax``). float32 or bfloat16 (products
+accumulated in float32, results rounded to bfloat16; on CPUs with AVX512-BF16 or AMX
+`use_onednn` takes them, and a bfloat16 ``ModelConfig.dtype`` becomes the fast,
+inexact inference path measured in docs/PRETRAINED.md). Programs that use
 them cannot be serialised with `jax.export` (the custom call has no compatibility
 guarantee); ``conv_backend="xla"`` builds exportable ones.
 """
@@ -136,11 +139,14 @@ def _build_and_register() -> None:
   handle = ctypes.cdll.LoadLibrary(str(library))
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handle.MinetOnednnConv),
                               platform="cpu")
+  _NATIVE_BF16.append(bool(handle.MinetOnednnNativeBf16()))
 
 
 # The outcome of the first attempt (None: loaded), so a failed build is not retried on
 # every convolution traced.
 _LOADED: list[OneDNNUnavailable | None] = []
+# Whether the CPU computes bfloat16 products natively, asked of oneDNN once loaded.
+_NATIVE_BF16: list[bool] = []
 
 
 def _load() -> None:
@@ -179,8 +185,12 @@ def _warn_auto_fallback(reason: str) -> None:
   warnings.warn(f"conv_backend='auto' runs XLA's convolutions: {reason}", stacklevel=3)
 
 
-def use_onednn(backend: str) -> bool:
-  """Whether float32 convolutions under ``ModelConfig.conv_backend=backend`` go to oneDNN.
+def use_onednn(backend: str, dtype: jnp.dtype | str = jnp.float32) -> bool:
+  """Whether `dtype` convolutions under ``ModelConfig.conv_backend=backend`` go to oneDNN.
+
+  float32 ones do wherever oneDNN is used; bfloat16 ones only where the CPU computes
+  bfloat16 natively (AVX512-BF16 or AMX; elsewhere oneDNN would emulate it, slower
+  than float32); other dtypes never.
 
   Off CPUs, XLA's. On a CPU, "onednn" raises `OneDNNUnavailable` when the kernels
   cannot be built here. "auto"
@@ -192,39 +202,43 @@ def use_onednn(backend: str) -> bool:
   """
   if backend not in CONV_BACKENDS:
     raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {backend!r}")
-  if backend == "xla" or jax.default_backend() != "cpu":
+  dtype = jnp.dtype(dtype)
+  if (backend == "xla" or jax.default_backend() != "cpu"
+      or dtype not in (jnp.float32, jnp.bfloat16)):
     return False
   if backend == "onednn":
     _load()
-    return True
-  if jax.device_count() > 1:
+  elif jax.device_count() > 1:
     return False
-  try:
-    _load()
-  except OneDNNUnavailable as e:
-    if _installed_dirs() is not None:
-      _warn_auto_fallback(str(e))
-    return False
-  return True
+  else:
+    try:
+      _load()
+    except OneDNNUnavailable as e:
+      if _installed_dirs() is not None:
+        _warn_auto_fallback(str(e))
+      return False
+  return dtype == jnp.float32 or _NATIVE_BF16 == [True]
 
 
 # Geometry parameters shared by the three primitives: strides and dilation as (h, w),
 # padding as ((lo, hi), (lo, hi)).
-def _geometry(strides, padding, dilation, groups) -> dict:
+def _geometry(strides, padding, dilation, groups, bf16_products) -> dict:
   return dict(strides=tuple(int(s) for s in strides),
               padding=tuple((int(lo), int(hi)) for lo, hi in padding),
-              dilation=tuple(int(d) for d in dilation), groups=int(groups))
+              dilation=tuple(int(d) for d in dilation), groups=int(groups),
+              bf16_products=bool(bf16_products))
 
 
 def _out_size(size: int, k: int, stride: int, lo: int, hi: int, dilation: int) -> int:
   return (size + lo + hi - (dilation * (k - 1) + 1)) // stride + 1
 
 
-def _reference(x, w, *, strides, padding, dilation, groups):
+def _reference(x, w, *, strides, padding, dilation, groups, bf16_products=False):
+  # Reduced-precision products are what Precision.DEFAULT means to XLA (TF32 on GPUs).
   return jax.lax.conv_general_dilated(
       x, w, window_strides=strides, padding=padding, rhs_dilation=dilation,
       dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=groups,
-      precision=jax.lax.Precision.HIGHEST)
+      precision=jax.lax.Precision.DEFAULT if bf16_products else jax.lax.Precision.HIGHEST)
 
 
 conv_p = Primitive("onednn_conv")
@@ -232,10 +246,14 @@ conv_input_p = Primitive("onednn_conv_input")
 conv_kernel_p = Primitive("onednn_conv_kernel")
 
 
-def _check_float32(*avals) -> None:
-  for aval in avals:
-    if aval.dtype != jnp.float32:
-      raise TypeError(f"oneDNN convolutions take float32, got {aval.dtype}")
+def _check_dtypes(a, b, bf16_products: bool) -> jnp.dtype:
+  """The operands' common dtype, float32 or bfloat16 (the result's too)."""
+  if a.dtype != b.dtype or a.dtype not in (jnp.float32, jnp.bfloat16):
+    raise TypeError(f"oneDNN convolutions take two float32 or two bfloat16 operands, got "
+                    f"{a.dtype} and {b.dtype}")
+  if bf16_products and a.dtype != jnp.float32:
+    raise TypeError(f"bf16_products applies to float32 operands, got {a.dtype}")
+  return a.dtype
 
 
 def _check_padding(padding) -> None:
@@ -244,8 +262,8 @@ def _check_padding(padding) -> None:
     raise ValueError(f"padding must be >= 0, got {padding}")
 
 
-def _conv_abstract(x, w, *, strides, padding, dilation, groups):
-  _check_float32(x, w)
+def _conv_abstract(x, w, *, strides, padding, dilation, groups, bf16_products):
+  dtype = _check_dtypes(x, w, bf16_products)
   n, h, wd, c = x.shape
   kh, kw, ci, co = w.shape
   _check_padding(padding)
@@ -254,11 +272,11 @@ def _conv_abstract(x, w, *, strides, padding, dilation, groups):
                      "channels")
   oh = _out_size(h, kh, strides[0], *padding[0], dilation[0])
   ow = _out_size(wd, kw, strides[1], *padding[1], dilation[1])
-  return jax.core.ShapedArray((n, oh, ow, co), jnp.float32)
+  return jax.core.ShapedArray((n, oh, ow, co), dtype)
 
 
-def _conv_input_abstract(dy, w, *, in_hw, strides, padding, dilation, groups):
-  _check_float32(dy, w)
+def _conv_input_abstract(dy, w, *, in_hw, strides, padding, dilation, groups, bf16_products):
+  dtype = _check_dtypes(dy, w, bf16_products)
   _check_padding(padding)
   if dy.shape[3] != w.shape[3] or w.shape[3] % groups:
     raise ValueError(f"a {w.shape} kernel in {groups} group(s) does not fit {dy.shape[3]} "
@@ -268,12 +286,13 @@ def _conv_input_abstract(dy, w, *, in_hw, strides, padding, dilation, groups):
   if min(in_hw) < 1 or sizes != tuple(dy.shape[1:3]):
     raise ValueError(f"a {tuple(in_hw)} input does not give the {tuple(dy.shape[1:3])} "
                      f"output under strides {strides}, padding {padding}")
-  return jax.core.ShapedArray((dy.shape[0], *in_hw, w.shape[2] * groups), jnp.float32)
+  return jax.core.ShapedArray((dy.shape[0], *in_hw, w.shape[2] * groups), dtype)
 
 
-def _conv_kernel_abstract(x, dy, *, kernel_hw, strides, padding, dilation, groups):
-  _check_float32(x, dy)
-  return jax.core.ShapedArray((*kernel_hw, x.shape[3] // groups, dy.shape[3]), jnp.float32)
+def _conv_kernel_abstract(x, dy, *, kernel_hw, strides, padding, dilation, groups,
+                          bf16_products):
+  dtype = _check_dtypes(x, dy, bf16_products)
+  return jax.core.ShapedArray((*kernel_hw, x.shape[3] // groups, dy.shape[3]), dtype)
 
 
 conv_p.def_abstract_eval(_conv_abstract)
@@ -281,8 +300,9 @@ conv_input_p.def_abstract_eval(_conv_input_abstract)
 conv_kernel_p.def_abstract_eval(_conv_kernel_abstract)
 
 
-def _ffi_attrs(kind: int, strides, padding, dilation, groups) -> dict:
-  return dict(kind=np.int64(kind), strides=np.asarray(strides, np.int64),
+def _ffi_attrs(kind: int, strides, padding, dilation, groups, bf16_products) -> dict:
+  return dict(kind=np.int64(kind), bf16_products=np.int64(bf16_products),
+              strides=np.asarray(strides, np.int64),
               pad_lo=np.asarray([p[0] for p in padding], np.int64),
               pad_hi=np.asarray([p[1] for p in padding], np.int64),
               dilation=np.asarray(dilation, np.int64), groups=np.int64(groups))
@@ -291,9 +311,9 @@ def _ffi_attrs(kind: int, strides, padding, dilation, groups) -> dict:
 def _cpu_lowering(kind: int):
   lower = jax.ffi.ffi_lowering(_TARGET)
 
-  def rule(ctx, a, b, *, strides, padding, dilation, groups, in_hw=None, kernel_hw=None):
+  def rule(ctx, a, b, *, in_hw=None, kernel_hw=None, **params):
     del in_hw, kernel_hw  # the result's shape carries them
-    return lower(ctx, a, b, **_ffi_attrs(kind, strides, padding, dilation, groups))
+    return lower(ctx, a, b, **_ffi_attrs(kind, **params))
   return rule
 
 
@@ -330,7 +350,7 @@ for _p, _kind, _ref in ((conv_p, _FORWARD, _reference), (conv_input_p, _INPUT, _
 #   <conv(x, w), dy> = <x, conv_input(dy, w)> = <w, conv_kernel(x, dy)>,
 # so each primitive's transpose in either operand is one of the other two.
 def _geom(params: dict) -> dict:
-  return {k: params[k] for k in ("strides", "padding", "dilation", "groups")}
+  return {k: params[k] for k in ("strides", "padding", "dilation", "groups", "bf16_products")}
 
 
 def _conv_t_x(ct, x, w, **params):
@@ -398,26 +418,41 @@ batching.primitive_batchers[conv_kernel_p] = _batch_rule(conv_kernel_p, ())
 def conv_input(dy: jax.Array, w: jax.Array, input_hw: Sequence[int], *,
                strides: Sequence[int] = (1, 1),
                padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
-               dilation: Sequence[int] = (1, 1), groups: int = 1) -> jax.Array:
+               dilation: Sequence[int] = (1, 1), groups: int = 1,
+               bf16_products: bool = False) -> jax.Array:
   """The transpose of ``x -> conv(x, w, ...)`` for an `input_hw`-sized x, applied to `dy`.
 
   That is a transposed convolution (PyTorch's ``conv_transpose2d`` of `dy` with the
   kernel ``w`` read as OIHW = ``w.transpose(3, 2, 0, 1)``), computed without inserted
-  zeros. float32; raises `OneDNNUnavailable` when the kernels cannot be built here.
+  zeros. Operands and `bf16_products` as for `conv`.
   """
   _load()
   return conv_input_p.bind(dy, w, in_hw=tuple(int(v) for v in input_hw),
-                           **_geometry(strides, padding, dilation, groups))
+                           **_geometry(strides, padding, dilation, groups, bf16_products))
 
 
 def conv(x: jax.Array, w: jax.Array, *, strides: Sequence[int] = (1, 1),
          padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
-         dilation: Sequence[int] = (1, 1), groups: int = 1) -> jax.Array:
+         dilation: Sequence[int] = (1, 1), groups: int = 1,
+         bf16_products: bool = False) -> jax.Array:
   """``lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
   feature_group_count=groups)`` in NHWC/HWIO.
 
-  float32 only; differentiable to any order. Raises `OneDNNUnavailable` when the
-  kernels cannot be built here.
+  Two float32 or two bfloat16 operands, and a result of their dtype; differentiable
+  to any order (every derivative keeps `bf16_products`). With `bf16_products` (float32
+  only) both operands are rounded to bfloat16 and multiplied there, with float32 sums
+  and result: what `bf16_products_for` turns on for ``ModelConfig.precision="default"``.
+  Raises `OneDNNUnavailable` when the kernels cannot be built here.
   """
   _load()
-  return conv_p.bind(x, w, **_geometry(strides, padding, dilation, groups))
+  return conv_p.bind(x, w, **_geometry(strides, padding, dilation, groups, bf16_products))
+
+
+def bf16_products_for(precision: jax.lax.Precision | None) -> bool:
+  """Whether oneDNN convolutions at `precision` round float32 operands to bfloat16.
+
+  Precision.DEFAULT asks for the fastest products the hardware has (XLA: TF32 on
+  GPUs); on a CPU with native bfloat16 (AVX512-BF16 or AMX) those are bfloat16
+  products with float32 sums, elsewhere float32 ones. Anything else is exact.
+  """
+  return precision == jax.lax.Precision.DEFAULT and use_onednn("onednn", jnp.bfloat16)

@@ -9,6 +9,7 @@ metadata, the weights are the leaves. Weights are a nested dict with string keys
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from collections.abc import Mapping
@@ -30,6 +31,14 @@ class Params:
 
   def num_params(self) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.weights))
+
+  def replace_config(self, **changes: Any) -> Params:
+    """The same weights under a config with `changes` (validated like any `ModelConfig`).
+
+    For how to run rather than what was trained, e.g. ``conv_backend="xla"`` or
+    ``dtype="bfloat16"`` (docs/PRETRAINED.md: faster on CPUs with AVX512-BF16, not exact).
+    """
+    return Params(weights=self.weights, config=dataclasses.replace(self.config, **changes))
 
 
 def stringify_keys(tree: Any) -> Any:

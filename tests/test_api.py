@@ -79,6 +79,16 @@ def test_model_params_round_trip(params):
   assert back.config == params.config
 
 
+def test_replace_config_keeps_the_weights_and_checks_the_change(params):
+  fast = params.replace_config(dtype="bfloat16")
+  assert fast.weights is params.weights and fast.config.dtype == "bfloat16"
+  assert params.config.dtype == "float32"  # the original is untouched
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    params.replace_config(dtype="int8")
+  with pytest.raises(TypeError, match="unexpected keyword"):
+    params.replace_config(dtypes="bfloat16")
+
+
 def test_save_load_is_bit_exact(params, image, tmp_path):
   path = minet_jax.save(params, tmp_path / "ckpt")
   assert path.stat().st_mode & 0o755 == 0o755 & ~_umask()

@@ -218,3 +218,24 @@ def test_strip_rows_flag_matches_the_whole_image(tiny_ckpt, tmp_path):
   assert np.abs(outs["0"] - outs["8"]).max() <= 1
   with pytest.raises(SystemExit):
     dehaze.main(["--ckpt", str(tiny_ckpt), str(src), "-o", "o", "--strip-rows", "-1"])
+
+
+def test_speed_flags_run_the_model_inexactly(tiny_ckpt, tmp_path):
+  rng = np.random.default_rng(6)
+  src = tmp_path / "photo.png"
+  Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(src)
+  outs = {}
+  for name, flags in (("exact", []), ("bf16", ["--dtype", "bfloat16"]),
+                      ("default", ["--precision", "default"])):
+    out = tmp_path / name
+    assert dehaze.main(["--ckpt", str(tiny_ckpt), str(src), "-o", str(out), "--no-progress",
+                        *flags]) == 0
+    outs[name] = np.asarray(Image.open(out / "photo_dehazed.png")).astype(int)
+  # bfloat16 features: close (8 bits of mantissa), and not the float32 image itself.
+  diff = np.abs(outs["exact"] - outs["bf16"])
+  assert 0 < diff.max() and diff.mean() < 4
+  # bfloat16 products (only where the CPU has them; float32 elsewhere): closer still.
+  assert np.abs(outs["exact"] - outs["default"]).mean() < 1
+  for bad in (["--dtype", "int8"], ["--precision", "low"]):
+    with pytest.raises(SystemExit):
+      dehaze.main(["--ckpt", str(tiny_ckpt), str(src), "-o", "o", *bad])

@@ -115,3 +115,18 @@ def test_negative_and_zero_limits_are_refused(sots_like, capsys):
   assert "--limit must be >= 0, got -1" in capsys.readouterr().err
   assert evaluation.main(args + ["0"]) == 2
   assert "no image pairs found" in capsys.readouterr().err
+
+
+def test_config_changes_score_the_faster_model(sots_like, tiny_ckpt):
+  root, _ = sots_like
+  rows = {}
+  for name, changes in (("exact", None), ("bf16", {"dtype": "bfloat16"})):
+    report = evaluation.evaluate(tiny_ckpt, root, methods=["minet"], limit=2,
+                                 config_changes=changes, progress=False)
+    rows[name] = [r.psnr for r in report.rows]
+  # The same images scored, nearly the same, not identically (a different computation).
+  assert rows["exact"] != rows["bf16"]
+  np.testing.assert_allclose(rows["exact"], rows["bf16"], atol=0.5)
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    evaluation.evaluate(tiny_ckpt, root, methods=["minet"], limit=1,
+                        config_changes={"dtype": "int8"}, progress=False)

@@ -113,6 +113,89 @@ def test_derivatives_match_finite_differences(geometry):
               eps=1e-2, atol=2e-2, rtol=2e-2)
 
 
+@pytest.fixture
+def native_bf16(onednn_kernels) -> None:
+  """Skips on CPUs without native bfloat16 (AVX512-BF16/AMX), where it stays on XLA."""
+  if not onednn.use_onednn("onednn", jnp.bfloat16):
+    pytest.skip("this CPU has no native bfloat16 (AVX512-BF16/AMX): bfloat16 stays on XLA")
+
+
+def _bf16_close(got, want, rtol=1e-2):
+  """Within bfloat16 rounding (8 bits: 0.4%) of the float32 result, relative to its norm."""
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert got.shape == want.shape
+  assert np.linalg.norm(got - want) <= rtol * np.linalg.norm(want)
+
+
+@pytest.mark.usefixtures("native_bf16")
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_bfloat16_matches_float32_xla(geometry):
+  # bfloat16 operands, float32 accumulation, bfloat16 result: XLA's float32 convolution
+  # of the same (bfloat16-representable) operands is the truth, forward and both gradients.
+  shape, kshape, *rest = geometry
+  ours, xla = _pair(*rest)
+  x, w = (a.astype(jnp.bfloat16) for a in _case(shape, kshape))
+  y = jax.jit(ours)(x, w)
+  assert y.dtype == jnp.bfloat16
+  assert "minet_onednn_conv" in jax.jit(ours).lower(x, w).as_text()
+  f32 = lambda a: a.astype(jnp.float32)
+  _bf16_close(y, xla(f32(x), f32(w)))
+  ct = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape, np.float32))
+  got = jax.jit(lambda x, w, ct: jax.vjp(ours, x, w)[1](ct))(x, w, ct.astype(jnp.bfloat16))
+  want = jax.vjp(xla, f32(x), f32(w))[1](f32(ct.astype(jnp.bfloat16)))
+  for g, v in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    _bf16_close(g, v)
+
+
+@pytest.mark.usefixtures("native_bf16")
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_bf16_products_are_exact_products_of_rounded_operands(geometry):
+  # float32 in and out, operands rounded to bfloat16, products summed in float32: XLA's
+  # float32 convolution of the rounded operands, forward and both gradients (whose
+  # operands are rounded as well), up to float32 summation order.
+  shape, kshape, strides, padding, dilation, groups = geometry
+  ours = lambda x, w: onednn.conv(x, w, strides=strides, padding=padding, dilation=dilation,
+                                  groups=groups, bf16_products=True)
+  _, xla = _pair(strides, padding, dilation, groups)
+  x, w = _case(shape, kshape)
+  rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+  y = jax.jit(ours)(x, w)
+  assert y.dtype == jnp.float32
+  _close(y, xla(rounded(x), rounded(w)), rtol=1e-5)
+  assert np.abs(np.asarray(y - xla(x, w))).max() > 1e-4  # really not the float32 products
+  ct = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape, np.float32))
+  got = jax.jit(lambda x, w, ct: jax.vjp(ours, x, w)[1](ct))(x, w, ct)
+  want = jax.vjp(xla, rounded(x), rounded(w))[1](rounded(ct))
+  for g, v in zip(got, want):
+    _close(g, v, rtol=1e-5)
+
+
+@needs_kernels
+def test_precision_default_means_bf16_products_where_native():
+  native = onednn.use_onednn("onednn", jnp.bfloat16)
+  assert onednn.bf16_products_for(jax.lax.Precision.DEFAULT) == native
+  assert not onednn.bf16_products_for(jax.lax.Precision.HIGHEST)
+  assert not onednn.bf16_products_for(None)
+  with pytest.raises(TypeError, match="bf16_products applies to float32"):
+    x, w = (a.astype(jnp.bfloat16) for a in _case((1, 5, 5, 2), (3, 3, 2, 2)))
+    onednn.conv(x, w, bf16_products=True)
+  layer = layers.Conv2d(4, 4, 3, padding=1, precision="default", backend="onednn",
+                        rngs=nnx.Rngs(0))
+  x = jnp.ones((1, 6, 6, 4))
+  assert ("bf16_products = 1" in jax.jit(lambda x: layer(x)).lower(x).as_text()) == native
+
+
+@needs_kernels
+def test_dtypes_that_reach_onednn():
+  # float32 always; bfloat16 where the CPU computes it natively; nothing else.
+  assert onednn.use_onednn("onednn", jnp.float32)
+  assert onednn.use_onednn("auto", "float32")
+  assert onednn.use_onednn("auto", jnp.bfloat16) == onednn.use_onednn("onednn", jnp.bfloat16)
+  assert not onednn.use_onednn("onednn", jnp.float16)
+  assert not onednn.use_onednn("xla", jnp.bfloat16)
+
+
 @needs_kernels
 def test_vmap_folds_images_and_maps_kernels():
   ours, xla = _pair((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
@@ -152,8 +235,10 @@ def test_bad_operands_are_refused():
     onednn.conv_input(jnp.zeros((1, 6, 7, 4)), w, (9, 9), padding=((1, 1), (1, 1)))
   with pytest.raises(ValueError, match="does not fit 5 output channels"):
     onednn.conv_input(jnp.zeros((1, 6, 7, 5)), w, (6, 7), padding=((1, 1), (1, 1)))
-  with pytest.raises(TypeError, match="float32"):
-    onednn.conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  with pytest.raises(TypeError, match="two float32 or two bfloat16"):
+    onednn.conv(x, w.astype(jnp.bfloat16))
+  with pytest.raises(TypeError, match="two float32 or two bfloat16"):
+    onednn.conv(x.astype(jnp.float16), w.astype(jnp.float16))
   with pytest.raises(ValueError, match="does not fit 3 input channels"):
     onednn.conv(x, jnp.zeros((3, 3, 2, 4)))
   with pytest.raises(ValueError, match="conv_backend must be"):
@@ -250,7 +335,8 @@ print("OK")
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_layers_agree_across_backends(dtype):
-  # Every conv layer of the model, oneDNN against XLA (bfloat16 stays on XLA).
+  # Every conv layer of the model, oneDNN against XLA (bfloat16 reaches oneDNN only on
+  # CPUs with native bfloat16; elsewhere both sides are XLA's and must be equal).
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 10, 12, 8), np.float32))
   for make in (lambda b, r: layers.Conv2d(8, 6, 3, stride=2, padding=1, dilation=1,
@@ -276,6 +362,9 @@ def test_layers_agree_across_backends(dtype):
 def _close_or_equal(a, b, dtype):
   if dtype == "float32":
     _close(b, a)
+  elif onednn.use_onednn("onednn", dtype):
+    # Two bfloat16 computations, each within rounding of the exact result.
+    _bf16_close(b, a, rtol=2e-2)
   else:
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
@@ -313,6 +402,19 @@ def test_released_model_onednn_matches_xla(random_params):
       assert np.linalg.norm(got) < 1e-5 * largest
     else:
       assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
+
+
+@needs_kernels
+def test_bfloat16_model_reaches_onednn_where_native(random_params):
+  # A bfloat16 config ("auto") runs its convolutions in oneDNN exactly where the CPU has
+  # native bfloat16, and in XLA elsewhere; the released weights' cost is in test_parity.
+  params = random_params().replace_config(dtype="bfloat16", conv_backend="auto")
+  model = minet_jax.model_from_params(params)
+  img = jnp.asarray(np.random.default_rng(0).random((1, 16, 24, 3), np.float32))
+  hlo = jax.jit(lambda x: model(x)).lower(img).as_text()
+  native = onednn.use_onednn("onednn", jnp.bfloat16)
+  assert ("minet_onednn_conv" in hlo) == native
+  assert ("stablehlo.convolution" in hlo) == (not native)
 
 
 def test_conv_backend_is_the_machines_choice_not_the_checkpoints(tmp_path):

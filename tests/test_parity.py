@@ -58,3 +58,31 @@ def test_public_apply_matches_clipped_reference(params, reference, ours_unclippe
   want = np.clip(crop_out, 0, 255) / 255.0
   assert float(metrics.psnr(got, want, data_range=1.0)) >= 50.0
   np.testing.assert_allclose(got, np.clip(ours_unclipped, 0, 255) / 255.0, atol=1e-5)
+
+
+def test_bfloat16_is_close_but_not_exact(params, reference):
+  # The opt-in bfloat16 compute dtype (docs/PRETRAINED.md): ~51 dB from the authors'
+  # float32 output on this crop with either backend. Far below the float32 parity, which
+  # shows the convolutions really ran in bfloat16, and far above visible differences.
+  crop_in, crop_out = reference
+  model = minet_jax.model_from_params(params.replace_config(dtype="bfloat16"))
+  out = np.asarray(jax.jit(lambda x: model(x))(jnp.asarray(crop_in[None] / 255.0))[0]) * 255.0
+  p = float(metrics.psnr(out, crop_out))
+  print(f"bfloat16 crop parity: PSNR {p:.2f} dB")
+  assert 45.0 <= p <= 70.0
+
+
+def test_precision_default_keeps_parity(params, reference, conv_backend):
+  # precision="default" (docs/PRETRAINED.md): bfloat16 products with float32 sums where
+  # oneDNN runs the convolutions on a CPU with native bfloat16 (~60 dB on this crop,
+  # still above the 50 dB parity bar); exact float32 everywhere else.
+  from minet_jax import onednn
+  crop_in, crop_out = reference
+  model = minet_jax.model_from_params(params.replace_config(precision="default"))
+  out = np.asarray(jax.jit(lambda x: model(x))(jnp.asarray(crop_in[None] / 255.0))[0]) * 255.0
+  p = float(metrics.psnr(out, crop_out))
+  print(f"precision=default crop parity: PSNR {p:.2f} dB")
+  if conv_backend == "onednn" and onednn.use_onednn("onednn", jnp.bfloat16):
+    assert 50.0 <= p <= 80.0
+  else:
+    assert p >= 120.0
