@@ -2,7 +2,7 @@
 
     python benchmarks/vs_pytorch.py --authors ~/src/MI-Net \\
         --pth ../shared/weights/minet_its_official.pth [--mode inference train] \\
-        [--conv-backends xla onednn] [--dtypes float32 bfloat16] [--repeats 7]
+        [--conv-backends xla onednn] [--variants exact precision=default] [--repeats 7]
         [--torch-site-packages DIR]
 
 Needs PyTorch, which is not a dependency of this project: install it anywhere and
@@ -23,9 +23,10 @@ inference: one 460x620 image (values 0..255, the released model's input scale):
   the authors' model in eager mode, under ``torch.compile`` (inductor, ``freezing``,
   channels_last: what a PyTorch deployment would use), and ``jax.jit(minet_jax.apply)``
   with the converted weights, once per ``ModelConfig.conv_backend`` given
-  (``--conv-backends``, default "xla" and "onednn") and ``ModelConfig.dtype``
-  (``--dtypes``, default float32; bfloat16 brings in torch.compile under bfloat16
-  autocast, PyTorch's own reduced-precision deployment); outputs compared first.
+  (``--conv-backends``, default "xla" and "onednn") and setting (``--variants``:
+  "exact", the default, or inexact ``ModelConfig`` changes such as precision=default or
+  dtype=bfloat16, which bring in torch.compile under bfloat16 autocast, PyTorch's own
+  reduced-precision deployment); outputs compared first.
 train: one optimizer step of the released architecture on random batches (2x128x128
   and 8x64x64 by default, ``--shapes``): the authors' ``main.py`` step (their
   ``torch.norm`` loss, Adam at 0.01) and minet-jax's jitted step
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import pathlib
 import platform
@@ -51,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import minet_jax  # noqa: E402
-from minet_jax import convert  # noqa: E402
+from minet_jax import convert, metrics  # noqa: E402
 from minet_jax.train import config_file  # noqa: E402
 from minet_jax.train import state as state_lib  # noqa: E402
 from minet_jax.train.step import make_train_step, parse_ynn_fusions  # noqa: E402
@@ -100,10 +102,21 @@ def _interleaved(contenders: dict, repeats: int) -> dict[str, float]:
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _changes(variant: str) -> dict[str, str]:
+  """"exact" -> {}; "precision=default,dtype=bfloat16" -> those ModelConfig changes."""
+  if variant == "exact":
+    return {}
+  try:
+    return dict(item.split("=", 1) for item in variant.split(","))
+  except ValueError:
+    raise SystemExit(f"vs_pytorch: --variants takes 'exact' or field=value[,field=value], "
+                     f"got {variant!r}") from None
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> str:
   """PSNR of two [0, 1] images as text, against torch.compile's float32 output."""
-  mse = float(np.mean((a - b) ** 2))
-  return f"{10 * np.log10(1.0 / max(mse, 1e-30)):.1f} dB PSNR with torch.compile's float32 output"
+  return (f"{float(metrics.psnr(a, b, data_range=1.0)):.1f} dB PSNR with torch.compile's "
+          "float32 output")
 
 
 def _print(results: dict[str, float], reference: str) -> None:
@@ -112,7 +125,7 @@ def _print(results: dict[str, float], reference: str) -> None:
     print(f"  {name:44s} {seconds:7.3f} s  ({ratio:.2f}x {reference})", flush=True)
 
 
-def inference(torch, model, pth: str, backends: list[str], dtypes: list[str],
+def inference(torch, model, pth: str, backends: list[str], variants: list[str],
               repeats: int) -> None:
   """Prints eager, torch.compile and minet-jax seconds per 460x620 image, interleaved."""
   rng = np.random.default_rng(0)
@@ -120,8 +133,8 @@ def inference(torch, model, pth: str, backends: list[str], dtypes: list[str],
   bgr255 = torch.from_numpy(np.ascontiguousarray(rgb[..., ::-1].transpose(0, 3, 1, 2)) * 255)
   model = model.eval()
   released = convert.weights_from_checkpoint(pth)
-  variants = {f"{b}, {d}": released.replace_config(conv_backend=b, dtype=d)
-              for d in dtypes for b in backends}
+  models = {f"{b}, {v}": released.replace_config(conv_backend=b, **_changes(v))
+            for v in variants for b in backends}
   apply = jax.jit(minet_jax.apply)
   image = jnp.asarray(rgb)
 
@@ -139,7 +152,7 @@ def inference(torch, model, pth: str, backends: list[str], dtypes: list[str],
     theirs_rgb = np.clip(theirs.numpy().transpose(0, 2, 3, 1)[..., ::-1] / 255.0, 0.0, 1.0)
     contenders = {"authors' PyTorch, eager": lambda: model(bgr255),
                   "authors' PyTorch, torch.compile": lambda: compiled(bgr255_cl)}
-    if "bfloat16" in dtypes:
+    if any(_changes(v) for v in variants):
       # PyTorch's own reduced-precision deployment, for the bfloat16 variants: the
       # compiled model under CPU autocast (bfloat16 convolutions).
       def autocast():
@@ -150,7 +163,7 @@ def inference(torch, model, pth: str, backends: list[str], dtypes: list[str],
                          0.0, 1.0)
       print(f"  torch.compile + autocast bfloat16: outputs agree to {_psnr(bf16_rgb, theirs_rgb)}")
       contenders["authors' PyTorch, torch.compile, autocast bfloat16"] = autocast
-    for variant, params in variants.items():
+    for variant, params in models.items():
       print(f"  minet-jax {variant}: outputs agree to "
             f"{_psnr(np.asarray(apply(params, image)), theirs_rgb)}")
       contenders[f"minet-jax, jax.jit(minet_jax.apply), {variant}"] = (
@@ -205,9 +218,11 @@ def main() -> None:
   parser.add_argument("--shapes", nargs="+", default=["2x128x128", "8x64x64"],
                       help="training batch shapes N x H x W")
   parser.add_argument("--conv-backends", nargs="+", default=["xla", "onednn"])
-  parser.add_argument("--dtypes", nargs="+", default=["float32"],
-                      help="ModelConfig.dtype of the inference variants; with bfloat16, "
-                           "torch.compile under bfloat16 autocast joins the comparison")
+  parser.add_argument("--variants", nargs="+", default=["exact"],
+                      help="inference settings per convolution backend: 'exact' (the "
+                           "checkpoint's) or ModelConfig changes such as precision=default "
+                           "or dtype=bfloat16; any of those brings in torch.compile under "
+                           "bfloat16 autocast")
   parser.add_argument("--ynn-fusions", nargs="+", default=["default"])
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -232,7 +247,12 @@ def main() -> None:
   print(f"torch {torch.__version__} ({args.threads} threads), jax {jax.__version__} "
         f"({jax.default_backend()}), {os.cpu_count()} cores ({platform.machine()})")
   if "inference" in args.mode:
-    inference(torch, model, args.pth, args.conv_backends, args.dtypes, args.repeats)
+    for variant in args.variants:
+      try:  # A bad field or value fails now, not after PyTorch has compiled.
+        dataclasses.replace(minet_jax.ModelConfig(), **_changes(variant))
+      except (TypeError, ValueError) as e:
+        raise SystemExit(f"vs_pytorch: --variants {variant}: {e}") from None
+    inference(torch, model, args.pth, args.conv_backends, args.variants, args.repeats)
   if "train" in args.mode:
     train(torch, model, shapes, settings, args.repeats)
 

@@ -3,7 +3,7 @@
 A checkpoint folder holds::
 
   minet_config.json   {"format_version", "model": ModelConfig fields but the
-                      RUNTIME_FIELDS (conv_backend), "weights_sha256"}
+                      RUNTIME_FIELDS (conv_backend, precision), "weights_sha256"}
   weights/            the weights (orbax, float32)
 
 `load` verifies the SHA-256, refuses non-finite weights (naming the tensor) and

@@ -29,12 +29,14 @@ INPUT_FORMATS = ("bgr255", "rgb01")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("highest", "default")
 # Who runs the convolutions (`minet_jax.onednn`): "onednn" (on CPU through oneDNN's
-# kernels: float32, and bfloat16 where the CPU has it natively; XLA's elsewhere), "xla" (XLA's own), "auto" (oneDNN's when the
-# default backend is the CPU and the kernels build, else XLA's).
+# kernels: float32, and bfloat16 where the CPU has it natively; XLA's elsewhere),
+# "xla" (XLA's own), "auto" (oneDNN's when the default backend is the CPU and the
+# kernels build, else XLA's).
 CONV_BACKENDS = ("auto", "xla", "onednn")
 # Fields that say how a machine runs the model, not what the model is: checkpoints do
-# not store them, and configs differing only there describe the same architecture.
-RUNTIME_FIELDS = ("conv_backend",)
+# not store them (a model trained with TF32 is loaded exact), and configs differing
+# only there describe the same architecture.
+RUNTIME_FIELDS = ("conv_backend", "precision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +89,15 @@ class ModelConfig:
   contractive_iters: int = 4
   # Compute dtype of convolutions; parameters and normalisation statistics stay float32.
   dtype: str = "float32"
-  # Convolution precision: "highest" (exact float32; parity with PyTorch on GPUs that would
-  # otherwise use TF32) or "default" (fastest the backend offers: TF32 on recent NVIDIA
-  # GPUs, bfloat16 products with float32 sums on CPUs with AVX512-BF16 or AMX).
+  # Precision of the dense convolutions (a RUNTIME_FIELD): "highest" (exact float32;
+  # parity with PyTorch on GPUs that would otherwise use TF32) or "default" (fastest the
+  # backend offers: TF32 on recent NVIDIA GPUs, bfloat16 products with float32 sums
+  # under oneDNN on CPUs with AVX512-BF16 or AMX; the shared smoothing stays exact).
   precision: str = "highest"
-  # Who runs the convolutions: one of CONV_BACKENDS (a RUNTIME_FIELD). The results agree
-  # to float32 rounding; oneDNN's CPU kernels make a training step ~2x faster
-  # (docs/TRAINING.md). Programs using them cannot be serialised with jax.export: use
-  # "xla" for that.
+  # Who runs the convolutions: one of CONV_BACKENDS (a RUNTIME_FIELD). At precision
+  # "highest" the results agree to float32 rounding; oneDNN's CPU kernels make a
+  # training step ~2x faster (docs/TRAINING.md). Programs using them cannot be
+  # serialised with jax.export: use "xla" for that.
   conv_backend: str = "auto"
   # What the network's first layer sees: "bgr255" (released weights) or "rgb01".
   input_format: str = "bgr255"
@@ -206,6 +209,6 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def speed_changes(args: argparse.Namespace) -> dict[str, str]:
-  """The ModelConfig changes `add_speed_arguments`' options ask for (for `Params.replace_config`)."""
+  """The ModelConfig changes `add_speed_arguments`' options ask for (`Params.replace_config`)."""
   return {name: getattr(args, name) for name in ("precision", "dtype")
           if getattr(args, name) is not None}

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minet_jax import api, dcp, image_io, metrics
-from minet_jax.config import add_speed_arguments, speed_changes
+from minet_jax.config import ModelConfig, add_speed_arguments, speed_changes
 from minet_jax.data import folders
 
 METHODS = ("minet", "hazy", "dcp")
@@ -150,6 +150,8 @@ class Report:
   compile_seconds: dict[str, float]
   data: str = ""
   ckpt: str = ""
+  # How MI-Net ran where it differs from exact float32 (e.g. {"precision": "default"}).
+  settings: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def summary(self) -> dict[str, dict[str, float]]:
     out = {}
@@ -175,12 +177,16 @@ class Report:
     compiled = ", ".join(f"{m} {t:.1f} s" for m, t in self.compile_seconds.items() if t > 0)
     if compiled:
       lines.append(f"(compilation, once per image shape, not in s/image: {compiled})")
+    if self.settings:
+      lines.append("(MI-Net inexact: " + ", ".join(f"{k}={v}" for k, v in self.settings.items())
+                   + ")")
     if self.failed:
       lines.append(f"{len(self.failed)} image(s) failed: " + ", ".join(sorted(self.failed)))
     return "\n".join(lines)
 
   def to_json(self) -> dict[str, Any]:
-    return {"data": self.data, "ckpt": self.ckpt, "protocol": PROTOCOL,
+    return {"data": self.data, "ckpt": self.ckpt, "minet_settings": self.settings,
+            "protocol": PROTOCOL,
             "summary": self.summary(), "failed_images": self.failed,
             "compile_seconds": self.compile_seconds,
             "per_image": [dataclasses.asdict(r) for r in self.rows]}
@@ -285,7 +291,10 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
         if os.environ.get("MINET_DEBUG"):
           traceback.print_exc()
   compile_seconds = {n: getattr(f, "compile_seconds", 0.0) for n, f in fns.items()}
-  report = Report(rows, methods, failed, compile_seconds, str(data), str(ckpt or ""))
+  settings = {} if params is None else {
+      k: v for k, v in (("precision", params.config.precision), ("dtype", params.config.dtype))
+      if v != getattr(ModelConfig(), k)}
+  report = Report(rows, methods, failed, compile_seconds, str(data), str(ckpt or ""), settings)
   if out_dir is not None:
     report.write(out_dir)
   return report

@@ -193,7 +193,7 @@ def use_onednn(backend: str, dtype: jnp.dtype | str = jnp.float32) -> bool:
   than float32); other dtypes never.
 
   Off CPUs, XLA's. On a CPU, "onednn" raises `OneDNNUnavailable` when the kernels
-  cannot be built here. "auto"
+  cannot be built here (for float32 and bfloat16, the dtypes it could take). "auto"
   takes them when the default backend is a single CPU device and they build. With
   several devices it keeps XLA's: XLA's SPMD partitioner cannot split a custom call,
   so a batch-sharded oneDNN conv would run whole on every device (correct, not
@@ -233,12 +233,19 @@ def _out_size(size: int, k: int, stride: int, lo: int, hi: int, dilation: int) -
   return (size + lo + hi - (dilation * (k - 1) + 1)) // stride + 1
 
 
+def _rounded(bf16_products: bool, *arrays):
+  """The operands as the kernels multiply them: rounded to bfloat16 with bf16_products."""
+  if not bf16_products:
+    return arrays
+  return tuple(a.astype(jnp.bfloat16).astype(jnp.float32) for a in arrays)
+
+
 def _reference(x, w, *, strides, padding, dilation, groups, bf16_products=False):
-  # Reduced-precision products are what Precision.DEFAULT means to XLA (TF32 on GPUs).
+  x, w = _rounded(bf16_products, x, w)
   return jax.lax.conv_general_dilated(
       x, w, window_strides=strides, padding=padding, rhs_dilation=dilation,
       dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=groups,
-      precision=jax.lax.Precision.DEFAULT if bf16_products else jax.lax.Precision.HIGHEST)
+      precision=jax.lax.Precision.HIGHEST)
 
 
 conv_p = Primitive("onednn_conv")
@@ -318,12 +325,15 @@ def _cpu_lowering(kind: int):
 
 
 # Reference implementations: the lowering off CPU, and the truth the tests compare with.
-def _reference_input(dy, w, *, in_hw, **geometry):
+# Each rounds its own two operands (with bf16_products), as the kernels do.
+def _reference_input(dy, w, *, in_hw, bf16_products, **geometry):
+  dy, w = _rounded(bf16_products, dy, w)
   x = jnp.zeros((dy.shape[0], *in_hw, w.shape[2] * geometry["groups"]), dy.dtype)
   return jax.vjp(lambda x: _reference(x, w, **geometry), x)[1](dy)[0]
 
 
-def _reference_kernel(x, dy, *, kernel_hw, **geometry):
+def _reference_kernel(x, dy, *, kernel_hw, bf16_products, **geometry):
+  x, dy = _rounded(bf16_products, x, dy)
   w = jnp.zeros((*kernel_hw, x.shape[3] // geometry["groups"], dy.shape[3]), x.dtype)
   return jax.vjp(lambda w: _reference(x, w, **geometry), w)[1](dy)[0]
 
@@ -426,7 +436,7 @@ def conv_input(dy: jax.Array, w: jax.Array, input_hw: Sequence[int], *,
   kernel ``w`` read as OIHW = ``w.transpose(3, 2, 0, 1)``), computed without inserted
   zeros. Operands and `bf16_products` as for `conv`.
   """
-  _load()
+  _check_supported(dy, w, bf16_products)
   return conv_input_p.bind(dy, w, in_hw=tuple(int(v) for v in input_hw),
                            **_geometry(strides, padding, dilation, groups, bf16_products))
 
@@ -442,10 +452,21 @@ def conv(x: jax.Array, w: jax.Array, *, strides: Sequence[int] = (1, 1),
   to any order (every derivative keeps `bf16_products`). With `bf16_products` (float32
   only) both operands are rounded to bfloat16 and multiplied there, with float32 sums
   and result: what `bf16_products_for` turns on for ``ModelConfig.precision="default"``.
-  Raises `OneDNNUnavailable` when the kernels cannot be built here.
+  Raises `OneDNNUnavailable` when the kernels cannot be built here, and for bfloat16
+  (operands or products) on a CPU without native bfloat16 (oneDNN has no such kernels
+  on some, and emulates them slower than float32 on others).
   """
-  _load()
+  _check_supported(x, w, bf16_products)
   return conv_p.bind(x, w, **_geometry(strides, padding, dilation, groups, bf16_products))
+
+
+def _check_supported(a: jax.Array, b: jax.Array, bf16_products: bool) -> None:
+  _load()
+  dtype = _check_dtypes(a, b, bf16_products)
+  if ((bf16_products or dtype == jnp.bfloat16)
+      and jax.default_backend() == "cpu" and _NATIVE_BF16 != [True]):
+    raise OneDNNUnavailable("bfloat16 convolutions need a CPU with AVX512-BF16 or AMX; "
+                            "this one has neither (use float32)")
 
 
 def bf16_products_for(precision: jax.lax.Precision | None) -> bool:

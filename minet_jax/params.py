@@ -33,12 +33,18 @@ class Params:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.weights))
 
   def replace_config(self, **changes: Any) -> Params:
-    """The same weights under a config with `changes` (validated like any `ModelConfig`).
+    """The same weights under a config with `changes`, e.g. how to run them:
+    ``precision="default"`` or ``dtype="bfloat16"`` (docs/PRETRAINED.md: faster on CPUs
+    with AVX512-BF16 or AMX, not exact), ``conv_backend="xla"``.
 
-    For how to run rather than what was trained, e.g. ``conv_backend="xla"`` or
-    ``dtype="bfloat16"`` (docs/PRETRAINED.md: faster on CPUs with AVX512-BF16, not exact).
+    The new config is validated like any `ModelConfig`; a change the weights do not fit
+    (``features``, ``pre_blocks``, ...) raises ValueError.
     """
-    return Params(weights=self.weights, config=dataclasses.replace(self.config, **changes))
+    config = dataclasses.replace(self.config, **changes)
+    if param_shapes(config) != weight_shapes(self.weights):
+      raise ValueError(f"these weights do not fit the architecture the changes {changes} "
+                       "describe")
+    return Params(weights=self.weights, config=config)
 
 
 def stringify_keys(tree: Any) -> Any:

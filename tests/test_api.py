@@ -87,6 +87,9 @@ def test_replace_config_keeps_the_weights_and_checks_the_change(params):
     params.replace_config(dtype="int8")
   with pytest.raises(TypeError, match="unexpected keyword"):
     params.replace_config(dtypes="bfloat16")
+  with pytest.raises(ValueError, match="do not fit"):
+    params.replace_config(features=params.config.features + 1)
+  assert params.replace_config(rtol=0.5).config.rtol == 0.5  # same shapes: fine
 
 
 def test_save_load_is_bit_exact(params, image, tmp_path):

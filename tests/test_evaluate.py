@@ -124,6 +124,8 @@ def test_config_changes_score_the_faster_model(sots_like, tiny_ckpt):
     report = evaluation.evaluate(tiny_ckpt, root, methods=["minet"], limit=2,
                                  config_changes=changes, progress=False)
     rows[name] = [r.psnr for r in report.rows]
+    assert report.to_json()["minet_settings"] == ({"dtype": "bfloat16"} if changes else {})
+    assert ("MI-Net inexact: dtype=bfloat16" in report.table()) == bool(changes)
   # The same images scored, nearly the same, not identically (a different computation).
   assert rows["exact"] != rows["bf16"]
   np.testing.assert_allclose(rows["exact"], rows["bf16"], atol=0.5)

@@ -171,6 +171,31 @@ def test_bf16_products_are_exact_products_of_rounded_operands(geometry):
     _close(g, v, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("native_bf16")
+def test_bf16_products_hold_at_every_order_and_under_vmap():
+  # Every primitive a derivative or vmap derives keeps bf16_products (each rounds its
+  # own operands), and the results stay within bfloat16 rounding of the exact ones.
+  geometry = dict(strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(2, 2), groups=1)
+  ours = lambda x, w: onednn.conv(x, w, bf16_products=True, **geometry)
+  _, xla = _pair(**geometry)
+  x, w = _case((2, 9, 8, 4), (3, 3, 4, 5))
+
+  def outer(conv):
+    # A gentle nonlinearity: sin of O(30) values would turn bfloat16's 0.4% into phase.
+    inner = lambda x, w: jnp.sum(jnp.tanh(conv(x, w) / 8))
+    return jax.grad(lambda x, w: jnp.sum(jax.grad(inner, argnums=1)(x, w) ** 2),
+                    argnums=(0, 1))
+
+  per_example = lambda conv: jax.vmap(jax.grad(lambda w, x: jnp.sum(conv(x[None], w) ** 2)),
+                                      (None, 0))(w, x)
+  for derived in (outer(ours), lambda x, w: per_example(ours)):
+    hlo = jax.jit(derived).lower(x, w).as_text()
+    assert hlo.count("minet_onednn_conv") == hlo.count("bf16_products = 1") >= 2
+  for got, want in zip(outer(ours)(x, w), outer(xla)(x, w)):
+    _bf16_close(got, want, rtol=2e-2)
+  _bf16_close(per_example(ours), per_example(xla))
+
+
 @needs_kernels
 def test_precision_default_means_bf16_products_where_native():
   native = onednn.use_onednn("onednn", jnp.bfloat16)
@@ -188,10 +213,21 @@ def test_precision_default_means_bf16_products_where_native():
 
 @needs_kernels
 def test_dtypes_that_reach_onednn():
-  # float32 always; bfloat16 where the CPU computes it natively; nothing else.
+  # On a CPU: float32 always; bfloat16 where the CPU computes it natively; nothing else.
+  if jax.default_backend() != "cpu":
+    pytest.skip("oneDNN serves CPUs only")
+  native = onednn.use_onednn("onednn", jnp.bfloat16)
   assert onednn.use_onednn("onednn", jnp.float32)
-  assert onednn.use_onednn("auto", "float32")
-  assert onednn.use_onednn("auto", jnp.bfloat16) == onednn.use_onednn("onednn", jnp.bfloat16)
+  if jax.device_count() == 1:
+    assert onednn.use_onednn("auto", "float32")
+    assert onednn.use_onednn("auto", jnp.bfloat16) == native
+  if not native:  # The public functions refuse what the CPU cannot do well.
+    x, w = _case((1, 5, 5, 2), (3, 3, 2, 2))
+    with pytest.raises(onednn.OneDNNUnavailable, match="AVX512-BF16 or AMX"):
+      onednn.conv(x, w, bf16_products=True)
+    with pytest.raises(onednn.OneDNNUnavailable, match="AVX512-BF16 or AMX"):
+      onednn.conv_input(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (5, 5),
+                        padding=((1, 1), (1, 1)))
   assert not onednn.use_onednn("onednn", jnp.float16)
   assert not onednn.use_onednn("xla", jnp.bfloat16)
 

@@ -84,5 +84,7 @@ def test_precision_default_keeps_parity(params, reference, conv_backend):
   print(f"precision=default crop parity: PSNR {p:.2f} dB")
   if conv_backend == "onednn" and onednn.use_onednn("onednn", jnp.bfloat16):
     assert 50.0 <= p <= 80.0
-  else:
+  elif jax.default_backend() == "cpu":
     assert p >= 120.0
+  else:  # TF32 on recent NVIDIA GPUs.
+    assert p >= 50.0

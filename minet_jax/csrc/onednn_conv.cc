@@ -20,6 +20,7 @@
 // and cached; working memory belongs to the calling thread, so concurrent calls from
 // XLA's threads never share it.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -87,11 +88,15 @@ struct Plan {
   int a_arg, b_arg, out_arg;
   dnnl::memory::desc a, b, out, a_user, b_user, out_user, scratch;
   std::vector<std::unique_ptr<Reorder>> into_a, into_b, from_out;  // empty: none needed
+  size_t reorder_scratch_bytes = 0;  // the most any of those reorders needs
 };
 
-void MaybeReorder(std::vector<std::unique_ptr<Reorder>>& slot, const dnnl::memory::desc& from,
-                  const dnnl::memory::desc& to) {
-  if (from != to) slot.push_back(std::make_unique<Reorder>(MakeReorder(from, to)));
+void MaybeReorder(Plan& plan, std::vector<std::unique_ptr<Reorder>>& slot,
+                  const dnnl::memory::desc& from, const dnnl::memory::desc& to) {
+  if (from == to) return;
+  slot.push_back(std::make_unique<Reorder>(MakeReorder(from, to)));
+  plan.reorder_scratch_bytes =
+      std::max(plan.reorder_scratch_bytes, slot.back()->scratch.get_size());
 }
 
 std::unique_ptr<Plan> Build(const Geometry& g) {
@@ -148,9 +153,9 @@ std::unique_ptr<Plan> Build(const Geometry& g) {
     plan->a_user = user(src), plan->b_user = user(dst), plan->out_user = wei_user;
     plan->scratch = pd.scratchpad_desc();
   }
-  MaybeReorder(plan->into_a, plan->a_user, plan->a);
-  MaybeReorder(plan->into_b, plan->b_user, plan->b);
-  MaybeReorder(plan->from_out, plan->out, plan->out_user);
+  MaybeReorder(*plan, plan->into_a, plan->a_user, plan->a);
+  MaybeReorder(*plan, plan->into_b, plan->b_user, plan->b);
+  MaybeReorder(*plan, plan->from_out, plan->out, plan->out_user);
   return plan;
 }
 
@@ -165,8 +170,10 @@ const Plan& Cached(const Geometry& g) {
 }
 
 // Working memory of the calling thread, one slot per use, grown as needed and kept for
-// the next call up to kKeepBytes: a fresh allocation of the converted operands each
-// call (megabytes, page by page) would cost a good part of a bfloat16 convolution.
+// the next call while all slots together hold at most kKeepBytes: a fresh allocation
+// of the converted operands each call (megabytes, page by page) would cost a good part
+// of a bfloat16 convolution. Calls that need more allocate afresh each time, which at
+// those sizes is small next to the convolution.
 constexpr size_t kKeepBytes = size_t{64} << 20;
 
 enum Slot { kScratch, kA, kB, kOut, kReorderScratch, kSlots };
@@ -176,15 +183,19 @@ class Workspace {
   char* Get(int slot, size_t bytes) {
     auto& buffer = buffers_[slot];
     if (buffer.size < bytes) {
+      buffer = {};  // The old buffer goes before the new one comes.
       buffer.data.reset(new char[bytes]);  // Not zeroed: every use writes before reading.
       buffer.size = bytes;
     }
     return buffer.data.get();
   }
-  // Frees the slots above kKeepBytes, so one huge call does not pin its memory.
+  // Frees everything when the slots hold more than kKeepBytes, so one large call does
+  // not pin its memory to the thread.
   void Trim() {
-    for (auto& buffer : buffers_) {
-      if (buffer.size > kKeepBytes) buffer = {};
+    size_t total = 0;
+    for (auto& buffer : buffers_) total += buffer.size;
+    if (total > kKeepBytes) {
+      for (auto& buffer : buffers_) buffer = {};
     }
   }
 
@@ -239,13 +250,17 @@ ffi::Error Conv(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> 
   g.pad_hi = Spatial(pad_hi);
   g.dilation = {dilation[0] - 1, dilation[1] - 1};
   thread_local Workspace workspace;
+  struct TrimOnExit {  // Also when oneDNN throws.
+    Workspace& w;
+    ~TrimOnExit() { w.Trim(); }
+  } trim{workspace};
   try {
     const Plan& plan = Cached(g);
     auto& eng = Engine();
     dnnl::stream stream(eng);
+    char* reorder_scratch = workspace.Get(kReorderScratch, plan.reorder_scratch_bytes);
     auto run_reorder = [&](const Reorder& r, dnnl::memory& from, dnnl::memory& to) {
-      dnnl::memory scratch(r.scratch, eng,
-                           workspace.Get(kReorderScratch, r.scratch.get_size()));
+      dnnl::memory scratch(r.scratch, eng, reorder_scratch);
       r.prim.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
                               {DNNL_ARG_SCRATCHPAD, scratch}});
     };
@@ -269,7 +284,6 @@ ffi::Error Conv(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> 
                                {DNNL_ARG_SCRATCHPAD, scratch}});
     if (!plan.from_out.empty()) run_reorder(*plan.from_out[0], om, out_user);
     stream.wait();
-    workspace.Trim();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   } catch (const std::exception& e) {
