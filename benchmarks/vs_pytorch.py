@@ -114,8 +114,8 @@ def _changes(variant: str) -> dict[str, str]:
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> str:
-  """PSNR of two [0, 1] images as text, against torch.compile's float32 output."""
-  return (f"{float(metrics.psnr(a, b, data_range=1.0)):.1f} dB PSNR with torch.compile's "
+  """PSNR of two 1xHxWx3 images in [0, 1], as text (against torch.compile's float32 output)."""
+  return (f"{float(metrics.psnr(a, b, data_range=1.0)[0]):.1f} dB PSNR with torch.compile's "
           "float32 output")
 
 
