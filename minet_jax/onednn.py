@@ -21,10 +21,11 @@ The kernels live in ``csrc/onednn_conv.cc``, an XLA FFI handler compiled on firs
 with the system C++ compiler against the oneDNN headers and library of the
 ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (dependencies on x86-64 Linux;
 ``$MINET_ONEDNN_ROOT`` points at another install), and cached under
-``$MINET_JAX_CACHE`` (default ``~/.cache/minet_jax``). float32 or bfloat16 (products
-accumulated in float32, results rounded to bfloat16; on CPUs with AVX512-BF16 or AMX
-`use_onednn` takes them, and a bfloat16 ``ModelConfig.dtype`` becomes the fast,
-inexact inference path measured in docs/PRETRAINED.md). Programs that use
+``$MINET_JAX_CACHE`` (default ``~/.cache/minet_jax``). Operands are float32, or, on
+CPUs with AVX512-BF16 or AMX, bfloat16 (sums in float32, results rounded to bfloat16);
+``bf16_products`` multiplies float32 operands in bfloat16 with float32 sums and
+results. Those are the fast, inexact settings ``ModelConfig.dtype="bfloat16"`` and
+``precision="default"`` (measured in docs/PRETRAINED.md). Programs that use
 them cannot be serialised with `jax.export` (the custom call has no compatibility
 guarantee); ``conv_backend="xla"`` builds exportable ones.
 """
