@@ -10,6 +10,7 @@ both backends in test_parity.py and test_training_parity.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -85,20 +86,25 @@ def test_forward_vjp_jvp_match_xla(geometry):
   _close(jax.jvp(ours, (x, w), (dx, dw))[1], jax.jvp(xla, (x, w), (dx, dw))[1])
 
 
+def _second_order(conv, nonlinearity=jnp.sin):
+  """(x, w) -> gradient of a function of the kernel gradient: transposes of transposes."""
+  inner = lambda x, w: jnp.sum(nonlinearity(conv(x, w)))
+  return jax.grad(lambda x, w: jnp.sum(jax.grad(inner, argnums=1)(x, w) ** 2),
+                  argnums=(0, 1))
+
+
+def _per_example_kernel_grads(conv, x, w):
+  """vmap of grad over the images of `x`: a kernel gradient's batch cannot fold into N."""
+  return jax.vmap(jax.grad(lambda w, x: jnp.sum(conv(x[None], w) ** 2)), (None, 0))(w, x)
+
+
 @needs_kernels
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
 def test_second_order_matches_xla(geometry):
-  # Gradient of a function of the kernel gradient: transposes of the transposes.
   shape, kshape, *rest = geometry
   ours, xla = _pair(*rest)
   x, w = _case(shape, kshape)
-
-  def outer(conv):
-    inner = lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
-    return jax.grad(lambda x, w: jnp.sum(jax.grad(inner, argnums=1)(x, w) ** 2),
-                    argnums=(0, 1))
-
-  for got, want in zip(outer(ours)(x, w), outer(xla)(x, w)):
+  for got, want in zip(_second_order(ours)(x, w), _second_order(xla)(x, w)):
     _close(got, want, rtol=1e-4)
 
 
@@ -180,20 +186,14 @@ def test_bf16_products_hold_at_every_order_and_under_vmap():
   _, xla = _pair(**geometry)
   x, w = _case((2, 9, 8, 4), (3, 3, 4, 5))
 
-  def outer(conv):
-    # A gentle nonlinearity: sin of O(30) values would turn bfloat16's 0.4% into phase.
-    inner = lambda x, w: jnp.sum(jnp.tanh(conv(x, w) / 8))
-    return jax.grad(lambda x, w: jnp.sum(jax.grad(inner, argnums=1)(x, w) ** 2),
-                    argnums=(0, 1))
-
-  per_example = lambda conv: jax.vmap(jax.grad(lambda w, x: jnp.sum(conv(x[None], w) ** 2)),
-                                      (None, 0))(w, x)
-  for derived in (outer(ours), lambda x, w: per_example(ours)):
+  # A gentle nonlinearity: sin of O(30) values would turn bfloat16's 0.4% into phase.
+  second_order = lambda conv: _second_order(conv, lambda y: jnp.tanh(y / 8))
+  for derived in (second_order(ours), functools.partial(_per_example_kernel_grads, ours)):
     hlo = jax.jit(derived).lower(x, w).as_text()
     assert hlo.count("minet_onednn_conv") == hlo.count("bf16_products = 1") >= 2
-  for got, want in zip(outer(ours)(x, w), outer(xla)(x, w)):
+  for got, want in zip(second_order(ours)(x, w), second_order(xla)(x, w)):
     _bf16_close(got, want, rtol=2e-2)
-  _bf16_close(per_example(ours), per_example(xla))
+  _bf16_close(_per_example_kernel_grads(ours, x, w), _per_example_kernel_grads(xla, x, w))
 
 
 @needs_kernels
@@ -242,10 +242,8 @@ def test_vmap_folds_images_and_maps_kernels():
   _close(jax.vmap(ours, (None, 0))(x, ws), jax.vmap(xla, (None, 0))(x, ws))
   _close(jax.vmap(ours, (1, None), 2)(jnp.moveaxis(xs, 0, 1), w),
          jax.vmap(xla, (1, None), 2)(jnp.moveaxis(xs, 0, 1), w))
-  # Per-example kernel gradients (vmap of grad): the kernel gradient's batch cannot fold.
-  per_example = lambda conv: jax.vmap(jax.grad(lambda w, x: jnp.sum(conv(x[None], w) ** 2)),
-                                      (None, 0))(w, x)
-  _close(per_example(ours), per_example(xla), rtol=1e-4)
+  _close(_per_example_kernel_grads(ours, x, w), _per_example_kernel_grads(xla, x, w),
+         rtol=1e-4)
   # An empty vmapped batch gives an empty result, as XLA's does.
   empty = jnp.zeros((0, 2, 6, 7, 3))
   assert jax.vmap(ours, (0, None))(empty, w).shape == (0, 2, 6, 7, 4)

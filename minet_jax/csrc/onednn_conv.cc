@@ -29,7 +29,6 @@
 #include <sstream>
 #include <string>
 #include <unordered_map>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -87,16 +86,15 @@ struct Plan {
   dnnl::primitive conv;
   int a_arg, b_arg, out_arg;
   dnnl::memory::desc a, b, out, a_user, b_user, out_user, scratch;
-  std::vector<std::unique_ptr<Reorder>> into_a, into_b, from_out;  // empty: none needed
+  std::unique_ptr<Reorder> into_a, into_b, from_out;  // null: none needed
   size_t reorder_scratch_bytes = 0;  // the most any of those reorders needs
 };
 
-void MaybeReorder(Plan& plan, std::vector<std::unique_ptr<Reorder>>& slot,
-                  const dnnl::memory::desc& from, const dnnl::memory::desc& to) {
+void MaybeReorder(Plan& plan, std::unique_ptr<Reorder>& slot, const dnnl::memory::desc& from,
+                  const dnnl::memory::desc& to) {
   if (from == to) return;
-  slot.push_back(std::make_unique<Reorder>(MakeReorder(from, to)));
-  plan.reorder_scratch_bytes =
-      std::max(plan.reorder_scratch_bytes, slot.back()->scratch.get_size());
+  slot = std::make_unique<Reorder>(MakeReorder(from, to));
+  plan.reorder_scratch_bytes = std::max(plan.reorder_scratch_bytes, slot->scratch.get_size());
 }
 
 std::unique_ptr<Plan> Build(const Geometry& g) {
@@ -265,24 +263,24 @@ ffi::Error Conv(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> 
                               {DNNL_ARG_SCRATCHPAD, scratch}});
     };
     // An operand in the primitive's layout: the user's buffer, or its converted copy.
-    auto operand = [&](const std::vector<std::unique_ptr<Reorder>>& into,
+    auto operand = [&](const std::unique_ptr<Reorder>& into,
                        const dnnl::memory::desc& user_desc, const dnnl::memory::desc& desc,
                        void* data, int slot) {
       dnnl::memory user(user_desc, eng, data);
-      if (into.empty()) return user;
+      if (!into) return user;
       dnnl::memory mem(desc, eng, workspace.Get(slot, desc.get_size()));
-      run_reorder(*into[0], user, mem);
+      run_reorder(*into, user, mem);
       return mem;
     };
     dnnl::memory am = operand(plan.into_a, plan.a_user, plan.a, a.untyped_data(), kA);
     dnnl::memory bm = operand(plan.into_b, plan.b_user, plan.b, b.untyped_data(), kB);
     dnnl::memory out_user(plan.out_user, eng, out->untyped_data());
-    dnnl::memory om = plan.from_out.empty()
+    dnnl::memory om = !plan.from_out
         ? out_user : dnnl::memory(plan.out, eng, workspace.Get(kOut, plan.out.get_size()));
     dnnl::memory scratch(plan.scratch, eng, workspace.Get(kScratch, plan.scratch.get_size()));
     plan.conv.execute(stream, {{plan.a_arg, am}, {plan.b_arg, bm}, {plan.out_arg, om},
                                {DNNL_ARG_SCRATCHPAD, scratch}});
-    if (!plan.from_out.empty()) run_reorder(*plan.from_out[0], om, out_user);
+    if (plan.from_out) run_reorder(*plan.from_out, om, out_user);
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
