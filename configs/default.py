@@ -142,6 +142,20 @@ def get_config() -> ml_collections.ConfigDict:
   # Start from these weights (a minet_jax.save / convert folder or a training workdir);
   # "" starts from a random init. Ignored when the workdir already holds a checkpoint.
   config.init_from = ""
+  # With init_from: scale each IM-block's f by these factors (one per block; () = no
+  # change) before training (minet_jax.train.state.shrink_blocks; configs/stable.py).
+  config.init_block_scale = ()
+  # Self-distillation: train towards this model's outputs on the hazy inputs instead of
+  # the ground truth: a checkpoint folder, or "init_from" for the init_from weights as
+  # loaded (before init_block_scale). "" trains on the ground truth.
+  config.teacher = ""
+  # With a teacher: weight of the block fixed-point matching term, which trains each
+  # IM-block's f so that the teacher's block output is its fixed point given the
+  # teacher's block input (minet_jax.contractive.fixed_point_mismatch; no solve needed).
+  config.teacher_match_weight = 0.0
+  # Weight of the loss on the model's output (config.loss); 0 skips the forward pass
+  # (with a teacher and teacher_match_weight > 0: train the blocks alone, cheaply).
+  config.output_weight = 1.0
   # Call jax.distributed.initialize() first (multi-host jobs; settings from the environment).
   config.distributed = False
   # Write checkpoints in a background thread while training goes on.

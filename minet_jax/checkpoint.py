@@ -59,9 +59,10 @@ def one_line_error(e: BaseException) -> str:
 
 def config_record(cfg: ModelConfig, weights: Any = None) -> dict:
   """The contents of ``minet_config.json`` (with the weights' checksum when given)."""
-  # The architecture only: which backend runs the convolutions is the loading
-  # machine's choice (a loaded config gets the default, "auto").
-  meta = {"format_version": FORMAT_VERSION, "model": cfg.architecture()}
+  # The architecture and the solve settings the weights were trained with, without the
+  # RUNTIME_FIELDS: which backend runs the convolutions is the loading machine's choice
+  # (a loaded config gets the default, "auto").
+  meta = {"format_version": FORMAT_VERSION, "model": cfg.stored()}
   if weights is not None:
     meta["weights_sha256"] = weights_checksum(weights)
   return meta

@@ -1,6 +1,9 @@
-"""The model's architecture as one hashable record.
+"""The model's configuration as one hashable record.
 
-`ModelConfig` holds every architectural hyperparameter of MI-Net. Its defaults are
+`ModelConfig` holds every hyperparameter of MI-Net in two parts: its `Architecture`
+(what the weights are: compared, and refused on mismatch) and its `Solve` settings
+(how the IM-blocks are solved and differentiated, the training penalties and the
+numerics: free to change between a checkpoint and a run that uses it). Its defaults are
 the authors' released model (Jiawei-Shen/MI-Net, ``MINet.py``), which is the model
 the paper's 0.628M parameter count and results describe: T = 8 iterations per
 IM-block, eta = 1, dilations 1/2/4 with smoothed dilated convolutions. The paper's
@@ -20,11 +23,12 @@ from typing import Any, Union
 
 import ml_collections
 
-# Names of the IM-block solvers and backward modes; `minet_jax.fixed_point.from_config`
-# turns them into solver and adjoint objects (this module imports nothing from the package).
-SOLVERS = ("unrolled", "picard", "anderson")
-BACKWARDS = ("backprop", "implicit")
+# Names of the IM-block solvers and backward modes: the classes of the fixed-point
+# engine define them (`fixed_point.from_config` builds the objects).
+from minet_jax.fixed_point import BACKWARDS, SOLVERS  # noqa: E402
 
+CONTRACTIVE_KINDS = ("spectral", "radius", "frobenius")
+CONTRACTIVE_POINTS = ("iterate", "solution")
 INPUT_FORMATS = ("bgr255", "rgb01")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("highest", "default")
@@ -40,21 +44,48 @@ RUNTIME_FIELDS = ("conv_backend", "precision")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Architecture of MI-Net. Defaults reproduce the authors' released checkpoint."""
+class Architecture:
+  """What the weights are: every field that decides their shapes or what they compute.
+
+  Checkpoints store these, runs compare them, and a mismatch is refused (`init_from`,
+  resume, `Params`). Defaults are the authors' released model.
+  """
 
   # Width of every feature map between the encoder and the decoder.
   features: int = 64
   # Number of residual blocks after the stride-2 encoder conv ("pre_processing").
   pre_blocks: int = 3
-  # Fixed-point iterations T of each IM-block (one entry per block).
-  iterations: tuple[int, ...] = (8, 8, 8)
   # Dilation of the first 3x3 conv of each IM-block's f (one entry per block).
   dilations: tuple[int, ...] = (1, 2, 4)
   # Implicit Euler step size: each block iterates g <- g0 + eta * f(g).
   eta: float = 1.0
   # Put a shared (2d-1)x(2d-1) smoothing kernel before both convs of blocks with d > 1.
   smoothed_dilation: bool = True
+  # What the network's first layer sees: "bgr255" (released weights) or "rgb01".
+  input_format: str = "bgr255"
+  # Epsilon of every instance norm (PyTorch's InstanceNorm2d default).
+  norm_eps: float = 1e-5
+  # Negative slope of the LeakyReLU in the tail.
+  leaky_slope: float = 0.1
+  # Negative slope `a` of the Kaiming-normal init of plain convs (authors: kaiming_normal_(w, 0.1)).
+  init_kaiming_a: float = 0.1
+  # Padding mode used to grow odd image sizes to even before the stride-2 encoder ("edge"/"reflect").
+  pad_mode: str = "reflect"
+
+
+@dataclasses.dataclass(frozen=True)
+class Solve:
+  """How the IM-blocks are solved and differentiated, trained and computed.
+
+  None of these change the weights' shapes: they may differ between a checkpoint
+  and a run that starts from it (`init_from`), resumes it, or loads it. Checkpoints
+  store them (except the RUNTIME_FIELDS) as the settings the weights were trained
+  with, which `load` uses unless told otherwise.
+  """
+
+  # Map evaluations of each IM-block (one entry per block): exactly this many for the
+  # "unrolled" solver (T of the released model), the cap for the others.
+  iterations: tuple[int, ...] = (8, 8, 8)
   # lax.scan unroll of the IM-block iteration: "auto" (full on CPU, 1 elsewhere), or an int/bool.
   unroll: Union[str, int, bool] = "auto"
   # How each IM-block solves g = g0 + eta * f(g) (minet_jax.fixed_point, which documents the
@@ -72,21 +103,40 @@ class ModelConfig:
   anderson_beta: float = 1.0
   # Tikhonov regulariser of Anderson's m x m least squares, relative to its mean diagonal.
   anderson_reg: float = 1e-5
-  # IM-block gradients: "backprop" through the iterations, or "implicit" (implicit function
-  # theorem; memory flat in the number of iterations).
+  # "picard"/"anderson": when a solve misses the tolerance, answer with the iterate of
+  # lowest residual instead of the last one.
+  best_so_far: bool = False
+  # IM-block gradients: "backprop" through the iterations, "implicit" (implicit function
+  # theorem; memory flat in the number of iterations) or "phantom" (phantom_steps damped
+  # steps at the solution; 1 step, damping 1 is Jacobian-free backprop).
   backward: str = "backprop"
   # Step cap of the implicit backward's adjoint solve (0: the block's `iterations`).
   adjoint_max_steps: int = 0
   # Relative and absolute tolerances of the adjoint solve (same test as rtol/atol).
   adjoint_rtol: float = 1e-3
   adjoint_atol: float = 0.0
-  # Training only (minet_jax.contractive.penalty): weight of the penalty on each block's
-  # estimated ||eta * df/dg||_2 above contractive_target (0: off).
+  # "phantom" backward: k differentiated damped steps at the solution, and their damping.
+  phantom_steps: int = 1
+  phantom_damping: float = 1.0
+  # Training only (minet_jax.contractive): weight of the penalty on each block's
+  # Jacobian J = eta * df/dg (0: off).
   contractive_weight: float = 0.0
-  # Spectral-norm level the penalty aims below (< 1 makes the Picard map a contraction).
+  # Which penalty: "spectral" (max(0, ||J||_2 - contractive_target)^2 by power iteration),
+  # "radius" (the same hinge on a power-iteration estimate of rho(J), Theorem 1's
+  # condition) or "frobenius" (Hutchinson's estimate of ||J||_F^2 / n, the mean squared
+  # singular value).
+  contractive_kind: str = "spectral"
+  # Where J is taken: "iterate" (a random Picard iterate g_k, k <= iterations) or
+  # "solution" (the block's answer in the forward pass: no extra map evaluations).
+  contractive_point: str = "iterate"
+  # Level the spectral/radius penalty aims below (< 1 makes the Picard map a contraction).
   contractive_target: float = 0.9
-  # Power-iteration steps (one jvp + one vjp each) of the penalty's norm estimate.
+  # Power-iteration steps of the spectral (one jvp + one vjp each) or radius (one jvp)
+  # estimate, or Hutchinson probes (one jvp each) of the Frobenius one.
   contractive_iters: int = 4
+  # Training only: weight of the fixed-point correction loss, the reconstruction loss of
+  # the output decoded from one map step after a random earlier iterate of every block.
+  correction_weight: float = 0.0
   # Compute dtype of convolutions; parameters and normalisation statistics stay float32.
   dtype: str = "float32"
   # Precision of the dense convolutions (a RUNTIME_FIELD): "highest" (exact float32;
@@ -99,16 +149,19 @@ class ModelConfig:
   # training step ~2x faster (docs/TRAINING.md). Programs using them cannot be
   # serialised with jax.export: use "xla" for that.
   conv_backend: str = "auto"
-  # What the network's first layer sees: "bgr255" (released weights) or "rgb01".
-  input_format: str = "bgr255"
-  # Epsilon of every instance norm (PyTorch's InstanceNorm2d default).
-  norm_eps: float = 1e-5
-  # Negative slope of the LeakyReLU in the tail.
-  leaky_slope: float = 0.1
-  # Negative slope `a` of the Kaiming-normal init of plain convs (authors: kaiming_normal_(w, 0.1)).
-  init_kaiming_a: float = 0.1
-  # Padding mode used to grow odd image sizes to even before the stride-2 encoder ("edge"/"reflect").
-  pad_mode: str = "reflect"
+
+
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(Architecture))
+SOLVE_FIELDS = tuple(f.name for f in dataclasses.fields(Solve))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Solve, Architecture):
+  """MI-Net: its `Architecture` and how it is run (`Solve`), as one flat record.
+
+  Defaults reproduce the authors' released checkpoint. Fields are defined (and
+  documented) once, in the two records above.
+  """
 
   def __post_init__(self) -> None:
     # Normalise list-valued fields (ml_collections and JSON give lists) so the record hashes.
@@ -138,8 +191,18 @@ class ModelConfig:
       raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
     if self.backward not in BACKWARDS:
       raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
+    if self.contractive_kind not in CONTRACTIVE_KINDS:
+      raise ValueError(f"contractive_kind must be one of {CONTRACTIVE_KINDS}, got "
+                       f"{self.contractive_kind!r}")
+    if self.contractive_point not in CONTRACTIVE_POINTS:
+      raise ValueError(f"contractive_point must be one of {CONTRACTIVE_POINTS}, got "
+                       f"{self.contractive_point!r}")
+    if (isinstance(self.phantom_steps, bool) or int(self.phantom_steps) != self.phantom_steps
+        or self.phantom_steps < 1 or not 0.0 < self.phantom_damping <= 1.0):
+      raise ValueError(f"phantom_steps must be an integer >= 1 and phantom_damping in (0, 1], "
+                       f"got {self.phantom_steps}, {self.phantom_damping}")
     for name in ("rtol", "atol", "anderson_reg", "adjoint_rtol", "adjoint_atol",
-                 "contractive_weight", "contractive_target"):
+                 "contractive_weight", "contractive_target", "correction_weight"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if self.anderson_m < 1 or not 0.0 < self.anderson_beta <= 1.0:
@@ -153,7 +216,7 @@ class ModelConfig:
 
   @property
   def num_blocks(self) -> int:
-    return len(self.iterations)
+    return len(self.dilations)
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-friendly dict (tuples become lists)."""
@@ -161,8 +224,20 @@ class ModelConfig:
             for k, v in dataclasses.asdict(self).items()}
 
   def architecture(self) -> dict[str, Any]:
-    """`to_dict` without the RUNTIME_FIELDS: what checkpoints store and runs compare."""
+    """The `Architecture` fields as a JSON-friendly dict: what runs compare."""
+    return {k: v for k, v in self.to_dict().items() if k in ARCHITECTURE_FIELDS}
+
+  def stored(self) -> dict[str, Any]:
+    """`to_dict` without the RUNTIME_FIELDS: what checkpoints store."""
     return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+  def solve_settings(self) -> dict[str, Any]:
+    """The `Solve` fields a checkpoint stores (no RUNTIME_FIELDS): how it was trained to run."""
+    return {k: v for k, v in self.stored().items() if k in SOLVE_FIELDS}
+
+  def same_architecture(self, other: ModelConfig) -> bool:
+    """Whether `other` describes the same weights (whatever the solve settings)."""
+    return self.architecture() == other.architecture()
 
 
 def paper_text_variant(**overrides: Any) -> ModelConfig:

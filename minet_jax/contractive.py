@@ -75,6 +75,87 @@ def block_spectral_norm(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array,
   return spectral.norm(jv, per_sample=True)
 
 
+def block_frobenius(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.Array,
+                    num_probes: int) -> jax.Array:
+  """Per-sample Hutchinson estimate of ||eta * df/dg||_F^2 / n at ``g``, shape (batch,).
+
+  E ||J v||^2 = ||J||_F^2 for v ~ N(0, I); divided by the number n of elements of a
+  sample it is the mean squared singular value of J. ``num_probes`` jvps, averaged.
+  Differentiable with respect to the block's parameters; ``g0`` and ``g`` are constants.
+  """
+  t_map, state = block.map_fn()
+  g0 = jax.lax.stop_gradient(g0)
+  g = jax.lax.stop_gradient(g)
+  n = g[0].size
+  total = jnp.zeros((g.shape[0],), jnp.float32)
+  for k in jax.random.split(key, num_probes):
+    v = jax.random.normal(k, g.shape, g.dtype)
+    _, jv = jax.jvp(lambda z: t_map(z, (g0, state)), (g,), (v,))
+    total = total + jnp.square(spectral.norm(jv, per_sample=True))
+  return total / (num_probes * n)
+
+
+def block_radius(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.Array,
+                 num_iters: int) -> jax.Array:
+  """Per-sample power-iteration estimate of rho(eta * df/dg) at ``g``, shape (batch,).
+
+  ``num_iters`` steps v <- J v / ||J v|| (jvps only) from a random start, then ||J v||
+  for the final unit v: for a real dominant eigenvalue (the released blocks' 2-cycles
+  come from one near -rho) this tends to rho; for a complex pair ||J v|| rotates with
+  v and only comes near rho (above or below). Only the final product is
+  differentiated, as in `block_spectral_norm`.
+  """
+  t_map, state = block.map_fn()
+  g0 = jax.lax.stop_gradient(g0)
+  g = jax.lax.stop_gradient(g)
+  frozen = jax.lax.stop_gradient(state)
+  _, matvec = jax.linearize(lambda z: t_map(z, (g0, frozen)), g)
+  v = jax.lax.fori_loop(0, num_iters, lambda _, v: spectral.unit(matvec(v), per_sample=True),
+                        spectral.unit(jax.random.normal(key, g.shape, g.dtype), per_sample=True))
+  v = jax.lax.stop_gradient(v)
+  _, jv = jax.jvp(lambda z: t_map(z, (g0, state)), (g,), (v,))
+  return spectral.norm(jv, per_sample=True)
+
+
+def block_term(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.Array, *,
+               kind: str, num_iters: int, target: float) -> tuple[jax.Array, jax.Array]:
+  """One block's penalty (batch mean) and the figure it is made of (batch mean).
+
+  "spectral": mean_b max(0, sigma_b - target)^2 and sigma (`block_spectral_norm`);
+  "radius": the same hinge on the spectral-radius estimate (`block_radius`): Theorem
+  1's own condition, far weaker than a bound on the norm;
+  "frobenius": mean_b ||J||_F^2 / n and the same (`block_frobenius`).
+  """
+  if kind in ("spectral", "radius"):
+    estimate = block_spectral_norm if kind == "spectral" else block_radius
+    sigma = estimate(block, g0, g, key, num_iters)
+    return jnp.mean(jnp.square(jax.nn.relu(sigma - target))), jnp.mean(sigma)
+  if kind == "frobenius":
+    fro = block_frobenius(block, g0, g, key, num_iters)
+    return jnp.mean(fro), jnp.mean(fro)
+  raise ValueError(f"unknown penalty kind {kind!r}; choose 'spectral', 'radius' or "
+                   "'frobenius'")
+
+
+def fixed_point_mismatch(block: model_lib.IMBlock, g0: jax.Array, target: jax.Array
+                         ) -> jax.Array:
+  """How far ``target`` is from being the block's fixed point, per sample, shape (batch,).
+
+  ||T(target) - target||^2 / ||target - g0||^2 with T(g) = g0 + eta f(g): zero exactly
+  when ``target`` solves the block's implicit Euler step from ``g0``, relative to the
+  step's size. With a teacher's block input and output it trains f so that the
+  teacher's output becomes its fixed point (configs/stable.py); no solve is needed.
+  """
+  t_map, state = block.map_fn()
+  g0 = jax.lax.stop_gradient(g0)
+  target = jax.lax.stop_gradient(target)
+  diff = (t_map(target, (g0, state)) - target).astype(jnp.float32)
+  step = (target - g0).astype(jnp.float32)
+  axes = tuple(range(1, diff.ndim))
+  return jnp.sum(jnp.square(diff), axis=axes) / jnp.maximum(
+      jnp.sum(jnp.square(step), axis=axes), jnp.finfo(jnp.float32).tiny)
+
+
 def random_iterate(block: model_lib.IMBlock, g0: jax.Array, key: jax.Array) -> jax.Array:
   """The Picard iterate g_k of ``block`` from ``g0``, k uniform in {0, ..., T} (no gradient)."""
   t_map, state = block.map_fn()
@@ -174,9 +255,10 @@ def penalty_at_points(model_or_params: ModelLike,
   total = jnp.float32(0.0)
   sigmas = []
   for block, (g0, g), k in zip(model.im_blocks, points, keys):
-    sigma = block_spectral_norm(block, g0, g, k, num_iters)
-    total = total + jnp.mean(jnp.square(jax.nn.relu(sigma - target)))
-    sigmas.append(jnp.mean(sigma))
+    term, sigma = block_term(block, g0, g, k, kind=model.config.contractive_kind,
+                             num_iters=num_iters, target=target)
+    total = total + term
+    sigmas.append(sigma)
   return (total, jnp.stack(sigmas)) if per_block else total
 
 

@@ -89,7 +89,7 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     written, read = flat_weights(params.weights), flat_weights(reloaded.weights)
     bad = [".".join(k) for k in written
            if k not in read or not np.array_equal(np.asarray(written[k]), np.asarray(read[k]))]
-    if bad or reloaded.config.architecture() != params.config.architecture():
+    if bad or reloaded.config.stored() != params.config.stored():
       raise RuntimeError(f"{staging} does not read back what was written: {bad or 'config'}")
   return params
 

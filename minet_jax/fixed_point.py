@@ -129,17 +129,16 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from minet_jax.config import BACKWARDS, SOLVERS, ModelConfig
 
 __all__ = [
-    "Anderson", "Backprop", "BACKWARDS", "FixedPointResult", "Implicit", "Picard", "RESULTS",
-    "SOLVERS", "Unrolled", "fixed_point", "from_config", "resolve_unroll",
+    "Anderson", "Backprop", "BACKWARDS", "FixedPointResult", "Implicit", "Phantom", "Picard",
+    "RESULTS", "SOLVERS", "Unrolled", "fixed_point", "from_config", "resolve_unroll",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -277,6 +276,7 @@ class Unrolled:
     rtol, atol: decide only the reported status (does the last step meet the test?).
     unroll: ``lax.scan`` unroll; "auto" for `resolve_unroll`'s backend-aware default.
   """
+  name: ClassVar[str] = "unrolled"
   rtol: float = 0.0
   atol: float = 0.0
   unroll: Unroll = "auto"
@@ -284,6 +284,10 @@ class Unrolled:
   def __post_init__(self) -> None:
     _check_nonnegative("Unrolled", rtol=self.rtol, atol=self.atol)
     _check_unroll("Unrolled", self.unroll)
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> Unrolled:
+    return cls(rtol=cfg.rtol, atol=cfg.atol, unroll=cfg.unroll)
 
   def _run(self, fn, z0, args, max_steps: int, differentiable: bool) -> _Outcome:
     del differentiable  # A scan is differentiable as it is.
@@ -316,6 +320,8 @@ class _LoopState(NamedTuple):
   residual: jax.Array   # (B,) float32 last relative residual
   history: jax.Array    # (B, max_steps) float32, NaN for steps not taken
   accel: Any            # the solver's own state: () for Picard, `_AndersonState`
+  best_value: Any       # each sample's evaluation of lowest residual so far
+  best_residual: jax.Array  # (B,) float32 its residual (inf before the first step)
 
 
 class _Iterative:
@@ -339,6 +345,7 @@ class _Iterative:
       x_next, accel = self._next(s.step, s.x, fx, s.accel)
       finished = s.active & (met | ~finite)
       code = jnp.where(finite, RESULTS.successful, RESULTS.nonfinite).astype(jnp.int32)
+      better = s.active & (rel < s.best_residual)  # False for NaN
       return _LoopState(
           step=s.step + 1,
           x=_select(s.active, x_next, s.x),
@@ -349,7 +356,9 @@ class _Iterative:
           residual=jnp.where(s.active, rel, s.residual),
           history=s.history.at[:, s.step].set(jnp.where(s.active, rel, jnp.nan)),
           # A finished sample's x no longer moves, so its (unused) state needs no freezing.
-          accel=accel)
+          accel=accel,
+          best_value=_select(better, fx, s.best_value),
+          best_residual=jnp.where(better, rel, s.best_residual))
     return step
 
   def _run(self, fn, z0, args, max_steps: int, differentiable: bool) -> _Outcome:
@@ -362,14 +371,21 @@ class _Iterative:
         num_steps=jnp.zeros((batch,), jnp.int32),
         residual=jnp.full((batch,), jnp.nan, jnp.float32),
         history=jnp.full((batch, max_steps), jnp.nan, jnp.float32),
-        accel=self._init(z0, batch))
+        accel=self._init(z0, batch), best_value=z0,
+        best_residual=jnp.full((batch,), jnp.inf, jnp.float32))
     step = self._step(fn, args, _sample_size(z0))
     if differentiable:
       final, _ = jax.lax.scan(lambda s, _: (step(s), None), init, None, length=max_steps,
                               unroll=resolve_unroll(self.unroll, max_steps))
     else:
       final = jax.lax.while_loop(lambda s: (s.step < max_steps) & jnp.any(s.active), step, init)
-    return _Outcome(final.value, final.status, final.num_steps, final.residual, final.history)
+    value, residual = final.value, final.residual
+    if self.best_so_far:
+      # A solve that missed the tolerance answers with its best evaluation instead.
+      use_best = (final.status != RESULTS.successful) & jnp.isfinite(final.best_residual)
+      value = _select(use_best, final.best_value, value)
+      residual = jnp.where(use_best, final.best_residual, residual)
+    return _Outcome(value, final.status, final.num_steps, residual, final.history)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,14 +395,22 @@ class Picard(_Iterative):
   Attributes:
     rtol, atol: the stopping test (module docstring).
     unroll: ``lax.scan`` unroll of the masked scan run under `Backprop` differentiation.
+    best_so_far: a sample that misses the tolerance answers with its evaluation of
+      lowest residual rather than its last one (module docstring, "Status").
   """
+  name: ClassVar[str] = "picard"
   rtol: float = 1e-3
   atol: float = 0.0
   unroll: Unroll = "auto"
+  best_so_far: bool = False
 
   def __post_init__(self) -> None:
     _check_nonnegative("Picard", rtol=self.rtol, atol=self.atol)
     _check_unroll("Picard", self.unroll)
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> Picard:
+    return cls(rtol=cfg.rtol, atol=cfg.atol, unroll=cfg.unroll, best_so_far=cfg.best_so_far)
 
   def _init(self, z0, batch):
     return ()
@@ -412,13 +436,16 @@ class Anderson(_Iterative):
     reg: relative Tikhonov regulariser of the m x m least squares (>= 0).
     rtol, atol: the stopping test (module docstring).
     unroll: ``lax.scan`` unroll of the masked scan run under `Backprop` differentiation.
+    best_so_far: as for `Picard`.
   """
+  name: ClassVar[str] = "anderson"
   m: int = 5
   beta: float = 1.0
   reg: float = 1e-5
   rtol: float = 1e-3
   atol: float = 0.0
   unroll: Unroll = "auto"
+  best_so_far: bool = False
 
   def __post_init__(self) -> None:
     if isinstance(self.m, bool) or int(self.m) != self.m or self.m < 1:
@@ -427,6 +454,11 @@ class Anderson(_Iterative):
       raise ValueError(f"Anderson.beta must lie in (0, 1], got {self.beta}")
     _check_nonnegative("Anderson", reg=self.reg, rtol=self.rtol, atol=self.atol)
     _check_unroll("Anderson", self.unroll)
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> Anderson:
+    return cls(m=cfg.anderson_m, beta=cfg.anderson_beta, reg=cfg.anderson_reg, rtol=cfg.rtol,
+               atol=cfg.atol, unroll=cfg.unroll, best_so_far=cfg.best_so_far)
 
   def _init(self, z0, batch):
     stacked = jax.tree.map(lambda x: jnp.zeros((self.m,) + x.shape, x.dtype), z0)
@@ -472,6 +504,10 @@ class Anderson(_Iterative):
 
 
 Solver = Union[Unrolled, Picard, Anderson]
+# name -> class: what ModelConfig.solver may say. A new solver is a class with a `name`,
+# `from_config` and `_run`, listed here.
+SOLVER_CLASSES = {cls.name: cls for cls in (Unrolled, Picard, Anderson)}
+SOLVERS = tuple(SOLVER_CLASSES)
 
 
 # ------------------------------------------------------------------ adjoints
@@ -494,6 +530,11 @@ def _closed_map(fn, z0, args):
 @dataclasses.dataclass(frozen=True)
 class Backprop:
   """Gradients through the iterations (module docstring, "Adjoints")."""
+  name: ClassVar[str] = "backprop"
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> Backprop:
+    return cls()
 
   def _apply(self, solver: Solver, fn, z0, args, max_steps: int) -> _Outcome:
     if isinstance(solver, Unrolled) or max_steps == 0:
@@ -525,6 +566,7 @@ class Implicit:
     max_steps: step cap of the adjoint solve; None: the forward's ``max_steps``.
     rtol, atol: its stopping test; None: the forward solver's.
   """
+  name: ClassVar[str] = "implicit"
   max_steps: Optional[int] = None
   rtol: Optional[float] = None
   atol: Optional[float] = None
@@ -532,6 +574,12 @@ class Implicit:
   def __post_init__(self) -> None:
     _check_steps("Implicit.max_steps", self.max_steps)
     _check_nonnegative("Implicit", rtol=self.rtol, atol=self.atol)
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> Implicit:
+    # adjoint_max_steps = 0: the adjoint solve gets each block's own step cap.
+    return cls(max_steps=cfg.adjoint_max_steps or None, rtol=cfg.adjoint_rtol,
+               atol=cfg.adjoint_atol)
 
   def adjoint_solver(self, solver: Solver) -> Solver:
     """The solver of the adjoint fixed point: ``solver`` with this object's tolerances."""
@@ -567,7 +615,50 @@ class Implicit:
     return solve(z0, (args, consts))
 
 
-Adjoint = Union[Backprop, Implicit]
+@dataclasses.dataclass(frozen=True)
+class Phantom:
+  """Phantom (Jacobian-free) gradients: k damped steps at the solution (module docstring).
+
+  Attributes:
+    steps: k, the differentiated steps z <- (1 - damping) z + damping T(z) from z*
+      (>= 1; ``steps=1, damping=1`` is the Jacobian-free backprop of Fung et al.).
+    damping: tau in (0, 1].
+  """
+  name: ClassVar[str] = "phantom"
+  steps: int = 1
+  damping: float = 1.0
+
+  def __post_init__(self) -> None:
+    if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1:
+      raise ValueError(f"Phantom.steps must be an integer >= 1, got {self.steps}")
+    if not 0.0 < self.damping <= 1.0:
+      raise ValueError(f"Phantom.damping must lie in (0, 1], got {self.damping}")
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> Phantom:
+    return cls(steps=cfg.phantom_steps, damping=cfg.phantom_damping)
+
+  def _apply(self, solver: Solver, fn, z0, args, max_steps: int) -> _Outcome:
+    t_map, consts = _closed_map(fn, z0, args)
+    inputs = (args, consts)
+    # The solve sees no tangents, so its early-exit while loop is never differentiated.
+    out = solver._run(t_map, jax.lax.stop_gradient(z0), jax.lax.stop_gradient(inputs),
+                      max_steps, differentiable=False)
+    z_star = jax.lax.stop_gradient(out.value)
+    tau = self.damping
+    z = z_star
+    for _ in range(int(self.steps)):
+      z = jax.tree.map(lambda a, b: (1.0 - tau) * a + tau * b, z, t_map(z, inputs))
+    # The value is the solver's answer; only the gradient is the phantom steps'.
+    value = jax.tree.map(lambda s, p: s + (p - jax.lax.stop_gradient(p)), z_star, z)
+    return out._replace(value=value)
+
+
+Adjoint = Union[Backprop, Implicit, Phantom]
+# name -> class: what ModelConfig.backward may say (a new adjoint: a class with `name`,
+# `from_config` and `_apply`, listed here).
+ADJOINT_CLASSES = {cls.name: cls for cls in (Backprop, Implicit, Phantom)}
+BACKWARDS = tuple(ADJOINT_CLASSES)
 
 
 # ------------------------------------------------------------------ entry points
@@ -592,13 +683,15 @@ def fixed_point(fn: Callable[[Any, Any], Any], solver: Solver, z0: Any, args: An
   """
   # Type names only: a misplaced array (the old fixed_point(fn, z0, args) order) would
   # otherwise print whole.
-  if not isinstance(solver, (Unrolled, Picard, Anderson)):
+  if not isinstance(solver, tuple(SOLVER_CLASSES.values())):
     raise ValueError(f"unknown solver of type {type(solver).__name__}; the call is "
-                     "fixed_point(fn, solver, z0, args, ...) with solver Unrolled(), "
-                     f"Picard(...) or Anderson(...) (from_config builds one from {SOLVERS})")
-  if not isinstance(adjoint, (Backprop, Implicit)):
-    raise ValueError(f"unknown adjoint of type {type(adjoint).__name__}; pass Backprop() or "
-                     f"Implicit(...) (from_config builds one from {BACKWARDS})")
+                     "fixed_point(fn, solver, z0, args, ...) with solver one of "
+                     f"{', '.join(c.__name__ for c in SOLVER_CLASSES.values())} "
+                     f"(from_config builds one from {SOLVERS})")
+  if not isinstance(adjoint, tuple(ADJOINT_CLASSES.values())):
+    raise ValueError(f"unknown adjoint of type {type(adjoint).__name__}; pass one of "
+                     f"{', '.join(c.__name__ + '()' for c in ADJOINT_CLASSES.values())} "
+                     f"(from_config builds one from {BACKWARDS})")
   _check_steps("max_steps", max_steps)
   if per_sample:
     leaves = jax.tree.leaves(z0)
@@ -620,26 +713,14 @@ def fixed_point(fn: Callable[[Any, Any], Any], solver: Solver, z0: Any, args: An
                           residual=out.residual, residual_history=out.history)
 
 
-def from_config(cfg: ModelConfig) -> tuple[Solver, Adjoint]:
-  """The solver and adjoint objects a `ModelConfig`'s plain fields name.
+def from_config(cfg: Any) -> tuple[Solver, Adjoint]:
+  """The solver and adjoint objects a `ModelConfig`'s ``solver`` and ``backward`` name.
 
-  ``adjoint_max_steps = 0`` becomes ``Implicit(max_steps=None)``: the adjoint solve
-  gets each block's own step cap.
+  Each class reads its own settings from the config (its ``from_config``).
   """
-  common = dict(rtol=cfg.rtol, atol=cfg.atol, unroll=cfg.unroll)
-  if cfg.solver == "unrolled":
-    solver = Unrolled(**common)
-  elif cfg.solver == "picard":
-    solver = Picard(**common)
-  elif cfg.solver == "anderson":
-    solver = Anderson(m=cfg.anderson_m, beta=cfg.anderson_beta, reg=cfg.anderson_reg, **common)
-  else:
+  if cfg.solver not in SOLVER_CLASSES:
     raise ValueError(f"unknown solver {cfg.solver!r}; choose one of {SOLVERS}")
-  if cfg.backward == "backprop":
-    adjoint = Backprop()
-  elif cfg.backward == "implicit":
-    adjoint = Implicit(max_steps=cfg.adjoint_max_steps or None, rtol=cfg.adjoint_rtol,
-                       atol=cfg.adjoint_atol)
-  else:
+  if cfg.backward not in ADJOINT_CLASSES:
     raise ValueError(f"unknown backward {cfg.backward!r}; choose one of {BACKWARDS}")
-  return solver, adjoint
+  return (SOLVER_CLASSES[cfg.solver].from_config(cfg),
+          ADJOINT_CLASSES[cfg.backward].from_config(cfg))

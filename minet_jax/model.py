@@ -213,6 +213,24 @@ class MINet(nnx.Module):
     x = x + x * self.layer1(x)
     return self.deconv(x)
 
+  def forward_runs(self, rgb: jax.Array) -> tuple[jax.Array, jax.Array, list[BlockRun]]:
+    """RGB [0, 1] NHWC -> (output as ``__call__`` gives it, the model-space input, the runs).
+
+    The runs (`solve_blocks`) let a training loss reuse the solve: penalties at the
+    solutions, and `output_from_states` for other block outputs.
+    """
+    model_image = self.model_input(rgb)
+    runs = self.solve_blocks(model_image)
+    y = self.output_from_states([run.result.value for run in runs], model_image, rgb.shape[1:3])
+    return y, model_image, runs
+
+  def output_from_states(self, states: list[jax.Array], model_image: jax.Array,
+                         size: tuple[int, int]) -> jax.Array:
+    """MLF, decoder and tail on given block outputs: RGB [0, 1]-scale NHWC of ``size``."""
+    out = self.decode(self.fuse(states), model_image)
+    y = from_model_space(out.astype(jnp.float32), self.config)
+    return y[:, :size[0], :size[1], :]
+
   def forward_rgb_with_diagnostics(self, rgb: jax.Array
                                    ) -> tuple[jax.Array, list[fp.FixedPointResult]]:
     """Like ``__call__`` (RGB [0, 1] in and out), plus each IM-block's `FixedPointResult`.
@@ -222,12 +240,8 @@ class MINet(nnx.Module):
     they come back without recompiling per image of the same size. A result's
     ``value`` is the block's output, the next block's g0.
     """
-    h, w = rgb.shape[1:3]
-    model_image = self.model_input(rgb)
-    results = [run.result for run in self.solve_blocks(model_image)]
-    out = self.decode(self.fuse([r.value for r in results]), model_image)
-    y = from_model_space(out.astype(jnp.float32), self.config)
-    return y[:, :h, :w, :], results
+    y, _, runs = self.forward_runs(rgb)
+    return y, [run.result for run in runs]
 
   def __call__(self, rgb: jax.Array) -> jax.Array:
     """RGB [0, 1] NHWC (any H, W) -> RGB [0, 1]-scale NHWC, unclipped."""

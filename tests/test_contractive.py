@@ -134,3 +134,104 @@ def test_penalty_inputs_agree_and_weight_zero_is_free(random_params):
     contractive.penalty_at_points(params, [(images, images)], key=key)
   with pytest.raises(TypeError, match="MINet or minet_jax.Params"):
     contractive.penalty({"weights": 1}, images, key=key)
+
+
+def test_frobenius_estimate_is_hutchinsons_on_the_dense_jacobian():
+  graphdef, state = _tiny_block()
+  g0 = jax.random.normal(jax.random.key(8), (2, 5, 5, 3)) * jnp.asarray([1.0, 3.0])[:, None,
+                                                                                None, None]
+  block = nnx.merge(graphdef, state)
+  g = block(g0)
+  jac = np.asarray(_jacobians(graphdef, state, g0, g), np.float64)  # (2, n, n)
+  n = jac.shape[1]
+  key, probes = jax.random.key(9), 3
+  estimate = contractive.block_frobenius(block, g0, g, key, probes)
+  # The same probe vectors through the dense Jacobian: the estimator's exact value ...
+  vs = [np.asarray(jax.random.normal(k, g.shape), np.float64).reshape(2, n)
+        for k in jax.random.split(key, probes)]
+  dense = np.mean([np.sum(np.einsum("bij,bj->bi", jac, v) ** 2, axis=1) for v in vs], 0) / n
+  np.testing.assert_allclose(estimate, dense, rtol=1e-4)
+  # ... and with many probes, the mean squared singular value ||J||_F^2 / n it estimates.
+  many = contractive.block_frobenius(block, g0, g, jax.random.key(10), 400)
+  np.testing.assert_allclose(many, np.sum(jac ** 2, axis=(1, 2)) / n, rtol=0.15)
+
+
+def test_frobenius_penalty_gradient_matches_finite_differences():
+  graphdef, state = _tiny_block()
+  g0 = jax.random.normal(jax.random.key(11), (1, 4, 4, 3))
+  g = nnx.merge(graphdef, state)(g0)
+  key = jax.random.key(12)
+
+  def penalty(state):
+    block = nnx.merge(graphdef, state)
+    term, _ = contractive.block_term(block, g0, g, key, kind="frobenius", num_iters=2,
+                                     target=0.0)
+    return term
+
+  grad = jax.jit(jax.grad(penalty))(state)
+  direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(13), x.shape), state)
+  eps = 1e-3
+  f = jax.jit(penalty)
+  fd = (float(f(jax.tree.map(lambda x, d: x + eps * d, state, direction)))
+        - float(f(jax.tree.map(lambda x, d: x - eps * d, state, direction)))) / (2 * eps)
+  analytic = sum(float(jnp.vdot(a, d)) for a, d in
+                 zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+  assert analytic == pytest.approx(fd, rel=2e-2)
+
+
+def test_radius_estimate_finds_a_real_dominant_eigenvalue_and_nears_a_complex_pair():
+  graphdef, state = _tiny_block(gain=2.0)
+  g0 = jax.random.normal(jax.random.key(14), (2, 4, 4, 3))
+  block = nnx.merge(graphdef, state)
+  g = block(g0)
+  jac = np.asarray(_jacobians(graphdef, state, g0, g), np.float64)
+  eig = np.linalg.eigvals(jac)
+  radii = np.max(np.abs(eig), axis=1)
+  estimate = np.asarray(contractive.block_radius(block, g0, g, jax.random.key(15), 300))
+  top = [e[np.argsort(-np.abs(e))] for e in eig]
+  # Sample 0: a real dominant eigenvalue (-1.15, a Picard 2-cycle), found exactly;
+  # sample 1: a complex pair, where ||J v|| rotates with v and only comes near rho.
+  assert abs(top[0][0].imag) < 1e-9 and abs(top[0][1]) < 0.9 * radii[0]
+  assert estimate[0] == pytest.approx(radii[0], rel=1e-3)
+  assert abs(top[1][0].imag) > 0.1
+  assert estimate[1] == pytest.approx(radii[1], rel=0.3)
+  assert np.all(estimate <= _dense_norms(graphdef, state, g0, g))
+
+
+def test_fixed_point_mismatch_trains_a_block_to_the_teachers_fixed_point():
+  """A student block trained on the mismatch alone solves to the teacher's output."""
+  teacher_def, teacher_state = _tiny_block(gain=0.5)
+  student_def, student_state = _tiny_block(gain=0.2)
+  student_state = jax.tree.map(lambda x: x * 0.9, student_state)
+  g0 = jax.random.normal(jax.random.key(16), (2, 5, 5, 3))
+
+  def solve(graphdef, state):
+    t_map, f_state = nnx.merge(graphdef, state).map_fn()
+    return fp.fixed_point(t_map, fp.Picard(rtol=1e-6), g0, (g0, f_state), max_steps=300,
+                          per_sample=True).value
+
+  target = jax.jit(solve, static_argnums=0)(teacher_def, teacher_state)
+  block = nnx.merge(student_def, student_state)
+  t_map, f_state = block.map_fn()
+  mismatch = contractive.fixed_point_mismatch(block, g0, target)
+  expected = (np.sum(np.square(np.asarray(t_map(target, (g0, f_state)) - target)), (1, 2, 3))
+              / np.sum(np.square(np.asarray(target - g0)), (1, 2, 3)))
+  np.testing.assert_allclose(mismatch, expected, rtol=1e-5)
+  teacher = nnx.merge(teacher_def, teacher_state)
+  assert float(jnp.max(contractive.fixed_point_mismatch(teacher, g0, target))) < 1e-9
+
+  optimizer = optax.adam(1e-2)
+  opt_state = optimizer.init(student_state)
+
+  @jax.jit
+  def step(state, opt_state):
+    loss = lambda s: jnp.mean(contractive.fixed_point_mismatch(  # noqa: E731
+        nnx.merge(student_def, s), g0, target))
+    updates, opt_state = optimizer.update(jax.grad(loss)(state), opt_state)
+    return optax.apply_updates(state, updates), opt_state
+
+  before = float(jnp.max(jnp.abs(solve(student_def, student_state) - target)))
+  for _ in range(300):
+    student_state, opt_state = step(student_state, opt_state)
+  after = float(jnp.max(jnp.abs(solve(student_def, student_state) - target)))
+  assert after < 0.05 * before, (before, after)

@@ -16,6 +16,7 @@ ITERATIVE = ("picard", "anderson")
 
 
 SOLVER_CLASSES = {"unrolled": fp.Unrolled, "picard": fp.Picard, "anderson": fp.Anderson}
+# The adjoints that give the exact gradient of the fixed point.
 ADJOINT_CLASSES = {"backprop": fp.Backprop, "implicit": fp.Implicit}
 
 
@@ -32,7 +33,7 @@ def _linear_map(z, args):
 
 
 @pytest.mark.parametrize("solver", ITERATIVE + ("unrolled",))
-@pytest.mark.parametrize("backward", fp.BACKWARDS)
+@pytest.mark.parametrize("backward", tuple(ADJOINT_CLASSES))
 def test_linear_fixed_point_and_gradient_match_closed_form(solver, backward):
   a, b = _linear_problem()
   c = np.random.default_rng(1).normal(size=a.shape[0]).astype(np.float32)
@@ -337,3 +338,83 @@ def test_from_config_builds_the_named_objects():
   hash((solver, adjoint))  # static under jit
   assert fp.Implicit(rtol=1e-7).adjoint_solver(solver) == fp.Anderson(
       m=3, beta=0.5, reg=1e-4, rtol=1e-7, atol=1e-6, unroll=2)
+
+
+def test_registries_name_every_class_once():
+  assert fp.SOLVERS == ("unrolled", "picard", "anderson")
+  assert fp.BACKWARDS == ("backprop", "implicit", "phantom")
+  assert minet_jax.config.SOLVERS is fp.SOLVERS and minet_jax.config.BACKWARDS is fp.BACKWARDS
+  cfg = minet_jax.ModelConfig(solver="picard", backward="phantom", phantom_steps=3,
+                              phantom_damping=0.5, best_so_far=True)
+  assert fp.from_config(cfg) == (fp.Picard(rtol=1e-3, best_so_far=True),
+                                 fp.Phantom(steps=3, damping=0.5))
+  with pytest.raises(ValueError, match="backward must be one of"):
+    minet_jax.ModelConfig(backward="jfb")
+
+
+@pytest.mark.parametrize("steps,damping", [(1, 1.0), (3, 0.5)])
+def test_phantom_gradient_is_that_of_k_damped_steps_at_the_solution(steps, damping):
+  """Dense reference: z* from a long float64 solve, then the k steps differentiated."""
+  a, b = _linear_problem(radius=0.7)
+  c = np.random.default_rng(2).normal(size=a.shape[0]).astype(np.float32)
+
+  def tanh_map(z, args):
+    a, b = args
+    return jnp.tanh(a @ z + b)
+
+  solve = dict(max_steps=200, adjoint=fp.Phantom(steps=steps, damping=damping))
+
+  def loss(a, b):
+    result = fp.fixed_point(tanh_map, fp.Picard(rtol=1e-7, unroll=1), jnp.zeros_like(b), (a, b),
+                            **solve)
+    return jnp.dot(c, result.value), result.value
+
+  (value, z), (ga, gb) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(a, b)
+  z_star = np.zeros(len(b))
+  for _ in range(500):
+    z_star = np.tanh(a.astype(np.float64) @ z_star + b)
+  np.testing.assert_allclose(z, z_star, atol=1e-5)  # the value is the solver's answer
+
+  def reference(a, b):  # k damped steps from the (constant) solution
+    zk = jnp.asarray(z_star, jnp.float32)
+    for _ in range(steps):
+      zk = (1 - damping) * zk + damping * tanh_map(zk, (a, b))
+    return jnp.dot(c, zk)
+
+  ra, rb = jax.grad(reference, argnums=(0, 1))(a, b)
+  np.testing.assert_allclose(ga, ra, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gb, rb, rtol=1e-4, atol=1e-5)
+  # And not the exact implicit gradient (the point of a phantom gradient is to skip it).
+  jac = (1 - np.tanh(a @ z_star + b) ** 2)[:, None] * a
+  exact_b = np.linalg.solve(np.eye(len(b)) - jac.T, c) * (1 - np.tanh(a @ z_star + b) ** 2)
+  assert np.max(np.abs(gb - exact_b)) > 1e-2
+
+
+def test_phantom_forward_is_an_early_exit_loop_and_never_differentiated():
+  a, b = _linear_problem()
+  solve = lambda b: fp.fixed_point(_linear_map, fp.Anderson(rtol=1e-6), b, (a, b),  # noqa: E731
+                                   max_steps=50, adjoint=fp.Phantom()).value.sum()
+  gradient = str(jax.make_jaxpr(jax.grad(solve))(b))
+  assert "while" in gradient and "scan" not in gradient
+
+
+@pytest.mark.parametrize("cls", [fp.Picard, fp.Anderson])
+def test_best_so_far_answers_with_the_lowest_residual(cls):
+  # z -> -1.5 z + 1: the fixed point 0.4 repels; from 0.39 every Picard step is worse, so
+  # the best evaluation is the first, T(0.39) = 0.415 (Anderson with m=1 is Picard).
+  kw = dict(m=1) if cls is fp.Anderson else {}
+  repelling = lambda z, _: -1.5 * z + 1.0  # noqa: E731
+  z0 = jnp.full((2,), 0.39)
+  last = fp.fixed_point(repelling, cls(rtol=1e-8, **kw), z0, max_steps=6)
+  best = fp.fixed_point(repelling, cls(rtol=1e-8, best_so_far=True, **kw), z0, max_steps=6)
+  assert int(best.status) == int(last.status) == fp.RESULTS.max_steps_reached
+  np.testing.assert_allclose(best.value, 0.415, rtol=1e-6)
+  history = np.asarray(best.residual_history)
+  assert float(best.residual) == pytest.approx(np.nanmin(history))
+  assert float(last.residual) == pytest.approx(history[-1]) and history[-1] > history[0]
+  # A solve that converges answers as without the option.
+  a, b = _linear_problem()
+  plain = fp.fixed_point(_linear_map, cls(rtol=1e-6, **kw), b, (a, b), max_steps=300)
+  tracked = fp.fixed_point(_linear_map, cls(rtol=1e-6, best_so_far=True, **kw), b, (a, b),
+                           max_steps=300)
+  np.testing.assert_array_equal(plain.value, tracked.value)

@@ -461,3 +461,105 @@ def test_an_option_xla_does_not_take_warns_and_falls_back_to_defaults(monkeypatc
   monkeypatch.setattr(step_lib, "_YNN_OPTION", "xla_cpu_no_such_option_for_the_test")
   with pytest.warns(UserWarning, match="XLA does not take"):
     assert step_lib.cpu_compiler_options("dot") is None
+
+
+def test_init_from_takes_other_solve_settings_but_not_another_architecture(tmp_path):
+  config = tiny.get_config()
+  params = state_lib.create_train_state(config).params()
+  minet_jax.save(params, tmp_path / "start")
+  config.init_from = str(tmp_path / "start")
+  from minet_jax.train.loop import _initial_state
+  for changes in ({"solver": "picard", "backward": "phantom", "iterations": (5, 5, 5)},
+                  {"solver": "anderson", "rtol": 1e-4, "contractive_weight": 1.0,
+                   "contractive_kind": "frobenius", "best_so_far": True}):
+    run = tiny.get_config()
+    run.init_from = config.init_from
+    for k, v in changes.items():
+      run.model[k] = v
+    state = _initial_state(run)
+    assert state.model_config.solver == changes["solver"]
+    for x, y in zip(jax.tree.leaves(state.params().weights), jax.tree.leaves(params.weights)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for field, value in (("eta", 0.5), ("dilations", (1, 2, 3)), ("input_format", "bgr255")):
+    run = tiny.get_config()
+    run.init_from = config.init_from
+    run.model[field] = value
+    with pytest.raises(ValueError, match="different architecture"):
+      _initial_state(run)
+
+
+def test_distillation_trains_towards_the_teachers_output_from_scaled_blocks(tmp_path):
+  from minet_jax.train import step as step_lib
+  from minet_jax.train.loop import _initial_state, _teacher
+  config = tiny.get_config()
+  config.model.iterations = (1, 1, 1)
+  params = state_lib.create_train_state(config).params()
+  minet_jax.save(params, tmp_path / "teacher")
+  config.init_from = str(tmp_path / "teacher")
+  config.teacher = "init_from"
+  config.init_block_scale = (0.5, 0.25, 1.0)
+  config.model.iterations = (3, 3, 3)  # the student runs its blocks differently
+  validate_config(config)
+  state = _initial_state(config)
+  teacher = _teacher(config)
+  assert teacher.config.iterations == (1, 1, 1)
+  for i, s in enumerate(config.init_block_scale):
+    for name in ("scale", "bias"):
+      np.testing.assert_allclose(
+          state.params().weights["im_blocks"][str(i)]["f"]["norm2"][name],
+          s * np.asarray(params.weights["im_blocks"][str(i)]["f"]["norm2"][name]), rtol=1e-6)
+  # Scaling the last IN of f scales f itself (relu is positively homogeneous).
+  block_in = jax.random.normal(jax.random.key(0), (1, 6, 6, 8))
+  f_teacher = minet_jax.model_from_params(params).im_blocks[1].f(block_in)
+  f_student = state.merge()[0].im_blocks[1].f(block_in)
+  np.testing.assert_allclose(f_student, 0.25 * f_teacher, rtol=1e-5, atol=1e-6)
+  rng = np.random.default_rng(0)
+  batch = {"hazy": jnp.asarray(rng.random((2, 16, 16, 3)), jnp.float32),
+           "clear": jnp.asarray(rng.random((2, 16, 16, 3)), jnp.float32)}
+  student = state.merge()[0]
+  target = minet_jax.model_from_params(teacher)(batch["hazy"])
+  output = student(batch["hazy"])
+  _, metrics = step_lib.make_train_step("mse", teacher=teacher)(state, batch)
+  assert float(metrics["loss"]) == pytest.approx(float(reconstruction_loss(output, target, "mse")),
+                                                 rel=1e-5)
+  assert float(metrics["psnr"]) == pytest.approx(float(step_lib._batch_psnr(output, target)),
+                                                 rel=1e-4)
+  assert float(metrics["psnr_clear"]) == pytest.approx(
+      float(step_lib._batch_psnr(output, batch["clear"])), rel=1e-4)
+  bad = tiny.get_config()
+  bad.teacher = "init_from"
+  with pytest.raises(ConfigError, match="needs config.init_from"):
+    validate_config(bad)
+  bad.teacher, bad.init_block_scale = "", (0.5, 0.5, 0.5)
+  with pytest.raises(ConfigError, match="init_block_scale"):
+    validate_config(bad)
+
+
+def test_correction_loss_is_the_loss_of_one_step_after_random_iterates():
+  from minet_jax import contractive
+  from minet_jax.train import step as step_lib
+  config = tiny.get_config()
+  config.model.correction_weight = 0.5
+  config.model.iterations = (3, 3, 3)
+  state = state_lib.create_train_state(config)
+  rng = np.random.default_rng(1)
+  batch = {"hazy": jnp.asarray(rng.random((2, 16, 16, 3)), jnp.float32),
+           "clear": jnp.asarray(rng.random((2, 16, 16, 3)), jnp.float32)}
+  model, _ = state.merge()
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0), 1)
+
+  @jax.jit
+  def reference(batch):
+    _, model_image, runs = model.forward_runs(batch["hazy"])
+    states = []
+    for block, run, k in zip(model.im_blocks, runs, jax.random.split(key, len(runs))):
+      g = contractive.random_iterate(block, run.g0, k)
+      states.append(run.g0 + block.f(g))  # T(g) = g0 + eta f(g), eta = 1
+    early = model.output_from_states(states, model_image, (16, 16))
+    return 0.5 * reconstruction_loss(early, batch["clear"], "mse")
+
+  expected = float(reference(batch))
+  _, metrics = step_lib.make_train_step("mse")(state, batch)
+  assert float(metrics["correction_loss"]) == pytest.approx(expected, rel=1e-5)
+  assert float(metrics["loss"]) == pytest.approx(
+      float(metrics["reconstruction_loss"]) + expected, rel=1e-5)

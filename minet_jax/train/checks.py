@@ -48,6 +48,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if float(config.optimizer.learning_rate) <= 0:
     raise ConfigError(f"config.optimizer.learning_rate must be > 0, got "
                      f"{config.optimizer.learning_rate}")
+  if config.teacher and not (config.init_from if config.teacher == "init_from" else True):
+    raise ConfigError("config.teacher='init_from' needs config.init_from (the weights whose "
+                      "outputs are the targets)")
+  if float(config.teacher_match_weight) < 0 or float(config.output_weight) < 0:
+    raise ConfigError("config.teacher_match_weight and config.output_weight must be >= 0")
+  if float(config.teacher_match_weight) and not config.teacher:
+    raise ConfigError("config.teacher_match_weight > 0 needs config.teacher")
+  if not float(config.output_weight):
+    if not (config.teacher and float(config.teacher_match_weight)):
+      raise ConfigError("config.output_weight = 0 leaves nothing to train unless a teacher's "
+                        "blocks are matched (config.teacher, config.teacher_match_weight > 0)")
+    if float(config.model.correction_weight):
+      raise ConfigError("config.model.correction_weight needs the model's forward pass "
+                        "(config.output_weight > 0)")
+  scale = tuple(config.init_block_scale)
+  if scale and (not config.init_from or not all(float(s) > 0 for s in scale)):
+    raise ConfigError(f"config.init_block_scale {scale} needs config.init_from and one "
+                      "positive factor per IM-block")
   if not 0 <= int(config.seed) < 2**31:
     raise ConfigError(f"config.seed must be in [0, 2**31), got {config.seed}")
   try:

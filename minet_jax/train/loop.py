@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from minet_jax import checkpoint, files
+from minet_jax.params import Params
 from minet_jax.train import checkpointing, inputs, sharding
 from minet_jax.train.checks import (ConfigError, check_crop, check_workdir_config,
                                     prepare_workdir, validate_config)
@@ -29,7 +30,7 @@ from minet_jax.train.evaluator import Evaluator
 from minet_jax.train.logging import MetricWriter
 from minet_jax.train.signals import StopRequest
 from minet_jax.train.state import (TrainState, abstract_train_state, create_train_state,
-                                   learning_rate_schedule)
+                                   learning_rate_schedule, shrink_blocks)
 from minet_jax.train.step import make_train_step
 
 __all__ = ["ConfigError", "NonFiniteLossError", "train_and_evaluate", "validate_config"]
@@ -58,14 +59,29 @@ def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> Non
 
 
 def _initial_state(config: ml_collections.ConfigDict) -> TrainState:
-  """The state of a fresh start: ``config.init_from``'s weights, else a random init."""
+  """The state of a fresh start: ``config.init_from``'s weights (each IM-block's f
+  scaled by ``config.init_block_scale`` when given), else a random init."""
   params = None
   if config.init_from:
     params = checkpoint.load(pathlib.Path(config.init_from).expanduser())
+    if tuple(config.init_block_scale):
+      params = shrink_blocks(params, tuple(config.init_block_scale))
   try:
     return create_train_state(config, params)
   except ValueError as e:  # e.g. init_from weights of a different architecture
     raise ConfigError(str(e)) from e
+
+
+def _teacher(config: ml_collections.ConfigDict) -> Params | None:
+  """The model whose outputs are the training targets (``config.teacher``), or None.
+
+  It runs as its checkpoint says (the released model: T = 8 unrolled), whatever
+  ``config.model`` asks of the student.
+  """
+  if not config.teacher:
+    return None
+  path = config.init_from if config.teacher == "init_from" else config.teacher
+  return checkpoint.load(pathlib.Path(path).expanduser())
 
 
 def _mean(history: list[dict[str, float]]) -> dict[str, float]:
@@ -115,7 +131,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   schedule = learning_rate_schedule(config.optimizer)
   train_step = make_train_step(config.loss, schedule, replicated, sharding.batch_sharded(mesh),
-                               ynn_fusions=config.xla_cpu_ynn_fusions)
+                               ynn_fusions=config.xla_cpu_ynn_fusions, teacher=_teacher(config),
+                               match_weight=float(config.teacher_match_weight),
+                               output_weight=float(config.output_weight))
 
   step = int(state.step)
   total = int(config.num_train_steps)
@@ -168,7 +186,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
               "rerun: training resumes from that checkpoint.")
         history.append(step_metrics)
         bar.update(1)
-        bar.set_postfix(loss=f"{step_metrics['loss']:.4g}", psnr=f"{step_metrics['psnr']:.2f}")
+        bar.set_postfix(loss=f"{step_metrics['loss']:.4g}",
+                        **({"psnr": f"{step_metrics['psnr']:.2f}"} if "psnr" in step_metrics
+                           else {}))
         if step % int(config.log_every) == 0 or step == total:
           summary = _mean(history)
           if timed_steps:

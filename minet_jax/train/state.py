@@ -91,6 +91,25 @@ def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformati
   return adam
 
 
+def shrink_blocks(params: Params, factors: tuple[float, ...]) -> Params:
+  """The same model with each IM-block's f scaled by ``factors[i]`` (one per block).
+
+  f ends in relu(IN(.) * scale + bias), and relu is positively homogeneous, so scaling
+  that last instance norm's scale and bias by s > 0 gives exactly s * f: the Picard
+  map's Jacobian eta * df/dg shrinks by s as well. A start for stable training
+  (configs/stable.py): the released blocks are no contractions, the shrunk ones are.
+  """
+  factors = tuple(float(s) for s in factors)
+  if len(factors) != params.config.num_blocks or not all(s > 0 for s in factors):
+    raise ValueError(f"need one positive factor per IM-block ({params.config.num_blocks}), "
+                     f"got {factors}")
+  weights = jax.tree.map(lambda x: x, params.weights)  # A new tree sharing the leaves.
+  for i, s in enumerate(factors):
+    norm = dict(weights["im_blocks"][str(i)]["f"]["norm2"])
+    weights["im_blocks"][str(i)]["f"]["norm2"] = {k: v * s for k, v in norm.items()}
+  return Params(weights=weights, config=params.config)
+
+
 INIT_TAILS = ("kaiming", "identity")
 # The tail's RGB -> RGB 1x1 convolutions (minet_jax.model.MINet.decode).
 _RGB_CONVS = ("conv_su1", "conv_su2", "deconv")

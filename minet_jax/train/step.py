@@ -22,6 +22,7 @@ from flax import nnx
 from minet_jax import contractive
 from minet_jax.metrics import psnr
 from minet_jax.model import MINet
+from minet_jax.params import Params, model_from_params
 from minet_jax.train.state import TrainState
 
 LOSSES = ("mse", "l2", "l1")
@@ -53,78 +54,145 @@ def reconstruction_loss(output: jax.Array, target: jax.Array, kind: str) -> jax.
   raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
 
 
-def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array
-                   ) -> tuple[tuple[jax.Array, tuple[jax.Array, Metrics]], nnx.State]:
+def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
+                   teacher_blocks: list[tuple[jax.Array, jax.Array]] | None = None,
+                   match_weight: float = 0.0, output_weight: float = 1.0,
+                   ) -> tuple[tuple[jax.Array, tuple[jax.Array | None, Metrics]], nnx.State]:
   """The training objective at `model` and its gradient with respect to the parameters.
 
-  Returns ``((loss, (output, parts)), grads)``: the objective is `reconstruction_loss`
-  plus, when ``model.config.contractive_weight`` > 0, the weighted contractivity penalty
-  of `minet_jax.contractive` (its random draws come from `key`); ``parts`` then holds
-  both terms. ``grads`` is an `nnx.State` of the parameters' gradients.
+  Returns ``((loss, (output, parts)), grads)``. The objective is ``output_weight``
+  times `reconstruction_loss` of the model's output (skipped, with ``output`` None,
+  when 0) plus, as asked:
+
+  * ``match_weight`` > 0: the fixed-point mismatch of every block at the teacher's
+    block input and output ``teacher_blocks`` (`contractive.fixed_point_mismatch`):
+    trains each f so that the teacher's block output is its fixed point;
+  * ``config.contractive_weight`` > 0: the weighted penalty of `minet_jax.contractive`
+    (``contractive_kind``) on every block's Jacobian, at a random Picard iterate or at
+    the block's solution (``contractive_point``: the forward pass's own, or the
+    teacher's block output when the output term is skipped);
+  * ``config.correction_weight`` > 0: the fixed-point correction loss, `reconstruction_loss`
+    of the output decoded from T(g_k) for every block, g_k a random Picard iterate
+    of the block (no gradient through g_k): it asks early iterates to be good too.
+
+  Random draws come from `key`; ``parts`` holds every term when there is more than
+  one. ``grads`` is an `nnx.State` of the parameters' gradients.
   """
-  contractive_weight = model.config.contractive_weight
+  cfg = model.config
+  penalty_key, correction_key = key, jax.random.fold_in(key, 1)
+  if match_weight and teacher_blocks is None:
+    raise ValueError("match_weight > 0 needs the teacher's block states (teacher_blocks)")
+  if not output_weight and (cfg.correction_weight or (
+      cfg.contractive_weight and cfg.contractive_point == "solution" and teacher_blocks is None)):
+    raise ValueError("the correction loss, and a penalty at the solutions without a teacher, "
+                     "need the model's forward pass (output_weight > 0)")
 
   def loss_fn(model):
-    output = model(batch["hazy"])
-    reconstruction = reconstruction_loss(output, batch["clear"], loss)
-    if not contractive_weight:
-      return reconstruction, (output, {})
-    penalty = contractive.weighted_penalty(model, batch, key=key)
-    return reconstruction + penalty, (output, {"reconstruction_loss": reconstruction,
-                                               "contractive_penalty": penalty})
+    parts, total = {}, jnp.float32(0.0)
+    output = runs = None
+    if output_weight:
+      output, model_image, runs = model.forward_runs(batch["hazy"])
+      parts["reconstruction_loss"] = reconstruction_loss(output, batch["clear"], loss)
+      total = total + output_weight * parts["reconstruction_loss"]
+    if match_weight:
+      mismatch = sum(jnp.mean(contractive.fixed_point_mismatch(block, g0, g))
+                     for block, (g0, g) in zip(model.im_blocks, teacher_blocks))
+      parts["fixed_point_mismatch"] = match_weight * mismatch
+      total = total + parts["fixed_point_mismatch"]
+    if cfg.contractive_weight:
+      if cfg.contractive_point == "solution":
+        points = ([(run.g0, run.result.value) for run in runs] if runs is not None
+                  else teacher_blocks)
+        penalty = contractive.penalty_at_points(model, jax.lax.stop_gradient(points),
+                                                key=penalty_key)
+      else:
+        penalty = contractive.penalty(model, batch, key=penalty_key)
+      parts["contractive_penalty"] = cfg.contractive_weight * penalty
+      total = total + parts["contractive_penalty"]
+    if cfg.correction_weight:
+      keys = jax.random.split(correction_key, len(runs))
+      states = []
+      for block, run, k in zip(model.im_blocks, runs, keys):
+        g0 = jax.lax.stop_gradient(run.g0)
+        t_map, f_state = block.map_fn()
+        states.append(t_map(contractive.random_iterate(block, g0, k), (g0, f_state)))
+      early = model.output_from_states(states, model_image, batch["hazy"].shape[1:3])
+      parts["correction_loss"] = cfg.correction_weight * reconstruction_loss(
+          early, batch["clear"], loss)
+      total = total + parts["correction_loss"]
+    if len(parts) == 1 and "reconstruction_loss" in parts and output_weight == 1.0:
+      parts = {}  # One term: it is the loss.
+    return total, (output, parts)
 
   return nnx.value_and_grad(loss_fn, has_aux=True)(model)
 
 
 def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
                learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
-               ) -> tuple[TrainState, Metrics]:
+               teacher: Params | None = None, match_weight: float = 0.0,
+               output_weight: float = 1.0) -> tuple[TrainState, Metrics]:
   """One optimizer update on `batch`; returns the new state and scalar metrics.
 
-  The loss is `reconstruction_loss` plus, when ``config.model.contractive_weight`` > 0,
-  the weighted contractivity penalty of `minet_jax.contractive` (its random operating
-  points and start vectors come from the run's key folded with the step).
+  The loss is `loss_and_grads`' (its random draws come from the run's key folded with
+  the step). With a `teacher` (self-distillation), the target is the teacher's output
+  on ``batch["hazy"]`` instead of ``batch["clear"]``, and its block inputs and
+  outputs are what ``match_weight`` matches; ``psnr`` is then measured against the
+  teacher too, and ``psnr_clear`` against the ground truth.
 
-  Metrics: ``loss``, ``psnr`` (of this batch's outputs, before the update),
-  ``grad_norm``, ``reconstruction_loss`` and ``contractive_penalty`` when the penalty is
-  on, and, given the schedule, ``learning_rate`` (the rate this update used).
+  Metrics: ``loss``, ``psnr`` (of this batch's outputs, before the update; absent when
+  ``output_weight`` is 0), ``grad_norm``, the terms of the loss when there are several,
+  and, given the schedule, ``learning_rate`` (the rate this update used).
   """
   model, optimizer = nnx.merge(state.graphdef, state.state)
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  (value, (output, parts)), grads = loss_and_grads(model, batch, loss=loss, key=key)
+  clear = batch["clear"]
+  teacher_blocks = None
+  if teacher is not None:
+    target, _, runs = model_from_params(teacher).forward_runs(batch["hazy"])
+    batch = {**batch, "clear": jax.lax.stop_gradient(target)}
+    teacher_blocks = jax.lax.stop_gradient([(run.g0, run.result.value) for run in runs])
+  (value, (output, parts)), grads = loss_and_grads(
+      model, batch, loss=loss, key=key, teacher_blocks=teacher_blocks,
+      match_weight=match_weight, output_weight=output_weight)
   optimizer.update(model, grads)
   _, new_state = nnx.split((model, optimizer))
-  metrics = {
-      "loss": value,
-      **parts,
-      # A monitor on the [0, 1] scale: the batch's mean PSNR of its clipped outputs, each
-      # capped at 100 dB so one exactly matched sample (a saturated crop) cannot make the
-      # logged mean infinite.
-      "psnr": jnp.mean(jnp.minimum(
-          psnr(jnp.clip(output, 0.0, 1.0), batch["clear"], data_range=1.0), 100.0)),
-      "grad_norm": optax.tree.norm(grads),
-  }
+  metrics = {"loss": value, **parts, "grad_norm": optax.tree.norm(grads)}
+  if output is not None:
+    metrics["psnr"] = _batch_psnr(output, batch["clear"])
+    if teacher is not None:
+      metrics["psnr_clear"] = _batch_psnr(output, clear)
   if learning_rate_fn is not None:
     metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
   return state.replace(step=state.step + 1, state=new_state), metrics
 
 
+def _batch_psnr(output: jax.Array, target: jax.Array) -> jax.Array:
+  """A monitor on the [0, 1] scale: the batch's mean PSNR of its clipped outputs, each
+  capped at 100 dB so one exactly matched sample (a saturated crop) cannot make the
+  logged mean infinite."""
+  return jnp.mean(jnp.minimum(psnr(jnp.clip(output, 0.0, 1.0), target, data_range=1.0), 100.0))
+
+
 def make_train_step(loss: str, learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
                     state_sharding: Any = None, batch_sharding: Any = None, *,
-                    ynn_fusions: str = "default",
+                    ynn_fusions: str = "default", teacher: Params | None = None,
+                    match_weight: float = 0.0, output_weight: float = 1.0,
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """`train_step` jitted for one loss (and schedule), with optional shardings.
 
   `ynn_fusions` (``config.xla_cpu_ynn_fusions``) picks what XLA:CPU hands to YNNPACK
   in this one program (`cpu_compiler_options`); other programs keep XLA's defaults.
   The state's buffers are donated: the old state must not be used after a call.
+  A `teacher` makes its output the target and its block states what ``match_weight``
+  matches (`train_step`); its weights are constants of the compiled step.
   """
   if loss not in LOSSES:
     raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
   options = cpu_compiler_options(ynn_fusions)
 
   def step(state, batch):
-    return train_step(state, batch, loss=loss, learning_rate_fn=learning_rate_fn)
+    return train_step(state, batch, loss=loss, learning_rate_fn=learning_rate_fn,
+                      teacher=teacher, match_weight=match_weight, output_weight=output_weight)
 
   if state_sharding is None:
     return jax.jit(step, donate_argnums=0, compiler_options=options)

@@ -1,0 +1,208 @@
+"""The released MI-Net against the stable one, side by side on the SOTS samples.
+
+    python benchmarks/stable_minet.py --stable WORKDIR_OR_CHECKPOINT [--shared ../shared]
+        [--out docs/stability/stable_minet.json] [--images 1400_1 ...] [--radius-iters 40]
+        [--skip-theorem] [--curve-image 1400_1]
+
+For each model, on the SOTS indoor samples at full resolution (620x460):
+
+1. PSNR / SSIM (`minet_jax.metrics.dehazing_scores`, the paper's protocol) with the
+   solver the model was trained for (the released: 8 unrolled steps; the stable one:
+   what its checkpoint stores), and the seconds per image of that forward pass (one
+   process, same backend, warm, one image at a time);
+2. per block and image, rho(eta J) (power iteration, growth-rate estimate over the
+   last third of ``--radius-iters`` steps, and the Arnoldi Ritz value; the larger of
+   the two) and ||eta J||_2 (power iteration on J^T J) at the block's solution;
+3. Picard and Anderson (m = 5) to rtol 1e-3, at most 100 steps: solves converged and
+   mean steps per block;
+4. PSNR against the number of iterations T (every block run for exactly T steps) on
+   ``--curve-image``: the paper's Fig. 8 for both models.
+
+Prints Markdown tables and writes everything to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import minet_jax
+from minet_jax import convert, metrics, spectral
+from minet_jax.data import folders
+from minet_jax.params import Params, model_from_params
+
+DEFAULT_SHARED = pathlib.Path(
+    os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
+CURVE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def forward(params: Params):
+  """A jitted forward pass: clipped RGB [0, 1] and per-block (steps, status, residual)."""
+  graphdef, state = nnx.split(model_from_params(params))
+
+  @jax.jit
+  def run(state, x):
+    y, results = nnx.merge(graphdef, state).forward_rgb_with_diagnostics(x)
+    return jnp.clip(y, 0.0, 1.0), [(r.num_steps, r.status, r.residual) for r in results]
+
+  return lambda x: run(state, x)
+
+
+def with_solver(params: Params, **changes) -> Params:
+  return Params(weights=params.weights, config=dataclasses.replace(params.config, **changes))
+
+
+def scores(params: Params, pairs, *, time_it: bool = False) -> dict:
+  run = forward(params)
+  rows = []
+  for key, hazy, gt in pairs:
+    x = jnp.asarray(hazy[None], jnp.float32) / 255.0
+    if time_it:
+      jax.block_until_ready(run(x))  # compile and warm up on this shape
+    start = time.perf_counter()
+    y, diags = jax.device_get(run(x))
+    seconds = time.perf_counter() - start
+    psnr, ssim = metrics.dehazing_scores(y[0] * 255.0, gt.astype(np.float32))
+    rows.append({"image": key, "psnr": psnr, "ssim": ssim, "seconds": seconds,
+                 "steps": [int(s[0]) for s, _, _ in diags],
+                 "converged": [bool(st[0] == 0) for _, st, _ in diags],
+                 "residual": [float(r[0]) for _, _, r in diags]})
+    print(f"  {key:<8} {psnr:7.3f} dB {ssim:.5f} steps {rows[-1]['steps']} "
+          f"{seconds:.2f} s", flush=True)
+  steps = np.array([r["steps"] for r in rows], np.float64)
+  return {"psnr": float(np.mean([r["psnr"] for r in rows])),
+          "ssim": float(np.mean([r["ssim"] for r in rows])),
+          "seconds_per_image": float(np.median([r["seconds"] for r in rows])),
+          "converged": int(sum(sum(r["converged"]) for r in rows)),
+          "solves": int(steps.size), "mean_steps": steps.mean(axis=0).tolist(), "rows": rows}
+
+
+def theorem1(params: Params, pairs, radius_iters: int) -> list[dict]:
+  """rho(eta J) and ||eta J||_2 of every block at its solution, per image."""
+  model = model_from_params(params)
+  graphdef, state = nnx.split(model)
+  blocks = jax.jit(lambda s, x: nnx.merge(graphdef, s).solve_blocks(
+      nnx.merge(graphdef, s).model_input(x)))
+  out = []
+  for i, (key, hazy, _) in enumerate(pairs):
+    runs = blocks(state, jnp.asarray(hazy[None], jnp.float32) / 255.0)
+    for b, (block, run) in enumerate(zip(model.im_blocks, runs)):
+      block_def, block_state = nnx.split(block)
+
+      @jax.jit
+      def figures(block_state, g0, g, k):
+        t_map, f_state = nnx.merge(block_def, block_state).map_fn()
+        matvec, rmatvec = spectral.linearise(lambda z: t_map(z, (g0, f_state)), g)
+        k1, k2, k3 = jax.random.split(k, 3)
+        radius = spectral.spectral_radius(matvec, jax.random.normal(k1, g.shape),
+                                          num_iters=radius_iters,
+                                          window=max(radius_iters // 3, 1))
+        hess = spectral.arnoldi(matvec, jax.random.normal(k2, g.shape), num_iters=20)
+        norm = spectral.spectral_norm(matvec, rmatvec, jax.random.normal(k3, g.shape),
+                                      num_iters=max(radius_iters // 2, 1))
+        return radius["radius"], hess, norm["norm"]
+
+      radius, hess, norm = jax.device_get(figures(block_state, run.g0, run.result.value,
+                                                  jax.random.key(100 * i + b)))
+      rho = max(float(radius), spectral.ritz_summary(hess)["radius"])
+      out.append({"image": key, "block": b + 1, "rho": rho, "norm": float(np.ravel(norm)[0])})
+      print(f"  {key:<8} block {b + 1}: rho {rho:.3f}  ||eta J|| {out[-1]['norm']:.2f}",
+            flush=True)
+  return out
+
+
+def curve(params: Params, pair) -> list[dict]:
+  _, hazy, gt = pair
+  x = jnp.asarray(hazy[None], jnp.float32) / 255.0
+  points = []
+  for t in CURVE_STEPS:
+    cfg = with_solver(params, solver="unrolled", iterations=(t,) * params.config.num_blocks)
+    y, _ = jax.device_get(forward(cfg)(x))
+    psnr, _ = metrics.dehazing_scores(y[0] * 255.0, gt.astype(np.float32))
+    points.append({"T": t, "psnr": psnr})
+    print(f"  T = {t:>2}: {psnr:.3f} dB", flush=True)
+  return points
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--stable", required=True, type=pathlib.Path,
+                      help="the stable model: a training workdir or a checkpoint folder")
+  parser.add_argument("--shared", type=pathlib.Path, default=DEFAULT_SHARED)
+  parser.add_argument("--out", type=pathlib.Path, default=None)
+  parser.add_argument("--images", nargs="*", default=None, help="SOTS keys (default: all)")
+  parser.add_argument("--radius-iters", type=int, default=40)
+  parser.add_argument("--skip-theorem", action="store_true")
+  parser.add_argument("--curve-image", default="1400_1")
+  args = parser.parse_args()
+
+  records = folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor")
+  if args.images:
+    records = [r for r in records if r.key in args.images]
+  pairs = [(r.key, *folders.load_pair(r)) for r in records]
+  models = {
+      "released": convert.weights_from_checkpoint(
+          args.shared / "weights" / "minet_its_official.pth"),
+      "stable": minet_jax.load(args.stable),
+  }
+  report: dict = {"images": [p[0] for p in pairs], "backend": jax.default_backend(),
+                  "devices": str(jax.devices()[0]), "models": {}}
+  for name, params in models.items():
+    print(f"{name}: {params.config.solver}, T/cap {params.config.iterations}, "
+          f"rtol {params.config.rtol}", flush=True)
+    entry = {"solve": params.config.solve_settings()}
+    print(" trained solver", flush=True)
+    entry["trained_solver"] = scores(params, pairs, time_it=True)
+    for solver in ("picard", "anderson"):
+      print(f" {solver} to rtol 1e-3", flush=True)
+      entry[solver] = scores(with_solver(params, solver=solver, rtol=1e-3, atol=0.0,
+                                         iterations=(100,) * params.config.num_blocks),
+                             pairs)
+    if not args.skip_theorem:
+      print(" Theorem 1 at the solution of the trained solver", flush=True)
+      entry["theorem1"] = theorem1(params, pairs, args.radius_iters)
+    curve_pair = next((p for p in pairs if p[0] == args.curve_image), pairs[0])
+    print(f" PSNR against T on {curve_pair[0]}", flush=True)
+    entry["psnr_vs_T"] = curve(params, curve_pair)
+    report["models"][name] = entry
+    if args.out:
+      args.out.parent.mkdir(parents=True, exist_ok=True)
+      args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+  released_s = report["models"]["released"]["trained_solver"]["seconds_per_image"]
+  print("\n| model | solver | PSNR (dB) | SSIM | s/image (x released) | Picard converged "
+        "(mean steps) | Anderson converged (mean steps) | rho < 1 | max rho | max norm |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for name, e in report["models"].items():
+    t = e["trained_solver"]
+    steps = lambda s: " / ".join(f"{x:.1f}" for x in s)  # noqa: E731
+    th = e.get("theorem1", [])
+    below = sum(x["rho"] < 1 for x in th)
+    print(f"| {name} | {e['solve']['solver']} (T/cap {e['solve']['iterations'][0]}) | "
+          f"{t['psnr']:.3f} | {t['ssim']:.5f} | {t['seconds_per_image']:.2f} "
+          f"({t['seconds_per_image'] / released_s:.2f}x) | "
+          f"{e['picard']['converged']}/{e['picard']['solves']} ({steps(e['picard']['mean_steps'])}) | "
+          f"{e['anderson']['converged']}/{e['anderson']['solves']} "
+          f"({steps(e['anderson']['mean_steps'])}) | {below}/{len(th)} | "
+          f"{max((x['rho'] for x in th), default=float('nan')):.3f} | "
+          f"{max((x['norm'] for x in th), default=float('nan')):.2f} |")
+  print("\nPSNR against T (" + args.curve_image + "): | T | "
+        + " | ".join(report["models"]) + " |")
+  for i, t in enumerate(CURVE_STEPS):
+    print(f"| {t} | " + " | ".join(f"{e['psnr_vs_T'][i]['psnr']:.3f}"
+                                   for e in report["models"].values()) + " |")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
