@@ -76,3 +76,33 @@ def test_duplicate_dilations_cannot_map_to_the_authors_names():
   from minet_jax.torch_names import torch_name_table
   with pytest.raises(ValueError, match="distinct dilations"):
     torch_name_table(minet_jax.ModelConfig(dilations=(2, 2, 4)))
+
+
+def test_architecture_and_solve_settings_partition_the_fields():
+  from minet_jax import config as config_lib
+  names = [f.name for f in dataclasses.fields(minet_jax.ModelConfig)]
+  assert sorted(names) == sorted(config_lib.ARCHITECTURE_FIELDS + config_lib.SOLVE_FIELDS)
+  assert not set(config_lib.ARCHITECTURE_FIELDS) & set(config_lib.SOLVE_FIELDS)
+  released = minet_jax.ModelConfig()
+  solved = dataclasses.replace(released, solver="anderson", iterations=(30, 30, 30), rtol=1e-4,
+                               backward="phantom", contractive_weight=1.0, dtype="bfloat16")
+  assert solved.same_architecture(released) and solved.stored() != released.stored()
+  for field, value in (("features", 32), ("eta", 0.5), ("dilations", (1, 2, 5)),
+                       ("input_format", "rgb01")):
+    assert not dataclasses.replace(released, **{field: value}).same_architecture(released)
+  assert set(solved.solve_settings()) == set(config_lib.SOLVE_FIELDS) - set(
+      config_lib.RUNTIME_FIELDS)
+
+
+def test_checkpoints_written_before_the_new_solve_fields_still_load(tmp_path, random_params):
+  import json
+  cfg = minet_jax.ModelConfig(features=4, pre_blocks=0, iterations=(2, 2, 2))
+  minet_jax.save(random_params(cfg), tmp_path / "old")
+  meta_file = tmp_path / "old" / "minet_config.json"
+  meta = json.loads(meta_file.read_text())
+  for field in ("best_so_far", "phantom_steps", "phantom_damping", "contractive_kind",
+                "contractive_point", "correction_weight"):
+    del meta["model"][field]  # fields a checkpoint of the previous release does not have
+  meta_file.write_text(json.dumps(meta))
+  loaded = minet_jax.load(tmp_path / "old")
+  assert loaded.config == cfg
