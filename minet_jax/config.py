@@ -83,8 +83,8 @@ class Solve:
   with, which `load` uses unless told otherwise.
   """
 
-  # Map evaluations of each IM-block (one entry per block): exactly this many for the
-  # "unrolled" solver (T of the released model), the cap for the others.
+  # Map evaluations of each IM-block (one entry per block, or one int for all): exactly
+  # this many for the "unrolled" solver (T of the released model), the cap for the others.
   iterations: tuple[int, ...] = (8, 8, 8)
   # lax.scan unroll of the IM-block iteration: "auto" (full on CPU, 1 elsewhere), or an int/bool.
   unroll: Union[str, int, bool] = "auto"
@@ -165,8 +165,11 @@ class ModelConfig(Solve, Architecture):
 
   def __post_init__(self) -> None:
     # Normalise list-valued fields (ml_collections and JSON give lists) so the record hashes.
-    object.__setattr__(self, "iterations", tuple(int(t) for t in self.iterations))
     object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
+    if isinstance(self.iterations, int) and not isinstance(self.iterations, bool):
+      # One number of iterations for every block (e.g. --max-steps).
+      object.__setattr__(self, "iterations", (self.iterations,) * len(self.dilations))
+    object.__setattr__(self, "iterations", tuple(int(t) for t in self.iterations))
     if self.features < 1 or self.pre_blocks < 0:
       raise ValueError(f"features must be >= 1 and pre_blocks >= 0, got {self.features}, "
                        f"{self.pre_blocks}")
@@ -272,7 +275,8 @@ def model_config(config: ConfigLike = None) -> ModelConfig:
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
-  """Adds --dtype and --precision (ModelConfig fields) to a command-line tool's parser."""
+  """Adds how a tool runs the model (`Solve` fields) to its parser: --dtype and
+  --precision (speed), --solver, --rtol and --max-steps (how the IM-blocks are solved)."""
   group = parser.add_argument_group(
       "speed", "faster, inexact inference (docs/PRETRAINED.md); default: the checkpoint's "
       "settings, exact float32 for the released model")
@@ -281,9 +285,19 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                           "AVX512-BF16 or AMX (TF32 on NVIDIA GPUs)")
   group.add_argument("--dtype", choices=DTYPES, default=None,
                      help="compute dtype of the convolutions and the features between them")
+  solve = parser.add_argument_group(
+      "solve", "how the IM-blocks are solved (docs/STABILITY.md); default: as the checkpoint "
+      "was trained (the released model: 8 unrolled steps)")
+  solve.add_argument("--solver", choices=SOLVERS, default=None,
+                     help="'unrolled': exactly --max-steps steps; 'picard'/'anderson': until "
+                          "the relative residual meets --rtol")
+  solve.add_argument("--rtol", type=float, default=None, help="tolerance of the solve")
+  solve.add_argument("--max-steps", type=int, default=None, dest="iterations",
+                     help="map evaluations per IM-block (the cap of a solve to tolerance)")
 
 
-def speed_changes(args: argparse.Namespace) -> dict[str, str]:
+def speed_changes(args: argparse.Namespace) -> dict[str, Any]:
   """The ModelConfig changes `add_speed_arguments`' options ask for (`Params.replace_config`)."""
-  return {name: getattr(args, name) for name in ("precision", "dtype")
-          if getattr(args, name) is not None}
+  return {name: getattr(args, name) for name in ("precision", "dtype", "solver", "rtol",
+                                                 "iterations")
+          if getattr(args, name, None) is not None}

@@ -106,3 +106,18 @@ def test_checkpoints_written_before_the_new_solve_fields_still_load(tmp_path, ra
   meta_file.write_text(json.dumps(meta))
   loaded = minet_jax.load(tmp_path / "old")
   assert loaded.config == cfg
+
+
+def test_tools_can_override_how_the_blocks_are_solved():
+  import argparse
+  from minet_jax import config as config_lib
+  parser = argparse.ArgumentParser()
+  config_lib.add_speed_arguments(parser)
+  args = parser.parse_args(["--solver", "anderson", "--rtol", "1e-4", "--max-steps", "40"])
+  changes = config_lib.speed_changes(args)
+  assert changes == {"solver": "anderson", "rtol": 1e-4, "iterations": 40}
+  cfg = dataclasses.replace(minet_jax.ModelConfig(), **changes)
+  assert cfg.iterations == (40, 40, 40) and cfg.solver == "anderson"
+  assert config_lib.speed_changes(parser.parse_args([])) == {}
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--solver", "newton"])

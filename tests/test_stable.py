@@ -41,10 +41,10 @@ def test_short_stable_fine_tune_lowers_rho_and_stays_near_the_teacher(released_p
   config.optimizer.schedule = "constant"
   start = state_lib.shrink_blocks(
       Params(weights=released_params.weights, config=model_config(config.model)),
-      (0.5, 0.5, 0.5))
+      (0.7, 1.0, 1.0))
   teacher_out = model_from_params(released_params)(hazy)
   before = _radii(start, hazy)
-  assert before.max() > 1.0  # half the released f is not yet a contraction everywhere
+  assert before.max() > 1.0, before  # not yet a contraction everywhere
 
   state = state_lib.create_train_state(config, params=start)
   train_step = step_lib.make_train_step("mse", teacher=released_params)
@@ -52,6 +52,7 @@ def test_short_stable_fine_tune_lowers_rho_and_stays_near_the_teacher(released_p
     state, m = train_step(state, {"hazy": hazy, "clear": hazy})
   trained = state.params()
   after = _radii(trained, hazy)
+  print("rho before", before, "after", after)
   assert after.max() < min(before.max(), 1.0), (before, after)
   out = model_from_params(trained)(hazy)
   psnr = float(metrics.psnr(np.clip(np.asarray(out), 0, 1) * 255,
@@ -59,4 +60,5 @@ def test_short_stable_fine_tune_lowers_rho_and_stays_near_the_teacher(released_p
   start_out = model_from_params(start)(hazy)
   start_psnr = float(metrics.psnr(np.clip(np.asarray(start_out), 0, 1) * 255,
                                   np.clip(np.asarray(teacher_out), 0, 1) * 255).mean())
+  print("PSNR to the teacher: start", start_psnr, "trained", psnr)
   assert psnr > max(start_psnr - 1.0, 20.0), (start_psnr, psnr)
