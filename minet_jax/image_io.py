@@ -14,9 +14,10 @@ alpha, 16-bit, EXIF-rotated) into one predictable array:
   byte), which is below what the network resolves anyway.
 
 Every failure to read becomes an ``ImageReadError`` naming the file.
-``write_png`` (and ``write_image``, PNG or JPEG by suffix) writes atomically and refuses paths listed in ``protect`` (used to
-make sure a tool never overwrites its inputs); with ``exclusive=True`` it refuses
-any existing file, in the same atomic step as the write.
+``write_png`` (and ``write_image``, PNG or JPEG by suffix) writes atomically and
+refuses paths listed in ``protect`` (used to make sure a tool never overwrites its
+inputs); with ``exclusive=True`` it refuses any existing file, in the same atomic
+step as the write.
 """
 
 from __future__ import annotations

@@ -116,8 +116,8 @@ import minet_jax
 params = minet_jax.init({{"iterations": [1, 1, 1]}})
 minet_jax.save(params, {str(tmp_path / "w")!r})
 out = minet_jax.apply(minet_jax.load({str(tmp_path / "w")!r}), np.zeros((8, 8, 3), np.uint8))
-heavy = ("minet_jax.train", "minet_jax.data", "minet_jax.hub", "minet_jax.convert", "tqdm", "grain", "tensorflow_datasets",
-         "ml_collections.config_flags", "matplotlib")
+heavy = ("minet_jax.train", "minet_jax.data", "minet_jax.hub", "minet_jax.convert", "tqdm",
+         "grain", "tensorflow_datasets", "ml_collections.config_flags", "matplotlib")
 print(sorted(m for m in sys.modules if m.startswith(heavy)))
 """
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

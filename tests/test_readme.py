@@ -9,7 +9,6 @@ import re
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from minet_jax import dehaze, image_io
