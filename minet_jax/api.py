@@ -8,7 +8,6 @@ with `jax.experimental.checkify` instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -92,12 +91,8 @@ def to_float_rgb(img: Any) -> jax.Array:
   return x[None] if x.ndim == 3 else x
 
 
-# progress(done, total): called as the work advances (see `apply`).
-Progress = Callable[[int, int], None]
-
-
 def apply(params: Params, img: Any, *, strip_rows: int | None = None,
-          progress: Progress | None = None) -> jax.Array:
+          progress: strips.Progress | None = None) -> jax.Array:
   """Dehazes `img` (HxWx3 or NxHxWx3, RGB, uint8/uint16 or float in [0, 1]).
 
   Returns float32 RGB in [0, 1] with the input's layout. Any height and width work:
@@ -134,6 +129,7 @@ def apply(params: Params, img: Any, *, strip_rows: int | None = None,
   else:
     out = _forward(params, x)
     if progress is not None:
+      out = jax.block_until_ready(out)
       progress(1, 1)
   return out[0] if len(img.shape) == 3 else out
 

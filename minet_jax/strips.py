@@ -248,8 +248,12 @@ def _decode(model: MINet, fused: jax.Array, image: jax.Array, rows: int) -> jax.
   return strips.assemble(tail)
 
 
+# progress(done, total): called after each stage of the strip-wise forward.
+Progress = Callable[[int, int], None]
+
+
 def network(model: MINet, image: jax.Array, rows: int, *,
-            progress: Callable[[int, int], None] | None = None) -> jax.Array:
+            progress: Progress | None = None) -> jax.Array:
   """MI-Net on a model-space NHWC image (even H and W) with strips of `rows` rows.
 
   The same function as `MINet.decode(fuse(...), image)` after `MINet.solve_blocks`.
@@ -381,7 +385,7 @@ def _tail_stage(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.A
 
 
 def forward(model: MINet, rgb: jax.Array, rows: int, *,
-            progress: Callable[[int, int], None] | None = None) -> jax.Array:
+            progress: Progress | None = None) -> jax.Array:
   """``model(rgb)`` (RGB [0, 1] NHWC, any H, W) with the strip-wise network.
 
   `rows` is as `strip_rows_for` returns it for the image (even, <= the padded height);
