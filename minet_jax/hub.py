@@ -138,7 +138,7 @@ def _download(url: str, target: pathlib.Path, *, progress: bool) -> None:
           for block in iter(lambda: response.read(1 << 16), b""):
             size += len(block)
             if size > MAX_DOWNLOAD_BYTES:
-              raise DownloadError(f"{url} sent more than {MAX_DOWNLOAD_BYTES >> 20} MB; "
+              raise DownloadError(f"{url} sent more than {MAX_DOWNLOAD_BYTES:,} bytes; "
                                   "it is not the released checkpoint")
             out.write(block)
             if bar is not None:
@@ -180,6 +180,8 @@ def pretrained(name: str = "its", *, cache_dir: str | os.PathLike | None = None,
   try:
     _download(source, target, progress=progress)
   except DownloadError as e:
+    if e.__cause__ is None:  # The server answered, with something that is not the file.
+      raise
     raise DownloadError(
         f"{e}. Without network: fetch {release.file_name} from {HOME_PAGE} by other means "
         f"and put it at {target} (or pass its path: minet_jax.load(PATH), --ckpt PATH)"

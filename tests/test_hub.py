@@ -204,3 +204,13 @@ def test_evaluate_takes_a_release_name(server, shared_dir, tmp_path, monkeypatch
   rc = evaluation.main(["--ckpt", "its", "--data", str(_small_pair(shared_dir, tmp_path / "p")),
                         "--methods", "minet", "--no-progress"])
   assert rc == 0 and "MI-Net" in capsys.readouterr().out
+
+
+def test_an_oversized_download_is_cut_off(server, tmp_path, monkeypatch):
+  monkeypatch.setattr(hub, "MAX_DOWNLOAD_BYTES", 100_000)
+  cache = tmp_path / "cache"
+  with pytest.raises(hub.DownloadError) as e:
+    minet_jax.pretrained(cache_dir=cache, url=server.url("model_ITS.pth"), progress=False)
+  assert "sent more than 100,000 bytes" in str(e.value)
+  assert "Without network" not in str(e.value)
+  assert not any(cache.iterdir())
