@@ -41,6 +41,11 @@ def _check_layout(img: Any) -> np.dtype:
   shape = tuple(img.shape)
   if len(shape) not in (3, 4):
     raise ValueError(f"image must be HxWx3 or NxHxWx3, got shape {shape}")
+  channels_first = shape[-3] == 3 if len(shape) == 3 else shape[1] == 3
+  if shape[-1] != 3 and channels_first:
+    order = "(1, 2, 0)" if len(shape) == 3 else "(0, 2, 3, 1)"
+    raise ValueError(f"image has shape {shape}, channels first (CxHxW, as in PyTorch); "
+                     f"transpose to HxWx3 with np.transpose(img, {order})")
   if shape[-1] != 3:
     hint = ("convert grayscale with np.repeat(img[..., None], 3, -1) or "
             "PIL's .convert('RGB'); drop alpha with img[..., :3]")
@@ -86,7 +91,8 @@ def to_float_rgb(img: Any) -> jax.Array:
   return x[None] if x.ndim == 3 else x
 
 
-def apply(params: Params, img: Any, *, strip_rows: int | None = None) -> jax.Array:
+def apply(params: Params, img: Any, *, strip_rows: int | None = None,
+          progress: strips.Progress | None = None) -> jax.Array:
   """Dehazes `img` (HxWx3 or NxHxWx3, RGB, uint8/uint16 or float in [0, 1]).
 
   Returns float32 RGB in [0, 1] with the input's layout. Any height and width work:
@@ -107,13 +113,24 @@ def apply(params: Params, img: Any, *, strip_rows: int | None = None) -> jax.Arr
   strips (`minet_jax.strips`): the same result up to float32 rounding, in a fraction
   of the memory. ``strip_rows`` overrides the choice: 0 for the whole image at once,
   n > 0 for strips of n rows.
+
+  ``progress(done, total)``, when given, is called after each compiled stage of the
+  strip-wise forward has finished (``total`` is the number of stages), or once at the
+  end of a whole-image forward: what a progress bar needs. It waits for each stage,
+  which costs nothing since every stage needs the previous one's result.
   """
   if not isinstance(params, Params):
     raise TypeError(f"params must be minet_jax.Params (from init/load), got "
                     f"{type(params).__name__}")
   x = to_float_rgb(img)
   rows = strips.choose_strip_rows(x.shape[1], x.shape[2], strip_rows)
-  out = _forward_strips(params, x, rows) if rows else _forward(params, x)
+  if rows:
+    out = _clip(strips.forward(model_from_params(params), x, rows, progress=progress))
+  else:
+    out = _forward(params, x)
+    if progress is not None:
+      out = jax.block_until_ready(out)
+      progress(1, 1)
   return out[0] if len(img.shape) == 3 else out
 
 
@@ -163,12 +180,8 @@ def dehaze_batch(params: Params, x: jax.Array) -> jax.Array:
 _forward = jax.jit(dehaze_batch)
 
 
-def _forward_strips(params: Params, x: jax.Array, rows: int) -> jax.Array:
-  # Not jitted as a whole: called eagerly, `strips.forward` runs compiled stages one
-  # after the other, each with only its own scratch memory.
-  return _clip(strips.forward(model_from_params(params), x, rows))
-
-
+# `strips.forward` is not jitted as a whole: called eagerly, it runs compiled stages one
+# after the other, each with only its own scratch memory; only the final clip is jitted.
 @jax.jit
 def _clip(x: jax.Array) -> jax.Array:
   return jnp.clip(x, 0.0, 1.0).astype(jnp.float32)

@@ -74,13 +74,31 @@ def write_config(folder: str | os.PathLike, cfg: ModelConfig, weights: Any = Non
                    json.dumps(config_record(cfg, weights), indent=2) + "\n")
 
 
+def _enclosing_workdir(path: pathlib.Path) -> pathlib.Path | None:
+  """The training workdir whose ``checkpoints/`` or ``best/`` holds `path` (a step folder or
+  an item of one), if any."""
+  for workdir in list(path.parents)[:3]:
+    if ((workdir / CONFIG_FILE).is_file()
+        and path.relative_to(workdir).parts[0] in (LATEST_DIR, BEST_DIR)):
+      return workdir
+  return None
+
+
 def _read_meta(path: pathlib.Path) -> dict:
   meta_file = path / CONFIG_FILE
+  if not meta_file.is_file():
+    workdir = _enclosing_workdir(path)
+    if workdir is not None:
+      raise CheckpointError(f"{path} is part of the training workdir {workdir}; pass the "
+                            f"workdir itself ({workdir}): its best, else latest, weights load")
+  if path.is_file():
+    raise CheckpointError(f"{path} is a file, not a checkpoint folder (an authors' .pth "
+                          "loads with minet_jax.load or --ckpt FILE.pth)")
   if not path.is_dir():
     raise CheckpointError(f"checkpoint folder {path} does not exist")
   if not meta_file.is_file():
     raise CheckpointError(f"{path} is not a minet-jax checkpoint: {CONFIG_FILE} is missing "
-                          "(convert an authors' .pth with `python -m minet_jax.convert`)")
+                          "(pass a checkpoint folder, a training workdir or an authors' .pth)")
   try:
     meta = json.loads(meta_file.read_text())
     version = meta["format_version"]

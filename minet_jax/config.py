@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -272,6 +274,13 @@ def model_config(config: ConfigLike = None) -> ModelConfig:
   if unknown:
     raise ValueError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
   return ModelConfig(**dict(config))
+
+
+def program_name(module: str, argv0: str | None = None) -> str:
+  """What a tool's usage line calls it: the console script's name (``minet-dehaze``) when
+  run as one, else ``python -m <module>`` (``argv0`` defaults to ``sys.argv[0]``)."""
+  name = os.path.basename(sys.argv[0] if argv0 is None else argv0)
+  return f"python -m {module}" if not name or name.endswith(".py") or name == "-c" else name
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,27 +1,35 @@
-"""Dehazes one's own photos with a minet-jax checkpoint.
+"""Dehazes one's own photos.
 
-    python -m minet_jax.dehaze --ckpt checkpoints/minet_its photo.jpg more_photos/ -o dehazed/
-    python -m minet_jax.dehaze --ckpt checkpoints/minet_its big.png -o out/ --tile 512 --overlap 64
+    python -m minet_jax.dehaze photo.jpg more_photos/ -o dehazed/   # the released model
+    python -m minet_jax.dehaze --ckpt workdirs/its photo.jpg -o dehazed/ --compare
+    python -m minet_jax.dehaze big.png -o out/ --tile 512 --overlap 64
 
-Inputs are files or folders (``--recursive`` to descend); any size, PNG/JPEG/...,
-grayscale, alpha, 16-bit and EXIF-rotated images are read by
+``--ckpt`` names the weights: ``its`` (the default: the authors' released model,
+downloaded once by `minet_jax.hub`), an authors' ``.pth`` file, a checkpoint folder or
+a training workdir. Inputs are files or folders (``--recursive`` to descend); any
+size, PNG/JPEG/..., grayscale, alpha, 16-bit and EXIF-rotated images are read by
 `minet_jax.image_io.read_rgb`. Each result is written as
-``OUTDIR/<stem>_dehazed.png`` (folder inputs keep their sub-folders).
+``OUTDIR/<stem>_dehazed.png`` (``--format jpg`` for JPEG; folder inputs keep their
+sub-folders); ``--compare`` adds ``<stem>_dehazed_compare.png``, the input and the
+result side by side. A grayscale input comes back in colour (the model always
+returns RGB, with a slight tint); ``--keep-gray`` writes the luminance of the result
+instead.
 
 What is never done, and said instead on stderr:
 
-* no existing file is replaced (inputs, earlier results, anything else): such an
-  output is refused, and nothing is ever written outside OUTDIR;
-* in folders, files named like a result (``*<suffix>.png``) are skipped as
-  earlier results, and when OUTDIR lies inside an input folder, the images
-  under OUTDIR are not taken as inputs (name them to process them);
+* no existing file is replaced unless ``--overwrite`` is given, and never an input:
+  such an output is refused, and nothing is ever written outside OUTDIR;
+* in folders, files named like a result (``*<suffix>.png``, ``*<suffix>_compare.jpg``,
+  ...) are skipped as earlier results, and when OUTDIR lies inside an input folder,
+  the images under OUTDIR are not taken as inputs (name them to process them);
 * a file that cannot be read or processed is reported and the others go on.
 
 The exit code is 1 if any input was not processed (skipped earlier results do
 not count). Images above 2 MP are processed exactly in bounded memory by running
 the full-resolution layers in row strips (`minet_jax.strips`; ``--strip-rows``
-sets the strip height, 0 turns it off). ``--tile`` instead processes large images
-in independent overlapping tiles, an approximation (see `minet_jax.tiling`).
+sets the strip height, 0 turns it off); the progress bar then advances stage by
+stage. ``--tile`` instead processes large images in independent overlapping tiles,
+an approximation (see `minet_jax.tiling`).
 """
 
 from __future__ import annotations
@@ -36,16 +44,26 @@ from collections.abc import Sequence
 import numpy as np
 
 from minet_jax import image_io, tiling
-from minet_jax.config import add_speed_arguments, speed_changes
+from minet_jax.config import add_speed_arguments, program_name, speed_changes
 
 PathLike = str | os.PathLike
+
+FORMATS = ("png", "jpg")  # --format: file suffixes `image_io.write_image` writes.
+COMPARE = "_compare"  # Appended to a result's stem for the side-by-side image.
+DEFAULT_OVERLAP = 32  # Tile overlap in pixels, unless a quarter of the tile is less.
+# ITU-R BT.601 luma weights (what Pillow's convert("L") uses): --keep-gray's luminance.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 @dataclasses.dataclass
 class Job:
-  """One input file and where its result goes."""
+  """One input file and where its result (and side-by-side image) go."""
   source: pathlib.Path
   target: pathlib.Path
+  compare: pathlib.Path | None = None
+
+  def outputs(self) -> list[pathlib.Path]:
+    return [self.target] + ([self.compare] if self.compare is not None else [])
 
 
 @dataclasses.dataclass
@@ -62,168 +80,285 @@ def check_suffix(suffix: str) -> None:
     raise ValueError(f"--suffix {suffix!r} must be part of a file name (no path separators)")
 
 
+def default_overlap(tile: int) -> int:
+  """The overlap used when none is given: `DEFAULT_OVERLAP`, or a quarter of a smaller tile."""
+  return min(DEFAULT_OVERLAP, tile // 4)
+
+
 def _inside(path: pathlib.Path, folder: pathlib.Path) -> bool:
   return path == folder or folder in path.parents
 
 
+def _result_endings(suffix: str) -> tuple[str, ...]:
+  """How earlier results' names end, in every format (none for an empty suffix)."""
+  if not suffix:
+    return ()
+  return tuple(f"{suffix}{extra}.{fmt}" for extra in ("", COMPARE) for fmt in FORMATS)
+
+
 def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = False,
-         suffix: str = "_dehazed") -> tuple[list[Job], dict[str, str], dict[str, str]]:
+         suffix: str = "_dehazed", image_format: str = "png", compare: bool = False,
+         overwrite: bool = False) -> tuple[list[Job], dict[str, str], dict[str, str]]:
   """(jobs, failed, skipped): what to do, what cannot be done and why, earlier results left out.
 
-  Folders yield their images except files named like results (``*<suffix>.png``)
-  and, when ``out_dir`` lies strictly inside the folder, files under ``out_dir``.
-  A job is refused when its output would leave ``out_dir``, replace an input,
-  collide with another job's output, or replace any file that already exists.
+  Folders yield their images except files named like results (``*<suffix>.png``,
+  ``*<suffix>_compare.jpg``, ...) and, when ``out_dir`` lies strictly inside the
+  folder, files under ``out_dir``. A job is refused when an output would leave
+  ``out_dir``, replace an input, collide with another job's output, or replace a
+  file that already exists (allowed with ``overwrite``, except inputs and folders).
   """
   check_suffix(suffix)
+  if image_format not in FORMATS:
+    raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {image_format!r}")
   out_dir = pathlib.Path(out_dir)
   out_resolved = out_dir.resolve()
-  result_name = f"{suffix}.png" if suffix else None
+  endings = _result_endings(suffix)
   jobs: list[Job] = []
   failed: dict[str, str] = {}
   skipped: dict[str, str] = {}
   if out_dir.exists() and not out_dir.is_dir():
     return [], {str(out_dir): "the output folder -o is an existing file"}, {}
+
+  def job(source: pathlib.Path, folder: pathlib.Path) -> Job:
+    stem = f"{source.stem}{suffix}"
+    return Job(source, folder / f"{stem}.{image_format}",
+               folder / f"{stem}{COMPARE}.{image_format}" if compare else None)
+
   for item in inputs:
     path = pathlib.Path(item)
     if path.is_dir():
       folder = path.resolve()
       out_below = out_resolved != folder and folder in out_resolved.parents
       walker = path.rglob("*") if recursive else path.glob("*")
-      files = []
+      found = []
       for f in sorted(walker):
         if not f.is_file() or f.name.startswith(".") or (
             f.suffix.lower() not in image_io.IMAGE_SUFFIXES):
           continue
-        if result_name and f.name.endswith(result_name):
-          skipped[str(f)] = (f"named like an earlier result (*{result_name}); "
+        if f.name.endswith(endings):
+          skipped[str(f)] = (f"named like an earlier result (*{suffix}.{image_format}); "
                              "pass it by name to process it")
         elif out_below and _inside(f.resolve(), out_resolved):
           failed[str(f)] = (f"not processed: it lies inside the output folder {out_dir}; "
                             "pass it by name, or choose an -o outside the input folder")
         else:
-          files.append(f)
-      if not files and not any(_inside(pathlib.Path(k).resolve(), folder)
+          found.append(f)
+      if not found and not any(_inside(pathlib.Path(k).resolve(), folder)
                                for k in (*skipped, *failed)):
         failed[str(path)] = "folder holds no images" + ("" if recursive else
                                                         " (use --recursive for sub-folders)")
-      for f in files:
-        rel = f.relative_to(path).parent
-        jobs.append(Job(f, out_dir / rel / f"{f.stem}{suffix}.png"))
+      jobs += [job(f, out_dir / f.relative_to(path).parent) for f in found]
     elif path.is_file():
-      jobs.append(Job(path, out_dir / f"{path.stem}{suffix}.png"))
+      jobs.append(job(path, out_dir))
     else:
       failed[str(path)] = "no such file or folder"
   sources = {j.source.resolve() for j in jobs}
   seen: dict[pathlib.Path, pathlib.Path] = {}
   kept = []
-  for job in jobs:
-    target = job.target.resolve()
-    if not _inside(target.parent, out_resolved):
-      failed[str(job.source)] = f"its output {job.target} would be written outside {out_dir}"
-    elif target in sources:
-      failed[str(job.source)] = f"its output {job.target} would overwrite an input file"
-    elif target in seen:
-      failed[str(job.source)] = (f"its output {job.target} is also the output of "
-                                 f"{seen[target]}; process them separately")
-    elif os.path.lexists(job.target):
-      failed[str(job.source)] = (f"its output {job.target} already exists; dehaze never "
-                                 "replaces a file (delete it, or choose another -o or --suffix)")
-    else:
-      seen[target] = job.source
-      kept.append(job)
+  for one in jobs:
+    problem = None
+    for output in one.outputs():
+      target = output.resolve()
+      if not _inside(target.parent, out_resolved):
+        problem = f"its output {output} would be written outside {out_dir}"
+      elif target in sources:
+        problem = f"its output {output} would overwrite an input file"
+      elif target in seen:
+        problem = (f"its output {output} is also an output of {seen[target]}; "
+                   "process them separately")
+      elif os.path.lexists(output) and (not overwrite or output.is_dir()):
+        problem = (f"its output {output} already exists; dehaze replaces files only with "
+                   "--overwrite (or choose another -o or --suffix)")
+      if problem:
+        break
+    if problem:
+      failed[str(one.source)] = problem
+      continue
+    seen.update((o.resolve(), one.source) for o in one.outputs())
+    kept.append(one)
   return kept, failed, skipped
 
 
+def is_gray(image: np.ndarray) -> bool:
+  """Whether an (H, W, 3) image has three equal channels (a grayscale photo)."""
+  return bool(np.array_equal(image[..., 0], image[..., 1])
+              and np.array_equal(image[..., 1], image[..., 2]))
+
+
+def luminance(image: np.ndarray) -> np.ndarray:
+  """(H, W, 3) RGB in [0, 1] -> (H, W) luma (`LUMA` weights), in [0, 1]."""
+  return np.clip(np.asarray(image, np.float32) @ LUMA, 0.0, 1.0)
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 8) -> np.ndarray:
+  """Two images of one size (H, W) or (H, W, 3), next to each other with a white gap."""
+  if left.ndim != right.ndim:  # A gray result beside its (RGB-read) input.
+    left, right = (x if x.ndim == 3 else np.repeat(x[..., None], 3, -1) for x in (left, right))
+  white = np.ones(left.shape[:1] + (gap,) + left.shape[2:], np.float32)
+  return np.concatenate([np.asarray(left, np.float32), white, np.asarray(right, np.float32)], 1)
+
+
 def dehaze_image(params, image: np.ndarray, *, tile: int | None = None, overlap: int = 32,
-                 blend: str = "cosine", strip_rows: int | None = None) -> np.ndarray:
+                 blend: str = "cosine", strip_rows: int | None = None,
+                 progress: tiling.Progress | None = None) -> np.ndarray:
   """float32 RGB (H, W, 3) in [0, 1] -> dehazed float32 RGB in [0, 1].
 
-  ``strip_rows`` is `minet_jax.apply`'s (None: strips above 2 MP, 0: never).
+  ``strip_rows`` is `minet_jax.apply`'s (None: strips above 2 MP, 0: never);
+  ``progress(done, total)`` is called per tile with ``tile``, else per stage of the
+  strip-wise forward (once for a whole-image forward).
   """
   import minet_jax  # Heavy import kept out of `--help`.
 
-  def run(x):
+  def run(x, report=None):
     x = np.ascontiguousarray(x, np.float32)
-    return np.asarray(minet_jax.apply(params, x, strip_rows=strip_rows))
+    return np.asarray(minet_jax.apply(params, x, strip_rows=strip_rows, progress=report))
 
   if tile:
-    return tiling.tiled_apply(run, image, tile=tile, overlap=overlap, blend=blend)
-  return run(image)
+    return tiling.tiled_apply(run, image, tile=tile, overlap=overlap, blend=blend,
+                              progress=progress)
+  return run(image, progress)
+
+
+class _StepBar:
+  """A second progress bar, below the per-image one, for the steps of one image; shown
+  only for images that take more than one step (strips, tiles)."""
+
+  def __init__(self, unit: str):
+    self.unit, self.bar = unit, None
+
+  def __call__(self, done: int, total: int) -> None:
+    if total <= 1:
+      return
+    if self.bar is None:
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, desc=f"  {self.unit}s", unit=self.unit, position=1,
+                      leave=False, file=sys.stderr)
+    self.bar.update(done - self.bar.n)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
 
 
 def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
-                 recursive: bool = False, tile: int | None = None, overlap: int = 32,
-                 blend: str = "cosine", suffix: str = "_dehazed",
+                 recursive: bool = False, tile: int | None = None, overlap: int | None = None,
+                 blend: str = "cosine", suffix: str = "_dehazed", image_format: str = "png",
+                 compare: bool = False, keep_gray: bool = False, overwrite: bool = False,
                  progress: bool = True, strip_rows: int | None = None) -> Outcome:
   """Dehazes every input image into ``out_dir``; failures are collected, not raised.
 
-  Only files this call creates are written (see `plan`); an output that appears
-  meanwhile is refused too.
+  Only files this call creates are written (see `plan`), or, with ``overwrite``, earlier
+  files replaced; an output that appears meanwhile is refused unless ``overwrite``.
+  ``overlap`` defaults to `default_overlap` of the tile. ``keep_gray`` writes the
+  luminance of the result for an input whose three channels are equal.
   """
-  jobs, failed, skipped = plan(inputs, out_dir, recursive=recursive, suffix=suffix)
+  jobs, failed, skipped = plan(inputs, out_dir, recursive=recursive, suffix=suffix,
+                               image_format=image_format, compare=compare,
+                               overwrite=overwrite)
+  if overlap is None:
+    overlap = default_overlap(tile or 0)
   protect = [j.source for j in jobs]
   written: list[pathlib.Path] = []
   iterator = jobs
+  steps = None
   if progress:
     from tqdm import tqdm
     iterator = tqdm(jobs, desc="dehaze", unit="image", file=sys.stderr)
+    steps = _StepBar("tile" if tile else "stage")
   for job in iterator:
     try:
       image = image_io.read_rgb(job.source)
       result = dehaze_image(params, image, tile=tile, overlap=overlap, blend=blend,
-                            strip_rows=strip_rows)
-      image_io.write_png(job.target, result, protect=protect, exclusive=True)
-      written.append(job.target)
+                            strip_rows=strip_rows, progress=steps)
+      if keep_gray and is_gray(image):
+        image, result = image[..., 0], luminance(result)
+      images = [(job.target, result)]
+      if job.compare is not None:
+        images.append((job.compare, side_by_side(image, result)))
+      for path, data in images:
+        image_io.write_image(path, data, protect=protect, exclusive=not overwrite)
+        written.append(path)
     except Exception as e:  # One bad file must not cost the others.
       failed[str(job.source)] = str(e) if isinstance(
           e, (image_io.ImageReadError, FileExistsError)) else f"{type(e).__name__}: {e}"
+    finally:
+      if steps is not None:
+        steps.close()
   return Outcome(written, failed, skipped)
 
 
+def parser() -> argparse.ArgumentParser:
+  """The command line of ``minet-dehaze`` / ``python -m minet_jax.dehaze``."""
+  p = argparse.ArgumentParser(
+      prog=program_name("minet_jax.dehaze"),
+      description="Dehaze images; writes <stem>_dehazed.png files into the output folder.")
+  p.add_argument("inputs", nargs="+", help="image files and/or folders")
+  p.add_argument("-o", "--out", required=True, help="output folder (created if needed)")
+  p.add_argument("--ckpt", default="its",
+                 help="the weights: 'its' (the authors' released model, downloaded once "
+                      "into ~/.cache/minet_jax; the default), an authors' .pth file, a "
+                      "checkpoint folder, or a training workdir")
+  p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+  p.add_argument("--format", dest="image_format", default="png", choices=FORMATS,
+                 help="output file format (default: %(default)s)")
+  p.add_argument("--compare", action="store_true",
+                 help="also write <stem>_dehazed_compare.<format>: input and result side "
+                      "by side")
+  p.add_argument("--keep-gray", action="store_true",
+                 help="for a grayscale input, write the luminance of the result (one "
+                      "channel) instead of the model's RGB output, which is slightly tinted")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace existing files in the output folder (never an input file)")
+  p.add_argument("--tile", type=int, default=0,
+                 help="process large images in overlapping TILE x TILE tiles, an "
+                      "approximation (default: %(default)s, the whole image at once)")
+  p.add_argument("--overlap", type=int, default=None,
+                 help=f"tile overlap in pixels (default: {DEFAULT_OVERLAP}, or a quarter "
+                      "of --tile when that is less)")
+  p.add_argument("--blend", default="cosine", choices=tiling.BLENDS,
+                 help="weighting across tile overlaps (default: %(default)s)")
+  p.add_argument("--strip-rows", type=int, default=None,
+                 help="rows per strip of the exact strip-wise forward (default: "
+                      "automatic above 2 MP; 0: whole image at once)")
+  p.add_argument("--suffix", default="_dehazed",
+                 help="appended to each output stem; files named *<suffix>.png in input "
+                      "folders are taken for earlier results and skipped (default: "
+                      "%(default)s)")
+  add_speed_arguments(p)
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  return p
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m minet_jax.dehaze",
-      description="Dehaze images with a minet-jax checkpoint; writes <stem>_dehazed.png files.")
-  parser.add_argument("inputs", nargs="+", help="image files and/or folders")
-  parser.add_argument("-o", "--out", required=True, help="output folder (created if needed)")
-  parser.add_argument("--ckpt", required=True,
-                      help="checkpoint folder (python -m minet_jax.convert model_ITS.pth DIR)")
-  parser.add_argument("--recursive", action="store_true", help="descend into sub-folders")
-  parser.add_argument("--tile", type=int, default=0,
-                      help="tile size for large images (0: whole image at once)")
-  parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
-  parser.add_argument("--blend", default="cosine", choices=tiling.BLENDS,
-                      help="weighting across tile overlaps")
-  parser.add_argument("--strip-rows", type=int, default=None,
-                      help="rows per strip of the exact strip-wise forward (default: "
-                           "automatic above 2 MP; 0: whole image at once)")
-  parser.add_argument("--suffix", default="_dehazed",
-                      help="appended to each output stem; files named *<suffix>.png in input "
-                           "folders are taken for earlier results and skipped")
-  add_speed_arguments(parser)
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-  args = parser.parse_args(argv)
-  if args.tile < 0 or args.overlap < 0 or (args.tile and args.overlap >= args.tile):
-    parser.error("--tile and --overlap must be >= 0, and --overlap smaller than --tile")
+  p = parser()
+  args = p.parse_args(argv)
+  if args.tile < 0:
+    p.error(f"--tile must be >= 0, got {args.tile}")
+  if args.overlap is not None and args.overlap < 0:
+    p.error(f"--overlap must be >= 0, got {args.overlap}")
+  if args.tile and args.overlap is not None and args.overlap >= args.tile:
+    p.error(f"--overlap {args.overlap} must be smaller than --tile {args.tile}")
   try:
     check_suffix(args.suffix)
   except ValueError as e:
-    parser.error(str(e))
+    p.error(str(e))
   if args.strip_rows is not None and args.strip_rows < 0:
-    parser.error("--strip-rows must be >= 0")
-  import minet_jax
+    p.error("--strip-rows must be >= 0")
+  from minet_jax import hub
   try:
-    params = minet_jax.load(args.ckpt)
+    params = hub.resolve(args.ckpt, progress=not args.no_progress)
     params = params.replace_config(**speed_changes(args))
   except (OSError, ValueError) as e:
     print(f"dehaze: error: {e}", file=sys.stderr)
     return 2
   outcome = dehaze_files(params, args.inputs, args.out, recursive=args.recursive,
                          tile=args.tile or None, overlap=args.overlap, blend=args.blend,
-                         suffix=args.suffix, progress=not args.no_progress,
+                         suffix=args.suffix, image_format=args.image_format,
+                         compare=args.compare, keep_gray=args.keep_gray,
+                         overwrite=args.overwrite, progress=not args.no_progress,
                          strip_rows=args.strip_rows)
-  print(f"wrote {len(outcome.written)} image(s) to {args.out}")
+  print(f"wrote {len(outcome.written)} file(s) to {args.out}")
   for source, reason in outcome.skipped.items():
     print(f"dehaze: skipped: {source}: {reason}", file=sys.stderr)
   for source, reason in outcome.failed.items():

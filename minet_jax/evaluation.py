@@ -234,7 +234,8 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
   """Evaluates ``methods`` on the pairs in ``data``; see the module docstring.
 
   Args:
-    ckpt: a converted/saved minet-jax checkpoint folder (needed for "minet").
+    ckpt: the weights, for "minet": a release name ("its", downloaded once), an
+      authors' .pth, a checkpoint folder or a training workdir (`minet_jax.hub.resolve`).
     data: a paired folder, or a built dataset name (with ``split``, ``data_dir``).
     methods: any of "minet", "hazy", "dcp", in table order.
     out_dir: if set, ``per_image.csv`` and ``results.json`` are written there.
@@ -251,8 +252,8 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
   if "minet" in methods:
     if ckpt is None:
       raise ValueError("method 'minet' needs a checkpoint folder (--ckpt)")
-    import minet_jax
-    params = minet_jax.load(ckpt)
+    from minet_jax import hub
+    params = hub.resolve(ckpt, progress=progress)
     params = params.replace_config(**(config_changes or {}))
   fns = build_methods(methods, params, dcp_config)
   samples = samples_from(data, layout=layout, split=split, data_dir=data_dir)
@@ -307,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
       description="Scores MI-Net, the hazy input and the dark channel prior on paired images.",
       epilog="--out DIR adds per_image.csv and results.json, --save-images DIR the outputs "
              "as PNG.")
-  parser.add_argument("--ckpt", help="minet-jax checkpoint folder (python -m minet_jax.convert)")
+  parser.add_argument("--ckpt", help="the weights: 'its' (the authors' released model, "
+                      "downloaded once into ~/.cache/minet_jax), an authors' .pth file, a "
+                      "checkpoint folder, or a training workdir")
   parser.add_argument("--data", required=True,
                       help="paired folder (SOTS/ITS layout, or hazy/ + gt/ or clear/) or a "
                            "built dataset name such as reside_sots/indoor")

@@ -65,6 +65,13 @@ def replacing(path: str | os.PathLike, *, folder: bool = False,
     _remove(tmp)
 
 
+def cache_dir() -> pathlib.Path:
+  """Where minet-jax keeps what it builds or downloads once: ``$MINET_JAX_CACHE``, else
+  ``~/.cache/minet_jax`` (the compiled oneDNN binding, the released weights)."""
+  return pathlib.Path(os.environ.get("MINET_JAX_CACHE",
+                                     pathlib.Path.home() / ".cache" / "minet_jax")).expanduser()
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
   """Writes `text` to `path` whole (`replacing`)."""
   with replacing(path) as tmp:

@@ -14,9 +14,10 @@ alpha, 16-bit, EXIF-rotated) into one predictable array:
   byte), which is below what the network resolves anyway.
 
 Every failure to read becomes an ``ImageReadError`` naming the file.
-``write_png`` writes atomically and refuses paths listed in ``protect`` (used to
-make sure a tool never overwrites its inputs); with ``exclusive=True`` it refuses
-any existing file, in the same atomic step as the write.
+``write_png`` (and ``write_image``, PNG or JPEG by suffix) writes atomically and
+refuses paths listed in ``protect`` (used to make sure a tool never overwrites its
+inputs); with ``exclusive=True`` it refuses any existing file, in the same atomic
+step as the write.
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ def centre_crop(image, height: int, width: int):
   return image[tuple(window)]
 
 
+# Formats `write_image` writes, by file suffix: Pillow's format name and save options.
+WRITE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}),
+                 ".jpeg": ("JPEG", {"quality": 95})}
+
+
 def write_png(path: PathLike, image: np.ndarray, *,
               protect: Iterable[PathLike] = (), exclusive: bool = False) -> pathlib.Path:
   """Writes an RGB (H, W, 3) or gray (H, W) image as an 8-bit PNG.
@@ -144,6 +150,21 @@ def write_png(path: PathLike, image: np.ndarray, *,
     ProtectedPathError: ``path`` resolves to one of ``protect``.
     FileExistsError: ``exclusive`` and something already exists at ``path``.
   """
+  return _write(path, image, "PNG", {}, protect, exclusive)
+
+
+def write_image(path: PathLike, image: np.ndarray, *,
+                protect: Iterable[PathLike] = (), exclusive: bool = False) -> pathlib.Path:
+  """`write_png`, in the format `path`'s suffix names (`WRITE_FORMATS`: PNG or JPEG)."""
+  suffix = pathlib.Path(path).suffix.lower()
+  if suffix not in WRITE_FORMATS:
+    raise ValueError(f"cannot write {path}: the suffix must be one of "
+                     f"{', '.join(WRITE_FORMATS)}")
+  return _write(path, image, *WRITE_FORMATS[suffix], protect, exclusive)
+
+
+def _write(path: PathLike, image: np.ndarray, image_format: str, options: dict,
+           protect: Iterable[PathLike], exclusive: bool) -> pathlib.Path:
   path = pathlib.Path(path)
   target = path.resolve()
   for p in protect:
@@ -155,5 +176,5 @@ def write_png(path: PathLike, image: np.ndarray, *,
   if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] != 3):
     raise ValueError(f"write_png expects (H, W, 3) or (H, W), got shape {data.shape}")
   with files.replacing(target, exclusive=exclusive) as tmp:
-    Image.fromarray(data).save(tmp, format="PNG")
+    Image.fromarray(data).save(tmp, format=image_format, **options)
   return path

@@ -50,6 +50,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from minet_jax import files
 from minet_jax.config import CONV_BACKENDS
 
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "onednn_conv.cc"
@@ -97,11 +98,6 @@ def _installed_dirs() -> tuple[pathlib.Path, pathlib.Path] | None:
   return dirs["include"], dirs["lib"]
 
 
-def _cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("MINET_JAX_CACHE",
-                                     pathlib.Path.home() / ".cache" / "minet_jax"))
-
-
 def _compile(include: pathlib.Path, lib: pathlib.Path, output: pathlib.Path) -> None:
   compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
   if compiler is None:
@@ -128,7 +124,7 @@ def _build_and_register() -> None:
   key = hashlib.sha256("\0".join(
       [_SOURCE.read_text(), jax.__version__, jax.ffi.include_dir(), str(include), str(lib),
        str(sorted(p.name for p in lib.glob("libdnnl.so*")))]).encode()).hexdigest()
-  library = _cache_dir() / f"minet_onednn_{key[:16]}.so"
+  library = files.cache_dir() / f"minet_onednn_{key[:16]}.so"
   if not library.is_file():
     library.parent.mkdir(parents=True, exist_ok=True)
     # Built beside its final name and renamed, so a concurrent or interrupted build

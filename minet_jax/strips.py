@@ -248,7 +248,12 @@ def _decode(model: MINet, fused: jax.Array, image: jax.Array, rows: int) -> jax.
   return strips.assemble(tail)
 
 
-def network(model: MINet, image: jax.Array, rows: int) -> jax.Array:
+# progress(done, total): called after each stage of the strip-wise forward.
+Progress = Callable[[int, int], None]
+
+
+def network(model: MINet, image: jax.Array, rows: int, *,
+            progress: Progress | None = None) -> jax.Array:
   """MI-Net on a model-space NHWC image (even H and W) with strips of `rows` rows.
 
   The same function as `MINet.decode(fuse(...), image)` after `MINet.solve_blocks`.
@@ -257,12 +262,31 @@ def network(model: MINet, image: jax.Array, rows: int) -> jax.Array:
   under an enclosing ``jax.jit`` they inline into one program, which XLA:CPU lays
   out in more memory (at 2708x1800, 1.86 GiB of buffers against the largest
   stage's 1.51 GiB; ~2.9 GiB peak RSS against ~2.0 GiB).
+
+  ``progress(done, total)`` is called after each stage has finished computing.
   """
   height = image.shape[1]
   if rows < 2 or rows % 2 or rows > height or height % 2 or image.shape[2] % 2:
     raise ValueError(f"strips need even image sides and an even strip height <= the "
                      f"image height; got image {image.shape[1:3]}, rows {rows}")
-  return _run_stages(model, image, rows, lambda name, stage, args, held: stage(*args))
+  if progress is None:
+    return _run_stages(model, image, rows, lambda name, stage, args, held: stage(*args))
+  total, done = stage_count(model), 0
+
+  def call_and_report(name, stage, args, held):
+    nonlocal done
+    out = jax.block_until_ready(stage(*args))
+    done += 1
+    progress(done, total)
+    return out
+
+  return _run_stages(model, image, rows, call_and_report)
+
+
+def stage_count(model: MINet) -> int:
+  """How many stages `_run_stages` runs: encode, pre-processing, each IM-block, fuse,
+  decode and tail."""
+  return len(model.im_blocks) + 5
 
 
 # How `_run_stages` runs one stage: call(name, jitted stage, its arguments, the arrays
@@ -360,13 +384,15 @@ def _tail_stage(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.A
   return model.deconv(x)
 
 
-def forward(model: MINet, rgb: jax.Array, rows: int) -> jax.Array:
+def forward(model: MINet, rgb: jax.Array, rows: int, *,
+            progress: Progress | None = None) -> jax.Array:
   """``model(rgb)`` (RGB [0, 1] NHWC, any H, W) with the strip-wise network.
 
-  `rows` is as `strip_rows_for` returns it for the image (even, <= the padded height).
+  `rows` is as `strip_rows_for` returns it for the image (even, <= the padded height);
+  ``progress`` as in `network`.
   """
   h, w = rgb.shape[1:3]
-  out = network(model, _to_network_input(model.config, rgb), rows)
+  out = network(model, _to_network_input(model.config, rgb), rows, progress=progress)
   return _from_network_output(model.config, out, h, w)
 
 

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import numpy as np
 
 BLENDS = ("linear", "cosine")
+# progress(done, total): called as tiles (or a model's stages) finish.
+Progress = Callable[[int, int], None]
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -56,18 +58,23 @@ def blend_window(h: int, w: int, *, top: bool, bottom: bool, left: bool, right: 
 
 
 def tiled_apply(fn: Callable[[np.ndarray], np.ndarray], image: np.ndarray, *, tile: int,
-                overlap: int = 32, blend: str = "cosine") -> np.ndarray:
+                overlap: int = 32, blend: str = "cosine",
+                progress: Progress | None = None) -> np.ndarray:
   """Applies ``fn`` ((h, w, C) -> (h, w, C')) tile by tile to ``image`` (H, W, C).
 
   Returns float32 (H, W, C'). With ``tile`` >= both sides this is ``fn(image)``.
+  ``progress(done, total)``, when given, is called after each tile.
   """
   if tile < 1 or overlap < 0:
     raise ValueError(f"tile must be >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
   h, w = image.shape[:2]
   th, tw = min(tile, h), min(tile, w)
   ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
+  report = progress or (lambda done, total: None)
   if len(ys) == 1 and len(xs) == 1:
-    return np.asarray(fn(image), np.float32)
+    out = np.asarray(fn(image), np.float32)
+    report(1, 1)
+    return out
   acc = None
   weight = np.zeros((h, w, 1), np.float64)
   for i, y in enumerate(ys):
@@ -79,4 +86,5 @@ def tiled_apply(fn: Callable[[np.ndarray], np.ndarray], image: np.ndarray, *, ti
         acc = np.zeros((h, w, out.shape[-1]), np.float64)
       acc[y:y + th, x:x + tw] += win * out
       weight[y:y + th, x:x + tw] += win
+      report(i * len(xs) + j + 1, len(ys) * len(xs))
   return (acc / weight).astype(np.float32)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import minet_jax
+from minet_jax import checkpoint
 
 TINY = minet_jax.ModelConfig(features=8, iterations=(2, 2, 2))
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -121,6 +122,26 @@ def test_load_missing_path(tmp_path):
     minet_jax.load(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/20", "checkpoints/20/params",
+                                    "best/20", "checkpoints/99"])
+def test_a_folder_inside_a_training_workdir_asks_for_the_workdir(params, tmp_path, inside):
+  workdir = tmp_path / "wd"
+  (workdir / "checkpoints" / "20" / "params").mkdir(parents=True)
+  (workdir / "best" / "20" / "params").mkdir(parents=True)
+  checkpoint.write_config(workdir, params.config)
+  with pytest.raises(minet_jax.CheckpointError) as e:
+    minet_jax.load(workdir / inside)
+  assert str(e.value) == (f"{workdir / inside} is part of the training workdir {workdir}; "
+                          f"pass the workdir itself ({workdir}): its best, else latest, "
+                          "weights load")
+
+
+def test_a_file_is_no_checkpoint_folder(tmp_path):
+  (tmp_path / "weights.bin").write_bytes(b"")
+  with pytest.raises(minet_jax.CheckpointError, match="is a file, not a checkpoint folder"):
+    checkpoint.load(tmp_path / "weights.bin")
+
+
 def test_load_corrupt_checkpoint(params, tmp_path):
   path = minet_jax.save(params, tmp_path / "ckpt")
   config_file = path / "minet_config.json"
@@ -146,6 +167,9 @@ def test_load_corrupt_checkpoint(params, tmp_path):
     (np.zeros((1, 1, 8, 8, 3), np.uint8), ValueError, "HxWx3 or NxHxWx3"),
     (np.zeros((8, 8, 1), np.uint8), ValueError, "grayscale"),
     (np.zeros((8, 8, 4), np.uint8), ValueError, "alpha"),
+    (np.zeros((3, 8, 8), np.uint8), ValueError,
+     r"channels first .*; transpose to HxWx3 with np.transpose\(img, \(1, 2, 0\)\)"),
+    (np.zeros((2, 3, 8, 8), np.float32), ValueError, r"np.transpose\(img, \(0, 2, 3, 1\)\)"),
     (np.zeros((0, 8, 3), np.uint8), ValueError, "empty"),
     (np.zeros((0, 8, 8, 3), np.float32), ValueError, "empty"),
     (np.full((8, 8, 3), np.nan, np.float32), ValueError, "NaN or infinite"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -163,3 +164,24 @@ def test_errors(tmp_path):
   source_dir = _pairs_folder(tmp_path / "ok")
   with pytest.raises(ValueError, match="no split 'test'"):
     builders.load_source("paired_folder", "test", tmp_path, manual_dir=source_dir)
+
+
+def test_a_build_says_what_where_and_how_long_and_nothing_else(tmp_path):
+  """TFDS's own reports (stdout lines, absl warnings, nested progress bars that leave blank
+  lines) are replaced by two lines; a second call builds nothing and says nothing."""
+  script = textwrap.dedent(f"""
+      from minet_jax.data import builders, synthetic
+      tiny = synthetic.{TINY!r}
+      for _ in range(2):
+        builders.build("synthetic_haze", {str(tmp_path)!r}, synthetic_config=tiny)
+      """)
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == ""
+  lines = result.stderr.splitlines()
+  assert len(lines) == 2, result.stderr
+  assert lines[0].startswith(f"building dataset synthetic_haze into {tmp_path}/synthetic_haze/")
+  assert "$TFDS_DATA_DIR" in lines[0]
+  counts = ", ".join(f"{TINY.num_examples(s)} {s}" for s in synthetic.SPLITS)
+  assert re.fullmatch(rf"built synthetic_haze in \d+ s: {counts} pairs", lines[1]), lines[1]

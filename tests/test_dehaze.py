@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -239,3 +240,128 @@ def test_speed_flags_run_the_model_inexactly(tiny_ckpt, tmp_path):
   for bad in (["--dtype", "int8"], ["--precision", "low"]):
     with pytest.raises(SystemExit):
       dehaze.main(["--ckpt", str(tiny_ckpt), str(src), "-o", "o", *bad])
+
+
+def _photo(folder, name="a.png", gray=False, size=(20, 30)):
+  rng = np.random.default_rng(1)
+  folder.mkdir(parents=True, exist_ok=True)
+  shape = size if gray else (*size, 3)
+  Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / name)
+  return folder / name
+
+
+def test_overwrite_is_explicit_and_never_touches_inputs(tiny_ckpt, tmp_path, capsys):
+  photo = _photo(tmp_path / "in")
+  out = tmp_path / "out"
+  args = ["--ckpt", str(tiny_ckpt), str(photo), "-o", str(out), "--no-progress"]
+  assert dehaze.main(args) == 0
+  result = out / "a_dehazed.png"
+  first = result.read_bytes()
+  result.write_bytes(b"stale")
+  capsys.readouterr()
+  assert dehaze.main(args) == 1
+  assert "already exists; dehaze replaces files only with --overwrite" in capsys.readouterr().err
+  assert result.read_bytes() == b"stale"
+  assert dehaze.main([*args, "--overwrite"]) == 0
+  assert result.read_bytes() == first
+  before = photo.read_bytes()
+  assert dehaze.main(["--ckpt", str(tiny_ckpt), str(photo), "-o", str(photo.parent),
+                      "--suffix", "", "--overwrite", "--no-progress"]) == 1
+  assert "would overwrite an input" in capsys.readouterr().err
+  assert photo.read_bytes() == before
+
+
+def test_format_jpg_and_its_results_are_skipped_as_earlier_results(tiny_ckpt, tmp_path, capsys):
+  photo = _photo(tmp_path / "in")
+  assert dehaze.main(["--ckpt", str(tiny_ckpt), str(photo.parent), "-o", str(photo.parent),
+                      "--format", "jpg", "--compare", "--no-progress"]) == 0
+  with Image.open(photo.parent / "a_dehazed.jpg") as im:
+    assert im.format == "JPEG" and im.size == (30, 20)
+  assert (photo.parent / "a_dehazed_compare.jpg").is_file()
+  capsys.readouterr()
+  # Rerun over the folder: the two results are earlier results, not new inputs.
+  assert dehaze.main(["--ckpt", str(tiny_ckpt), str(photo.parent), "-o", str(photo.parent),
+                      "--format", "jpg", "--no-progress"]) == 1  # a.png's result exists
+  err = capsys.readouterr().err
+  assert err.count("named like an earlier result") == 2
+  with pytest.raises(SystemExit):
+    dehaze.main(["--ckpt", str(tiny_ckpt), str(photo), "-o", "o", "--format", "gif"])
+
+
+def test_compare_puts_input_and_result_side_by_side(tiny_ckpt, tmp_path):
+  photo = _photo(tmp_path / "in")
+  out = tmp_path / "out"
+  assert dehaze.main(["--ckpt", str(tiny_ckpt), str(photo), "-o", str(out), "--compare",
+                      "--no-progress"]) == 0
+  both = np.asarray(Image.open(out / "a_dehazed_compare.png"))
+  assert both.shape == (20, 30 + 8 + 30, 3)
+  np.testing.assert_array_equal(both[:, :30], np.asarray(Image.open(photo)))
+  assert (both[:, 30:38] == 255).all()
+  np.testing.assert_array_equal(both[:, 38:], np.asarray(Image.open(out / "a_dehazed.png")))
+
+
+def test_keep_gray_writes_the_luminance_for_gray_inputs_only(tiny_ckpt, tmp_path):
+  gray = _photo(tmp_path / "in", "g.png", gray=True)
+  colour = _photo(tmp_path / "in", "c.png")
+  plain, kept = tmp_path / "plain", tmp_path / "kept"
+  for out, extra in ((plain, []), (kept, ["--keep-gray", "--compare"])):
+    assert dehaze.main(["--ckpt", str(tiny_ckpt), str(gray), str(colour), "-o", str(out),
+                        "--no-progress", *extra]) == 0
+  rgb = np.asarray(Image.open(plain / "g_dehazed.png")).astype(np.float64)
+  assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 0  # the model's output is tinted
+  one = np.asarray(Image.open(kept / "g_dehazed.png"))
+  assert one.ndim == 2
+  # Pillow's own RGB -> L conversion of the colour result, within rounding.
+  want = np.asarray(Image.open(plain / "g_dehazed.png").convert("L")).astype(int)
+  assert np.abs(one.astype(int) - want).max() <= 1
+  assert np.asarray(Image.open(kept / "g_dehazed_compare.png")).shape == (20, 68)
+  np.testing.assert_array_equal(np.asarray(Image.open(kept / "c_dehazed.png")),
+                                np.asarray(Image.open(plain / "c_dehazed.png")))
+
+
+def test_tile_without_overlap_uses_a_fitting_overlap(tiny_ckpt, tmp_path, capsys):
+  photo = _photo(tmp_path / "in", size=(40, 40))
+  assert dehaze.main(["--ckpt", str(tiny_ckpt), str(photo), "-o", str(tmp_path / "o"),
+                      "--tile", "16", "--no-progress"]) == 0
+  for flags, message in ((["--tile", "16", "--overlap", "16"],
+                          "--overlap 16 must be smaller than --tile 16"),
+                         (["--tile", "-1"], "--tile must be >= 0, got -1"),
+                         (["--overlap", "-2"], "--overlap must be >= 0, got -2")):
+    with pytest.raises(SystemExit):
+      dehaze.main(["--ckpt", str(tiny_ckpt), str(photo), "-o", "o", *flags])
+    assert message in capsys.readouterr().err
+  assert dehaze.default_overlap(16) == 4 and dehaze.default_overlap(512) == 32
+
+
+def test_help_names_the_program_and_shows_defaults(monkeypatch, capsys):
+  monkeypatch.setattr(sys, "argv", ["/venv/bin/minet-dehaze"])
+  with pytest.raises(SystemExit) as exited:
+    dehaze.main(["--help"])
+  assert exited.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())
+  assert text.startswith("usage: minet-dehaze ")
+  assert "(default: 0, the whole image at once)" in text
+  assert "(default: 32, or a quarter of --tile when that is less)" in text
+  monkeypatch.setattr(sys, "argv", ["/src/minet_jax/dehaze.py"])
+  assert dehaze.parser().prog == "python -m minet_jax.dehaze"
+
+
+def test_a_workdirs_checkpoint_folder_asks_for_the_workdir(tiny_ckpt, tmp_path, capsys):
+  workdir = tmp_path / "wd"
+  (workdir / "checkpoints" / "20" / "params").mkdir(parents=True)
+  (workdir / "minet_config.json").write_bytes((tiny_ckpt / "minet_config.json").read_bytes())
+  photo = _photo(tmp_path / "in")
+  for inside in ("checkpoints", "checkpoints/20"):
+    assert dehaze.main(["--ckpt", str(workdir / inside), str(photo), "-o", "o"]) == 2
+    assert f"pass the workdir itself ({workdir})" in capsys.readouterr().err
+
+
+def test_progress_per_stage_and_per_tile(tiny_ckpt):
+  params = minet_jax.load(tiny_ckpt)
+  image = np.random.default_rng(0).uniform(size=(40, 40, 3)).astype(np.float32)
+  calls = []
+  dehaze.dehaze_image(params, image, strip_rows=8, progress=lambda *a: calls.append(a))
+  assert calls == [(k, 8) for k in range(1, 9)]  # three IM-blocks and five other stages
+  calls.clear()
+  dehaze.dehaze_image(params, image, tile=16, overlap=4, progress=lambda *a: calls.append(a))
+  assert calls == [(k, 9) for k in range(1, 10)]  # 3 x 3 tiles

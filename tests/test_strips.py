@@ -74,3 +74,18 @@ def test_memory_bound_at_2708x1800_from_compiled_analysis():
   whole = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
   assert whole > 7.5 * half_map
   assert max(per_stage.values()) < 0.7 * whole
+
+
+def test_progress_is_reported_after_every_stage(random_params):
+  cfg = ModelConfig(features=8, pre_blocks=1, iterations=(1, 1, 1))
+  params = random_params(cfg, seed=3)
+  image = np.random.default_rng(2).uniform(size=(24, 20, 3)).astype(np.float32)
+  calls = []
+  got = minet_jax.apply(params, image, strip_rows=8, progress=lambda *a: calls.append(a))
+  # Encoder, pre-processing, three IM-blocks, fusion, decoder, tail.
+  assert calls == [(k, 8) for k in range(1, 9)]
+  np.testing.assert_array_equal(np.asarray(got),
+                                np.asarray(minet_jax.apply(params, image, strip_rows=8)))
+  calls.clear()
+  minet_jax.apply(params, image, strip_rows=0, progress=lambda *a: calls.append(a))
+  assert calls == [(1, 1)]

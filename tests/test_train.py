@@ -276,6 +276,30 @@ def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_
   assert (workdir / "config.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("case,expected", [
+    ("no --workdir", "train: error: --workdir is required (see --help)"),
+    ("no --config", "train: error: --config is required (see --help)"),
+    ("batch_size=abc", "train: error: --config.data.batch_size=abc: invalid literal for int() "
+                       "with base 10: 'abc' (see --help)"),
+    ("a file as --workdir", "train: error: --workdir {file} is a file; name a folder (it is "
+                            "created when it does not exist)"),
+])
+def test_flag_errors_are_one_line(train_cli, case, expected, tmp_path, monkeypatch):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("kept")
+  args = {"no --workdir": ["--config", "configs/tiny.py"],
+          "no --config": ["--workdir", str(tmp_path / "w")],
+          "batch_size=abc": ["--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
+                             "--config.data.batch_size=abc"],
+          "a file as --workdir": ["--config", "configs/tiny.py", "--workdir", str(a_file)]}[case]
+  argv = ["train.py", *args]
+  monkeypatch.setattr(sys, "argv", argv)
+  with pytest.raises(SystemExit) as exited:
+    train_cli.main(train_cli.parse_flags(argv))
+  assert str(exited.value.code) == expected.format(file=a_file)
+  assert a_file.read_text() == "kept" and not (tmp_path / "w").exists()
+
+
 def test_init_from_starts_from_the_given_weights(tmp_path):
   config = tiny.get_config()
   config.seed = 3

@@ -29,13 +29,17 @@ Build from the command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
+import logging as std_logging
 import os
 import pathlib
 import re
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -316,13 +320,37 @@ def _check_manual_dir(dataset: str, config: str | None, manual_dir: PathLike | N
     folders.find_paired_folder(manual_dir)
 
 
+@contextlib.contextmanager
+def _tfds_quiet() -> Iterator[None]:
+  """Mutes TFDS's own reports while it builds: its stdout lines ("Downloading and preparing
+  dataset Unknown size ..."), absl warnings (a new folder "has no dataset_info.json", "Using
+  custom data configuration") and nested progress bars, which leave blank lines in a log.
+  `build` says instead what it builds, where, and how long it took."""
+  absl_logger = std_logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(std_logging.ERROR)
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.display_progress_bar(True)
+    absl_logger.setLevel(level)
+
+
 def build(name: str, data_dir: PathLike | None = None, manual_dir: PathLike | None = None, *,
-          synthetic_config: synthetic.SyntheticHazeConfig | None = None
-          ) -> tfds.core.DatasetBuilder:
-  """Builds `name` into `data_dir` unless already built; returns its builder."""
-  builder = get_builder(name, data_dir, manual_dir, synthetic_config=synthetic_config)
-  if builder.is_prepared():
-    return builder
+          synthetic_config: synthetic.SyntheticHazeConfig | None = None,
+          report: bool = True) -> tfds.core.DatasetBuilder:
+  """Builds `name` into `data_dir` unless already built; returns its builder.
+
+  ``data_dir`` defaults to TFDS's (``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``).
+  With ``report``, a build says on stderr what it builds and where, then how many pairs
+  it wrote and how long it took.
+  """
+  with _tfds_quiet():
+    builder = get_builder(name, data_dir, manual_dir, synthetic_config=synthetic_config)
+    if builder.is_prepared():
+      return builder
   dataset = _split_name(name)[0]
   download_config = None
   if dataset in _NEEDS_MANUAL:
@@ -330,7 +358,19 @@ def build(name: str, data_dir: PathLike | None = None, manual_dir: PathLike | No
     _check_manual_dir(dataset, config, manual_dir)
     download_config = tfds.download.DownloadConfig(
         manual_dir=os.fspath(pathlib.Path(manual_dir).expanduser()))
-  builder.download_and_prepare(download_config=download_config)
+  what = ("rendering the offline synthetic haze set" if dataset == "synthetic_haze"
+          else f"reading {manual_dir}")
+  if report:
+    print(f"building dataset {name} into {builder.data_dir} ({what}; done once, later runs "
+          "reuse it; another folder: $TFDS_DATA_DIR, or --config.data.data_dir when "
+          "training) ...", file=sys.stderr, flush=True)
+  start = time.perf_counter()
+  with _tfds_quiet():
+    builder.download_and_prepare(download_config=download_config)
+  if report:
+    splits = ", ".join(f"{v.num_examples} {k}" for k, v in builder.info.splits.items())
+    print(f"built {name} in {time.perf_counter() - start:.0f} s: {splits} pairs",
+          file=sys.stderr, flush=True)
   return builder
 
 
@@ -396,8 +436,10 @@ def load_source(name: str, split: str, data_dir: PathLike | None = None,
   if build_if_missing:
     builder = build(name, data_dir, manual_dir, synthetic_config=synthetic_config)
   else:
-    builder = get_builder(name, data_dir, manual_dir, synthetic_config=synthetic_config)
-    if not builder.is_prepared():
+    with _tfds_quiet():
+      builder = get_builder(name, data_dir, manual_dir, synthetic_config=synthetic_config)
+      prepared = builder.is_prepared()
+    if not prepared:
       raise FileNotFoundError(
           f"{name} is not built in {builder.data_dir}; build it with "
           f"`python -m minet_jax.data.builders {name} --data_dir ... --manual_dir ...`")
@@ -421,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   start = time.perf_counter()
   try:
-    builder = build(args.name, args.data_dir, args.manual_dir)
+    builder = build(args.name, args.data_dir, args.manual_dir, report=False)
   except (folders.DatasetLayoutError, ValueError) as e:
     parser.exit(2, f"error: {e}\n")
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -76,15 +77,25 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpfull to see help on flags.")
+    sys.exit(f"train: error: {_flag_error(e)} (see --help)")
   except (AttributeError, KeyError) as e:  # ml_collections: a field the config lacks.
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     message = str(e.args[0] if e.args else e)
     message = message.replace("\\n", " ").replace("\n", " ").replace("\\'", "").replace("'", "")
-    sys.exit(f"error: unknown config field {message} (overrides given: {' '.join(overrides)}); "
-             "see the config file for the fields that exist")
+    sys.exit(f"train: error: unknown config field {message} (overrides given: "
+             f"{' '.join(overrides)}); see the config file for the fields that exist")
   except Exception as e:  # The config file is missing, or its own code failed.
     sys.exit(f"train: error: could not load --config: {_last_line(e)}")
+
+
+def _flag_error(e: flags.Error) -> str:
+  """absl's parse error as one line: "--workdir is required", "--config.x=abc: invalid ..."."""
+  message = " ".join(str(e).split())
+  missing = re.fullmatch(r"flag --(\S+)=None: Flag --\S+ must have a value other than None\.?",
+                         message)
+  if missing:
+    return f"--{missing[1]} is required"
+  return message.removeprefix("flag ")
 
 
 def _last_line(e: Exception) -> str:
@@ -113,6 +124,10 @@ def main(argv: list[str]) -> None:
   from minet_jax import CheckpointError
   from minet_jax.data import DatasetLayoutError
   from minet_jax.train import ConfigError, NonFiniteLossError, sharding, train_and_evaluate
+  workdir = _WORKDIR.value
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    sys.exit(f"train: error: --workdir {workdir} is a file; name a folder (it is created "
+             "when it does not exist)")
   launch = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     # Before anything else touches JAX; --config.distributed=True alone joins via the
@@ -121,7 +136,7 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     sys.exit(f"train: error: {e}")
   try:
-    summary = train_and_evaluate(_loaded_config(), _WORKDIR.value)
+    summary = train_and_evaluate(_loaded_config(), workdir)
   except (ConfigError, DatasetLayoutError, CheckpointError, NonFiniteLossError) as e:
     sys.exit(f"train: error: {e}")  # Errors that explain themselves; no traceback.
   print(json.dumps(summary, indent=2))
