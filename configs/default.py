@@ -139,8 +139,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Init of the tail's RGB -> RGB 1x1 convs when starting from scratch: "kaiming" (the
   # authors' random init) or "identity" (pass the input colours through at first).
   config.init_tail = "kaiming"
-  # Start from these weights (a minet_jax.save / convert folder or a training workdir);
-  # "" starts from a random init. Ignored when the workdir already holds a checkpoint.
+  # Start from these weights (a minet_jax.save / convert folder, a training workdir, an
+  # authors' .pth file, or "its" for the released weights, fetched once and cached:
+  # minet_jax.hub); "" starts from a random init. Ignored when the workdir already holds a checkpoint.
   config.init_from = ""
   # With init_from: scale each IM-block's f by these factors (one per block; () = no
   # change) before training (minet_jax.train.state.shrink_blocks; configs/stable.py).

@@ -1,11 +1,10 @@
 """A stable MI-Net: the released model with IM-blocks that are really solved.
 
-    python -m minet_jax.convert model_ITS.pth checkpoints/minet_its
-    python train.py --config configs/stable.py --workdir workdirs/stable \\
-        --config.init_from=checkpoints/minet_its
+    python train.py --config configs/stable.py --workdir workdirs/stable
     python benchmarks/stable_minet.py --stable workdirs/stable
 
-Self-distillation, no download beyond the authors' checkpoint: the student starts as
+Self-distillation, no download beyond the authors' checkpoint (`init_from="its"`
+fetches it once; a converted folder or the .pth works offline): the student starts as
 the released model with each IM-block's f scaled by 0.3 (`init_block_scale`; f ends
 in a ReLU, so this scales f and its Jacobian eta * df/dg, and the released blocks,
 whose Picard maps are no contractions (rho 3.08 / 1.18 / 1.13 on SOTS 1400_1), become
@@ -50,9 +49,9 @@ def get_config():
   config.model.contractive_point = "solution"
   config.model.contractive_target = 0.9
   config.model.contractive_iters = 4
-  # Start from the released weights (a converted checkpoint folder: pass
-  # --config.init_from), each block's f scaled by 0.3, and learn its outputs.
-  config.init_from = ""
+  # Start from the released weights ("its": fetched once and cached, or pass a converted
+  # folder or the .pth), each block's f scaled by 0.3, and learn their outputs.
+  config.init_from = "its"
   config.init_block_scale = (0.3, 0.3, 0.3)
   config.teacher = "init_from"
   # Random 128 px crops of the synthetic set's 144x192 hazy images (flipped at random),

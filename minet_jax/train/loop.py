@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from minet_jax import checkpoint, files
+from minet_jax import files, hub
 from minet_jax.params import Params
 from minet_jax.train import checkpointing, inputs, sharding
 from minet_jax.train.checks import (ConfigError, check_crop, check_workdir_config,
@@ -63,7 +63,7 @@ def _initial_state(config: ml_collections.ConfigDict) -> TrainState:
   scaled by ``config.init_block_scale`` when given), else a random init."""
   params = None
   if config.init_from:
-    params = checkpoint.load(pathlib.Path(config.init_from).expanduser())
+    params = hub.resolve(config.init_from)
     if tuple(config.init_block_scale):
       params = shrink_blocks(params, tuple(config.init_block_scale))
   try:
@@ -80,8 +80,7 @@ def _teacher(config: ml_collections.ConfigDict) -> Params | None:
   """
   if not config.teacher:
     return None
-  path = config.init_from if config.teacher == "init_from" else config.teacher
-  return checkpoint.load(pathlib.Path(path).expanduser())
+  return hub.resolve(config.init_from if config.teacher == "init_from" else config.teacher)
 
 
 def _mean(history: list[dict[str, float]]) -> dict[str, float]:
