@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from minet_jax import fixed_point as fp
 from minet_jax import strips
+from minet_jax.config import ModelConfig
 from minet_jax.params import Params, model_from_params
 
 # ------------------------------------------------------------------ apply
@@ -92,7 +94,8 @@ def to_float_rgb(img: Any) -> jax.Array:
 
 
 def apply(params: Params, img: Any, *, strip_rows: int | None = None,
-          progress: strips.Progress | None = None) -> jax.Array:
+          progress: strips.Progress | None = None,
+          solves: list[fp.SolveSummary] | None = None) -> jax.Array:
   """Dehazes `img` (HxWx3 or NxHxWx3, RGB, uint8/uint16 or float in [0, 1]).
 
   Returns float32 RGB in [0, 1] with the input's layout. Any height and width work:
@@ -118,6 +121,10 @@ def apply(params: Params, img: Any, *, strip_rows: int | None = None,
   strip-wise forward has finished (``total`` is the number of stages), or once at the
   end of a whole-image forward: what a progress bar needs. It waits for each stage,
   which costs nothing since every stage needs the previous one's result.
+
+  ``solves``, when a list, receives one `fixed_point.SolveSummary` per IM-block
+  (status, steps and final residual, each with a batch axis): how the blocks were
+  solved for this image (`describe_solves` puts it in words).
   """
   if not isinstance(params, Params):
     raise TypeError(f"params must be minet_jax.Params (from init/load), got "
@@ -125,7 +132,11 @@ def apply(params: Params, img: Any, *, strip_rows: int | None = None,
   x = to_float_rgb(img)
   rows = strips.choose_strip_rows(x.shape[1], x.shape[2], strip_rows)
   if rows:
-    out = _clip(strips.forward(model_from_params(params), x, rows, progress=progress))
+    out = _clip(strips.forward(model_from_params(params), x, rows, progress=progress,
+                               solves=solves))
+  elif solves is not None:
+    out, summaries = _forward_with_solves(params, x)
+    solves.extend(summaries)
   else:
     out = _forward(params, x)
     if progress is not None:
@@ -178,6 +189,27 @@ def dehaze_batch(params: Params, x: jax.Array) -> jax.Array:
 
 # Compiled once per (architecture, image shape); nested inside a caller's jit it inlines.
 _forward = jax.jit(dehaze_batch)
+
+
+@jax.jit
+def _forward_with_solves(params: Params, x: jax.Array
+                         ) -> tuple[jax.Array, list[fp.SolveSummary]]:
+  y, results = model_from_params(params).forward_rgb_with_diagnostics(x)
+  return _clip(y), [fp.SolveSummary.of(r) for r in results]
+
+
+def describe_solves(solves: list[fp.SolveSummary], cfg: ModelConfig, index: int = 0) -> str:
+  """One line on how image `index` of a batch had its IM-blocks solved, e.g.
+  ``"picard to rtol 0.001: 4 / 6 / 9 steps, all converged"``."""
+  steps = " / ".join(str(int(np.asarray(s.num_steps)[index])) for s in solves)
+  if cfg.solver == "unrolled":
+    return f"unrolled: {steps} steps per IM-block"
+  missed = [(b + 1, s) for b, s in enumerate(solves)
+            if int(np.asarray(s.status)[index]) != fp.RESULTS.successful]
+  verdict = "all converged" if not missed else "; ".join(
+      f"block {b} {fp.RESULTS(int(np.asarray(s.status)[index])).name} (residual "
+      f"{float(np.asarray(s.residual)[index]):.1e})" for b, s in missed)
+  return f"{cfg.solver} to rtol {cfg.rtol:g}: {steps} steps, {verdict}"
 
 
 # `strips.forward` is not jitted as a whole: called eagerly, it runs compiled stages one

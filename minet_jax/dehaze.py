@@ -71,6 +71,8 @@ class Outcome:
   written: list[pathlib.Path]
   failed: dict[str, str]  # input path -> why it was not processed
   skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # earlier results found
+  # input path -> how its IM-blocks were solved (models solved to a tolerance, untiled)
+  solves: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def check_suffix(suffix: str) -> None:
@@ -200,23 +202,26 @@ def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 8) -> np.ndarra
 
 def dehaze_image(params, image: np.ndarray, *, tile: int | None = None, overlap: int = 32,
                  blend: str = "cosine", strip_rows: int | None = None,
-                 progress: tiling.Progress | None = None) -> np.ndarray:
+                 progress: tiling.Progress | None = None,
+                 solves: list | None = None) -> np.ndarray:
   """float32 RGB (H, W, 3) in [0, 1] -> dehazed float32 RGB in [0, 1].
 
   ``strip_rows`` is `minet_jax.apply`'s (None: strips above 2 MP, 0: never);
   ``progress(done, total)`` is called per tile with ``tile``, else per stage of the
-  strip-wise forward (once for a whole-image forward).
+  strip-wise forward (once for a whole-image forward). ``solves``, when a list and the
+  image is not tiled, receives each IM-block's solve summary (`minet_jax.apply`).
   """
   import minet_jax  # Heavy import kept out of `--help`.
 
-  def run(x, report=None):
+  def run(x, report=None, solves=None):
     x = np.ascontiguousarray(x, np.float32)
-    return np.asarray(minet_jax.apply(params, x, strip_rows=strip_rows, progress=report))
+    return np.asarray(minet_jax.apply(params, x, strip_rows=strip_rows, progress=report,
+                                      solves=solves))
 
   if tile:
     return tiling.tiled_apply(run, image, tile=tile, overlap=overlap, blend=blend,
                               progress=progress)
-  return run(image, progress)
+  return run(image, progress, solves)
 
 
 class _StepBar:
@@ -260,6 +265,10 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
     overlap = default_overlap(tile or 0)
   protect = [j.source for j in jobs]
   written: list[pathlib.Path] = []
+  solved: dict[str, str] = {}
+  # A solve to tolerance can stop early or miss it: say so per image. (Tiles solve
+  # separately, so a tiled run reports nothing.)
+  report_solves = params.config.solver != "unrolled" and not tile
   iterator = jobs
   steps = None
   if progress:
@@ -269,8 +278,12 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
   for job in iterator:
     try:
       image = image_io.read_rgb(job.source)
+      solves = [] if report_solves else None
       result = dehaze_image(params, image, tile=tile, overlap=overlap, blend=blend,
-                            strip_rows=strip_rows, progress=steps)
+                            strip_rows=strip_rows, progress=steps, solves=solves)
+      if solves:
+        from minet_jax.api import describe_solves
+        solved[str(job.source)] = describe_solves(solves, params.config)
       if keep_gray and is_gray(image):
         image, result = image[..., 0], luminance(result)
       images = [(job.target, result)]
@@ -285,7 +298,7 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
     finally:
       if steps is not None:
         steps.close()
-  return Outcome(written, failed, skipped)
+  return Outcome(written, failed, skipped, solved)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -359,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                          overwrite=args.overwrite, progress=not args.no_progress,
                          strip_rows=args.strip_rows)
   print(f"wrote {len(outcome.written)} file(s) to {args.out}")
+  for source, how in outcome.solves.items():
+    print(f"dehaze: {source}: IM-blocks {how}")
   for source, reason in outcome.skipped.items():
     print(f"dehaze: skipped: {source}: {reason}", file=sys.stderr)
   for source, reason in outcome.failed.items():

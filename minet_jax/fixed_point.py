@@ -138,7 +138,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "Anderson", "Backprop", "BACKWARDS", "FixedPointResult", "Implicit", "Phantom", "Picard",
-    "RESULTS", "SOLVERS", "Unrolled", "fixed_point", "from_config", "resolve_unroll",
+    "RESULTS", "SOLVERS", "SolveSummary", "Unrolled", "fixed_point", "from_config", "resolve_unroll",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -171,6 +171,18 @@ class FixedPointResult:
   num_steps: jax.Array
   residual: jax.Array
   residual_history: jax.Array
+
+
+@chex.dataclass(frozen=True)
+class SolveSummary:
+  """What a user sees of a solve: `FixedPointResult` without the value and history."""
+  status: jax.Array
+  num_steps: jax.Array
+  residual: jax.Array
+
+  @classmethod
+  def of(cls, result: FixedPointResult) -> SolveSummary:
+    return cls(status=result.status, num_steps=result.num_steps, residual=result.residual)
 
 
 def resolve_unroll(unroll: Unroll, length: int) -> Union[int, bool]:

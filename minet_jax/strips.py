@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minet_jax import fixed_point as fp
 from minet_jax.config import ModelConfig
 from minet_jax.layers import InstanceNorm
 from minet_jax.model import MINet, from_model_space, to_model_input
@@ -253,7 +254,7 @@ Progress = Callable[[int, int], None]
 
 
 def network(model: MINet, image: jax.Array, rows: int, *,
-            progress: Progress | None = None) -> jax.Array:
+            progress: Progress | None = None, solves: list | None = None) -> jax.Array:
   """MI-Net on a model-space NHWC image (even H and W) with strips of `rows` rows.
 
   The same function as `MINet.decode(fuse(...), image)` after `MINet.solve_blocks`.
@@ -264,13 +265,15 @@ def network(model: MINet, image: jax.Array, rows: int, *,
   stage's 1.51 GiB; ~2.9 GiB peak RSS against ~2.0 GiB).
 
   ``progress(done, total)`` is called after each stage has finished computing.
+  ``solves``, when a list, receives each IM-block's `fixed_point.SolveSummary`.
   """
   height = image.shape[1]
   if rows < 2 or rows % 2 or rows > height or height % 2 or image.shape[2] % 2:
     raise ValueError(f"strips need even image sides and an even strip height <= the "
                      f"image height; got image {image.shape[1:3]}, rows {rows}")
   if progress is None:
-    return _run_stages(model, image, rows, lambda name, stage, args, held: stage(*args))
+    return _run_stages(model, image, rows, lambda name, stage, args, held: stage(*args),
+                       solves)
   total, done = stage_count(model), 0
 
   def call_and_report(name, stage, args, held):
@@ -280,7 +283,7 @@ def network(model: MINet, image: jax.Array, rows: int, *,
     progress(done, total)
     return out
 
-  return _run_stages(model, image, rows, call_and_report)
+  return _run_stages(model, image, rows, call_and_report, solves)
 
 
 def stage_count(model: MINet) -> int:
@@ -294,15 +297,20 @@ def stage_count(model: MINet) -> int:
 _StageCall = Callable[[str, Callable, tuple, tuple], jax.Array]
 
 
-def _run_stages(model: MINet, image: jax.Array, rows: int, call: _StageCall) -> jax.Array:
-  """The sequence of compiled stages behind `network` (`stage_memory` replays it)."""
+def _run_stages(model: MINet, image: jax.Array, rows: int, call: _StageCall,
+                solves: list | None = None) -> jax.Array:
+  """The sequence of compiled stages behind `network` (`stage_memory` replays it);
+  each IM-block's solve summary goes to ``solves`` when it is a list."""
   graphdef, state = nnx.split(model)
   x = call("encode", _encode_stage, (graphdef, state, image, rows), ())
   x = call("pre_processing", _pre_processing_stage, (graphdef, state, x), (image,))
   states = []
   for index in range(len(model.im_blocks)):
     held = (image, *states[:-1])  # The last state is this block's argument.
-    x = call(f"im_block_{index + 1}", _im_block_stage, (graphdef, state, index, x), held)
+    x, summary = call(f"im_block_{index + 1}", _im_block_stage, (graphdef, state, index, x),
+                      held)
+    if solves is not None:
+      solves.append(summary)
     states.append(x)
   fused = call("fuse", _fuse_stage, (graphdef, state, tuple(states), rows // 2), (image,))
   del x, states  # Free the block outputs before the decoder runs.
@@ -360,8 +368,9 @@ def _pre_processing_stage(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _im_block_stage(graphdef: nnx.GraphDef, state: nnx.State, index: int,
-                    x: jax.Array) -> jax.Array:
-  return nnx.merge(graphdef, state).im_blocks[index](x)
+                    x: jax.Array) -> tuple[jax.Array, fp.SolveSummary]:
+  result = nnx.merge(graphdef, state).im_blocks[index].solve(x)
+  return result.value, fp.SolveSummary.of(result)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -385,14 +394,15 @@ def _tail_stage(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.A
 
 
 def forward(model: MINet, rgb: jax.Array, rows: int, *,
-            progress: Progress | None = None) -> jax.Array:
+            progress: Progress | None = None, solves: list | None = None) -> jax.Array:
   """``model(rgb)`` (RGB [0, 1] NHWC, any H, W) with the strip-wise network.
 
   `rows` is as `strip_rows_for` returns it for the image (even, <= the padded height);
-  ``progress`` as in `network`.
+  ``progress`` and ``solves`` as in `network`.
   """
   h, w = rgb.shape[1:3]
-  out = network(model, _to_network_input(model.config, rgb), rows, progress=progress)
+  out = network(model, _to_network_input(model.config, rgb), rows, progress=progress,
+                solves=solves)
   return _from_network_output(model.config, out, h, w)
 
 

@@ -62,3 +62,36 @@ def test_short_stable_fine_tune_lowers_rho_and_stays_near_the_teacher(released_p
                                   np.clip(np.asarray(teacher_out), 0, 1) * 255).mean())
   print("PSNR to the teacher: start", start_psnr, "trained", psnr)
   assert psnr > max(start_psnr - 1.0, 20.0), (start_psnr, psnr)
+
+
+def test_apply_and_dehaze_report_how_the_blocks_were_solved(random_params, tmp_path, capsys):
+  import minet_jax
+  from minet_jax import dehaze, fixed_point as fp, image_io
+  from minet_jax.api import describe_solves
+  cfg = minet_jax.ModelConfig(features=4, pre_blocks=0, iterations=(12, 12, 12),
+                              solver="picard", rtol=1e-2)
+  params = state_lib.shrink_blocks(random_params(cfg), (0.05, 0.05, 0.05))
+  image = np.random.default_rng(0).random((20, 24, 3)).astype(np.float32)
+  whole, strips_ = [], []
+  out = minet_jax.apply(params, image, strip_rows=0, solves=whole)
+  out_strips = minet_jax.apply(params, image, strip_rows=8, solves=strips_)
+  np.testing.assert_allclose(out, minet_jax.apply(params, image), atol=1e-6)
+  np.testing.assert_allclose(out_strips, out, atol=1e-4)
+  assert len(whole) == len(strips_) == 3
+  for a, b in zip(whole, strips_):
+    assert isinstance(a, fp.SolveSummary)
+    np.testing.assert_array_equal(a.status, [fp.RESULTS.successful])
+    assert 1 <= int(a.num_steps[0]) < 12 and float(a.residual[0]) <= 1e-2
+    np.testing.assert_array_equal(a.num_steps, b.num_steps)
+  line = describe_solves(whole, params.config)
+  assert line.startswith("picard to rtol 0.01: ") and line.endswith("all converged")
+  capped = params.replace_config(iterations=(1, 1, 1), rtol=1e-9)
+  missed = []
+  minet_jax.apply(capped, image, solves=missed)
+  assert "max_steps_reached" in describe_solves(missed, capped.config)
+
+  minet_jax.save(params, tmp_path / "ckpt")
+  image_io.write_png(tmp_path / "in.png", image)
+  assert dehaze.main([str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "--ckpt",
+                      str(tmp_path / "ckpt"), "--no-progress"]) == 0
+  assert "in.png: IM-blocks picard to rtol 0.01: " in capsys.readouterr().out
