@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import optax
 from flax import nnx
 
-from minet_jax import convert, image_io, metrics, spectral
+import minet_jax
+from minet_jax import convert, metrics, spectral
 from minet_jax.data import folders, synthetic
 from minet_jax.params import Params, model_from_params
 from minet_jax.train import state as state_lib
@@ -203,9 +203,12 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shared", type=pathlib.Path, default=DEFAULT_SHARED)
   parser.add_argument("--steps", type=int, default=150)
-  parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+  parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
   parser.add_argument("--untrained", action="store_true",
                       help="also score each variant's shrink before any training")
+  parser.add_argument("--score", nargs="*", default=[], metavar="WORKDIR",
+                      help="also score these trained models (e.g. a configs/stable.py run) "
+                           "in the same table")
   parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON of the results")
   args = parser.parse_args()
 
@@ -218,6 +221,10 @@ def main() -> int:
   rows = [{"variant": "released (T = 8)", "steps": 0,
            **score(released, val, teacher_val)}]
   print(json.dumps(rows[-1]), flush=True)
+  for path in args.score:
+    trained = minet_jax.load(path)
+    rows.append({"variant": f"trained: {path}", "steps": 0, **score(trained, val, teacher_val)})
+    print(json.dumps(rows[-1]), flush=True)
   for name in args.variants:
     recipe = dataclasses.replace(Recipe(), **VARIANTS[name])
     student = state_lib.shrink_blocks(
