@@ -15,7 +15,9 @@ For each model, on the SOTS indoor samples at full resolution (620x460):
    the two) and ||eta J||_2 (power iteration on J^T J) at the block's solution;
 3. Picard and Anderson (m = 5) to rtol 1e-3, at most 100 steps: solves converged and
    mean steps per block;
-4. PSNR against the number of iterations T (every block run for exactly T steps) on
+4. with ``--time N``: both models' trained forward passes timed alternately, N times
+   per image, in one process (the ratio the speed target is about);
+5. PSNR against the number of iterations T (every block run for exactly T steps) on
    ``--curve-image``: the paper's Fig. 8 for both models.
 
 Prints Markdown tables and writes everything to ``--out``.
@@ -87,6 +89,23 @@ def scores(params: Params, pairs, *, time_it: bool = False) -> dict:
           "solves": int(steps.size), "mean_steps": steps.mean(axis=0).tolist(), "rows": rows}
 
 
+def interleaved_seconds(models: dict[str, Params], pairs, repeats: int) -> dict:
+  """Median seconds per image of each model's trained forward pass, timed alternately
+  (model A, model B, A, B, ... on each image), so both see the same machine load."""
+  runs = {name: forward(params) for name, params in models.items()}
+  times: dict[str, list[float]] = {name: [] for name in models}
+  for _, hazy, _ in pairs:
+    x = jnp.asarray(hazy[None], jnp.float32) / 255.0
+    for run in runs.values():
+      jax.block_until_ready(run(x))  # compile and warm up
+    for _ in range(repeats):
+      for name, run in runs.items():
+        start = time.perf_counter()
+        jax.block_until_ready(run(x))
+        times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def theorem1(params: Params, pairs, radius_iters: int) -> list[dict]:
   """rho(eta J) and ||eta J||_2 of every block at its solution, per image."""
   model = model_from_params(params)
@@ -136,13 +155,19 @@ def curve(params: Params, pair) -> list[dict]:
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--stable", required=True, type=pathlib.Path,
+  parser.add_argument("--stable", type=pathlib.Path, default=None,
                       help="the stable model: a training workdir or a checkpoint folder")
+  parser.add_argument("--models", nargs="+", default=["released", "stable"],
+                      choices=["released", "stable"],
+                      help="which to measure now; the others are kept from --out")
   parser.add_argument("--shared", type=pathlib.Path, default=DEFAULT_SHARED)
   parser.add_argument("--out", type=pathlib.Path, default=None)
   parser.add_argument("--images", nargs="*", default=None, help="SOTS keys (default: all)")
   parser.add_argument("--radius-iters", type=int, default=40)
   parser.add_argument("--skip-theorem", action="store_true")
+  parser.add_argument("--time", type=int, default=0, metavar="REPEATS",
+                      help="also time both models' trained forward passes, interleaved, "
+                           "REPEATS times per image (needs --stable)")
   parser.add_argument("--curve-image", default="1400_1")
   args = parser.parse_args()
 
@@ -150,14 +175,19 @@ def main() -> int:
   if args.images:
     records = [r for r in records if r.key in args.images]
   pairs = [(r.key, *folders.load_pair(r)) for r in records]
-  models = {
-      "released": convert.weights_from_checkpoint(
+  if "stable" in args.models and args.stable is None:
+    parser.error("--stable is needed to measure the stable model")
+  loaders = {
+      "released": lambda: convert.weights_from_checkpoint(
           args.shared / "weights" / "minet_its_official.pth"),
-      "stable": minet_jax.load(args.stable),
+      "stable": lambda: minet_jax.load(args.stable),
   }
   report: dict = {"images": [p[0] for p in pairs], "backend": jax.default_backend(),
                   "devices": str(jax.devices()[0]), "models": {}}
-  for name, params in models.items():
+  if args.out and args.out.exists():
+    report["models"] = json.loads(args.out.read_text()).get("models", {})
+  for name in args.models:
+    params = loaders[name]()
     print(f"{name}: {params.config.solver}, T/cap {params.config.iterations}, "
           f"rtol {params.config.rtol}", flush=True)
     entry = {"solve": params.config.solve_settings()}
@@ -179,7 +209,20 @@ def main() -> int:
       args.out.parent.mkdir(parents=True, exist_ok=True)
       args.out.write_text(json.dumps(report, indent=1) + "\n")
 
-  released_s = report["models"]["released"]["trained_solver"]["seconds_per_image"]
+  if args.time:
+    if args.stable is None:
+      parser.error("--time needs --stable")
+    print(f"timing, interleaved, {args.time} runs per image", flush=True)
+    report["interleaved_seconds"] = interleaved_seconds(
+        {name: load() for name, load in loaders.items()}, pairs, args.time)
+    print(f"  {report['interleaved_seconds']}", flush=True)
+    if args.out:
+      args.out.write_text(json.dumps(report, indent=1) + "\n")
+  if set(report["models"]) != {"released", "stable"}:
+    return 0
+  seconds = report.get("interleaved_seconds") or {
+      name: e["trained_solver"]["seconds_per_image"] for name, e in report["models"].items()}
+  released_s = seconds["released"]
   print("\n| model | solver | PSNR (dB) | SSIM | s/image (x released) | Picard converged "
         "(mean steps) | Anderson converged (mean steps) | rho < 1 | max rho | max norm |")
   print("|---|---|---|---|---|---|---|---|---|---|")
@@ -189,8 +232,8 @@ def main() -> int:
     th = e.get("theorem1", [])
     below = sum(x["rho"] < 1 for x in th)
     print(f"| {name} | {e['solve']['solver']} (T/cap {e['solve']['iterations'][0]}) | "
-          f"{t['psnr']:.3f} | {t['ssim']:.5f} | {t['seconds_per_image']:.2f} "
-          f"({t['seconds_per_image'] / released_s:.2f}x) | "
+          f"{t['psnr']:.3f} | {t['ssim']:.5f} | {seconds[name]:.2f} "
+          f"({seconds[name] / released_s:.2f}x) | "
           f"{e['picard']['converged']}/{e['picard']['solves']} ({steps(e['picard']['mean_steps'])}) | "
           f"{e['anderson']['converged']}/{e['anderson']['solves']} "
           f"({steps(e['anderson']['mean_steps'])}) | {below}/{len(th)} | "
