@@ -60,12 +60,15 @@ def test_penalty_gradient_is_the_gradient_of_the_true_norm():
     return jnp.sum(jnp.square(sigma))
 
   grad = jax.jit(jax.grad(estimate))(state)
-  direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(4), x.shape), state)
-  eps = 1e-3
-  plus = jax.tree.map(lambda x, d: x + eps * d, state, direction)
-  minus = jax.tree.map(lambda x, d: x - eps * d, state, direction)
-  fd = (_dense_norms(graphdef, plus, g0, g)[0] ** 2
-        - _dense_norms(graphdef, minus, g0, g)[0] ** 2) / (2 * eps)
+  true_norm = lambda s: _dense_norms(graphdef, s, g0, g)[0] ** 2  # noqa: E731
+  _check_directional_derivative(grad, true_norm, state, jax.random.key(4))
+
+
+def _check_directional_derivative(grad, fn, state, key, eps=1e-3):
+  """``grad`` against central differences of ``fn`` along one random direction."""
+  direction = jax.tree.map(lambda x: jax.random.normal(key, x.shape), state)
+  fd = (float(fn(jax.tree.map(lambda x, d: x + eps * d, state, direction)))
+        - float(fn(jax.tree.map(lambda x, d: x - eps * d, state, direction)))) / (2 * eps)
   analytic = sum(float(jnp.vdot(a, d)) for a, d in
                  zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
   assert analytic == pytest.approx(fd, rel=2e-2)
@@ -169,14 +172,7 @@ def test_frobenius_penalty_gradient_matches_finite_differences():
     return term
 
   grad = jax.jit(jax.grad(penalty))(state)
-  direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(13), x.shape), state)
-  eps = 1e-3
-  f = jax.jit(penalty)
-  fd = (float(f(jax.tree.map(lambda x, d: x + eps * d, state, direction)))
-        - float(f(jax.tree.map(lambda x, d: x - eps * d, state, direction)))) / (2 * eps)
-  analytic = sum(float(jnp.vdot(a, d)) for a, d in
-                 zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
-  assert analytic == pytest.approx(fd, rel=2e-2)
+  _check_directional_derivative(grad, jax.jit(penalty), state, jax.random.key(13))
 
 
 def test_radius_estimate_finds_a_real_dominant_eigenvalue_and_nears_a_complex_pair():
