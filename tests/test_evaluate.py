@@ -24,13 +24,13 @@ def _sk(out, gt):
 
 @pytest.fixture(scope="module")
 def sots_like(tmp_path_factory):
-  """SOTS layout: two scenes, GT of scene 7 larger by 4 px a side, one corrupt hazy file."""
+  """SOTS layout: two scenes, GT of scene 7 with SOTS's 10 px border, one corrupt hazy file."""
   root = tmp_path_factory.mktemp("sots")
   (root / "hazy").mkdir()
   (root / "gt").mkdir()
   rng = np.random.default_rng(0)
   truth = {}
-  for scene, pad in (("7", 4), ("8", 0)):
+  for scene, pad in (("7", 10), ("8", 0)):
     gt = rng.integers(0, 256, (24 + 2 * pad, 32 + 2 * pad, 3), dtype=np.uint8)
     Image.fromarray(gt).save(root / "gt" / f"{scene}.png")
     inner = gt[pad:pad + 24, pad:pad + 32]
