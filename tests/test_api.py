@@ -246,6 +246,20 @@ def test_big_endian_floats_are_accepted(params, image):
                                 minet_jax.apply(params, native))
 
 
+def test_big_endian_integers_and_long_doubles_are_accepted(params, image):
+  # '>u2' used to be refused as an unsupported dtype, np.longdouble to fail inside JAX.
+  want = minet_jax.apply(params, image.astype(np.uint16) * 257)
+  np.testing.assert_array_equal(minet_jax.apply(params, (image.astype(np.uint16) * 257)
+                                                .astype(">u2")), want)
+  np.testing.assert_array_equal(minet_jax.apply(params, image.astype(">u1")),
+                                minet_jax.apply(params, image))
+  wide = (image / 255.0).astype(np.longdouble)
+  np.testing.assert_array_equal(minet_jax.apply(params, wide),
+                                minet_jax.apply(params, (image / 255.0).astype(np.float32)))
+  err, out = minet_jax.apply_checked(params, wide)
+  assert err.get() is None
+
+
 def test_apply_checked_catches_bad_values_under_jit(params, image):
   checked = jax.jit(minet_jax.apply_checked)
   scaled = image.astype(np.float32)  # 0..255: plain jit(apply) clips it silently
