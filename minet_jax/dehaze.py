@@ -39,6 +39,9 @@ from minet_jax import image_io, tiling
 from minet_jax.config import add_speed_arguments, speed_changes
 
 PathLike = str | os.PathLike
+# Growth of dehazing's peak memory per pixel on the strip path (docs/PRETRAINED.md: 2.16 GB
+# at 4.9 MP, 4.65 GB at 12 MP): what a refused image is said to need.
+STRIP_BYTES_PER_PIXEL = 350.0
 
 
 @dataclasses.dataclass
@@ -112,6 +115,8 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
         jobs.append(Job(f, out_dir / rel / f"{f.stem}{suffix}.png"))
     elif path.is_file():
       jobs.append(Job(path, out_dir / f"{path.stem}{suffix}.png"))
+    elif path.exists():
+      failed[str(path)] = "not a regular file or folder (a device, FIFO or socket)"
     else:
       failed[str(path)] = "no such file or folder"
   sources = {j.source.resolve() for j in jobs}
@@ -155,11 +160,13 @@ def dehaze_image(params, image: np.ndarray, *, tile: int | None = None, overlap:
 def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
                  recursive: bool = False, tile: int | None = None, overlap: int = 32,
                  blend: str = "cosine", suffix: str = "_dehazed",
-                 progress: bool = True, strip_rows: int | None = None) -> Outcome:
+                 progress: bool = True, strip_rows: int | None = None,
+                 max_megapixels: float | None = image_io.DEFAULT_MAX_MEGAPIXELS) -> Outcome:
   """Dehazes every input image into ``out_dir``; failures are collected, not raised.
 
   Only files this call creates are written (see `plan`); an output that appears
-  meanwhile is refused too.
+  meanwhile is refused too. Images above ``max_megapixels`` (None: no limit) are
+  refused from their header, before decoding.
   """
   jobs, failed, skipped = plan(inputs, out_dir, recursive=recursive, suffix=suffix)
   protect = [j.source for j in jobs]
@@ -170,7 +177,9 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
     iterator = tqdm(jobs, desc="dehaze", unit="image", file=sys.stderr)
   for job in iterator:
     try:
-      image = image_io.read_rgb(job.source)
+      image = image_io.read_rgb(job.source, max_megapixels=max_megapixels,
+                                bytes_per_pixel=STRIP_BYTES_PER_PIXEL,
+                                limit_name="--max-megapixels")
       result = dehaze_image(params, image, tile=tile, overlap=overlap, blend=blend,
                             strip_rows=strip_rows)
       image_io.write_png(job.target, result, protect=protect, exclusive=True)
@@ -201,9 +210,15 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--suffix", default="_dehazed",
                       help="appended to each output stem; files named *<suffix>.png in input "
                            "folders are taken for earlier results and skipped")
+  parser.add_argument("--max-megapixels", type=float, default=image_io.DEFAULT_MAX_MEGAPIXELS,
+                      help="refuse larger images before decoding them (default %(default)g; "
+                           f"dehazing takes about {STRIP_BYTES_PER_PIXEL / 1e3:.2f} GB of "
+                           "memory per megapixel); 0: no limit")
   add_speed_arguments(parser)
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
+  if not args.max_megapixels >= 0:
+    parser.error("--max-megapixels must be >= 0 (0: no limit)")
   if args.tile < 0 or args.overlap < 0 or (args.tile and args.overlap >= args.tile):
     parser.error("--tile and --overlap must be >= 0, and --overlap smaller than --tile")
   try:
@@ -222,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
   outcome = dehaze_files(params, args.inputs, args.out, recursive=args.recursive,
                          tile=args.tile or None, overlap=args.overlap, blend=args.blend,
                          suffix=args.suffix, progress=not args.no_progress,
-                         strip_rows=args.strip_rows)
+                         strip_rows=args.strip_rows,
+                         max_megapixels=args.max_megapixels or None)
   print(f"wrote {len(outcome.written)} image(s) to {args.out}")
   for source, reason in outcome.skipped.items():
     print(f"dehaze: skipped: {source}: {reason}", file=sys.stderr)

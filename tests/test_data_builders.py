@@ -14,7 +14,6 @@ from PIL import Image
 from minet_jax.data import builders
 from minet_jax.data import folders
 from minet_jax.data import synthetic
-from minet_jax.image_io import ImageReadError
 
 TINY = synthetic.SyntheticHazeConfig(image_size=(20, 28), train_rooms=2, validation_rooms=1,
                                      motorcycle_views=1, hazes_per_scene=2, seed=5)
@@ -199,7 +198,7 @@ def test_bad_pairs_fail_the_build_naming_the_file(tmp_path):
   broken = _pairs_folder(tmp_path / "broken", n=2)
   path = broken / "hazy" / "01_outdoor_hazy.png"
   path.write_bytes(path.read_bytes()[:60])  # A header, and half the pixels.
-  with pytest.raises(ImageReadError, match=f"cannot read image {path}"):
+  with pytest.raises(folders.DatasetLayoutError, match=f"cannot read image {path}"):
     builders.load_source("paired_folder", "train", tmp_path / "data", manual_dir=broken)
   misaligned = _pairs_folder(tmp_path / "misaligned", n=1)
   Image.fromarray(np.zeros((16, 9, 3), np.uint8)).save(misaligned / "GT" / "00_outdoor_GT.png")

@@ -46,7 +46,7 @@ from PIL import Image
 
 from minet_jax.data import folders
 from minet_jax.data import synthetic
-from minet_jax.image_io import centre_crop, image_size, read_rgb
+from minet_jax.image_io import ImageReadError, centre_crop, image_size, read_rgb
 
 VERSION = tfds.core.Version("1.0.0")
 RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -119,13 +119,17 @@ def _encoded(path: pathlib.Path, *, crop_to: tuple[int, int] | None = None
 
 
 def _encode_pair(record: folders.PairRecord, cache: dict) -> tuple[bytes, bytes]:
-  hazy, hw = _encoded(record.hazy)
-  # Several hazy images share a ground truth: encode it once per size.
-  key = (record.clear, hw)
-  if key not in cache:
-    crop = folders.ground_truth_needs_crop(record, hw, image_size(record.clear))
-    cache.clear()
-    cache[key] = _encoded(record.clear, crop_to=hw if crop else None)[0]
+  try:
+    hazy, hw = _encoded(record.hazy)
+    # Several hazy images share a ground truth: encode it once per size.
+    key = (record.clear, hw)
+    if key not in cache:
+      crop = folders.ground_truth_needs_crop(record, hw, image_size(record.clear))
+      cache.clear()
+      cache[key] = _encoded(record.clear, crop_to=hw if crop else None)[0]
+  except ImageReadError as e:
+    # A dataset error (what the training command reports as such), naming the file.
+    raise folders.DatasetLayoutError(str(e)) from e
   return hazy, cache[key]
 
 
@@ -344,7 +348,7 @@ def _records(dataset: str, config: str | None, manual_dir: PathLike | None
   return folders.find_paired_folder(manual_dir)
 
 
-class StaleBuildError(ValueError):
+class StaleBuildError(folders.DatasetLayoutError):
   """A built dataset was made from another folder than the one given now."""
 
 
