@@ -273,3 +273,12 @@ def test_apply_checked_catches_bad_values_under_jit(params, image):
   assert err.get() is None
   np.testing.assert_allclose(out, minet_jax.apply(params, image), atol=1e-6)
   assert "apply_checked" in minet_jax.apply.__doc__
+
+
+def test_a_missing_weight_is_named(params, image):
+  # Weights lacking a tensor used to end in a bare KeyError: 'bias'.
+  weights = {k: dict(v) if isinstance(v, dict) else v for k, v in params.weights.items()}
+  del weights["deconv"]["bias"]
+  with pytest.raises(ValueError, match="the weights have no deconv/bias that the architecture "
+                                       "needs"):
+    minet_jax.apply(minet_jax.Params(weights=weights, config=params.config), image)
