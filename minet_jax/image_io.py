@@ -39,8 +39,8 @@ PathLike = str | os.PathLike
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-# Largest image `read_rgb` decodes unless told otherwise, in megapixels: above any camera
-# but the rarest, and 1.3 GB to decode at `READ_BYTES_PER_PIXEL`.
+# Largest image `read_rgb` decodes unless told otherwise, in megapixels: above most
+# cameras' photos (12-24 MP; dataset images such as O-HAZE's are 20), 1.3 GB to decode.
 DEFAULT_MAX_MEGAPIXELS = 40.0
 # Peak memory of `read_rgb` per pixel (decoded 8-bit RGBA, float32 RGBA and its RGB
 # composite, the float32 result), to state what an image refused for its size would take.

@@ -217,3 +217,9 @@ def test_unreadable_images_name_the_file(tmp_path):
   (record,) = folders.find_paired_folder(tmp_path)
   with pytest.raises(ImageReadError, match=f"cannot read image {tmp_path / 'gt' / '01.png'}"):
     folders.load_pair(record)
+
+
+def test_a_file_given_as_the_folder_is_named(tmp_path):
+  (tmp_path / "pairs.zip").write_bytes(b"PK")
+  with pytest.raises(DatasetLayoutError, match="pairs.zip is not a folder"):
+    folders.find_paired_folder(tmp_path / "pairs.zip")

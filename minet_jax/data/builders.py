@@ -349,7 +349,7 @@ def _records(dataset: str, config: str | None, manual_dir: PathLike | None
 
 
 class StaleBuildError(folders.DatasetLayoutError):
-  """A built dataset was made from another folder than the one given now."""
+  """A built dataset was not made from the files of the source folder given now."""
 
 
 def _is_current(builder: tfds.core.DatasetBuilder, name: str,
@@ -477,7 +477,7 @@ def load_source(name: str, split: str, data_dir: PathLike | None = None,
       raise FileNotFoundError(
           f"{name} is not built in {builder.data_dir}; build it with "
           f"`python -m minet_jax.data.builders {name} --data_dir ... --manual_dir ...`")
-    dataset, config = _split_name(name)
+    dataset = _split_name(name)[0]
     if dataset in _NEEDS_MANUAL and manual_dir is not None:
       config = builder.builder_config.name if dataset == "reside_sots" else None
       if not _is_current(builder, name, _records(dataset, config, manual_dir), manual_dir):

@@ -170,7 +170,8 @@ def _find(root: str | pathlib.Path, layout: _Layout) -> list[PairRecord]:
   root = pathlib.Path(root).expanduser()
   try:
     if not root.is_dir():
-      raise _Problem(f"{layout.name} folder not found: {root}")
+      raise _Problem(f"{layout.name} folder {root} is not a folder" if root.exists() else
+                     f"{layout.name} folder not found: {root}")
     hazy, clears, clear_dir = layout.files(root, layout)
     lookup = layout.index(clears)
     records, unmatched = [], []
@@ -421,16 +422,14 @@ def ground_truth_needs_crop(record: PairRecord, hazy_hw: Sequence[int],
       f"SOTS's {SOTS_GT_BORDER} px border, which is cropped)")
 
 
-def load_pair(record: PairRecord, *, max_megapixels: float | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(record: PairRecord) -> tuple[np.ndarray, np.ndarray]:
   """Reads a record as (hazy, clear) uint8 HxWx3 RGB arrays of equal size.
 
   A ground truth with SOTS's border is cropped to the hazy size; any other size
-  difference is an error (`ground_truth_needs_crop`). ``max_megapixels`` is
-  `minet_jax.image_io.read_rgb`'s.
+  difference is an error (`ground_truth_needs_crop`).
   """
-  hazy = read_rgb(record.hazy, dtype=np.uint8, max_megapixels=max_megapixels)
-  clear = read_rgb(record.clear, dtype=np.uint8, max_megapixels=max_megapixels)
+  hazy = read_rgb(record.hazy, dtype=np.uint8)
+  clear = read_rgb(record.clear, dtype=np.uint8)
   if ground_truth_needs_crop(record, hazy.shape[:2], clear.shape[:2]):
     clear = centre_crop(clear, *hazy.shape[:2])
   return hazy, clear
