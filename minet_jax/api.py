@@ -55,7 +55,7 @@ def _check_layout(img: Any) -> np.dtype:
                      f"{shape}; {hint}")
   if 0 in shape:
     raise ValueError(f"image is empty: shape {shape}")
-  if dtype not in _INTEGER_SCALE and not jnp.issubdtype(dtype, jnp.floating):
+  if dtype.newbyteorder("=") not in _INTEGER_SCALE and not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"unsupported image dtype {dtype}; use uint8 (0..255), uint16 (0..65535) "
                     "or float in [0, 1]")
   return dtype
@@ -63,6 +63,17 @@ def _check_layout(img: Any) -> np.dtype:
 
 _NON_FINITE = "image contains NaN or infinite values"
 _RANGE = "float images must lie in [0, 1], got values in [{lo}, {hi}]; divide 0..255 data by 255"
+
+
+def _for_jax(img: Any) -> Any:
+  """A numpy image JAX takes as it is: native byte order (not big-endian data), and floats
+  of at most 64 bits (not ``np.longdouble``)."""
+  if isinstance(img, np.ndarray):
+    if img.dtype.kind == "f" and img.dtype.itemsize > 8:
+      return img.astype(np.float64)
+    if not img.dtype.isnative:
+      return img.astype(img.dtype.newbyteorder("="))
+  return img
 
 
 def validate_image(img: Any) -> None:
@@ -85,9 +96,7 @@ def validate_image(img: Any) -> None:
 def to_float_rgb(img: Any) -> jax.Array:
   """Validated image -> float32 NHWC in [0, 1] (integer types scaled by their range)."""
   validate_image(img)
-  if isinstance(img, np.ndarray) and not img.dtype.isnative:
-    img = img.astype(img.dtype.newbyteorder("="))  # e.g. big-endian data; JAX takes native only
-  x = jnp.asarray(img)
+  x = jnp.asarray(_for_jax(img))
   scale = _INTEGER_SCALE.get(np.dtype(x.dtype))
   x = x.astype(jnp.float32) / scale if scale else x.astype(jnp.float32)
   return x[None] if x.ndim == 3 else x
@@ -174,9 +183,7 @@ def apply_checked(params: Params, img: Any) -> tuple[checkify.Error, jax.Array]:
   if not isinstance(params, Params):
     raise TypeError(f"params must be minet_jax.Params (from init/load), got "
                     f"{type(params).__name__}")
-  if isinstance(img, np.ndarray) and not img.dtype.isnative:
-    img = img.astype(img.dtype.newbyteorder("="))
-  return _apply_checked(params, img)
+  return _apply_checked(params, _for_jax(img))
 
 
 def dehaze_batch(params: Params, x: jax.Array) -> jax.Array:

@@ -20,6 +20,8 @@ import argparse
 import dataclasses
 import os
 import sys
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -172,6 +174,30 @@ class ModelConfig(Solve, Architecture):
       # One number of iterations for every block (e.g. --max-steps).
       object.__setattr__(self, "iterations", (self.iterations,) * len(self.dilations))
     object.__setattr__(self, "iterations", tuple(int(t) for t in self.iterations))
+    # Types first, so a string or a NaN gets its own message instead of a failed comparison
+    # below or a NaN model later (NaN passes no comparison, so it would slip through them).
+    for name in ("features", "pre_blocks", "anderson_m", "adjoint_max_steps",
+                 "contractive_iters"):
+      value = getattr(self, name)
+      if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    for name in ("eta", "rtol", "atol", "anderson_beta", "anderson_reg", "adjoint_rtol",
+                 "adjoint_atol", "contractive_weight", "contractive_target", "norm_eps",
+                 "leaky_slope", "init_kaiming_a"):
+      value = getattr(self, name)
+      if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+          or not math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not (self.eta > 0 and self.norm_eps > 0):
+      raise ValueError(f"eta and norm_eps must be > 0, got eta={self.eta}, "
+                       f"norm_eps={self.norm_eps}")
+    if self.dtype == "float16":
+      # The convolutions before MI-Net's instance norms are free to grow (the norm removes
+      # their scale), and trained weights use that: the released ones reach 7e4 inside the
+      # second IM-block and 3e8 before the decoder's first norm, past float16's 65504.
+      raise ValueError("dtype 'float16' is not supported: MI-Net's convolution outputs "
+                       "exceed its range (65504; the released weights reach 3e8) and become "
+                       "inf/NaN; use 'bfloat16' (float32's range) for fast inexact compute")
     if self.features < 1 or self.pre_blocks < 0:
       raise ValueError(f"features must be >= 1 and pre_blocks >= 0, got {self.features}, "
                        f"{self.pre_blocks}")

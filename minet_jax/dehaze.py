@@ -47,6 +47,9 @@ from minet_jax import image_io, tiling
 from minet_jax.config import add_speed_arguments, program_name, speed_changes
 
 PathLike = str | os.PathLike
+# Growth of dehazing's peak memory per pixel on the strip path (docs/PRETRAINED.md: 2.16 GB
+# at 4.9 MP, 4.65 GB at 12 MP): what a refused image is said to need.
+STRIP_BYTES_PER_PIXEL = 350.0
 
 FORMATS = ("png", "jpg")  # --format: file suffixes `image_io.write_image` writes.
 COMPARE = "_compare"  # Appended to a result's stem for the side-by-side image.
@@ -152,6 +155,8 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
       jobs += [job(f, out_dir / f.relative_to(path).parent) for f in found]
     elif path.is_file():
       jobs.append(job(path, out_dir))
+    elif path.exists():
+      failed[str(path)] = "not a regular file or folder (a device, FIFO or socket)"
     else:
       failed[str(path)] = "no such file or folder"
   sources = {j.source.resolve() for j in jobs}
@@ -250,13 +255,15 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
                  recursive: bool = False, tile: int | None = None, overlap: int | None = None,
                  blend: str = "cosine", suffix: str = "_dehazed", image_format: str = "png",
                  compare: bool = False, keep_gray: bool = False, overwrite: bool = False,
-                 progress: bool = True, strip_rows: int | None = None) -> Outcome:
+                 progress: bool = True, strip_rows: int | None = None,
+                 max_megapixels: float | None = image_io.DEFAULT_MAX_MEGAPIXELS) -> Outcome:
   """Dehazes every input image into ``out_dir``; failures are collected, not raised.
 
   Only files this call creates are written (see `plan`), or, with ``overwrite``, earlier
   files replaced; an output that appears meanwhile is refused unless ``overwrite``.
   ``overlap`` defaults to `default_overlap` of the tile. ``keep_gray`` writes the
-  luminance of the result for an input whose three channels are equal.
+  luminance of the result for an input whose three channels are equal. Images above
+  ``max_megapixels`` (None: no limit) are refused from their header, before decoding.
   """
   jobs, failed, skipped = plan(inputs, out_dir, recursive=recursive, suffix=suffix,
                                image_format=image_format, compare=compare,
@@ -277,7 +284,9 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
     steps = _StepBar("tile" if tile else "stage")
   for job in iterator:
     try:
-      image = image_io.read_rgb(job.source)
+      image = image_io.read_rgb(job.source, max_megapixels=max_megapixels,
+                                bytes_per_pixel=STRIP_BYTES_PER_PIXEL,
+                                limit_name="--max-megapixels")
       solves = [] if report_solves else None
       result = dehaze_image(params, image, tile=tile, overlap=overlap, blend=blend,
                             strip_rows=strip_rows, progress=steps, solves=solves)
@@ -338,6 +347,10 @@ def parser() -> argparse.ArgumentParser:
                  help="appended to each output stem; files named *<suffix>.png in input "
                       "folders are taken for earlier results and skipped (default: "
                       "%(default)s)")
+  p.add_argument("--max-megapixels", type=float, default=image_io.DEFAULT_MAX_MEGAPIXELS,
+                 help="refuse larger images before decoding them (default %(default)g; "
+                      f"dehazing takes about {STRIP_BYTES_PER_PIXEL / 1e3:.2f} GB of "
+                      "memory per megapixel); 0: no limit")
   add_speed_arguments(p)
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
@@ -346,6 +359,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   p = parser()
   args = p.parse_args(argv)
+  if not args.max_megapixels >= 0:
+    p.error("--max-megapixels must be >= 0 (0: no limit)")
   if args.tile < 0:
     p.error(f"--tile must be >= 0, got {args.tile}")
   if args.overlap is not None and args.overlap < 0:
@@ -370,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                          suffix=args.suffix, image_format=args.image_format,
                          compare=args.compare, keep_gray=args.keep_gray,
                          overwrite=args.overwrite, progress=not args.no_progress,
-                         strip_rows=args.strip_rows)
+                         strip_rows=args.strip_rows,
+                         max_megapixels=args.max_megapixels or None)
   print(f"wrote {len(outcome.written)} file(s) to {args.out}")
   for source, how in outcome.solves.items():
     print(f"dehaze: {source}: IM-blocks {how}")

@@ -246,6 +246,8 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
       e.g. ``{"precision": "default"}`` (`minet_jax.Params.replace_config`).
   """
   methods = tuple(methods)
+  if not methods:
+    raise ValueError(f"no method to evaluate; choose from {','.join(METHODS)}")
   if limit is not None and limit < 0:
     raise ValueError(f"--limit must be >= 0, got {limit}")
   params = None
@@ -280,7 +282,14 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
         start = time.perf_counter()
         out = jax.block_until_ready(fn(x))
         seconds = time.perf_counter() - start
+        finite = np.isfinite(np.asarray(out))
+        if not finite.all():
+          # Clipping would turn inf into 255 and keep NaN: neither is a score of this method.
+          raise FloatingPointError(f"the output holds {100 * (1 - finite.mean()):.3g}% NaN or "
+                                   "infinite values")
         p, s = metrics.dehazing_scores(out * 255.0, clear)
+        if math.isnan(p) or math.isnan(s):
+          raise FloatingPointError(f"the scores are NaN (PSNR {p}, SSIM {s})")
         rows.append(Row(sample.key, name, p, s, seconds))
         if save_images is not None:
           image_io.write_png(pathlib.Path(save_images) / name / f"{sample.key}.png",

@@ -13,7 +13,10 @@ alpha, 16-bit, EXIF-rotated) into one predictable array:
   16-bit colour PNGs are decoded by Pillow at 8 bits per channel (the high
   byte), which is below what the network resolves anyway.
 
-Every failure to read becomes an ``ImageReadError`` naming the file.
+Every failure to read becomes an ``ImageReadError`` naming the file. An image
+declaring more than ``max_megapixels`` (`DEFAULT_MAX_MEGAPIXELS`) is refused from
+its header, before any pixel is decoded: a PNG of a few hundred KB can declare a
+hundred megapixels, and Pillow itself refuses only above 179.
 ``write_png`` (and ``write_image``, PNG or JPEG by suffix) writes atomically and
 refuses paths listed in ``protect`` (used to make sure a tool never overwrites its
 inputs); with ``exclusive=True`` it refuses any existing file, in the same atomic
@@ -37,8 +40,20 @@ PathLike = str | os.PathLike
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+# Largest image `read_rgb` decodes unless told otherwise, in megapixels: above most
+# cameras' photos (12-24 MP; dataset images such as O-HAZE's are 20), 1.3 GB to decode.
+DEFAULT_MAX_MEGAPIXELS = 40.0
+# Peak memory of `read_rgb` per pixel (decoded 8-bit RGBA, float32 RGBA and its RGB
+# composite, the float32 result), to state what an image refused for its size would take.
+READ_BYTES_PER_PIXEL = 33.0
+
+
 class ImageReadError(ValueError):
   """An image file could not be read; the message names the file and the cause."""
+
+
+class ImageTooLargeError(ImageReadError):
+  """An image declares more pixels than the caller's limit (checked before decoding)."""
 
 
 class ProtectedPathError(ValueError):
@@ -72,28 +87,88 @@ def _to_unit_float(im: Image.Image) -> np.ndarray:
   return np.asarray(im.convert("RGB")).astype(np.float32) / 255.0
 
 
-def read_rgb(path: PathLike, dtype=np.float32) -> np.ndarray:
+def check_regular_file(path: pathlib.Path) -> None:
+  """Raises ImageReadError unless `path` is a regular file (saying what it is instead)."""
+  if path.is_file():
+    return
+  if path.is_dir():
+    problem = "it is a folder, not an image file"
+  elif path.exists():
+    # A device such as /dev/zero or a FIFO would be read forever or block.
+    problem = "it is not a regular file (a device, FIFO or socket)"
+  else:
+    problem = "no such file"
+  raise ImageReadError(f"cannot read image {path}: {problem}")
+
+
+def _check_size(path: pathlib.Path, im: Image.Image, max_megapixels: float | None,
+                bytes_per_pixel: float, limit_name: str) -> None:
+  megapixels = im.width * im.height / 1e6
+  if max_megapixels is not None and megapixels > max_megapixels:
+    raise ImageTooLargeError(
+        f"cannot read image {path}: it declares {im.width}x{im.height} pixels "
+        f"({megapixels:.1f} MP), above the limit of {max_megapixels:g} MP ({limit_name}); "
+        f"it would need about {megapixels * bytes_per_pixel / 1e3:.1f} GB of memory")
+
+
+# EXIF orientations that swap width and height (transposed or rotated by 90 degrees).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def image_size(path: PathLike, *, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS
+               ) -> tuple[int, int]:
+  """(height, width) of an image file as `read_rgb` returns it, from the header alone.
+
+  Raises:
+    ImageReadError: as `read_rgb` for a file that is missing, not a regular file, not an
+      image or larger than `max_megapixels` (truncated pixel data is not seen here).
+  """
+  path = pathlib.Path(path)
+  check_regular_file(path)
+  try:
+    with Image.open(path) as im:
+      _check_size(path, im, max_megapixels, READ_BYTES_PER_PIXEL, "max_megapixels")
+      transposed = im.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS
+      return (im.width, im.height) if transposed else (im.height, im.width)
+  except ImageReadError:
+    raise
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+          Image.DecompressionBombError) as e:
+    raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def read_rgb(path: PathLike, dtype=np.float32, *,
+             max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+             bytes_per_pixel: float = READ_BYTES_PER_PIXEL,
+             limit_name: str = "max_megapixels") -> np.ndarray:
   """Reads an image file as an upright RGB array of shape (H, W, 3).
 
   Args:
     path: the image file.
     dtype: ``np.float32`` (default) for values in [0, 1], or ``np.uint8`` for
       0..255 (16-bit sources are rounded to 8 bits).
+    max_megapixels: refuse images declaring more pixels than this (None: no limit
+      but Pillow's own), from the header, before decoding.
+    bytes_per_pixel, limit_name: what the refusal says the image would need in
+      memory per pixel (a caller states its own use), and what sets the limit.
 
   Raises:
-    ImageReadError: the file is missing, not an image, truncated or corrupt.
+    ImageReadError: the file is missing, not a regular file, not an image, truncated,
+      corrupt, or (`ImageTooLargeError`) larger than `max_megapixels`.
   """
   path = pathlib.Path(path)
   dtype = np.dtype(dtype)
   if dtype not in (np.dtype(np.float32), np.dtype(np.uint8)):
     raise ValueError(f"read_rgb: dtype must be float32 or uint8, got {dtype}")
-  if not path.is_file():
-    raise ImageReadError(f"cannot read image {path}: no such file")
+  check_regular_file(path)
   try:
     with Image.open(path) as im:
+      _check_size(path, im, max_megapixels, bytes_per_pixel, limit_name)
       im.load()  # Decode now so truncated files fail here, not later.
       im = ImageOps.exif_transpose(im)
       rgb = _to_unit_float(im)
+  except ImageReadError:
+    raise
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
           Image.DecompressionBombError) as e:
     raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e

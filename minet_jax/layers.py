@@ -35,10 +35,19 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int] = (1, 1)
   """
   if x.dtype == kernel.dtype and onednn.use_onednn(backend, x.dtype):
     return onednn.conv(x, kernel, strides=strides, padding=padding, dilation=dilation,
-                       bf16_products=onednn.bf16_products_for(precision))
+                       bf16_products=_bf16_products(precision, x.dtype))
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
       dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
+
+
+def _bf16_products(precision: jax.lax.Precision | None, dtype: jnp.dtype) -> bool:
+  """Whether oneDNN rounds `dtype` operands to bfloat16 at `precision` (float32 only).
+
+  bfloat16 operands already have bfloat16 products with float32 sums, which is all
+  that precision="default" asks for, so for them the precision changes nothing.
+  """
+  return jnp.dtype(dtype) == jnp.float32 and onednn.bf16_products_for(precision)
 
 
 def kaiming_normal(a: float) -> jax.nn.initializers.Initializer:
@@ -153,7 +162,7 @@ class ConvTranspose2d(nnx.Module):
       out_hw = [(n - 1) * s - 2 * pad + k for n in x.shape[1:3]]
       return onednn.conv_input(x, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), out_hw,
                                strides=(s, s), padding=((pad, pad), (pad, pad)),
-                               bf16_products=onednn.bf16_products_for(self.precision)) + bias
+                               bf16_products=_bf16_products(self.precision, self.dtype)) + bias
     if not self.sub_pixel:
       y = jax.lax.conv_general_dilated(
           x, kernel, window_strides=(1, 1), padding=((self.edge, self.edge),) * 2,

@@ -54,10 +54,20 @@ def stringify_keys(tree: Any) -> Any:
   return tree
 
 
-def restore_key_types(tree: Any, like: Any) -> Any:
-  """Restores the key types of `like` (nnx uses ints for list indices)."""
+def restore_key_types(tree: Any, like: Any, path: tuple[str, ...] = ()) -> Any:
+  """Restores the key types of `like` (nnx uses ints for list indices).
+
+  Raises:
+    ValueError: `tree` lacks an entry of `like`, naming it.
+  """
   if isinstance(like, Mapping):
-    return {k: restore_key_types(tree[str(k)], v) for k, v in like.items()}
+    missing = [str(k) for k in like if not isinstance(tree, Mapping) or str(k) not in tree]
+    if missing:
+      raise ValueError(f"the weights have no {'/'.join((*path, missing[0]))}"
+                       + (f" (and {len(missing) - 1} more entries beside it)"
+                          if len(missing) > 1 else "")
+                       + " that the architecture needs")
+    return {k: restore_key_types(tree[str(k)], v, (*path, str(k))) for k, v in like.items()}
   return tree
 
 

@@ -270,6 +270,20 @@ def test_big_endian_floats_are_accepted(params, image):
                                 minet_jax.apply(params, native))
 
 
+def test_big_endian_integers_and_long_doubles_are_accepted(params, image):
+  # '>u2' used to be refused as an unsupported dtype, np.longdouble to fail inside JAX.
+  want = minet_jax.apply(params, image.astype(np.uint16) * 257)
+  np.testing.assert_array_equal(minet_jax.apply(params, (image.astype(np.uint16) * 257)
+                                                .astype(">u2")), want)
+  np.testing.assert_array_equal(minet_jax.apply(params, image.astype(">u1")),
+                                minet_jax.apply(params, image))
+  wide = (image / 255.0).astype(np.longdouble)
+  np.testing.assert_array_equal(minet_jax.apply(params, wide),
+                                minet_jax.apply(params, (image / 255.0).astype(np.float32)))
+  err, out = minet_jax.apply_checked(params, wide)
+  assert err.get() is None
+
+
 def test_apply_checked_catches_bad_values_under_jit(params, image):
   checked = jax.jit(minet_jax.apply_checked)
   scaled = image.astype(np.float32)  # 0..255: plain jit(apply) clips it silently
@@ -283,3 +297,12 @@ def test_apply_checked_catches_bad_values_under_jit(params, image):
   assert err.get() is None
   np.testing.assert_allclose(out, minet_jax.apply(params, image), atol=1e-6)
   assert "apply_checked" in minet_jax.apply.__doc__
+
+
+def test_a_missing_weight_is_named(params, image):
+  # Weights lacking a tensor used to end in a bare KeyError: 'bias'.
+  weights = {k: dict(v) if isinstance(v, dict) else v for k, v in params.weights.items()}
+  del weights["deconv"]["bias"]
+  with pytest.raises(ValueError, match="the weights have no deconv/bias that the architecture "
+                                       "needs"):
+    minet_jax.apply(minet_jax.Params(weights=weights, config=params.config), image)

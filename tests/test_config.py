@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+import numpy as np
 import pytest
 
 import minet_jax
@@ -70,6 +71,31 @@ def test_model_config_accepts_dicts_and_is_hashable():
 def test_bad_fields_are_refused(fields, pattern):
   with pytest.raises(ValueError, match=pattern):
     minet_jax.model_config(fields)
+
+
+@pytest.mark.parametrize("fields, pattern", [
+    ({"features": "8"}, "features must be an integer, got '8'"),
+    ({"pre_blocks": 1.5}, "pre_blocks must be an integer"),
+    ({"anderson_m": True}, "anderson_m must be an integer"),
+    ({"norm_eps": -1}, "norm_eps must be > 0"),
+    ({"norm_eps": 0.0}, "norm_eps must be > 0"),
+    ({"eta": float("nan")}, "eta must be a finite number, got nan"),
+    ({"eta": 0}, "eta and norm_eps must be > 0"),
+    ({"leaky_slope": float("nan")}, "leaky_slope must be a finite number"),
+    ({"rtol": float("inf")}, "rtol must be a finite number"),
+    ({"init_kaiming_a": "0.1"}, "init_kaiming_a must be a finite number"),
+])
+def test_wrong_types_and_non_finite_values_are_refused(fields, pattern):
+  # Each used to pass (NaN fails no `>= 0` test; a negative eps gives NaN norms) or to end
+  # in a TypeError from a comparison.
+  with pytest.raises(ValueError, match=pattern) as e:
+    minet_jax.ModelConfig(**fields)
+  assert "\n" not in str(e.value)
+
+
+def test_numpy_scalars_are_numbers():
+  cfg = minet_jax.ModelConfig(features=np.int64(8), eta=np.float32(0.5), norm_eps=1e-6)
+  assert cfg.features == 8 and cfg.eta == 0.5
 
 
 def test_duplicate_dilations_cannot_map_to_the_authors_names():

@@ -185,3 +185,43 @@ def test_a_build_says_what_where_and_how_long_and_nothing_else(tmp_path):
   assert "$TFDS_DATA_DIR" in lines[0]
   counts = ", ".join(f"{TINY.num_examples(s)} {s}" for s in synthetic.SPLITS)
   assert re.fullmatch(rf"built synthetic_haze in \d+ s: {counts} pairs", lines[1]), lines[1]
+def test_a_build_follows_its_folder(tmp_path, caplog):
+  # The build used to be keyed on the folder's name alone: files added later, another
+  # folder of the same name, or a folder that no longer exists all reused it silently.
+  data = tmp_path / "data"
+  first = _pairs_folder(tmp_path / "one" / "O-HAZE", n=2)
+  assert len(builders.load_source("paired_folder", "train", data, manual_dir=first)) == 2
+  _pairs_folder(first, n=3)  # One more pair (the two others rewritten as they were).
+  with caplog.at_level("WARNING"):
+    source = builders.load_source("paired_folder", "train", data, manual_dir=first)
+  assert len(source) == 3 and "rebuilding it" in caplog.text
+  # Nothing changed: the build is used as it is.
+  built = next((data / "paired_folder" / "o_haze").glob("*/dataset_info.json")).stat().st_mtime_ns
+  assert len(builders.load_source("paired_folder", "train", data, manual_dir=first)) == 3
+  assert next((data / "paired_folder" / "o_haze").glob("*/dataset_info.json")
+              ).stat().st_mtime_ns == built
+  second = _pairs_folder(tmp_path / "two" / "O-HAZE", n=1)
+  with pytest.raises(builders.StaleBuildError, match=f"built from {first.resolve()}"):
+    builders.load_source("paired_folder", "train", data, manual_dir=second)
+  with pytest.raises(folders.DatasetLayoutError, match="not found"):
+    builders.load_source("paired_folder/o_haze", "train", data, manual_dir=tmp_path / "gone")
+  # A built dataset opened by name alone is used as it is.
+  assert len(builders.load_source("paired_folder/o_haze", "train", data)) == 3
+  (first / "hazy" / "02_outdoor_hazy.png").unlink()
+  (first / "GT" / "02_outdoor_GT.png").unlink()
+  with pytest.raises(builders.StaleBuildError, match="is stale"):
+    builders.load_source("paired_folder", "train", data, manual_dir=first,
+                         build_if_missing=False)
+
+
+def test_bad_pairs_fail_the_build_naming_the_file(tmp_path):
+  broken = _pairs_folder(tmp_path / "broken", n=2)
+  path = broken / "hazy" / "01_outdoor_hazy.png"
+  path.write_bytes(path.read_bytes()[:60])  # A header, and half the pixels.
+  with pytest.raises(folders.DatasetLayoutError, match=f"cannot read image {path}"):
+    builders.load_source("paired_folder", "train", tmp_path / "data", manual_dir=broken)
+  misaligned = _pairs_folder(tmp_path / "misaligned", n=1)
+  Image.fromarray(np.zeros((16, 9, 3), np.uint8)).save(misaligned / "GT" / "00_outdoor_GT.png")
+  with pytest.raises(folders.DatasetLayoutError, match="00_outdoor_hazy.png .6x9. and its "
+                                                       "ground truth .*16x9. do not align"):
+    builders.load_source("paired_folder", "train", tmp_path / "data", manual_dir=misaligned)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from minet_jax.data import folders
 from minet_jax.data.folders import DatasetLayoutError
+from minet_jax.image_io import ImageReadError, read_rgb
 
 
 def _write(path: pathlib.Path, image: np.ndarray) -> None:
@@ -25,8 +26,8 @@ def _random_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 def sots_dir(tmp_path):
   rng = np.random.default_rng(0)
   root = tmp_path / "RESIDE" / "SOTS" / "indoor"
-  # Scene 7 has a GT with a 2 px border (like the 640x480 release), scene 8 does not.
-  _write(root / "gt" / "7.png", _random_image(rng, 12, 14))
+  # Scene 7 has a GT with SOTS's 10 px border (like the 640x480 release), scene 8 does not.
+  _write(root / "gt" / "7.png", _random_image(rng, 28, 30))
   _write(root / "gt" / "8.png", _random_image(rng, 8, 10))
   for name in ("7_1", "7_2", "7_10", "8_9"):
     _write(root / "hazy" / f"{name}.png", _random_image(rng, 8, 10))
@@ -46,7 +47,7 @@ def test_sots_fixture_pairs_and_crop(sots_dir):
   hazy, clear = folders.load_pair(records[0])
   full = np.asarray(Image.open(records[0].clear))
   assert hazy.shape == clear.shape == (8, 10, 3) and clear.dtype == np.uint8
-  np.testing.assert_array_equal(clear, full[2:10, 2:12])
+  np.testing.assert_array_equal(clear, full[10:18, 10:20])
   np.testing.assert_array_equal(folders.load_pair(records[3])[1],
                                 np.asarray(Image.open(records[3].clear)))
 
@@ -123,7 +124,7 @@ def test_missing_and_malformed_folders(tmp_path, sots_dir):
   small = tmp_path / "small"
   _write(small / "hazy" / "1_1.png", np.zeros((6, 6, 3), np.uint8))
   _write(small / "gt" / "1.png", np.zeros((4, 6, 3), np.uint8))
-  with pytest.raises(DatasetLayoutError, match="hazy size or larger"):
+  with pytest.raises(DatasetLayoutError, match="do not align"):
     folders.load_pair(folders.find_sots_pairs(small)[0])
   with pytest.raises(ValueError, match="unknown layout"):
     folders.find_pairs(small, layout="nope")
@@ -146,8 +147,8 @@ def test_reside_sample(shared_dir):
   # The centre crop of a 640x480 GT aligns with its hazy image: the edge maps
   # correlate best at the centre offset (10, 10) among nearby offsets.
   record = sots[0]
-  hazy = folders._read_rgb(record.hazy)
-  full = folders._read_rgb(record.clear)
+  hazy = read_rgb(record.hazy, dtype=np.uint8)
+  full = read_rgb(record.clear, dtype=np.uint8)
   assert full.shape == (480, 640, 3)
   target = _edges(hazy).ravel()
   scores = {}
@@ -168,3 +169,57 @@ def test_reside_sample(shared_dir):
       t = (hazy[keep] - a) / (clear[keep] - a)
       spread[a] = t.std(axis=-1).mean()
     assert abs(min(spread, key=spread.get) - record.airlight) <= 0.015
+
+
+@pytest.mark.parametrize("gt_hw, crop", [((8, 10), False), ((28, 30), True), ((12, 14), None),
+                                         ((80, 16), None), ((28, 10), None)])
+def test_only_the_sots_border_is_cropped(tmp_path, gt_hw, crop):
+  # A centre crop of any other larger ground truth (another aspect, another border)
+  # pairs pixels that do not correspond: it used to be taken silently.
+  rng = np.random.default_rng(2)
+  gt = _random_image(rng, *gt_hw)
+  _write(tmp_path / "gt" / "5.png", gt)
+  _write(tmp_path / "hazy" / "5_1.png", _random_image(rng, 8, 10))
+  (record,) = folders.find_sots_pairs(tmp_path)
+  if crop is None:
+    with pytest.raises(DatasetLayoutError) as e:
+      folders.load_pair(record)
+    message = str(e.value)
+    assert str(record.hazy) in message and str(record.clear) in message
+    assert f"({gt_hw[0]}x{gt_hw[1]}) do not align" in message and "28x30" in message
+    assert "\n" not in message
+  else:
+    hazy, clear = folders.load_pair(record)
+    np.testing.assert_array_equal(clear, gt[10:18, 10:20] if crop else gt)
+
+
+def test_two_files_of_one_name_are_refused(tmp_path):
+  # 01.png and 01.jpg used to reach the dataset build as two examples of one key.
+  rng = np.random.default_rng(3)
+  for sub in ("hazy", "gt"):
+    _write(tmp_path / "twice" / sub / "01.png", _random_image(rng, 6, 6))
+  _write(tmp_path / "twice" / "hazy" / "01.jpg", _random_image(rng, 6, 6))
+  with pytest.raises(DatasetLayoutError, match="two hazy images are both named '01': "
+                                               "01.jpg and 01.png"):
+    folders.find_paired_folder(tmp_path / "twice")
+  (tmp_path / "twice" / "hazy" / "01.jpg").unlink()
+  _write(tmp_path / "twice" / "gt" / "01.jpg", _random_image(rng, 6, 6))
+  with pytest.raises(DatasetLayoutError, match="two ground truths are both named '01'"):
+    folders.find_paired_folder(tmp_path / "twice")
+
+
+def test_unreadable_images_name_the_file(tmp_path):
+  rng = np.random.default_rng(4)
+  for sub in ("hazy", "gt"):
+    _write(tmp_path / sub / "01.png", _random_image(rng, 6, 6))
+  data = (tmp_path / "gt" / "01.png").read_bytes()
+  (tmp_path / "gt" / "01.png").write_bytes(data[:len(data) // 2])
+  (record,) = folders.find_paired_folder(tmp_path)
+  with pytest.raises(ImageReadError, match=f"cannot read image {tmp_path / 'gt' / '01.png'}"):
+    folders.load_pair(record)
+
+
+def test_a_file_given_as_the_folder_is_named(tmp_path):
+  (tmp_path / "pairs.zip").write_bytes(b"PK")
+  with pytest.raises(DatasetLayoutError, match="pairs.zip is not a folder"):
+    folders.find_paired_folder(tmp_path / "pairs.zip")

@@ -365,3 +365,27 @@ def test_progress_per_stage_and_per_tile(tiny_ckpt):
   calls.clear()
   dehaze.dehaze_image(params, image, tile=16, overlap=4, progress=lambda *a: calls.append(a))
   assert calls == [(k, 9) for k in range(1, 10)]  # 3 x 3 tiles
+def test_large_images_and_special_files_are_refused_before_reading(tiny_ckpt, tmp_path,
+                                                                   capsys):
+  # A 57-byte PNG declaring 48 MP used to be decoded (Pillow refuses only above 179 MP),
+  # and /dev/zero or a FIFO were reported as "no such file or folder".
+  def chunk(tag, data):
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(
+        ">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+  ihdr = struct.pack(">IIBBBBB", 8000, 6000, 8, 2, 0, 0, 0)
+  (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
+                                      chunk(b"IEND", b""))
+  Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "small.png")
+  import os
+  os.mkfifo(tmp_path / "pipe.png")
+  args = ["--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "out"), "--no-progress"]
+  assert dehaze.main(args + [str(tmp_path / "bomb.png"), str(tmp_path / "pipe.png")]) == 1
+  err = capsys.readouterr().err
+  assert ("it declares 8000x6000 pixels (48.0 MP), above the limit of 40 MP "
+          "(--max-megapixels); it would need about 16.8 GB of memory") in err
+  assert "pipe.png: not a regular file" in err
+  assert dehaze.main(args + ["--max-megapixels", "0.0005", str(tmp_path / "small.png")]) == 1
+  assert "(0.0 MP), above the limit of 0.0005 MP" in capsys.readouterr().err
+  assert dehaze.main(args + ["--max-megapixels", "0", str(tmp_path / "small.png")]) == 0
+  with pytest.raises(SystemExit):
+    dehaze.main(args + ["--max-megapixels", "-1", str(tmp_path / "small.png")])

@@ -24,13 +24,13 @@ def _sk(out, gt):
 
 @pytest.fixture(scope="module")
 def sots_like(tmp_path_factory):
-  """SOTS layout: two scenes, GT of scene 7 larger by 4 px a side, one corrupt hazy file."""
+  """SOTS layout: two scenes, GT of scene 7 with SOTS's 10 px border, one corrupt hazy file."""
   root = tmp_path_factory.mktemp("sots")
   (root / "hazy").mkdir()
   (root / "gt").mkdir()
   rng = np.random.default_rng(0)
   truth = {}
-  for scene, pad in (("7", 4), ("8", 0)):
+  for scene, pad in (("7", 10), ("8", 0)):
     gt = rng.integers(0, 256, (24 + 2 * pad, 32 + 2 * pad, 3), dtype=np.uint8)
     Image.fromarray(gt).save(root / "gt" / f"{scene}.png")
     inner = gt[pad:pad + 24, pad:pad + 32]
@@ -132,3 +132,37 @@ def test_config_changes_score_the_faster_model(sots_like, tiny_ckpt):
   with pytest.raises(ValueError, match="dtype must be one of"):
     evaluation.evaluate(tiny_ckpt, root, methods=["minet"], limit=1,
                         config_changes={"dtype": "int8"}, progress=False)
+
+
+def test_non_finite_outputs_fail_the_run(sots_like, monkeypatch, capsys):
+  # A NaN output used to be scored PSNR nan and the run exited 0.
+  root, _ = sots_like
+  monkeypatch.setattr(evaluation, "build_methods",
+                      lambda methods, *a, **k: {"hazy": lambda x: x * np.nan})
+  rc = evaluation.main(["--data", str(root), "--methods", "hazy", "--limit", "2",
+                        "--no-progress"])
+  captured = capsys.readouterr()
+  assert rc == 1
+  assert "hazy failed on 7_1: FloatingPointError: the output holds 100% NaN" in captured.err
+  assert "(2 failed)" in captured.out
+
+
+def test_bfloat16_at_precision_default_is_scored(sots_like, tiny_ckpt):
+  # It used to fail every image on CPUs with AVX512-BF16 or AMX.
+  root, _ = sots_like
+  report = evaluation.evaluate(tiny_ckpt, root, methods=["minet"], limit=2, progress=False,
+                               config_changes={"dtype": "bfloat16", "precision": "default"})
+  assert [r.error for r in report.rows] == ["", ""]
+  assert report.settings == {"dtype": "bfloat16", "precision": "default"}
+
+
+def test_float16_and_no_methods_are_refused(sots_like, tiny_ckpt, capsys):
+  root, _ = sots_like
+  assert evaluation.main(["--ckpt", str(tiny_ckpt), "--data", str(root), "--methods", "minet",
+                          "--dtype", "float16", "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert "dtype 'float16' is not supported" in err and err.count("\n") == 1
+  assert evaluation.main(["--data", str(root), "--methods", "", "--no-progress"]) == 2
+  captured = capsys.readouterr()
+  assert "no method to evaluate; choose from minet,hazy,dcp" in captured.err
+  assert captured.out == ""

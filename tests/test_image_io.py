@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
 import struct
 import zlib
 
@@ -128,6 +130,50 @@ def test_unreadable_raises_naming_file(tmp_path, content):
 def test_missing_file(tmp_path):
   with pytest.raises(image_io.ImageReadError, match="nope.png"):
     image_io.read_rgb(tmp_path / "nope.png")
+
+
+def _declared_png(path, width, height):
+  """A PNG header declaring width x height 8-bit RGB pixels, and no pixel data."""
+  def chunk(tag, data):
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(
+        ">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+  ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_large_images_are_refused_from_the_header(tmp_path):
+  # 48 MP below Pillow's own limit (179 MP) in a 57-byte file: read_rgb used to allocate
+  # the pixels before finding there were none. Now the header decides, before decoding.
+  path = tmp_path / "bomb.png"
+  _declared_png(path, 8000, 6000)
+  with pytest.raises(image_io.ImageTooLargeError) as e:
+    image_io.read_rgb(path)
+  message = str(e.value)
+  assert message == (f"cannot read image {path}: it declares 8000x6000 pixels (48.0 MP), above "
+                     f"the limit of {image_io.DEFAULT_MAX_MEGAPIXELS:g} MP (max_megapixels); "
+                     "it would need about 1.6 GB of memory")
+  with pytest.raises(image_io.ImageTooLargeError, match="limit of 10 MP"):
+    image_io.image_size(path, max_megapixels=10)
+  with pytest.raises(image_io.ImageTooLargeError, match=r"limit of 1e-05 MP \(--max\)"):
+    small = tmp_path / "small.png"
+    Image.fromarray(_rand_rgb()).save(small)
+    image_io.read_rgb(small, max_megapixels=1e-5, limit_name="--max")
+  assert image_io.image_size(small) == (6, 5)
+  assert image_io.read_rgb(small, max_megapixels=None).shape == (6, 5, 3)
+
+
+def test_what_is_not_a_regular_file_is_named(tmp_path):
+  # A folder, a FIFO or a device used to be reported as "no such file".
+  with pytest.raises(image_io.ImageReadError, match="it is a folder, not an image file"):
+    image_io.read_rgb(tmp_path)
+  fifo = tmp_path / "pipe.png"
+  os.mkfifo(fifo)
+  for path in (fifo, pathlib.Path("/dev/zero")):
+    if path.exists():
+      with pytest.raises(image_io.ImageReadError, match="it is not a regular file"):
+        image_io.read_rgb(path)
+  with pytest.raises(image_io.ImageReadError, match="no such file"):
+    image_io.image_size(tmp_path / "nope.png")
 
 
 def test_write_png_refuses_protected_and_clips(tmp_path):

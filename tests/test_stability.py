@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -150,3 +151,86 @@ def test_analysis_imports_no_plotting_and_the_module_runs(tmp_path):
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
   assert result.returncode == 0, result.stderr
   assert "python -m minet_jax.stability" in result.stdout
+
+
+@pytest.fixture
+def cli_inputs(tmp_path, random_params):
+  """A checkpoint of a tiny model and a 14x11 image: (ckpt, image)."""
+  from PIL import Image
+  cfg = minet_jax.ModelConfig(features=4, pre_blocks=0, iterations=(3, 3), dilations=(1, 2))
+  minet_jax.save(random_params(cfg), tmp_path / "ckpt")
+  rgb = (np.random.default_rng(0).uniform(size=(14, 11, 3)) * 255).astype(np.uint8)
+  Image.fromarray(rgb).save(tmp_path / "in.png")
+  return tmp_path / "ckpt", tmp_path / "in.png"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--radius-iters", "0"], "--radius-iters must be >= 1, got 0"),
+    (["--arnoldi-iters", "0"], "--arnoldi-iters must be >= 1, got 0"),
+    (["--norm-iters", "-1"], "--norm-iters must be >= 1, got -1"),
+    (["--radius-iters", "8", "--radius-window", "9"],
+     "--radius-window must be in [1, radius-iters = 8], got 9"),
+    (["--seed", str(2**80)], "--seed must be in [0, 2**63)"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63)"),
+])
+def test_cli_settings_are_refused_up_front(tmp_path, capsys, flags, message):
+  # These used to fail inside the analysis, with a traceback, after the model had run.
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--ckpt", str(tmp_path / "none"), "--image", str(tmp_path / "none.png"),
+              "--out", str(tmp_path / "out"), *flags])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and message in err and "Traceback" not in err
+  assert not (tmp_path / "out").exists()
+
+
+def test_cli_checks_the_output_folder_first(cli_inputs, tmp_path, capsys, monkeypatch):
+  ckpt, image = cli_inputs
+  base = ["--ckpt", str(ckpt), "--image", str(image), "--steps", "3", "--radius-iters", "2",
+          "--radius-window", "1", "--arnoldi-iters", "2", "--norm-iters", "2"]
+  # Nothing may run before these refusals: the analysis is made to fail if it starts.
+  monkeypatch.setattr(stability, "analyse_image", lambda *a, **k: pytest.fail("analysed"))
+  (tmp_path / "afile").write_text("x")
+  for out, message in ((tmp_path / "afile", "is a file, not a folder"),
+                       (tmp_path / "afile" / "sub", "cannot be created: "),
+                       (ckpt, "already holds files; choose another folder, or pass "
+                              "--overwrite")):
+    assert cli.main(base + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+  assert (tmp_path / "afile").read_text() == "x"
+  if os.geteuid() != 0:  # Permissions do not bind root.
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert cli.main(base + ["--out", str(locked / "report")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+  assert cli.main(base + ["--image", str(tmp_path), "--out", str(tmp_path / "new")]) == 2
+  assert "it is a folder, not an image file" in capsys.readouterr().err
+  assert not (tmp_path / "new").exists()
+
+
+def test_cli_overwrite_and_bfloat16_checkpoints(cli_inputs, tmp_path, capsys):
+  ckpt, image = cli_inputs
+  base = ["--image", str(image), "--steps", "3", "--radius-iters", "2", "--radius-window", "1",
+          "--arnoldi-iters", "2", "--norm-iters", "2"]
+  out = tmp_path / "report"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  assert cli.main(["--ckpt", str(ckpt), "--out", str(out), "--overwrite", *base]) == 0
+  assert (out / "stability.json").is_file() and (out / "notes.txt").read_text() == "mine"
+  capsys.readouterr()
+  bf16 = tmp_path / "bf16"
+  minet_jax.save(minet_jax.load(ckpt).replace_config(dtype="bfloat16"), bf16)
+  assert cli.main(["--ckpt", str(bf16), "--out", str(tmp_path / "b"), *base]) == 2
+  err = capsys.readouterr().err
+  assert "computes in bfloat16" in err and "--as-float32" in err and err.count("\n") == 1
+  assert cli.main(["--ckpt", str(bf16), "--out", str(tmp_path / "b"), "--as-float32",
+                   *base]) == 0
+  analysed = json.loads((tmp_path / "b" / "stability.json").read_text())
+  assert analysed["config"]["dtype"] == "float32"
+
+
+def test_console_script_usage_names_itself(monkeypatch, capsys):
+  monkeypatch.setattr(sys, "argv", ["/usr/local/bin/minet-stability", "--help"])
+  with pytest.raises(SystemExit):
+    cli.main()
+  assert capsys.readouterr().out.startswith("usage: minet-stability ")

@@ -49,7 +49,7 @@ from PIL import Image
 
 from minet_jax.data import folders
 from minet_jax.data import synthetic
-from minet_jax.image_io import centre_crop, read_rgb
+from minet_jax.image_io import ImageReadError, centre_crop, image_size, read_rgb
 
 VERSION = tfds.core.Version("1.0.0")
 RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -62,6 +62,9 @@ the ITS / SOTS folder itself). Expected layout:
 {folders.ITS_TREE}
 {folders.SOTS_TREE}
 """
+
+# Where a folder dataset's metadata keeps `folders.source_fingerprint`.
+_SOURCE_KEY = "source"
 
 _PAIRED_INSTRUCTIONS = f"""\
 Pass a folder of hazy/clear pairs as manual_dir. Expected layout:
@@ -90,30 +93,46 @@ def _stored_as_is(im: Image.Image) -> bool:
           and "transparency" not in im.info and im.getexif().get(0x0112, 1) == 1)
 
 
-def _encoded(path: pathlib.Path,
-             hw: tuple[int, int] | None = None) -> tuple[bytes, tuple[int, int]]:
-  """(encoded RGB image, (height, width)); a larger image is centre-cropped to `hw`."""
-  with Image.open(path) as im:
-    size = (im.height, im.width)
-    if _stored_as_is(im) and (hw is None or size == tuple(hw)):
-      return path.read_bytes(), size
+def _as_is(path: pathlib.Path) -> tuple[bytes, tuple[int, int]] | None:
+  """(the file's bytes, (height, width)) when they can be stored as they are.
+
+  The file is decoded once, so a truncated or corrupt file fails the build naming it,
+  not a training run later.
+  """
+  hw = image_size(path)  # Refuses a file too large to decode, before decoding it.
+  try:
+    with Image.open(path) as im:
+      if not _stored_as_is(im):
+        return None
+      im.load()
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    return None  # read_rgb says what is wrong with it.
+  return path.read_bytes(), hw
+
+
+def _encoded(path: pathlib.Path, *, crop_to: tuple[int, int] | None = None
+             ) -> tuple[bytes, tuple[int, int]]:
+  """(encoded RGB image, (height, width)), centre-cropped to `crop_to` if given."""
+  if crop_to is None and (as_is := _as_is(path)) is not None:
+    return as_is
   image = read_rgb(path, dtype=np.uint8)
-  if hw is not None and image.shape[:2] != tuple(hw):
-    if image.shape[0] < hw[0] or image.shape[1] < hw[1]:
-      raise folders.DatasetLayoutError(
-          f"ground truth {path} is {image.shape[0]}x{image.shape[1]}, smaller than its hazy "
-          f"image ({hw[0]}x{hw[1]}); a ground truth must be the hazy size or larger")
-    image = centre_crop(image, *hw)
+  if crop_to is not None:
+    image = centre_crop(image, *crop_to)
   return _png(image), image.shape[:2]
 
 
 def _encode_pair(record: folders.PairRecord, cache: dict) -> tuple[bytes, bytes]:
-  hazy, hw = _encoded(record.hazy)
-  # Several hazy images share a ground truth: encode it once per size.
-  key = (record.clear, hw)
-  if key not in cache:
-    cache.clear()
-    cache[key] = _encoded(record.clear, hw)[0]
+  try:
+    hazy, hw = _encoded(record.hazy)
+    # Several hazy images share a ground truth: encode it once per size.
+    key = (record.clear, hw)
+    if key not in cache:
+      crop = folders.ground_truth_needs_crop(record, hw, image_size(record.clear))
+      cache.clear()
+      cache[key] = _encoded(record.clear, crop_to=hw if crop else None)[0]
+  except ImageReadError as e:
+    # A dataset error (what the training command reports as such), naming the file.
+    raise folders.DatasetLayoutError(str(e)) from e
   return hazy, cache[key]
 
 
@@ -149,7 +168,20 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class _FolderPairs(_Builder, skip_registration=True):
-  """Shared example generation for datasets read from a manual folder."""
+  """Shared example generation for datasets read from a manual folder.
+
+  The build records what it was built from (`folders.source_fingerprint`) in its
+  metadata, so `build` can tell a build of today's folder from a stale one.
+  """
+
+  def _info_with(self, **kwargs) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=_pair_features(),
+                                 metadata=tfds.core.MetadataDict(), **kwargs)
+
+  def _split_of(self, manual_dir: PathLike, records: list[folders.PairRecord]):
+    self.info.metadata[_SOURCE_KEY] = folders.source_fingerprint(manual_dir, records)
+    return self._generate_examples(records)
 
   def _generate_examples(self, records: list[folders.PairRecord]):
     cache: dict = {}
@@ -168,12 +200,11 @@ class ResideIts(_FolderPairs):
   MANUAL_DOWNLOAD_INSTRUCTIONS = _RESIDE_INSTRUCTIONS
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, description=self.__doc__, features=_pair_features(),
-        homepage=folders.RESIDE_URL, citation=_CITATION_RESIDE)
+    return self._info_with(homepage=folders.RESIDE_URL, citation=_CITATION_RESIDE)
 
   def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples(folders.find_its_pairs(dl_manager.manual_dir))}
+    manual_dir = dl_manager.manual_dir
+    return {"train": self._split_of(manual_dir, folders.find_its_pairs(manual_dir))}
 
 
 class ResideSots(_FolderPairs):
@@ -185,13 +216,12 @@ class ResideSots(_FolderPairs):
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, description=self.__doc__, features=_pair_features(),
-        homepage=folders.RESIDE_URL, citation=_CITATION_RESIDE)
+    return self._info_with(homepage=folders.RESIDE_URL, citation=_CITATION_RESIDE)
 
   def _split_generators(self, dl_manager):
-    records = folders.find_sots_pairs(dl_manager.manual_dir, self.builder_config.name)
-    return {"test": self._generate_examples(records)}
+    manual_dir = dl_manager.manual_dir
+    records = folders.find_sots_pairs(manual_dir, self.builder_config.name)
+    return {"test": self._split_of(manual_dir, records)}
 
 
 class PairedFolder(_FolderPairs):
@@ -200,11 +230,11 @@ class PairedFolder(_FolderPairs):
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="default")]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                 features=_pair_features())
+    return self._info_with()
 
   def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples(folders.find_paired_folder(dl_manager.manual_dir))}
+    manual_dir = dl_manager.manual_dir
+    return {"train": self._split_of(manual_dir, folders.find_paired_folder(manual_dir))}
 
 
 @dataclasses.dataclass(eq=False)
@@ -305,19 +335,48 @@ def get_builder(name: str, data_dir: PathLike | None = None,
   return ResideIts(data_dir=data_dir, file_format="array_record")
 
 
-def _check_manual_dir(dataset: str, config: str | None, manual_dir: PathLike | None) -> None:
-  """Raises the layout error before TFDS does (its message names no layout)."""
+def _records(dataset: str, config: str | None, manual_dir: PathLike | None
+             ) -> list[folders.PairRecord]:
+  """The pairs of `manual_dir`; raises the layout error before TFDS does (its message
+  names no layout)."""
   if manual_dir is None:
     tree = folders.PAIRED_TREE if dataset == "paired_folder" else (
         folders.ITS_TREE if dataset == "reside_its" else folders.SOTS_TREE)
     problem = f"{dataset} is not built yet and no manual_dir (source folder) was given"
     raise folders.layout_error(problem, tree, reside=dataset != "paired_folder")
   if dataset == "reside_its":
-    folders.find_its_pairs(manual_dir)
-  elif dataset == "reside_sots":
-    folders.find_sots_pairs(manual_dir, config)
-  else:
-    folders.find_paired_folder(manual_dir)
+    return folders.find_its_pairs(manual_dir)
+  if dataset == "reside_sots":
+    return folders.find_sots_pairs(manual_dir, config)
+  return folders.find_paired_folder(manual_dir)
+
+
+class StaleBuildError(folders.DatasetLayoutError):
+  """A built dataset was not made from the files of the source folder given now."""
+
+
+def _is_current(builder: tfds.core.DatasetBuilder, name: str,
+                records: list[folders.PairRecord], manual_dir: PathLike) -> bool:
+  """Whether the prepared `builder` was built from these files of `manual_dir`.
+
+  Raises:
+    StaleBuildError: it was built from other files of another folder (two folders of
+      one name): rebuilding would silently replace that folder's build.
+  """
+  now = folders.source_fingerprint(manual_dir, records)
+  built = (builder.info.metadata or {}).get(_SOURCE_KEY)
+  if built is None or built["sha256"] == now["sha256"]:
+    # The same files, maybe moved; or a build that did not record its source, which
+    # cannot be trusted.
+    return built is not None
+  if built["root"] != now["root"]:
+    hint = ("give this one its own name (paired_folder/<name>) or another data_dir"
+            if name.startswith("paired_folder") else "use another data_dir")
+    raise StaleBuildError(
+        f"{name} in {builder.data_dir} was built from {built['root']} ({built['files']} "
+        f"files), not from {now['root']} ({now['files']} files); {hint}, or delete "
+        f"{builder.data_dir} to rebuild it from {now['root']}")
+  return False
 
 
 @contextlib.contextmanager
@@ -345,19 +404,33 @@ def build(name: str, data_dir: PathLike | None = None, manual_dir: PathLike | No
 
   ``data_dir`` defaults to TFDS's (``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``).
   With ``report``, a build says on stderr what it builds and where, then how many pairs
-  it wrote and how long it took.
+  it wrote and how long it took. A dataset read from `manual_dir` is rebuilt when that
+  folder's files changed since it was built (added, removed, replaced or edited:
+  `folders.source_fingerprint`), and refused (`StaleBuildError`) when it was built from
+  another folder of the same name. Without `manual_dir` an existing build is used as it is.
   """
   with _tfds_quiet():
     builder = get_builder(name, data_dir, manual_dir, synthetic_config=synthetic_config)
-    if builder.is_prepared():
-      return builder
   dataset = _split_name(name)[0]
   download_config = None
   if dataset in _NEEDS_MANUAL:
+    if builder.is_prepared() and manual_dir is None:
+      return builder
     config = builder.builder_config.name if dataset == "reside_sots" else None
-    _check_manual_dir(dataset, config, manual_dir)
+    records = _records(dataset, config, manual_dir)
+    if builder.is_prepared():
+      if _is_current(builder, name, records, manual_dir):
+        return builder
+      std_logging.warning("%s in %s is stale (its source folder %s changed since it was "
+                          "built, or it did not record what it was built from): rebuilding "
+                          "it", name, builder.data_dir, manual_dir)
+      builder.data_path.rmtree()
+      with _tfds_quiet():
+        builder = get_builder(name, data_dir, manual_dir, synthetic_config=synthetic_config)
     download_config = tfds.download.DownloadConfig(
         manual_dir=os.fspath(pathlib.Path(manual_dir).expanduser()))
+  elif builder.is_prepared():
+    return builder
   what = ("rendering the offline synthetic haze set" if dataset == "synthetic_haze"
           else f"reading {manual_dir}")
   if report:
@@ -429,7 +502,8 @@ def load_source(name: str, split: str, data_dir: PathLike | None = None,
     split: a split name, optionally sliced (``train``, ``validation``,
       ``test``, ``train[:90%]``...).
     data_dir: where built datasets live (TFDS's default when None).
-    manual_dir: the source folder; only needed to build RESIDE / paired folders.
+    manual_dir: the source folder; needed to build RESIDE / paired folders, and when
+      given, checked against the build (see `build`).
     synthetic_config: the synthetic set (defaults when None).
     build_if_missing: build when not built yet; if False a missing dataset is an error.
   """
@@ -443,6 +517,12 @@ def load_source(name: str, split: str, data_dir: PathLike | None = None,
       raise FileNotFoundError(
           f"{name} is not built in {builder.data_dir}; build it with "
           f"`python -m minet_jax.data.builders {name} --data_dir ... --manual_dir ...`")
+    dataset = _split_name(name)[0]
+    if dataset in _NEEDS_MANUAL and manual_dir is not None:
+      config = builder.builder_config.name if dataset == "reside_sots" else None
+      if not _is_current(builder, name, _records(dataset, config, manual_dir), manual_dir):
+        raise StaleBuildError(f"{name} in {builder.data_dir} is stale: {manual_dir} changed "
+                              "since it was built; build it again (build_if_missing=True)")
   available = set(builder.info.splits.keys())
   if re.split(r"[\[+]", split, maxsplit=1)[0] not in available:
     raise ValueError(f"{name} has no split {split!r}; it has {sorted(available)}")

@@ -5,8 +5,8 @@ Three layouts are understood:
 * RESIDE SOTS (``hazy/<scene>_<k>.png`` -> ``gt/<scene>.png`` indoors,
   ``hazy/<scene>_<A>_<beta>.jpg`` -> ``gt/<scene>.png`` outdoors). The original
   indoor release ships 640x480 ground truths with a 10 px border around the
-  620x460 hazy images; `load_pair` centre-crops a larger ground truth to the
-  hazy size.
+  620x460 hazy images; `load_pair` crops that border. It is the only size
+  difference taken for a crop (`ground_truth_needs_crop`): any other is refused.
 * RESIDE ITS (``hazy/<scene>_<k>_<A>.png`` -> ``clear/<scene>.png``). The last
   number in an ITS file name is the atmospheric light A of that rendering (it
   lies in RESIDE's A range [0.7, 1.0], and fitting I = J*t + A*(1 - t) to the
@@ -24,6 +24,7 @@ folder raises `DatasetLayoutError` with the expected tree and the download page.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pathlib
 import re
 from collections.abc import Callable, Sequence
@@ -61,6 +62,11 @@ or, flat (NH-HAZE style):
 
 class DatasetLayoutError(ValueError):
   """A dataset folder is missing or does not follow the expected layout."""
+
+
+# The border around the hazy image that RESIDE SOTS's original ground truths carry
+# (640x480 beside 620x460), on each side: the one size difference that is a crop.
+SOTS_GT_BORDER = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +109,7 @@ def _images(folder: pathlib.Path) -> list[pathlib.Path]:
   files = [p for p in folder.iterdir()
            if p.is_file() and not p.name.startswith(".")
            and p.suffix.lower() in IMAGE_SUFFIXES]
-  return sorted(files, key=lambda p: _natural_key(p.stem))
+  return sorted(files, key=lambda p: (_natural_key(p.stem), p.name))
 
 
 def _first_dir(root: pathlib.Path, names: Sequence[str]) -> pathlib.Path | None:
@@ -164,7 +170,8 @@ def _find(root: str | pathlib.Path, layout: _Layout) -> list[PairRecord]:
   root = pathlib.Path(root).expanduser()
   try:
     if not root.is_dir():
-      raise _Problem(f"{layout.name} folder not found: {root}")
+      raise _Problem(f"{layout.name} folder {root} is not a folder" if root.exists() else
+                     f"{layout.name} folder not found: {root}")
     hazy, clears, clear_dir = layout.files(root, layout)
     lookup = layout.index(clears)
     records, unmatched = [], []
@@ -178,6 +185,12 @@ def _find(root: str | pathlib.Path, layout: _Layout) -> list[PairRecord]:
       names = ", ".join(p.name for p in unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
       raise _Problem(f"{len(unmatched)} hazy image(s) have no ground truth in {clear_dir}: "
                      f"{names}")
+    by_key: dict[str, pathlib.Path] = {}
+    for record in records:
+      if record.key in by_key:
+        raise _Problem(f"two hazy images are both named {record.key!r}: "
+                       f"{by_key[record.key].name} and {record.hazy.name}; keep one")
+      by_key[record.key] = record.hazy
   except _Problem as e:
     raise layout_error(str(e), layout.tree, reside=layout.reside) from None
   return records
@@ -260,9 +273,14 @@ def _match_its(path: pathlib.Path, clears: dict[str, pathlib.Path]) -> PairRecor
 def _by_stem_and_scene(clears: list[pathlib.Path]
                        ) -> tuple[dict[str, pathlib.Path], dict[str, list[pathlib.Path]]]:
   by_scene: dict[str, list[pathlib.Path]] = {}
+  by_stem: dict[str, pathlib.Path] = {}
   for p in clears:
+    if p.stem in by_stem:
+      raise _Problem(f"two ground truths are both named {p.stem!r}: {by_stem[p.stem].name} "
+                     f"and {p.name}; keep one")
+    by_stem[p.stem] = p
     by_scene.setdefault(_scene_of(p.stem), []).append(p)
-  return {p.stem: p for p in clears}, by_scene
+  return by_stem, by_scene
 
 
 def _match_paired(path: pathlib.Path, lookup) -> PairRecord | None:
@@ -300,6 +318,24 @@ _PAIRED_FLAT = dataclasses.replace(_PAIRED, files=_flat, index=_by_flat_id, matc
 
 
 # ------------------------------------------------------------------ finders
+
+
+def source_fingerprint(root: str | pathlib.Path, records: Sequence[PairRecord]
+                       ) -> dict[str, Any]:
+  """What a dataset built from `records` found under `root` was built from.
+
+  ``root``: the resolved folder; ``files``: how many; ``sha256``: a digest of every
+  file's path below `root`, size and modification time, so adding, removing, replacing
+  or editing a file changes it, and moving the whole folder does not.
+  """
+  given = pathlib.Path(root).expanduser()
+  digest = hashlib.sha256()
+  files = sorted({p for r in records for p in (r.hazy, r.clear)})
+  for path in files:
+    stat = path.stat()
+    digest.update(f"{path.relative_to(given).as_posix()}\0{stat.st_size}\0"
+                  f"{stat.st_mtime_ns}\n".encode())
+  return {"root": str(given.resolve()), "files": len(files), "sha256": digest.hexdigest()}
 
 
 def find_sots_pairs(root: str | pathlib.Path, subset: str | None = None) -> list[PairRecord]:
@@ -365,24 +401,35 @@ def find_pairs(root: str | pathlib.Path, layout: str = "auto",
   return find_paired_folder(root)
 
 
-def _read_rgb(path: pathlib.Path) -> np.ndarray:
-  return read_rgb(path, dtype=np.uint8)
+def ground_truth_needs_crop(record: PairRecord, hazy_hw: Sequence[int],
+                            clear_hw: Sequence[int]) -> bool:
+  """Whether a pair's ground truth is cropped to its hazy image: False for equal sizes,
+  True for SOTS's border (`SOTS_GT_BORDER` on each side).
+
+  Raises:
+    DatasetLayoutError: any other sizes, naming the pair; a centre crop of them would
+      pair pixels that do not correspond.
+  """
+  (h, w), (ch, cw) = tuple(hazy_hw), tuple(clear_hw)
+  if (ch, cw) == (h, w):
+    return False
+  border = 2 * SOTS_GT_BORDER
+  if (ch, cw) == (h + border, w + border):
+    return True
+  raise DatasetLayoutError(
+      f"{record.hazy} ({h}x{w}) and its ground truth {record.clear} ({ch}x{cw}) do not "
+      f"align: a ground truth must be the hazy size, or {h + border}x{w + border} (RESIDE "
+      f"SOTS's {SOTS_GT_BORDER} px border, which is cropped)")
 
 
 def load_pair(record: PairRecord) -> tuple[np.ndarray, np.ndarray]:
   """Reads a record as (hazy, clear) uint8 HxWx3 RGB arrays of equal size.
 
-  A larger ground truth is centre-cropped to the hazy size; a smaller one or
-  one of a different aspect is an error.
+  A ground truth with SOTS's border is cropped to the hazy size; any other size
+  difference is an error (`ground_truth_needs_crop`).
   """
-  hazy = _read_rgb(record.hazy)
-  clear = _read_rgb(record.clear)
-  if clear.shape != hazy.shape:
-    try:
-      clear = centre_crop(clear, *hazy.shape[:2])
-    except ValueError as e:
-      raise DatasetLayoutError(
-          f"ground truth {record.clear} is {clear.shape[0]}x{clear.shape[1]} but hazy "
-          f"{record.hazy} is {hazy.shape[0]}x{hazy.shape[1]}; a ground truth must be the "
-          "hazy size or larger (then it is centre-cropped)") from e
+  hazy = read_rgb(record.hazy, dtype=np.uint8)
+  clear = read_rgb(record.clear, dtype=np.uint8)
+  if ground_truth_needs_crop(record, hazy.shape[:2], clear.shape[:2]):
+    clear = centre_crop(clear, *hazy.shape[:2])
   return hazy, clear

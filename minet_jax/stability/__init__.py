@@ -65,6 +65,28 @@ def _geomean(x: np.ndarray) -> float:
   return float(np.exp(np.mean(np.log(x)))) if x.size else float("nan")
 
 
+# Seeds jax.random.key takes (a signed 64-bit integer), kept non-negative.
+MAX_SEED = 2**63 - 1
+
+
+def check_settings(*, seed: int = 0, steps: int = 32, radius_iters: int = 60,
+                   radius_window: int = 20, arnoldi_iters: int = 30,
+                   norm_iters: int = 30) -> None:
+  """Raises ValueError naming the first setting of `analyse_image` that cannot work, so a
+  run fails before the model does any work, not after."""
+  if not 0 <= seed <= MAX_SEED:
+    raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+  if steps < 2:
+    raise ValueError(f"steps must be >= 2 (ratios need two residuals), got {steps}")
+  for name, value in (("radius_iters", radius_iters), ("arnoldi_iters", arnoldi_iters),
+                      ("norm_iters", norm_iters)):
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}")
+  if not 1 <= radius_window <= radius_iters:
+    raise ValueError(f"radius_window must be in [1, radius_iters = {radius_iters}], got "
+                     f"{radius_window}")
+
+
 def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
                   steps: int = 32, radius_iters: int = 60, radius_window: int = 20,
                   arnoldi_iters: int = 30, norm_iters: int = 30) -> dict[str, Any]:
@@ -145,6 +167,12 @@ def analyse_image(params: Any, image: np.ndarray, *, seed: int = 0,
   from minet_jax import api
   from minet_jax.params import model_from_params
 
+  check_settings(seed=seed, **block_kwargs)
+  if params.config.dtype != "float32":
+    raise ValueError(f"the stability analysis needs float32 compute (its iterations resolve "
+                     f"changes far below {params.config.dtype} rounding); this model computes "
+                     f"in {params.config.dtype}: analyse its weights with "
+                     "params.replace_config(dtype='float32')")
   model = model_from_params(params)
   x = api.to_float_rgb(image)
   h, w = x.shape[1:3]

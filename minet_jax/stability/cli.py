@@ -2,13 +2,18 @@
 
 Loads a checkpoint (or converts the authors' PyTorch one), analyses one image with
 `minet_jax.stability.analyse_image`, writes the report
-(`minet_jax.stability.report.write_report`) and prints the per-block table.
+(`minet_jax.stability.report.write_report`) and prints the per-block table. Everything
+that can be checked before the analysis is (settings, the output folder, the model,
+the image), so a run that cannot finish fails in seconds, not after the analysis.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import pathlib
 import sys
+import tempfile
 
 import numpy as np
 
@@ -18,6 +23,15 @@ from minet_jax.params import Params
 from minet_jax.stability import report as report_lib
 from minet_jax.torch_pickle import UnsafePickleError
 
+_MODULE_PROG = "python -m minet_jax.stability"
+
+
+def _prog() -> str:
+  """The name usage lines show: the console script's (``minet-stability``) as invoked,
+  ``python -m minet_jax.stability`` for the module."""
+  name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+  return _MODULE_PROG if name in ("", "-c", "__main__.py", "cli.py") else name
+
 
 def _load_params(args: argparse.Namespace) -> Params:
   if args.ckpt:
@@ -25,38 +39,87 @@ def _load_params(args: argparse.Namespace) -> Params:
   return convert.weights_from_checkpoint(args.pth)
 
 
+def check_out(out: pathlib.Path, overwrite: bool) -> None:
+  """Raises ValueError unless the report can be written to `out`; creates nothing.
+
+  An existing folder holding anything is refused unless `overwrite` (its report files
+  would be replaced); writing is tried with a temporary file that is removed at once.
+  """
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--out {out} is a file, not a folder")
+  if out.is_dir() and any(out.iterdir()) and not overwrite:
+    raise ValueError(f"--out {out} already holds files; choose another folder, or pass "
+                     "--overwrite to replace its report")
+  existing = out
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise ValueError(f"--out {out} cannot be created: {existing} is a file")
+  try:
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    raise ValueError(f"--out {out} cannot be written: {e.strerror or e} in {existing}") from e
+
+
 def main(argv: list[str] | None = None) -> int:
-  """Runs the check; returns the exit status (2: the model or image could not be read)."""
+  """Runs the check; returns the exit status (2: bad settings, or the model, image or
+  output folder cannot be used)."""
   parser = argparse.ArgumentParser(
-      prog="python -m minet_jax.stability",
+      prog=_prog(),
       description="Checks Theorem 1 (|lambda(df/dg)| < 1/eta) for every IM-block on one image.")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--ckpt", help="minet-jax checkpoint folder (minet_jax.save / convert)")
   source.add_argument("--pth", help="the authors' PyTorch checkpoint, converted on the fly")
   parser.add_argument("--image", required=True, help="RGB image (PNG/JPEG)")
-  parser.add_argument("--out", required=True, help="folder for stability.json and the plots")
+  parser.add_argument("--out", required=True,
+                      help="folder for stability.json and the plots (new or empty)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="write into an --out folder that already holds files")
   parser.add_argument("--steps", type=int, default=32,
                       help="Picard steps from each block's input for the residual curve")
   parser.add_argument("--radius-iters", type=int, default=60)
-  parser.add_argument("--radius-window", type=int, default=20)
+  parser.add_argument("--radius-window", type=int, default=20,
+                      help="last power-iteration steps the growth rate is taken over "
+                           "(<= --radius-iters)")
   parser.add_argument("--arnoldi-iters", type=int, default=30)
   parser.add_argument("--norm-iters", type=int, default=30)
   parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"),
                       help="analyse the centre HxW crop only (faster)")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0, help="in [0, 2**63)")
+  parser.add_argument("--as-float32", action="store_true",
+                      help="analyse a bfloat16 checkpoint's weights in float32")
   args = parser.parse_args(argv)
-  if args.steps < 2:
-    parser.error("--steps must be >= 2 (ratios need two residuals)")
+  settings = dict(steps=args.steps, radius_iters=args.radius_iters,
+                  radius_window=args.radius_window, arnoldi_iters=args.arnoldi_iters,
+                  norm_iters=args.norm_iters)
+  try:
+    stability.check_settings(seed=args.seed, **settings)
+  except ValueError as e:
+    parser.error(f"--{str(e).replace('_', '-')}")
+  out = pathlib.Path(args.out)
+  try:
+    check_out(out, args.overwrite)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
   try:
     params = _load_params(args)
   except (OSError, ValueError, UnsafePickleError) as e:
     print(f"error: could not load the model: {e}", file=sys.stderr)
     return 2
+  if params.config.dtype != "float32":
+    if not args.as_float32:
+      print(f"error: the checkpoint computes in {params.config.dtype}; the analysis needs "
+            "float32 (its iterations resolve changes far below bfloat16 rounding): pass "
+            "--as-float32 to analyse its weights in float32", file=sys.stderr)
+      return 2
+    params = params.replace_config(dtype="float32")
   try:
     image = read_rgb(args.image, dtype=np.uint8)
   except (OSError, ImageReadError) as e:
-    print(f"error: could not read {args.image}: {e}", file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)
     return 2
   if args.crop:
     h, w = args.crop
@@ -64,12 +127,9 @@ def main(argv: list[str] | None = None) -> int:
       parser.error(f"--crop {h} {w} does not fit the {image.shape[0]}x{image.shape[1]} image")
     image = image_io.centre_crop(image, h, w)
   api.validate_image(image)
-  report = stability.analyse_image(
-      params, image, seed=args.seed, steps=args.steps, radius_iters=args.radius_iters,
-      radius_window=args.radius_window, arnoldi_iters=args.arnoldi_iters,
-      norm_iters=args.norm_iters)
+  report = stability.analyse_image(params, image, seed=args.seed, **settings)
   report["image"] = str(args.image)
-  paths = report_lib.write_report(report, args.out)
+  paths = report_lib.write_report(report, out)
   print("\n".join(stability.summary_lines(report)))
   print("wrote " + ", ".join(str(p) for p in paths))
   return 0
