@@ -177,13 +177,13 @@ class ModelConfig(Solve, Architecture):
     # Types first, so a string or a NaN gets its own message instead of a failed comparison
     # below or a NaN model later (NaN passes no comparison, so it would slip through them).
     for name in ("features", "pre_blocks", "anderson_m", "adjoint_max_steps",
-                 "contractive_iters"):
+                 "contractive_iters", "phantom_steps"):
       value = getattr(self, name)
       if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     for name in ("eta", "rtol", "atol", "anderson_beta", "anderson_reg", "adjoint_rtol",
                  "adjoint_atol", "contractive_weight", "contractive_target", "norm_eps",
-                 "leaky_slope", "init_kaiming_a"):
+                 "leaky_slope", "init_kaiming_a", "phantom_damping", "correction_weight"):
       value = getattr(self, name)
       if (not isinstance(value, numbers.Real) or isinstance(value, bool)
           or not math.isfinite(value)):
