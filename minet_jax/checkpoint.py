@@ -12,7 +12,8 @@ refuses folders written by a newer ``format_version`` than this code reads.
 A training workdir (``train.py --workdir``) has the same ``minet_config.json`` and
 keeps its weights in orbax step folders, ``best/<step>/params`` and
 ``checkpoints/<step>/params`` with the checksum in the step's ``meta/``; `load`
-reads the best, else the latest. Training (`minet_jax.train.checkpointing`) writes
+reads the best, else (the best missing or refused, with a warning) the newest
+usable one of the latest. Training (`minet_jax.train.checkpointing`) writes
 that layout with the names defined here.
 """
 
@@ -22,6 +23,7 @@ import json
 import os
 import pathlib
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -116,24 +118,38 @@ def _steps(folder: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def find_params(workdir: str | os.PathLike) -> pathlib.Path | None:
-  """The ``params/`` folder of a training workdir's best, else latest, checkpoint."""
+def workdir_params(workdir: str | os.PathLike) -> list[pathlib.Path]:
+  """The ``params/`` folders of a training workdir: the best checkpoint's, then the
+  latest checkpoints' newest first (the order `load` tries them in)."""
   workdir = pathlib.Path(workdir)
+  found = []
   for sub in (BEST_DIR, LATEST_DIR):
     for step in reversed(_steps(workdir / sub)):
       candidate = workdir / sub / str(step) / PARAMS_ITEM
       if candidate.is_dir():
-        return candidate
-  return None
+        found.append(candidate)
+  return found
+
+
+def find_params(workdir: str | os.PathLike) -> pathlib.Path | None:
+  """The ``params/`` folder of a training workdir's best, else latest, checkpoint."""
+  found = workdir_params(workdir)
+  return found[0] if found else None
+
+
+def step_record(params_dir: str | os.PathLike) -> dict:
+  """The JSON record saved beside a step's ``params/`` (its ``meta/``); {} if unreadable."""
+  meta_file = pathlib.Path(params_dir).parent / META_ITEM / "metadata"
+  try:
+    record = json.loads(meta_file.read_text())
+  except (OSError, ValueError, RecursionError):
+    return {}
+  return record if isinstance(record, dict) else {}
 
 
 def recorded_checksum(params_dir: str | os.PathLike) -> str | None:
   """The weights' SHA-256 saved beside a step's ``params/`` (in its ``meta/``), if any."""
-  meta_file = pathlib.Path(params_dir).parent / META_ITEM / "metadata"
-  try:
-    return json.loads(meta_file.read_text()).get("weights_sha256")
-  except (OSError, ValueError, AttributeError):
-    return None
+  return step_record(params_dir).get("weights_sha256")
 
 
 # ------------------------------------------------------------------ save / load
@@ -179,7 +195,7 @@ def save(params: Params, path: str | os.PathLike, *, overwrite: bool = False) ->
   return path
 
 
-def _quiet_abandoned_reads() -> None:
+def quiet_abandoned_reads() -> None:
   """Silences orbax's stray "Event loop is closed" reports after a failed restore.
 
   When one read of a damaged checkpoint fails, orbax closes its event loop while
@@ -212,7 +228,7 @@ def read_weights(weights_dir: str | os.PathLike, cfg: ModelConfig,
   import orbax.checkpoint as ocp
 
   weights_dir = pathlib.Path(weights_dir)
-  _quiet_abandoned_reads()
+  quiet_abandoned_reads()
   try:
     with ocp.StandardCheckpointer() as ckptr:
       weights = ckptr.restore(weights_dir.absolute(), abstract_weights(cfg))
@@ -241,14 +257,40 @@ def load(path: str | os.PathLike) -> Params:
 
   Raises `CheckpointError` when the folder is missing, from a newer format, or its
   weights are unreadable, do not fit the architecture, do not match their recorded
-  checksum (damaged files), or are not finite (naming the tensor).
+  checksum (damaged files), or are not finite (naming the tensor). In a workdir whose
+  best weights are refused so, the newest usable ones of ``checkpoints/`` are loaded
+  instead, with a warning naming what was refused.
   """
   path = pathlib.Path(path).absolute()
   meta = _read_meta(path)
   cfg = load_config(path)
-  weights_dir, checksum = path / WEIGHTS_DIR, meta.get("weights_sha256")
-  if not weights_dir.exists():
-    found = find_params(path)
-    if found is not None:
-      weights_dir, checksum = found, recorded_checksum(found)
-  return Params(weights=read_weights(weights_dir, cfg, checksum), config=cfg)
+  weights_dir = path / WEIGHTS_DIR
+  candidates = [] if weights_dir.exists() else workdir_params(path)
+  if not candidates:
+    return Params(weights=read_weights(weights_dir, cfg, meta.get("weights_sha256")),
+                  config=cfg)
+  refused = []
+  for folder in candidates:
+    try:
+      weights = _read_step_weights(folder, cfg)
+    except CheckpointError as e:
+      refused.append(str(e))
+      continue
+    if refused:
+      warnings.warn(f"{refused[0]}; loaded the newest usable weights instead, {folder}"
+                    + (f" ({len(refused) - 1} more refused)" if len(refused) > 1 else ""),
+                    stacklevel=2)
+    return Params(weights=weights, config=cfg)
+  raise CheckpointError(f"no usable weights in {path}: {refused[0]}"
+                        + (f" (and {len(refused) - 1} more refused)" if len(refused) > 1 else ""))
+
+
+def _read_step_weights(params_dir: pathlib.Path, cfg: ModelConfig) -> dict:
+  """The weights of one step of a training workdir; refuses a step whose recorded
+  validation PSNR is not finite (its weights give NaN outputs)."""
+  record = step_record(params_dir)
+  psnr = record.get("psnr")
+  if isinstance(psnr, (int, float)) and not np.isfinite(psnr):
+    raise CheckpointError(f"the weights in {params_dir} are not usable: their validation "
+                          f"PSNR is {psnr}")
+  return read_weights(params_dir, cfg, record.get("weights_sha256"))

@@ -215,6 +215,113 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(two_step_run, data
   assert event and event[0]["step"] == 4 and event[0]["last_checkpoint"] == 2
 
 
+def _poison_after(monkeypatch, bad_step: int) -> None:
+  """The loop's train step turns every float of the state NaN at `bad_step`, its loss
+  still finite: weights ruined while training has not noticed yet."""
+  from minet_jax.train import loop
+  real = loop.make_train_step
+
+  def make(*args, **kwargs):
+    step_fn = real(*args, **kwargs)
+
+    def poisoned(state, batch):
+      state, metrics = step_fn(state, batch)
+      if int(state.step) == bad_step:
+        nan = lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x
+        state = state.replace(state=jax.tree.map(nan, state.state))
+      return state, metrics
+    return poisoned
+
+  monkeypatch.setattr(loop, "make_train_step", make)
+
+
+def _steps(folder: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+@pytest.mark.parametrize("noticed_by", ["validation", "checkpoint"])
+def test_non_finite_weights_never_replace_good_checkpoints(two_step_run, data_dir, tmp_path,
+                                                          monkeypatch, noticed_by):
+  workdir = tmp_path / "ruined"
+  shutil.copytree(two_step_run, workdir)
+  best_before = _steps(workdir / "best")
+  assert best_before == [2]
+  _poison_after(monkeypatch, 4)
+  config = tiny_config(data_dir, checkpoint_every=1,
+                       eval_every=2 if noticed_by == "validation" else 0)
+  with pytest.raises(NonFiniteLossError, match=r"step 4.*last good checkpoint is step 3"):
+    train_and_evaluate(config, workdir)
+  assert _steps(workdir / "checkpoints") == [2, 3]
+  assert _steps(workdir / "best") == best_before  # The good best checkpoint is kept.
+  assert np.isfinite(minet_jax.checkpoint.step_record(
+      workdir / "best" / "2" / "params")["psnr"])
+  params = minet_jax.load(workdir)
+  assert minet_jax.params.non_finite(params.weights) is None
+  # A rerun (the weights no longer spoilt) continues from step 3 and finishes.
+  monkeypatch.undo()
+  summary = train_and_evaluate(tiny_config(data_dir, checkpoint_every=1), workdir)
+  assert summary["step"] == 4 and np.isfinite(summary["psnr"])
+  resume = [r for r in read_metrics(workdir) if r.get("event") == "resume"]
+  assert resume[-1]["from_step"] == 3
+
+
+def test_a_checkpoint_leading_to_a_non_finite_loss_is_set_aside(two_step_run, data_dir,
+                                                               tmp_path, monkeypatch):
+  # Step 3's update ruins the weights; checkpoint 3 is saved (the loss of step 3, from
+  # before the update, was finite) and the loss of step 4 is NaN. A resume from 3 would
+  # meet it again at once, so 3 is moved aside and 2 named.
+  workdir = tmp_path / "diverged"
+  shutil.copytree(two_step_run, workdir)
+  from minet_jax.train import checkpointing as ckpt_lib
+  monkeypatch.setattr(ckpt_lib, "non_finite_state", lambda state: None)  # an older version
+  _poison_after(monkeypatch, 3)
+  with pytest.raises(NonFiniteLossError, match=r"at step 4.*\[3\].*last good checkpoint is "
+                     r"step 2"):
+    train_and_evaluate(tiny_config(data_dir, checkpoint_every=1, eval_every=0), workdir)
+  assert _steps(workdir / "checkpoints") == [2]
+  assert _steps(workdir / "diverged_checkpoints") == [3]
+  monkeypatch.undo()
+  summary = train_and_evaluate(tiny_config(data_dir, checkpoint_every=1, eval_every=0),
+                               workdir)
+  assert summary["step"] == 4
+
+
+def _replace_weights(params_dir: pathlib.Path, weights: dict, record_checksum: bool) -> None:
+  """Rewrites a step's params/ with `weights` (and their checksum in its meta/)."""
+  shutil.rmtree(params_dir)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(params_dir, weights)
+  meta_file = params_dir.parent / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  if record_checksum:
+    meta["weights_sha256"] = minet_jax.params.weights_checksum(weights)
+  meta["psnr"] = float("nan") if record_checksum else meta["psnr"]
+  meta_file.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("best", ["NaN best", "damaged best"])
+def test_load_falls_back_to_the_newest_usable_weights(straight_run, tmp_path, best):
+  workdir = tmp_path / "w"
+  shutil.copytree(straight_run[0], workdir)
+  (best_dir,) = [p / "params" for p in (workdir / "best").iterdir() if p.name.isdigit()]
+  good = minet_jax.load(workdir)
+  bad = jax.tree.map(lambda x: np.full_like(np.asarray(x), np.nan), good.weights)
+  if best == "damaged best":
+    bad = jax.tree.map(lambda x: np.asarray(x) + 1.0, good.weights)
+  _replace_weights(best_dir, bad, record_checksum=best == "NaN best")
+  with pytest.warns(UserWarning, match=f"{best_dir}.*newest usable weights instead"):
+    params = minet_jax.load(workdir)
+  expected = minet_jax.checkpoint.read_weights(workdir / "checkpoints" / "4" / "params",
+                                               params.config)
+  for x, y in zip(jax.tree.leaves(params.weights), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Nothing usable at all: one error naming the best's problem.
+  for step in (2, 4):
+    _replace_weights(workdir / "checkpoints" / str(step) / "params", bad, True)
+  with pytest.raises(minet_jax.CheckpointError, match="no usable weights"):
+    minet_jax.load(workdir)
+
+
 def test_resume_refuses_another_architecture(two_step_run, data_dir, tmp_path):
   workdir = tmp_path / "other"
   shutil.copytree(two_step_run, workdir)

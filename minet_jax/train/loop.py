@@ -5,8 +5,11 @@ state, step, PRNG key and the input pipeline's position), else starts from
 ``config.init_from`` or a random init. Validates every ``eval_every`` steps
 (PSNR/SSIM under the SOTS protocol, an image grid, the best checkpoint),
 checkpoints every ``checkpoint_every`` steps, at the end, and on SIGTERM.
-A non-finite loss stops the run with `NonFiniteLossError`; the checkpoints on
-disk are then all from before it.
+A non-finite loss or gradient, non-finite validation scores or a non-finite
+state stop the run with `NonFiniteLossError`. Nothing non-finite is saved, and
+the checkpoints of the state that led there (and any later ones) are moved to
+``diverged_checkpoints/``: the checkpoints left are all ones a rerun can continue
+from, and the error names the newest of them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import math
 import pathlib
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import ml_collections
@@ -36,7 +39,8 @@ __all__ = ["ConfigError", "NonFiniteLossError", "train_and_evaluate", "validate_
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite; training stopped before saving it."""
+  """The loss, the gradient, the validation scores or the weights became NaN or
+  infinite; training stopped without saving them."""
 
 
 def _record_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
@@ -124,9 +128,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   stop = StopRequest()
   train_seconds, timed_steps = 0.0, 0
 
+  def stop_diverged(bad_step: int, what: str, event: str, **fields: Any) -> NoReturn:
+    """Sets aside the checkpoints from `bad_step` on and raises `NonFiniteLossError`."""
+    ckpts.wait()
+    set_aside = ckpts.set_aside_from(bad_step)
+    last_good = ckpts.latest_step()
+    writer.write_event(step, event, **fields, last_checkpoint=last_good,
+                       set_aside=set_aside)
+    if set_aside:
+      what += (f"; the checkpoints of steps {set_aside}, which lead there, were moved to "
+               f"{workdir / checkpointing.DIVERGED_DIR}")
+    if last_good is None:
+      resume = ("There is no good checkpoint to resume from: a rerun starts afresh (or "
+                "from config.init_from).")
+    else:
+      resume = (f"The last good checkpoint is step {last_good} in "
+                f"{workdir / checkpointing.LATEST_DIR}: a rerun resumes from it.")
+    raise NonFiniteLossError(
+        f"{what}; training stopped without saving it. {resume} Lower "
+        "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm first.")
+
   def save(state: TrainState) -> None:
     meta = {"time": time.time(), **{f"eval_{k}": v for k, v in last_scores.items()}}
-    ckpts.save(state, inputs.iterator_state(train_iter), meta)
+    try:
+      ckpts.save(state, inputs.iterator_state(train_iter), meta)
+    except checkpointing.NotFiniteError as e:
+      stop_diverged(int(state.step), str(e), "non_finite_state")
 
   def evaluate(state: TrainState) -> None:
     nonlocal last_scores
@@ -134,7 +161,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     last_scores = scores
     writer.write_scalars(int(state.step), "eval", scores)
     writer.write_grid(int(state.step), rows)
-    ckpts.save_best(state, scores)
+    try:
+      ckpts.save_best(state, scores)
+    except checkpointing.NotFiniteError as e:
+      stop_diverged(int(state.step), str(e), "non_finite_validation")
     if jax.process_index() == 0:
       tqdm.write(f"step {int(state.step)}: validation PSNR {scores['psnr']:.2f} dB "
                  f"(hazy input {scores['hazy_psnr']:.2f} dB), SSIM {scores['ssim']:.4f}")
@@ -153,19 +183,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           train_seconds += time.time() - t0
           timed_steps += 1
         # A non-finite gradient has already spoilt this step's update, even if the
-        # loss (computed before it) is finite.
+        # loss (computed before it) is finite. Both came from the state before this
+        # step: a resume from that state would meet them again.
         if not (math.isfinite(step_metrics["loss"]) and math.isfinite(step_metrics["grad_norm"])):
-          ckpts.wait()
-          last_good = ckpts.latest_step()
-          writer.write_event(step, "non_finite_loss", loss=step_metrics["loss"],
-                             grad_norm=step_metrics["grad_norm"], last_checkpoint=last_good)
-          raise NonFiniteLossError(
-              f"the training loss became {step_metrics['loss']} (gradient norm "
-              f"{step_metrics['grad_norm']}) at step {step}; training "
-              f"stopped without saving. The last good checkpoint is step {last_good} in "
-              f"{workdir / checkpointing.LATEST_DIR} (None: no checkpoint yet). Lower "
-              "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm, then "
-              "rerun: training resumes from that checkpoint.")
+          stop_diverged(step - 1, f"the training loss became {step_metrics['loss']} "
+                        f"(gradient norm {step_metrics['grad_norm']}) at step {step}",
+                        "non_finite_loss", loss=step_metrics["loss"],
+                        grad_norm=step_metrics["grad_norm"])
         history.append(step_metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{step_metrics['loss']:.4g}", psnr=f"{step_metrics['psnr']:.2f}")
