@@ -95,15 +95,22 @@ def _read_meta(path: pathlib.Path) -> dict:
   return meta
 
 
+def config_from_record(record: Any) -> ModelConfig:
+  """The `ModelConfig` of a stored architecture record (``minet_config.json``'s
+  ``model``, or a training step's); ValueError/TypeError when it is not one."""
+  if not isinstance(record, dict):
+    raise TypeError(f"the model record is a {type(record).__name__}, not an object")
+  # Checkpoints written before RUNTIME_FIELDS existed may carry one: how to run the
+  # model is the loading machine's choice, so it gets the default.
+  return model_config({k: v for k, v in record.items() if k not in RUNTIME_FIELDS})
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
   """The `ModelConfig` stored in a checkpoint folder written by `save`."""
   path = pathlib.Path(path)
   meta = _read_meta(path)
   try:
-    stored = dict(meta["model"])
-    # Checkpoints written before RUNTIME_FIELDS existed may carry one: how to run the
-    # model is the loading machine's choice, so it gets the default.
-    return model_config({k: v for k, v in stored.items() if k not in RUNTIME_FIELDS})
+    return config_from_record(meta["model"])
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"{path / CONFIG_FILE} is corrupt: {e}") from e
 
@@ -145,6 +152,18 @@ def step_record(params_dir: str | os.PathLike) -> dict:
   except (OSError, ValueError, RecursionError):
     return {}
   return record if isinstance(record, dict) else {}
+
+
+def stored_shapes(params_dir: str | os.PathLike) -> dict[tuple[str, ...], tuple[int, ...]] | None:
+  """Flat {path: shape} of the weights in an orbax folder, read from its metadata
+  alone (None when that is unreadable: the folder is damaged)."""
+  import orbax.checkpoint as ocp
+
+  try:
+    return weight_shapes(ocp.PyTreeCheckpointHandler().metadata(
+        pathlib.Path(params_dir).absolute()).tree)
+  except Exception:  # orbax raises many types for missing or damaged metadata.
+    return None
 
 
 def recorded_checksum(params_dir: str | os.PathLike) -> str | None:

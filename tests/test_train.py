@@ -322,11 +322,55 @@ def test_load_falls_back_to_the_newest_usable_weights(straight_run, tmp_path, be
     minet_jax.load(workdir)
 
 
-def test_resume_refuses_another_architecture(two_step_run, data_dir, tmp_path):
+def _tree(folder: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+          if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["as recorded", "config.json deleted", "config.json edited",
+                                  "both config files deleted", "iterations, config.json deleted",
+                                  "minet_config.json edited"])
+def test_resume_refuses_another_architecture(two_step_run, data_dir, tmp_path, case):
   workdir = tmp_path / "other"
   shutil.copytree(two_step_run, workdir)
-  with pytest.raises(ValueError, match="another architecture"):
-    train_and_evaluate(tiny_config(data_dir, **{"model.features": 4}), workdir)
+  change = {"model.features": 4}
+  if case.startswith("iterations"):
+    change = {"model.iterations": (1, 1, 1)}  # Same weight shapes, another model.
+  if "config.json" in case and "minet_config.json" not in case:
+    train_json = workdir / "config.json"
+    if "edited" in case:
+      train = json.loads(train_json.read_text())
+      train["model"]["features"] = 4
+      train_json.write_text(json.dumps(train))
+    else:
+      train_json.unlink()
+  if case in ("both config files deleted", "minet_config.json edited"):
+    model_json = workdir / "minet_config.json"
+    if case == "both config files deleted":
+      (workdir / "config.json").unlink()
+      model_json.unlink()
+      for meta in workdir.glob("*/*/meta/metadata"):  # As older versions wrote them:
+        record = json.loads(meta.read_text())          # the weights' shapes must tell.
+        del record["model"]
+        meta.write_text(json.dumps(record))
+    else:
+      record = json.loads(model_json.read_text())
+      record["model"]["features"] = 4
+      model_json.write_text(json.dumps(record))
+  before = _tree(workdir)
+  with pytest.raises(ConfigError, match="holds checkpoints of another architecture"):
+    train_and_evaluate(tiny_config(data_dir, **change), workdir)
+  # Nothing moved, deleted or rewritten: the checkpoints are not damaged, only another model.
+  assert _tree(workdir) == before
+
+
+def test_a_saved_model_folder_is_not_taken_over_as_a_workdir(data_dir, tmp_path):
+  folder = tmp_path / "saved"
+  minet_jax.save(minet_jax.init(tiny.get_config()), folder)
+  before = _tree(folder)
+  with pytest.raises(ConfigError, match="saved model"):
+    train_and_evaluate(tiny_config(data_dir), folder)
+  assert _tree(folder) == before
 
 
 def test_unknown_config_field_is_an_error(tmp_path):

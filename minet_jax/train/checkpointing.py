@@ -69,6 +69,14 @@ def _host_weights(state: TrainState) -> dict:
   return jax.tree.map(np.asarray, state.params().weights)
 
 
+def _record(state: TrainState, weights: dict) -> dict:
+  """What a step's meta records of its weights: their architecture (so a workdir
+  whose config files were lost or edited still says what its checkpoints are) and
+  their checksum."""
+  return {"model": state.model_config.architecture(),
+          "weights_sha256": weights_checksum(weights)}
+
+
 class NotFiniteError(ValueError):
   """Weights, optimizer moments or validation scores hold NaN or Inf: refused, not saved."""
 
@@ -143,8 +151,7 @@ class Checkpoints:
         state=ocp.args.StandardSave(state_to_pure(state)),
         params=ocp.args.StandardSave(weights),
         data=ocp.args.JsonSave(_json_ready(data_state)),
-        meta=ocp.args.JsonSave({"step": step, **meta,
-                                "weights_sha256": weights_checksum(weights)})))
+        meta=ocp.args.JsonSave({"step": step, **meta, **_record(state, weights)})))
     return True
 
   def best_psnr(self) -> float | None:
@@ -177,8 +184,7 @@ class Checkpoints:
       return False
     self.best.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(weights),
-        meta=ocp.args.JsonSave({"step": step, **scores,
-                                "weights_sha256": weights_checksum(weights)})),
+        meta=ocp.args.JsonSave({"step": step, **scores, **_record(state, weights)})),
         metrics=scores)
     return True
 
