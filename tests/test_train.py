@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -373,6 +374,51 @@ def test_a_saved_model_folder_is_not_taken_over_as_a_workdir(data_dir, tmp_path)
   assert _tree(folder) == before
 
 
+HOLD_LOCK = """
+import pathlib, sys, time
+from minet_jax.train.lock import WorkdirLock
+WorkdirLock.acquire(pathlib.Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(two_step_run, data_dir,
+                                                                        tmp_path):
+  from minet_jax.train.lock import LOCK_FILE, WorkdirLock
+  workdir = tmp_path / "busy"
+  shutil.copytree(two_step_run, workdir)
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(workdir)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    before = _tree(workdir)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
+         f"--config.data.data_dir={data_dir}"], cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("train: error: ") and f"pid {holder.pid}" in lines[0], lines
+    assert "in use by another training run" in lines[0]
+    assert _tree(workdir) == before  # Nothing written, moved or removed.
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder died without releasing: its lock went with it.
+  lock = WorkdirLock.acquire(workdir)
+  assert (workdir / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+  lock.release()
+
+
+def test_a_refused_start_leaves_no_workdir_behind(data_dir, tmp_path):
+  workdir = tmp_path / "new" / "run"
+  with pytest.raises(ConfigError, match="unknown dataset"):
+    train_and_evaluate(tiny_config(data_dir, **{"data.name": "bogus"}), workdir)
+  assert not (tmp_path / "new").exists()
+
+
 def test_unknown_config_field_is_an_error(tmp_path):
   for override in ("--config.bogus=1", "--config.data.crop_siz=32"):
     result = subprocess.run(
@@ -419,12 +465,45 @@ def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_
   else:
     args.append("--config.model.features=4")
   argv = ["train.py", *args]
+  before_tree = _tree(workdir)
   monkeypatch.setattr(sys, "argv", argv)  # config_flags defines --config.<field> from sys.argv
   with pytest.raises(SystemExit) as exited:
     train_cli.main(train_cli.parse_flags(argv))
   message = str(exited.value.code)
   assert message.startswith("train: error: ") and "\n" not in message, message
   assert (workdir / "config.json").read_bytes() == before
+  assert _tree(workdir) == before_tree
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.unroll=-2", "unroll must be"),
+    ("optimizer.schedule=bogus", "optimizer.schedule must be"),
+    ("optimizer.name=sgd", "optimizer.name must be 'adam'"),
+    ("optimizer.learning_rate=nan", "optimizer.learning_rate must be a finite number > 0"),
+    ("optimizer.b2=2", r"optimizer.b2 must be in \[0, 1\)"),
+    ("data.name=bogus", "unknown dataset 'bogus'"),
+    ("data.synthetic.image_size=(8,8)", "image_size must be at least 16x16"),
+    ("init_from=MISSING", "does not exist"),
+    ("init_from=OTHER", "different architecture"),
+])
+def test_rejected_fresh_starts_are_one_line_and_write_nothing(train_cli, override, expected,
+                                                              data_dir, tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  if override == "init_from=OTHER":
+    other = tiny.get_config()
+    other.model.features = 4
+    minet_jax.save(minet_jax.init(other), tmp_path / "other")
+  override = override.replace("MISSING", str(tmp_path / "missing")).replace(
+      "OTHER", str(tmp_path / "other"))
+  argv = ["train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
+          f"--config.data.data_dir={data_dir}", f"--config.{override}"]
+  monkeypatch.setattr(sys, "argv", argv)
+  with pytest.raises(SystemExit) as exited:
+    train_cli.main(train_cli.parse_flags(argv))
+  message = str(exited.value.code)
+  assert message.startswith("train: error: ") and "\n" not in message, message
+  assert re.search(expected, message), message
+  assert not workdir.exists()
 
 
 def test_init_from_starts_from_the_given_weights(tmp_path):

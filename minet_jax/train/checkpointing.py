@@ -3,13 +3,14 @@
 A training workdir holds::
 
   config.json            the full training config of the latest start
+  train.lock             the lock held by the run training there (`minet_jax.train.lock`)
   minet_config.json      the model config, as `minet_jax.save` writes it
   checkpoints/<step>/    the latest `keep` checkpoints, for resuming:
       state/             parameters, Adam moments, step, PRNG key
       params/            the weights alone, in `minet_jax.save`'s format
       data/              the input pipeline's iterator state (JSON)
-      meta/              step, wall time, the last validation scores and the
-                         weights' SHA-256 (JSON)
+      meta/              step, wall time, the last validation scores, the
+                         architecture and the weights' SHA-256 (JSON)
   best/<step>/           params/ and meta/ of the best validation PSNR so far
   damaged_checkpoints/   checkpoints that failed to restore on resume, moved aside
   diverged_checkpoints/  checkpoints whose state led to NaN or infinite values, moved

@@ -16,6 +16,8 @@ import numpy as np
 from minet_jax import checkpoint
 from minet_jax.config import ModelConfig, model_config
 from minet_jax.params import param_shapes
+from minet_jax.train.inputs import synthetic_config
+from minet_jax.train.state import abstract_train_state, check_optimizer
 from minet_jax.train.step import LOSSES, parse_ynn_fusions
 
 
@@ -44,18 +46,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if int(data.crop_size) < 0 or int(data.crop_size) % 2:
     raise ConfigError(f"config.data.crop_size must be 0 (full images) or an even number of "
                      f"pixels (the encoder halves them), got {data.crop_size}")
-  if float(config.optimizer.learning_rate) <= 0:
-    raise ConfigError(f"config.optimizer.learning_rate must be > 0, got "
-                     f"{config.optimizer.learning_rate}")
   if not 0 <= int(config.seed) < 2**31:
     raise ConfigError(f"config.seed must be in [0, 2**31), got {config.seed}")
   try:
     parse_ynn_fusions(config.xla_cpu_ynn_fusions)
   except ValueError as e:
     raise ConfigError(f"config.xla_cpu_ynn_fusions {e}") from e
+  try:
+    synthetic_config(config.data)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.data.synthetic: {e}") from e
+  try:
+    check_optimizer(config.optimizer)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.{e}") from e
+  try:
+    # Builds the model and optimizer without FLOPs: what they check of their
+    # settings (e.g. model.unroll, init_tail) fails here, before any write.
+    abstract_train_state(config)
+  except (ValueError, TypeError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ConfigError(f"config: {first}") from e
 
 
-def _differences(old: dict, new: dict) -> str:
+def architecture_differences(old: dict, new: dict) -> str:
+  """The fields two `ModelConfig.architecture` records differ in, on one line."""
   return ", ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now"
                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
 
@@ -97,7 +112,7 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   for where, stored in records:
     old = stored.architecture()
     if old != new:
-      raise _another_architecture(workdir, f"{_differences(old, new)}, says {where}")
+      raise _another_architecture(workdir, f"{architecture_differences(old, new)}, says {where}")
   expected = param_shapes(cfg)
   for folder in folders:
     shapes = checkpoint.stored_shapes(folder)

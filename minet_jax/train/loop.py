@@ -14,6 +14,7 @@ from, and the error names the newest of them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import time
@@ -25,10 +26,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from minet_jax import checkpoint, files
+from minet_jax.config import model_config
+from minet_jax.params import Params
 from minet_jax.train import checkpointing, inputs, sharding
-from minet_jax.train.checks import (ConfigError, check_crop, check_workdir_config,
-                                    prepare_workdir, validate_config)
+from minet_jax.train.checks import (ConfigError, architecture_differences, check_crop,
+                                    check_workdir_config, prepare_workdir, validate_config)
 from minet_jax.train.evaluator import Evaluator
+from minet_jax.train.lock import WorkdirLock
 from minet_jax.train.logging import MetricWriter
 from minet_jax.train.signals import StopRequest
 from minet_jax.train.state import (TrainState, abstract_train_state, create_train_state,
@@ -61,15 +65,58 @@ def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> Non
                resumed.step is not None else "no intact checkpoint left: starting afresh")
 
 
-def _initial_state(config: ml_collections.ConfigDict) -> TrainState:
-  """The state of a fresh start: ``config.init_from``'s weights, else a random init."""
-  params = None
-  if config.init_from:
-    params = checkpoint.load(pathlib.Path(config.init_from).expanduser())
+def _init_from(config: ml_collections.ConfigDict) -> Params | None:
+  """``config.init_from``'s weights (None when unset); refuses another architecture."""
+  if not config.init_from:
+    return None
+  params = checkpoint.load(pathlib.Path(config.init_from).expanduser())
+  cfg = model_config(config.model)
+  old, new = params.config.architecture(), cfg.architecture()
+  if old != new:
+    raise ConfigError(f"config.init_from {config.init_from} has a different architecture "
+                      f"than config.model ({architecture_differences(old, new)}); set "
+                      "config.model to the checkpoint's architecture")
+  return params
+
+
+def _initial_state(config: ml_collections.ConfigDict,
+                   params: Params | None = None) -> TrainState:
+  """The state of a fresh start: `params` (else ``config.init_from``'s weights), else a
+  random init."""
+  if params is None:
+    params = _init_from(config)
   try:
     return create_train_state(config, params)
   except ValueError as e:  # e.g. init_from weights of a different architecture
     raise ConfigError(str(e)) from e
+
+
+@dataclasses.dataclass
+class _Start:
+  """What an accepted start has read: the data sources and the weights to start from."""
+  train_source: Any
+  eval_source: Any
+  init_params: Params | None
+
+
+def _accept_start(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> _Start:
+  """Every check of a start that needs the workdir or the data; writes nothing there."""
+  check_workdir_config(workdir, config)
+  try:
+    train_source, eval_source = inputs.sources(config)
+  except ValueError as e:
+    from minet_jax.data import DatasetLayoutError
+    if isinstance(e, DatasetLayoutError):
+      raise
+    raise ConfigError(f"config.data: {e}") from e
+  check_crop(config, train_source)
+  # The weights to start from are read now, not after the first writes, unless a
+  # resume will not need them.
+  resuming = any(folder.parent.parent.name == checkpoint.LATEST_DIR
+                 for folder in checkpoint.workdir_params(workdir))
+  init_params = None if resuming else _init_from(config)
+  prepare_workdir(workdir)
+  return _Start(train_source, eval_source, init_params)
 
 
 def _mean(history: list[dict[str, float]]) -> dict[str, float]:
@@ -88,16 +135,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   validate_config(config)
   sharding.maybe_initialize_distributed(bool(config.distributed))
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  check_workdir_config(workdir, config)
+  # One run per workdir, locked before anything is read or written there.
+  lock = WorkdirLock.acquire(workdir) if jax.process_index() == 0 else None
+  try:
+    start = _accept_start(config, workdir)
+  except BaseException:
+    if lock is not None:
+      lock.release(refused=True)
+    raise
+  try:
+    return _train(config, workdir, start, t_start)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, start: _Start,
+           t_start: float) -> dict[str, Any]:
+  """`train_and_evaluate` once its start is accepted (and the workdir locked)."""
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
-
-  train_source, eval_source = inputs.sources(config)
-  check_crop(config, train_source)
-  prepare_workdir(workdir)  # Nothing is written before the start is accepted.
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  train_iter = inputs.train_iterator(config, train_source, mesh)
-  evaluator = Evaluator(config, eval_source, mesh)
+  train_iter = inputs.train_iterator(config, start.train_source, mesh)
+  evaluator = Evaluator(config, start.eval_source, mesh)
 
   ckpts = checkpointing.Checkpoints(workdir, keep=int(config.keep_checkpoints),
                                     async_save=bool(config.async_checkpointing))
@@ -110,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     writer.write_event(resumed_from, "resume", from_step=resumed_from,
                        skipped_damaged=[d.step for d in resumed.damaged])
   else:
-    state = sharding.replicate(_initial_state(config), mesh)
+    state = sharding.replicate(_initial_state(config, start.init_params), mesh)
     writer.write_event(0, "start", init_from=config.init_from or None,
                        devices=mesh.devices.size, processes=jax.process_count())
   if jax.process_index() == 0:
