@@ -3,11 +3,17 @@
 A checkpoint folder holds::
 
   minet_config.json   {"format_version", "model": ModelConfig fields but the
-                      RUNTIME_FIELDS (conv_backend, precision), "weights_sha256"}
+                      RUNTIME_FIELDS (conv_backend, precision), "model_sha256",
+                      "weights_sha256"}
   weights/            the weights (orbax, float32)
 
-`load` verifies the SHA-256, refuses non-finite weights (naming the tensor) and
-refuses folders written by a newer ``format_version`` than this code reads.
+The output is defined by the architecture and the weights, so both are checksummed:
+``model_sha256`` is the SHA-256 of the ``model`` record (its canonical JSON), and
+``weights_sha256`` that of the weights (`minet_jax.params.weights_checksum`).
+`load` verifies both, refuses non-finite weights (naming the tensor) and refuses
+folders written by a newer ``format_version`` than this code reads. Format 1 (before
+``model_sha256``) is still read, with the weights' checksum verified when recorded;
+from format 2 on both checksums are required, so deleting one is noticed too.
 
 A training workdir (``train.py --workdir``) has the same ``minet_config.json`` and
 keeps its weights in orbax step folders, ``best/<step>/params`` and
@@ -19,6 +25,7 @@ that layout with the names defined here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -31,12 +38,13 @@ import numpy as np
 
 from minet_jax import files
 from minet_jax.config import RUNTIME_FIELDS, ModelConfig, model_config
-from minet_jax.params import (Params, abstract_weights, non_finite, param_shapes, stringify_keys,
-                              weight_shapes, weights_checksum)
+from minet_jax.params import (Params, abstract_weights, non_finite, shape_mismatch,
+                              stringify_keys, weight_shapes, weights_checksum)
 
 CONFIG_FILE = "minet_config.json"
 WEIGHTS_DIR = "weights"
-FORMAT_VERSION = 1
+# 2: minet_config.json also records model_sha256, and both checksums are required.
+FORMAT_VERSION = 2
 # A training workdir: orbax step folders of the latest checkpoints and of the best one,
 # each step holding the weights (PARAMS_ITEM) and a JSON record (META_ITEM).
 LATEST_DIR = "checkpoints"
@@ -59,11 +67,20 @@ def one_line_error(e: BaseException) -> str:
 # ------------------------------------------------------------------ config file
 
 
+def model_checksum(record: Any) -> str:
+  """SHA-256 of an architecture record's canonical JSON (sorted keys, no spaces): the
+  same for the record written and for the record read back from the file."""
+  text = json.dumps(record, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def config_record(cfg: ModelConfig, weights: Any = None) -> dict:
   """The contents of ``minet_config.json`` (with the weights' checksum when given)."""
   # The architecture only: which backend runs the convolutions is the loading
   # machine's choice (a loaded config gets the default, "auto").
-  meta = {"format_version": FORMAT_VERSION, "model": cfg.architecture()}
+  model = cfg.architecture()
+  meta = {"format_version": FORMAT_VERSION, "model": model,
+          "model_sha256": model_checksum(model)}
   if weights is not None:
     meta["weights_sha256"] = weights_checksum(weights)
   return meta
@@ -85,13 +102,25 @@ def _read_meta(path: pathlib.Path) -> dict:
   try:
     meta = json.loads(meta_file.read_text())
     version = meta["format_version"]
+  except RecursionError:
+    raise CheckpointError(f"{meta_file} is corrupt: its JSON is nested too deeply to "
+                          "be a minet-jax record") from None
   except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"{meta_file} is corrupt: {type(e).__name__}: {e}") from e
+    raise CheckpointError(f"{meta_file} is corrupt: {one_line_error(e)}") from e
   if not isinstance(version, int) or isinstance(version, bool) or version < 1:
     raise CheckpointError(f"{meta_file} is corrupt: format_version {version!r}")
   if version > FORMAT_VERSION:
     raise CheckpointError(f"{meta_file} has format_version {version}, newer than the "
                           f"{FORMAT_VERSION} this minet-jax reads; upgrade minet-jax to load it")
+  if version >= 2:
+    recorded = meta.get("model_sha256")
+    if not isinstance(recorded, str):
+      raise CheckpointError(f"{meta_file} is damaged or was edited: its model_sha256 is "
+                            "missing, so the architecture it records cannot be trusted")
+    if model_checksum(meta.get("model")) != recorded:
+      raise CheckpointError(f"{meta_file} is damaged or was edited: its model record does "
+                            "not match the checksum saved with it, so it may not describe "
+                            "the model the weights belong to; restore the file")
   return meta
 
 
@@ -255,12 +284,10 @@ def read_weights(weights_dir: str | os.PathLike, cfg: ModelConfig,
     raise CheckpointError(f"could not read the weights in {weights_dir}: "
                           f"{one_line_error(e)}") from e
   # orbax restores what is on disk even when it disagrees with the target; check it here.
-  expected, got = param_shapes(cfg), weight_shapes(weights)
-  if got != expected:
-    wrong = sorted(".".join(k) for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+  problem = shape_mismatch(weights, cfg)
+  if problem:
     raise CheckpointError(f"could not read the weights in {weights_dir}: they do not fit "
-                          f"the architecture in {CONFIG_FILE} (differing: {', '.join(wrong[:8])}"
-                          f"{' ...' if len(wrong) > 8 else ''})")
+                          f"the architecture in {CONFIG_FILE} ({problem})")
   if checksum is not None and weights_checksum(weights) != checksum:
     raise CheckpointError(f"the weights in {weights_dir} do not match the checksum recorded "
                           "when they were saved: the files were changed or damaged")
@@ -284,14 +311,19 @@ def load(path: str | os.PathLike) -> Params:
   meta = _read_meta(path)
   cfg = load_config(path)
   weights_dir = path / WEIGHTS_DIR
+  # From format 2 on the weights' checksum is always written: a missing one was removed.
+  required = meta["format_version"] >= 2
   candidates = [] if weights_dir.exists() else workdir_params(path)
   if not candidates:
-    return Params(weights=read_weights(weights_dir, cfg, meta.get("weights_sha256")),
-                  config=cfg)
+    checksum = meta.get("weights_sha256")
+    if required and not isinstance(checksum, str) and weights_dir.exists():
+      raise CheckpointError(f"{path / CONFIG_FILE} is damaged or was edited: its "
+                            "weights_sha256 is missing, so the weights cannot be verified")
+    return Params(weights=read_weights(weights_dir, cfg, checksum), config=cfg)
   refused = []
   for folder in candidates:
     try:
-      weights = _read_step_weights(folder, cfg)
+      weights = _read_step_weights(folder, cfg, required)
     except CheckpointError as e:
       refused.append(str(e))
       continue
@@ -304,12 +336,18 @@ def load(path: str | os.PathLike) -> Params:
                         + (f" (and {len(refused) - 1} more refused)" if len(refused) > 1 else ""))
 
 
-def _read_step_weights(params_dir: pathlib.Path, cfg: ModelConfig) -> dict:
+def _read_step_weights(params_dir: pathlib.Path, cfg: ModelConfig,
+                       require_checksum: bool) -> dict:
   """The weights of one step of a training workdir; refuses a step whose recorded
-  validation PSNR is not finite (its weights give NaN outputs)."""
+  validation PSNR is not finite (its weights give NaN outputs), or without a
+  recorded checksum when one is required."""
   record = step_record(params_dir)
   psnr = record.get("psnr")
   if isinstance(psnr, (int, float)) and not np.isfinite(psnr):
     raise CheckpointError(f"the weights in {params_dir} are not usable: their validation "
                           f"PSNR is {psnr}")
-  return read_weights(params_dir, cfg, record.get("weights_sha256"))
+  checksum = record.get("weights_sha256")
+  if require_checksum and not isinstance(checksum, str):
+    raise CheckpointError(f"the weights in {params_dir} cannot be verified: the checksum "
+                          "recorded with them (meta/) is missing or unreadable")
+  return read_weights(params_dir, cfg, checksum)

@@ -328,38 +328,38 @@ def _tree(folder: pathlib.Path) -> dict[str, bytes]:
           if p.is_file()}
 
 
-@pytest.mark.parametrize("case", ["as recorded", "config.json deleted", "config.json edited",
-                                  "both config files deleted", "iterations, config.json deleted",
-                                  "minet_config.json edited"])
+@pytest.mark.parametrize("case", [
+    "as recorded", "config.json deleted", "config.json edited",
+    "iterations, config.json deleted", "iterations, both config files deleted",
+    "both config files deleted, older step records", "minet_config.json edited"])
 def test_resume_refuses_another_architecture(two_step_run, data_dir, tmp_path, case):
   workdir = tmp_path / "other"
   shutil.copytree(two_step_run, workdir)
   change = {"model.features": 4}
   if case.startswith("iterations"):
     change = {"model.iterations": (1, 1, 1)}  # Same weight shapes, another model.
-  if "config.json" in case and "minet_config.json" not in case:
-    train_json = workdir / "config.json"
-    if "edited" in case:
-      train = json.loads(train_json.read_text())
-      train["model"]["features"] = 4
-      train_json.write_text(json.dumps(train))
-    else:
-      train_json.unlink()
-  if case in ("both config files deleted", "minet_config.json edited"):
-    model_json = workdir / "minet_config.json"
-    if case == "both config files deleted":
-      (workdir / "config.json").unlink()
-      model_json.unlink()
-      for meta in workdir.glob("*/*/meta/metadata"):  # As older versions wrote them:
-        record = json.loads(meta.read_text())          # the weights' shapes must tell.
-        del record["model"]
-        meta.write_text(json.dumps(record))
-    else:
-      record = json.loads(model_json.read_text())
-      record["model"]["features"] = 4
-      model_json.write_text(json.dumps(record))
+  train_json, model_json = workdir / "config.json", workdir / "minet_config.json"
+  if case == "config.json edited":
+    train = json.loads(train_json.read_text())
+    train["model"]["features"] = 4
+    train_json.write_text(json.dumps(train))
+  elif "deleted" in case:
+    train_json.unlink()
+  if "both config files deleted" in case:
+    model_json.unlink()
+  if "older step records" in case:
+    for meta in workdir.glob("*/*/meta/metadata"):  # As older versions wrote them:
+      record = json.loads(meta.read_text())          # the weights' shapes must tell.
+      del record["model"]
+      meta.write_text(json.dumps(record))
+  expected = "holds checkpoints of another architecture"
+  if case == "minet_config.json edited":
+    record = json.loads(model_json.read_text())
+    record["model"]["features"] = 4
+    model_json.write_text(json.dumps(record))
+    expected = "minet_config.json is damaged or was edited"
   before = _tree(workdir)
-  with pytest.raises(ConfigError, match="holds checkpoints of another architecture"):
+  with pytest.raises(ConfigError, match=expected):
     train_and_evaluate(tiny_config(data_dir, **change), workdir)
   # Nothing moved, deleted or rewritten: the checkpoints are not damaged, only another model.
   assert _tree(workdir) == before
@@ -410,6 +410,7 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(two_step_
   lock = WorkdirLock.acquire(workdir)
   assert (workdir / LOCK_FILE).read_text().split()[0] == str(os.getpid())
   lock.release()
+  assert not (workdir / LOCK_FILE).exists()
 
 
 def test_a_refused_start_leaves_no_workdir_behind(data_dir, tmp_path):

@@ -3,7 +3,7 @@
 A training workdir holds::
 
   config.json            the full training config of the latest start
-  train.lock             the lock held by the run training there (`minet_jax.train.lock`)
+  train.lock             while a run trains there: its lock (`minet_jax.train.lock`)
   minet_config.json      the model config, as `minet_jax.save` writes it
   checkpoints/<step>/    the latest `keep` checkpoints, for resuming:
       state/             parameters, Adam moments, step, PRNG key

@@ -3,7 +3,8 @@
 The lock is a `fcntl.flock` on the file, so the kernel releases it whenever its
 holder exits, however it exits (SIGKILL, a crash): a lock left by a dead run is
 never in the way. The file records the holder's pid and host, for the message
-that refuses a second run; it stays in the workdir between runs.
+that refuses a second run. A run removes it when it ends (still holding the lock);
+one killed leaves it behind, unlocked, and the next run takes it over.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class WorkdirLock:
         os.close(fd)
         raise WorkdirInUseError(f"{workdir} is in use by another training run ({holder}); "
                                 "wait for it to end, or use another --workdir") from None
-      # A run that gave up a workdir it had just created removes the file: the lock
-      # then belongs to a file no longer there, and the next try makes a new one.
+      # The holder removes the file before it lets go: the lock then belongs to a
+      # file no longer there, and the next try makes a new one.
       try:
         same = os.path.samestat(os.fstat(fd), os.stat(path))
       except FileNotFoundError:
@@ -88,23 +89,25 @@ class WorkdirLock:
     return cls(workdir, fd, created)
 
   def release(self, *, refused: bool = False) -> None:
-    """Gives up the lock. ``refused``: the start was refused; a workdir this run
-    created (holding nothing but the lock file) is removed again."""
+    """Removes the lock file and gives up the lock. ``refused``: the start was
+    refused; a workdir this run created (left empty) is removed too."""
     if self._fd is None:
       return
-    if refused and self._created is not None:
-      # Removed while still locked, so no other run can be using them.
-      if {p.name for p in self.workdir.iterdir()} <= {LOCK_FILE}:
-        (self.workdir / LOCK_FILE).unlink(missing_ok=True)
-        folder = self.workdir
-        while True:
-          try:
-            folder.rmdir()  # Only while empty: nothing another program put there goes.
-          except OSError:
-            break
-          if folder == self._created:
-            break
-          folder = folder.parent
+    # Removed while still locked, so no other run can be using them; a run that
+    # opened the file before sees it is gone once it gets the lock (`acquire`).
+    try:
+      (self.workdir / LOCK_FILE).unlink(missing_ok=True)
+    except OSError:
+      pass  # The lock still goes with the descriptor; a stale file is harmless.
+    folder = self.workdir
+    while refused and self._created is not None:
+      try:
+        folder.rmdir()  # Only while empty: nothing another program put there goes.
+      except OSError:
+        break
+      if folder == self._created:
+        break
+      folder = folder.parent
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None
