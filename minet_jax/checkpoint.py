@@ -244,13 +244,15 @@ def save(params: Params, path: str | os.PathLike, *, overwrite: bool = False) ->
 
 
 def quiet_abandoned_reads() -> None:
-  """Silences orbax's stray "Event loop is closed" reports after a failed restore.
+  """Silences orbax's stray reports of work abandoned after a failed read or write.
 
   When one read of a damaged checkpoint fails, orbax closes its event loop while
   tensorstore is still finishing the other reads; their completions then report
   ``RuntimeError('Event loop is closed')`` through `sys.unraisablehook`, as
-  tracebacks printed long after `load` raised its own error. Exactly those are
-  dropped; everything else goes to the previous hook.
+  tracebacks printed long after `load` raised its own error. A failed save (a full
+  disk) leaves coroutines that die at interpreter exit with ``ImportError: ...
+  Python is likely shutting down``, dozens of tracebacks after the real error.
+  Exactly those two are dropped; everything else goes to the previous hook.
   """
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_loop_reports", False):
@@ -259,6 +261,8 @@ def quiet_abandoned_reads() -> None:
   def hook(unraisable):
     value = unraisable.exc_value
     if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    if isinstance(value, ImportError) and "Python is likely shutting down" in str(value):
       return
     previous(unraisable)
 

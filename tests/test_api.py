@@ -222,6 +222,13 @@ def test_edits_to_the_config_record_are_refused(params, tmp_path, edit):
       minet_jax.load_config(path)
 
 
+def test_deeply_nested_config_record_is_one_clear_error(params, tmp_path):
+  path = minet_jax.save(params, tmp_path / "ckpt")
+  (path / "minet_config.json").write_text("[" * 200_000 + "]" * 200_000)
+  with pytest.raises(minet_jax.CheckpointError, match="nested too deeply"):
+    minet_jax.load(path)
+
+
 def test_reformatted_and_format_1_config_records_still_load(params, tmp_path):
   path = minet_jax.save(params, tmp_path / "ckpt")
   config_file = path / "minet_config.json"

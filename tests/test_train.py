@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
@@ -287,6 +288,50 @@ def test_a_checkpoint_leading_to_a_non_finite_loss_is_set_aside(two_step_run, da
   assert summary["step"] == 4
 
 
+@pytest.mark.parametrize("writing", ["checkpoint", "metrics"])
+def test_a_full_disk_stops_in_one_line_and_a_rerun_resumes(two_step_run, data_dir, tmp_path,
+                                                            monkeypatch, train_cli, writing):
+  workdir = tmp_path / "full"
+  shutil.copytree(two_step_run, workdir)
+  from minet_jax.train import logging as logging_lib
+  if writing == "checkpoint":
+    # As orbax reports tensorstore's ENOSPC.
+    real_save = checkpointing.Checkpoints.save
+    target = workdir / "checkpoints" / "4.orbax-checkpoint-tmp" / "state"
+
+    def save(self, state, *args):
+      if int(state.step) == 4:
+        raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{target}": Failed '
+                         "to write 414 bytes to file 13: No space left on device "
+                         "[os_error_code='28']")
+      return real_save(self, state, *args)
+    monkeypatch.setattr(checkpointing.Checkpoints, "save", save)
+    named = target
+  else:
+    real_write = logging_lib.MetricWriter.write_scalars
+    named = workdir / "metrics.jsonl"
+
+    def write_scalars(self, step, *args):
+      if step == 4:
+        raise OSError(errno.ENOSPC, "No space left on device", str(named))
+      return real_write(self, step, *args)
+    monkeypatch.setattr(logging_lib.MetricWriter, "write_scalars", write_scalars)
+  argv = ["train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
+          f"--config.data.data_dir={data_dir}", "--config.checkpoint_every=1",
+          "--config.eval_every=0"]
+  monkeypatch.setattr(sys, "argv", argv)
+  with pytest.raises(SystemExit) as exited:
+    train_cli.main(train_cli.parse_flags(argv))
+  message = str(exited.value.code)
+  assert message == (f"train: error: no space left on the disk of {named}; training stopped. "
+                     "Free space there and rerun with the same --workdir: training resumes "
+                     "from step 3, its newest checkpoint"), message
+  monkeypatch.undo()  # Space freed.
+  summary = train_and_evaluate(tiny_config(data_dir, checkpoint_every=1, eval_every=0), workdir)
+  assert summary["step"] == 4
+  assert [r for r in read_metrics(workdir) if r.get("event") == "resume"][-1]["from_step"] == 3
+
+
 def _replace_weights(params_dir: pathlib.Path, weights: dict, record_checksum: bool) -> None:
   """Rewrites a step's params/ with `weights` (and their checksum in its meta/)."""
   shutil.rmtree(params_dir)
@@ -444,7 +489,8 @@ def train_cli():
 
 @pytest.mark.parametrize("case", ["missing config file", "num_train_steps=0",
                                   "negative batch size", "crop larger than the images",
-                                  "unwritable workdir", "workdir of another architecture"])
+                                  "unwritable workdir", "workdir of another architecture",
+                                  "deeply nested minet_config.json"])
 def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_step_run,
                                                            data_dir, tmp_path, monkeypatch):
   workdir = tmp_path / "run"
@@ -463,6 +509,8 @@ def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_
   elif case == "unwritable workdir":
     (tmp_path / "a_file").write_text("")
     args[3] = str(tmp_path / "a_file" / "run")
+  elif case == "deeply nested minet_config.json":
+    (workdir / "minet_config.json").write_text("[" * 200_000 + "]" * 200_000)
   else:
     args.append("--config.model.features=4")
   argv = ["train.py", *args]

@@ -122,6 +122,7 @@ class Checkpoints:
   def __init__(self, workdir: str | pathlib.Path, *, keep: int = 2, async_save: bool = True):
     workdir = pathlib.Path(workdir).absolute()
     self.workdir = workdir
+    checkpoint.quiet_abandoned_reads()
     self.latest = ocp.CheckpointManager(
         workdir / LATEST_DIR, item_names=_LATEST_ITEMS,
         options=ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
@@ -221,7 +222,6 @@ class Checkpoints:
     ``damaged``; the next older one is tried.
     """
     damaged: list[Damaged] = []
-    checkpoint.quiet_abandoned_reads()
     for step in sorted(self.latest.all_steps(), reverse=True):
       try:
         state, data, meta = self.restore(like, sharding, step)

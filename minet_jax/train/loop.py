@@ -15,8 +15,10 @@ from, and the error names the newest of them.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import pathlib
+import re
 import time
 from typing import Any, NoReturn
 
@@ -39,7 +41,41 @@ from minet_jax.train.state import (TrainState, abstract_train_state, create_trai
                                    learning_rate_schedule)
 from minet_jax.train.step import make_train_step
 
-__all__ = ["ConfigError", "NonFiniteLossError", "train_and_evaluate", "validate_config"]
+__all__ = ["ConfigError", "DiskFullError", "NonFiniteLossError", "train_and_evaluate", "validate_config"]
+
+
+class DiskFullError(OSError):
+  """A write of the run failed for want of space; a rerun after freeing some resumes."""
+
+
+def _disk_full(error: BaseException) -> tuple[bool, str | None]:
+  """(whether `error` or one of its causes is "no space left on device", the path
+  that could not be written when known). Orbax reports tensorstore's ENOSPC as a
+  ValueError naming the file and the OS error code."""
+  seen, todo = set(), [error]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True, e.filename
+    text = str(e)
+    if "No space left on device" in text or f"os_error_code='{errno.ENOSPC}'" in text:
+      found = re.search(r'local file "([^"]+)"', text)
+      return True, found.group(1) if found else None
+    todo += [e.__cause__, e.__context__]
+  return False, None
+
+
+def _disk_full_error(workdir: pathlib.Path, path: str | None) -> DiskFullError:
+  steps = [int(folder.parent.name) for folder in checkpoint.workdir_params(workdir)
+           if folder.parent.parent.name == checkpoint.LATEST_DIR]
+  resume = (f"from step {max(steps)}, its newest checkpoint" if steps else
+            "from the start (no checkpoint was saved)")
+  return DiskFullError(errno.ENOSPC, f"no space left on the disk of {path or workdir}; "
+                       f"training stopped. Free space there and rerun with the same "
+                       f"--workdir: training resumes {resume}")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -145,6 +181,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     raise
   try:
     return _train(config, workdir, start, t_start)
+  except Exception as e:
+    full, path = _disk_full(e)
+    if full:
+      raise _disk_full_error(workdir, path) from e
+    raise
   finally:
     if lock is not None:
       lock.release()
