@@ -8,6 +8,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import types
 
 import chex
 import jax
@@ -317,3 +318,18 @@ def test_apply_checked_catches_bad_values_under_jit(params, image):
   assert err.get() is None
   np.testing.assert_allclose(out, minet_jax.apply(params, image), atol=1e-6)
   assert "apply_checked" in minet_jax.apply.__doc__
+
+
+def test_reports_of_orbax_work_abandoned_after_a_failure_are_dropped(monkeypatch):
+  passed_on = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: passed_on.append(u.exc_value))
+  minet_jax.checkpoint.quiet_abandoned_reads()
+
+  def report(error):
+    sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error,
+                                             exc_traceback=None, err_msg=None, object=None))
+  report(RuntimeError("Event loop is closed"))  # after a failed read
+  report(ImportError("sys.meta_path is None, Python is likely shutting down"))  # failed save
+  other = ValueError("something else")
+  report(other)
+  assert passed_on == [other]
