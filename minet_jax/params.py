@@ -115,7 +115,13 @@ def weight_shapes(weights: Mapping) -> dict[tuple[str, ...], tuple[int, ...]]:
 def shape_mismatch(weights: Mapping, cfg: ModelConfig) -> str | None:
   """Names the weights missing, extra or of another shape than architecture `cfg`
   says, on one line (None when they fit)."""
-  expected, got = param_shapes(cfg), weight_shapes(weights)
+  return shapes_mismatch(weight_shapes(weights), cfg)
+
+
+def shapes_mismatch(got: Mapping[tuple[str, ...], tuple[int, ...]],
+                    cfg: ModelConfig) -> str | None:
+  """`shape_mismatch` of flat {path: shape} (`weight_shapes`, or read from a file)."""
+  expected = param_shapes(cfg)
   if got == expected:
     return None
   wrong = sorted(set(expected) ^ set(got)) or sorted(

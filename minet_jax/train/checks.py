@@ -15,7 +15,7 @@ import numpy as np
 
 from minet_jax import checkpoint
 from minet_jax.config import ModelConfig, model_config
-from minet_jax.params import param_shapes
+from minet_jax.params import shapes_mismatch
 from minet_jax.train.inputs import synthetic_config
 from minet_jax.train.state import abstract_train_state, check_optimizer
 from minet_jax.train.step import LOSSES, parse_ynn_fusions
@@ -113,14 +113,12 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
     old = stored.architecture()
     if old != new:
       raise _another_architecture(workdir, f"{architecture_differences(old, new)}, says {where}")
-  expected = param_shapes(cfg)
   for folder in folders:
     shapes = checkpoint.stored_shapes(folder)
-    if shapes is not None and shapes != expected:
-      wrong = sorted(".".join(k) for k in set(expected) | set(shapes)
-                     if expected.get(k) != shapes.get(k))
+    problem = shapes_mismatch(shapes, cfg) if shapes is not None else None
+    if problem:
       raise _another_architecture(workdir, f"the weights in {folder} do not fit config.model: "
-                                  f"{', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}")
+                                  f"{problem}")
 
 
 def check_crop(config: ml_collections.ConfigDict, source) -> None:

@@ -41,7 +41,8 @@ from minet_jax.train.state import (TrainState, abstract_train_state, create_trai
                                    learning_rate_schedule)
 from minet_jax.train.step import make_train_step
 
-__all__ = ["ConfigError", "DiskFullError", "NonFiniteLossError", "train_and_evaluate", "validate_config"]
+__all__ = ["ConfigError", "DiskFullError", "NonFiniteLossError", "train_and_evaluate",
+           "validate_config"]
 
 
 class DiskFullError(OSError):
