@@ -3,25 +3,34 @@
 A checkpoint folder holds::
 
   minet_config.json   {"format_version", "model": ModelConfig fields but the
-                      RUNTIME_FIELDS (conv_backend, precision), "weights_sha256"}
+                      RUNTIME_FIELDS (conv_backend, precision), "model_sha256",
+                      "weights_sha256"}
   weights/            the weights (orbax, float32)
 
-`load` verifies the SHA-256, refuses non-finite weights (naming the tensor) and
-refuses folders written by a newer ``format_version`` than this code reads.
+The output is defined by the architecture and the weights, so both are checksummed:
+``model_sha256`` is the SHA-256 of the ``model`` record (its canonical JSON), and
+``weights_sha256`` that of the weights (`minet_jax.params.weights_checksum`).
+`load` verifies both, refuses non-finite weights (naming the tensor) and refuses
+folders written by a newer ``format_version`` than this code reads. Format 1 (before
+``model_sha256``) is still read, with the weights' checksum verified when recorded;
+from format 2 on both checksums are required, so deleting one is noticed too.
 
 A training workdir (``train.py --workdir``) has the same ``minet_config.json`` and
 keeps its weights in orbax step folders, ``best/<step>/params`` and
 ``checkpoints/<step>/params`` with the checksum in the step's ``meta/``; `load`
-reads the best, else the latest. Training (`minet_jax.train.checkpointing`) writes
+reads the best, else (the best missing or refused, with a warning) the newest
+usable one of the latest. Training (`minet_jax.train.checkpointing`) writes
 that layout with the names defined here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -29,12 +38,13 @@ import numpy as np
 
 from minet_jax import files
 from minet_jax.config import RUNTIME_FIELDS, ModelConfig, model_config
-from minet_jax.params import (Params, abstract_weights, non_finite, param_shapes, stringify_keys,
-                              weight_shapes, weights_checksum)
+from minet_jax.params import (Params, abstract_weights, non_finite, shape_mismatch,
+                              stringify_keys, weight_shapes, weights_checksum)
 
 CONFIG_FILE = "minet_config.json"
 WEIGHTS_DIR = "weights"
-FORMAT_VERSION = 1
+# 2: minet_config.json also records model_sha256, and both checksums are required.
+FORMAT_VERSION = 2
 # A training workdir: orbax step folders of the latest checkpoints and of the best one,
 # each step holding the weights (PARAMS_ITEM) and a JSON record (META_ITEM).
 LATEST_DIR = "checkpoints"
@@ -57,12 +67,21 @@ def one_line_error(e: BaseException) -> str:
 # ------------------------------------------------------------------ config file
 
 
+def model_checksum(record: Any) -> str:
+  """SHA-256 of an architecture record's canonical JSON (sorted keys, no spaces): the
+  same for the record written and for the record read back from the file."""
+  text = json.dumps(record, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def config_record(cfg: ModelConfig, weights: Any = None) -> dict:
   """The contents of ``minet_config.json`` (with the weights' checksum when given)."""
   # The architecture and the solve settings the weights were trained with, without the
   # RUNTIME_FIELDS: which backend runs the convolutions is the loading machine's choice
   # (a loaded config gets the default, "auto").
-  meta = {"format_version": FORMAT_VERSION, "model": cfg.stored()}
+  model = cfg.stored()
+  meta = {"format_version": FORMAT_VERSION, "model": model,
+          "model_sha256": model_checksum(model)}
   if weights is not None:
     meta["weights_sha256"] = weights_checksum(weights)
   return meta
@@ -102,14 +121,36 @@ def _read_meta(path: pathlib.Path) -> dict:
   try:
     meta = json.loads(meta_file.read_text())
     version = meta["format_version"]
+  except RecursionError:
+    raise CheckpointError(f"{meta_file} is corrupt: its JSON is nested too deeply to "
+                          "be a minet-jax record") from None
   except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"{meta_file} is corrupt: {type(e).__name__}: {e}") from e
+    raise CheckpointError(f"{meta_file} is corrupt: {one_line_error(e)}") from e
   if not isinstance(version, int) or isinstance(version, bool) or version < 1:
     raise CheckpointError(f"{meta_file} is corrupt: format_version {version!r}")
   if version > FORMAT_VERSION:
     raise CheckpointError(f"{meta_file} has format_version {version}, newer than the "
                           f"{FORMAT_VERSION} this minet-jax reads; upgrade minet-jax to load it")
+  if version >= 2:
+    recorded = meta.get("model_sha256")
+    if not isinstance(recorded, str):
+      raise CheckpointError(f"{meta_file} is damaged or was edited: its model_sha256 is "
+                            "missing, so the architecture it records cannot be trusted")
+    if model_checksum(meta.get("model")) != recorded:
+      raise CheckpointError(f"{meta_file} is damaged or was edited: its model record does "
+                            "not match the checksum saved with it, so it may not describe "
+                            "the model the weights belong to; restore the file")
   return meta
+
+
+def config_from_record(record: Any) -> ModelConfig:
+  """The `ModelConfig` of a stored architecture record (``minet_config.json``'s
+  ``model``, or a training step's); ValueError/TypeError when it is not one."""
+  if not isinstance(record, dict):
+    raise TypeError(f"the model record is a {type(record).__name__}, not an object")
+  # Checkpoints written before RUNTIME_FIELDS existed may carry one: how to run the
+  # model is the loading machine's choice, so it gets the default.
+  return model_config({k: v for k, v in record.items() if k not in RUNTIME_FIELDS})
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
@@ -117,10 +158,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
   path = pathlib.Path(path)
   meta = _read_meta(path)
   try:
-    stored = dict(meta["model"])
-    # Checkpoints written before RUNTIME_FIELDS existed may carry one: how to run the
-    # model is the loading machine's choice, so it gets the default.
-    return model_config({k: v for k, v in stored.items() if k not in RUNTIME_FIELDS})
+    return config_from_record(meta["model"])
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"{path / CONFIG_FILE} is corrupt: {e}") from e
 
@@ -135,24 +173,50 @@ def _steps(folder: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def find_params(workdir: str | os.PathLike) -> pathlib.Path | None:
-  """The ``params/`` folder of a training workdir's best, else latest, checkpoint."""
+def workdir_params(workdir: str | os.PathLike) -> list[pathlib.Path]:
+  """The ``params/`` folders of a training workdir: the best checkpoint's, then the
+  latest checkpoints' newest first (the order `load` tries them in)."""
   workdir = pathlib.Path(workdir)
+  found = []
   for sub in (BEST_DIR, LATEST_DIR):
     for step in reversed(_steps(workdir / sub)):
       candidate = workdir / sub / str(step) / PARAMS_ITEM
       if candidate.is_dir():
-        return candidate
-  return None
+        found.append(candidate)
+  return found
+
+
+def find_params(workdir: str | os.PathLike) -> pathlib.Path | None:
+  """The ``params/`` folder of a training workdir's best, else latest, checkpoint."""
+  found = workdir_params(workdir)
+  return found[0] if found else None
+
+
+def step_record(params_dir: str | os.PathLike) -> dict:
+  """The JSON record saved beside a step's ``params/`` (its ``meta/``); {} if unreadable."""
+  meta_file = pathlib.Path(params_dir).parent / META_ITEM / "metadata"
+  try:
+    record = json.loads(meta_file.read_text())
+  except (OSError, ValueError, RecursionError):
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
+def stored_shapes(params_dir: str | os.PathLike) -> dict[tuple[str, ...], tuple[int, ...]] | None:
+  """Flat {path: shape} of the weights in an orbax folder, read from its metadata
+  alone (None when that is unreadable: the folder is damaged)."""
+  import orbax.checkpoint as ocp
+
+  try:
+    return weight_shapes(ocp.PyTreeCheckpointHandler().metadata(
+        pathlib.Path(params_dir).absolute()).tree)
+  except Exception:  # orbax raises many types for missing or damaged metadata.
+    return None
 
 
 def recorded_checksum(params_dir: str | os.PathLike) -> str | None:
   """The weights' SHA-256 saved beside a step's ``params/`` (in its ``meta/``), if any."""
-  meta_file = pathlib.Path(params_dir).parent / META_ITEM / "metadata"
-  try:
-    return json.loads(meta_file.read_text()).get("weights_sha256")
-  except (OSError, ValueError, AttributeError):
-    return None
+  return step_record(params_dir).get("weights_sha256")
 
 
 # ------------------------------------------------------------------ save / load
@@ -198,14 +262,16 @@ def save(params: Params, path: str | os.PathLike, *, overwrite: bool = False) ->
   return path
 
 
-def _quiet_abandoned_reads() -> None:
-  """Silences orbax's stray "Event loop is closed" reports after a failed restore.
+def quiet_abandoned_reads() -> None:
+  """Silences orbax's stray reports of work abandoned after a failed read or write.
 
   When one read of a damaged checkpoint fails, orbax closes its event loop while
   tensorstore is still finishing the other reads; their completions then report
   ``RuntimeError('Event loop is closed')`` through `sys.unraisablehook`, as
-  tracebacks printed long after `load` raised its own error. Exactly those are
-  dropped; everything else goes to the previous hook.
+  tracebacks printed long after `load` raised its own error. A failed save (a full
+  disk) leaves coroutines that die at interpreter exit with ``ImportError: ...
+  Python is likely shutting down``, dozens of tracebacks after the real error.
+  Exactly those two are dropped; everything else goes to the previous hook.
   """
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_loop_reports", False):
@@ -214,6 +280,8 @@ def _quiet_abandoned_reads() -> None:
   def hook(unraisable):
     value = unraisable.exc_value
     if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    if isinstance(value, ImportError) and "Python is likely shutting down" in str(value):
       return
     previous(unraisable)
 
@@ -231,7 +299,7 @@ def read_weights(weights_dir: str | os.PathLike, cfg: ModelConfig,
   import orbax.checkpoint as ocp
 
   weights_dir = pathlib.Path(weights_dir)
-  _quiet_abandoned_reads()
+  quiet_abandoned_reads()
   try:
     with ocp.StandardCheckpointer() as ckptr:
       weights = ckptr.restore(weights_dir.absolute(), abstract_weights(cfg))
@@ -239,12 +307,10 @@ def read_weights(weights_dir: str | os.PathLike, cfg: ModelConfig,
     raise CheckpointError(f"could not read the weights in {weights_dir}: "
                           f"{one_line_error(e)}") from e
   # orbax restores what is on disk even when it disagrees with the target; check it here.
-  expected, got = param_shapes(cfg), weight_shapes(weights)
-  if got != expected:
-    wrong = sorted(".".join(k) for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+  problem = shape_mismatch(weights, cfg)
+  if problem:
     raise CheckpointError(f"could not read the weights in {weights_dir}: they do not fit "
-                          f"the architecture in {CONFIG_FILE} (differing: {', '.join(wrong[:8])}"
-                          f"{' ...' if len(wrong) > 8 else ''})")
+                          f"the architecture in {CONFIG_FILE} ({problem})")
   if checksum is not None and weights_checksum(weights) != checksum:
     raise CheckpointError(f"the weights in {weights_dir} do not match the checksum recorded "
                           "when they were saved: the files were changed or damaged")
@@ -260,14 +326,51 @@ def load(path: str | os.PathLike) -> Params:
 
   Raises `CheckpointError` when the folder is missing, from a newer format, or its
   weights are unreadable, do not fit the architecture, do not match their recorded
-  checksum (damaged files), or are not finite (naming the tensor).
+  checksum (damaged files), or are not finite (naming the tensor). In a workdir whose
+  best weights are refused so, the newest usable ones of ``checkpoints/`` are loaded
+  instead, with a warning naming what was refused.
   """
   path = pathlib.Path(path).absolute()
   meta = _read_meta(path)
   cfg = load_config(path)
-  weights_dir, checksum = path / WEIGHTS_DIR, meta.get("weights_sha256")
-  if not weights_dir.exists():
-    found = find_params(path)
-    if found is not None:
-      weights_dir, checksum = found, recorded_checksum(found)
-  return Params(weights=read_weights(weights_dir, cfg, checksum), config=cfg)
+  weights_dir = path / WEIGHTS_DIR
+  # From format 2 on the weights' checksum is always written: a missing one was removed.
+  required = meta["format_version"] >= 2
+  candidates = [] if weights_dir.exists() else workdir_params(path)
+  if not candidates:
+    checksum = meta.get("weights_sha256")
+    if required and not isinstance(checksum, str) and weights_dir.exists():
+      raise CheckpointError(f"{path / CONFIG_FILE} is damaged or was edited: its "
+                            "weights_sha256 is missing, so the weights cannot be verified")
+    return Params(weights=read_weights(weights_dir, cfg, checksum), config=cfg)
+  refused = []
+  for folder in candidates:
+    try:
+      weights = _read_step_weights(folder, cfg, required)
+    except CheckpointError as e:
+      refused.append(str(e))
+      continue
+    if refused:
+      warnings.warn(f"{refused[0]}; loaded the newest usable weights instead, {folder}"
+                    + (f" ({len(refused) - 1} more refused)" if len(refused) > 1 else ""),
+                    stacklevel=2)
+    return Params(weights=weights, config=cfg)
+  raise CheckpointError(f"no usable weights in {path}: {refused[0]}"
+                        + (f" (and {len(refused) - 1} more refused)" if len(refused) > 1 else ""))
+
+
+def _read_step_weights(params_dir: pathlib.Path, cfg: ModelConfig,
+                       require_checksum: bool) -> dict:
+  """The weights of one step of a training workdir; refuses a step whose recorded
+  validation PSNR is not finite (its weights give NaN outputs), or without a
+  recorded checksum when one is required."""
+  record = step_record(params_dir)
+  psnr = record.get("psnr")
+  if isinstance(psnr, (int, float)) and not np.isfinite(psnr):
+    raise CheckpointError(f"the weights in {params_dir} are not usable: their validation "
+                          f"PSNR is {psnr}")
+  checksum = record.get("weights_sha256")
+  if require_checksum and not isinstance(checksum, str):
+    raise CheckpointError(f"the weights in {params_dir} cannot be verified: the checksum "
+                          "recorded with them (meta/) is missing or unreadable")
+  return read_weights(params_dir, cfg, checksum)

@@ -25,9 +25,25 @@ from minet_jax.model import MINet
 
 @struct.dataclass
 class Params:
-  """MI-Net weights (nested dict of arrays, string keys) and their `ModelConfig`."""
+  """MI-Net weights (nested dict of arrays, string keys) and their `ModelConfig`.
+
+  The weights must have exactly the names and shapes of the config's architecture
+  (ValueError naming the differing tensors otherwise): weights of one width under
+  the config of another would run, wrongly or not at all, far from the cause.
+  """
   weights: dict
   config: ModelConfig = struct.field(pytree_node=False)
+
+  def __post_init__(self) -> None:
+    # JAX rebuilds Params from its leaves in transformations; placeholders without a
+    # shape (None, sentinels) are not weights to check.
+    if not isinstance(self.config, ModelConfig) or not isinstance(self.weights, Mapping):
+      return
+    if not all(hasattr(leaf, "shape") for leaf in flat_weights(self.weights).values()):
+      return
+    problem = shape_mismatch(self.weights, self.config)
+    if problem:
+      raise ValueError(f"these weights do not fit the config's architecture: {problem}")
 
   def num_params(self) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.weights))
@@ -41,9 +57,10 @@ class Params:
     (``features``, ``pre_blocks``, ...) raises ValueError.
     """
     config = dataclasses.replace(self.config, **changes)
-    if param_shapes(config) != weight_shapes(self.weights):
+    problem = shape_mismatch(self.weights, config)
+    if problem:
       raise ValueError(f"these weights do not fit the architecture the changes {changes} "
-                       "describe")
+                       f"describe: {problem}")
     return Params(weights=self.weights, config=config)
 
 
@@ -90,14 +107,41 @@ def abstract_weights(cfg: ModelConfig) -> dict:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), stringify_keys(pure))
 
 
+@functools.lru_cache(maxsize=16)
+def _param_shapes(cfg: ModelConfig) -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
+  return tuple(weight_shapes(abstract_weights(cfg)).items())
+
+
 def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flat {path: shape} of every parameter of the architecture `cfg`."""
-  return weight_shapes(abstract_weights(cfg))
+  return dict(_param_shapes(cfg))
 
 
 def weight_shapes(weights: Mapping) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flat {path: shape} of a weights tree (compare with `param_shapes`)."""
   return {path: tuple(leaf.shape) for path, leaf in flat_weights(weights).items()}
+
+
+def shape_mismatch(weights: Mapping, cfg: ModelConfig) -> str | None:
+  """Names the weights missing, extra or of another shape than architecture `cfg`
+  says, on one line (None when they fit)."""
+  return shapes_mismatch(weight_shapes(weights), cfg)
+
+
+def shapes_mismatch(got: Mapping[tuple[str, ...], tuple[int, ...]],
+                    cfg: ModelConfig) -> str | None:
+  """`shape_mismatch` of flat {path: shape} (`weight_shapes`, or read from a file)."""
+  expected = param_shapes(cfg)
+  if got == expected:
+    return None
+  wrong = sorted(set(expected) ^ set(got)) or sorted(
+      k for k in expected if expected[k] != got[k])
+
+  def describe(k):
+    return f"{'.'.join(k)} {got[k] if k in got else 'missing'} (expected " \
+           f"{expected[k] if k in expected else 'none'})"
+  listed = "; ".join(describe(k) for k in wrong[:4])
+  return listed + (f"; and {len(wrong) - 4} more" if len(wrong) > 4 else "")
 
 
 def params_from_model(model: MINet) -> Params:

@@ -8,6 +8,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import types
 
 import chex
 import jax
@@ -149,7 +150,7 @@ def test_load_corrupt_checkpoint(params, tmp_path):
   config_file.write_text("{not json")
   with pytest.raises(minet_jax.CheckpointError, match="corrupt"):
     minet_jax.load(path)
-  meta = json.loads(good)
+  meta = _as_format_1(json.loads(good))  # whose architecture record has no checksum
   meta["model"]["features"] = 16  # weights no longer fit the architecture
   config_file.write_text(json.dumps(meta))
   with pytest.raises(minet_jax.CheckpointError, match="could not read the weights"):
@@ -212,11 +213,69 @@ def test_non_finite_weights_are_refused_naming_the_tensor(params, tmp_path):
   shutil.rmtree(path / "weights")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path / "weights", weights)
-  meta = json.loads((path / "minet_config.json").read_text())
+  meta = _as_format_1(json.loads((path / "minet_config.json").read_text()))
   meta.pop("weights_sha256", None)  # as in a folder saved before checksums were recorded
   (path / "minet_config.json").write_text(json.dumps(meta))
   with pytest.raises(minet_jax.CheckpointError, match=r"conv1\.kernel holds 1 NaN"):
     minet_jax.load(path)
+
+
+def _as_format_1(meta: dict) -> dict:
+  """A minet_config.json record as format 1 wrote it (no model_sha256)."""
+  meta = dict(meta, format_version=1)
+  meta.pop("model_sha256")
+  return meta
+
+
+@pytest.mark.parametrize("edit", ["iterations", "input_format", "eta", "weights_sha256 deleted",
+                                  "model_sha256 deleted"])
+def test_edits_to_the_config_record_are_refused(params, tmp_path, edit):
+  path = minet_jax.save(params, tmp_path / "ckpt")
+  config_file = path / "minet_config.json"
+  meta = json.loads(config_file.read_text())
+  changes = {"iterations": [1, 1, 1], "input_format": "rgb01", "eta": 0.5}
+  if edit in changes:
+    assert meta["model"][edit] != changes[edit]
+    meta["model"][edit] = changes[edit]  # Weights of the same shapes, another output.
+  else:
+    del meta[edit.split()[0]]
+  config_file.write_text(json.dumps(meta, indent=2))
+  with pytest.raises(minet_jax.CheckpointError, match=f"{config_file} is damaged or was edited"):
+    minet_jax.load(path)
+  if edit != "weights_sha256 deleted":
+    with pytest.raises(minet_jax.CheckpointError, match="damaged or was edited"):
+      minet_jax.load_config(path)
+
+
+def test_deeply_nested_config_record_is_one_clear_error(params, tmp_path):
+  path = minet_jax.save(params, tmp_path / "ckpt")
+  (path / "minet_config.json").write_text("[" * 200_000 + "]" * 200_000)
+  with pytest.raises(minet_jax.CheckpointError, match="nested too deeply"):
+    minet_jax.load(path)
+
+
+def test_reformatted_and_format_1_config_records_still_load(params, tmp_path):
+  path = minet_jax.save(params, tmp_path / "ckpt")
+  config_file = path / "minet_config.json"
+  meta = json.loads(config_file.read_text())
+  config_file.write_text(json.dumps(meta, indent=4, sort_keys=True))  # Same content.
+  chex.assert_trees_all_equal(minet_jax.load(path).weights, params.weights)
+  config_file.write_text(json.dumps(_as_format_1(meta)))  # Written by an older version.
+  chex.assert_trees_all_equal(minet_jax.load(path).weights, params.weights)
+
+
+def test_params_refuse_weights_of_another_architecture(params):
+  wide = minet_jax.init(minet_jax.ModelConfig(features=16, iterations=(2, 2, 2)))
+  with pytest.raises(ValueError, match=r"do not fit the config's architecture: conv1\.kernel "
+                     r"\(3, 3, 3, 16\) \(expected \(3, 3, 3, 8\)\)"):
+    minet_jax.Params(weights=wide.weights, config=TINY)
+  partial = {k: v for k, v in params.weights.items() if k != "gate"}
+  with pytest.raises(ValueError, match=r"gate\.\w+ missing"):
+    minet_jax.Params(weights=partial, config=TINY)
+  # JAX rebuilds Params from placeholders and tracers in its transformations.
+  assert jax.tree.structure(jax.tree.map(lambda x: None, params)) is not None
+  grads = jax.grad(lambda p: jnp.sum(minet_jax.apply(p, jnp.zeros((8, 8, 3)))))(params)
+  assert isinstance(grads, minet_jax.Params)
 
 
 def test_newer_format_version_is_refused(params, tmp_path):
@@ -306,3 +365,16 @@ def test_a_missing_weight_is_named(params, image):
   with pytest.raises(ValueError, match="the weights have no deconv/bias that the architecture "
                                        "needs"):
     minet_jax.apply(minet_jax.Params(weights=weights, config=params.config), image)
+def test_reports_of_orbax_work_abandoned_after_a_failure_are_dropped(monkeypatch):
+  passed_on = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: passed_on.append(u.exc_value))
+  minet_jax.checkpoint.quiet_abandoned_reads()
+
+  def report(error):
+    sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error,
+                                             exc_traceback=None, err_msg=None, object=None))
+  report(RuntimeError("Event loop is closed"))  # after a failed read
+  report(ImportError("sys.meta_path is None, Python is likely shutting down"))  # failed save
+  other = ValueError("something else")
+  report(other)
+  assert passed_on == [other]

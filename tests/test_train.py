@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -215,11 +217,252 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(two_step_run, data
   assert event and event[0]["step"] == 4 and event[0]["last_checkpoint"] == 2
 
 
-def test_resume_refuses_another_architecture(two_step_run, data_dir, tmp_path):
+def _poison_after(monkeypatch, bad_step: int) -> None:
+  """The loop's train step turns every float of the state NaN at `bad_step`, its loss
+  still finite: weights ruined while training has not noticed yet."""
+  from minet_jax.train import loop
+  real = loop.make_train_step
+
+  def make(*args, **kwargs):
+    step_fn = real(*args, **kwargs)
+
+    def poisoned(state, batch):
+      state, metrics = step_fn(state, batch)
+      if int(state.step) == bad_step:
+        nan = lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x
+        state = state.replace(state=jax.tree.map(nan, state.state))
+      return state, metrics
+    return poisoned
+
+  monkeypatch.setattr(loop, "make_train_step", make)
+
+
+def _steps(folder: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+@pytest.mark.parametrize("noticed_by", ["validation", "checkpoint"])
+def test_non_finite_weights_never_replace_good_checkpoints(two_step_run, data_dir, tmp_path,
+                                                          monkeypatch, noticed_by):
+  workdir = tmp_path / "ruined"
+  shutil.copytree(two_step_run, workdir)
+  best_before = _steps(workdir / "best")
+  assert best_before == [2]
+  _poison_after(monkeypatch, 4)
+  config = tiny_config(data_dir, checkpoint_every=1,
+                       eval_every=2 if noticed_by == "validation" else 0)
+  with pytest.raises(NonFiniteLossError, match=r"step 4.*last good checkpoint is step 3"):
+    train_and_evaluate(config, workdir)
+  assert _steps(workdir / "checkpoints") == [2, 3]
+  assert _steps(workdir / "best") == best_before  # The good best checkpoint is kept.
+  assert np.isfinite(minet_jax.checkpoint.step_record(
+      workdir / "best" / "2" / "params")["psnr"])
+  params = minet_jax.load(workdir)
+  assert minet_jax.params.non_finite(params.weights) is None
+  # A rerun (the weights no longer spoilt) continues from step 3 and finishes.
+  monkeypatch.undo()
+  summary = train_and_evaluate(tiny_config(data_dir, checkpoint_every=1), workdir)
+  assert summary["step"] == 4 and np.isfinite(summary["psnr"])
+  resume = [r for r in read_metrics(workdir) if r.get("event") == "resume"]
+  assert resume[-1]["from_step"] == 3
+
+
+def test_a_checkpoint_leading_to_a_non_finite_loss_is_set_aside(two_step_run, data_dir,
+                                                               tmp_path, monkeypatch):
+  # Step 3's update ruins the weights; checkpoint 3 is saved (the loss of step 3, from
+  # before the update, was finite) and the loss of step 4 is NaN. A resume from 3 would
+  # meet it again at once, so 3 is moved aside and 2 named.
+  workdir = tmp_path / "diverged"
+  shutil.copytree(two_step_run, workdir)
+  from minet_jax.train import checkpointing as ckpt_lib
+  monkeypatch.setattr(ckpt_lib, "non_finite_state", lambda state: None)  # an older version
+  _poison_after(monkeypatch, 3)
+  with pytest.raises(NonFiniteLossError, match=r"at step 4.*\[3\].*last good checkpoint is "
+                     r"step 2"):
+    train_and_evaluate(tiny_config(data_dir, checkpoint_every=1, eval_every=0), workdir)
+  assert _steps(workdir / "checkpoints") == [2]
+  assert _steps(workdir / "diverged_checkpoints") == [3]
+  monkeypatch.undo()
+  summary = train_and_evaluate(tiny_config(data_dir, checkpoint_every=1, eval_every=0),
+                               workdir)
+  assert summary["step"] == 4
+
+
+@pytest.mark.parametrize("writing", ["checkpoint", "metrics"])
+def test_a_full_disk_stops_in_one_line_and_a_rerun_resumes(two_step_run, data_dir, tmp_path,
+                                                            monkeypatch, train_cli, writing):
+  workdir = tmp_path / "full"
+  shutil.copytree(two_step_run, workdir)
+  from minet_jax.train import logging as logging_lib
+  if writing == "checkpoint":
+    # As orbax reports tensorstore's ENOSPC.
+    real_save = checkpointing.Checkpoints.save
+    target = workdir / "checkpoints" / "4.orbax-checkpoint-tmp" / "state"
+
+    def save(self, state, *args):
+      if int(state.step) == 4:
+        raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{target}": Failed '
+                         "to write 414 bytes to file 13: No space left on device "
+                         "[os_error_code='28']")
+      return real_save(self, state, *args)
+    monkeypatch.setattr(checkpointing.Checkpoints, "save", save)
+    named = target
+  else:
+    real_write = logging_lib.MetricWriter.write_scalars
+    named = workdir / "metrics.jsonl"
+
+    def write_scalars(self, step, *args):
+      if step == 4:
+        raise OSError(errno.ENOSPC, "No space left on device", str(named))
+      return real_write(self, step, *args)
+    monkeypatch.setattr(logging_lib.MetricWriter, "write_scalars", write_scalars)
+  argv = ["train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
+          f"--config.data.data_dir={data_dir}", "--config.checkpoint_every=1",
+          "--config.eval_every=0"]
+  monkeypatch.setattr(sys, "argv", argv)
+  with pytest.raises(SystemExit) as exited:
+    train_cli.main(train_cli.parse_flags(argv))
+  message = str(exited.value.code)
+  assert message == (f"train: error: no space left on the disk of {named}; training stopped. "
+                     "Free space there and rerun with the same --workdir: training resumes "
+                     "from step 3, its newest checkpoint"), message
+  monkeypatch.undo()  # Space freed.
+  summary = train_and_evaluate(tiny_config(data_dir, checkpoint_every=1, eval_every=0), workdir)
+  assert summary["step"] == 4
+  assert [r for r in read_metrics(workdir) if r.get("event") == "resume"][-1]["from_step"] == 3
+
+
+def _replace_weights(params_dir: pathlib.Path, weights: dict, record_checksum: bool) -> None:
+  """Rewrites a step's params/ with `weights` (and their checksum in its meta/)."""
+  shutil.rmtree(params_dir)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(params_dir, weights)
+  meta_file = params_dir.parent / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  if record_checksum:
+    meta["weights_sha256"] = minet_jax.params.weights_checksum(weights)
+  meta["psnr"] = float("nan") if record_checksum else meta["psnr"]
+  meta_file.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("best", ["NaN best", "damaged best"])
+def test_load_falls_back_to_the_newest_usable_weights(straight_run, tmp_path, best):
+  workdir = tmp_path / "w"
+  shutil.copytree(straight_run[0], workdir)
+  (best_dir,) = [p / "params" for p in (workdir / "best").iterdir() if p.name.isdigit()]
+  good = minet_jax.load(workdir)
+  bad = jax.tree.map(lambda x: np.full_like(np.asarray(x), np.nan), good.weights)
+  if best == "damaged best":
+    bad = jax.tree.map(lambda x: np.asarray(x) + 1.0, good.weights)
+  _replace_weights(best_dir, bad, record_checksum=best == "NaN best")
+  with pytest.warns(UserWarning, match=f"{best_dir}.*newest usable weights instead"):
+    params = minet_jax.load(workdir)
+  expected = minet_jax.checkpoint.read_weights(workdir / "checkpoints" / "4" / "params",
+                                               params.config)
+  for x, y in zip(jax.tree.leaves(params.weights), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Nothing usable at all: one error naming the best's problem.
+  for step in (2, 4):
+    _replace_weights(workdir / "checkpoints" / str(step) / "params", bad, True)
+  with pytest.raises(minet_jax.CheckpointError, match="no usable weights"):
+    minet_jax.load(workdir)
+
+
+def _tree(folder: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+          if p.is_file()}
+
+
+@pytest.mark.parametrize("case", [
+    "as recorded", "config.json deleted", "config.json edited",
+    "iterations, config.json deleted", "iterations, both config files deleted",
+    "both config files deleted, older step records", "minet_config.json edited"])
+def test_resume_refuses_another_architecture(two_step_run, data_dir, tmp_path, case):
   workdir = tmp_path / "other"
   shutil.copytree(two_step_run, workdir)
-  with pytest.raises(ValueError, match="another architecture"):
-    train_and_evaluate(tiny_config(data_dir, **{"model.features": 4}), workdir)
+  change = {"model.features": 4}
+  if case.startswith("iterations"):
+    change = {"model.iterations": (1, 1, 1)}  # Same weight shapes, another model.
+  train_json, model_json = workdir / "config.json", workdir / "minet_config.json"
+  if case == "config.json edited":
+    train = json.loads(train_json.read_text())
+    train["model"]["features"] = 4
+    train_json.write_text(json.dumps(train))
+  elif "deleted" in case:
+    train_json.unlink()
+  if "both config files deleted" in case:
+    model_json.unlink()
+  if "older step records" in case:
+    for meta in workdir.glob("*/*/meta/metadata"):  # As older versions wrote them:
+      record = json.loads(meta.read_text())          # the weights' shapes must tell.
+      del record["model"]
+      meta.write_text(json.dumps(record))
+  expected = "holds checkpoints of another architecture"
+  if case == "minet_config.json edited":
+    record = json.loads(model_json.read_text())
+    record["model"]["features"] = 4
+    model_json.write_text(json.dumps(record))
+    expected = "minet_config.json is damaged or was edited"
+  before = _tree(workdir)
+  with pytest.raises(ConfigError, match=expected):
+    train_and_evaluate(tiny_config(data_dir, **change), workdir)
+  # Nothing moved, deleted or rewritten: the checkpoints are not damaged, only another model.
+  assert _tree(workdir) == before
+
+
+def test_a_saved_model_folder_is_not_taken_over_as_a_workdir(data_dir, tmp_path):
+  folder = tmp_path / "saved"
+  minet_jax.save(minet_jax.init(tiny.get_config()), folder)
+  before = _tree(folder)
+  with pytest.raises(ConfigError, match="saved model"):
+    train_and_evaluate(tiny_config(data_dir), folder)
+  assert _tree(folder) == before
+
+
+HOLD_LOCK = """
+import pathlib, sys, time
+from minet_jax.train.lock import WorkdirLock
+WorkdirLock.acquire(pathlib.Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(two_step_run, data_dir,
+                                                                        tmp_path):
+  from minet_jax.train.lock import LOCK_FILE, WorkdirLock
+  workdir = tmp_path / "busy"
+  shutil.copytree(two_step_run, workdir)
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(workdir)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    before = _tree(workdir)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
+         f"--config.data.data_dir={data_dir}"], cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("train: error: ") and f"pid {holder.pid}" in lines[0], lines
+    assert "in use by another training run" in lines[0]
+    assert _tree(workdir) == before  # Nothing written, moved or removed.
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder died without releasing: its lock went with it.
+  lock = WorkdirLock.acquire(workdir)
+  assert (workdir / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+  lock.release()
+  assert not (workdir / LOCK_FILE).exists()
+
+
+def test_a_refused_start_leaves_no_workdir_behind(data_dir, tmp_path):
+  workdir = tmp_path / "new" / "run"
+  with pytest.raises(ConfigError, match="unknown dataset"):
+    train_and_evaluate(tiny_config(data_dir, **{"data.name": "bogus"}), workdir)
+  assert not (tmp_path / "new").exists()
 
 
 def test_unknown_config_field_is_an_error(tmp_path):
@@ -246,7 +489,8 @@ def train_cli():
 
 @pytest.mark.parametrize("case", ["missing config file", "num_train_steps=0",
                                   "negative batch size", "crop larger than the images",
-                                  "unwritable workdir", "workdir of another architecture"])
+                                  "unwritable workdir", "workdir of another architecture",
+                                  "deeply nested minet_config.json"])
 def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_step_run,
                                                            data_dir, tmp_path, monkeypatch):
   workdir = tmp_path / "run"
@@ -265,15 +509,50 @@ def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_
   elif case == "unwritable workdir":
     (tmp_path / "a_file").write_text("")
     args[3] = str(tmp_path / "a_file" / "run")
+  elif case == "deeply nested minet_config.json":
+    (workdir / "minet_config.json").write_text("[" * 200_000 + "]" * 200_000)
   else:
     args.append("--config.model.features=4")
   argv = ["train.py", *args]
+  before_tree = _tree(workdir)
   monkeypatch.setattr(sys, "argv", argv)  # config_flags defines --config.<field> from sys.argv
   with pytest.raises(SystemExit) as exited:
     train_cli.main(train_cli.parse_flags(argv))
   message = str(exited.value.code)
   assert message.startswith("train: error: ") and "\n" not in message, message
   assert (workdir / "config.json").read_bytes() == before
+  assert _tree(workdir) == before_tree
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.unroll=-2", "unroll must be"),
+    ("optimizer.schedule=bogus", "optimizer.schedule must be"),
+    ("optimizer.name=sgd", "optimizer.name must be 'adam'"),
+    ("optimizer.learning_rate=nan", "optimizer.learning_rate must be a finite number > 0"),
+    ("optimizer.b2=2", r"optimizer.b2 must be in \[0, 1\)"),
+    ("data.name=bogus", "unknown dataset 'bogus'"),
+    ("data.synthetic.image_size=(8,8)", "image_size must be at least 16x16"),
+    ("init_from=MISSING", "does not exist"),
+    ("init_from=OTHER", "different architecture"),
+])
+def test_rejected_fresh_starts_are_one_line_and_write_nothing(train_cli, override, expected,
+                                                              data_dir, tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  if override == "init_from=OTHER":
+    other = tiny.get_config()
+    other.model.features = 4
+    minet_jax.save(minet_jax.init(other), tmp_path / "other")
+  override = override.replace("MISSING", str(tmp_path / "missing")).replace(
+      "OTHER", str(tmp_path / "other"))
+  argv = ["train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
+          f"--config.data.data_dir={data_dir}", f"--config.{override}"]
+  monkeypatch.setattr(sys, "argv", argv)
+  with pytest.raises(SystemExit) as exited:
+    train_cli.main(train_cli.parse_flags(argv))
+  message = str(exited.value.code)
+  assert message.startswith("train: error: ") and "\n" not in message, message
+  assert re.search(expected, message), message
+  assert not workdir.exists()
 
 
 @pytest.mark.parametrize("case,expected", [

@@ -9,12 +9,13 @@ See docs/TRAINING.md.
 from __future__ import annotations
 
 from minet_jax.train.checks import ConfigError, validate_config
-from minet_jax.train.loop import NonFiniteLossError, train_and_evaluate
+from minet_jax.train.loop import DiskFullError, NonFiniteLossError, train_and_evaluate
 from minet_jax.train.state import TrainState, create_train_state
 from minet_jax.train.step import make_train_step, reconstruction_loss, train_step
 
 __all__ = [
     "ConfigError",
+    "DiskFullError",
     "NonFiniteLossError",
     "TrainState",
     "create_train_state",

@@ -3,15 +3,22 @@
 A training workdir holds::
 
   config.json            the full training config of the latest start
+  train.lock             while a run trains there: its lock (`minet_jax.train.lock`)
   minet_config.json      the model config, as `minet_jax.save` writes it
   checkpoints/<step>/    the latest `keep` checkpoints, for resuming:
       state/             parameters, Adam moments, step, PRNG key
       params/            the weights alone, in `minet_jax.save`'s format
       data/              the input pipeline's iterator state (JSON)
-      meta/              step, wall time, the last validation scores and the
-                         weights' SHA-256 (JSON)
+      meta/              step, wall time, the last validation scores, the
+                         architecture and the weights' SHA-256 (JSON)
   best/<step>/           params/ and meta/ of the best validation PSNR so far
   damaged_checkpoints/   checkpoints that failed to restore on resume, moved aside
+  diverged_checkpoints/  checkpoints whose state led to NaN or infinite values, moved
+                         aside when training stopped on them
+
+Nothing non-finite is ever saved: `Checkpoints.save` and `Checkpoints.save_best`
+refuse NaN or infinite weights, optimizer moments or validation scores with
+`NotFiniteError`, so every checkpoint on disk is one a run can continue from.
 
 so ``minet_jax.load(workdir)`` (and ``evaluate.py --ckpt workdir``) rebuild the
 model from ``minet_config.json`` and the best (else latest) ``params/``: the folder
@@ -21,7 +28,7 @@ and item names are `minet_jax.checkpoint`'s, which reads them without training c
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import pathlib
 from typing import Any
 
@@ -31,10 +38,11 @@ import orbax.checkpoint as ocp
 
 from minet_jax import checkpoint
 from minet_jax.checkpoint import BEST_DIR, LATEST_DIR, META_ITEM, PARAMS_ITEM
-from minet_jax.params import weights_checksum
+from minet_jax.params import non_finite, weights_checksum
 from minet_jax.train.state import TrainState, state_from_pure, state_to_pure
 
 DAMAGED_DIR = "damaged_checkpoints"
+DIVERGED_DIR = "diverged_checkpoints"
 TRAIN_CONFIG_FILE = "config.json"
 _LATEST_ITEMS = ("state", PARAMS_ITEM, "data", META_ITEM)
 _BEST_ITEMS = (PARAMS_ITEM, META_ITEM)
@@ -62,6 +70,34 @@ def _host_weights(state: TrainState) -> dict:
   return jax.tree.map(np.asarray, state.params().weights)
 
 
+def _record(state: TrainState, weights: dict) -> dict:
+  """What a step's meta records of its weights: their architecture (so a workdir
+  whose config files were lost or edited still says what its checkpoints are) and
+  their checksum."""
+  return {"model": state.model_config.architecture(),
+          "weights_sha256": weights_checksum(weights)}
+
+
+class NotFiniteError(ValueError):
+  """Weights, optimizer moments or validation scores hold NaN or Inf: refused, not saved."""
+
+
+def non_finite_state(state: TrainState) -> str | None:
+  """Names the first weight or optimizer moment holding NaN or Inf (None when finite)."""
+  return non_finite(state_to_pure(state)["state"])
+
+
+# The validation scores computed from the model's output (the hazy input's are fixed).
+_MODEL_SCORES = ("psnr", "ssim")
+
+
+def _best_metric(metrics: dict) -> float:
+  """Orbax's ranking of best checkpoints; a non-finite PSNR (kept by older versions)
+  ranks below every real one, so it is the first removed."""
+  psnr = float(metrics["psnr"])
+  return psnr if math.isfinite(psnr) else -math.inf
+
+
 @dataclasses.dataclass
 class Damaged:
   """A checkpoint that did not restore: why, and where it was moved."""
@@ -86,6 +122,7 @@ class Checkpoints:
   def __init__(self, workdir: str | pathlib.Path, *, keep: int = 2, async_save: bool = True):
     workdir = pathlib.Path(workdir).absolute()
     self.workdir = workdir
+    checkpoint.quiet_abandoned_reads()
     self.latest = ocp.CheckpointManager(
         workdir / LATEST_DIR, item_names=_LATEST_ITEMS,
         options=ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
@@ -93,24 +130,30 @@ class Checkpoints:
     self.best = ocp.CheckpointManager(
         workdir / BEST_DIR, item_names=_BEST_ITEMS,
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                             best_fn=lambda m: m["psnr"], best_mode="max",
+                                             best_fn=_best_metric, best_mode="max",
                                              enable_async_checkpointing=async_save))
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
   def save(self, state: TrainState, data_state: Any, meta: dict) -> bool:
-    """Saves a resumable checkpoint at ``state.step`` unless one exists; True if saved."""
+    """Saves a resumable checkpoint at ``state.step`` unless one exists; True if saved.
+
+    Raises `NotFiniteError` (saving nothing) when a weight or optimizer moment is
+    NaN or infinite: a resume from such a state could only fail again.
+    """
     step = int(state.step)
     if step in self.latest.all_steps():
       return False
+    problem = non_finite_state(state)
+    if problem:
+      raise NotFiniteError(f"the training state of step {step} is not finite: {problem}")
     weights = _host_weights(state)
     self.latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state_to_pure(state)),
         params=ocp.args.StandardSave(weights),
         data=ocp.args.JsonSave(_json_ready(data_state)),
-        meta=ocp.args.JsonSave({"step": step, **meta,
-                                "weights_sha256": weights_checksum(weights)})))
+        meta=ocp.args.JsonSave({"step": step, **meta, **_record(state, weights)})))
     return True
 
   def best_psnr(self) -> float | None:
@@ -122,17 +165,28 @@ class Checkpoints:
     return float(meta.meta["psnr"])
 
   def save_best(self, state: TrainState, scores: dict[str, float]) -> bool:
-    """Keeps this step's weights if its validation PSNR beats the best so far."""
-    best = self.best_psnr()
+    """Keeps this step's weights if its validation PSNR beats the best so far.
+
+    Raises `NotFiniteError` (keeping the best checkpoint there is) when a validation
+    score or a weight is NaN or infinite.
+    """
     step = int(state.step)
-    if (best is not None and scores["psnr"] <= best) or step in self.best.all_steps():
-      return False
     scores = {k: float(v) for k, v in scores.items()}
+    bad = {k: scores[k] for k in _MODEL_SCORES if not math.isfinite(scores[k])}
+    if bad:
+      listed = ", ".join(f"{k} {v}" for k, v in bad.items())
+      raise NotFiniteError(f"the validation scores of step {step} are not finite ({listed})")
     weights = _host_weights(state)
+    problem = non_finite(weights)
+    if problem:
+      raise NotFiniteError(f"the weights of step {step} are not finite: {problem}")
+    best = self.best_psnr()
+    finite_best = best is not None and math.isfinite(best)  # Older versions kept NaN.
+    if (finite_best and scores["psnr"] <= best) or step in self.best.all_steps():
+      return False
     self.best.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(weights),
-        meta=ocp.args.JsonSave({"step": step, **scores,
-                                "weights_sha256": weights_checksum(weights)})),
+        meta=ocp.args.JsonSave({"step": step, **scores, **_record(state, weights)})),
         metrics=scores)
     return True
 
@@ -164,14 +218,24 @@ class Checkpoints:
     Each checkpoint is verified by restoring all of it: state, data iterator,
     meta and the weights in ``params/`` (against the checksum in its meta). A
     newer one that fails is moved to ``<workdir>/damaged_checkpoints/`` (never
-    deleted) and reported in ``damaged``; the next older one is tried.
+    deleted; one holding NaN or Inf to ``diverged_checkpoints/``) and reported in
+    ``damaged``; the next older one is tried.
     """
     damaged: list[Damaged] = []
     for step in sorted(self.latest.all_steps(), reverse=True):
       try:
         state, data, meta = self.restore(like, sharding, step)
-        self._verify_params(step, state, meta)
       except Exception as e:  # orbax/tensorstore raise many types for damaged files.
+        damaged.append(Damaged(step, checkpoint.one_line_error(e), self._move_aside(step)))
+        continue
+      problem = non_finite_state(state)  # Saved by a version that did not refuse them.
+      if problem:
+        damaged.append(Damaged(step, f"not finite: {problem}",
+                               self._move_aside(step, DIVERGED_DIR)))
+        continue
+      try:
+        self._verify_params(step, state, meta)
+      except Exception as e:
         damaged.append(Damaged(step, checkpoint.one_line_error(e), self._move_aside(step)))
         continue
       return Resumed(step, state, data, meta, damaged)
@@ -181,15 +245,26 @@ class Checkpoints:
     folder = self.workdir / LATEST_DIR / str(step) / PARAMS_ITEM
     checkpoint.read_weights(folder, state.model_config, meta.get("weights_sha256"))
 
-  def _move_aside(self, step: int) -> pathlib.Path | None:
+  def set_aside_from(self, step: int) -> list[int]:
+    """Moves the resumable checkpoints of `step` and later to ``diverged_checkpoints/``.
+
+    Called when the state of `step` led to NaN or infinite values: resuming from it
+    (or from a later one) would only reach them again.
+    """
+    moved = [s for s in sorted(self.latest.all_steps()) if s >= step]
+    for s in moved:
+      self._move_aside(s, DIVERGED_DIR)
+    return moved
+
+  def _move_aside(self, step: int, folder: str = DAMAGED_DIR) -> pathlib.Path | None:
     if jax.process_index() != 0:
       return None
     source = self.workdir / LATEST_DIR / str(step)
-    target = self.workdir / DAMAGED_DIR / str(step)
+    target = self.workdir / folder / str(step)
     n = 0
     while target.exists():
       n += 1
-      target = self.workdir / DAMAGED_DIR / f"{step}.{n}"
+      target = self.workdir / folder / f"{step}.{n}"
     target.parent.mkdir(parents=True, exist_ok=True)
     source.rename(target)
     self.latest.reload()

@@ -7,7 +7,6 @@ would be used with. Each raises `ConfigError` naming the field and a fix.
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -15,8 +14,10 @@ import ml_collections
 import numpy as np
 
 from minet_jax import checkpoint
-from minet_jax.config import model_config
-from minet_jax.train import checkpointing
+from minet_jax.config import ModelConfig, model_config
+from minet_jax.params import shapes_mismatch
+from minet_jax.train.inputs import synthetic_config
+from minet_jax.train.state import abstract_train_state, check_optimizer
 from minet_jax.train.step import LOSSES, parse_ynn_fusions
 
 
@@ -45,9 +46,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if int(data.crop_size) < 0 or int(data.crop_size) % 2:
     raise ConfigError(f"config.data.crop_size must be 0 (full images) or an even number of "
                      f"pixels (the encoder halves them), got {data.crop_size}")
-  if float(config.optimizer.learning_rate) <= 0:
-    raise ConfigError(f"config.optimizer.learning_rate must be > 0, got "
-                     f"{config.optimizer.learning_rate}")
   if config.teacher and not (config.init_from if config.teacher == "init_from" else True):
     raise ConfigError("config.teacher='init_from' needs config.init_from (the weights whose "
                       "outputs are the targets)")
@@ -72,23 +70,73 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     parse_ynn_fusions(config.xla_cpu_ynn_fusions)
   except ValueError as e:
     raise ConfigError(f"config.xla_cpu_ynn_fusions {e}") from e
+  try:
+    synthetic_config(config.data)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.data.synthetic: {e}") from e
+  try:
+    check_optimizer(config.optimizer)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.{e}") from e
+  try:
+    # Builds the model and optimizer without FLOPs: what they check of their
+    # settings (e.g. model.unroll, init_tail) fails here, before any write.
+    abstract_train_state(config)
+  except (ValueError, TypeError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ConfigError(f"config: {first}") from e
+
+
+def architecture_differences(old: dict, new: dict) -> str:
+  """The fields two `ModelConfig.architecture` records differ in, on one line."""
+  return ", ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now"
+                   for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+
+
+def _another_architecture(workdir: pathlib.Path, what: str) -> ConfigError:
+  return ConfigError(f"{workdir} holds checkpoints of another architecture ({what}); use a "
+                     "fresh --workdir, or the same config.model")
 
 
 def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Refuses a workdir holding a run of another architecture; writes nothing."""
-  path = workdir / checkpointing.TRAIN_CONFIG_FILE
-  if path.is_file() and checkpoint.find_params(workdir) is not None:
+  """Refuses a workdir holding checkpoints of another architecture; writes nothing.
+
+  The architecture is read from what was saved with the checkpoints, not from the
+  training config of the latest start (``config.json``, which may be missing or
+  edited): ``minet_config.json``, each step's recorded architecture, and the shapes
+  of each step's weights. A folder written by `minet_jax.save` is refused too.
+  """
+  if (workdir / checkpoint.WEIGHTS_DIR).is_dir() and (workdir / checkpoint.CONFIG_FILE).is_file():
+    raise ConfigError(f"{workdir} is a saved model (minet_jax.save), not a training workdir; "
+                      "train in another --workdir, with --config.init_from to start from it")
+  folders = checkpoint.workdir_params(workdir)
+  if not folders:
+    return
+  cfg = model_config(config.model)
+  new = cfg.architecture()
+  records: list[tuple[pathlib.Path, ModelConfig]] = []
+  model_file = workdir / checkpoint.CONFIG_FILE
+  if model_file.exists():
     try:
-      old = model_config(json.loads(path.read_text()).get("model", {})).architecture()
-    except (ValueError, TypeError, AttributeError) as e:
-      raise ConfigError(f"{path} is corrupt ({type(e).__name__}: {e}); use a fresh "
-                        "--workdir") from e
-    new = model_config(config.model).architecture()
+      records.append((model_file, checkpoint.load_config(workdir)))
+    except checkpoint.CheckpointError as e:
+      raise ConfigError(f"{e}; restore it, or use a fresh --workdir") from e
+  for folder in folders:
+    record = checkpoint.step_record(folder).get("model")
+    try:
+      records.append((folder, checkpoint.config_from_record(record)))
+    except (ValueError, TypeError):
+      pass  # Not recorded by older versions; a damaged meta is the resume's to find.
+  for where, stored in records:
+    old = stored.architecture()
     if old != new:
-      diff = ", ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now"
-                       for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-      raise ConfigError(f"{workdir} holds a run of another architecture ({diff}); use a fresh "
-                        "--workdir, or the same config.model")
+      raise _another_architecture(workdir, f"{architecture_differences(old, new)}, says {where}")
+  for folder in folders:
+    shapes = checkpoint.stored_shapes(folder)
+    problem = shapes_mismatch(shapes, cfg) if shapes is not None else None
+    if problem:
+      raise _another_architecture(workdir, f"the weights in {folder} do not fit config.model: "
+                                  f"{problem}")
 
 
 def check_crop(config: ml_collections.ConfigDict, source) -> None:

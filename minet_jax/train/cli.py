@@ -123,7 +123,8 @@ def main(argv: list[str]) -> None:
   # Deferred: the dataset and checkpoint code load only once the flags parse.
   from minet_jax import CheckpointError
   from minet_jax.data import DatasetLayoutError
-  from minet_jax.train import ConfigError, NonFiniteLossError, sharding, train_and_evaluate
+  from minet_jax.train import (ConfigError, DiskFullError, NonFiniteLossError, sharding,
+                               train_and_evaluate)
   workdir = _WORKDIR.value
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     sys.exit(f"train: error: --workdir {workdir} is a file; name a folder (it is created "
@@ -139,6 +140,8 @@ def main(argv: list[str]) -> None:
     summary = train_and_evaluate(_loaded_config(), workdir)
   except (ConfigError, DatasetLayoutError, CheckpointError, NonFiniteLossError) as e:
     sys.exit(f"train: error: {e}")  # Errors that explain themselves; no traceback.
+  except DiskFullError as e:
+    sys.exit(f"train: error: {e.strerror}")
   print(json.dumps(summary, indent=2))
   if summary.get("stopped_by"):
     sys.exit(143)  # 128 + SIGTERM: the job did not finish, a rerun resumes it.

@@ -5,39 +5,83 @@ state, step, PRNG key and the input pipeline's position), else starts from
 ``config.init_from`` or a random init. Validates every ``eval_every`` steps
 (PSNR/SSIM under the SOTS protocol, an image grid, the best checkpoint),
 checkpoints every ``checkpoint_every`` steps, at the end, and on SIGTERM.
-A non-finite loss stops the run with `NonFiniteLossError`; the checkpoints on
-disk are then all from before it.
+A non-finite loss or gradient, non-finite validation scores or a non-finite
+state stop the run with `NonFiniteLossError`. Nothing non-finite is saved, and
+the checkpoints of the state that led there (and any later ones) are moved to
+``diverged_checkpoints/``: the checkpoints left are all ones a rerun can continue
+from, and the error names the newest of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import math
 import pathlib
+import re
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from minet_jax import files, hub
+from minet_jax import checkpoint, files, hub
+from minet_jax.config import model_config
 from minet_jax.params import Params
 from minet_jax.train import checkpointing, inputs, sharding
-from minet_jax.train.checks import (ConfigError, check_crop, check_workdir_config,
-                                    prepare_workdir, validate_config)
+from minet_jax.train.checks import (ConfigError, architecture_differences, check_crop,
+                                    check_workdir_config, prepare_workdir, validate_config)
 from minet_jax.train.evaluator import Evaluator
+from minet_jax.train.lock import WorkdirLock
 from minet_jax.train.logging import MetricWriter
 from minet_jax.train.signals import StopRequest
 from minet_jax.train.state import (TrainState, abstract_train_state, create_train_state,
                                    learning_rate_schedule, shrink_blocks)
 from minet_jax.train.step import make_train_step
 
-__all__ = ["ConfigError", "NonFiniteLossError", "train_and_evaluate", "validate_config"]
+__all__ = ["ConfigError", "DiskFullError", "NonFiniteLossError", "train_and_evaluate",
+           "validate_config"]
+
+
+class DiskFullError(OSError):
+  """A write of the run failed for want of space; a rerun after freeing some resumes."""
+
+
+def _disk_full(error: BaseException) -> tuple[bool, str | None]:
+  """(whether `error` or one of its causes is "no space left on device", the path
+  that could not be written when known). Orbax reports tensorstore's ENOSPC as a
+  ValueError naming the file and the OS error code."""
+  seen, todo = set(), [error]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True, e.filename
+    text = str(e)
+    if "No space left on device" in text or f"os_error_code='{errno.ENOSPC}'" in text:
+      found = re.search(r'local file "([^"]+)"', text)
+      return True, found.group(1) if found else None
+    todo += [e.__cause__, e.__context__]
+  return False, None
+
+
+def _disk_full_error(workdir: pathlib.Path, path: str | None) -> DiskFullError:
+  steps = [int(folder.parent.name) for folder in checkpoint.workdir_params(workdir)
+           if folder.parent.parent.name == checkpoint.LATEST_DIR]
+  resume = (f"from step {max(steps)}, its newest checkpoint" if steps else
+            "from the start (no checkpoint was saved)")
+  return DiskFullError(errno.ENOSPC, f"no space left on the disk of {path or workdir}; "
+                       f"training stopped. Free space there and rerun with the same "
+                       f"--workdir: training resumes {resume}")
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite; training stopped before saving it."""
+  """The loss, the gradient, the validation scores or the weights became NaN or
+  infinite; training stopped without saving them."""
 
 
 def _record_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
@@ -58,14 +102,29 @@ def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> Non
                resumed.step is not None else "no intact checkpoint left: starting afresh")
 
 
-def _initial_state(config: ml_collections.ConfigDict) -> TrainState:
-  """The state of a fresh start: ``config.init_from``'s weights (each IM-block's f
-  scaled by ``config.init_block_scale`` when given), else a random init."""
-  params = None
-  if config.init_from:
-    params = hub.resolve(config.init_from)
-    if tuple(config.init_block_scale):
-      params = shrink_blocks(params, tuple(config.init_block_scale))
+def _init_from(config: ml_collections.ConfigDict) -> Params | None:
+  """``config.init_from``'s weights (None when unset), each IM-block's f scaled by
+  ``config.init_block_scale`` when given; refuses another architecture."""
+  if not config.init_from:
+    return None
+  params = hub.resolve(config.init_from)
+  cfg = model_config(config.model)
+  old, new = params.config.architecture(), cfg.architecture()
+  if old != new:
+    raise ConfigError(f"config.init_from {config.init_from} has a different architecture "
+                      f"than config.model ({architecture_differences(old, new)}); set "
+                      "config.model to the checkpoint's architecture")
+  if tuple(config.init_block_scale):
+    params = shrink_blocks(params, tuple(config.init_block_scale))
+  return params
+
+
+def _initial_state(config: ml_collections.ConfigDict,
+                   params: Params | None = None) -> TrainState:
+  """The state of a fresh start: `params` (else ``config.init_from``'s weights), else a
+  random init."""
+  if params is None:
+    params = _init_from(config)
   try:
     return create_train_state(config, params)
   except ValueError as e:  # e.g. init_from weights of a different architecture
@@ -81,6 +140,34 @@ def _teacher(config: ml_collections.ConfigDict) -> Params | None:
   if not config.teacher:
     return None
   return hub.resolve(config.init_from if config.teacher == "init_from" else config.teacher)
+
+
+@dataclasses.dataclass
+class _Start:
+  """What an accepted start has read: the data sources and the weights to start from."""
+  train_source: Any
+  eval_source: Any
+  init_params: Params | None
+
+
+def _accept_start(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> _Start:
+  """Every check of a start that needs the workdir or the data; writes nothing there."""
+  check_workdir_config(workdir, config)
+  try:
+    train_source, eval_source = inputs.sources(config)
+  except ValueError as e:
+    from minet_jax.data import DatasetLayoutError
+    if isinstance(e, DatasetLayoutError):
+      raise
+    raise ConfigError(f"config.data: {e}") from e
+  check_crop(config, train_source)
+  # The weights to start from are read now, not after the first writes, unless a
+  # resume will not need them.
+  resuming = any(folder.parent.parent.name == checkpoint.LATEST_DIR
+                 for folder in checkpoint.workdir_params(workdir))
+  init_params = None if resuming else _init_from(config)
+  prepare_workdir(workdir)
+  return _Start(train_source, eval_source, init_params)
 
 
 def _mean(history: list[dict[str, float]]) -> dict[str, float]:
@@ -99,16 +186,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   validate_config(config)
   sharding.maybe_initialize_distributed(bool(config.distributed))
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  check_workdir_config(workdir, config)
+  # One run per workdir, locked before anything is read or written there.
+  lock = WorkdirLock.acquire(workdir) if jax.process_index() == 0 else None
+  try:
+    start = _accept_start(config, workdir)
+  except BaseException:
+    if lock is not None:
+      lock.release(refused=True)
+    raise
+  try:
+    return _train(config, workdir, start, t_start)
+  except Exception as e:
+    full, path = _disk_full(e)
+    if full:
+      raise _disk_full_error(workdir, path) from e
+    raise
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, start: _Start,
+           t_start: float) -> dict[str, Any]:
+  """`train_and_evaluate` once its start is accepted (and the workdir locked)."""
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
-
-  train_source, eval_source = inputs.sources(config)
-  check_crop(config, train_source)
-  prepare_workdir(workdir)  # Nothing is written before the start is accepted.
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  train_iter = inputs.train_iterator(config, train_source, mesh)
-  evaluator = Evaluator(config, eval_source, mesh)
+  train_iter = inputs.train_iterator(config, start.train_source, mesh)
+  evaluator = Evaluator(config, start.eval_source, mesh)
 
   ckpts = checkpointing.Checkpoints(workdir, keep=int(config.keep_checkpoints),
                                     async_save=bool(config.async_checkpointing))
@@ -121,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     writer.write_event(resumed_from, "resume", from_step=resumed_from,
                        skipped_damaged=[d.step for d in resumed.damaged])
   else:
-    state = sharding.replicate(_initial_state(config), mesh)
+    state = sharding.replicate(_initial_state(config, start.init_params), mesh)
     writer.write_event(0, "start", init_from=config.init_from or None,
                        devices=mesh.devices.size, processes=jax.process_count())
   if jax.process_index() == 0:
@@ -141,9 +246,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   stop = StopRequest()
   train_seconds, timed_steps = 0.0, 0
 
+  def stop_diverged(bad_step: int, what: str, event: str, **fields: Any) -> NoReturn:
+    """Sets aside the checkpoints from `bad_step` on and raises `NonFiniteLossError`."""
+    ckpts.wait()
+    set_aside = ckpts.set_aside_from(bad_step)
+    last_good = ckpts.latest_step()
+    writer.write_event(step, event, **fields, last_checkpoint=last_good,
+                       set_aside=set_aside)
+    if set_aside:
+      what += (f"; the checkpoints of steps {set_aside}, which lead there, were moved to "
+               f"{workdir / checkpointing.DIVERGED_DIR}")
+    if last_good is None:
+      resume = ("There is no good checkpoint to resume from: a rerun starts afresh (or "
+                "from config.init_from).")
+    else:
+      resume = (f"The last good checkpoint is step {last_good} in "
+                f"{workdir / checkpointing.LATEST_DIR}: a rerun resumes from it.")
+    raise NonFiniteLossError(
+        f"{what}; training stopped without saving it. {resume} Lower "
+        "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm first.")
+
   def save(state: TrainState) -> None:
     meta = {"time": time.time(), **{f"eval_{k}": v for k, v in last_scores.items()}}
-    ckpts.save(state, inputs.iterator_state(train_iter), meta)
+    try:
+      ckpts.save(state, inputs.iterator_state(train_iter), meta)
+    except checkpointing.NotFiniteError as e:
+      stop_diverged(int(state.step), str(e), "non_finite_state")
 
   def evaluate(state: TrainState) -> None:
     nonlocal last_scores
@@ -151,7 +279,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     last_scores = scores
     writer.write_scalars(int(state.step), "eval", scores)
     writer.write_grid(int(state.step), rows)
-    ckpts.save_best(state, scores)
+    try:
+      ckpts.save_best(state, scores)
+    except checkpointing.NotFiniteError as e:
+      stop_diverged(int(state.step), str(e), "non_finite_validation")
     if jax.process_index() == 0:
       tqdm.write(f"step {int(state.step)}: validation PSNR {scores['psnr']:.2f} dB "
                  f"(hazy input {scores['hazy_psnr']:.2f} dB), SSIM {scores['ssim']:.4f}")
@@ -170,19 +301,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           train_seconds += time.time() - t0
           timed_steps += 1
         # A non-finite gradient has already spoilt this step's update, even if the
-        # loss (computed before it) is finite.
+        # loss (computed before it) is finite. Both came from the state before this
+        # step: a resume from that state would meet them again.
         if not (math.isfinite(step_metrics["loss"]) and math.isfinite(step_metrics["grad_norm"])):
-          ckpts.wait()
-          last_good = ckpts.latest_step()
-          writer.write_event(step, "non_finite_loss", loss=step_metrics["loss"],
-                             grad_norm=step_metrics["grad_norm"], last_checkpoint=last_good)
-          raise NonFiniteLossError(
-              f"the training loss became {step_metrics['loss']} (gradient norm "
-              f"{step_metrics['grad_norm']}) at step {step}; training "
-              f"stopped without saving. The last good checkpoint is step {last_good} in "
-              f"{workdir / checkpointing.LATEST_DIR} (None: no checkpoint yet). Lower "
-              "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm, then "
-              "rerun: training resumes from that checkpoint.")
+          stop_diverged(step - 1, f"the training loss became {step_metrics['loss']} "
+                        f"(gradient norm {step_metrics['grad_norm']}) at step {step}",
+                        "non_finite_loss", loss=step_metrics["loss"],
+                        grad_norm=step_metrics["grad_norm"])
         history.append(step_metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{step_metrics['loss']:.4g}",

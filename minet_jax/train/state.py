@@ -8,6 +8,7 @@ checkpoint is a pure dict of them.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -80,10 +81,35 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([warmup, main], [int(opt.warmup_steps)])
 
 
-def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with the configured schedule, after optional global-norm clipping."""
+def check_optimizer(opt: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the ``config.optimizer`` field that Adam cannot use."""
   if opt.name != "adam":
     raise ValueError(f"optimizer.name must be 'adam' (the paper's optimizer), got {opt.name!r}")
+  ranges = {  # field: (test, what it must be); NaN fails every test.
+      "learning_rate": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+      "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+      "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+      "eps": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+      "grad_clip_norm": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: off)"),
+      "decay_factor": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+      "cosine_final_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+      "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+      "decay_steps": (lambda v: v >= 0, "an integer >= 0"),
+  }
+  for name, (test, must) in ranges.items():
+    value = opt[name]
+    try:
+      ok = not isinstance(value, bool) and test(float(value))
+    except (TypeError, ValueError):
+      ok = False
+    if not ok:
+      raise ValueError(f"optimizer.{name} must be {must}, got {value!r}")
+  learning_rate_schedule(opt)  # The schedule's own checks.
+
+
+def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with the configured schedule, after optional global-norm clipping."""
+  check_optimizer(opt)
   adam = optax.adam(learning_rate_schedule(opt), b1=float(opt.b1), b2=float(opt.b2),
                     eps=float(opt.eps))
   if opt.grad_clip_norm > 0:
