@@ -157,7 +157,7 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--stable", type=pathlib.Path, default=None,
                       help="the stable model: a training workdir or a checkpoint folder")
-  parser.add_argument("--models", nargs="+", default=["released", "stable"],
+  parser.add_argument("--models", nargs="*", default=["released", "stable"],
                       choices=["released", "stable"],
                       help="which to measure now; the others are kept from --out")
   parser.add_argument("--shared", type=pathlib.Path, default=DEFAULT_SHARED)
@@ -169,6 +169,10 @@ def main() -> int:
                       choices=["picard", "anderson"],
                       help="solvers run to rtol 1e-3 for the convergence counts")
   parser.add_argument("--cap", type=int, default=100, help="their step cap per block")
+  parser.add_argument("--shrink", nargs="*", type=float, default=[],
+                      help="also score the released weights with each block's f scaled by "
+                           "these factors, untrained, solved by Picard to rtol 1e-3 (<= 30 "
+                           "steps): what the contraction margin alone costs")
   parser.add_argument("--time", type=int, default=0, metavar="REPEATS",
                       help="also time both models' trained forward passes, interleaved, "
                            "REPEATS times per image (needs --stable)")
@@ -189,7 +193,9 @@ def main() -> int:
   report: dict = {"images": [p[0] for p in pairs], "backend": jax.default_backend(),
                   "devices": str(jax.devices()[0]), "models": {}}
   if args.out and args.out.exists():
-    report["models"] = json.loads(args.out.read_text()).get("models", {})
+    kept = json.loads(args.out.read_text())
+    report["models"] = kept.get("models", {})
+    report.update({k: kept[k] for k in ("shrink", "interleaved_seconds") if k in kept})
   for name in args.models:
     params = loaders[name]()
     print(f"{name}: {params.config.solver}, T/cap {params.config.iterations}, "
@@ -221,6 +227,16 @@ def main() -> int:
       entry["theorem1"] = theorem1(params, pairs, args.radius_iters)
       save()
 
+  for factor in args.shrink:
+    from minet_jax.train.state import shrink_blocks
+    print(f"released, f scaled by {factor}, Picard to rtol 1e-3", flush=True)
+    released = loaders["released"]()
+    shrunk = shrink_blocks(with_solver(released, solver="picard", rtol=1e-3, best_so_far=True,
+                                       iterations=(30,) * released.config.num_blocks),
+                           (factor,) * released.config.num_blocks)
+    report.setdefault("shrink", {})[str(factor)] = scores(shrunk, pairs)
+    if args.out:
+      args.out.write_text(json.dumps(report, indent=1) + "\n")
   if args.time:
     if args.stable is None:
       parser.error("--time needs --stable")
