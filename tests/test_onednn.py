@@ -474,3 +474,71 @@ def test_conv_backend_is_the_machines_choice_not_the_checkpoints(tmp_path):
   meta["model"]["conv_backend"] = "onednn"
   meta_file.write_text(json.dumps(meta))
   assert minet_jax.load(tmp_path / "ckpt").config.conv_backend == "auto"
+
+
+_CHECK_CONV = """
+import warnings, jax, jax.numpy as jnp
+from minet_jax import layers, onednn
+warnings.simplefilter("always")
+x = jnp.ones((1, 5, 5, 2)); w = jnp.ones((3, 3, 2, 2))
+conv = lambda x: layers.conv2d(x, w, padding=((1, 1), (1, 1)), backend="auto")
+assert float(conv(x)[0, 2, 2, 0]) == 18.0
+print("ONEDNN" if "minet_onednn_conv" in jax.jit(conv).lower(x).as_text() else "XLA")
+"""
+
+
+def _run_with_cache(cache, cxx, code=_CHECK_CONV):
+  env = dict(os.environ, MINET_JAX_CACHE=str(cache), CXX=str(cxx))
+  return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+@needs_kernels
+def test_a_damaged_or_planted_cached_library_is_rebuilt_not_loaded(tmp_path):
+  # The library this process built, and a "compiler" that hands out a copy of it: each
+  # (re)build below is then instant, and logged.
+  good = onednn._library(*onednn._installed_dirs())
+  log = tmp_path / "builds"
+  cxx = tmp_path / "cxx"
+  cxx.write_text(f'#!/bin/sh\necho build >> {log}\nfor a; do out="$a"; done\n'
+                 f'cp {good} "$out"\n')
+  cxx.chmod(0o755)
+  cache = tmp_path / "cache"
+  done = _run_with_cache(cache, cxx)
+  assert done.returncode == 0 and done.stdout.split() == ["ONEDNN"], done.stderr
+  library = cache / good.name
+  assert log.read_text().split() == ["build"]
+
+  # Truncated (loading it died with SIGBUS): rebuilt, then loaded.
+  with open(library, "r+b") as f:
+    f.truncate(50_000)
+  done = _run_with_cache(cache, cxx)
+  assert done.returncode == 0 and done.stdout.split() == ["ONEDNN"], done.stderr
+  assert log.read_text().split() == ["build"] * 2
+  assert library.read_bytes() == good.read_bytes()
+
+  # Another library planted under the cached name: never loaded (its constructor would
+  # leave a file behind), rebuilt instead.
+  marker = tmp_path / "planted_ran"
+  source = tmp_path / "planted.c"
+  source.write_text('#include <stdio.h>\n__attribute__((constructor)) static void run(void) '
+                    f'{{ fclose(fopen("{marker}", "w")); }}\n')
+  subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+  done = _run_with_cache(cache, cxx)
+  assert done.returncode == 0 and done.stdout.split() == ["ONEDNN"], done.stderr
+  assert not marker.exists()
+  assert log.read_text().split() == ["build"] * 3
+
+  # Damaged and the rebuild fails: "auto" warns naming the file and runs XLA's.
+  with open(library, "r+b") as f:
+    f.truncate(50_000)
+  done = _run_with_cache(cache, tmp_path / "missing-g++")
+  assert done.returncode == 0 and done.stdout.split() == ["XLA"], done.stderr
+  assert f"the cached kernel library {library} is not the file its build recorded" in (
+      done.stderr)
+  recorded = json.loads((cache / (good.name + ".json")).read_text())
+  assert recorded["size"] == good.stat().st_size
+  # An unreadable record counts as a mismatch too.
+  (cache / (good.name + ".json")).write_text("[" * 100_000)
+  done = _run_with_cache(cache, cxx)
+  assert done.returncode == 0 and done.stdout.split() == ["ONEDNN"], done.stderr
