@@ -307,6 +307,60 @@ print("OK")
   assert "MINET_ONEDNN_ROOT" in done.stdout and done.stdout.rstrip().endswith("OK")
 
 
+@pytest.mark.parametrize("backend", ["auto", "onednn"])
+def test_the_library_works_without_the_onednn_module(tmp_path, random_params, backend):
+  # A fresh interpreter in which `minet_jax.onednn` cannot be imported at all: import,
+  # load and apply work under "auto" (XLA's convolutions, the same output, one warning)
+  # and "onednn" is a one-line ImportError.
+  cfg = minet_jax.ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))
+  params = random_params(cfg)
+  minet_jax.save(params, tmp_path / "ckpt")
+  image = np.random.default_rng(0).integers(0, 256, (12, 10, 3), np.uint8)
+  np.save(tmp_path / "image.npy", image)
+  want = np.asarray(minet_jax.apply(params.replace_config(conv_backend="xla"), image))
+  code = f"""
+import sys, warnings
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name == "minet_jax.onednn":
+            raise ImportError("no oneDNN module here")
+sys.meta_path.insert(0, Blocker())
+import numpy as np
+import minet_jax
+params = minet_jax.load({str(tmp_path / "ckpt")!r}).replace_config(conv_backend={backend!r})
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        out = minet_jax.apply(params, np.load({str(tmp_path / "image.npy")!r}))
+    except ImportError as e:
+        print("ImportError:", e)
+        sys.exit(3)
+assert "minet_jax.onednn" not in sys.modules
+np.save({str(tmp_path / "out.npy")!r}, np.asarray(out))
+for w in caught:
+    print("WARNING:", w.message)
+"""
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300)
+  if backend == "onednn":
+    assert done.returncode == 3, done.stderr
+    assert "ImportError: conv_backend='onednn' needs minet_jax.onednn" in done.stdout
+    return
+  assert done.returncode == 0, done.stderr
+  np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), want)
+  if jax.default_backend() == "cpu":
+    assert done.stdout.count("WARNING:") == 1, done.stdout
+    assert "minet_jax.onednn cannot be imported (ImportError: no oneDNN module here)" in (
+        done.stdout)
+
+
+def test_import_minet_jax_leaves_onednn_unimported():
+  done = subprocess.run(
+      [sys.executable, "-c", "import sys, minet_jax; print('minet_jax.onednn' in sys.modules)"],
+      capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0 and done.stdout.split() == ["False"], done.stderr
+
+
 def _fake_onednn_root(folder, header: str):
   """A oneDNN install the loader accepts (a dnnl.hpp and a libdnnl.so), so a build runs."""
   (folder / "include" / "oneapi" / "dnnl").mkdir(parents=True)
