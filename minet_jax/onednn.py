@@ -19,7 +19,7 @@ transposes, so a program built with them runs anywhere.
 
 The kernels live in ``csrc/onednn_conv.cc``, an XLA FFI handler compiled on first use
 with the system C++ compiler against the oneDNN headers and library of the
-``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (dependencies on x86-64 Linux;
+``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (the ``onednn`` extra, x86-64 Linux;
 ``$MINET_ONEDNN_ROOT`` points at another install), and cached under
 ``$MINET_JAX_CACHE`` (default ``~/.cache/minet_jax``) beside a record of its size and
 SHA-256: a library that no longer matches it (truncated, replaced) is rebuilt before
