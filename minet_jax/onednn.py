@@ -1,11 +1,9 @@
 """2-D convolutions through oneDNN on XLA:CPU, as differentiable JAX primitives.
 
 XLA:CPU's own convolution kernels trail oneDNN's (the library PyTorch's CPU convs use)
-on this model's shapes, most of all in the gradients: a 3x3 64->64 conv's forward plus
-both gradients takes 271-289 ms in XLA:CPU and 57-70 ms in oneDNN at 1x230x310x64, 24.6
-and 6.5 ms at 2x64x64x64, and the shared 3x3 smoothing 123-144 ms against 6-7 ms
-(`benchmarks/layer_speed.py --conv-backends xla onednn`, 2-core x86-64). This module
-puts oneDNN behind three primitives:
+on this model's shapes, most of all in the gradients and the shared smoothing
+(``benchmarks/layer_speed.py --conv-backends xla onednn`` measures them; figures in
+docs/PERFORMANCE.md). This module puts oneDNN behind three primitives:
 
   conv        y  = conv(x, w)          NHWC image, HWIO kernel
   conv_input  dx = conv_input(dy, w)   the transpose of x -> conv(x, w)
