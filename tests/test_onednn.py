@@ -480,8 +480,11 @@ def test_released_model_onednn_matches_xla(random_params):
     loss = lambda s: jnp.sum(nnx.merge(graphdef, s)(img) ** 2)
     grads[backend] = jax.tree.leaves(jax.jit(jax.grad(loss))(state))
   _close(outs["onednn"], outs["xla"], rtol=1e-5)
-  # Per tensor, relative L2 error (measured: 6e-6 at most; against the authors' PyTorch,
-  # test_training_parity.py allows 1e-2). Biases that feed an instance norm have a true
+  # Per tensor, relative L2 error. Two float32 computations whose rounding the IM-blocks'
+  # expanding backward amplifies: measured 6e-6 at most with jax 0.10.2 and 1.6e-4 with
+  # 0.12.0.1, whose XLA:CPU rounds differently (oneDNN's side is the same in both); a
+  # wrong gradient is off by O(1), and against the authors' PyTorch
+  # test_training_parity.py allows 1e-2. Biases that feed an instance norm have a true
   # gradient of zero: both sides hold noise there, so those only have to stay that small.
   largest = max(float(np.linalg.norm(g)) for g in grads["xla"])
   for got, want in zip(grads["onednn"], grads["xla"]):
@@ -489,7 +492,7 @@ def test_released_model_onednn_matches_xla(random_params):
     if np.linalg.norm(want) < 1e-5 * largest:
       assert np.linalg.norm(got) < 1e-5 * largest
     else:
-      assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
+      assert np.linalg.norm(got - want) <= 1e-3 * np.linalg.norm(want)
 
 
 @needs_kernels
