@@ -17,33 +17,10 @@ oneDNN's) and, on a CPU, ``--ynn-fusions`` setting (``config.xla_cpu_ynn_fusions
 XLA hands to YNNPACK), one after the other, so the settings are compared under the
 same load.
 
-Where the time goes with oneDNN's convolutions (``--conv-backends onednn --profile``,
-2x128x128): convolutions and their input gradients ~43%, kernel gradients ~28%,
-elementwise ~20%, reductions (instance norms) ~7%, everything else ~2%. oneDNN runs the
-3x3 convolutions' gradients 3-5x faster than XLA:CPU and the shared smoothing as a
-depthwise convolution (`layer_speed.py --conv-backends xla onednn`), which is why the
-step takes half the time of XLA's.
-
-Where the time goes with XLA's convolutions (``--profile``, 2x128x128, XLA's defaults, per-operation
-times of one step summed by kind): the weight gradients of the 3x3 convs ~32%, at
-about a third of the forward conv's rate (XLA writes each as a convolution whose
-contraction is the batch of 2 and whose window is the whole image, after transposing
-its operands: most of the ~9% of transposes); forward and input-gradient convs ~29%;
-the smoothing's shifted sums and other slices ~11%; the banded smoothing gradients'
-matrix products ~9%; elementwise ~7%; reductions ~4%. With "dot" the convolutions run
-in XLA's own kernels instead of YNNPACK's, which at these sizes are faster at all
-three: `layer_speed.py --batch 2 --height 64 --width 64 --wgrad`, a 3x3 64 -> 64 conv,
-two runs each: forward 2.4-3.7 ms against 4.0-6.0, input gradient 2.5-3.1 against
-4.0-5.5, weight gradient 6.9-10.5 against 9.8-12.2.
-
-Where the time went before the step was fast (2x128x128 on a 2-core CPU): XLA:CPU
-differentiates a convolution with an *input* dilation (how a transposed conv is usually
-written: zeros between pixels, then a stride-1 conv) through a generic, very slow path:
-the decoder's single 4x4 stride-2 transposed conv took ~300 ms of gradient for a 22 ms
-forward, more than all 55 3x3 convs together, and so the step was slower with fewer
-IM-block iterations than with more. `layers.ConvTranspose2d` now computes it sub-pixel
-(four 2x2 convs of the undilated input, interleaved), whose gradient is an ordinary
-conv's (`benchmarks/layer_speed.py --grad` times both forms).
+``--profile`` prints where one step's time goes, summed by kind of operation
+(convolutions, their input and weight gradients, elementwise, reductions, ...), for each
+setting timed. The figures measured so far, and what they led to, are in
+docs/TRAINING.md ("Speed of a training step") and docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations

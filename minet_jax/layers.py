@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,30 +21,154 @@ import numpy as np
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
-from minet_jax import onednn
+from minet_jax.config import CONV_BACKENDS
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
+
+
+class Convolutions(NamedTuple):
+  """One implementation of the model's three kinds of convolution (NHWC images, HWIO
+  kernels, zero padding); `convolutions` picks one for a backend and dtype."""
+
+  conv: Callable[..., jax.Array]
+  """``conv(x, kernel, *, strides, padding, dilation, precision)``: a dense convolution."""
+  conv_transpose: Callable[..., jax.Array]
+  """``conv_transpose(x, kernel, *, stride, padding, precision)``: ``torch.nn.ConvTranspose2d``
+  (no bias) with the kernel stored as `ConvTranspose2d` stores it."""
+  smoothing: Callable[..., jax.Array]
+  """``smoothing(x, kernel)``: every channel convolved with the one (k, k) `kernel`, same size."""
+
+
+def _xla_conv(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
+              precision=None):
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
+      dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
+
+
+def _sub_pixel(kernel_size: int, stride: int, padding: int) -> bool:
+  """Whether a transposed conv's output is exactly `stride` times its input."""
+  return kernel_size - 2 * padding == stride
+
+
+def _phase(a: int, stride: int, kernel_size: int, edge: int) -> tuple[slice, tuple[int, int]]:
+  """Kernel taps that reach output phase `a` along one axis (every s-th), and the padding.
+
+  In the dilated form output o = s*i + a reads dilated position o + t - edge for tap
+  t; it holds input pixel i + (a + t - edge) / s when that is an integer, else a zero.
+  """
+  taps = [t for t in range(kernel_size) if (a + t - edge) % stride == 0]
+  offsets = [(a + t - edge) // stride for t in taps]
+  return slice(taps[0], taps[-1] + 1, stride), (-offsets[0], offsets[-1])
+
+
+def _xla_conv_transpose(x, kernel, *, stride, padding, precision=None):
+  """The stride-1 conv of the input dilated by `stride`, or its sub-pixel form
+  (`ConvTranspose2d` says why)."""
+  k, s = kernel.shape[0], stride
+  edge = k - 1 - padding
+  if not _sub_pixel(k, s, padding):
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=((edge, edge),) * 2,
+        lhs_dilation=(s, s), dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
+  phases = [_phase(a, s, k, edge) for a in range(s)]
+  rows = []
+  for taps_a, pad_a in phases:
+    row = []
+    for taps_b, pad_b in phases:
+      row.append(_xla_conv(x, kernel[taps_a, taps_b], padding=(pad_a, pad_b),
+                           precision=precision))
+    rows.append(jnp.stack(row, axis=3))                     # N, H, W, s(b), C
+  y = jnp.stack(rows, axis=2)                               # N, H, s(a), W, s(b), C
+  n, h, _, w, _, c = y.shape
+  return y.reshape(n, h * s, w * s, c)
+
+
+def _onednn():
+  """`minet_jax.onednn`, imported on first use: it registers JAX primitives and is only
+  needed where it runs the convolutions."""
+  from minet_jax import onednn
+  return onednn
+
+
+def _onednn_conv(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
+                 precision=None):
+  onednn = _onednn()
+  return onednn.conv(x, kernel, strides=strides, padding=padding, dilation=dilation,
+                     bf16_products=_bf16_products(onednn, precision, x.dtype))
+
+
+def _onednn_conv_transpose(x, kernel, *, stride, padding, precision=None):
+  """What a transposed conv is by definition: the input gradient of the stride-s conv it
+  transposes, whose kernel is the stored one unflipped, in/out swapped. oneDNN writes it
+  straight into the output (no zeros, no interleaving)."""
+  onednn = _onednn()
+  k, s = kernel.shape[0], stride
+  out_hw = [(n - 1) * s - 2 * padding + k for n in x.shape[1:3]]
+  return onednn.conv_input(x, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), out_hw,
+                           strides=(s, s), padding=((padding, padding),) * 2,
+                           bf16_products=_bf16_products(onednn, precision, x.dtype))
+
+
+def _onednn_smoothing(x, kernel):
+  """A depthwise conv whose C kernels are all `kernel`: oneDNN's depthwise kernels beat
+  both XLA forms, forward and backward; the kernel's gradient is the sum of the C
+  per-channel ones."""
+  k, c = kernel.shape[0], x.shape[-1]
+  pad = (k - 1) // 2
+  return _onednn().conv(x, jnp.broadcast_to(kernel[:, :, None, None], (k, k, 1, c)),
+                        padding=((pad, pad), (pad, pad)), groups=c)
+
+
+@functools.cache
+def _warn_unimportable(reason: str) -> None:
+  warnings.warn("conv_backend='auto' runs XLA's convolutions: minet_jax.onednn cannot be "
+                f"imported ({reason})", stacklevel=4)
+
+
+def _onednn_runs(backend: str, dtype) -> bool:
+  """Whether oneDNN runs `dtype` convolutions under `backend` (`onednn.use_onednn`).
+
+  oneDNN serves CPUs only, so elsewhere, and for "xla", its module is not imported.
+  A module that cannot be imported (a JAX without the APIs it registers primitives
+  with) is an error for "onednn" and, with a warning, XLA's convolutions for "auto".
+  """
+  if backend not in CONV_BACKENDS:
+    raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {backend!r}")
+  if backend == "xla" or jax.default_backend() != "cpu":
+    return False
+  try:
+    onednn = _onednn()
+  except ImportError as e:
+    if backend == "onednn":
+      raise ImportError(f"conv_backend='onednn' needs minet_jax.onednn, which cannot be "
+                        f"imported: {e}") from e
+    _warn_unimportable(f"{type(e).__name__}: {e}")
+    return False
+  return onednn.use_onednn(backend, dtype)
+
+
+def convolutions(backend: str, dtype: jnp.dtype | str) -> Convolutions:
+  """Who runs `dtype` convolutions under ``ModelConfig.conv_backend=backend``
+  (`minet_jax.config.CONV_BACKENDS`): oneDNN's kernels where
+  `minet_jax.onednn.use_onednn` says so, XLA's everywhere else."""
+  return _ONEDNN if _onednn_runs(backend, dtype) else _XLA
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int] = (1, 1),
            padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
            dilation: tuple[int, int] = (1, 1), precision: jax.lax.Precision | None = None,
            backend: str = "auto") -> jax.Array:
-  """A dense NHWC x HWIO convolution, run by `backend` (`minet_jax.config.CONV_BACKENDS`).
-
-  Convolutions go to oneDNN when `minet_jax.onednn.use_onednn(backend, dtype)`;
-  everything else to ``lax.conv_general_dilated``.
-  """
-  if x.dtype == kernel.dtype and onednn.use_onednn(backend, x.dtype):
-    return onednn.conv(x, kernel, strides=strides, padding=padding, dilation=dilation,
-                       bf16_products=_bf16_products(precision, x.dtype))
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
-      dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
+  """A dense NHWC x HWIO convolution, run as `convolutions(backend, dtype)` picks
+  (XLA's for operands of two dtypes)."""
+  impl = convolutions(backend, x.dtype) if x.dtype == kernel.dtype else _XLA
+  return impl.conv(x, kernel, strides=strides, padding=padding, dilation=dilation,
+                   precision=precision)
 
 
-def _bf16_products(precision: jax.lax.Precision | None, dtype: jnp.dtype) -> bool:
+def _bf16_products(onednn: Any, precision: jax.lax.Precision | None,
+                   dtype: jnp.dtype) -> bool:
   """Whether oneDNN rounds `dtype` operands to bfloat16 at `precision` (float32 only).
 
   bfloat16 operands already have bfloat16 products with float32 sums, which is all
@@ -84,17 +211,18 @@ class Conv2d(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.kernel.shape[:2] == (1, 1) and self.stride == 1 and self.padding == 0:
-      # A 1x1 conv is a matrix product over channels. XLA:CPU runs it as a dot 7-12x
-      # faster than as a convolution when it has few output channels (the decoder's
-      # 64 -> 3 at full resolution; benchmarks/layer_speed.py), with the same result.
+      # A 1x1 conv is a matrix product over channels. XLA:CPU runs it as a dot several
+      # times faster than as a convolution when it has few output channels (the
+      # decoder's 64 -> 3 at full resolution), with the same result: measured by
+      # benchmarks/layer_speed.py, figures in docs/PERFORMANCE.md.
       y = jax.lax.dot_general(
           x.astype(self.dtype), self.kernel[...][0, 0].astype(self.dtype),
           (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
       return y if self.bias is None else y + self.bias[...].astype(self.dtype)
-    y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-               strides=(self.stride, self.stride), padding=((self.padding, self.padding),) * 2,
-               dilation=(self.dilation, self.dilation), precision=self.precision,
-               backend=self.backend)
+    y = convolutions(self.backend, self.dtype).conv(
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        strides=(self.stride, self.stride), padding=((self.padding, self.padding),) * 2,
+        dilation=(self.dilation, self.dilation), precision=self.precision)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -114,12 +242,11 @@ class ConvTranspose2d(nnx.Module):
   each of the s*s phases is an ordinary small conv of the undilated input (2x2 for the
   released layer), and the phases are interleaved into the output. That skips the
   (1 - 1/s^2) of the dilated conv's multiply-adds that fall on inserted zeros, and its
-  gradient is an ordinary conv's: XLA:CPU differentiates the input-dilated conv ~18x
-  slower than these (benchmarks/layer_speed.py --grad). Other shapes use the dilated conv.
-  With oneDNN (`minet_jax.onednn.use_onednn`) any shape is the input gradient of
-  the strided conv it transposes (`onednn.conv_input`), written straight into the output
-  with no interleaving (in ad-hoc timings against the four phases in oneDNN: the same
-  forward, a gradient as fast or faster).
+  gradient is an ordinary conv's, which XLA:CPU differentiates far faster than the
+  input-dilated conv (``benchmarks/layer_speed.py --grad``). Other shapes use the
+  dilated conv. With oneDNN any shape is the input gradient of the strided conv it
+  transposes (`onednn.conv_input`), written straight into the output with no
+  interleaving. `convolutions` picks which.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
@@ -131,55 +258,17 @@ class ConvTranspose2d(nnx.Module):
     self.kernel = nnx.Param(torch_default_uniform(fan_in)(rngs.params(), shape))
     self.bias = nnx.Param(torch_default_uniform(fan_in)(rngs.params(), (out_features,)))
     self.stride = stride
-    self.edge = kernel_size - 1 - padding
-    self.sub_pixel = kernel_size - 2 * padding == stride
+    self.padding = padding
+    self.sub_pixel = _sub_pixel(kernel_size, stride, padding)
     self.dtype = jnp.dtype(dtype)
     self.precision = _PRECISIONS[precision]
     self.backend = backend
 
-  def _phase(self, a: int) -> tuple[slice, tuple[int, int]]:
-    """Kernel taps that reach output phase `a` along one axis (every s-th), and the padding.
-
-    In the dilated form output o = s*i + a reads dilated position o + t - edge for tap
-    t; it holds input pixel i + (a + t - edge) / s when that is an integer, else a zero.
-    """
-    s, k = self.stride, self.kernel.shape[0]
-    taps = [t for t in range(k) if (a + t - self.edge) % s == 0]
-    offsets = [(a + t - self.edge) // s for t in taps]
-    return slice(taps[0], taps[-1] + 1, s), (-offsets[0], offsets[-1])
-
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
-    kernel = self.kernel[...].astype(self.dtype)
-    bias = self.bias[...].astype(self.dtype)
-    s = self.stride
-    if onednn.use_onednn(self.backend, self.dtype):
-      # What a transposed conv is by definition: the input gradient of the stride-s
-      # conv it transposes, whose kernel is the stored one unflipped, in/out swapped.
-      # oneDNN writes it straight into the output (no zeros, no interleaving).
-      k = kernel.shape[0]
-      pad = k - 1 - self.edge
-      out_hw = [(n - 1) * s - 2 * pad + k for n in x.shape[1:3]]
-      return onednn.conv_input(x, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), out_hw,
-                               strides=(s, s), padding=((pad, pad), (pad, pad)),
-                               bf16_products=_bf16_products(self.precision, self.dtype)) + bias
-    if not self.sub_pixel:
-      y = jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(1, 1), padding=((self.edge, self.edge),) * 2,
-          lhs_dilation=(s, s), dimension_numbers=_DIMENSION_NUMBERS, precision=self.precision)
-      return y + bias
-    phases = [self._phase(a) for a in range(s)]
-    rows = []
-    for taps_a, pad_a in phases:
-      row = []
-      for taps_b, pad_b in phases:
-        sub = kernel[taps_a, taps_b]
-        row.append(conv2d(x, sub, padding=(pad_a, pad_b), precision=self.precision,
-                          backend=self.backend))
-      rows.append(jnp.stack(row, axis=3))                   # N, H, W, s(b), C
-    y = jnp.stack(rows, axis=2)                             # N, H, s(a), W, s(b), C
-    n, h, _, w, _, c = y.shape
-    return y.reshape(n, h * s, w * s, c) + bias
+    y = convolutions(self.backend, self.dtype).conv_transpose(
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype), stride=self.stride,
+        padding=self.padding, precision=self.precision)
+    return y + self.bias[...].astype(self.dtype)
 
 
 class ShareSepConv(nnx.Module):
@@ -205,27 +294,19 @@ class ShareSepConv(nnx.Module):
 
 
 def smoothing(x: jax.Array, kernel: jax.Array, *, backend: str = "auto") -> jax.Array:
-  """Every channel of NHWC `x` convolved with the one (k, k) `kernel`, zero padding.
-
-  With oneDNN (`minet_jax.onednn.use_onednn(backend, dtype)`) a depthwise conv whose
-  C kernels are all `kernel`: oneDNN's depthwise kernels beat both XLA forms below,
-  forward and backward (benchmarks/layer_speed.py --conv-backends); the kernel's
-  gradient is the sum of the C per-channel ones. Otherwise `shared_smoothing`.
-  """
-  if x.dtype == kernel.dtype and onednn.use_onednn(backend, x.dtype):
-    k, c = kernel.shape[0], x.shape[-1]
-    pad = (k - 1) // 2
-    return onednn.conv(x, jnp.broadcast_to(kernel[:, :, None, None], (k, k, 1, c)),
-                       padding=((pad, pad), (pad, pad)), groups=c)
-  return shared_smoothing(x, kernel)
+  """Every channel of NHWC `x` convolved with the one (k, k) `kernel`, zero padding, run
+  as `convolutions(backend, dtype)` picks: `shared_smoothing` in XLA, a depthwise conv
+  in oneDNN (XLA's for operands of two dtypes)."""
+  impl = convolutions(backend, x.dtype) if x.dtype == kernel.dtype else _XLA
+  return impl.smoothing(x, kernel)
 
 
 def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """sum_{a,b} kernel[a, b] * x shifted by (a - p, b - p), zero padded: the smoothing conv.
 
   A sum of k*k shifted, scaled copies rather than a grouped conv: XLA:CPU runs
-  feature_group_count=C convs ~20x slower than this fused elementwise loop
-  (benchmarks/layer_speed.py), and GPUs fuse it into one kernel as well.
+  feature_group_count=C convs far slower than this fused elementwise loop
+  (``benchmarks/layer_speed.py``), and GPUs fuse it into one kernel as well.
   """
   k = kernel.shape[0]
   pad = (k - 1) // 2
@@ -285,7 +366,8 @@ def shared_smoothing(x: jax.Array, kernel: jax.Array) -> jax.Array:
   S(dx, kernel) + S(x, dkernel); both terms are written in the banded-matrix form of
   `_banded_smoothing`, so reverse mode (which transposes the tangent) gets both
   gradients from matrix products. Plain autodiff of the shifted sum made the 7x7
-  smoothing the costliest part of a training step (benchmarks/layer_speed.py --grad).
+  smoothing the costliest part of a training step (``benchmarks/layer_speed.py --grad``
+  compares the two).
   """
   return _shifted_sum(x, kernel)
 
@@ -301,6 +383,10 @@ def _shared_smoothing_jvp(primals, tangents):
   if not isinstance(dkernel, SymbolicZero):
     terms.append(_banded_smoothing(x, dkernel))
   return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+
+
+_XLA = Convolutions(_xla_conv, _xla_conv_transpose, shared_smoothing)
+_ONEDNN = Convolutions(_onednn_conv, _onednn_conv_transpose, _onednn_smoothing)
 
 
 class InstanceNorm(nnx.Module):

@@ -1,11 +1,9 @@
 """2-D convolutions through oneDNN on XLA:CPU, as differentiable JAX primitives.
 
 XLA:CPU's own convolution kernels trail oneDNN's (the library PyTorch's CPU convs use)
-on this model's shapes, most of all in the gradients: a 3x3 64->64 conv's forward plus
-both gradients takes 271-289 ms in XLA:CPU and 57-70 ms in oneDNN at 1x230x310x64, 24.6
-and 6.5 ms at 2x64x64x64, and the shared 3x3 smoothing 123-144 ms against 6-7 ms
-(`benchmarks/layer_speed.py --conv-backends xla onednn`, 2-core x86-64). This module
-puts oneDNN behind three primitives:
+on this model's shapes, most of all in the gradients and the shared smoothing
+(``benchmarks/layer_speed.py --conv-backends xla onednn`` measures them; figures in
+docs/PERFORMANCE.md). This module puts oneDNN behind three primitives:
 
   conv        y  = conv(x, w)          NHWC image, HWIO kernel
   conv_input  dx = conv_input(dy, w)   the transpose of x -> conv(x, w)
@@ -19,9 +17,11 @@ transposes, so a program built with them runs anywhere.
 
 The kernels live in ``csrc/onednn_conv.cc``, an XLA FFI handler compiled on first use
 with the system C++ compiler against the oneDNN headers and library of the
-``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (dependencies on x86-64 Linux;
+``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (the ``onednn`` extra, x86-64 Linux;
 ``$MINET_ONEDNN_ROOT`` points at another install), and cached under
-``$MINET_JAX_CACHE`` (default ``~/.cache/minet_jax``). Operands are float32, or, on
+``$MINET_JAX_CACHE`` (default ``~/.cache/minet_jax``) beside a record of its size and
+SHA-256: a library that no longer matches it (truncated, replaced) is rebuilt before
+anything loads it. Operands are float32, or, on
 CPUs with AVX512-BF16 or AMX, bfloat16 (sums in float32, results rounded to bfloat16);
 ``bf16_products`` multiplies float32 operands in bfloat16 with float32 sums and
 results. Those are the fast, inexact settings ``ModelConfig.dtype="bfloat16"`` and
@@ -36,6 +36,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 import pathlib
 import shutil
@@ -111,6 +112,51 @@ def _compile(include: pathlib.Path, lib: pathlib.Path, output: pathlib.Path) -> 
     raise OneDNNUnavailable(f"compiling {_SOURCE.name} failed:\n{done.stderr[:4000]}")
 
 
+def _library(include: pathlib.Path, lib: pathlib.Path) -> pathlib.Path:
+  """Where the kernel library for this source, jax version and oneDNN install is cached."""
+  key = hashlib.sha256("\0".join(
+      [_SOURCE.read_text(), jax.__version__, jax.ffi.include_dir(), str(include), str(lib),
+       str(sorted(p.name for p in lib.glob("libdnnl.so*")))]).encode()).hexdigest()
+  return files.cache_dir() / f"minet_onednn_{key[:16]}.so"
+
+
+def _record_file(library: pathlib.Path) -> pathlib.Path:
+  return library.with_name(library.name + ".json")
+
+
+def _fingerprint(path: pathlib.Path) -> dict:
+  with open(path, "rb") as f:
+    return {"size": os.fstat(f.fileno()).st_size,
+            "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def _intact(library: pathlib.Path) -> bool:
+  """Whether `library` is the file its build recorded (size and SHA-256).
+
+  A truncated library passes a mere existence check and then kills the process inside
+  dlopen (SIGBUS); a file planted under the cached name would run its constructors.
+  """
+  try:
+    record = json.loads(_record_file(library).read_text())
+    return (isinstance(record, dict) and library.stat().st_size == record.get("size")
+            and _fingerprint(library) == record)
+  except (OSError, ValueError, RecursionError):
+    return False
+
+
+def _build(include: pathlib.Path, lib: pathlib.Path, library: pathlib.Path) -> None:
+  """Compiles into a temporary file beside `library`, then renames it and its record into
+  place, so a concurrent or interrupted build never leaves a half-written library."""
+  library.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+    partial = pathlib.Path(tmp) / library.name
+    _compile(include, lib, partial)
+    record = pathlib.Path(tmp) / "record.json"
+    record.write_text(json.dumps(_fingerprint(partial)))
+    os.replace(partial, library)
+    os.replace(record, _record_file(library))
+
+
 def _build_and_register() -> None:
   dirs = _installed_dirs()
   if dirs is None:
@@ -120,19 +166,20 @@ def _build_and_register() -> None:
         "a oneDNN 3 install")
   include, lib = dirs
   # One library per source, jax version and oneDNN install; the compiler is only
-  # needed when that library is not built yet.
-  key = hashlib.sha256("\0".join(
-      [_SOURCE.read_text(), jax.__version__, jax.ffi.include_dir(), str(include), str(lib),
-       str(sorted(p.name for p in lib.glob("libdnnl.so*")))]).encode()).hexdigest()
-  library = files.cache_dir() / f"minet_onednn_{key[:16]}.so"
-  if not library.is_file():
-    library.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside its final name and renamed, so a concurrent or interrupted build
-    # never leaves a half-written library behind.
-    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-      partial = pathlib.Path(tmp) / library.name
-      _compile(include, lib, partial)
-      os.replace(partial, library)
+  # needed when that library is not built yet, or no longer what was built.
+  library = _library(include, lib)
+  if not _intact(library):
+    damaged = library.exists()
+    try:
+      _build(include, lib, library)
+    except (OneDNNUnavailable, OSError, subprocess.SubprocessError) as e:
+      if not damaged:
+        raise
+      raise OneDNNUnavailable(
+          f"the cached kernel library {library} is not the file its build recorded "
+          f"(truncated or replaced) and rebuilding it failed: {e}") from e
+    if not _intact(library):
+      raise OneDNNUnavailable(f"the kernel library {library} changed right after its build")
   handle = ctypes.cdll.LoadLibrary(str(library))
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handle.MinetOnednnConv),
                               platform="cpu")

@@ -85,3 +85,13 @@ def conv_backend(request) -> str:
   if request.param == "onednn":
     require_onednn()
   return request.param
+
+
+@pytest.fixture(scope="module")
+def released_on_backend(released_params, conv_backend):
+  """The released weights, convolutions run by each `conv_backend` in turn."""
+  import dataclasses
+
+  import minet_jax
+  return minet_jax.Params(weights=released_params.weights, config=dataclasses.replace(
+      released_params.config, conv_backend=conv_backend))

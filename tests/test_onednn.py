@@ -307,6 +307,60 @@ print("OK")
   assert "MINET_ONEDNN_ROOT" in done.stdout and done.stdout.rstrip().endswith("OK")
 
 
+@pytest.mark.parametrize("backend", ["auto", "onednn"])
+def test_the_library_works_without_the_onednn_module(tmp_path, random_params, backend):
+  # A fresh interpreter in which `minet_jax.onednn` cannot be imported at all: import,
+  # load and apply work under "auto" (XLA's convolutions, the same output, one warning)
+  # and "onednn" is a one-line ImportError.
+  cfg = minet_jax.ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))
+  params = random_params(cfg)
+  minet_jax.save(params, tmp_path / "ckpt")
+  image = np.random.default_rng(0).integers(0, 256, (12, 10, 3), np.uint8)
+  np.save(tmp_path / "image.npy", image)
+  want = np.asarray(minet_jax.apply(params.replace_config(conv_backend="xla"), image))
+  code = f"""
+import sys, warnings
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name == "minet_jax.onednn":
+            raise ImportError("no oneDNN module here")
+sys.meta_path.insert(0, Blocker())
+import numpy as np
+import minet_jax
+params = minet_jax.load({str(tmp_path / "ckpt")!r}).replace_config(conv_backend={backend!r})
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        out = minet_jax.apply(params, np.load({str(tmp_path / "image.npy")!r}))
+    except ImportError as e:
+        print("ImportError:", e)
+        sys.exit(3)
+assert "minet_jax.onednn" not in sys.modules
+np.save({str(tmp_path / "out.npy")!r}, np.asarray(out))
+for w in caught:
+    print("WARNING:", w.message)
+"""
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300)
+  if backend == "onednn":
+    assert done.returncode == 3, done.stderr
+    assert "ImportError: conv_backend='onednn' needs minet_jax.onednn" in done.stdout
+    return
+  assert done.returncode == 0, done.stderr
+  np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), want)
+  if jax.default_backend() == "cpu":
+    assert done.stdout.count("WARNING:") == 1, done.stdout
+    assert "minet_jax.onednn cannot be imported (ImportError: no oneDNN module here)" in (
+        done.stdout)
+
+
+def test_import_minet_jax_leaves_onednn_unimported():
+  done = subprocess.run(
+      [sys.executable, "-c", "import sys, minet_jax; print('minet_jax.onednn' in sys.modules)"],
+      capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0 and done.stdout.split() == ["False"], done.stderr
+
+
 def _fake_onednn_root(folder, header: str):
   """A oneDNN install the loader accepts (a dnnl.hpp and a libdnnl.so), so a build runs."""
   (folder / "include" / "oneapi" / "dnnl").mkdir(parents=True)
@@ -426,8 +480,11 @@ def test_released_model_onednn_matches_xla(random_params):
     loss = lambda s: jnp.sum(nnx.merge(graphdef, s)(img) ** 2)
     grads[backend] = jax.tree.leaves(jax.jit(jax.grad(loss))(state))
   _close(outs["onednn"], outs["xla"], rtol=1e-5)
-  # Per tensor, relative L2 error (measured: 6e-6 at most; against the authors' PyTorch,
-  # test_training_parity.py allows 1e-2). Biases that feed an instance norm have a true
+  # Per tensor, relative L2 error. Two float32 computations whose rounding the IM-blocks'
+  # expanding backward amplifies: measured 6e-6 at most with jax 0.10.2 and 1.6e-4 with
+  # 0.12.0.1, whose XLA:CPU rounds differently (oneDNN's side is the same in both); a
+  # wrong gradient is off by O(1), and against the authors' PyTorch
+  # test_training_parity.py allows 1e-2. Biases that feed an instance norm have a true
   # gradient of zero: both sides hold noise there, so those only have to stay that small.
   largest = max(float(np.linalg.norm(g)) for g in grads["xla"])
   for got, want in zip(grads["onednn"], grads["xla"]):
@@ -435,7 +492,7 @@ def test_released_model_onednn_matches_xla(random_params):
     if np.linalg.norm(want) < 1e-5 * largest:
       assert np.linalg.norm(got) < 1e-5 * largest
     else:
-      assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
+      assert np.linalg.norm(got - want) <= 1e-3 * np.linalg.norm(want)
 
 
 @needs_kernels
@@ -476,3 +533,71 @@ def test_conv_backend_is_the_machines_choice_not_the_checkpoints(tmp_path):
   del meta["model_sha256"]
   meta_file.write_text(json.dumps(meta))
   assert minet_jax.load(tmp_path / "ckpt").config.conv_backend == "auto"
+
+
+_CHECK_CONV = """
+import warnings, jax, jax.numpy as jnp
+from minet_jax import layers, onednn
+warnings.simplefilter("always")
+x = jnp.ones((1, 5, 5, 2)); w = jnp.ones((3, 3, 2, 2))
+conv = lambda x: layers.conv2d(x, w, padding=((1, 1), (1, 1)), backend="auto")
+assert float(conv(x)[0, 2, 2, 0]) == 18.0
+print("ONEDNN" if "minet_onednn_conv" in jax.jit(conv).lower(x).as_text() else "XLA")
+"""
+
+
+def _run_with_cache(cache, cxx, code=_CHECK_CONV):
+  env = dict(os.environ, MINET_JAX_CACHE=str(cache), CXX=str(cxx))
+  return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+@needs_kernels
+def test_a_damaged_or_planted_cached_library_is_rebuilt_not_loaded(tmp_path):
+  # The library this process built, and a "compiler" that hands out a copy of it: each
+  # (re)build below is then instant, and logged.
+  good = onednn._library(*onednn._installed_dirs())
+  log = tmp_path / "builds"
+  cxx = tmp_path / "cxx"
+  cxx.write_text(f'#!/bin/sh\necho build >> {log}\nfor a; do out="$a"; done\n'
+                 f'cp {good} "$out"\n')
+  cxx.chmod(0o755)
+  cache = tmp_path / "cache"
+  done = _run_with_cache(cache, cxx)
+  assert done.returncode == 0 and done.stdout.split() == ["ONEDNN"], done.stderr
+  library = cache / good.name
+  assert log.read_text().split() == ["build"]
+
+  # Truncated (loading it died with SIGBUS): rebuilt, then loaded.
+  with open(library, "r+b") as f:
+    f.truncate(50_000)
+  done = _run_with_cache(cache, cxx)
+  assert done.returncode == 0 and done.stdout.split() == ["ONEDNN"], done.stderr
+  assert log.read_text().split() == ["build"] * 2
+  assert library.read_bytes() == good.read_bytes()
+
+  # Another library planted under the cached name: never loaded (its constructor would
+  # leave a file behind), rebuilt instead.
+  marker = tmp_path / "planted_ran"
+  source = tmp_path / "planted.c"
+  source.write_text('#include <stdio.h>\n__attribute__((constructor)) static void run(void) '
+                    f'{{ fclose(fopen("{marker}", "w")); }}\n')
+  subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+  done = _run_with_cache(cache, cxx)
+  assert done.returncode == 0 and done.stdout.split() == ["ONEDNN"], done.stderr
+  assert not marker.exists()
+  assert log.read_text().split() == ["build"] * 3
+
+  # Damaged and the rebuild fails: "auto" warns naming the file and runs XLA's.
+  with open(library, "r+b") as f:
+    f.truncate(50_000)
+  done = _run_with_cache(cache, tmp_path / "missing-g++")
+  assert done.returncode == 0 and done.stdout.split() == ["XLA"], done.stderr
+  assert f"the cached kernel library {library} is not the file its build recorded" in (
+      done.stderr)
+  recorded = json.loads((cache / (good.name + ".json")).read_text())
+  assert recorded["size"] == good.stat().st_size
+  # An unreadable record counts as a mismatch too.
+  (cache / (good.name + ".json")).write_text("[" * 100_000)
+  done = _run_with_cache(cache, cxx)
+  assert done.returncode == 0 and done.stdout.split() == ["ONEDNN"], done.stderr

@@ -34,8 +34,6 @@ Tolerances, and why:
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,13 +60,6 @@ def reference(shared_dir):
 
 
 @pytest.fixture(scope="module")
-def released(released_params, conv_backend):
-  """The released weights, convolutions run by each backend in turn."""
-  return minet_jax.Params(weights=released_params.weights, config=dataclasses.replace(
-      released_params.config, conv_backend=conv_backend))
-
-
-@pytest.fixture(scope="module")
 def config(conv_backend):
   config = its_authors.get_config()
   assert config.optimizer.learning_rate == LEARNING_RATE and config.loss == "l2"
@@ -87,9 +78,9 @@ def torch_named(weights, cfg) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def ours(config, released, batch):
+def ours(config, released_on_backend, batch):
   """Our losses, outputs and gradients (PyTorch names and layouts) at the released weights."""
-  state = state_lib.create_train_state(config, released)
+  state = state_lib.create_train_state(config, released_on_backend)
   model, _ = state.merge()
   key = jax.random.key(0)
   results = {}
@@ -98,7 +89,8 @@ def ours(config, released, batch):
     (value, (output, _)), grads = fn(model, batch)
     # The gradient State has the parameters' structure: read it as a model's weights.
     grad_weights = minet_jax.params_from_model(nnx.merge(nnx.graphdef(model), grads)).weights
-    results[loss] = (float(value), np.asarray(output), torch_named(grad_weights, released.config))
+    results[loss] = (float(value), np.asarray(output),
+                     torch_named(grad_weights, released_on_backend.config))
   return results
 
 
@@ -142,7 +134,7 @@ def with_weights(state: state_lib.TrainState, weights: dict) -> state_lib.TrainS
   return state.replace(state=nnx.state((model, optimizer)))
 
 
-def test_adam_steps_match(config, released, batch, reference, ours):
+def test_adam_steps_match(config, released_on_backend, batch, reference, ours):
   """1 and 3 steps of the project's jitted train step against torch.optim.Adam's.
 
   Step 1 starts from the released weights on both sides and must agree to float32
@@ -152,11 +144,11 @@ def test_adam_steps_match(config, released, batch, reference, ours):
   weights after step 1 (with our Adam moments), and the test compares the two steps'
   displacement, tensor by tensor.
   """
-  cfg = released.config
-  state = state_lib.create_train_state(config, released)
+  cfg = released_on_backend.config
+  state = state_lib.create_train_state(config, released_on_backend)
   step = make_train_step(config.loss, ynn_fusions=config.xla_cpu_ynn_fusions)
   _, _, grads = ours["l2"]
-  start = torch_named(released.weights, cfg)
+  start = torch_named(released_on_backend.weights, cfg)
   state, _ = step(state, batch)
   after1 = torch_named(state.params().weights, cfg)
   flipped = 0

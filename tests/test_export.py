@@ -1,0 +1,78 @@
+"""Programs for GPUs from a machine without one: `apply` and a training step lowered with
+`jax.export` for ``platforms=("cuda",)`` hold no CPU-only custom call and no host
+callback, whichever `ModelConfig.conv_backend` built them."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import minet_jax
+from configs import tiny
+from minet_jax.train import state as state_lib
+from minet_jax.train import step as step_lib
+
+# What a GPU program may call besides StableHLO: nothing of this project's, no host code.
+_TARGET = re.compile(r'(?:custom_call @|call_target_name = ")([\w.$-]+)')
+_HOST = ("callback", "cpu", "lapack", "ducc", "minet_")
+
+
+def _small_config(backend: str):
+  config = tiny.get_config()
+  config.model.features = 4
+  config.model.iterations = (1, 1, 1)
+  config.model.smoothed_dilation = True  # the shared smoothing conv too
+  config.model.conv_backend = backend
+  return config
+
+
+def _custom_calls(exported: jax.export.Exported) -> set[str]:
+  return set(_TARGET.findall(exported.mlir_module()))
+
+
+@pytest.fixture(scope="module", params=["auto", "xla"])
+def state(request):
+  return state_lib.create_train_state(_small_config(request.param))
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  return {"hazy": jnp.asarray(rng.random((2, 16, 16, 3)), jnp.float32),
+          "clear": jnp.asarray(rng.random((2, 16, 16, 3)), jnp.float32)}
+
+
+def _assert_gpu_only(exported: jax.export.Exported) -> None:
+  assert exported.platforms == ("cuda",)
+  calls = _custom_calls(exported)
+  assert not [c for c in calls if any(h in c.lower() for h in _HOST)], calls
+  assert "stablehlo.convolution" in exported.mlir_module()
+
+
+def test_apply_exports_for_cuda(state):
+  params = state.params()
+  image = jnp.zeros((16, 20, 3), jnp.float32)
+  _assert_gpu_only(jax.export.export(jax.jit(minet_jax.apply), platforms=("cuda",))(
+      params, image))
+
+
+def test_a_training_step_exports_for_cuda(state):
+  step = step_lib.make_train_step("mse")
+  _assert_gpu_only(jax.export.export(step, platforms=("cuda",))(state, _batch()))
+
+
+@pytest.mark.usefixtures("onednn_kernels")
+def test_the_check_sees_a_cpu_only_custom_call():
+  # The same step for the CPU under "auto" carries oneDNN's custom call: what the tests
+  # above would catch if it reached a GPU program.
+  if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    pytest.skip("'auto' picks oneDNN on a single CPU device only")
+  state = state_lib.create_train_state(_small_config("auto"))
+  exported = jax.export.export(
+      step_lib.make_train_step("mse"), platforms=("cpu",),
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("minet_onednn_conv")])(
+          state, _batch())
+  assert "minet_onednn_conv" in _custom_calls(exported)
