@@ -409,28 +409,27 @@ def build(name: str, data_dir: PathLike | None = None, manual_dir: PathLike | No
   `folders.source_fingerprint`), and refused (`StaleBuildError`) when it was built from
   another folder of the same name. Without `manual_dir` an existing build is used as it is.
   """
-  with _tfds_quiet():
+  with _tfds_quiet():  # TFDS reports while it looks for an existing build, too.
     builder = get_builder(name, data_dir, manual_dir, synthetic_config=synthetic_config)
-  dataset = _split_name(name)[0]
-  download_config = None
-  if dataset in _NEEDS_MANUAL:
-    if builder.is_prepared() and manual_dir is None:
-      return builder
-    config = builder.builder_config.name if dataset == "reside_sots" else None
-    records = _records(dataset, config, manual_dir)
-    if builder.is_prepared():
-      if _is_current(builder, name, records, manual_dir):
+    dataset = _split_name(name)[0]
+    download_config = None
+    if dataset in _NEEDS_MANUAL:
+      if builder.is_prepared() and manual_dir is None:
         return builder
-      std_logging.warning("%s in %s is stale (its source folder %s changed since it was "
-                          "built, or it did not record what it was built from): rebuilding "
-                          "it", name, builder.data_dir, manual_dir)
-      builder.data_path.rmtree()
-      with _tfds_quiet():
+      config = builder.builder_config.name if dataset == "reside_sots" else None
+      records = _records(dataset, config, manual_dir)
+      if builder.is_prepared():
+        if _is_current(builder, name, records, manual_dir):
+          return builder
+        std_logging.warning("%s in %s is stale (its source folder %s changed since it was "
+                            "built, or it did not record what it was built from): "
+                            "rebuilding it", name, builder.data_dir, manual_dir)
+        builder.data_path.rmtree()
         builder = get_builder(name, data_dir, manual_dir, synthetic_config=synthetic_config)
-    download_config = tfds.download.DownloadConfig(
-        manual_dir=os.fspath(pathlib.Path(manual_dir).expanduser()))
-  elif builder.is_prepared():
-    return builder
+      download_config = tfds.download.DownloadConfig(
+          manual_dir=os.fspath(pathlib.Path(manual_dir).expanduser()))
+    elif builder.is_prepared():
+      return builder
   what = ("rendering the offline synthetic haze set" if dataset == "synthetic_haze"
           else f"reading {manual_dir}")
   if report:
