@@ -375,14 +375,14 @@ def _tree(folder: pathlib.Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("case", [
     "as recorded", "config.json deleted", "config.json edited",
-    "iterations, config.json deleted", "iterations, both config files deleted",
+    "eta, config.json deleted", "eta, both config files deleted",
     "both config files deleted, older step records", "minet_config.json edited"])
 def test_resume_refuses_another_architecture(two_step_run, data_dir, tmp_path, case):
   workdir = tmp_path / "other"
   shutil.copytree(two_step_run, workdir)
   change = {"model.features": 4}
-  if case.startswith("iterations"):
-    change = {"model.iterations": (1, 1, 1)}  # Same weight shapes, another model.
+  if case.startswith("eta"):
+    change = {"model.eta": 0.5}  # Same weight shapes, another model.
   train_json, model_json = workdir / "config.json", workdir / "minet_config.json"
   if case == "config.json edited":
     train = json.loads(train_json.read_text())
@@ -532,7 +532,7 @@ def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_
     ("optimizer.b2=2", r"optimizer.b2 must be in \[0, 1\)"),
     ("data.name=bogus", "unknown dataset 'bogus'"),
     ("data.synthetic.image_size=(8,8)", "image_size must be at least 16x16"),
-    ("init_from=MISSING", "does not exist"),
+    ("init_from=MISSING", "no such checkpoint folder"),
     ("init_from=OTHER", "different architecture"),
 ])
 def test_rejected_fresh_starts_are_one_line_and_write_nothing(train_cli, override, expected,
@@ -866,3 +866,12 @@ def test_correction_loss_is_the_loss_of_one_step_after_random_iterates():
   assert float(metrics["correction_loss"]) == pytest.approx(expected, rel=1e-5)
   assert float(metrics["loss"]) == pytest.approx(
       float(metrics["reconstruction_loss"]) + expected, rel=1e-5)
+
+
+def test_resume_takes_other_solve_settings(two_step_run, data_dir, tmp_path):
+  workdir = tmp_path / "resolved"
+  shutil.copytree(two_step_run, workdir)
+  summary = train_and_evaluate(tiny_config(data_dir, num_train_steps=3, **{
+      "model.solver": "picard", "model.rtol": 1e-2, "model.backward": "phantom"}), workdir)
+  assert summary["step"] == 3
+  assert minet_jax.load(workdir).config.solver == "picard"
