@@ -149,11 +149,9 @@ def fixed_point_mismatch(block: model_lib.IMBlock, g0: jax.Array, target: jax.Ar
   t_map, state = block.map_fn()
   g0 = jax.lax.stop_gradient(g0)
   target = jax.lax.stop_gradient(target)
-  diff = (t_map(target, (g0, state)) - target).astype(jnp.float32)
-  step = (target - g0).astype(jnp.float32)
-  axes = tuple(range(1, diff.ndim))
-  return jnp.sum(jnp.square(diff), axis=axes) / jnp.maximum(
-      jnp.sum(jnp.square(step), axis=axes), jnp.finfo(jnp.float32).tiny)
+  residual = spectral.norm(t_map(target, (g0, state)) - target, per_sample=True)
+  step = spectral.norm(target - g0, per_sample=True)
+  return jnp.square(residual) / jnp.maximum(jnp.square(step), jnp.finfo(jnp.float32).tiny)
 
 
 def random_iterate(block: model_lib.IMBlock, g0: jax.Array, key: jax.Array) -> jax.Array:

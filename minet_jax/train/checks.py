@@ -46,7 +46,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if int(data.crop_size) < 0 or int(data.crop_size) % 2:
     raise ConfigError(f"config.data.crop_size must be 0 (full images) or an even number of "
                      f"pixels (the encoder halves them), got {data.crop_size}")
-  if config.teacher and not (config.init_from if config.teacher == "init_from" else True):
+  if config.teacher == "init_from" and not config.init_from:
     raise ConfigError("config.teacher='init_from' needs config.init_from (the weights whose "
                       "outputs are the targets)")
   if float(config.teacher_match_weight) < 0 or float(config.output_weight) < 0:
