@@ -332,14 +332,14 @@ class _LoopState(NamedTuple):
   residual: jax.Array   # (B,) float32 last relative residual
   history: jax.Array    # (B, max_steps) float32, NaN for steps not taken
   accel: Any            # the solver's own state: () for Picard, `_AndersonState`
-  best_value: Any       # each sample's evaluation of lowest residual so far
-  best_residual: jax.Array  # (B,) float32 its residual (inf before the first step)
+  best: Any             # with best_so_far: (evaluation, residual) of lowest residual per
+                        # sample so far (residual inf before the first step); else ()
 
 
 class _Iterative:
   """The masked loop shared by `Picard` and `Anderson` (they supply ``_init``/``_next``).
 
-  Subclasses are dataclasses with ``rtol``, ``atol`` and ``unroll`` fields.
+  Subclasses are dataclasses with ``rtol``, ``atol``, ``unroll`` and ``best_so_far`` fields.
   """
 
   def _init(self, z0: Any, batch: int) -> Any:
@@ -349,6 +349,14 @@ class _Iterative:
     """The next point to evaluate from x, its evaluation fx = T(x), and the state."""
     raise NotImplementedError
 
+  def _best(self, best: Any, active: jax.Array, fx: Any, rel: jax.Array) -> Any:
+    """The best-so-far pair after an evaluation fx with residual rel (best_so_far only)."""
+    if not self.best_so_far:
+      return ()
+    value, residual = best
+    better = active & (rel < residual)  # False for NaN
+    return _select(better, fx, value), jnp.where(better, rel, residual)
+
   def _step(self, fn, args, n: int) -> Callable[[_LoopState], _LoopState]:
     def step(s: _LoopState) -> _LoopState:
       fx = fn(s.x, args)
@@ -357,7 +365,6 @@ class _Iterative:
       x_next, accel = self._next(s.step, s.x, fx, s.accel)
       finished = s.active & (met | ~finite)
       code = jnp.where(finite, RESULTS.successful, RESULTS.nonfinite).astype(jnp.int32)
-      better = s.active & (rel < s.best_residual)  # False for NaN
       return _LoopState(
           step=s.step + 1,
           x=_select(s.active, x_next, s.x),
@@ -369,8 +376,7 @@ class _Iterative:
           history=s.history.at[:, s.step].set(jnp.where(s.active, rel, jnp.nan)),
           # A finished sample's x no longer moves, so its (unused) state needs no freezing.
           accel=accel,
-          best_value=_select(better, fx, s.best_value),
-          best_residual=jnp.where(better, rel, s.best_residual))
+          best=self._best(s.best, s.active, fx, rel))
     return step
 
   def _run(self, fn, z0, args, max_steps: int, differentiable: bool) -> _Outcome:
@@ -383,8 +389,9 @@ class _Iterative:
         num_steps=jnp.zeros((batch,), jnp.int32),
         residual=jnp.full((batch,), jnp.nan, jnp.float32),
         history=jnp.full((batch, max_steps), jnp.nan, jnp.float32),
-        accel=self._init(z0, batch), best_value=z0,
-        best_residual=jnp.full((batch,), jnp.inf, jnp.float32))
+        accel=self._init(z0, batch),
+        # Only a best-so-far solve pays for carrying a second copy of the iterate.
+        best=(z0, jnp.full((batch,), jnp.inf, jnp.float32)) if self.best_so_far else ())
     step = self._step(fn, args, _sample_size(z0))
     if differentiable:
       final, _ = jax.lax.scan(lambda s, _: (step(s), None), init, None, length=max_steps,
@@ -394,9 +401,10 @@ class _Iterative:
     value, residual = final.value, final.residual
     if self.best_so_far:
       # A solve that missed the tolerance answers with its best evaluation instead.
-      use_best = (final.status != RESULTS.successful) & jnp.isfinite(final.best_residual)
-      value = _select(use_best, final.best_value, value)
-      residual = jnp.where(use_best, final.best_residual, residual)
+      best_value, best_residual = final.best
+      use_best = (final.status != RESULTS.successful) & jnp.isfinite(best_residual)
+      value = _select(use_best, best_value, value)
+      residual = jnp.where(use_best, best_residual, residual)
     return _Outcome(value, final.status, final.num_steps, residual, final.history)
 
 
