@@ -5,7 +5,7 @@
 
 Trains the same small MI-Net (16 features, one residual block, T = 8 unrolled, as the
 released model is trained) from the same initialisation on random 64x64 crops of the
-RESIDE ITS sample pairs, once per penalty weight (`minet_jax.contractive`, 0 = off),
+RESIDE ITS sample pairs, once per penalty weight (`minet_jax.stability.contractive`, 0 = off),
 then evaluates every trained model on 128x128 centre crops of the 10 SOTS indoor
 samples. With ``--init released`` the authors' released model is fine-tuned instead
 (and evaluated untouched as a reference row). Evaluation:
@@ -36,8 +36,9 @@ import optax
 from flax import nnx
 
 import minet_jax
-from minet_jax import params as params_lib
-from minet_jax import contractive, convert, image_io, metrics, stability
+from minet_jax.core import params as params_lib
+from minet_jax.stability import contractive
+from minet_jax import convert, image_io, metrics, stability
 from minet_jax.data import folders
 
 DEFAULT_SHARED = pathlib.Path(

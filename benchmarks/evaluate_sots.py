@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 from minet_jax import convert, evaluation
-from minet_jax.config import add_speed_arguments, speed_changes
+from minet_jax.core.config import add_speed_arguments, speed_changes
 
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))

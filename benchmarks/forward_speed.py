@@ -4,9 +4,9 @@
         [--dtype float32] [--conv-backends xla onednn] [--ckpt DIR] [--profile]
 
 For every WIDTHxHEIGHT it times `minet_jax.apply` the way users call it: sizes up to
-`minet_jax.strips.AUTO_PIXELS` (2 MP) as one jitted program (``jax.jit(apply)``), larger
+`minet_jax.core.strips.AUTO_PIXELS` (2 MP) as one jitted program (``jax.jit(apply)``), larger
 ones eagerly, where `apply` runs the exact strip path (eight compiled stages, see
-`minet_jax.strips`), once per ``--conv-backends`` setting (``ModelConfig.conv_backend``:
+`minet_jax.core.strips`), once per ``--conv-backends`` setting (``ModelConfig.conv_backend``:
 XLA's convolutions or oneDNN's). It prints, per size and setting:
 
 * compile: for the jitted program XLA's lowering + compilation time; for the strip path
@@ -45,7 +45,7 @@ import numpy as np
 
 import minet_jax
 import op_profile  # benchmarks/op_profile.py, beside this script
-from minet_jax import strips
+from minet_jax.core import strips
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 import minet_jax
-from minet_jax import params as params_lib
+from minet_jax.core import params as params_lib
 
 MODES = (("unrolled", "backprop"), ("unrolled", "implicit"), ("picard", "implicit"))
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from minet_jax import layers
+from minet_jax.core import layers
 from minet_jax.train.step import cpu_compiler_options
 
 _DN = ("NHWC", "HWIO", "NHWC")

@@ -11,7 +11,7 @@ peak resident set size and wall time (the largest peak and the shortest time ove
 ``--whole-up-to MP`` photos up to that many megapixels are also run with
 ``--strip-rows 0`` (the whole image at once). Beside
 each it prints XLA's compiled memory analysis (arguments + outputs + temporaries,
-nothing executed): the largest stage of the strip path (`minet_jax.strips.stage_memory`)
+nothing executed): the largest stage of the strip path (`minet_jax.core.strips.stage_memory`)
 and the whole-image program. ``--exact`` runs one image both ways in this process and
 prints the largest difference ([0, 1] scale). Weights: ``--ckpt``, else the released
 model converted from ``../shared``, else random weights of the released architecture.
@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 import minet_jax
-from minet_jax import strips
+from minet_jax.core import strips
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("MINET_SHARED", ROOT.parent / "shared"))

@@ -5,7 +5,7 @@ of the compiled program runs under `jax.profiler.trace`; the trace's per-operati
 events (named like the program's HLO instructions) are summed by the kind of work the
 instruction does, read from the optimised HLO (`Compiled.as_text`): a convolution
 (a weight gradient when its window is larger than 7x7: XLA writes the kernel gradient
-as a convolution whose window is the whole image; `minet_jax.onednn`'s custom calls
+as a convolution whose window is the whole image; `minet_jax.core.onednn`'s custom calls
 are convolutions too), a matrix product, a reduction,
 a transpose or copy, a slice, pad or concatenation (the shared smoothing's shifted
 sums are fusions of slices), else elementwise.
@@ -30,7 +30,7 @@ import jax
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _WINDOW = re.compile(r"window=\{size=(\d+)x(\d+)")
-# The oneDNN convolutions of minet_jax.onednn: one custom-call target, `kind` 2 is the
+# The oneDNN convolutions of minet_jax.core.onednn: one custom-call target, `kind` 2 is the
 # kernel gradient.
 _ONEDNN = re.compile(r'custom_call_target="minet_onednn_conv".*kind\s*=\s*(\d)')
 

@@ -23,7 +23,7 @@ import numpy as np
 
 import minet_jax
 from minet_jax import convert, image_io, metrics
-from minet_jax.config import add_speed_arguments, speed_changes
+from minet_jax.core.config import add_speed_arguments, speed_changes
 
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minet_jax import params as params_lib
+from minet_jax.core import params as params_lib
 from minet_jax import convert, metrics, stability
 from minet_jax.stability import report as stability_report
 from minet_jax.data import folders

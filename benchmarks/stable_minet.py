@@ -39,9 +39,10 @@ import numpy as np
 from flax import nnx
 
 import minet_jax
-from minet_jax import convert, metrics, spectral
+from minet_jax import convert, metrics
+from minet_jax.stability import spectral
 from minet_jax.data import folders
-from minet_jax.params import Params, model_from_params
+from minet_jax.core.params import Params, model_from_params
 
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))

@@ -36,9 +36,10 @@ import numpy as np
 from flax import nnx
 
 import minet_jax
-from minet_jax import convert, metrics, spectral
+from minet_jax import convert, metrics
+from minet_jax.stability import spectral
 from minet_jax.data import folders, synthetic
-from minet_jax.params import Params, model_from_params
+from minet_jax.core.params import Params, model_from_params
 from minet_jax.train import state as state_lib
 from minet_jax.train import step as step_lib
 

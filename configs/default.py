@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from minet_jax.config import ModelConfig
+from minet_jax.core.config import ModelConfig
 from minet_jax.data.synthetic import SyntheticHazeConfig
 
 
@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
   """Base config: the released architecture and the paper's training recipe."""
   config = ml_collections.ConfigDict()
   # Architecture: minet_jax.ModelConfig's fields and defaults (the released checkpoint's);
-  # minet_jax/config.py says what each field means.
+  # minet_jax/core/config.py says what each field means.
   config.model = section(ModelConfig())
   # Seed for parameter initialisation (and, in training, data order and augmentation).
   config.seed = 0
@@ -152,7 +152,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher = ""
   # With a teacher: weight of the block fixed-point matching term, which trains each
   # IM-block's f so that the teacher's block output is its fixed point given the
-  # teacher's block input (minet_jax.contractive.fixed_point_mismatch; no solve needed).
+  # teacher's block input (minet_jax.stability.contractive.fixed_point_mismatch; no solve needed).
   config.teacher_match_weight = 0.0
   # Weight of the loss on the model's output (config.loss); 0 skips the forward pass
   # (with a teacher and teacher_match_weight > 0: train the blocks alone, cheaply).

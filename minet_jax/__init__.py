@@ -11,12 +11,12 @@ import os
 import pathlib
 from typing import Any
 
-from minet_jax import checkpoint as _checkpoint
-from minet_jax.api import apply, apply_checked
-from minet_jax.checkpoint import CheckpointError, load_config, save
-from minet_jax.config import ModelConfig, model_config, paper_text_variant
-from minet_jax.model import MINet
-from minet_jax.params import Params, init, model_from_params, params_from_model
+from minet_jax.core import checkpoint as _checkpoint
+from minet_jax.core.api import apply, apply_checked
+from minet_jax.core.checkpoint import CheckpointError, load_config, save
+from minet_jax.core.config import ModelConfig, model_config, paper_text_variant
+from minet_jax.core.model import MINet
+from minet_jax.core.params import Params, init, model_from_params, params_from_model
 
 __all__ = [
     "CheckpointError",
@@ -44,7 +44,7 @@ def load(path: str | os.PathLike) -> Params:
   workdir (its best-validation, else latest, weights), or an authors' PyTorch ``.pth``
   file, converted in memory by the torch-free reader (`minet_jax.hub.load_pth`).
 
-  Raises `CheckpointError` (see `minet_jax.checkpoint.load`) when it cannot.
+  Raises `CheckpointError` (see `minet_jax.core.checkpoint.load`) when it cannot.
   """
   if pathlib.Path(path).expanduser().is_file():
     # The package reaches the reader (a tool) only when asked: `import minet_jax` and

@@ -26,7 +26,7 @@ What is never done, and said instead on stderr:
 
 The exit code is 1 if any input was not processed (skipped earlier results do
 not count). Images above 2 MP are processed exactly in bounded memory by running
-the full-resolution layers in row strips (`minet_jax.strips`; ``--strip-rows``
+the full-resolution layers in row strips (`minet_jax.core.strips`; ``--strip-rows``
 sets the strip height, 0 turns it off); the progress bar then advances stage by
 stage. ``--tile`` instead processes large images in independent overlapping tiles,
 an approximation (see `minet_jax.tiling`).
@@ -44,7 +44,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from minet_jax import image_io, tiling
-from minet_jax.config import add_speed_arguments, program_name, speed_changes
+from minet_jax.core.config import add_speed_arguments, program_name, speed_changes
 
 PathLike = str | os.PathLike
 # Growth of dehazing's peak memory per pixel on the strip path (docs/PRETRAINED.md: 2.16 GB
@@ -291,7 +291,7 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
       result = dehaze_image(params, image, tile=tile, overlap=overlap, blend=blend,
                             strip_rows=strip_rows, progress=steps, solves=solves)
       if solves:
-        from minet_jax.api import describe_solves
+        from minet_jax.core.api import describe_solves
         solved[str(job.source)] = describe_solves(solves, params.config)
       if keep_gray and is_gray(image):
         image, result = image[..., 0], luminance(result)

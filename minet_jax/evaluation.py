@@ -35,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minet_jax import api, dcp, image_io, metrics
-from minet_jax.config import ModelConfig, add_speed_arguments, speed_changes
+from minet_jax.core import api
+from minet_jax import dcp, image_io, metrics
+from minet_jax.core.config import ModelConfig, add_speed_arguments, speed_changes
 from minet_jax.data import folders
 
 METHODS = ("minet", "hazy", "dcp")

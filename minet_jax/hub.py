@@ -24,8 +24,10 @@ import sys
 import urllib.error
 import urllib.request
 
-from minet_jax import checkpoint, convert, files, torch_names, torch_pickle
-from minet_jax.params import Params, weights_checksum
+from minet_jax.core import checkpoint, files
+from minet_jax import convert
+from minet_jax.convert import torch_names, torch_pickle
+from minet_jax.core.params import Params, weights_checksum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +37,7 @@ class Release:
   url: str
   # SHA-256 of the published file, as served.
   file_sha256: str
-  # `minet_jax.params.weights_checksum` of its converted weights: names, shapes and
+  # `minet_jax.core.params.weights_checksum` of its converted weights: names, shapes and
   # float32 bytes, whatever the pickle around them says.
   weights_sha256: str
   description: str

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from minet_jax import files
+from minet_jax.core import files
 
 PathLike = str | os.PathLike
 

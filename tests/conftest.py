@@ -61,9 +61,9 @@ def random_params():
 
 
 def require_onednn() -> None:
-  """Skips unless minet_jax.onednn's kernels build here; fails instead under CI=true on
+  """Skips unless minet_jax.core.onednn's kernels build here; fails instead under CI=true on
   x86-64 Linux, where the pinned oneDNN wheels exist and so must work."""
-  from minet_jax import onednn
+  from minet_jax.core import onednn
   try:
     onednn.ensure_available()
   except onednn.OneDNNUnavailable as e:

@@ -3,7 +3,7 @@
 The tests need checkpoints shaped like the authors' (both formats, wrapped state dicts,
 pickled modules, shared storages) and hostile ones (zero strides, tampered pickles), so
 this builds them from numpy arrays. The package itself only reads such files
-(`minet_jax.torch_pickle`).
+(`minet_jax.convert.torch_pickle`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from minet_jax import torch_pickle
+from minet_jax.convert import torch_pickle
 
 PathLike = str | os.PathLike
 

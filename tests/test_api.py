@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import minet_jax
-from minet_jax import checkpoint
+from minet_jax.core import checkpoint
 
 TINY = minet_jax.ModelConfig(features=8, iterations=(2, 2, 2))
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -281,7 +281,7 @@ def test_params_refuse_weights_of_another_architecture(params):
 def test_newer_format_version_is_refused(params, tmp_path):
   path = minet_jax.save(params, tmp_path / "ckpt")
   meta = json.loads((path / "minet_config.json").read_text())
-  meta["format_version"] = minet_jax.checkpoint.FORMAT_VERSION + 1
+  meta["format_version"] = minet_jax.core.checkpoint.FORMAT_VERSION + 1
   (path / "minet_config.json").write_text(json.dumps(meta))
   with pytest.raises(minet_jax.CheckpointError, match="newer .* upgrade minet-jax"):
     minet_jax.load(path)
@@ -367,7 +367,7 @@ def test_a_missing_weight_is_named(params, image):
 def test_reports_of_orbax_work_abandoned_after_a_failure_are_dropped(monkeypatch):
   passed_on = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: passed_on.append(u.exc_value))
-  minet_jax.checkpoint.quiet_abandoned_reads()
+  minet_jax.core.checkpoint.quiet_abandoned_reads()
 
   def report(error):
     sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error,

@@ -99,13 +99,13 @@ def test_numpy_scalars_are_numbers():
 
 
 def test_duplicate_dilations_cannot_map_to_the_authors_names():
-  from minet_jax.torch_names import torch_name_table
+  from minet_jax.convert.torch_names import torch_name_table
   with pytest.raises(ValueError, match="distinct dilations"):
     torch_name_table(minet_jax.ModelConfig(dilations=(2, 2, 4)))
 
 
 def test_architecture_and_solve_settings_partition_the_fields():
-  from minet_jax import config as config_lib
+  from minet_jax.core import config as config_lib
   names = [f.name for f in dataclasses.fields(minet_jax.ModelConfig)]
   assert sorted(names) == sorted(config_lib.ARCHITECTURE_FIELDS + config_lib.SOLVE_FIELDS)
   assert not set(config_lib.ARCHITECTURE_FIELDS) & set(config_lib.SOLVE_FIELDS)
@@ -138,7 +138,7 @@ def test_checkpoints_written_before_the_new_solve_fields_still_load(tmp_path, ra
 
 def test_tools_can_override_how_the_blocks_are_solved():
   import argparse
-  from minet_jax import config as config_lib
+  from minet_jax.core import config as config_lib
   parser = argparse.ArgumentParser()
   config_lib.add_speed_arguments(parser)
   args = parser.parse_args(["--solver", "anderson", "--rtol", "1e-4", "--max-steps", "40"])

@@ -12,9 +12,9 @@ import pytest
 from flax import nnx
 
 import minet_jax
-from minet_jax import contractive
-from minet_jax import fixed_point as fp
-from minet_jax.model import IMBlock
+from minet_jax.stability import contractive
+from minet_jax.core import fixed_point as fp
+from minet_jax.core.model import IMBlock
 
 
 def _tiny_block(gain=1.0):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import minet_jax
-from minet_jax import convert, torch_names, torch_pickle
+from minet_jax import convert
+from minet_jax.convert import torch_names, torch_pickle
 
 import pth_writer
 
@@ -183,7 +184,7 @@ def _write_zip(path, tree, bombs: dict[str, int] = {}) -> None:
 def _released_state_dict() -> dict[str, np.ndarray]:
   """Zeros of every tensor of the released architecture, in PyTorch names and layouts."""
   cfg = convert.released_config()
-  shapes = minet_jax.params.param_shapes(cfg)
+  shapes = minet_jax.core.params.param_shapes(cfg)
   return {name: np.ascontiguousarray(torch_names.to_torch_layout(np.zeros(shapes[path],
                                                                              np.float32), rule))
           for path, (name, rule) in torch_names.torch_name_table(cfg).items()}
@@ -192,7 +193,7 @@ def _released_state_dict() -> dict[str, np.ndarray]:
 def _peak_bytes(fn) -> int:
   """Peak Python + numpy heap while ``fn`` runs (numpy reports its buffers to tracemalloc)."""
   # Builds and caches the architecture's shapes outside the measurement.
-  minet_jax.params.param_shapes(convert.released_config())
+  minet_jax.core.params.param_shapes(convert.released_config())
   tracemalloc.start()
   try:
     fn()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from minet_jax.data import scenes
+from minet_jax.data.synthetic import scenes
 from minet_jax.data import synthetic
 
 SMALL = synthetic.SyntheticHazeConfig(image_size=(24, 32), train_rooms=3, validation_rooms=2,

@@ -12,7 +12,7 @@ from PIL import Image
 
 import minet_jax
 from minet_jax import dehaze, metrics, tiling
-from minet_jax.config import ModelConfig
+from minet_jax.core.config import ModelConfig
 
 
 @pytest.fixture(scope="module")

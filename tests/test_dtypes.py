@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import minet_jax
-from minet_jax import onednn
+from minet_jax.core import onednn
 from conftest import require_onednn
 
 SMALL = minet_jax.ModelConfig(features=8, pre_blocks=1, iterations=(1, 1, 1))

@@ -12,7 +12,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import minet_jax
 from minet_jax import evaluation
-from minet_jax.config import ModelConfig
+from minet_jax.core.config import ModelConfig
 
 
 def _sk(out, gt):

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 import minet_jax
-from minet_jax import fixed_point as fp
-from minet_jax.model import IMBlock
+from minet_jax.core import fixed_point as fp
+from minet_jax.core.model import IMBlock
 
 ITERATIVE = ("picard", "anderson")
 
@@ -343,7 +343,7 @@ def test_from_config_builds_the_named_objects():
 def test_registries_name_every_class_once():
   assert fp.SOLVERS == ("unrolled", "picard", "anderson")
   assert fp.BACKWARDS == ("backprop", "implicit", "phantom")
-  assert minet_jax.config.SOLVERS is fp.SOLVERS and minet_jax.config.BACKWARDS is fp.BACKWARDS
+  assert minet_jax.core.config.SOLVERS is fp.SOLVERS and minet_jax.core.config.BACKWARDS is fp.BACKWARDS
   cfg = minet_jax.ModelConfig(solver="picard", backward="phantom", phantom_steps=3,
                               phantom_damping=0.5, best_so_far=True)
   assert fp.from_config(cfg) == (fp.Picard(rtol=1e-3, best_so_far=True),

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 import minet_jax
-from minet_jax import dehaze, evaluation, hub, image_io, torch_names
-from minet_jax.params import flat_weights, weights_checksum
+from minet_jax import dehaze, evaluation, hub, image_io
+from minet_jax.convert import torch_names
+from minet_jax.core.params import flat_weights, weights_checksum
 
 
 class _Server:

@@ -14,10 +14,10 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "minet_jax"
 # The inference core: what `import minet_jax` and `load`/`apply` may use.
-CORE = {"minet_jax", "minet_jax.api", "minet_jax.checkpoint", "minet_jax.config",
-        "minet_jax.files", "minet_jax.fixed_point", "minet_jax.layers", "minet_jax.model",
-        "minet_jax.onednn",
-        "minet_jax.params", "minet_jax.strips"}
+CORE = {"minet_jax", "minet_jax.core.api", "minet_jax.core.checkpoint", "minet_jax.core.config",
+        "minet_jax.core.files", "minet_jax.core.fixed_point", "minet_jax.core.layers", "minet_jax.core.model",
+        "minet_jax.core.onednn",
+        "minet_jax.core.params", "minet_jax.core.strips"}
 # Tools the package's public names reach only when called (``minet_jax.pretrained``,
 # ``minet_jax.load`` of a .pth): imported inside functions of ``__init__.py``, never by
 # ``import minet_jax``.
@@ -60,14 +60,14 @@ def _graph() -> dict[str, set[str]]:
 
 def test_graph_is_read():
   graph = _graph()
-  assert "minet_jax.params" in graph["minet_jax.checkpoint"]
-  assert "minet_jax.checkpoint" in graph["minet_jax.train.checkpointing"]
+  assert "minet_jax.core.params" in graph["minet_jax.core.checkpoint"]
+  assert "minet_jax.core.checkpoint" in graph["minet_jax.train.checkpointing"]
 
 
 def test_config_imports_only_the_fixed_point_engine():
   graph = _graph()
-  assert graph["minet_jax.config"] == {"minet_jax.fixed_point"}
-  assert graph["minet_jax.fixed_point"] == set()
+  assert graph["minet_jax.core.config"] == {"minet_jax.core.fixed_point"}
+  assert graph["minet_jax.core.fixed_point"] == set()
 
 
 def test_nothing_outside_train_imports_train():

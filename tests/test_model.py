@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 import minet_jax
-from minet_jax import layers
-from minet_jax.params import param_shapes
-from minet_jax.model import IMBlock, MINet
-from minet_jax.torch_names import (torch_name_table, torch_state_dict_from_weights,
+from minet_jax.core import layers
+from minet_jax.core.params import param_shapes
+from minet_jax.core.model import IMBlock, MINet
+from minet_jax.convert.torch_names import (torch_name_table, torch_state_dict_from_weights,
                                    weights_from_torch_state_dict)
 
 TINY = minet_jax.ModelConfig(features=8, iterations=(2, 3, 2))

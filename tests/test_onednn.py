@@ -1,6 +1,6 @@
 """The oneDNN convolution primitives against XLA's convolutions and finite differences.
 
-`minet_jax.onednn` computes with oneDNN and differentiates by its own transpose rules,
+`minet_jax.core.onednn` computes with oneDNN and differentiates by its own transpose rules,
 so every derivative JAX can ask for is checked here against ``lax.conv_general_dilated``
 (an independent implementation) and against finite differences. The model-level
 checks (the released weights' outputs and gradients against the authors') run with
@@ -24,7 +24,7 @@ from flax import nnx
 from jax.test_util import check_grads
 
 import minet_jax
-from minet_jax import layers, onednn
+from minet_jax.core import layers, onednn
 
 # Tests that need the kernels built; the fallback tests run everywhere.
 needs_kernels = pytest.mark.usefixtures("onednn_kernels")
@@ -286,7 +286,7 @@ def test_missing_onednn_is_a_clear_error_and_auto_falls_back(tmp_path):
   # "auto" quietly keeps XLA's convolutions, and the model still runs.
   code = """
 import jax.numpy as jnp, numpy as np
-from minet_jax import layers, onednn
+from minet_jax.core import layers, onednn
 assert not onednn.available()
 try:
     onednn.use_onednn("onednn")
@@ -309,7 +309,7 @@ print("OK")
 
 @pytest.mark.parametrize("backend", ["auto", "onednn"])
 def test_the_library_works_without_the_onednn_module(tmp_path, random_params, backend):
-  # A fresh interpreter in which `minet_jax.onednn` cannot be imported at all: import,
+  # A fresh interpreter in which `minet_jax.core.onednn` cannot be imported at all: import,
   # load and apply work under "auto" (XLA's convolutions, the same output, one warning)
   # and "onednn" is a one-line ImportError.
   cfg = minet_jax.ModelConfig(features=4, pre_blocks=1, iterations=(1, 1, 1))
@@ -322,7 +322,7 @@ def test_the_library_works_without_the_onednn_module(tmp_path, random_params, ba
 import sys, warnings
 class Blocker:
     def find_spec(self, name, path=None, target=None):
-        if name == "minet_jax.onednn":
+        if name == "minet_jax.core.onednn":
             raise ImportError("no oneDNN module here")
 sys.meta_path.insert(0, Blocker())
 import numpy as np
@@ -335,7 +335,7 @@ with warnings.catch_warnings(record=True) as caught:
     except ImportError as e:
         print("ImportError:", e)
         sys.exit(3)
-assert "minet_jax.onednn" not in sys.modules
+assert "minet_jax.core.onednn" not in sys.modules
 np.save({str(tmp_path / "out.npy")!r}, np.asarray(out))
 for w in caught:
     print("WARNING:", w.message)
@@ -344,19 +344,19 @@ for w in caught:
                         timeout=300)
   if backend == "onednn":
     assert done.returncode == 3, done.stderr
-    assert "ImportError: conv_backend='onednn' needs minet_jax.onednn" in done.stdout
+    assert "ImportError: conv_backend='onednn' needs minet_jax.core.onednn" in done.stdout
     return
   assert done.returncode == 0, done.stderr
   np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), want)
   if jax.default_backend() == "cpu":
     assert done.stdout.count("WARNING:") == 1, done.stdout
-    assert "minet_jax.onednn cannot be imported (ImportError: no oneDNN module here)" in (
+    assert "minet_jax.core.onednn cannot be imported (ImportError: no oneDNN module here)" in (
         done.stdout)
 
 
 def test_import_minet_jax_leaves_onednn_unimported():
   done = subprocess.run(
-      [sys.executable, "-c", "import sys, minet_jax; print('minet_jax.onednn' in sys.modules)"],
+      [sys.executable, "-c", "import sys, minet_jax; print('minet_jax.core.onednn' in sys.modules)"],
       capture_output=True, text=True, timeout=300)
   assert done.returncode == 0 and done.stdout.split() == ["False"], done.stderr
 
@@ -375,7 +375,7 @@ def test_a_failed_build_warns_under_auto(tmp_path):
   root = _fake_onednn_root(tmp_path / "root", "#error broken\n")
   code = """
 import warnings
-from minet_jax import onednn
+from minet_jax.core import onednn
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     assert onednn.use_onednn("auto") is False
@@ -403,7 +403,7 @@ def test_a_failed_build_is_not_retried_and_odd_failures_fall_back(tmp_path):
   fake.chmod(0o755)
   code = """
 import warnings, jax.numpy as jnp
-from minet_jax import layers, onednn
+from minet_jax.core import layers, onednn
 warnings.simplefilter("ignore")
 x = jnp.ones((1, 5, 5, 2)); w = jnp.ones((3, 3, 2, 2))
 for _ in range(4):
@@ -537,7 +537,7 @@ def test_conv_backend_is_the_machines_choice_not_the_checkpoints(tmp_path):
 
 _CHECK_CONV = """
 import warnings, jax, jax.numpy as jnp
-from minet_jax import layers, onednn
+from minet_jax.core import layers, onednn
 warnings.simplefilter("always")
 x = jnp.ones((1, 5, 5, 2)); w = jnp.ones((3, 3, 2, 2))
 conv = lambda x: layers.conv2d(x, w, padding=((1, 1), (1, 1)), backend="auto")

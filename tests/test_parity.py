@@ -67,7 +67,7 @@ def test_precision_default_keeps_parity(released_on_backend, reference, conv_bac
   # precision="default" (docs/PRETRAINED.md): bfloat16 products with float32 sums where
   # oneDNN runs the convolutions on a CPU with native bfloat16 (~60 dB on this crop,
   # still above the 50 dB parity bar); exact float32 everywhere else.
-  from minet_jax import onednn
+  from minet_jax.core import onednn
   crop_in, crop_out = reference
   model = minet_jax.model_from_params(released_on_backend.replace_config(precision="default"))
   out = np.asarray(jax.jit(lambda x: model(x))(jnp.asarray(crop_in[None] / 255.0))[0]) * 255.0

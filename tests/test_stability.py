@@ -15,8 +15,9 @@ import pytest
 from flax import nnx
 
 import minet_jax
-from minet_jax import spectral, stability
-from minet_jax.model import IMBlock
+from minet_jax.stability import spectral
+from minet_jax import stability
+from minet_jax.core.model import IMBlock
 from minet_jax.stability import cli
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minet_jax import contractive, metrics
-from minet_jax.config import model_config
-from minet_jax.params import Params, model_from_params
+from minet_jax.stability import contractive
+from minet_jax import metrics
+from minet_jax.core.config import model_config
+from minet_jax.core.params import Params, model_from_params
 from minet_jax.train import state as state_lib
 from minet_jax.train import step as step_lib
 from configs import stable
@@ -68,8 +69,9 @@ def test_short_stable_fine_tune_lowers_rho_and_stays_near_the_teacher(released_p
 
 def test_apply_and_dehaze_report_how_the_blocks_were_solved(random_params, tmp_path, capsys):
   import minet_jax
-  from minet_jax import dehaze, fixed_point as fp, image_io
-  from minet_jax.api import describe_solves
+  from minet_jax import dehaze, image_io
+  from minet_jax.core import fixed_point as fp
+  from minet_jax.core.api import describe_solves
   cfg = minet_jax.ModelConfig(features=4, pre_blocks=0, iterations=(12, 12, 12),
                               solver="picard", rtol=1e-2)
   params = state_lib.shrink_blocks(random_params(cfg), (0.05, 0.05, 0.05))

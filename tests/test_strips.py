@@ -1,4 +1,4 @@
-"""The strip-wise forward (minet_jax.strips): exact, and bounded in memory."""
+"""The strip-wise forward (minet_jax.core.strips): exact, and bounded in memory."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import minet_jax
-from minet_jax import strips
-from minet_jax.config import ModelConfig
+from minet_jax.core import strips
+from minet_jax.core.config import ModelConfig
 
 
 def test_strips_equal_the_whole_image_forward(random_params):

@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from minet_jax import torch_pickle as tp
+from minet_jax.convert import torch_pickle as tp
 
 import pth_writer
 

@@ -255,10 +255,10 @@ def test_non_finite_weights_never_replace_good_checkpoints(two_step_run, data_di
     train_and_evaluate(config, workdir)
   assert _steps(workdir / "checkpoints") == [2, 3]
   assert _steps(workdir / "best") == best_before  # The good best checkpoint is kept.
-  assert np.isfinite(minet_jax.checkpoint.step_record(
+  assert np.isfinite(minet_jax.core.checkpoint.step_record(
       workdir / "best" / "2" / "params")["psnr"])
   params = minet_jax.load(workdir)
-  assert minet_jax.params.non_finite(params.weights) is None
+  assert minet_jax.core.params.non_finite(params.weights) is None
   # A rerun (the weights no longer spoilt) continues from step 3 and finishes.
   monkeypatch.undo()
   summary = train_and_evaluate(tiny_config(data_dir, checkpoint_every=1), workdir)
@@ -340,7 +340,7 @@ def _replace_weights(params_dir: pathlib.Path, weights: dict, record_checksum: b
   meta_file = params_dir.parent / "meta" / "metadata"
   meta = json.loads(meta_file.read_text())
   if record_checksum:
-    meta["weights_sha256"] = minet_jax.params.weights_checksum(weights)
+    meta["weights_sha256"] = minet_jax.core.params.weights_checksum(weights)
   meta["psnr"] = float("nan") if record_checksum else meta["psnr"]
   meta_file.write_text(json.dumps(meta))
 
@@ -357,7 +357,7 @@ def test_load_falls_back_to_the_newest_usable_weights(straight_run, tmp_path, be
   _replace_weights(best_dir, bad, record_checksum=best == "NaN best")
   with pytest.warns(UserWarning, match=f"{best_dir}.*newest usable weights instead"):
     params = minet_jax.load(workdir)
-  expected = minet_jax.checkpoint.read_weights(workdir / "checkpoints" / "4" / "params",
+  expected = minet_jax.core.checkpoint.read_weights(workdir / "checkpoints" / "4" / "params",
                                                params.config)
   for x, y in zip(jax.tree.leaves(params.weights), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -621,7 +621,7 @@ def test_its_schedule_is_the_papers():
 
 def test_find_params_prefers_best(straight_run):
   workdir, _ = straight_run
-  found = minet_jax.checkpoint.find_params(workdir)
+  found = minet_jax.core.checkpoint.find_params(workdir)
   assert found is not None and found.parent.parent.name == "best"
 
 
@@ -654,7 +654,7 @@ def test_identity_tail_init():
 
 
 def test_contractive_penalty_joins_the_loss():
-  from minet_jax import contractive
+  from minet_jax.stability import contractive
   from minet_jax.train import step as step_lib
   config = tiny.get_config()
   config.model.contractive_weight = 0.5
@@ -839,7 +839,7 @@ def test_distillation_trains_towards_the_teachers_output_from_scaled_blocks(tmp_
 
 
 def test_correction_loss_is_the_loss_of_one_step_after_random_iterates():
-  from minet_jax import contractive
+  from minet_jax.stability import contractive
   from minet_jax.train import step as step_lib
   config = tiny.get_config()
   config.model.correction_weight = 0.5

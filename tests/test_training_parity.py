@@ -42,7 +42,7 @@ from flax import nnx
 
 import minet_jax
 from configs import its_authors
-from minet_jax import torch_names
+from minet_jax.convert import torch_names
 from minet_jax.train import state as state_lib
 from minet_jax.train.step import loss_and_grads, make_train_step
 

@@ -8,7 +8,7 @@ bounds one step's contraction; ||J||_2 < 1 makes T a contraction in the plain L2
 norm, while rho(J) < 1 only promises contraction eventually (for a non-normal J the
 error can first grow).
 
-Estimators (matrix-free; J is 4.6M x 4.6M for a 460x620 image; `minet_jax.spectral`):
+Estimators (matrix-free; J is 4.6M x 4.6M for a 460x620 image; `minet_jax.stability.spectral`):
 
 * spectral radius: power iteration, reported as the growth rate over its last steps
   (which converges also when the dominant eigenvalue is a complex pair), with the
@@ -43,8 +43,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from minet_jax import fixed_point as fp
-from minet_jax import spectral
+from minet_jax.core import fixed_point as fp
+from minet_jax.stability import spectral
 
 
 # Relative residuals below this are float32 rounding noise, not contraction.
@@ -93,7 +93,7 @@ def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
   """Theorem-1 figures of one `IMBlock` at the operating point ``g`` with input ``g0``.
 
   Args:
-    block: an `minet_jax.model.IMBlock`.
+    block: an `minet_jax.core.model.IMBlock`.
     g0, g: the block's input and its output in the model (one image, NHWC, batch 1).
     key: PRNG key of the power iterations' start vectors.
     steps: Picard steps from g0 whose residuals give the observed contraction.
@@ -164,8 +164,8 @@ def analyse_image(params: Any, image: np.ndarray, *, seed: int = 0,
     seed: seed of the power iterations.
     **block_kwargs: forwarded to `analyse_block`.
   """
-  from minet_jax import api
-  from minet_jax.params import model_from_params
+  from minet_jax.core import api
+  from minet_jax.core.params import model_from_params
 
   check_settings(seed=seed, **block_kwargs)
   if params.config.dtype != "float32":

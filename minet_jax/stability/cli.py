@@ -17,11 +17,12 @@ import tempfile
 
 import numpy as np
 
-from minet_jax import api, checkpoint, convert, image_io, stability
+from minet_jax.core import api, checkpoint
+from minet_jax import convert, image_io, stability
 from minet_jax.image_io import ImageReadError, read_rgb
-from minet_jax.params import Params
+from minet_jax.core.params import Params
 from minet_jax.stability import report as report_lib
-from minet_jax.torch_pickle import UnsafePickleError
+from minet_jax.convert.torch_pickle import UnsafePickleError
 
 _MODULE_PROG = "python -m minet_jax.stability"
 

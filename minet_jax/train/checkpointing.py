@@ -22,7 +22,7 @@ refuse NaN or infinite weights, optimizer moments or validation scores with
 
 so ``minet_jax.load(workdir)`` (and ``evaluate.py --ckpt workdir``) rebuild the
 model from ``minet_config.json`` and the best (else latest) ``params/``: the folder
-and item names are `minet_jax.checkpoint`'s, which reads them without training code.
+and item names are `minet_jax.core.checkpoint`'s, which reads them without training code.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from minet_jax import checkpoint
-from minet_jax.checkpoint import BEST_DIR, LATEST_DIR, META_ITEM, PARAMS_ITEM
-from minet_jax.params import non_finite, weights_checksum
+from minet_jax.core import checkpoint
+from minet_jax.core.checkpoint import BEST_DIR, LATEST_DIR, META_ITEM, PARAMS_ITEM
+from minet_jax.core.params import non_finite, weights_checksum
 from minet_jax.train.state import TrainState, state_from_pure, state_to_pure
 
 DAMAGED_DIR = "damaged_checkpoints"

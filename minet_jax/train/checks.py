@@ -13,9 +13,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from minet_jax import checkpoint
-from minet_jax.config import ModelConfig, model_config
-from minet_jax.params import shapes_mismatch
+from minet_jax.core import checkpoint
+from minet_jax.core.config import ModelConfig, model_config
+from minet_jax.core.params import shapes_mismatch
 from minet_jax.train.inputs import synthetic_config
 from minet_jax.train.state import abstract_train_state, check_optimizer
 from minet_jax.train.step import LOSSES, parse_ynn_fusions

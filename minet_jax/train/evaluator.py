@@ -13,7 +13,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from minet_jax import api, metrics
+from minet_jax.core import api
+from minet_jax import metrics
 from minet_jax.train import sharding
 from minet_jax.train.state import TrainState
 

@@ -27,9 +27,10 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from minet_jax import checkpoint, files, hub
-from minet_jax.config import model_config
-from minet_jax.params import Params
+from minet_jax.core import checkpoint, files
+from minet_jax import hub
+from minet_jax.core.config import model_config
+from minet_jax.core.params import Params
 from minet_jax.train import checkpointing, inputs, sharding
 from minet_jax.train.checks import (ConfigError, architecture_differences, check_crop,
                                     check_workdir_config, prepare_workdir, validate_config)

@@ -17,9 +17,9 @@ import ml_collections
 import optax
 from flax import nnx, struct
 
-from minet_jax.config import ModelConfig, model_config
-from minet_jax.model import MINet
-from minet_jax.params import (Params, model_from_params, params_from_model, restore_key_types,
+from minet_jax.core.config import ModelConfig, model_config
+from minet_jax.core.model import MINet
+from minet_jax.core.params import (Params, model_from_params, params_from_model, restore_key_types,
                               stringify_keys)
 
 
@@ -137,7 +137,7 @@ def shrink_blocks(params: Params, factors: tuple[float, ...]) -> Params:
 
 
 INIT_TAILS = ("kaiming", "identity")
-# The tail's RGB -> RGB 1x1 convolutions (minet_jax.model.MINet.decode).
+# The tail's RGB -> RGB 1x1 convolutions (minet_jax.core.model.MINet.decode).
 _RGB_CONVS = ("conv_su1", "conv_su2", "deconv")
 
 

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from minet_jax import contractive
+from minet_jax.stability import contractive
 from minet_jax.metrics import psnr
-from minet_jax.model import MINet
-from minet_jax.params import Params, model_from_params
+from minet_jax.core.model import MINet
+from minet_jax.core.params import Params, model_from_params
 from minet_jax.train.state import TrainState
 
 LOSSES = ("mse", "l2", "l1")
@@ -67,7 +67,7 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
   * ``match_weight`` > 0: the fixed-point mismatch of every block at the teacher's
     block input and output ``teacher_blocks`` (`contractive.fixed_point_mismatch`):
     trains each f so that the teacher's block output is its fixed point;
-  * ``config.contractive_weight`` > 0: the weighted penalty of `minet_jax.contractive`
+  * ``config.contractive_weight`` > 0: the weighted penalty of `minet_jax.stability.contractive`
     (``contractive_kind``) on every block's Jacobian, at a random Picard iterate or at
     the block's solution (``contractive_point``: the forward pass's own, or the
     teacher's block output when the output term is skipped);

@@ -11,7 +11,7 @@ depth. As in RESIDE ITS, each clear image is hazed several times with
 beta ~ U[0.6, 1.8] and A ~ U[0.7, 1.0], independently per rendering.
 
 Depth units. Scene depth is z-depth in metres, rounded to whole millimetres
-(see `minet_jax.data.scenes`):
+(see `minet_jax.data.synthetic.scenes`):
 2.1-5.0 m for the Middlebury motorcycle, about 1-9 m for the rendered rooms,
 the range of NYU Depth v2 (0-10 m), whose depth RESIDE ITS hazes. The haze
 model sees ``d = depth / max(depth)`` of the image (so d is in (0, 1]) unless
@@ -36,7 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
-from minet_jax.data import scenes
+from minet_jax.data.synthetic import scenes
 from minet_jax.image_io import to_uint8
 
 SPLITS = ("train", "validation")

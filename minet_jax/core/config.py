@@ -29,14 +29,14 @@ import ml_collections
 
 # Names of the IM-block solvers and backward modes: the classes of the fixed-point
 # engine define them (`fixed_point.from_config` builds the objects).
-from minet_jax.fixed_point import BACKWARDS, SOLVERS  # noqa: E402
+from minet_jax.core.fixed_point import BACKWARDS, SOLVERS  # noqa: E402
 
 CONTRACTIVE_KINDS = ("spectral", "radius", "frobenius")
 CONTRACTIVE_POINTS = ("iterate", "solution")
 INPUT_FORMATS = ("bgr255", "rgb01")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("highest", "default")
-# Who runs the convolutions (`minet_jax.onednn`): "onednn" (on CPU through oneDNN's
+# Who runs the convolutions (`minet_jax.core.onednn`): "onednn" (on CPU through oneDNN's
 # kernels: float32, and bfloat16 where the CPU has it natively; XLA's elsewhere),
 # "xla" (XLA's own), "auto" (oneDNN's when the default backend is the CPU and the
 # kernels build, else XLA's).
@@ -92,7 +92,7 @@ class Solve:
   iterations: tuple[int, ...] = (8, 8, 8)
   # lax.scan unroll of the IM-block iteration: "auto" (full on CPU, 1 elsewhere), or an int/bool.
   unroll: Union[str, int, bool] = "auto"
-  # How each IM-block solves g = g0 + eta * f(g) (minet_jax.fixed_point, which documents the
+  # How each IM-block solves g = g0 + eta * f(g) (minet_jax.core.fixed_point, which documents the
   # maths): "unrolled" runs exactly `iterations` steps (the released model); "picard" and
   # "anderson" run until the relative residual meets rtol/atol, at most `iterations` steps.
   solver: str = "unrolled"
@@ -122,7 +122,7 @@ class Solve:
   # "phantom" backward: k differentiated damped steps at the solution, and their damping.
   phantom_steps: int = 1
   phantom_damping: float = 1.0
-  # Training only (minet_jax.contractive): weight of the penalty on each block's
+  # Training only (minet_jax.stability.contractive): weight of the penalty on each block's
   # Jacobian J = eta * df/dg (0: off).
   contractive_weight: float = 0.0
   # Which penalty: "spectral" (max(0, ||J||_2 - contractive_target)^2 by power iteration),

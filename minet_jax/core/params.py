@@ -19,8 +19,8 @@ import jax
 import numpy as np
 from flax import nnx, struct, traverse_util
 
-from minet_jax.config import ConfigLike, ModelConfig, model_config
-from minet_jax.model import MINet
+from minet_jax.core.config import ConfigLike, ModelConfig, model_config
+from minet_jax.core.model import MINet
 
 
 @struct.dataclass

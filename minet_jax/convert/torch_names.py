@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from minet_jax.config import ModelConfig
+from minet_jax.core.config import ModelConfig
 
 # Layout rules: how a PyTorch tensor becomes the minet-jax array.
 CONV = "conv"                      # Conv2d weight OIHW -> HWIO
@@ -127,7 +127,7 @@ def check_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig,
   """Raises `StateDictMismatch` naming every missing, unexpected, mis-shaped or non-float tensor.
 
   Reads only names, ``.shape`` and ``.dtype``, so it can vet a checkpoint's lazily
-  read tensors (`minet_jax.torch_pickle.LazyTensor`) before any of their data is read.
+  read tensors (`minet_jax.convert.torch_pickle.LazyTensor`) before any of their data is read.
   """
   sd = {_strip(k): v for k, v in state_dict.items()}
   table = torch_name_table(cfg)

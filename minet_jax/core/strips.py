@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minet_jax import fixed_point as fp
-from minet_jax.config import ModelConfig
-from minet_jax.layers import InstanceNorm
-from minet_jax.model import MINet, from_model_space, to_model_input
+from minet_jax.core import fixed_point as fp
+from minet_jax.core.config import ModelConfig
+from minet_jax.core.layers import InstanceNorm
+from minet_jax.core.model import MINet, from_model_space, to_model_input
 
 # apply() switches to strips above this many pixels: there the whole-image forward
 # would need more than ~3.5 GB, and the strips' recomputation (~20-30% more time) pays.

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from minet_jax import fixed_point as fp
-from minet_jax import strips
-from minet_jax.config import ModelConfig
-from minet_jax.params import Params, model_from_params
+from minet_jax.core import fixed_point as fp
+from minet_jax.core import strips
+from minet_jax.core.config import ModelConfig
+from minet_jax.core.params import Params, model_from_params
 
 # ------------------------------------------------------------------ apply
 
@@ -122,7 +122,7 @@ def apply(params: Params, img: Any, *, strip_rows: int | None = None,
       err.throw()  # ValueError naming the problem, if there was one
 
   Images above `strips.AUTO_PIXELS` (2 MP) run their full-resolution layers in row
-  strips (`minet_jax.strips`): the same result up to float32 rounding, in a fraction
+  strips (`minet_jax.core.strips`): the same result up to float32 rounding, in a fraction
   of the memory. ``strip_rows`` overrides the choice: 0 for the whole image at once,
   n > 0 for strips of n rows.
 

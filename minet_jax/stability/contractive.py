@@ -12,7 +12,7 @@ pushes every block's estimated ||J||_2 below ``contractive_target``:
 
 where sigma_i estimates ||J||_2 at a point g_i of the block's Picard path (a random
 iterate, see `operating_points`) by ``contractive_iters`` steps of power iteration
-on J^T J (`minet_jax.spectral`; one jvp and one vjp each; J is block diagonal over the
+on J^T J (`minet_jax.stability.spectral`; one jvp and one vjp each; J is block diagonal over the
 batch, so each sample has its own vector and estimate). The vector and the
 operating point are held constant (stop-gradient); only the final sigma_i = ||J v||
 is differentiated, with respect to the parameters of f_i (the usual treatment of
@@ -38,10 +38,10 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
-from minet_jax import model as model_lib
-from minet_jax import spectral
-from minet_jax.config import ModelConfig
-from minet_jax.params import Params, model_from_params
+from minet_jax.core import model as model_lib
+from minet_jax.stability import spectral
+from minet_jax.core.config import ModelConfig
+from minet_jax.core.params import Params, model_from_params
 
 ModelLike = Union[model_lib.MINet, Params]
 

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minet_jax import fixed_point as fp
-from minet_jax.config import ModelConfig
-from minet_jax.layers import Conv2d, ConvTranspose2d, InstanceNorm, Scalar, ShareSepConv
+from minet_jax.core import fixed_point as fp
+from minet_jax.core.config import ModelConfig
+from minet_jax.core.layers import Conv2d, ConvTranspose2d, InstanceNorm, Scalar, ShareSepConv
 
 # The released model was trained on raw BGR pixel values, with no mean subtraction.
 _BGR255_SCALE = 255.0

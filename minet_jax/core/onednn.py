@@ -51,8 +51,8 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from minet_jax import files
-from minet_jax.config import CONV_BACKENDS
+from minet_jax.core import files
+from minet_jax.core.config import CONV_BACKENDS
 
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "onednn_conv.cc"
 _TARGET = "minet_onednn_conv"

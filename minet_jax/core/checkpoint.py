@@ -9,7 +9,7 @@ A checkpoint folder holds::
 
 The output is defined by the architecture and the weights, so both are checksummed:
 ``model_sha256`` is the SHA-256 of the ``model`` record (its canonical JSON), and
-``weights_sha256`` that of the weights (`minet_jax.params.weights_checksum`).
+``weights_sha256`` that of the weights (`minet_jax.core.params.weights_checksum`).
 `load` verifies both, refuses non-finite weights (naming the tensor) and refuses
 folders written by a newer ``format_version`` than this code reads. Format 1 (before
 ``model_sha256``) is still read, with the weights' checksum verified when recorded;
@@ -36,9 +36,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from minet_jax import files
-from minet_jax.config import RUNTIME_FIELDS, ModelConfig, model_config
-from minet_jax.params import (Params, abstract_weights, non_finite, shape_mismatch,
+from minet_jax.core import files
+from minet_jax.core.config import RUNTIME_FIELDS, ModelConfig, model_config
+from minet_jax.core.params import (Params, abstract_weights, non_finite, shape_mismatch,
                               stringify_keys, weight_shapes, weights_checksum)
 
 CONFIG_FILE = "minet_config.json"

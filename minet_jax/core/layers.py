@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
-from minet_jax.config import CONV_BACKENDS
+from minet_jax.core.config import CONV_BACKENDS
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
@@ -86,9 +86,9 @@ def _xla_conv_transpose(x, kernel, *, stride, padding, precision=None):
 
 
 def _onednn():
-  """`minet_jax.onednn`, imported on first use: it registers JAX primitives and is only
+  """`minet_jax.core.onednn`, imported on first use: it registers JAX primitives and is only
   needed where it runs the convolutions."""
-  from minet_jax import onednn
+  from minet_jax.core import onednn
   return onednn
 
 
@@ -123,7 +123,7 @@ def _onednn_smoothing(x, kernel):
 
 @functools.cache
 def _warn_unimportable(reason: str) -> None:
-  warnings.warn("conv_backend='auto' runs XLA's convolutions: minet_jax.onednn cannot be "
+  warnings.warn("conv_backend='auto' runs XLA's convolutions: minet_jax.core.onednn cannot be "
                 f"imported ({reason})", stacklevel=4)
 
 
@@ -142,7 +142,7 @@ def _onednn_runs(backend: str, dtype) -> bool:
     onednn = _onednn()
   except ImportError as e:
     if backend == "onednn":
-      raise ImportError(f"conv_backend='onednn' needs minet_jax.onednn, which cannot be "
+      raise ImportError(f"conv_backend='onednn' needs minet_jax.core.onednn, which cannot be "
                         f"imported: {e}") from e
     _warn_unimportable(f"{type(e).__name__}: {e}")
     return False
@@ -151,8 +151,8 @@ def _onednn_runs(backend: str, dtype) -> bool:
 
 def convolutions(backend: str, dtype: jnp.dtype | str) -> Convolutions:
   """Who runs `dtype` convolutions under ``ModelConfig.conv_backend=backend``
-  (`minet_jax.config.CONV_BACKENDS`): oneDNN's kernels where
-  `minet_jax.onednn.use_onednn` says so, XLA's everywhere else."""
+  (`minet_jax.core.config.CONV_BACKENDS`): oneDNN's kernels where
+  `minet_jax.core.onednn.use_onednn` says so, XLA's everywhere else."""
   return _ONEDNN if _onednn_runs(backend, dtype) else _XLA
 
 

@@ -2,9 +2,9 @@
 
     python -m minet_jax.convert model_ITS.pth checkpoints/minet_its
 
-The ``.pth`` is read by `minet_jax.torch_pickle` (no torch import; nothing
+The ``.pth`` is read by `minet_jax.convert.torch_pickle` (no torch import; nothing
 the pickle names is executed), its tensors are mapped to minet-jax names and
-layouts by `minet_jax.torch_names`, and the result is written with
+layouts by `minet_jax.convert.torch_names`, and the result is written with
 `minet_jax.save`, config included (the released architecture, which expects
 BGR 0..255 inputs internally; `minet_jax.apply` still takes RGB in [0, 1]).
 Every tensor's name, shape and dtype is checked against the architecture
@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minet_jax import checkpoint, files, torch_names, torch_pickle
-from minet_jax.config import ConfigLike, ModelConfig, model_config
-from minet_jax.params import Params, flat_weights, param_shapes
+from minet_jax.core import checkpoint, files
+from minet_jax.convert import torch_names, torch_pickle
+from minet_jax.core.config import ConfigLike, ModelConfig, model_config
+from minet_jax.core.params import Params, flat_weights, param_shapes
 
 
 def released_config() -> ModelConfig:
@@ -115,6 +116,3 @@ def main(argv: list[str] | None = None) -> int:
         f"input_format={params.config.input_format}")
   return 0
 
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -349,7 +349,7 @@ def _inert_class(module: str, name: str) -> type:
   key = (module, name)
   if key not in _INERT_CLASSES:
     _INERT_CLASSES[key] = _InertMeta(name, (InertObject,), {
-        "__module__": "minet_jax.torch_pickle.inert", "_global_name": f"{module}.{name}"})
+        "__module__": "minet_jax.convert.torch_pickle.inert", "_global_name": f"{module}.{name}"})
   return _INERT_CLASSES[key]
 
 

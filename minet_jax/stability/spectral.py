@@ -1,7 +1,7 @@
 """Matrix-free spectral estimates of a linear operator J given as v -> J v (and J^T w).
 
 Nothing here knows about MI-Net: `minet_jax.stability` applies these to the
-Jacobian of an IM-block's Picard map, and `minet_jax.contractive` differentiates a
+Jacobian of an IM-block's Picard map, and `minet_jax.stability.contractive` differentiates a
 spectral-norm estimate inside the training loss. Every function is jit-friendly
 (fixed iteration counts, ``lax`` loops).
 
