@@ -9,10 +9,12 @@ spatially flipped), the shared separable kernel is a single ``(k, k)`` array.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import jax
@@ -190,6 +192,61 @@ def torch_default_uniform(fan_in: int) -> jax.nn.initializers.Initializer:
       key, shape, dtype, -bound, bound)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowGeometry:
+  """Which input rows each output row of a convolution reads (columns alike).
+
+  A conv with ``kernel`` taps, ``stride`` s, ``dilation`` d and symmetric zero
+  ``padding`` p makes output row o from input rows s*o - p + d*t, t < k; a transposed
+  conv (``transposed``, PyTorch's: input row i adds to output rows s*i - p + t) makes
+  it from every input row i with s*i = o + p - t. Input rows outside the map are the
+  padding's zeros.
+  """
+
+  kernel: int
+  stride: int = 1
+  dilation: int = 1
+  padding: int = 0
+  transposed: bool = False
+
+  def reads(self, row: int) -> tuple[int, int]:
+    """The first and last input row that output `row` reads (those between may be
+    skipped by the dilation or the stride, none outside); rows outside the input
+    are padding."""
+    k, s, p = self.kernel, self.stride, self.padding
+    if self.transposed:
+      return -((k - 1 - row - p) // s), (row + p) // s
+    first = s * row - p
+    return first, first + self.dilation * (k - 1)
+
+  def size(self, rows: int) -> int:
+    """Output rows of an input `rows` high."""
+    k, s, p = self.kernel, self.stride, self.padding
+    if self.transposed:
+      return (rows - 1) * s - 2 * p + k
+    return (rows + 2 * p - self.dilation * (k - 1) - 1) // s + 1
+
+  @property
+  def scale(self) -> Fraction:
+    """Output rows per input row (the resolution change)."""
+    return Fraction(self.stride) if self.transposed else Fraction(1, self.stride)
+
+  @property
+  def phase(self) -> int:
+    """The layer run on input rows from a row that is a multiple of `phase` on gives
+    rows of its whole-map output (from `first_output` on); from any other row it
+    samples between them."""
+    return 1 if self.transposed else self.stride
+
+  def first_output(self, first_input: int) -> int:
+    """The output row that the layer run on input rows from `first_input` on (a
+    multiple of `phase`) gives first."""
+    if first_input % self.phase:
+      raise ValueError(f"a stride-{self.stride} conv run from input row {first_input} "
+                       "gives no row of its whole output")
+    return first_input * self.stride if self.transposed else first_input // self.stride
+
+
 class Conv2d(nnx.Module):
   """``torch.nn.Conv2d`` with symmetric zero padding; kernel HWIO."""
 
@@ -208,6 +265,11 @@ class Conv2d(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     self.precision = _PRECISIONS[precision]
     self.backend = backend
+
+  @property
+  def row_geometry(self) -> RowGeometry:
+    """Which input rows each output row reads."""
+    return RowGeometry(self.kernel.shape[0], self.stride, self.dilation, self.padding)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.kernel.shape[:2] == (1, 1) and self.stride == 1 and self.padding == 0:
@@ -264,6 +326,11 @@ class ConvTranspose2d(nnx.Module):
     self.precision = _PRECISIONS[precision]
     self.backend = backend
 
+  @property
+  def row_geometry(self) -> RowGeometry:
+    """Which input rows each output row reads."""
+    return RowGeometry(self.kernel.shape[0], self.stride, padding=self.padding, transposed=True)
+
   def __call__(self, x: jax.Array) -> jax.Array:
     y = convolutions(self.backend, self.dtype).conv_transpose(
         x.astype(self.dtype), self.kernel[...].astype(self.dtype), stride=self.stride,
@@ -287,6 +354,12 @@ class ShareSepConv(nnx.Module):
         jnp.zeros((kernel_size, kernel_size), jnp.float32).at[centre, centre].set(1.0))
     self.dtype = jnp.dtype(dtype)
     self.backend = backend
+
+  @property
+  def row_geometry(self) -> RowGeometry:
+    """Which input rows each output row reads (same size, zero padding)."""
+    k = self.kernel.shape[0]
+    return RowGeometry(k, padding=(k - 1) // 2)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return smoothing(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
@@ -393,7 +466,9 @@ class InstanceNorm(nnx.Module):
   """``torch.nn.InstanceNorm2d(affine=True)``: per sample and channel over H, W.
 
   Biased variance, no running statistics; statistics are taken in float32 whatever
-  the compute dtype.
+  the compute dtype. The call is `normalize` with `statistics` of its input; a caller
+  that has the statistics of a larger map (taken piece by piece) normalises a piece
+  of it with `normalize` alone.
   """
 
   def __init__(self, features: int, *, eps: float = 1e-5):
@@ -401,12 +476,20 @@ class InstanceNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
     self.eps = eps
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def statistics(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance of NHWC `x` per sample and channel, float32, (N, 1, 1, C)."""
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return mean, jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
+
+  def normalize(self, x: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
+    """`x` normalised with the given float32 statistics (broadcast against NHWC), then
+    scaled and shifted; in `x`'s dtype."""
+    y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.eps)
     return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.normalize(x, *self.statistics(x))
 
 
 class Scalar(nnx.Module):

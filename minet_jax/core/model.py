@@ -14,11 +14,18 @@ Data flow, with the authors' layer names (Jiawei-Shen/MI-Net, ``MINet.py``):
 Block f_i is conv-IN-relu-conv-IN-relu with no skip; its first conv is dilated by d_i
 and, when `smoothed_dilation` and d_i > 1, each conv is preceded by a shared
 (2d-1)x(2d-1) smoothing kernel (``pre_conv1``/``pre_conv2``).
+
+`MINet.stages` writes this data flow down once, as lists of steps (the layer modules,
+pointwise functions, and `Join` for steps with several inputs or layers); the
+whole-image forward runs them with `run_steps`, and `minet_jax.core.strips` runs
+them strip by strip.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +135,50 @@ class RCAGate(nnx.Module):
     return jax.nn.sigmoid(self.fc2(self.fc1(pooled))).astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Pointwise:
+  """A step that maps every pixel on its own (an activation): ``fn(x)``."""
+
+  fn: Callable[[jax.Array], jax.Array]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fn(x)
+
+
+RELU = Pointwise(jax.nn.relu)
+
+
+@dataclasses.dataclass(frozen=True)
+class Join:
+  """A step with several layers, or with inputs besides the running map x:
+  ``fn(x, *(inputs[name] for name in sources))``, the sources given by name to `run_steps`.
+
+  `fn` reaches the pixels of its inputs through `layers` and, at most, each output
+  pixel's own input pixel; sources have the running map's size. With every layer
+  row-local (a ``row_geometry``) an output row reads its own row plus what any of
+  them reads; otherwise (global pooling) the join needs the whole map.
+  """
+
+  fn: Callable[..., jax.Array]
+  layers: tuple[nnx.Module, ...] = ()
+  sources: tuple[str, ...] = ()
+
+  def __call__(self, x: Any, *sources: jax.Array) -> jax.Array:
+    return self.fn(x, *sources)
+
+
+# One step of a stage: a layer module (or any module mapping a map to a map), an
+# `InstanceNorm`, a `Pointwise` function or a `Join`.
+Step = nnx.Module | Pointwise | Join
+
+
+def run_steps(steps: tuple[Step, ...], x: Any, **sources: jax.Array) -> jax.Array:
+  """Runs a stage's `steps` on the whole map `x`; `sources` feed the joins."""
+  for step in steps:
+    x = step(x, *(sources[name] for name in step.sources)) if isinstance(step, Join) else step(x)
+  return x
+
+
 class BlockRun(NamedTuple):
   """One IM-block inside the network (`MINet.solve_blocks`)."""
   g0: jax.Array  # The block's input: the encoder output or the previous block's output.
@@ -176,14 +227,44 @@ class MINet(nnx.Module):
     """
     return to_model_input(rgb, self.config)
 
+  def stages(self) -> dict[str, tuple[Step, ...]]:
+    """The network as steps, stage by stage, in the order they run; the IM-blocks'
+    solves (`solve_blocks`) run between "pre_processing" and "fusion".
+
+    * encoder: the full-resolution part, up to the stride-2 conv3 (model-space image
+      -> half-resolution map);
+    * pre_processing: conv3's norm, then the residual blocks (half resolution);
+    * fusion: the MLF on the tuple of block outputs;
+    * decoder: back to full resolution, up to the tail's input join (source "image":
+      the model-space image);
+    * tail: the global channel gate and the last 1x1 conv.
+    """
+    return {
+        "encoder": (self.conv1, self.norm1, RELU, self.conv2, self.norm2, RELU, self.conv3),
+        "pre_processing": (self.norm3, RELU, *self.pre_processing),
+        "fusion": (Join(self._mlf, (self.gate,)),),
+        "decoder": (self.deconv3, self.norm4, RELU, self.deconv2, self.norm5, RELU,
+                    self.deconv1, Join(self._add_input, (self.conv_su1, self.conv_su2),
+                                       ("image",))),
+        "tail": (Join(self._gated, (self.layer1,)), self.deconv),
+    }
+
+  def _mlf(self, states: tuple[jax.Array, ...]) -> jax.Array:
+    """Per-pixel weights from a conv over all block outputs (no softmax, as released)."""
+    weights = self.gate(jnp.concatenate(states, axis=-1))
+    return sum(s * weights[..., i:i + 1] for i, s in enumerate(states))
+
+  def _add_input(self, x: jax.Array, model_image: jax.Array) -> jax.Array:
+    return jax.nn.leaky_relu(self.conv_su1(x) + self.conv_su2(model_image),
+                             negative_slope=self.config.leaky_slope)
+
+  def _gated(self, x: jax.Array) -> jax.Array:
+    return x + x * self.layer1(x)
+
   def encode(self, model_image: jax.Array) -> jax.Array:
     """Encoder: model-space image (even H, W) -> half-resolution features."""
-    x = jax.nn.relu(self.norm1(self.conv1(model_image)))
-    x = jax.nn.relu(self.norm2(self.conv2(x)))
-    x = jax.nn.relu(self.norm3(self.conv3(x)))
-    for block in self.pre_processing:
-      x = block(x)
-    return x
+    stages = self.stages()
+    return run_steps(stages["pre_processing"], run_steps(stages["encoder"], model_image))
 
   def solve_blocks(self, model_image: jax.Array) -> list[BlockRun]:
     """`encode`, then every IM-block in turn: each block's input and its solve.
@@ -200,18 +281,13 @@ class MINet(nnx.Module):
 
   def fuse(self, states: list[jax.Array]) -> jax.Array:
     """MLF: per-pixel weights from a conv over all block outputs (no softmax, as released)."""
-    weights = self.gate(jnp.concatenate(states, axis=-1))
-    return sum(s * weights[..., i:i + 1] for i, s in enumerate(states))
+    return run_steps(self.stages()["fusion"], tuple(states))
 
   def decode(self, fused: jax.Array, model_image: jax.Array) -> jax.Array:
     """Decoder and tail: fused features + the model-space input -> model-space output."""
-    x = jax.nn.relu(self.norm4(self.deconv3(fused)))
-    x = jax.nn.relu(self.norm5(self.deconv2(x)))
-    x = self.deconv1(x)
-    x = jax.nn.leaky_relu(self.conv_su1(x) + self.conv_su2(model_image),
-                          negative_slope=self.config.leaky_slope)
-    x = x + x * self.layer1(x)
-    return self.deconv(x)
+    stages = self.stages()
+    x = run_steps(stages["decoder"], fused, image=model_image)
+    return run_steps(stages["tail"], x)
 
   def forward_runs(self, rgb: jax.Array) -> tuple[jax.Array, jax.Array, list[BlockRun]]:
     """RGB [0, 1] NHWC -> (output as ``__call__`` gives it, the model-space input, the runs).

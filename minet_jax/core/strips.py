@@ -1,37 +1,43 @@
-"""MI-Net's exact forward pass for large images, its full-resolution stages in row strips.
+"""MI-Net's exact forward pass for large images, its row-local stages in row strips.
 
-At full resolution MI-Net holds 64-channel maps (1.25 GB each in float32 at
-2708x1800): conv1 and conv2 of the encoder with their instance norms, the stride-2
-conv3 that reads them, and in the decoder deconv3 (the 2x transposed conv),
-norm4, deconv2, norm5 and deconv1. Here those stages run on horizontal strips of
-``rows`` image rows plus a halo of neighbouring rows, so only strip-sized
-64-channel maps exist at full resolution; the half-resolution middle (residual
-blocks, IM-blocks) runs on the whole image as in `MINet.__call__`, and so do the
-3-channel tail and its global pooling. Nothing is approximated:
+`MINet.stages` writes the network down as lists of steps. A stage whose steps each
+read only nearby rows (layers with a `layers.RowGeometry`, instance norms, pointwise
+functions, joins of such layers) runs here on horizontal strips of its output;
+the other stages (the residual blocks, each IM-block's solve, the tail with its
+global pooling) run on the whole map, as in `MINet.__call__`. For the released
+model that puts the encoder up to its stride-2 conv, the fusion and the decoder in
+strips, every full-resolution 64-channel map among them. Nothing is approximated:
 
-* Each strip calls the model's own layer modules on its rows plus the halo, and
-  keeps the rows the halo makes exact. Rows outside the image are zero before
-  every convolution, which is what the modules' zero padding gives the whole image.
-* Instance norms use whole-image statistics, taken in passes: a pass computes a
-  conv's output strip by strip and combines per-strip means and sums of squared
-  deviations (Chan et al.'s pairwise update, float32), the next pass recomputes
-  that conv and normalises it with them. Recomputing the cheap early layers costs
-  less memory than keeping one full-resolution 64-channel map.
+* A strip's rows at each step are found by walking the steps back from its output
+  rows: each layer's geometry says which of its input rows its output rows read
+  (rounded down to the start of a stride), so the halo of every step follows from
+  the layers after it. Each step runs on those rows, and what is left over after
+  it (rows its padding made up at the window's edges) is cropped before the next.
+  Rows outside the map are zero before every layer that reads them, which is what
+  the layers' zero padding gives the whole map.
+* Instance norms use whole-image statistics, taken in passes: a pass computes the
+  norm's input strip by strip and combines per-strip means and sums of squared
+  deviations (Chan et al.'s pairwise update, float32), and the later passes
+  recompute it and normalise it with them (`InstanceNorm.normalize`). Recomputing
+  the cheap early layers costs less memory than keeping one full-resolution
+  64-channel map.
 
 The result equals the whole-image forward up to float32 rounding (the summation order of
 the statistics differs). Every pass is a loop over strips of one shape. Called
-eagerly (as `minet_jax.apply` does), the network runs as eight compiled stages, one
-after the other (encoder, residual blocks, each IM-block, fusion, decoder, tail),
-each compiled once per image size and strip height and each with its own scratch
-memory, so the peak is that of the largest stage: the third IM-block, with five
-half-resolution 64-channel maps alive (a quarter of a full-resolution map each).
+eagerly (as `minet_jax.apply` does), `network` runs each stage (and each IM-block) as
+its own compiled program, one after the other, each compiled once per image size and
+strip height and each with its own scratch memory, so the peak is that of the
+largest stage (`stage_memory`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,23 +45,15 @@ from flax import nnx
 
 from minet_jax.core import fixed_point as fp
 from minet_jax.core.config import ModelConfig
-from minet_jax.core.layers import InstanceNorm
-from minet_jax.core.model import MINet, from_model_space, to_model_input
+from minet_jax.core.layers import InstanceNorm, RowGeometry
+from minet_jax.core.model import (MINet, Join, Pointwise, Step, from_model_space, run_steps,
+                                  to_model_input)
 
 # apply() switches to strips above this many pixels: there the whole-image forward
 # would need more than ~3.5 GB, and the strips' recomputation (~20-30% more time) pays.
 AUTO_PIXELS = 2_000_000
 # Default strip size: about this many pixels, i.e. 64 MiB per 64-channel float32 map.
 STRIP_PIXELS = 1 << 18
-# Halos. Encoder, in full-resolution rows: conv1, conv2 and the stride-2 conv3 each
-# reach one row, and the halo must be even so the strip keeps conv3's stride phase.
-_ENCODER_HALO = 4
-# Decoder, in half-resolution rows: an output row of the 4x4 stride-2 transposed conv
-# reads two input rows, and deconv2 (3x3) one more full-resolution row, which the same
-# half-resolution row covers.
-_DECODER_HALO = 1
-# The gate of the fusion is a 3x3 conv on half-resolution maps.
-_FUSE_HALO = 1
 
 # Per-sample, per-channel (count, mean, sum of squared deviations) of a feature map.
 Moments = tuple[jax.Array, jax.Array, jax.Array]
@@ -120,15 +118,15 @@ class _Strips:
     zeros = jnp.zeros((shape[0], shape[-1]), jnp.float32)
     return jax.lax.fori_loop(0, self.count, body, (jnp.zeros((), jnp.float32), zeros, zeros))
 
-  def assemble(self, strip_fn: Callable[[jax.Array], jax.Array], scale: int = 1) -> jax.Array:
-    """The whole map from its strips (``strip_fn(k)``: rows/scale rows at start(k)/scale)."""
+  def assemble(self, strip_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """The whole map from its strips (``strip_fn(k)``: its rows)."""
     first = strip_fn(0)
     # Grown from the first strip rather than a zeros buffer: XLA:CPU schedules an
     # operand-free broadcast at the very start, where it would sit beside the
     # half-resolution middle's maps for nothing.
-    out = jnp.pad(first, ((0, 0), (0, self.height // scale - first.shape[1]), (0, 0), (0, 0)))
+    out = jnp.pad(first, ((0, 0), (0, self.height - first.shape[1]), (0, 0), (0, 0)))
     def body(k, out):
-      return jax.lax.dynamic_update_slice_in_dim(out, strip_fn(k), self.start(k) // scale, 1)
+      return jax.lax.dynamic_update_slice_in_dim(out, strip_fn(k), self.start(k), 1)
     return jax.lax.fori_loop(1, self.count, body, out)
 
 
@@ -152,12 +150,10 @@ def _combine(a: Moments, b: Moments) -> Moments:
   return count, mean, m2
 
 
-def _normalize(norm: InstanceNorm, x: jax.Array, moments: Moments) -> jax.Array:
-  """`norm` applied to part of a map with the whole map's `moments` (InstanceNorm's formula)."""
+def _statistics(moments: Moments) -> tuple[jax.Array, jax.Array]:
+  """Mean and biased variance, shaped for `InstanceNorm.normalize`."""
   count, mean, m2 = moments
-  var = (m2 / count)[:, None, None, :]
-  y = (x.astype(jnp.float32) - mean[:, None, None, :]) * jax.lax.rsqrt(var + norm.eps)
-  return (y * norm.scale[...] + norm.bias[...]).astype(x.dtype)
+  return mean[:, None, None, :], (m2 / count)[:, None, None, :]
 
 
 def _rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
@@ -174,79 +170,180 @@ def _zero_outside(x: jax.Array, start: jax.Array, height: int) -> jax.Array:
   return jnp.where(inside[None, :, None, None], x, jnp.zeros((), x.dtype))
 
 
-def _encode(model: MINet, image: jax.Array, rows: int) -> jax.Array:
-  """conv1-norm1-relu-conv2-norm2-relu-conv3 of a model-space image, in strips.
+@dataclasses.dataclass(frozen=True)
+class _JoinGeometry:
+  """The rows a row-local `Join` reads: each output row its own row of every input
+  and whatever any of its layers reads; its output has its input's size."""
+  layers: tuple[RowGeometry, ...]
+  scale = Fraction(1)
+  phase = 1
 
-  Returns conv3's half-resolution output (before norm3).
+  def reads(self, row: int) -> tuple[int, int]:
+    ends = [g.reads(row) for g in self.layers]
+    return min([row] + [e[0] for e in ends]), max([row] + [e[1] for e in ends])
+
+  def size(self, rows: int) -> int:
+    if any(g.scale != 1 or g.size(rows) != rows for g in self.layers):
+      raise ValueError("a join's layers must keep the size of the map")
+    return rows
+
+  def first_output(self, first_input: int) -> int:
+    return first_input
+
+
+def _row_local(step: Step) -> bool:
+  """Whether every output row of `step` depends on a few input rows only (instance
+  norms count: they take their statistics from the whole map in a pass of their own)."""
+  if isinstance(step, (InstanceNorm, Pointwise)):
+    return True
+  if isinstance(step, Join):
+    return all(hasattr(layer, "row_geometry") for layer in step.layers)
+  return hasattr(step, "row_geometry")
+
+
+def _geometry(step: Step) -> RowGeometry | _JoinGeometry | None:
+  """The rows a row-local step reads; None for a step that keeps each row where it is."""
+  if isinstance(step, (InstanceNorm, Pointwise)):
+    return None
+  if isinstance(step, Join):
+    return _JoinGeometry(tuple(layer.row_geometry for layer in step.layers))
+  return step.row_geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """The rows of a row-local step list, relative to its output rows.
+
+  ``scales[i]``: rows of step i's input per output row (one more entry, 1, for the
+  output). A strip of output rows [o, o + n) with o and n multiples of `alignment`
+  is the strip [0, n) shifted by o * scales[i] rows at step i, rows and strides
+  included, so one static plan (`windows`) serves every strip.
   """
-  height = image.shape[1]
-  strips, halo = _Strips(height, rows), _ENCODER_HALO
-  inner = slice(halo, halo + rows)
+  geometries: tuple[RowGeometry | _JoinGeometry | None, ...]
+  scales: tuple[Fraction, ...]
 
-  def conv1(k):
-    start = strips.start(k) - halo
-    return start, model.conv1(_rows(image, start, rows + 2 * halo))
+  @classmethod
+  def of(cls, steps: tuple[Step, ...]) -> _Layout:
+    geometries = tuple(_geometry(step) for step in steps)
+    scales = [Fraction(1)]
+    for g in reversed(geometries):
+      scales.append(scales[-1] / (g.scale if g is not None else 1))
+    return cls(geometries, tuple(reversed(scales)))
 
-  moments1 = strips.moments(lambda k: conv1(k)[1][:, inner])
+  @property
+  def alignment(self) -> int:
+    return math.lcm(*(scale.denominator for scale in self.scales))
 
-  def conv2(k):
-    start, a = conv1(k)
-    a = _zero_outside(jax.nn.relu(_normalize(model.norm1, a, moments1)), start, height)
-    return start, model.conv2(a)
+  def windows(self, stop: int, rows: int) -> list[tuple[int, int]]:
+    """The rows [a, b) of its input each step before `stop` runs on, so that the strip
+    of output rows [0, `rows`) gets rows [0, scales[stop] * rows) of step stop's input
+    exact; then that target."""
+    first, end = 0, int(self.scales[stop] * rows)
+    windows = [(first, end)]
+    for g in reversed(self.geometries[:stop]):
+      if g is not None:
+        first, last = g.reads(first)[0], g.reads(end - 1)[1]
+        first, end = first - first % g.phase, last + 1
+      windows.append((first, end))
+    return windows[::-1]
 
-  moments2 = strips.moments(lambda k: conv2(k)[1][:, inner])
-
-  def conv3(k):
-    start, a = conv2(k)
-    a = _zero_outside(jax.nn.relu(_normalize(model.norm2, a, moments2)), start, height)
-    return model.conv3(a)[:, halo // 2:(halo + rows) // 2]
-
-  return strips.assemble(conv3, scale=2)
-
-
-def _fuse(model: MINet, states: list[jax.Array], rows: int) -> jax.Array:
-  """`MINet.fuse` of half-resolution maps, in strips (no 3x-wide concatenation)."""
-  strips, halo = _Strips(states[0].shape[1], rows), _FUSE_HALO
-
-  def fuse(k):
-    start = strips.start(k) - halo
-    return model.fuse([_rows(s, start, rows + 2 * halo) for s in states])[:, halo:halo + rows]
-
-  return strips.assemble(fuse)
+  def heights(self, height: int) -> list[int]:
+    """The height of each step's input, then of the output, for an input `height` high."""
+    heights = [height]
+    for g in self.geometries:
+      heights.append(g.size(heights[-1]) if g is not None else heights[-1])
+    if any(h != scale * heights[-1] for h, scale in zip(heights, self.scales)):
+      raise ValueError(f"strips need layers whose output is their input scaled (a "
+                       f"zero-padded 'same' conv, or a transposed conv by its stride); "
+                       f"got heights {heights}")
+    return heights
 
 
-def _decode(model: MINet, fused: jax.Array, image: jax.Array, rows: int) -> jax.Array:
-  """`MINet.decode` up to its gate, in strips: deconv3-norm4-relu-deconv2-norm5-relu-
-  deconv1, then leaky_relu(conv_su1(that) + conv_su2(image)).
+def halo(steps: tuple[Step, ...]) -> tuple[int, int]:
+  """Rows of a row-local stage's input above and below a strip's own rows that the strip
+  reads (its own rows: those at the scale of its output rows)."""
+  layout = _Layout.of(steps)
+  rows = layout.alignment
+  first, end = layout.windows(len(steps), rows)[0]
+  return -first, end - int(layout.scales[0] * rows)
 
-  Returns that full-resolution 3-channel map. (conv_su2 runs here, strip by strip,
-  rather than on the whole image: XLA would compute it first, its input being
-  ready, and hold the result through the whole network.)
-  """
-  height = 2 * fused.shape[1]
-  strips, halo = _Strips(height, rows), _DECODER_HALO
-  inner = slice(2 * halo, 2 * halo + rows)
 
-  def deconv3(k):
-    start = strips.start(k) // 2 - halo
-    return 2 * start, model.deconv3(_rows(fused, start, rows // 2 + 2 * halo))
+def _run_strip(steps: tuple[Step, ...], layout: _Layout, heights: list[int], stop: int,
+               x: Any, sources: dict[str, jax.Array], moments: dict[int, Moments],
+               origin: jax.Array, rows: int) -> jax.Array:
+  """Rows [s * origin, s * (origin + rows)) of step `stop`'s input (s = its scale) from
+  the input `x`, for the strip whose output rows start at `origin`."""
+  windows = layout.windows(stop, rows)
 
-  moments4 = strips.moments(lambda k: deconv3(k)[1][:, inner])
+  def shift(i):  # Where the strip's row 0 lies at step i's input.
+    return origin * layout.scales[i].numerator // layout.scales[i].denominator
 
-  def deconv2(k):
-    start, a = deconv3(k)
-    a = _zero_outside(jax.nn.relu(_normalize(model.norm4, a, moments4)), start, height)
-    return model.deconv2(a)[:, inner]
+  def crop(x, have, want):
+    if have[0] > want[0] or have[1] < want[1]:
+      raise ValueError(f"a step gives rows {have} where {want} are needed")
+    if have == want:
+      return x
+    return jax.tree.map(lambda v: v[:, want[0] - have[0]:want[1] - have[0]], x)
 
-  moments5 = strips.moments(deconv2)
+  have = windows[0]
+  x = jax.tree.map(lambda v: _rows(v, have[0] + shift(0), have[1] - have[0]), x)
+  zeroed = True  # Rows outside the map are zeros so far.
+  for i, (step, g) in enumerate(zip(steps[:stop], layout.geometries)):
+    a, b = windows[i]
+    x, have, start = crop(x, have, (a, b)), (a, b), a + shift(i)
+    if g is not None and not zeroed and _reads_padding(g, heights[i], heights[i + 1]):
+      # The whole map's conv reads zero padding there.
+      x = jax.tree.map(lambda v: _zero_outside(v, start, heights[i]), x)
+    if isinstance(step, InstanceNorm):
+      x = step.normalize(x, *_statistics(moments[i]))
+    elif isinstance(step, Join):
+      x = step(x, *(_rows(sources[name], start, b - a) for name in step.sources))
+    else:
+      x = step(x)
+    if g is not None:
+      have = (g.first_output(a), g.first_output(a) + g.size(b - a))
+    zeroed = False
+  return crop(x, have, windows[stop])
 
-  def tail(k):
-    x = model.deconv1(jax.nn.relu(_normalize(model.norm5, deconv2(k), moments5)))
-    source = jax.lax.dynamic_slice_in_dim(image, strips.start(k), rows, 1)
-    return jax.nn.leaky_relu(model.conv_su1(x) + model.conv_su2(source),
-                             negative_slope=model.config.leaky_slope)
 
-  return strips.assemble(tail)
+def _reads_padding(g: RowGeometry | _JoinGeometry, height: int, out_height: int) -> bool:
+  """Whether some output row inside the map reads an input row outside it."""
+  return g.reads(0)[0] < 0 or g.reads(out_height - 1)[1] >= height
+
+
+def _in_strips(steps: tuple[Step, ...], x: Any, sources: dict[str, jax.Array],
+               rows: int) -> jax.Array:
+  """`model.run_steps(steps, x, **sources)` for row-local steps, in strips of `rows`
+  output rows (a multiple of `_Layout.alignment`, as is the output height)."""
+  layout = _Layout.of(steps)
+  heights = layout.heights(jax.tree.leaves(x)[0].shape[1])
+  strips = _Strips(heights[-1], rows)
+  moments: dict[int, Moments] = {}
+
+  def strip(stop, k):
+    return _run_strip(steps, layout, heights, stop, x, sources, moments, strips.start(k), rows)
+
+  for i, step in enumerate(steps):
+    if isinstance(step, InstanceNorm):
+      # A pass computing the norm's input strip by strip for its statistics.
+      scale = layout.scales[i]
+      moments[i] = _Strips(heights[i], int(scale * rows)).moments(functools.partial(strip, i))
+  return strips.assemble(functools.partial(strip, len(steps)))
+
+
+def _stage_rows(steps: tuple[Step, ...], x: Any, image_height: int, rows: int) -> int | None:
+  """Output rows per strip of a stage for strips of `rows` image rows; None for a stage
+  that runs on the whole map."""
+  if not all(_row_local(step) for step in steps):
+    return None
+  layout = _Layout.of(steps)
+  height = layout.heights(jax.tree.leaves(x)[0].shape[1])[-1]
+  stage_rows = Fraction(rows * height, image_height)
+  if stage_rows.denominator != 1 or stage_rows % layout.alignment or height % layout.alignment:
+    raise ValueError(f"strips of {rows} rows of a {image_height}-row image give "
+                     f"{stage_rows} rows of a {height}-row map, where the steps need a "
+                     f"multiple of {layout.alignment}")
+  return int(stage_rows)
 
 
 # progress(done, total): called after each stage of the strip-wise forward.
@@ -261,8 +358,7 @@ def network(model: MINet, image: jax.Array, rows: int, *,
   `rows` must be even and at most the image height. Called eagerly, the stages run
   as separate programs, so one program's scratch never sits beside another's;
   under an enclosing ``jax.jit`` they inline into one program, which XLA:CPU lays
-  out in more memory (at 2708x1800, 1.86 GiB of buffers against the largest
-  stage's 1.51 GiB; ~2.9 GiB peak RSS against ~2.0 GiB).
+  out in more memory (docs/PRETRAINED.md has figures).
 
   ``progress(done, total)`` is called after each stage has finished computing.
   ``solves``, when a list, receives each IM-block's `fixed_point.SolveSummary`.
@@ -287,9 +383,9 @@ def network(model: MINet, image: jax.Array, rows: int, *,
 
 
 def stage_count(model: MINet) -> int:
-  """How many stages `_run_stages` runs: encode, pre-processing, each IM-block, fuse,
-  decode and tail."""
-  return len(model.im_blocks) + 5
+  """How many stages `_run_stages` runs: the model's stages (`MINet.stages`) and each
+  IM-block."""
+  return len(model.stages()) + len(model.im_blocks)
 
 
 # How `_run_stages` runs one stage: call(name, jitted stage, its arguments, the arrays
@@ -302,8 +398,14 @@ def _run_stages(model: MINet, image: jax.Array, rows: int, call: _StageCall,
   """The sequence of compiled stages behind `network` (`stage_memory` replays it);
   each IM-block's solve summary goes to ``solves`` when it is a list."""
   graphdef, state = nnx.split(model)
-  x = call("encode", _encode_stage, (graphdef, state, image, rows), ())
-  x = call("pre_processing", _pre_processing_stage, (graphdef, state, x), (image,))
+  stages = model.stages()
+
+  def run(name, x, held, **sources):
+    strip_rows = _stage_rows(stages[name], x, image.shape[1], rows)
+    return call(name, _stage, (graphdef, state, name, x, sources, strip_rows), held)
+
+  x = run("encoder", image, ())
+  x = run("pre_processing", x, (image,))
   states = []
   for index in range(len(model.im_blocks)):
     held = (image, *states[:-1])  # The last state is this block's argument.
@@ -312,11 +414,11 @@ def _run_stages(model: MINet, image: jax.Array, rows: int, call: _StageCall,
     if solves is not None:
       solves.append(summary)
     states.append(x)
-  fused = call("fuse", _fuse_stage, (graphdef, state, tuple(states), rows // 2), (image,))
+  fused = run("fusion", tuple(states), (image,))
   del x, states  # Free the block outputs before the decoder runs.
-  x = call("decode", _decode_stage, (graphdef, state, fused, image, rows), ())
+  x = run("decoder", fused, (), image=image)
   del fused
-  return call("tail", _tail_stage, (graphdef, state, x), ())
+  return run("tail", x, ())
 
 
 def stage_memory(cfg: ModelConfig, shape: tuple[int, int, int, int], rows: int
@@ -351,19 +453,14 @@ def stage_memory(cfg: ModelConfig, shape: tuple[int, int, int, int], rows: int
   return report
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _encode_stage(graphdef: nnx.GraphDef, state: nnx.State, image: jax.Array,
-                  rows: int) -> jax.Array:
-  return _encode(nnx.merge(graphdef, state), image, rows)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _pre_processing_stage(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
-  model = nnx.merge(graphdef, state)
-  x = jax.nn.relu(model.norm3(x))
-  for block in model.pre_processing:
-    x = block(x)
-  return x
+@functools.partial(jax.jit, static_argnums=(0, 2, 5))
+def _stage(graphdef: nnx.GraphDef, state: nnx.State, name: str, x: Any,
+           sources: dict[str, jax.Array], rows: int | None) -> jax.Array:
+  """The model's stage `name` on `x`: in strips of `rows` output rows, or whole (None)."""
+  steps = nnx.merge(graphdef, state).stages()[name]
+  if rows is None:
+    return run_steps(steps, x, **sources)
+  return _in_strips(steps, x, sources, rows)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -371,26 +468,6 @@ def _im_block_stage(graphdef: nnx.GraphDef, state: nnx.State, index: int,
                     x: jax.Array) -> tuple[jax.Array, fp.SolveSummary]:
   result = nnx.merge(graphdef, state).im_blocks[index].solve(x)
   return result.value, fp.SolveSummary.of(result)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _fuse_stage(graphdef: nnx.GraphDef, state: nnx.State, states: tuple[jax.Array, ...],
-                rows: int) -> jax.Array:
-  return _fuse(nnx.merge(graphdef, state), list(states), rows)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _decode_stage(graphdef: nnx.GraphDef, state: nnx.State, fused: jax.Array,
-                  image: jax.Array, rows: int) -> jax.Array:
-  return _decode(nnx.merge(graphdef, state), fused, image, rows)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _tail_stage(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
-  # The rest of `MINet.decode`'s 3-channel tail; its gate pools over the whole image.
-  model = nnx.merge(graphdef, state)
-  x = x + x * model.layer1(x)
-  return model.deconv(x)
 
 
 def forward(model: MINet, rgb: jax.Array, rows: int, *,
