@@ -8,10 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import minet_jax
 from minet_jax.core import strips
 from minet_jax.core.config import ModelConfig
+from minet_jax.core.layers import Conv2d, InstanceNorm, ShareSepConv
+from minet_jax.core.model import RELU, MINet
 
 
 def test_strips_equal_the_whole_image_forward(random_params):
@@ -89,3 +92,70 @@ def test_progress_is_reported_after_every_stage(random_params):
   calls.clear()
   minet_jax.apply(params, image, strip_rows=0, progress=lambda *a: calls.append(a))
   assert calls == [(1, 1)]
+
+
+class _Deeper(MINet):
+  """MI-Net with layers added to its strip-run stages by changing `stages` alone: a 5x5
+  conv dilated by 2 (reaching four rows) with a norm in the encoder, a random 5x5
+  smoothing and a 3x3 conv with a norm in the decoder, at full resolution."""
+
+  def __init__(self, cfg, *, rngs):
+    super().__init__(cfg, rngs=rngs)
+    c = cfg.features
+    self.wide = Conv2d(c, c, 5, padding=4, dilation=2, use_bias=False, rngs=rngs)
+    self.wide_norm = InstanceNorm(c)
+    self.smooth = ShareSepConv(5)
+    self.smooth.kernel[...] = jax.random.uniform(rngs.params(), (5, 5)) / 12.5
+    self.extra = Conv2d(c, c, 3, padding=1, rngs=rngs)
+    self.extra_norm = InstanceNorm(c)
+
+  def stages(self):
+    stages = super().stages()
+    encoder, decoder = stages["encoder"], stages["decoder"]
+    # After conv1-norm1-relu, and after deconv3-norm4-relu.
+    stages["encoder"] = encoder[:3] + (self.wide, self.wide_norm, RELU) + encoder[3:]
+    stages["decoder"] = (decoder[:3] + (self.smooth, self.extra, self.extra_norm, RELU)
+                         + decoder[3:])
+    return stages
+
+
+def test_layers_added_to_the_stages_run_in_strips_exactly():
+  cfg = ModelConfig(features=8, pre_blocks=1, iterations=(1, 1, 1))
+  model = _Deeper(cfg, rngs=nnx.Rngs(0))
+  released = MINet(cfg, rngs=nnx.Rngs(0))  # the same weights, without the added layers
+  image = jnp.asarray(np.random.default_rng(4).uniform(size=(1, 37, 51, 3)), jnp.float32)
+  graphdef, state = nnx.split(model)
+  whole = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, image))
+  # The whole-image forward runs the stages as written, added layers included.
+  without = np.asarray(nnx.jit(lambda m, x: m(x))(released, image))
+  assert float(np.abs(whole - without).max()) > 1e-2
+  # Strips of 6 rows (3 half-resolution rows), 7 of them: every halo is wider than
+  # a strip, and the encoder's needs more rows than the released model's.
+  got = np.asarray(strips.forward(model, image, 6))
+  np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+
+
+def test_released_halos_follow_from_the_kernels():
+  # Worked out by hand from the released layers, in rows of each stage's input.
+  # Encoder: conv3 (3x3, stride 2, padding 1) makes half-resolution row o from
+  # full-resolution rows 2o - 1 .. 2o + 1, so the half-resolution strip [o0, o1) reads
+  # rows 2 * o0 - 1 .. 2 * o1 - 1, from 2 * o0 - 2 to keep its stride phase: 2 rows
+  # above the strip's own rows [2 * o0, 2 * o1) and none below; conv2 and conv1 (3x3)
+  # one more each.
+  encoder = (2 + 1 + 1, 0 + 1 + 1)
+  # Decoder, in half-resolution rows: deconv1 and the tail's 1x1 convs keep rows;
+  # deconv2 (3x3) needs full-resolution rows r0 - 1 .. r1 for the strip [r0, r1), r0 and
+  # r1 even; deconv3 (4x4, stride 2, padding 1) makes row o from half-resolution rows i
+  # with 2i = o + 1 - t, t < 4: row r0 - 1 from i >= r0 / 2 - 1, row r1 from
+  # i <= r1 / 2, one row beyond the strip's own rows [r0 / 2, r1 / 2) on each side.
+  decoder = (1, 1)
+  # Fusion: the gate is a 3x3 conv on half-resolution maps.
+  fusion = (1, 1)
+  stages = nnx.eval_shape(lambda: MINet(ModelConfig(), rngs=nnx.Rngs(0))).stages()
+  assert strips.halo(stages["encoder"]) == encoder
+  assert strips.halo(stages["decoder"]) == decoder
+  assert strips.halo(stages["fusion"]) == fusion
+  # The residual blocks and the tail's global pooling are not row-local: no halo.
+  for name in ("pre_processing", "tail"):
+    with pytest.raises(ValueError, match="whole map"):
+      strips.halo(stages[name])

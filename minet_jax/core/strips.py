@@ -262,6 +262,8 @@ class _Layout:
 def halo(steps: tuple[Step, ...]) -> tuple[int, int]:
   """Rows of a row-local stage's input above and below a strip's own rows that the strip
   reads (its own rows: those at the scale of its output rows)."""
+  if not all(_row_local(step) for step in steps):
+    raise ValueError("a stage with steps that are not row-local runs on the whole map")
   layout = _Layout.of(steps)
   rows = layout.alignment
   first, end = layout.windows(len(steps), rows)[0]
