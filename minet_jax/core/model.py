@@ -189,8 +189,8 @@ class MINet(nnx.Module):
   """MI-Net. Call on NHWC RGB images in [0, 1]; returns NHWC RGB in [0, 1] scale, unclipped.
 
   Two input spaces: the public entry points (``__call__``,
-  `forward_rgb_with_diagnostics`) take RGB in [0, 1] with any H and W; the stages
-  (`encode`, `solve_blocks`, `fuse`, `decode`) work in model space, the image as the
+  `forward_rgb_with_diagnostics`) take RGB in [0, 1] with any H and W; the stage
+  methods (`encode`, `solve_blocks`, `fuse`, `decode`) work in model space, the image as the
   first layer sees it (`to_model_space`: BGR 0..255 for the released weights, see
   ``config.input_format``) with even H and W, which `model_input` produces.
   """

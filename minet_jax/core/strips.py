@@ -49,8 +49,8 @@ from minet_jax.core.layers import InstanceNorm, RowGeometry
 from minet_jax.core.model import (MINet, Join, Pointwise, Step, from_model_space, run_steps,
                                   to_model_input)
 
-# apply() switches to strips above this many pixels: there the whole-image forward
-# would need more than ~3.5 GB, and the strips' recomputation (~20-30% more time) pays.
+# apply() switches to strips above this many pixels: beyond it the memory the strips
+# save outweighs the time their recomputation costs (docs/PRETRAINED.md, "Large photos").
 AUTO_PIXELS = 2_000_000
 # Default strip size: about this many pixels, i.e. 64 MiB per 64-channel float32 map.
 STRIP_PIXELS = 1 << 18
@@ -319,6 +319,11 @@ def _in_strips(steps: tuple[Step, ...], x: Any, sources: dict[str, jax.Array],
   output rows (a multiple of `_Layout.alignment`, as is the output height)."""
   layout = _Layout.of(steps)
   heights = layout.heights(jax.tree.leaves(x)[0].shape[1])
+  for step, height in zip(steps, heights):
+    for name in step.sources if isinstance(step, Join) else ():
+      if sources[name].shape[1] != height:
+        raise ValueError(f"a join reads {name!r} of {sources[name].shape[1]} rows beside a "
+                         f"map of {height}")
   strips = _Strips(heights[-1], rows)
   moments: dict[int, Moments] = {}
 
