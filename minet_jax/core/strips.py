@@ -365,7 +365,7 @@ def network(model: MINet, image: jax.Array, rows: int, *,
   `rows` must be even and at most the image height. Called eagerly, the stages run
   as separate programs, so one program's scratch never sits beside another's;
   under an enclosing ``jax.jit`` they inline into one program, which XLA:CPU lays
-  out in more memory (docs/PRETRAINED.md has figures).
+  out in more memory (docs/PERFORMANCE.md has figures).
 
   ``progress(done, total)`` is called after each stage has finished computing.
   ``solves``, when a list, receives each IM-block's `fixed_point.SolveSummary`.
