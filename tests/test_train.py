@@ -345,10 +345,21 @@ def _replace_weights(params_dir: pathlib.Path, weights: dict, record_checksum: b
   meta_file.write_text(json.dumps(meta))
 
 
+def _as_older_workdir(workdir: pathlib.Path) -> None:
+  """Rewrites the workdir's minet_config.json as versions before ``weights_in`` wrote it."""
+  record = json.loads((workdir / "minet_config.json").read_text())
+  del record["weights_in"]
+  (workdir / "minet_config.json").write_text(json.dumps(record, indent=2))
+
+
+@pytest.mark.parametrize("written_by", ["this version", "an older version"])
 @pytest.mark.parametrize("best", ["NaN best", "damaged best"])
-def test_load_falls_back_to_the_newest_usable_weights(straight_run, tmp_path, best):
+def test_load_falls_back_to_the_newest_usable_weights(straight_run, tmp_path, best,
+                                                      written_by):
   workdir = tmp_path / "w"
   shutil.copytree(straight_run[0], workdir)
+  if written_by == "an older version":
+    _as_older_workdir(workdir)
   (best_dir,) = [p / "params" for p in (workdir / "best").iterdir() if p.name.isdigit()]
   good = minet_jax.load(workdir)
   bad = jax.tree.map(lambda x: np.full_like(np.asarray(x), np.nan), good.weights)
@@ -623,6 +634,46 @@ def test_find_params_prefers_best(straight_run):
   workdir, _ = straight_run
   found = minet_jax.core.checkpoint.find_params(workdir)
   assert found is not None and found.parent.parent.name == "best"
+
+
+def _same_weights(a: minet_jax.Params, b: minet_jax.Params) -> None:
+  assert a.config == b.config
+  for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_load_follows_the_weight_folders_the_workdir_records(straight_run, tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(straight_run[0], workdir)
+  record = json.loads((workdir / "minet_config.json").read_text())
+  assert record["weights_in"] == ["best", "checkpoints"] == list(checkpointing.WEIGHTS_IN)
+  expected = minet_jax.load(workdir)
+  # The folder names are the trainer's to choose: renamed and recorded, they still load.
+  (workdir / "best").rename(workdir / "kept")
+  (workdir / "checkpoints").rename(workdir / "resumable")
+  record["weights_in"] = ["kept", "resumable"]
+  (workdir / "minet_config.json").write_text(json.dumps(record))
+  _same_weights(minet_jax.load(workdir), expected)
+  assert minet_jax.core.checkpoint.find_params(workdir).parent.parent.name == "kept"
+  shutil.rmtree(workdir / "kept")
+  latest = minet_jax.core.checkpoint.read_weights(workdir / "resumable" / "4" / "params",
+                                                  expected.config)
+  _same_weights(minet_jax.load(workdir), minet_jax.Params(weights=latest,
+                                                          config=expected.config))
+
+
+def test_a_workdir_of_an_older_version_loads_and_resumes(straight_run, two_step_run,
+                                                         data_dir, tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(straight_run[0], workdir)
+  _as_older_workdir(workdir)
+  _same_weights(minet_jax.load(workdir), minet_jax.load(straight_run[0]))
+  resumed = tmp_path / "resumed"
+  shutil.copytree(two_step_run, resumed)
+  _as_older_workdir(resumed)
+  assert train_and_evaluate(tiny_config(data_dir, num_train_steps=3), resumed)["step"] == 3
+  assert json.loads((resumed / "minet_config.json").read_text())["weights_in"] == [
+      "best", "checkpoints"]  # Rewritten as this version writes it.
 
 
 def test_default_synthetic_section_is_the_default_dataset():

@@ -16,6 +16,7 @@ import numpy as np
 from minet_jax.core import checkpoint
 from minet_jax.core.config import ModelConfig, model_config
 from minet_jax.core.params import shapes_mismatch
+from minet_jax.train import checkpointing
 from minet_jax.train.inputs import synthetic_config
 from minet_jax.train.state import abstract_train_state, check_optimizer
 from minet_jax.train.step import LOSSES, parse_ynn_fusions
@@ -109,7 +110,7 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   if (workdir / checkpoint.WEIGHTS_DIR).is_dir() and (workdir / checkpoint.CONFIG_FILE).is_file():
     raise ConfigError(f"{workdir} is a saved model (minet_jax.save), not a training workdir; "
                       "train in another --workdir, with --config.init_from to start from it")
-  folders = checkpoint.workdir_params(workdir)
+  folders = checkpointing.weight_params(workdir)
   if not folders:
     return
   cfg = model_config(config.model)

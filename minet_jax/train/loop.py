@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from minet_jax.core import checkpoint, files
+from minet_jax.core import files
 from minet_jax import hub
 from minet_jax.core.config import model_config
 from minet_jax.core.params import Params
@@ -71,8 +71,7 @@ def _disk_full(error: BaseException) -> tuple[bool, str | None]:
 
 
 def _disk_full_error(workdir: pathlib.Path, path: str | None) -> DiskFullError:
-  steps = [int(folder.parent.name) for folder in checkpoint.workdir_params(workdir)
-           if folder.parent.parent.name == checkpoint.LATEST_DIR]
+  steps = checkpointing.resumable_steps(workdir)
   resume = (f"from step {max(steps)}, its newest checkpoint" if steps else
             "from the start (no checkpoint was saved)")
   return DiskFullError(errno.ENOSPC, f"no space left on the disk of {path or workdir}; "
@@ -164,8 +163,7 @@ def _accept_start(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> _
   check_crop(config, train_source)
   # The weights to start from are read now, not after the first writes, unless a
   # resume will not need them.
-  resuming = any(folder.parent.parent.name == checkpoint.LATEST_DIR
-                 for folder in checkpoint.workdir_params(workdir))
+  resuming = bool(checkpointing.resumable_steps(workdir))
   init_params = None if resuming else _init_from(config)
   prepare_workdir(workdir)
   return _Start(train_source, eval_source, init_params)
