@@ -598,13 +598,13 @@ def test_init_from_starts_from_the_given_weights(tmp_path):
   minet_jax.save(params, tmp_path / "start")
   config.init_from = str(tmp_path / "start")
   from minet_jax.train.loop import _initial_state
-  state = _initial_state(config)
+  state = _initial_state(config, minet_jax.model_config(config.model))
   for x, y in zip(jax.tree.leaves(state.params().weights), jax.tree.leaves(params.weights)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert int(state.step) == 0
   config.model.features = 4
   with pytest.raises(ValueError, match="different architecture"):
-    _initial_state(config)
+    _initial_state(config, minet_jax.model_config(config.model))
 
 
 def test_losses_match_closed_forms():
@@ -808,6 +808,21 @@ def test_train_and_evaluate_compiles_the_step_with_the_configs_setting(tmp_path,
   assert seen == ["dot"]
 
 
+def test_train_and_evaluate_parses_the_model_config_once(tmp_path, monkeypatch, data_dir):
+  from minet_jax.train import checks, loop
+  parsed = []
+
+  def counting(fields):
+    parsed.append(fields)
+    return minet_jax.model_config(fields)
+
+  for module in (checks, loop, state_lib):
+    if hasattr(module, "model_config"):
+      monkeypatch.setattr(module, "model_config", counting)
+  train_and_evaluate(tiny_config(data_dir, num_train_steps=1), tmp_path / "run")
+  assert len(parsed) == 1
+
+
 def test_an_option_xla_does_not_take_warns_and_falls_back_to_defaults(monkeypatch):
   from minet_jax.train import step as step_lib
   if jax.default_backend() != "cpu":
@@ -830,7 +845,7 @@ def test_init_from_takes_other_solve_settings_but_not_another_architecture(tmp_p
     run.init_from = config.init_from
     for k, v in changes.items():
       run.model[k] = v
-    state = _initial_state(run)
+    state = _initial_state(run, minet_jax.model_config(run.model))
     assert state.model_config.solver == changes["solver"]
     for x, y in zip(jax.tree.leaves(state.params().weights), jax.tree.leaves(params.weights)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -839,7 +854,7 @@ def test_init_from_takes_other_solve_settings_but_not_another_architecture(tmp_p
     run.init_from = config.init_from
     run.model[field] = value
     with pytest.raises(ValueError, match="different architecture"):
-      _initial_state(run)
+      _initial_state(run, minet_jax.model_config(run.model))
 
 
 def test_distillation_trains_towards_the_teachers_output_from_scaled_blocks(tmp_path):
@@ -854,7 +869,7 @@ def test_distillation_trains_towards_the_teachers_output_from_scaled_blocks(tmp_
   config.init_block_scale = (0.5, 0.25, 1.0)
   config.model.iterations = (3, 3, 3)  # the student runs its blocks differently
   validate_config(config)
-  state = _initial_state(config)
+  state = _initial_state(config, minet_jax.model_config(config.model))
   teacher = _teacher(config)
   assert teacher.config.iterations == (1, 1, 1)
   for i, s in enumerate(config.init_block_scale):
