@@ -4,7 +4,7 @@
 
 `minet_jax.init` and `create_train_state` draw the ~100 weight tensors eagerly under
 ``jax.threefry_partitionable(False)``: on XLA:CPU the partitionable threefry (JAX's
-default) compiles far slower per tensor shape. Each initialisation here starts from
+default) compiles more slowly per tensor shape. Each initialisation here starts from
 empty compilation caches, as the first one of a process does. Prints seconds per
 initialisation of the released architecture (or ``--features`` wide) for each form.
 """

@@ -175,9 +175,10 @@ def create_train_state(config: ml_collections.ConfigDict, params: Params | None 
   cfg = model_config(config.model) if cfg is None else cfg
   init_key, run_key = jax.random.split(jax.random.key(int(config.seed)))
   if params is None:
-    # XLA:CPU compiles the partitionable threefry PRNG (JAX's default) 5-15x slower,
-    # which made initialisation take longer than compiling the train step. The
-    # classic threefry draws from the same distributions, only different values.
+    # XLA:CPU compiles the partitionable threefry PRNG (JAX's default) more slowly for
+    # each of the ~100 weight shapes (benchmarks/init_speed.py measures it; the figures
+    # are in docs/PERFORMANCE.md). The classic threefry draws from the same
+    # distributions, only different values.
     with jax.threefry_partitionable(False):
       model = MINet(cfg, rngs=nnx.Rngs(params=init_key))
     init_tail(model, config.init_tail)
