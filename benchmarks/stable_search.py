@@ -40,12 +40,10 @@ from minet_jax import convert, metrics
 from minet_jax.stability import spectral
 from minet_jax.data import folders, synthetic
 from minet_jax.core.params import Params, model_from_params
+from minet_jax.train import defaults
 from minet_jax.train import state as state_lib
 from minet_jax.train import step as step_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from configs import default  # noqa: E402
 
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
@@ -158,8 +156,8 @@ def score(params: Params, val: dict, teacher_val: np.ndarray, *, max_steps: int 
 def distil(student: Params, teacher: Params, images: dict, *, recipe: Recipe,
            steps: int, seed: int, log_every: int):
   """`steps` updates of the project's own train step, the teacher's outputs as targets."""
-  config = default.get_config()
-  config.model = default.section(student.config)
+  config = defaults.get_config()
+  config.model = defaults.section(student.config)
   config.seed = seed
   config.optimizer.learning_rate = recipe.learning_rate
   config.optimizer.schedule = "cosine"

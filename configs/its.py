@@ -8,7 +8,7 @@ Expected: not measured here (one step on 8 full ITS images needs a GPU to be
 practical). For scale, the authors' released weights, trained by their script below,
 score 36.30 dB PSNR / 0.977 SSIM on the SOTS indoor sample (docs/PRETRAINED.md).
 
-The base config (configs/default.py) already is the paper's recipe on the released
+The base config (`minet_jax.train.defaults`) already is the paper's recipe on the released
 architecture (T = 8, dilations 1/2/4, BGR 0..255 input, so ``init_from`` can take the
 converted released weights as they are): Adam (betas 0.9/0.999, no clipping), learning
 rate 1e-3 multiplied by 0.1 every 20k steps, 350k steps, batch 8, full images, MSE
@@ -36,11 +36,11 @@ Fine-tuning the converted released weights is one field:
 
 from __future__ import annotations
 
-from configs import default
+from minet_jax.train import defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults.get_config()
   # Training set: RESIDE ITS (13,990 hazy 620x460 images of 1,399 clear ones).
   config.data.name = "reside_its"
   # Validation: SOTS indoor (500 images), the paper's indoor benchmark.

@@ -12,7 +12,12 @@ checks them against the authors' PyTorch figures in ``shared/parity``).
 
 from __future__ import annotations
 
-from configs import its
+import pathlib
+
+from minet_jax.train import config_file
+
+# configs/its.py beside this file, loaded by its path: a copy of this folder works anywhere.
+its = config_file.load_module(pathlib.Path(__file__).with_name("its.py"))
 
 
 def get_config():

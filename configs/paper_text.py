@@ -6,11 +6,11 @@ to study the difference, not to load the released weights.
 
 from __future__ import annotations
 
-from configs import default
+from minet_jax.train import defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults.get_config()
   # Iterations per IM-block as stated in the paper.
   config.model.iterations = (12, 12, 12)
   # Dilations as stated in the paper (smoothing kernels become 3x3 and 9x9).

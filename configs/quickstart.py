@@ -17,11 +17,11 @@ convolutions (docs/TRAINING.md has the measurements).
 
 from __future__ import annotations
 
-from configs import default
+from minet_jax.train import defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults.get_config()
   # Half the released width (64 -> 32): a quarter of the convolution FLOPs.
   config.model.features = 32
   # Half the released iterations per IM-block (8 -> 4); dilations stay 1/2/4.

@@ -32,11 +32,11 @@ synthetic crops does not bring full-size real images back.
 
 from __future__ import annotations
 
-from configs import default
+from minet_jax.train import defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults.get_config()
   # The released architecture (default's model section), solved instead of unrolled:
   # Picard to rtol 1e-3, at most 30 map evaluations per block; a block that misses the
   # tolerance answers with its iterate of lowest residual.

@@ -6,11 +6,11 @@ Compiles and trains in seconds on a CPU; it exercises every part of training
 
 from __future__ import annotations
 
-from configs import default
+from minet_jax.train import defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults.get_config()
   # Narrow features and two iterations per IM-block: a fast compile and step.
   config.model.features = 8
   config.model.iterations = (2, 2, 2)

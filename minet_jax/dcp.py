@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +103,11 @@ def _dehaze(image, config: DCPConfig):
   return jnp.clip((image - a) / t + a, 0.0, 1.0), t[..., 0], a
 
 
-def dehaze(image, config: DCPConfig | None = None, **overrides):
+def dehaze(image: ArrayLike, config: DCPConfig | None = None, **overrides: Any) -> jax.Array:
   """Dehazes an RGB image (H, W, 3) in [0, 1]; returns float32 RGB in [0, 1].
 
-  ``overrides`` replace fields of ``config`` (e.g. ``refine=False``).
+  ``overrides`` replace fields of ``config`` (e.g. ``refine=False``). Traceable: a
+  caller may jit it, or compile it ahead of time per image shape (`minet_jax.evaluation`).
   """
   config = dataclasses.replace(config or DCPConfig(), **overrides)
   image = jnp.asarray(image, jnp.float32)
@@ -113,7 +116,8 @@ def dehaze(image, config: DCPConfig | None = None, **overrides):
   return _dehaze(image, config)[0]
 
 
-def dehaze_with_maps(image, config: DCPConfig | None = None, **overrides):
+def dehaze_with_maps(image: ArrayLike, config: DCPConfig | None = None,
+                     **overrides: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Like `dehaze`, also returning the transmission map (H, W) and A (3,)."""
   config = dataclasses.replace(config or DCPConfig(), **overrides)
   return _dehaze(jnp.asarray(image, jnp.float32), config)

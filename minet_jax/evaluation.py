@@ -135,7 +135,7 @@ def build_methods(methods: Sequence[str], params=None,
       out[name] = lambda x: x
     elif name == "dcp":
       cfg = dcp_config or dcp.DCPConfig()
-      out[name] = _Compiled(lambda x: dcp._dehaze(x, cfg)[0])
+      out[name] = _Compiled(lambda x: dcp.dehaze(x, cfg))
   return out
 
 

@@ -137,6 +137,44 @@ def test_a_folder_inside_a_training_workdir_asks_for_the_workdir(params, tmp_pat
                           "weights load")
 
 
+def test_a_folder_a_workdir_records_as_holding_weights_asks_for_the_workdir(params, tmp_path):
+  workdir = tmp_path / "wd"
+  (workdir / "kept" / "20" / "params").mkdir(parents=True)
+  checkpoint.write_config(workdir, params.config, weights_in=["kept"])
+  with pytest.raises(minet_jax.CheckpointError, match=r"pass the workdir itself"):
+    minet_jax.load(workdir / "kept" / "20")
+  (workdir / "checkpoints" / "20").mkdir(parents=True)  # Not one of this workdir's.
+  with pytest.raises(minet_jax.CheckpointError, match="not a minet-jax checkpoint"):
+    minet_jax.load(workdir / "checkpoints" / "20")
+
+
+def test_a_workdir_without_finished_steps_says_so(params, tmp_path):
+  workdir = tmp_path / "wd"
+  (workdir / "best" / "3.orbax-checkpoint-tmp-1" / "params").mkdir(parents=True)
+  checkpoint.write_config(workdir, params.config, weights_in=["best", "checkpoints"])
+  with pytest.raises(minet_jax.CheckpointError) as e:
+    minet_jax.load(workdir)
+  assert str(e.value) == (f"no weights in the training workdir {workdir} yet: none of best, "
+                          "checkpoints holds a finished step")
+
+
+@pytest.mark.parametrize("weights_in", [[], "best", ["../elsewhere"], ["a/b"], [".."], [3],
+                                        {"best": 1}])
+def test_a_damaged_weights_in_is_refused(params, tmp_path, weights_in):
+  workdir = tmp_path / "wd"
+  workdir.mkdir()
+  checkpoint.write_config(workdir, params.config)
+  record = json.loads((workdir / "minet_config.json").read_text())
+  record["weights_in"] = weights_in
+  (workdir / "minet_config.json").write_text(json.dumps(record))
+  with pytest.raises(minet_jax.CheckpointError,
+                     match=r"minet_config.json is corrupt: weights_in must be a non-empty list"):
+    minet_jax.load(workdir)
+  if not isinstance(weights_in, dict):
+    with pytest.raises(ValueError, match="weights_in must be"):
+      checkpoint.write_config(workdir, params.config, weights_in=weights_in or [""])
+
+
 def test_a_file_is_no_checkpoint_folder(tmp_path):
   (tmp_path / "weights.bin").write_bytes(b"")
   with pytest.raises(minet_jax.CheckpointError, match="is a file, not a checkpoint folder"):

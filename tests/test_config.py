@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
 import pytest
 
 import minet_jax
-from configs import default, paper_text
+from configs import paper_text
 from minet_jax.data import synthetic
+from minet_jax.train import config_file, defaults
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_config_sections_are_derived_from_the_records():
-  config = default.get_config()
+  config = defaults.get_config()
   assert minet_jax.model_config(config) == minet_jax.ModelConfig()
   assert set(config.model) == {f.name for f in dataclasses.fields(minet_jax.ModelConfig)}
   assert synthetic.SyntheticHazeConfig(**config.data.synthetic) == synthetic.SyntheticHazeConfig()
@@ -22,7 +29,7 @@ def test_config_sections_are_derived_from_the_records():
 
 def test_overridden_sections_build_the_records():
   # What `--config.model.iterations=(4,4,4)` and a JSON round trip (lists) produce.
-  config = default.get_config()
+  config = defaults.get_config()
   config.model.iterations = (4, 4, 4)
   config.data.synthetic.image_size = [32, 48]
   config.data.synthetic.beta_range = [1, 2]
@@ -35,7 +42,7 @@ def test_overridden_sections_build_the_records():
 
 def test_optional_and_several_type_fields_take_overrides():
   # A None default takes its declared type; unroll takes "auto", an int or a bool.
-  config = default.get_config()
+  config = defaults.get_config()
   assert config.data.synthetic.depth_scale_m is None
   config.data.synthetic.depth_scale_m = 5.0
   assert synthetic.SyntheticHazeConfig(**config.data.synthetic).depth_scale_m == 5.0
@@ -149,3 +156,38 @@ def test_tools_can_override_how_the_blocks_are_solved():
   assert config_lib.speed_changes(parser.parse_args([])) == {}
   with pytest.raises(SystemExit):
     parser.parse_args(["--solver", "newton"])
+
+
+def test_config_files_load_by_path_from_outside_the_checkout(tmp_path):
+  copy = tmp_path / "elsewhere" / "configs"
+  shutil.copytree(REPO / "configs", copy, ignore=shutil.ignore_patterns("__pycache__"))
+  path_before, modules_before = list(sys.path), set(sys.modules)
+  loaded = {p.name: config_file.load_module(p).get_config() for p in sorted(copy.glob("*.py"))
+            if p.name != "__init__.py"}
+  assert sys.path == path_before
+  assert not {m for m in set(sys.modules) - modules_before if "config" in m}
+  assert set(loaded) >= {"default.py", "its.py", "its_authors.py", "quickstart.py",
+                         "stable.py", "tiny.py", "paper_text.py"}
+  for name, config in loaded.items():
+    here = config_file.load_module(REPO / "configs" / name).get_config()
+    assert config.to_json_best_effort() == here.to_json_best_effort(), name
+  assert loaded["default.py"].to_json_best_effort() == defaults.get_config().to_json_best_effort()
+  # A config built on another reads the one beside it, not the checkout's.
+  its = copy / "its.py"
+  its.write_text(its.read_text().replace('"~/data/RESIDE"', '"/data/elsewhere"'))
+  authors = config_file.load_module(copy / "its_authors.py").get_config()
+  assert authors.data.manual_dir == "/data/elsewhere" and authors.loss == "l2"
+  with pytest.raises(FileNotFoundError, match="no config file"):
+    config_file.load_module(copy / "nope.py")
+
+
+def test_train_reads_a_config_file_outside_the_checkout(tmp_path):
+  copy = tmp_path / "configs"
+  shutil.copytree(REPO / "configs", copy, ignore=shutil.ignore_patterns("__pycache__"))
+  result = subprocess.run(
+      [sys.executable, str(REPO / "train.py"), "--config", "configs/tiny.py", "--workdir",
+       str(tmp_path / "w"), "--config.bogus=1"],
+      capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  assert result.returncode != 0
+  assert "unknown config field" in result.stderr, result.stderr  # Loaded, then refused.
+  assert not (tmp_path / "w").exists()

@@ -78,3 +78,13 @@ def test_haze_free_image_is_nearly_unchanged():
   img[..., 2] = 0.0  # zero dark channel everywhere
   out = np.asarray(dcp.dehaze(img))
   assert float(metrics.psnr(out * 255, img * 255)) > 30
+
+
+def test_evaluations_dcp_is_dcp_dehaze(synthetic_haze):
+  """evaluate.py's "dcp" method (compiled ahead of time per shape) is `dcp.dehaze`."""
+  from minet_jax import evaluation
+  _, hazy, _, _ = synthetic_haze
+  config = dcp.DCPConfig(guided_radius=30)
+  method = evaluation.build_methods(["dcp"], dcp_config=config)["dcp"]
+  np.testing.assert_array_equal(np.asarray(method(np.asarray(hazy, np.float32))),
+                                np.asarray(dcp.dehaze(hazy, config)))

@@ -104,8 +104,8 @@ def test_console_script_help(installed, script):
 
 
 def test_installed_train_reads_a_config_relative_to_the_current_folder(installed, tmp_path):
-  # configs/tiny.py imports `configs.default`: loaded from the checkout's folder while the
-  # script itself runs from the environment's bin/. An unknown field fails after loading.
+  # configs/tiny.py, loaded by its path relative to the current folder, imports the base
+  # config from the installed package. An unknown field fails after loading.
   result = subprocess.run(
       [str(installed / "minet-train"), "--config", "configs/tiny.py", "--workdir",
        str(tmp_path / "w"), "--config.bogus=1"],

@@ -13,6 +13,7 @@ from minet_jax.stability import contractive
 from minet_jax import metrics
 from minet_jax.core.config import model_config
 from minet_jax.core.params import Params, model_from_params
+from minet_jax.train import defaults
 from minet_jax.train import state as state_lib
 from minet_jax.train import step as step_lib
 from configs import stable
@@ -33,7 +34,7 @@ def test_short_stable_fine_tune_lowers_rho_and_stays_near_the_teacher(released_p
   crop = np.load(shared_dir / "parity" / "official_outputs.npz")["crop_input_rgb"]
   hazy = jnp.asarray(crop[None, :64, :96] / 255.0, jnp.float32)
   config = stable.get_config()
-  config.model = stable.default.section(dataclasses.replace(
+  config.model = defaults.section(dataclasses.replace(
       released_params.config, **{k: config.model[k] for k in (
           "solver", "rtol", "best_so_far", "backward", "contractive_weight", "contractive_kind",
           "contractive_point", "contractive_target", "contractive_iters")},

@@ -345,10 +345,21 @@ def _replace_weights(params_dir: pathlib.Path, weights: dict, record_checksum: b
   meta_file.write_text(json.dumps(meta))
 
 
+def _as_older_workdir(workdir: pathlib.Path) -> None:
+  """Rewrites the workdir's minet_config.json as versions before ``weights_in`` wrote it."""
+  record = json.loads((workdir / "minet_config.json").read_text())
+  del record["weights_in"]
+  (workdir / "minet_config.json").write_text(json.dumps(record, indent=2))
+
+
+@pytest.mark.parametrize("written_by", ["this version", "an older version"])
 @pytest.mark.parametrize("best", ["NaN best", "damaged best"])
-def test_load_falls_back_to_the_newest_usable_weights(straight_run, tmp_path, best):
+def test_load_falls_back_to_the_newest_usable_weights(straight_run, tmp_path, best,
+                                                      written_by):
   workdir = tmp_path / "w"
   shutil.copytree(straight_run[0], workdir)
+  if written_by == "an older version":
+    _as_older_workdir(workdir)
   (best_dir,) = [p / "params" for p in (workdir / "best").iterdir() if p.name.isdigit()]
   good = minet_jax.load(workdir)
   bad = jax.tree.map(lambda x: np.full_like(np.asarray(x), np.nan), good.weights)
@@ -587,13 +598,13 @@ def test_init_from_starts_from_the_given_weights(tmp_path):
   minet_jax.save(params, tmp_path / "start")
   config.init_from = str(tmp_path / "start")
   from minet_jax.train.loop import _initial_state
-  state = _initial_state(config)
+  state = _initial_state(config, minet_jax.model_config(config.model))
   for x, y in zip(jax.tree.leaves(state.params().weights), jax.tree.leaves(params.weights)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert int(state.step) == 0
   config.model.features = 4
   with pytest.raises(ValueError, match="different architecture"):
-    _initial_state(config)
+    _initial_state(config, minet_jax.model_config(config.model))
 
 
 def test_losses_match_closed_forms():
@@ -623,6 +634,46 @@ def test_find_params_prefers_best(straight_run):
   workdir, _ = straight_run
   found = minet_jax.core.checkpoint.find_params(workdir)
   assert found is not None and found.parent.parent.name == "best"
+
+
+def _same_weights(a: minet_jax.Params, b: minet_jax.Params) -> None:
+  assert a.config == b.config
+  for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_load_follows_the_weight_folders_the_workdir_records(straight_run, tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(straight_run[0], workdir)
+  record = json.loads((workdir / "minet_config.json").read_text())
+  assert record["weights_in"] == ["best", "checkpoints"] == list(checkpointing.WEIGHTS_IN)
+  expected = minet_jax.load(workdir)
+  # The folder names are the trainer's to choose: renamed and recorded, they still load.
+  (workdir / "best").rename(workdir / "kept")
+  (workdir / "checkpoints").rename(workdir / "resumable")
+  record["weights_in"] = ["kept", "resumable"]
+  (workdir / "minet_config.json").write_text(json.dumps(record))
+  _same_weights(minet_jax.load(workdir), expected)
+  assert minet_jax.core.checkpoint.find_params(workdir).parent.parent.name == "kept"
+  shutil.rmtree(workdir / "kept")
+  latest = minet_jax.core.checkpoint.read_weights(workdir / "resumable" / "4" / "params",
+                                                  expected.config)
+  _same_weights(minet_jax.load(workdir), minet_jax.Params(weights=latest,
+                                                          config=expected.config))
+
+
+def test_a_workdir_of_an_older_version_loads_and_resumes(straight_run, two_step_run,
+                                                         data_dir, tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(straight_run[0], workdir)
+  _as_older_workdir(workdir)
+  _same_weights(minet_jax.load(workdir), minet_jax.load(straight_run[0]))
+  resumed = tmp_path / "resumed"
+  shutil.copytree(two_step_run, resumed)
+  _as_older_workdir(resumed)
+  assert train_and_evaluate(tiny_config(data_dir, num_train_steps=3), resumed)["step"] == 3
+  assert json.loads((resumed / "minet_config.json").read_text())["weights_in"] == [
+      "best", "checkpoints"]  # Rewritten as this version writes it.
 
 
 def test_default_synthetic_section_is_the_default_dataset():
@@ -757,6 +808,21 @@ def test_train_and_evaluate_compiles_the_step_with_the_configs_setting(tmp_path,
   assert seen == ["dot"]
 
 
+def test_train_and_evaluate_parses_the_model_config_once(tmp_path, monkeypatch, data_dir):
+  from minet_jax.train import checks, loop
+  parsed = []
+
+  def counting(fields):
+    parsed.append(fields)
+    return minet_jax.model_config(fields)
+
+  for module in (checks, loop, state_lib):
+    if hasattr(module, "model_config"):
+      monkeypatch.setattr(module, "model_config", counting)
+  train_and_evaluate(tiny_config(data_dir, num_train_steps=1), tmp_path / "run")
+  assert len(parsed) == 1
+
+
 def test_an_option_xla_does_not_take_warns_and_falls_back_to_defaults(monkeypatch):
   from minet_jax.train import step as step_lib
   if jax.default_backend() != "cpu":
@@ -779,7 +845,7 @@ def test_init_from_takes_other_solve_settings_but_not_another_architecture(tmp_p
     run.init_from = config.init_from
     for k, v in changes.items():
       run.model[k] = v
-    state = _initial_state(run)
+    state = _initial_state(run, minet_jax.model_config(run.model))
     assert state.model_config.solver == changes["solver"]
     for x, y in zip(jax.tree.leaves(state.params().weights), jax.tree.leaves(params.weights)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -788,7 +854,7 @@ def test_init_from_takes_other_solve_settings_but_not_another_architecture(tmp_p
     run.init_from = config.init_from
     run.model[field] = value
     with pytest.raises(ValueError, match="different architecture"):
-      _initial_state(run)
+      _initial_state(run, minet_jax.model_config(run.model))
 
 
 def test_distillation_trains_towards_the_teachers_output_from_scaled_blocks(tmp_path):
@@ -803,7 +869,7 @@ def test_distillation_trains_towards_the_teachers_output_from_scaled_blocks(tmp_
   config.init_block_scale = (0.5, 0.25, 1.0)
   config.model.iterations = (3, 3, 3)  # the student runs its blocks differently
   validate_config(config)
-  state = _initial_state(config)
+  state = _initial_state(config, minet_jax.model_config(config.model))
   teacher = _teacher(config)
   assert teacher.config.iterations == (1, 1, 1)
   for i, s in enumerate(config.init_block_scale):

@@ -15,12 +15,20 @@ folders written by a newer ``format_version`` than this code reads. Format 1 (be
 ``model_sha256``) is still read, with the weights' checksum verified when recorded;
 from format 2 on both checksums are required, so deleting one is noticed too.
 
-A training workdir (``train.py --workdir``) has the same ``minet_config.json`` and
-keeps its weights in orbax step folders, ``best/<step>/params`` and
-``checkpoints/<step>/params`` with the checksum in the step's ``meta/``; `load`
-reads the best, else (the best missing or refused, with a warning) the newest
-usable one of the latest. Training (`minet_jax.train.checkpointing`) writes
-that layout with the names defined here.
+A training workdir (``train.py --workdir``) has no ``weights/``: its
+``minet_config.json`` also names, under ``weights_in``, the subfolders holding its
+weights as orbax step folders, in the order to try them::
+
+  "weights_in": ["best", "checkpoints"]    (what `minet_jax.train` writes)
+  <folder>/<step>/params/   the weights (orbax, float32)
+  <folder>/<step>/meta/     a JSON record: "weights_sha256", the validation "psnr"
+                            (when validated), the architecture ("model")
+
+`load` reads the newest step of the first folder, else (missing or refused, with a
+warning) the next newest usable one, folder after folder. The folder names are the
+trainer's (`minet_jax.train.checkpointing`); this module only follows the record.
+Workdirs written before ``weights_in`` existed lack it and are read as they were laid
+out then, `OLDER_WORKDIR_FOLDERS`.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import os
 import pathlib
 import sys
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -45,12 +53,16 @@ CONFIG_FILE = "minet_config.json"
 WEIGHTS_DIR = "weights"
 # 2: minet_config.json also records model_sha256, and both checksums are required.
 FORMAT_VERSION = 2
-# A training workdir: orbax step folders of the latest checkpoints and of the best one,
-# each step holding the weights (PARAMS_ITEM) and a JSON record (META_ITEM).
-LATEST_DIR = "checkpoints"
-BEST_DIR = "best"
+# A training workdir's weights: orbax step folders, each holding the weights
+# (PARAMS_ITEM) and a JSON record (META_ITEM), in the subfolders its record lists
+# under WEIGHTS_IN_KEY.
+WEIGHTS_IN_KEY = "weights_in"
 PARAMS_ITEM = "params"
 META_ITEM = "meta"
+# Where the weights of a workdir without WEIGHTS_IN_KEY (written by older versions) are:
+# the best checkpoint's folder, then the resumable checkpoints'. A fact of that older
+# format, fixed: what training writes today is its own choice, recorded in each workdir.
+OLDER_WORKDIR_FOLDERS = ("best", "checkpoints")
 
 
 class CheckpointError(OSError):
@@ -74,8 +86,10 @@ def model_checksum(record: Any) -> str:
   return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def config_record(cfg: ModelConfig, weights: Any = None) -> dict:
-  """The contents of ``minet_config.json`` (with the weights' checksum when given)."""
+def config_record(cfg: ModelConfig, weights: Any = None,
+                  weights_in: Sequence[str] = ()) -> dict:
+  """The contents of ``minet_config.json`` (with the weights' checksum when given, and
+  a training workdir's `WEIGHTS_IN_KEY` when `weights_in` names its folders)."""
   # The architecture and the solve settings the weights were trained with, without the
   # RUNTIME_FIELDS: which backend runs the convolutions is the loading machine's choice
   # (a loaded config gets the default, "auto").
@@ -84,21 +98,51 @@ def config_record(cfg: ModelConfig, weights: Any = None) -> dict:
           "model_sha256": model_checksum(model)}
   if weights is not None:
     meta["weights_sha256"] = weights_checksum(weights)
+  if weights_in:
+    meta[WEIGHTS_IN_KEY] = _checked_folders(
+        weights_in if isinstance(weights_in, str) else list(weights_in))
   return meta
 
 
-def write_config(folder: str | os.PathLike, cfg: ModelConfig, weights: Any = None) -> None:
-  """Writes ``minet_config.json`` into `folder` (whole, never half-written)."""
+def write_config(folder: str | os.PathLike, cfg: ModelConfig, weights: Any = None,
+                 weights_in: Sequence[str] = ()) -> None:
+  """Writes ``minet_config.json`` into `folder` (whole, never half-written); a training
+  workdir passes `weights_in`, the subfolders of its weight steps in the order `load`
+  is to try them."""
   files.write_text(pathlib.Path(folder) / CONFIG_FILE,
-                   json.dumps(config_record(cfg, weights), indent=2) + "\n")
+                   json.dumps(config_record(cfg, weights, weights_in), indent=2) + "\n")
+
+
+def _checked_folders(value: Any) -> list[str]:
+  """`value` if it is a non-empty list of plain subfolder names, else ValueError."""
+  if (not isinstance(value, list) or not value
+      or not all(isinstance(name, str) and name not in ("", ".", "..")
+                 and "/" not in name and "\\" not in name for name in value)):
+    raise ValueError(f"{WEIGHTS_IN_KEY} must be a non-empty list of subfolder names, "
+                     f"got {value!r}")
+  return value
+
+
+def weight_folders(meta: dict) -> tuple[str, ...] | None:
+  """The subfolders holding a training workdir's weight steps, in the order to try
+  them, as the record ``meta`` names them; None when it names none (a checkpoint
+  folder, or a workdir of an older version). ValueError when malformed."""
+  if WEIGHTS_IN_KEY in meta:
+    return tuple(_checked_folders(meta[WEIGHTS_IN_KEY]))
+  return None
 
 
 def _enclosing_workdir(path: pathlib.Path) -> pathlib.Path | None:
-  """The training workdir whose ``checkpoints/`` or ``best/`` holds `path` (a step folder or
-  an item of one), if any."""
+  """The training workdir one of whose weight folders holds `path` (the folder, a step
+  folder or an item of one), if any."""
   for workdir in list(path.parents)[:3]:
-    if ((workdir / CONFIG_FILE).is_file()
-        and path.relative_to(workdir).parts[0] in (LATEST_DIR, BEST_DIR)):
+    if not (workdir / CONFIG_FILE).is_file():
+      continue
+    try:
+      folders = weight_folders(json.loads((workdir / CONFIG_FILE).read_text()))
+    except (ValueError, TypeError, RecursionError, OSError):
+      folders = None  # The error is `load`'s to report, once given the workdir.
+    if path.relative_to(workdir).parts[0] in (folders or OLDER_WORKDIR_FOLDERS):
       return workdir
   return None
 
@@ -140,6 +184,10 @@ def _read_meta(path: pathlib.Path) -> dict:
       raise CheckpointError(f"{meta_file} is damaged or was edited: its model record does "
                             "not match the checksum saved with it, so it may not describe "
                             "the model the weights belong to; restore the file")
+  try:
+    weight_folders(meta)
+  except ValueError as e:
+    raise CheckpointError(f"{meta_file} is corrupt: {e}") from e
   return meta
 
 
@@ -173,21 +221,28 @@ def _steps(folder: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def step_params(folder: str | os.PathLike) -> list[pathlib.Path]:
+  """The ``params/`` folders of the finalised orbax steps in `folder`, newest first."""
+  folder = pathlib.Path(folder)
+  found = (folder / str(step) / PARAMS_ITEM for step in reversed(_steps(folder)))
+  return [candidate for candidate in found if candidate.is_dir()]
+
+
+def _workdir_params(workdir: pathlib.Path, meta: dict) -> list[pathlib.Path]:
+  return [params for sub in weight_folders(meta) or OLDER_WORKDIR_FOLDERS
+          for params in step_params(workdir / sub)]
+
+
 def workdir_params(workdir: str | os.PathLike) -> list[pathlib.Path]:
-  """The ``params/`` folders of a training workdir: the best checkpoint's, then the
-  latest checkpoints' newest first (the order `load` tries them in)."""
+  """The ``params/`` folders of a training workdir in the order `load` tries them: the
+  steps of each folder its record names, newest first. Raises `CheckpointError` when
+  the workdir's ``minet_config.json`` is missing or damaged."""
   workdir = pathlib.Path(workdir)
-  found = []
-  for sub in (BEST_DIR, LATEST_DIR):
-    for step in reversed(_steps(workdir / sub)):
-      candidate = workdir / sub / str(step) / PARAMS_ITEM
-      if candidate.is_dir():
-        found.append(candidate)
-  return found
+  return _workdir_params(workdir, _read_meta(workdir))
 
 
 def find_params(workdir: str | os.PathLike) -> pathlib.Path | None:
-  """The ``params/`` folder of a training workdir's best, else latest, checkpoint."""
+  """The ``params/`` folder `load` tries first in a training workdir (its best)."""
   found = workdir_params(workdir)
   return found[0] if found else None
 
@@ -327,8 +382,9 @@ def load(path: str | os.PathLike) -> Params:
   Raises `CheckpointError` when the folder is missing, from a newer format, or its
   weights are unreadable, do not fit the architecture, do not match their recorded
   checksum (damaged files), or are not finite (naming the tensor). In a workdir whose
-  best weights are refused so, the newest usable ones of ``checkpoints/`` are loaded
-  instead, with a warning naming what was refused.
+  best weights are refused so, the newest usable ones after them (in the order of its
+  ``weights_in``: the resumable checkpoints) are loaded instead, with a warning naming
+  what was refused.
   """
   path = pathlib.Path(path).absolute()
   meta = _read_meta(path)
@@ -336,7 +392,11 @@ def load(path: str | os.PathLike) -> Params:
   weights_dir = path / WEIGHTS_DIR
   # From format 2 on the weights' checksum is always written: a missing one was removed.
   required = meta["format_version"] >= 2
-  candidates = [] if weights_dir.exists() else workdir_params(path)
+  folders = weight_folders(meta)
+  candidates = _workdir_params(path, meta) if folders or not weights_dir.exists() else []
+  if folders and not candidates:
+    raise CheckpointError(f"no weights in the training workdir {path} yet: none of "
+                          f"{', '.join(folders)} holds a finished step")
   if not candidates:
     checksum = meta.get("weights_sha256")
     if required and not isinstance(checksum, str) and weights_dir.exists():

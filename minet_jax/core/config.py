@@ -150,8 +150,9 @@ class Solve:
   precision: str = "highest"
   # Who runs the convolutions: one of CONV_BACKENDS (a RUNTIME_FIELD). At precision
   # "highest" the results agree to float32 rounding; oneDNN's CPU kernels make a
-  # training step ~2x faster (docs/TRAINING.md). Programs using them cannot be
-  # serialised with jax.export: use "xla" for that.
+  # training step faster (docs/TRAINING.md, "Speed of a training step": the figures and
+  # the commands). Programs using them cannot be serialised with jax.export: use "xla"
+  # for that.
   conv_backend: str = "auto"
 
 

@@ -188,9 +188,10 @@ class SolveSummary:
 def resolve_unroll(unroll: Unroll, length: int) -> Union[int, bool]:
   """Backend-aware unroll: full on XLA:CPU, rolled elsewhere.
 
-  On XLA:CPU, gradients through a rolled scan of convolutions run 20-30x slower than
-  unrolled code (jax-ml/jax#12868); on GPU/TPU a rolled loop compiles faster and
-  costs little at run time.
+  On XLA:CPU, gradients through a rolled scan of XLA's convolutions run many times
+  slower than unrolled code (jax-ml/jax#12868; ``benchmarks/unroll_grad.py`` measures
+  it, and docs/PERFORMANCE.md has the figures); on GPU/TPU a rolled loop compiles
+  faster and costs little at run time.
   """
   if unroll == "auto":
     return True if jax.default_backend() == "cpu" else 1

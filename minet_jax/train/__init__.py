@@ -1,7 +1,9 @@
-"""Training MI-Net: state, jitted step, checkpoints, data parallelism, the loop.
+"""Training MI-Net: the base config, state, jitted step, checkpoints, data parallelism,
+the loop.
 
-    from minet_jax.train import train_and_evaluate
-    train_and_evaluate(config, "workdirs/quickstart")   # config: configs/quickstart.py
+    from minet_jax.train import config_file, train_and_evaluate
+    config = config_file.load_module("configs/quickstart.py").get_config()
+    train_and_evaluate(config, "workdirs/quickstart")
 
 See docs/TRAINING.md.
 """

@@ -4,7 +4,9 @@ A training workdir holds::
 
   config.json            the full training config of the latest start
   train.lock             while a run trains there: its lock (`minet_jax.train.lock`)
-  minet_config.json      the model config, as `minet_jax.save` writes it
+  minet_config.json      the model config, as `minet_jax.save` writes it, and the
+                         folders of the weights in the order to load them
+                         (``"weights_in": ["best", "checkpoints"]``)
   checkpoints/<step>/    the latest `keep` checkpoints, for resuming:
       state/             parameters, Adam moments, step, PRNG key
       params/            the weights alone, in `minet_jax.save`'s format
@@ -20,9 +22,11 @@ Nothing non-finite is ever saved: `Checkpoints.save` and `Checkpoints.save_best`
 refuse NaN or infinite weights, optimizer moments or validation scores with
 `NotFiniteError`, so every checkpoint on disk is one a run can continue from.
 
-so ``minet_jax.load(workdir)`` (and ``evaluate.py --ckpt workdir``) rebuild the
-model from ``minet_config.json`` and the best (else latest) ``params/``: the folder
-and item names are `minet_jax.core.checkpoint`'s, which reads them without training code.
+``minet_jax.load(workdir)`` (and ``evaluate.py --ckpt workdir``) rebuild the model
+from ``minet_config.json`` and the best (else latest) ``params/``, without training
+code: the folder names are this module's, recorded in ``minet_config.json`` for
+`minet_jax.core.checkpoint` to follow; the steps' items (``params/``, ``meta/``) are in
+its format.
 """
 
 from __future__ import annotations
@@ -37,10 +41,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from minet_jax.core import checkpoint
-from minet_jax.core.checkpoint import BEST_DIR, LATEST_DIR, META_ITEM, PARAMS_ITEM
+from minet_jax.core.checkpoint import META_ITEM, PARAMS_ITEM
+from minet_jax.core.config import ModelConfig
 from minet_jax.core.params import non_finite, weights_checksum
 from minet_jax.train.state import TrainState, state_from_pure, state_to_pure
 
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+# The weight folders in the order `minet_jax.load` is to try them, recorded in the
+# workdir's minet_config.json: the best validation PSNR, else the newest resumable.
+WEIGHTS_IN = (BEST_DIR, LATEST_DIR)
 DAMAGED_DIR = "damaged_checkpoints"
 DIVERGED_DIR = "diverged_checkpoints"
 TRAIN_CONFIG_FILE = "config.json"
@@ -48,9 +58,23 @@ _LATEST_ITEMS = ("state", PARAMS_ITEM, "data", META_ITEM)
 _BEST_ITEMS = (PARAMS_ITEM, META_ITEM)
 
 
-def write_model_config(workdir: pathlib.Path, params_config: Any) -> None:
-  """Writes ``minet_config.json`` in the format `minet_jax.load_config` reads."""
-  checkpoint.write_config(workdir, params_config)
+def write_model_config(workdir: pathlib.Path, model: ModelConfig) -> None:
+  """Writes ``minet_config.json``: the model config in the format `minet_jax.load_config`
+  reads, and `WEIGHTS_IN`, where `minet_jax.load` finds the weights."""
+  checkpoint.write_config(workdir, model, weights_in=WEIGHTS_IN)
+
+
+def weight_params(workdir: str | pathlib.Path) -> list[pathlib.Path]:
+  """The ``params/`` folders of the workdir's steps: the best, then the resumable ones,
+  newest first in each (read without ``minet_config.json``, which may be lost)."""
+  return [params for sub in WEIGHTS_IN
+          for params in checkpoint.step_params(pathlib.Path(workdir) / sub)]
+
+
+def resumable_steps(workdir: str | pathlib.Path) -> list[int]:
+  """The steps of the workdir's finished resumable checkpoints, newest first."""
+  return [int(params.parent.name)
+          for params in checkpoint.step_params(pathlib.Path(workdir) / LATEST_DIR)]
 
 
 def _json_ready(state: Any) -> Any:

@@ -16,6 +16,7 @@ import numpy as np
 from minet_jax.core import checkpoint
 from minet_jax.core.config import ModelConfig, model_config
 from minet_jax.core.params import shapes_mismatch
+from minet_jax.train import checkpointing
 from minet_jax.train.inputs import synthetic_config
 from minet_jax.train.state import abstract_train_state, check_optimizer
 from minet_jax.train.step import LOSSES, parse_ynn_fusions
@@ -25,10 +26,11 @@ class ConfigError(ValueError):
   """The config, or the workdir it is used with, cannot be trained; the message says why."""
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises `ConfigError` naming the field and a fix for values training cannot use."""
+def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """Raises `ConfigError` naming the field and a fix for values training cannot use;
+  returns ``config.model`` parsed, the `ModelConfig` the run is to use."""
   try:
-    model_config(config.model)  # Checks the architecture fields.
+    cfg = model_config(config.model)  # Checks the architecture fields.
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config.model: {e}") from e
   if config.loss not in LOSSES:
@@ -81,10 +83,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   try:
     # Builds the model and optimizer without FLOPs: what they check of their
     # settings (e.g. model.unroll, init_tail) fails here, before any write.
-    abstract_train_state(config)
+    abstract_train_state(config, cfg)
   except (ValueError, TypeError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise ConfigError(f"config: {first}") from e
+  return cfg
 
 
 def architecture_differences(old: dict, new: dict) -> str:
@@ -98,8 +101,9 @@ def _another_architecture(workdir: pathlib.Path, what: str) -> ConfigError:
                      "fresh --workdir, or the same config.model")
 
 
-def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Refuses a workdir holding checkpoints of another architecture; writes nothing.
+def check_workdir_config(workdir: pathlib.Path, cfg: ModelConfig) -> None:
+  """Refuses a workdir holding checkpoints of another architecture than `cfg` (the
+  run's ``config.model``); writes nothing.
 
   The architecture is read from what was saved with the checkpoints, not from the
   training config of the latest start (``config.json``, which may be missing or
@@ -109,10 +113,9 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   if (workdir / checkpoint.WEIGHTS_DIR).is_dir() and (workdir / checkpoint.CONFIG_FILE).is_file():
     raise ConfigError(f"{workdir} is a saved model (minet_jax.save), not a training workdir; "
                       "train in another --workdir, with --config.init_from to start from it")
-  folders = checkpoint.workdir_params(workdir)
+  folders = checkpointing.weight_params(workdir)
   if not folders:
     return
-  cfg = model_config(config.model)
   new = cfg.architecture()
   records: list[tuple[pathlib.Path, ModelConfig]] = []
   model_file = workdir / checkpoint.CONFIG_FILE

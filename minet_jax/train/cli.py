@@ -25,8 +25,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from minet_jax.train import config_file
-
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (e.g. configs/quickstart.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and images go.")
@@ -72,8 +70,6 @@ def parse_flags(argv: list[str]) -> list[str]:
   path = _config_file(argv)
   if path and not os.path.isfile(path):
     sys.exit(f"train: error: --config {path}: no such file")
-  if path:
-    config_file.make_importable(path)  # Its `from configs import ...` outside a checkout.
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

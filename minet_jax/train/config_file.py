@@ -1,41 +1,27 @@
-"""Training config files (``configs/*.py``) loaded by path, with their own imports working.
+"""Training config files (``configs/*.py``) loaded by their path.
 
-The configs import each other as a package (``from configs import default``). That
-resolves when the folder holding ``configs/`` is on ``sys.path``, as it is for
-``python train.py`` run from a checkout (the script's folder), but not for the
-``minet-train`` console script or a benchmark script; `make_importable` adds it.
+A config file imports the base config from the package (``from minet_jax.train import
+defaults``) and a sibling config by path (`load_module`), so it loads wherever it lies,
+with ``sys.path`` left as it is. ``train.py --config`` loads the file the same way
+(``ml_collections.config_flags``); `load_module` is for scripts that need a config's
+``get_config`` without the flags.
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import pathlib
-import sys
 import types
 
 
-def import_root(path: str | os.PathLike) -> pathlib.Path:
-  """The folder a config file's imports resolve from: the first folder above the file
-  that is not a package (``repo/configs/its.py`` -> ``repo``)."""
-  folder = pathlib.Path(path).resolve().parent
-  while (folder / "__init__.py").is_file() and folder.parent != folder:
-    folder = folder.parent
-  return folder
-
-
-def make_importable(path: str | os.PathLike) -> pathlib.Path:
-  """Puts `import_root` of ``path`` on ``sys.path`` (last, so it never shadows the installed
-  ``minet_jax`` or its dependencies) unless it is there already; returns that folder."""
-  root = import_root(path)
-  if not any(pathlib.Path(entry or ".").resolve() == root for entry in sys.path):
-    sys.path.append(str(root))
-  return root
-
-
 def load_module(path: str | os.PathLike) -> types.ModuleType:
-  """Imports the config file ``path`` under its package name (``configs.its``), for its
-  ``get_config()``."""
+  """Runs the config file ``path`` as a module of its own (not entered in ``sys.modules``)
+  and returns it, for its ``get_config()``; FileNotFoundError when there is no such file."""
   path = pathlib.Path(path).resolve()
-  root = make_importable(path)
-  return importlib.import_module(".".join(path.relative_to(root).with_suffix("").parts))
+  if not path.is_file():
+    raise FileNotFoundError(f"no config file {path}")
+  spec = importlib.util.spec_from_file_location(f"minet_config_file_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -27,9 +27,9 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from minet_jax.core import checkpoint, files
+from minet_jax.core import files
 from minet_jax import hub
-from minet_jax.core.config import model_config
+from minet_jax.core.config import ModelConfig
 from minet_jax.core.params import Params
 from minet_jax.train import checkpointing, inputs, sharding
 from minet_jax.train.checks import (ConfigError, architecture_differences, check_crop,
@@ -71,8 +71,7 @@ def _disk_full(error: BaseException) -> tuple[bool, str | None]:
 
 
 def _disk_full_error(workdir: pathlib.Path, path: str | None) -> DiskFullError:
-  steps = [int(folder.parent.name) for folder in checkpoint.workdir_params(workdir)
-           if folder.parent.parent.name == checkpoint.LATEST_DIR]
+  steps = checkpointing.resumable_steps(workdir)
   resume = (f"from step {max(steps)}, its newest checkpoint" if steps else
             "from the start (no checkpoint was saved)")
   return DiskFullError(errno.ENOSPC, f"no space left on the disk of {path or workdir}; "
@@ -103,13 +102,13 @@ def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> Non
                resumed.step is not None else "no intact checkpoint left: starting afresh")
 
 
-def _init_from(config: ml_collections.ConfigDict) -> Params | None:
+def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | None:
   """``config.init_from``'s weights (None when unset), each IM-block's f scaled by
-  ``config.init_block_scale`` when given; refuses another architecture."""
+  ``config.init_block_scale`` when given; refuses an architecture other than `cfg`'s
+  (``config.model``)."""
   if not config.init_from:
     return None
   params = hub.resolve(config.init_from)
-  cfg = model_config(config.model)
   old, new = params.config.architecture(), cfg.architecture()
   if old != new:
     raise ConfigError(f"config.init_from {config.init_from} has a different architecture "
@@ -120,14 +119,14 @@ def _init_from(config: ml_collections.ConfigDict) -> Params | None:
   return params
 
 
-def _initial_state(config: ml_collections.ConfigDict,
+def _initial_state(config: ml_collections.ConfigDict, cfg: ModelConfig,
                    params: Params | None = None) -> TrainState:
-  """The state of a fresh start: `params` (else ``config.init_from``'s weights), else a
-  random init."""
+  """The state of a fresh start of model `cfg` (``config.model``): `params` (else
+  ``config.init_from``'s weights), else a random init."""
   if params is None:
-    params = _init_from(config)
+    params = _init_from(config, cfg)
   try:
-    return create_train_state(config, params)
+    return create_train_state(config, params, cfg)
   except ValueError as e:  # e.g. init_from weights of a different architecture
     raise ConfigError(str(e)) from e
 
@@ -151,9 +150,10 @@ class _Start:
   init_params: Params | None
 
 
-def _accept_start(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> _Start:
+def _accept_start(config: ml_collections.ConfigDict, cfg: ModelConfig,
+                  workdir: pathlib.Path) -> _Start:
   """Every check of a start that needs the workdir or the data; writes nothing there."""
-  check_workdir_config(workdir, config)
+  check_workdir_config(workdir, cfg)
   try:
     train_source, eval_source = inputs.sources(config)
   except ValueError as e:
@@ -164,9 +164,8 @@ def _accept_start(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> _
   check_crop(config, train_source)
   # The weights to start from are read now, not after the first writes, unless a
   # resume will not need them.
-  resuming = any(folder.parent.parent.name == checkpoint.LATEST_DIR
-                 for folder in checkpoint.workdir_params(workdir))
-  init_params = None if resuming else _init_from(config)
+  resuming = bool(checkpointing.resumable_steps(workdir))
+  init_params = None if resuming else _init_from(config, cfg)
   prepare_workdir(workdir)
   return _Start(train_source, eval_source, init_params)
 
@@ -184,19 +183,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   ``steps_per_second`` and ``seconds``.
   """
   t_start = time.time()
-  validate_config(config)
+  cfg = validate_config(config)  # config.model, parsed once for the whole run.
   sharding.maybe_initialize_distributed(bool(config.distributed))
   workdir = pathlib.Path(workdir).expanduser().absolute()
   # One run per workdir, locked before anything is read or written there.
   lock = WorkdirLock.acquire(workdir) if jax.process_index() == 0 else None
   try:
-    start = _accept_start(config, workdir)
+    start = _accept_start(config, cfg, workdir)
   except BaseException:
     if lock is not None:
       lock.release(refused=True)
     raise
   try:
-    return _train(config, workdir, start, t_start)
+    return _train(config, cfg, workdir, start, t_start)
   except Exception as e:
     full, path = _disk_full(e)
     if full:
@@ -207,8 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       lock.release()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, start: _Start,
-           t_start: float) -> dict[str, Any]:
+def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib.Path,
+           start: _Start, t_start: float) -> dict[str, Any]:
   """`train_and_evaluate` once its start is accepted (and the workdir locked)."""
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
@@ -218,7 +217,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, start: _Sta
 
   ckpts = checkpointing.Checkpoints(workdir, keep=int(config.keep_checkpoints),
                                     async_save=bool(config.async_checkpointing))
-  resumed = ckpts.restore_newest_intact(abstract_train_state(config), replicated)
+  resumed = ckpts.restore_newest_intact(abstract_train_state(config, cfg), replicated)
   _report_damaged(resumed, writer)
   resumed_from = resumed.step
   if resumed_from is not None:
@@ -227,7 +226,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, start: _Sta
     writer.write_event(resumed_from, "resume", from_step=resumed_from,
                        skipped_damaged=[d.step for d in resumed.damaged])
   else:
-    state = sharding.replicate(_initial_state(config, start.init_params), mesh)
+    state = sharding.replicate(_initial_state(config, cfg, start.init_params), mesh)
     writer.write_event(0, "start", init_from=config.init_from or None,
                        devices=mesh.devices.size, processes=jax.process_count())
   if jax.process_index() == 0:

@@ -161,8 +161,8 @@ def init_tail(model: MINet, kind: str) -> None:
       conv.bias[...] = jnp.zeros_like(conv.bias[...])
 
 
-def create_train_state(config: ml_collections.ConfigDict,
-                       params: Params | None = None) -> TrainState:
+def create_train_state(config: ml_collections.ConfigDict, params: Params | None = None,
+                       cfg: ModelConfig | None = None) -> TrainState:
   """A fresh state: initialised (or given) weights, zeroed optimizer, step 0.
 
   Args:
@@ -170,13 +170,15 @@ def create_train_state(config: ml_collections.ConfigDict,
       are read).
     params: start from these weights instead of a random init (fine-tuning); their
       architecture must equal ``config.model``.
+    cfg: ``config.model`` parsed (`model_config`), when the caller has it already.
   """
-  cfg = model_config(config.model)
+  cfg = model_config(config.model) if cfg is None else cfg
   init_key, run_key = jax.random.split(jax.random.key(int(config.seed)))
   if params is None:
-    # XLA:CPU compiles the partitionable threefry PRNG (JAX's default) 5-15x slower,
-    # which made initialisation take longer than compiling the train step. The
-    # classic threefry draws from the same distributions, only different values.
+    # XLA:CPU compiles the partitionable threefry PRNG (JAX's default) more slowly for
+    # each of the ~100 weight shapes (benchmarks/init_speed.py measures it; the figures
+    # are in docs/PERFORMANCE.md). The classic threefry draws from the same
+    # distributions, only different values.
     with jax.threefry_partitionable(False):
       model = MINet(cfg, rngs=nnx.Rngs(params=init_key))
     init_tail(model, config.init_tail)
@@ -194,9 +196,10 @@ def create_train_state(config: ml_collections.ConfigDict,
                     rng=jax.random.key_data(run_key), graphdef=graphdef)
 
 
-def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
-  """The shapes and dtypes of `create_train_state(config)`, built without FLOPs."""
-  return nnx.eval_shape(lambda: create_train_state(config))  # type: ignore[return-value]
+def abstract_train_state(config: ml_collections.ConfigDict,
+                         cfg: ModelConfig | None = None) -> TrainState:
+  """The shapes and dtypes of `create_train_state(config, cfg=cfg)`, built without FLOPs."""
+  return nnx.eval_shape(lambda: create_train_state(config, cfg=cfg))  # type: ignore[return-value]
 
 
 def state_to_pure(state: TrainState) -> dict[str, Any]:
