@@ -3,6 +3,8 @@
     python benchmarks/stable_minet.py --stable WORKDIR_OR_CHECKPOINT [--shared ../shared]
         [--out docs/stability/stable_minet.json] [--images 1400_1 ...] [--radius-iters 40]
         [--skip-theorem] [--curve-image 1400_1]
+    python benchmarks/stable_minet.py --models --shrink 0.3 0.3,0.8,0.8 [--shrink-solver
+        anderson] --out docs/stability/stable_minet.json
 
 For each model, on the SOTS indoor samples at full resolution (620x460):
 
@@ -19,6 +21,10 @@ For each model, on the SOTS indoor samples at full resolution (620x460):
    per image, in one process (the ratio the speed target is about);
 5. PSNR against the number of iterations T (every block run for exactly T steps) on
    ``--curve-image``: the paper's Fig. 8 for both models.
+
+6. with ``--shrink``: the released weights with each block's f scaled (one factor, or
+   one per block), untrained, scored as in 1 with their convergence: what the
+   contraction margin alone costs.
 
 Prints Markdown tables and writes everything to ``--out``.
 """
@@ -47,6 +53,17 @@ from minet_jax.core.params import Params, model_from_params
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
 CURVE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def shrink_factors(text: str) -> tuple[float, ...]:
+  """``"0.3"`` or ``"0.3,0.8,0.8"`` -> the factors (argparse type of --shrink)."""
+  try:
+    factors = tuple(float(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}")
+  if not all(s > 0 for s in factors):
+    raise argparse.ArgumentTypeError(f"factors must be positive: {text!r}")
+  return factors
 
 
 def forward(params: Params):
@@ -170,10 +187,13 @@ def main() -> int:
                       choices=["picard", "anderson"],
                       help="solvers run to rtol 1e-3 for the convergence counts")
   parser.add_argument("--cap", type=int, default=100, help="their step cap per block")
-  parser.add_argument("--shrink", nargs="*", type=float, default=[],
-                      help="also score the released weights with each block's f scaled by "
-                           "these factors, untrained, solved by Picard to rtol 1e-3 (<= 30 "
-                           "steps): what the contraction margin alone costs")
+  parser.add_argument("--shrink", nargs="*", type=shrink_factors, default=[],
+                      metavar="S[,S2,S3]",
+                      help="also score the released weights with each block's f scaled, "
+                           "untrained, solved by --shrink-solver to rtol 1e-3 (<= 30 steps): "
+                           "what the contraction margin alone costs; one factor for every "
+                           "block or one per block (0.3,0.8,0.8)")
+  parser.add_argument("--shrink-solver", default="picard", choices=["picard", "anderson"])
   parser.add_argument("--time", type=int, default=0, metavar="REPEATS",
                       help="also time both models' trained forward passes, interleaved, "
                            "REPEATS times per image (needs --stable)")
@@ -228,14 +248,19 @@ def main() -> int:
       entry["theorem1"] = theorem1(params, pairs, args.radius_iters)
       save()
 
-  for factor in args.shrink:
+  for factors in args.shrink:
     from minet_jax.train.state import shrink_blocks
-    print(f"released, f scaled by {factor}, Picard to rtol 1e-3", flush=True)
     released = loaders["released"]()
-    shrunk = shrink_blocks(with_solver(released, solver="picard", rtol=1e-3, best_so_far=True,
-                                       iterations=(30,) * released.config.num_blocks),
-                           (factor,) * released.config.num_blocks)
-    report.setdefault("shrink", {})[str(factor)] = scores(shrunk, pairs)
+    blocks = released.config.num_blocks
+    factors = factors * blocks if len(factors) == 1 else factors
+    if len(factors) != blocks:
+      parser.error(f"--shrink needs 1 or {blocks} factors, got {factors}")
+    name = ",".join(f"{s:g}" for s in factors)
+    key = name if args.shrink_solver == "picard" else f"{args.shrink_solver}:{name}"
+    print(f"released, f scaled by {name}, {args.shrink_solver} to rtol 1e-3", flush=True)
+    shrunk = shrink_blocks(with_solver(released, solver=args.shrink_solver, rtol=1e-3,
+                                       best_so_far=True, iterations=(30,) * blocks), factors)
+    report.setdefault("shrink", {})[key] = scores(shrunk, pairs)
     if args.out:
       args.out.write_text(json.dumps(report, indent=1) + "\n")
   if args.time:
