@@ -167,8 +167,9 @@ def init(config: ConfigLike = None, *, seed: int = 0) -> Params:
     seed: PRNG seed.
   """
   cfg = model_config(config)
-  # The non-partitionable threefry compiles several times faster on XLA:CPU, which
-  # dominates the cost of drawing ~100 small parameter tensors eagerly.
+  # The non-partitionable threefry compiles faster on XLA:CPU, and compiling dominates
+  # the cost of drawing ~100 small parameter tensors eagerly (benchmarks/init_speed.py;
+  # docs/PERFORMANCE.md).
   with jax.threefry_partitionable(False):
     return params_from_model(MINet(cfg, rngs=nnx.Rngs(seed)))
 
