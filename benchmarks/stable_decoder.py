@@ -34,10 +34,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from minet_jax import convert, metrics
-from minet_jax.core.params import Params, model_from_params
+from minet_jax import convert
+from minet_jax.core.params import Params, model_from_params, params_from_model
 from minet_jax.data import folders, synthetic
 from minet_jax.train.state import shrink_blocks
+
+import stable_minet  # benchmarks/stable_minet.py: the SOTS scoring, shared
 
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
@@ -131,22 +133,11 @@ def main() -> int:
       record(step)
   report["train_seconds"] = time.perf_counter() - start
 
-  trained_graph, trained_state = graph, params
-
-  @jax.jit
-  def run(x):
-    y, results = nnx.merge(trained_graph, trained_state).forward_rgb_with_diagnostics(x)
-    return jnp.clip(y, 0, 1), [r.status for r in results]
-
-  scores, converged = [], 0
-  for r in folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor"):
-    hazy, gt = folders.load_pair(r)
-    y, status = jax.device_get(run(jnp.asarray(hazy[None], jnp.float32) / 255.0))
-    scores.append(metrics.dehazing_scores(y[0] * 255.0, gt.astype(np.float32)))
-    converged += sum(int(s[0] == 0) for s in status)
-  report["sots"] = {"psnr": float(np.mean([p for p, _ in scores])),
-                    "ssim": float(np.mean([s for _, s in scores])),
-                    "converged": converged, "solves": 3 * len(scores)}
+  pairs = [(r.key, *folders.load_pair(r))
+           for r in folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor")]
+  sots = stable_minet.scores(params_from_model(nnx.merge(graph, params)), pairs)
+  report["sots"] = {"psnr": sots["psnr"], "ssim": sots["ssim"],
+                    "converged": sots["converged"], "solves": sots["solves"]}
   print("SOTS", report["sots"], flush=True)
   if args.out:
     args.out.write_text(json.dumps(report, indent=1) + "\n")
