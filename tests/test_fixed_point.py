@@ -418,3 +418,75 @@ def test_best_so_far_answers_with_the_lowest_residual(cls):
   tracked = fp.fixed_point(_linear_map, cls(rtol=1e-6, best_so_far=True, **kw), b, (a, b),
                            max_steps=300)
   np.testing.assert_array_equal(plain.value, tracked.value)
+
+
+# ------------------------------------------------------------------ loop structure
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it (jit, custom_jvp, loops)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      if hasattr(param, "jaxpr"):
+        yield from _equations(getattr(param.jaxpr, "jaxpr", param.jaxpr))
+
+
+def _while_body(solver, batch, shape=(6, 5, 3)):
+  """The body jaxpr of the early-exit loop of a per-sample solve of a batch of maps."""
+  z0 = jnp.zeros((batch,) + shape)
+  jaxpr = jax.make_jaxpr(lambda z: fp.fixed_point(
+      lambda z, _: 0.5 * z + 1.0, solver, z, max_steps=7, per_sample=True))(z0)
+  loops = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "while"]
+  assert len(loops) == 1
+  return loops[0].params["body_jaxpr"].jaxpr, z0.shape
+
+
+def _count_maps(avals, shape):
+  return sum(tuple(a.shape) == shape for a in avals)
+
+
+@pytest.mark.parametrize("solver, batch, carried, selects", [
+    (fp.Picard(), 1, 1, 0), (fp.Picard(), 2, 1, 1),
+    (fp.Picard(best_so_far=True), 1, 2, 1), (fp.Picard(best_so_far=True), 2, 2, 2),
+    (fp.Anderson(), 1, 2, 0), (fp.Anderson(), 2, 2, 2)],
+    ids=["picard-1", "picard-2", "picard-best-1", "picard-best-2", "anderson-1", "anderson-2"])
+def test_loop_carries_and_rewrites_only_the_maps_it_needs(solver, batch, carried, selects):
+  # Picard's next point is its last evaluation, so the iterate is carried once; a batch of
+  # one runs only while its sample is active, so nothing is frozen by a whole-map select
+  # (best_so_far keeps its one select: the best evaluation changes only when beaten).
+  body, shape = _while_body(solver, batch)
+  assert _count_maps([v.aval for v in body.invars], shape) == carried
+  rewrites = [e for e in _equations(body) if e.primitive.name == "select_n"
+              and tuple(e.outvars[0].aval.shape) == shape]
+  assert len(rewrites) == selects
+
+
+@pytest.mark.parametrize("solver", [
+    fp.Picard(rtol=1e-4, unroll=1), fp.Picard(rtol=1e-4, unroll=1, best_so_far=True),
+    fp.Anderson(rtol=1e-4, unroll=1), fp.Anderson(m=2, rtol=1e-4, unroll=1, best_so_far=True)],
+    ids=["picard", "picard-best", "anderson", "anderson-best"])
+@pytest.mark.parametrize("case, steps, picard_status", [
+    ("block", 40, fp.RESULTS.successful), ("block", 3, fp.RESULTS.max_steps_reached),
+    ("exp", 30, fp.RESULTS.nonfinite)], ids=["converges", "max-steps", "diverges"])
+def test_one_sample_loop_matches_the_masked_scan_bit_for_bit(solver, case, steps, picard_status):
+  # The early-exit loop of a single sample skips the freezing selects; the masked scan
+  # (what Backprop differentiates) keeps them and runs all steps, freezing the sample once
+  # it stops. Both must give the same answer, diagnostics and all, to the bit.
+  g0 = 0.5 * jax.random.normal(jax.random.key(7), (1, 8, 8, 4))
+  if case == "block":
+    graphdef, state = _tiny_block(gain=0.1)
+    t_map, f_state = nnx.merge(graphdef, state).map_fn()
+    args = (g0, f_state)
+  else:  # exp(z) = z has no real solution; Picard overflows within a few steps.
+    t_map, args = (lambda z, _: jnp.exp(z)), None
+
+  def solve(g0, differentiable):
+    return solver._run(t_map, g0, args, steps, differentiable=differentiable)
+
+  loop = jax.jit(lambda g: solve(g, False))(g0)
+  scan = jax.jit(lambda g: solve(g, True))(g0)
+  if isinstance(solver, fp.Picard):
+    assert int(loop.status[0]) == picard_status
+  for got, want in zip(loop, scan):
+    np.testing.assert_array_equal(got, want)

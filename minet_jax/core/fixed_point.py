@@ -326,7 +326,7 @@ class _LoopState(NamedTuple):
   """Carry of the masked Picard/Anderson loop; per-sample fields have axis B."""
   step: jax.Array       # steps the batch has taken (scalar int32)
   x: Any                # the point each sample evaluates next
-  value: Any            # each sample's last evaluation T(x_j)
+  value: Any            # each sample's last evaluation T(x_j); () where it is always x
   active: jax.Array     # (B,) bool: still iterating
   status: jax.Array     # (B,) int32 `RESULTS` code, final once inactive
   num_steps: jax.Array  # (B,) int32 evaluations taken
@@ -340,8 +340,12 @@ class _LoopState(NamedTuple):
 class _Iterative:
   """The masked loop shared by `Picard` and `Anderson` (they supply ``_init``/``_next``).
 
-  Subclasses are dataclasses with ``rtol``, ``atol``, ``unroll`` and ``best_so_far`` fields.
+  Subclasses are dataclasses with ``rtol``, ``atol``, ``unroll`` and ``best_so_far`` fields,
+  and a class attribute ``next_is_value``: whether ``_next`` returns the evaluation itself,
+  so that the point evaluated next is always the last evaluation and is carried once.
   """
+
+  next_is_value: ClassVar[bool] = False
 
   def _init(self, z0: Any, batch: int) -> Any:
     raise NotImplementedError
@@ -358,7 +362,9 @@ class _Iterative:
     better = active & (rel < residual)  # False for NaN
     return _select(better, fx, value), jnp.where(better, rel, residual)
 
-  def _step(self, fn, args, n: int) -> Callable[[_LoopState], _LoopState]:
+  def _step(self, fn, args, n: int, all_active: bool) -> Callable[[_LoopState], _LoopState]:
+    """One masked step; ``all_active``: every sample is known to be active whenever it runs
+    (a while loop over one sample), so the iterates need no freezing."""
     def step(s: _LoopState) -> _LoopState:
       fx = fn(s.x, args)
       rel, met = _residual_test(fx, s.x, self.rtol, self.atol, n)
@@ -366,10 +372,18 @@ class _Iterative:
       x_next, accel = self._next(s.step, s.x, fx, s.accel)
       finished = s.active & (met | ~finite)
       code = jnp.where(finite, RESULTS.successful, RESULTS.nonfinite).astype(jnp.int32)
+      # Freezing a finished sample rewrites whole feature maps, so it is done only where
+      # some sample can be inactive; the (B,) diagnostics keep their masks either way.
+      if all_active:
+        def freeze(new, old):
+          return new
+      else:
+        def freeze(new, old):
+          return _select(s.active, new, old)
       return _LoopState(
           step=s.step + 1,
-          x=_select(s.active, x_next, s.x),
-          value=_select(s.active, fx, s.value),
+          x=freeze(x_next, s.x),
+          value=() if self.next_is_value else freeze(fx, s.value),
           active=s.active & ~finished,
           status=jnp.where(finished, code, s.status),
           num_steps=s.num_steps + s.active.astype(jnp.int32),
@@ -385,7 +399,8 @@ class _Iterative:
       return _no_steps(z0)
     batch = _batch_size(z0)
     init = _LoopState(
-        step=jnp.int32(0), x=z0, value=z0, active=jnp.ones((batch,), bool),
+        step=jnp.int32(0), x=z0, value=() if self.next_is_value else z0,
+        active=jnp.ones((batch,), bool),
         status=jnp.full((batch,), RESULTS.max_steps_reached, jnp.int32),
         num_steps=jnp.zeros((batch,), jnp.int32),
         residual=jnp.full((batch,), jnp.nan, jnp.float32),
@@ -393,13 +408,17 @@ class _Iterative:
         accel=self._init(z0, batch),
         # Only a best-so-far solve pays for carrying a second copy of the iterate.
         best=(z0, jnp.full((batch,), jnp.inf, jnp.float32)) if self.best_so_far else ())
-    step = self._step(fn, args, _sample_size(z0))
+    n = _sample_size(z0)
     if differentiable:
+      step = self._step(fn, args, n, all_active=False)
       final, _ = jax.lax.scan(lambda s, _: (step(s), None), init, None, length=max_steps,
                               unroll=resolve_unroll(self.unroll, max_steps))
     else:
+      # The loop runs while any sample is active: with one sample, only while it is.
+      step = self._step(fn, args, n, all_active=batch == 1)
       final = jax.lax.while_loop(lambda s: (s.step < max_steps) & jnp.any(s.active), step, init)
-    value, residual = final.value, final.residual
+    # A frozen sample's x is its last evaluation when the next point is the evaluation.
+    value, residual = (final.x if self.next_is_value else final.value), final.residual
     if self.best_so_far:
       # A solve that missed the tolerance answers with its best evaluation instead.
       best_value, best_residual = final.best
@@ -420,6 +439,7 @@ class Picard(_Iterative):
       lowest residual rather than its last one (module docstring, "Status").
   """
   name: ClassVar[str] = "picard"
+  next_is_value: ClassVar[bool] = True
   rtol: float = 1e-3
   atol: float = 0.0
   unroll: Unroll = "auto"
