@@ -11,7 +11,8 @@ is solved from its real input: g0 is the encoder output of a SOTS indoor image
 call, compiled and run once before timing, then timed ``--repeats`` times, the variants
 alternating so that all of them see the same machine load; the figure is the median:
 
-* f: one evaluation of the block's map T(g) = g0 + eta * f(g), the floor of a step;
+* f: one evaluation of the block's map T(g) = g0 + eta * f(g), a call of its own;
+* f chain: ``--steps`` evaluations chained in one program, no residuals: the floor of a step;
 * unrolled: `fixed_point.Unrolled`, ``--steps`` steps (the released solver);
 * picard: `fixed_point.Picard` with rtol = atol = 0, i.e. forced to take all steps;
 * picard best: the same with ``best_so_far=True``;
@@ -98,9 +99,12 @@ def alternate(calls: dict, repeats: int) -> dict[str, float]:
   for call in calls.values():
     jax.block_until_ready(call())
   times: dict[str, list[float]] = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, call in calls.items():
-      times[name].append(_timed(call))
+  names = list(calls)
+  for r in range(repeats):
+    # Each round starts one variant later, so that none always runs after the same one
+    # (a variant that leaves the caches or the allocator in a bad state slows the next).
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      times[name].append(_timed(calls[name]))
   return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -115,8 +119,16 @@ def block_figures(fn, args, g0, modules: dict, steps: int, repeats: int) -> dict
   calls, answers = {}, {}
   evaluate = jax.jit(fn)
   calls["f"] = lambda: evaluate(g0, args)
-  for tag, module in modules.items():
-    for name, solver in solver_variants(module, steps).items():
+
+  def chain(g, args):
+    for _ in range(steps):
+      g = fn(g, args)
+    return g
+  chained = jax.jit(chain)
+  calls["f chain"] = lambda: chained(g0, args)
+  for name in solver_variants(fp, steps):
+    for tag, module in modules.items():
+      solver = solver_variants(module, steps)[name]
       solve = jax.jit(lambda g0, args, module=module, solver=solver: module.fixed_point(
           fn, solver, g0, args, max_steps=steps, per_sample=True))
       key = f"{name} [{tag}]" if len(modules) > 1 else name
@@ -152,7 +164,10 @@ def model_solvers(module):
 def model_forward(params: Params, module, x):
   """A compiled forward pass (output and per-block diagnostics) with ``module``'s solvers."""
   with model_solvers(module):
-    graphdef, state = nnx.split(model_from_params(params))
+    model = model_from_params(params)
+    for block in model.im_blocks:  # The model's objects may come from a cached structure.
+      block.solver, block.adjoint = module.from_config(params.config)
+    graphdef, state = nnx.split(model)
 
     def run(state, x):
       y, results = nnx.merge(graphdef, state).forward_rgb_with_diagnostics(x)
