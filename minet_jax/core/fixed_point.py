@@ -68,10 +68,11 @@ problems (``fn`` must act on each sample separately, as MI-Net's convolutions an
 instance norms do): residuals, stopping, status and Anderson's weights are per
 sample, a finished sample is frozen (``jnp.where``) while the others go on, and the
 diagnostics gain a leading batch axis. The loop runs while any sample is active, on
-the whole batch; a batch of one is never frozen, since its loop runs only while it is
-active (the early-exit loop then skips the whole-map selects). With ``per_sample=False`` the whole pytree is one problem. Per
-sample is the right choice for instance-normalised networks: the batch's problems do
-not interact, and one hard image neither holds back nor steers the others.
+the whole batch; the early-exit loop over a batch of one freezes nothing (it runs only
+while its sample is active), so it skips the whole-map selects. With
+``per_sample=False`` the whole pytree is one problem. Per sample is the right choice
+for instance-normalised networks: the batch's problems do not interact, and one hard
+image neither holds back nor steers the others.
 
 Adjoints (how gradients are taken)
 ----------------------------------
