@@ -9,9 +9,11 @@ is solved from its real input: g0 is the encoder output of a SOTS indoor image
 (``--image``; 620x460 gives features of 1x230x310x64), as in the released forward pass
 (for blocks 2 and 3, the previous blocks' unrolled outputs). Each variant is one jitted
 call, compiled and run once before timing, then timed ``--repeats`` times, the variants
-alternating so that all of them see the same machine load; the figure is the median:
+alternating (in an order that rotates every round) so that all of them see the same
+machine load; the figure is the median:
 
-* f: one evaluation of the block's map T(g) = g0 + eta * f(g), a call of its own;
+* f: one evaluation of the block's map T(g) = g0 + eta * f(g), a call of its own (so
+  with a call's fixed cost, which the solvers spread over their steps);
 * f chain: ``--steps`` evaluations chained in one program, no residuals: the floor of a step;
 * unrolled: `fixed_point.Unrolled`, ``--steps`` steps (the released solver);
 * picard: `fixed_point.Picard` with rtol = atol = 0, i.e. forced to take all steps;
@@ -25,9 +27,10 @@ the released step counts, i.e. the same number of map evaluations.
 
 ``--baseline`` names another copy of ``minet_jax/core/fixed_point.py`` (e.g. the one of
 an earlier commit, ``git show REV:minet_jax/core/fixed_point.py > old.py``); its solvers
-are timed alongside the installed ones, block and model, in the same alternation, and
-their answers (values, statuses, steps, residuals, histories) are checked to be
-bit-identical to the installed solvers'. docs/PERFORMANCE.md quotes the figures.
+are timed alongside those of the ``minet_jax`` that Python imports, block and model, in
+the same alternation, and their answers (values, statuses, steps, residuals,
+histories) are checked to be bit-identical to those. docs/PERFORMANCE.md quotes the
+figures.
 """
 
 from __future__ import annotations
