@@ -336,7 +336,8 @@ class _LoopState(NamedTuple):
   history: jax.Array    # (B, max_steps) float32, NaN for steps not taken
   accel: Any            # the solver's own state: () for Picard, `_AndersonState`
   best: Any             # with best_so_far: (evaluation, residual) of lowest residual per
-                        # sample so far (residual inf before the first step); else ()
+                        # sample so far (residual inf before the first step), and, where
+                        # it is kept lazily (`_Iterative._best`), whether it is x; else ()
 
 
 class _Iterative:
@@ -356,13 +357,24 @@ class _Iterative:
     """The next point to evaluate from x, its evaluation fx = T(x), and the state."""
     raise NotImplementedError
 
-  def _best(self, best: Any, active: jax.Array, fx: Any, rel: jax.Array) -> Any:
-    """The best-so-far pair after an evaluation fx with residual rel (best_so_far only)."""
+  def _best(self, best: Any, active: jax.Array, x: Any, fx: Any, rel: jax.Array,
+            lazy: bool) -> Any:
+    """The best-so-far state after x's evaluation fx with residual rel (best_so_far only).
+
+    ``lazy``: one sample whose next point is its evaluation (Picard in the early-exit
+    loop). Its best evaluation is then usually x itself, the last one; it is copied
+    aside only when a worse evaluation is about to replace x, instead of every step.
+    """
     if not self.best_so_far:
       return ()
-    value, residual = best
-    better = active & (rel < residual)  # False for NaN
-    return _select(better, fx, value), jnp.where(better, rel, residual)
+    if not lazy:
+      value, residual = best
+      better = active & (rel < residual)  # False for NaN
+      return _select(better, fx, value), jnp.where(better, rel, residual)
+    value, residual, is_x = best
+    better = active & (rel < residual)
+    value = jax.lax.cond(is_x[0] & ~better[0], lambda: x, lambda: value)
+    return value, jnp.where(better, rel, residual), better
 
   def _step(self, fn, args, n: int, all_active: bool) -> Callable[[_LoopState], _LoopState]:
     """One masked step; ``all_active``: every sample is known to be active whenever it runs
@@ -393,13 +405,23 @@ class _Iterative:
           history=s.history.at[:, s.step].set(jnp.where(s.active, rel, jnp.nan)),
           # A finished sample's x no longer moves, so its (unused) state needs no freezing.
           accel=accel,
-          best=self._best(s.best, s.active, fx, rel))
+          best=self._best(s.best, s.active, s.x, fx, rel,
+                          lazy=all_active and self.next_is_value))
     return step
 
   def _run(self, fn, z0, args, max_steps: int, differentiable: bool) -> _Outcome:
     if max_steps == 0:
       return _no_steps(z0)
     batch = _batch_size(z0)
+    # The early-exit loop runs while any sample is active: with one sample, only while it
+    # is. The masked scan runs every step, so there a finished sample must be frozen.
+    all_active = not differentiable and batch == 1
+    lazy_best = all_active and self.next_is_value
+    best = ()
+    if self.best_so_far:
+      # Only a best-so-far solve pays for carrying a second copy of the iterate.
+      best = (z0, jnp.full((batch,), jnp.inf, jnp.float32))
+      best += (jnp.zeros((batch,), bool),) if lazy_best else ()
     init = _LoopState(
         step=jnp.int32(0), x=z0, value=() if self.next_is_value else z0,
         active=jnp.ones((batch,), bool),
@@ -407,23 +429,20 @@ class _Iterative:
         num_steps=jnp.zeros((batch,), jnp.int32),
         residual=jnp.full((batch,), jnp.nan, jnp.float32),
         history=jnp.full((batch, max_steps), jnp.nan, jnp.float32),
-        accel=self._init(z0, batch),
-        # Only a best-so-far solve pays for carrying a second copy of the iterate.
-        best=(z0, jnp.full((batch,), jnp.inf, jnp.float32)) if self.best_so_far else ())
-    n = _sample_size(z0)
+        accel=self._init(z0, batch), best=best)
+    step = self._step(fn, args, _sample_size(z0), all_active)
     if differentiable:
-      step = self._step(fn, args, n, all_active=False)
       final, _ = jax.lax.scan(lambda s, _: (step(s), None), init, None, length=max_steps,
                               unroll=resolve_unroll(self.unroll, max_steps))
     else:
-      # The loop runs while any sample is active: with one sample, only while it is.
-      step = self._step(fn, args, n, all_active=batch == 1)
       final = jax.lax.while_loop(lambda s: (s.step < max_steps) & jnp.any(s.active), step, init)
     # A frozen sample's x is its last evaluation when the next point is the evaluation.
     value, residual = (final.x if self.next_is_value else final.value), final.residual
     if self.best_so_far:
       # A solve that missed the tolerance answers with its best evaluation instead.
-      best_value, best_residual = final.best
+      best_value, best_residual = final.best[:2]
+      if lazy_best:
+        best_value = _select(final.best[2], final.x, best_value)
       use_best = (final.status != RESULTS.successful) & jnp.isfinite(best_residual)
       value = _select(use_best, best_value, value)
       residual = jnp.where(use_best, best_residual, residual)
