@@ -398,6 +398,25 @@ def test_phantom_forward_is_an_early_exit_loop_and_never_differentiated():
   assert "while" in gradient and "scan" not in gradient
 
 
+def test_phantom_value_is_the_answer_when_the_map_fails_there():
+  # T(1) = 0.5, T(0.5) = NaN: the solve stops as nonfinite and best-so-far answers 0.5.
+  # The phantom step at that answer is NaN; the value must still be the answer.
+  def fails_below(z, a):
+    return jnp.where(z < 0.75, jnp.nan, a * z)
+
+  z0, a = jnp.ones((1, 2)), jnp.float32(0.5)
+  solve = lambda a, adjoint: fp.fixed_point(  # noqa: E731
+      fails_below, fp.Picard(rtol=1e-6, best_so_far=True), z0, a, max_steps=6,
+      adjoint=adjoint, per_sample=True)
+  backprop = solve(a, fp.Backprop())
+  assert int(backprop.status[0]) == fp.RESULTS.nonfinite
+  np.testing.assert_array_equal(backprop.value, [[0.5, 0.5]])
+  for adjoint in (fp.Phantom(), fp.Phantom(steps=3, damping=0.5)):
+    np.testing.assert_array_equal(solve(a, adjoint).value, backprop.value)
+    value, _ = jax.value_and_grad(lambda a: solve(a, adjoint).value.sum())(a)
+    assert float(value) == 1.0
+
+
 @pytest.mark.parametrize("cls", [fp.Picard, fp.Anderson])
 def test_best_so_far_answers_with_the_lowest_residual(cls):
   # z -> -1.5 z + 1: the fixed point 0.4 repels; from 0.39 every Picard step is worse, so

@@ -712,8 +712,21 @@ class Phantom:
     for _ in range(int(self.steps)):
       z = jax.tree.map(lambda a, b: (1.0 - tau) * a + tau * b, z, t_map(z, inputs))
     # The value is the solver's answer; only the gradient is the phantom steps'.
-    value = jax.tree.map(lambda s, p: s + (p - jax.lax.stop_gradient(p)), z_star, z)
-    return out._replace(value=value)
+    return out._replace(value=jax.tree.map(_answer_with_tangent_of, z_star, z))
+
+
+@jax.custom_jvp
+def _answer_with_tangent_of(answer: jax.Array, surrogate: jax.Array) -> jax.Array:
+  """``answer``, differentiated as ``surrogate``. Unlike answer + (s - stop_gradient(s)),
+  the value stays the answer where the surrogate is not finite (a best-so-far answer
+  whose next map evaluation overflows)."""
+  del surrogate
+  return answer
+
+
+@_answer_with_tangent_of.defjvp
+def _answer_with_tangent_of_jvp(primals, tangents):
+  return primals[0], tangents[1]
 
 
 Adjoint = Union[Backprop, Implicit, Phantom]
