@@ -38,7 +38,7 @@ from minet_jax import convert
 from minet_jax.core.params import Params, model_from_params, params_from_model
 from minet_jax.core import checkpoint
 from minet_jax.data import folders, synthetic
-from minet_jax.stability import spectral
+from minet_jax.stability import contractive, spectral
 from minet_jax.train.state import shrink_blocks
 
 import stable_minet  # benchmarks/stable_minet.py: the SOTS scoring, shared
@@ -69,7 +69,8 @@ def main() -> int:
   released = convert.weights_from_checkpoint(shared / "weights/minet_its_official.pth")
   student = shrink_blocks(released, shrink)
   student = Params(student.weights, dataclasses.replace(student.config, solver="picard", rtol=1e-3,
-                   iterations=(30,) * 3, best_so_far=True))
+                   iterations=(30,) * released.config.num_blocks,
+                   best_so_far=True))
   tgraph, tstate = nnx.split(model_from_params(released))
 
   @jax.jit
@@ -78,9 +79,7 @@ def main() -> int:
     runs = m.solve_blocks(m.model_input(x))
     return [(r.g0, r.result.value) for r in runs]
 
-  its = [folders.load_pair(r) for r in folders.find_its_pairs(shared / "data/RESIDE/ITS")]
-  imgs = [h.astype(np.float32) / 255 for h, _ in its]
-  imgs += [c.astype(np.float32) / 255 for c in {c.tobytes(): c for _, c in its}.values()]
+  imgs = stable_minet.its_images(shared)
   imgs += [im[:, ::-1] for im in imgs]
   sgraph0, sstate0 = nnx.split(model_from_params(student))
 
@@ -108,16 +107,9 @@ def main() -> int:
   def block_loss(bparams, bi, g0, gt, v):
     bdef = blocks_def[bi][0]
     block = nnx.merge(bdef, bparams)
-    t_map, fstate = block.map_fn()
-    res = spectral.norm(t_map(gt, (g0, fstate)) - gt, per_sample=True)
-    step = spectral.norm(gt - g0, per_sample=True)
-    mism = jnp.mean(jnp.square(res / step))
-    frozen = jax.lax.stop_gradient(fstate)
-    _, matvec = jax.linearize(lambda z: t_map(z, (g0, frozen)), gt)
-    v = jax.lax.fori_loop(0, a.power, lambda _, v: spectral.unit(matvec(v), per_sample=True), v)
-    v = jax.lax.stop_gradient(v)
-    _, jv = jax.jvp(lambda z: t_map(z, (g0, fstate)), (gt,), (v,))
-    rho = jnp.mean(spectral.norm(jv, per_sample=True))
+    mism = jnp.mean(contractive.fixed_point_mismatch(block, g0, gt))
+    rho, v = contractive.block_radius_from(block, g0, gt, v, a.power)
+    rho = jnp.mean(rho)
     pen = jnp.square(jax.nn.relu(rho - a.target))
     return mism + a.weight * pen, (mism, rho, v)
 

@@ -66,6 +66,14 @@ def shrink_factors(text: str) -> tuple[float, ...]:
   return factors
 
 
+def its_images(shared: pathlib.Path) -> list[np.ndarray]:
+  """The RESIDE ITS samples of ``shared`` as model inputs (RGB [0, 1] float32, HxWx3):
+  every hazy image, then each clear image once (never SOTS, the test set)."""
+  pairs = [folders.load_pair(r) for r in folders.find_its_pairs(shared / "data/RESIDE/ITS")]
+  clears = {clear.tobytes(): clear for _, clear in pairs}.values()
+  return [im.astype(np.float32) / 255 for im in [h for h, _ in pairs] + list(clears)]
+
+
 def forward(params: Params):
   """A jitted forward pass: clipped RGB [0, 1] and per-block (steps, status, residual)."""
   graphdef, state = nnx.split(model_from_params(params))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -42,6 +43,7 @@ from minet_jax import convert
 from minet_jax.core.params import Params, model_from_params
 from minet_jax.core import checkpoint
 from minet_jax.data import folders
+from minet_jax.stability import spectral
 from minet_jax.train.state import shrink_blocks
 
 import stable_minet  # benchmarks/stable_minet.py: the SOTS scoring, shared
@@ -66,46 +68,39 @@ def main() -> int:
   released = convert.weights_from_checkpoint(shared / "weights/minet_its_official.pth")
   params = shrink_blocks(released, tuple(float(s) for s in a.start.split(",")))
   params = Params(params.weights, dataclasses.replace(params.config, solver="picard", rtol=1e-3,
-                  iterations=(a.cap,) * 3, best_so_far=True))
-  its = [folders.load_pair(r) for r in folders.find_its_pairs(shared / "data/RESIDE/ITS")]
-  imgs = [h.astype(np.float32) / 255 for h, _ in its]
-  imgs += [c.astype(np.float32) / 255 for c in {c.tobytes(): c for _, c in its}.values()]
-  xs = [jnp.asarray(im[None]) for im in imgs]
+                  iterations=(a.cap,) * released.config.num_blocks, best_so_far=True))
+  xs = [jnp.asarray(im[None]) for im in stable_minet.its_images(shared)]
+  num_blocks, channels = params.config.num_blocks, params.config.features
   log = []
 
+  @functools.partial(jax.jit, static_argnums=0)
   def eigen(block_def, block_state, g0, g, key):
-    blk = nnx.merge(block_def, block_state)
-    t_map, fs = blk.map_fn()
-    f = lambda z: t_map(z, (g0, fs))
-    _, mv = jax.linearize(f, g)
-    _, vjp = jax.vjp(f, g)
-    def pw(op, v):
-      def body(_, c):
-        v, n0, n1 = c
-        w = op(v); n = jnp.linalg.norm(w)
-        return w / n, n1, n
-      v = v / jnp.linalg.norm(v)
-      return jax.lax.fori_loop(0, a.power, body, (v, 0.0, 0.0))
+    """rho at g (geometric mean of the last two power ratios, which a 2-cycle needs) and
+    the per-channel overlap <u_c, v_c> of the dominant right and left eigenvectors."""
+    t_map, f_state = nnx.merge(block_def, block_state).map_fn()
+    matvec, rmatvec = spectral.linearise(lambda z: t_map(z, (g0, f_state)), g)
     k1, k2 = jax.random.split(key)
-    v, a0, a1 = pw(mv, jax.random.normal(k1, g.shape))
-    u, _, _ = pw(lambda z: vjp(z)[0], jax.random.normal(k2, g.shape))
-    ov = jnp.sum(u * v, axis=(0, 1, 2))
-    return jnp.sqrt(a0 * a1), ov
+    right = spectral.spectral_radius(matvec, jax.random.normal(k1, g.shape),
+                                     num_iters=a.power, window=2)
+    left = spectral.spectral_radius(rmatvec, jax.random.normal(k2, g.shape),
+                                    num_iters=a.power, window=2)
+    return right["radius"], jnp.sum(left["vector"] * right["vector"], axis=(0, 1, 2))
+
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def points(graphdef, b, state, x):
+    model = nnx.merge(graphdef, state)
+    run = model.solve_blocks(model.model_input(x))[b]
+    return run.g0, run.result.value, run.result.num_steps
 
   for b in [int(i) for i in a.blocks.split(",")]:
     for rnd in range(a.rounds):
       model = model_from_params(params)
       gd, st = nnx.split(model)
-      @jax.jit
-      def points(st, x):
-        m = nnx.merge(gd, st); runs = m.solve_blocks(m.model_input(x))
-        return runs[b].g0, runs[b].result.value, runs[b].result.num_steps
       bdef, bst = nnx.split(model.im_blocks[b])
-      eig = jax.jit(eigen, static_argnums=0)
       rhos, shares, steps = [], [], []
       for i, x in enumerate(xs):
-        g0, g, n = points(st, x)
-        rho, ov = eig(bdef, bst, g0, g, jax.random.key(i))
+        g0, g, n = points(gd, b, st, x)
+        rho, ov = eigen(bdef, bst, g0, g, jax.random.key(i))
         rhos.append(float(rho)); steps.append(int(n[0]))
         ov = np.asarray(ov); shares.append(ov / ov.sum())
       rec = {"block": b + 1, "round": rnd, "rho": rhos, "steps": steps}
@@ -113,7 +108,7 @@ def main() -> int:
       if max(rhos) < a.target:
         break
       # First-order: d lambda / lambda = -(1 - s_c) * share_c; aim each bad image at target.
-      need = np.zeros(64)
+      need = np.zeros(channels)
       for rho, sh in zip(rhos, shares):
         if rho >= a.target:
           frac = 1 - a.target / rho
@@ -132,9 +127,9 @@ def main() -> int:
       log.append(rec)
       (out / "log.json").write_text(json.dumps(log, indent=1))
 
-  total = {str(b): np.asarray(params.weights["im_blocks"][str(b)]["f"]["norm2"]["scale"]).tolist() for b in range(3)}
+  total = {str(b): np.asarray(params.weights["im_blocks"][str(b)]["f"]["norm2"]["scale"]).tolist() for b in range(num_blocks)}
   (out / "scales.json").write_text(json.dumps(total))
-  final = Params(params.weights, dataclasses.replace(params.config, iterations=(30,) * 3))
+  final = Params(params.weights, dataclasses.replace(params.config, iterations=(30,) * num_blocks))
   checkpoint.save(final, out / "ckpt", overwrite=True)
   pairs = [(r.key, *folders.load_pair(r)) for r in folders.find_sots_pairs(shared / "data/RESIDE/SOTS/indoor")]
   if a.eval_images:

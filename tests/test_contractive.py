@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import minet_jax
-from minet_jax.stability import contractive
+from minet_jax.stability import contractive, spectral
 from minet_jax.core import fixed_point as fp
 from minet_jax.core.model import IMBlock
 
@@ -192,6 +192,22 @@ def test_radius_estimate_finds_a_real_dominant_eigenvalue_and_nears_a_complex_pa
   assert abs(top[1][0].imag) > 0.1
   assert estimate[1] == pytest.approx(radii[1], rel=0.3)
   assert np.all(estimate <= _dense_norms(graphdef, state, g0, g))
+
+
+def test_radius_from_a_kept_vector_continues_the_power_iteration():
+  # 150 steps from a kept vector, then 150 more from the vector it returns, is the
+  # 300-step estimate from the same start: training can spread the iteration over steps.
+  graphdef, state = _tiny_block(gain=2.0)
+  g0 = jax.random.normal(jax.random.key(14), (2, 4, 4, 3))
+  block = nnx.merge(graphdef, state)
+  g = block(g0)
+  v0 = spectral.unit(jax.random.normal(jax.random.key(15), g.shape), per_sample=True)
+  whole, _ = contractive.block_radius_from(block, g0, g, v0, 300)
+  _, half = contractive.block_radius_from(block, g0, g, v0, 150)
+  resumed, _ = contractive.block_radius_from(block, g0, g, half, 150)
+  np.testing.assert_allclose(resumed, whole, rtol=1e-5)
+  np.testing.assert_array_equal(
+      contractive.block_radius(block, g0, g, jax.random.key(15), 300), whole)
 
 
 def test_fixed_point_mismatch_trains_a_block_to_the_teachers_fixed_point():

@@ -43,6 +43,8 @@ def test_symmetric_map_radius_and_norm():
   assert arnoldi == pytest.approx(0.7, rel=1e-4)
   assert norm == pytest.approx(0.7, rel=1e-4)
   assert float(radius["rayleigh"]) == pytest.approx(0.7, rel=1e-3)
+  # The returned vector is the dominant eigenvector (q's column for 0.7), up to sign.
+  np.testing.assert_allclose(abs(float(jnp.vdot(radius["vector"], q[:, -1]))), 1.0, rtol=1e-3)
 
 
 def test_non_normal_map_norm_exceeds_radius():

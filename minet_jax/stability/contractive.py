@@ -105,16 +105,30 @@ def block_radius(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax
   v and only comes near rho (above or below). Only the final product is
   differentiated, as in `block_spectral_norm`.
   """
+  v0 = spectral.unit(jax.random.normal(key, g.shape, g.dtype), per_sample=True)
+  return block_radius_from(block, g0, g, v0, num_iters)[0]
+
+
+def block_radius_from(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, v: jax.Array,
+                      num_iters: int) -> tuple[jax.Array, jax.Array]:
+  """`block_radius` from a given per-sample unit vector ``v``: (estimate, the final v).
+
+  Feeding the returned vector back in at the next call (as spectral normalisation
+  keeps its vector) continues the power iteration across training steps, so a few
+  steps per call give an estimate that sharpens over training. The vector is a
+  constant for differentiation.
+  """
   t_map, state = block.map_fn()
   g0 = jax.lax.stop_gradient(g0)
   g = jax.lax.stop_gradient(g)
   frozen = jax.lax.stop_gradient(state)
   _, matvec = jax.linearize(lambda z: t_map(z, (g0, frozen)), g)
   v = jax.lax.fori_loop(0, num_iters, lambda _, v: spectral.unit(matvec(v), per_sample=True),
-                        spectral.unit(jax.random.normal(key, g.shape, g.dtype), per_sample=True))
+                        jax.lax.stop_gradient(v))
   v = jax.lax.stop_gradient(v)
+  # Only this last product sees the live parameters: ||J v|| is what is differentiated.
   _, jv = jax.jvp(lambda z: t_map(z, (g0, state)), (g,), (v,))
-  return spectral.norm(jv, per_sample=True)
+  return spectral.norm(jv, per_sample=True), v
 
 
 def block_term(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.Array, *,

@@ -65,8 +65,9 @@ def spectral_radius(matvec: Operator, v0: jax.Array, *, num_iters: int = 60,
   """Power-iteration estimates of rho(J) (module docstring).
 
   Returns a dict with ``radius`` (growth rate over the last ``window`` steps),
-  ``radius_power`` (the last ||J v||), ``rayleigh`` (<v, Jv> for the last unit v)
-  and ``ratios`` (||J v_k|| for every step k).
+  ``radius_power`` (the last ||J v||), ``rayleigh`` (<v, Jv> for the last unit v),
+  ``ratios`` (||J v_k|| for every step k) and ``vector`` (the final unit vector
+  J v / ||J v||, the dominant eigenvector's direction for a real dominant eigenvalue).
   """
   if num_iters < 1 or not 1 <= window <= num_iters:
     raise ValueError(f"need num_iters >= 1 and 1 <= window <= num_iters, got {num_iters}, "
@@ -76,10 +77,10 @@ def spectral_radius(matvec: Operator, v0: jax.Array, *, num_iters: int = 60,
     w = matvec(v)
     return unit(w), (norm(w), jnp.vdot(v.astype(jnp.float32), w.astype(jnp.float32)))
 
-  _, (ratios, rayleighs) = jax.lax.scan(step, unit(v0), None, length=num_iters)
+  vector, (ratios, rayleighs) = jax.lax.scan(step, unit(v0), None, length=num_iters)
   tail = jnp.log(jnp.maximum(ratios[-window:], jnp.finfo(jnp.float32).tiny))
   return {"radius": jnp.exp(jnp.mean(tail)), "radius_power": ratios[-1],
-          "rayleigh": rayleighs[-1], "ratios": ratios}
+          "rayleigh": rayleighs[-1], "ratios": ratios, "vector": vector}
 
 
 def arnoldi(matvec: Operator, v0: jax.Array, *, num_iters: int = 30) -> jax.Array:
