@@ -206,8 +206,35 @@ def test_radius_from_a_kept_vector_continues_the_power_iteration():
   _, half = contractive.block_radius_from(block, g0, g, v0, 150)
   resumed, _ = contractive.block_radius_from(block, g0, g, half, 150)
   np.testing.assert_allclose(resumed, whole, rtol=1e-5)
+  noise = jax.random.normal(jax.random.key(15), g.shape)
   np.testing.assert_array_equal(
-      contractive.block_radius(block, g0, g, jax.random.key(15), 300), whole)
+      contractive.block_radius(block, g0, g, jax.random.key(15), 300),
+      contractive.block_radius_from(block, g0, g, noise, 300, from_residual=True)[0])
+
+
+def test_radius_from_the_picard_residual_needs_few_steps():
+  # At a Picard iterate (12 steps, not yet converged) the residual T(g) - g leans
+  # towards J's dominant mode, so two power steps from it find a real dominant
+  # eigenvalue that two steps from random noise miss by a quarter.
+  graphdef, state = _tiny_block(gain=0.3)
+  g0 = jax.random.normal(jax.random.key(20), (2, 6, 6, 3))
+  block = nnx.merge(graphdef, state)
+  t_map, f_state = block.map_fn()
+  g = fp.fixed_point(t_map, fp.Unrolled(unroll=1), g0, (g0, f_state), max_steps=12,
+                     per_sample=True).value
+  eig = np.linalg.eigvals(np.asarray(_jacobians(graphdef, state, g0, g), np.float64))[1]
+  top = eig[np.argsort(-np.abs(eig))]
+  assert abs(top[0].imag) < 1e-9 and abs(top[1]) < 0.7 * abs(top[0])  # real, dominant
+  key = jax.random.key(21)
+  from_residual = float(contractive.block_radius(block, g0, g, key, 2)[1])
+  from_noise = float(contractive.block_radius_from(
+      block, g0, g, jax.random.normal(key, g.shape), 2)[0][1])
+  assert from_residual == pytest.approx(abs(top[0]), rel=1e-2)
+  assert from_noise < 0.8 * abs(top[0])
+  # A residual of zero (an exact fixed point) falls back to the noise.
+  zero = contractive.residual_start(jnp.zeros_like(g), jax.random.normal(key, g.shape))
+  np.testing.assert_allclose(zero, spectral.unit(jax.random.normal(key, g.shape),
+                                                 per_sample=True), rtol=1e-6)
 
 
 def test_fixed_point_mismatch_trains_a_block_to_the_teachers_fixed_point():
