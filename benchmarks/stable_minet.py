@@ -2,7 +2,7 @@
 
     python benchmarks/stable_minet.py --stable WORKDIR_OR_CHECKPOINT [--shared ../shared]
         [--out docs/stability/stable_minet.json] [--images 1400_1 ...] [--radius-iters 40]
-        [--skip-theorem] [--curve-image 1400_1]
+        [--skip-theorem] [--curve-image 1400_1] [--fixed-point-rtol 1e-6]
     python benchmarks/stable_minet.py --models --shrink 0.3 0.3,0.8,0.8 [--shrink-solver
         anderson] --out docs/stability/stable_minet.json
 
@@ -20,7 +20,9 @@ For each model, on the SOTS indoor samples at full resolution (620x460):
 4. with ``--time N``: both models' trained forward passes timed alternately, N times
    per image, in one process (the ratio the speed target is about);
 5. PSNR against the number of iterations T (every block run for exactly T steps) on
-   ``--curve-image``: the paper's Fig. 8 for both models.
+   ``--curve-image``: the paper's Fig. 8 for both models;
+   with ``--fixed-point-rtol R``: every block solved again to rtol R (trained solver, at
+   most ``--fixed-point-cap`` steps) and the figures of 2 at those points.
 
 6. with ``--shrink``: the released weights with each block's f scaled (one factor, or
    one per block), untrained, scored as in 1 with their convergence: what the
@@ -206,6 +208,10 @@ def main() -> int:
                       help="also time both models' trained forward passes, interleaved, "
                            "REPEATS times per image (needs --stable)")
   parser.add_argument("--curve-image", default="1400_1")
+  parser.add_argument("--fixed-point-rtol", type=float, default=0.0,
+                      help="also solve every block to this tolerance with the trained solver "
+                           "and give the Theorem-1 figures there (0: skip)")
+  parser.add_argument("--fixed-point-cap", type=int, default=300)
   args = parser.parse_args()
 
   records = folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor")
@@ -220,11 +226,13 @@ def main() -> int:
       "stable": lambda: minet_jax.load(args.stable),
   }
   report: dict = {"images": [p[0] for p in pairs], "backend": jax.default_backend(),
-                  "devices": str(jax.devices()[0]), "models": {}}
+                  "devices": str(jax.devices()[0])}
   if args.out and args.out.exists():
     kept = json.loads(args.out.read_text())
-    report["models"] = kept.get("models", {})
-    report.update({k: kept[k] for k in ("shrink", "interleaved_seconds") if k in kept})
+    # Everything measured before is kept (other models, shrinks, timings and their
+    # history) unless this run measures it again.
+    report.update({k: v for k, v in kept.items() if k not in report})
+  report.setdefault("models", {})
   for name in args.models:
     params = loaders[name]()
     print(f"{name}: {params.config.solver}, T/cap {params.config.iterations}, "
@@ -254,6 +262,17 @@ def main() -> int:
     if not args.skip_theorem:
       print(" Theorem 1 at the solution of the trained solver", flush=True)
       entry["theorem1"] = theorem1(params, pairs, args.radius_iters)
+      save()
+    if args.fixed_point_rtol:
+      # The trained tolerance leaves each block short of its fixed point, and block
+      # Jacobians change over distances far below it; Theorem 1 is about the point itself.
+      tight = with_solver(params, rtol=args.fixed_point_rtol, atol=0.0,
+                          iterations=(args.fixed_point_cap,) * params.config.num_blocks)
+      print(f" Theorem 1 at the fixed points: {tight.config.solver} to rtol "
+            f"{args.fixed_point_rtol}, at most {args.fixed_point_cap} steps", flush=True)
+      entry["fixed_point"] = {"rtol": args.fixed_point_rtol, "cap": args.fixed_point_cap,
+                              "solves": scores(tight, pairs),
+                              "theorem1": theorem1(tight, pairs, args.radius_iters)}
       save()
 
   for factors in args.shrink:
@@ -286,7 +305,8 @@ def main() -> int:
       name: e["trained_solver"]["seconds_per_image"] for name, e in report["models"].items()}
   released_s = seconds["released"]
   print("\n| model | solver | PSNR (dB) | SSIM | s/image (x released) | Picard converged "
-        "(mean steps) | Anderson converged (mean steps) | rho < 1 | max rho | max norm |")
+        "(mean steps) | Anderson converged (mean steps) | rho < 1 (at the answers; at the fixed "
+        "points) | max rho | max norm |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for name, e in report["models"].items():
     t = e["trained_solver"]
@@ -295,12 +315,14 @@ def main() -> int:
     none = {"converged": 0, "solves": 0, "mean_steps": []}
     e = {"picard": none, "anderson": none, **e}
     below = sum(x["rho"] < 1 for x in th)
+    fixed = e.get("fixed_point", {}).get("theorem1", [])
     print(f"| {name} | {e['solve']['solver']} (T/cap {e['solve']['iterations'][0]}) | "
           f"{t['psnr']:.3f} | {t['ssim']:.5f} | {seconds[name]:.2f} "
           f"({seconds[name] / released_s:.2f}x) | "
           f"{e['picard']['converged']}/{e['picard']['solves']} ({steps(e['picard']['mean_steps'])}) | "
           f"{e['anderson']['converged']}/{e['anderson']['solves']} "
-          f"({steps(e['anderson']['mean_steps'])}) | {below}/{len(th)} | "
+          f"({steps(e['anderson']['mean_steps'])}) | {below}/{len(th)} "
+          f"({sum(x['rho'] < 1 for x in fixed)}/{len(fixed)} at the fixed points) | "
           f"{max((x['rho'] for x in th), default=float('nan')):.3f} | "
           f"{max((x['norm'] for x in th), default=float('nan')):.2f} |")
   if all("psnr_vs_T" in e for e in report["models"].values()):

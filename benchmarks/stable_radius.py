@@ -1,0 +1,176 @@
+"""Where the stable model's block radii come from: image size, and two ways to close the gap.
+
+    python benchmarks/stable_radius.py --score WORKDIR [WORKDIR ...] [--out FILE.json]
+    python benchmarks/stable_radius.py --sizes WORKDIR [--out FILE.json]
+    python benchmarks/stable_radius.py --linear [--shrink 0.3] [--out FILE.json]
+
+``--score``: each trained model (a training workdir or checkpoint) on the 10 SOTS samples
+at full resolution with the solver it stores: PSNR / SSIM, solves converged, mean steps
+per block, and rho(eta J) per block and image at the solver's answer, estimated by 30
+power-iteration steps from the Picard residual (`contractive.block_radius`, the
+estimate the training penalty uses, run longer). The quick version of
+`stable_minet.py` for comparing training recipes.
+
+``--sizes``: the same radius estimate on centre crops of 128 and 256 pixels and on the
+whole image (SOTS ``1400_1`` and ``1403_8``, ITS ``1_1``): the stable model is trained
+on crops, and its blocks' radii grow with the image they run on.
+
+``--linear``: could one 1x1 linear map (64 x 64 plus a bias, shared by the three blocks,
+foldable into the gate and deconv3 that read the block outputs) bring the
+``--shrink``-scaled blocks' solutions back to the released model's block outputs?
+Fitted by ridge regression on every pixel of the RESIDE ITS samples (and their mirror
+images; never SOTS), then scored on SOTS with the released layers after the blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import minet_jax
+from minet_jax import convert, metrics
+from minet_jax.core.params import Params, model_from_params
+from minet_jax.data import folders
+from minet_jax.image_io import centre_crop
+from minet_jax.stability import contractive
+from minet_jax.train.state import shrink_blocks
+
+import stable_minet  # benchmarks/stable_minet.py: the SOTS scoring, shared
+
+RADIUS_STEPS = 30
+SIZE_IMAGES = ("1400_1", "1403_8")
+
+
+def radii(params: Params, images) -> np.ndarray:
+  """rho estimate of every block at the stored solver's answer: (images, blocks)."""
+  model = model_from_params(params)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, x, key):
+    m = nnx.merge(graphdef, state)
+    runs = m.solve_blocks(m.model_input(x))
+    keys = jax.random.split(key, len(runs))
+    return [contractive.block_radius(block, r.g0, r.result.value, k, RADIUS_STEPS)[0]
+            for block, r, k in zip(m.im_blocks, runs, keys)]
+
+  return np.array([[float(r) for r in run(state, jnp.asarray(im[None], jnp.float32) / 255.0,
+                                          jax.random.key(i))]
+                   for i, im in enumerate(images)])
+
+
+def score(source: str, pairs) -> dict:
+  params = minet_jax.load(source)
+  print(f"{source}: {params.config.solver}, rtol {params.config.rtol}", flush=True)
+  entry = stable_minet.scores(params, pairs)
+  rho = radii(params, [hazy for _, hazy, _ in pairs])
+  entry.update(rho=rho.tolist(), rho_below_1=int((rho < 1).sum()), rho_max=rho.max(0).tolist())
+  print(f"  {entry['psnr']:.3f} dB {entry['ssim']:.5f}, converged {entry['converged']}/"
+        f"{entry['solves']}, steps {np.round(entry['mean_steps'], 1).tolist()}, rho < 1 "
+        f"{entry['rho_below_1']}/{rho.size}, max rho {np.round(rho.max(0), 3).tolist()}",
+        flush=True)
+  return entry
+
+
+def sizes(source: str, pairs, shared: pathlib.Path) -> list[dict]:
+  params = minet_jax.load(source)
+  its = folders.load_pair(folders.find_its_pairs(shared / "data/RESIDE/ITS")[0])[0]
+  images = {k: h for k, h, _ in pairs if k in SIZE_IMAGES}
+  images["ITS 1_1"] = its
+  rows = []
+  for name, image in images.items():
+    for side in (128, 256, None):
+      crop = image if side is None else centre_crop(image, side, side)
+      rho = radii(params, [crop])[0]
+      rows.append({"image": name, "size": list(crop.shape[:2]), "rho": rho.tolist()})
+      print(f"  {name:<8} {crop.shape[0]}x{crop.shape[1]}: rho {np.round(rho, 3).tolist()}",
+            flush=True)
+  return rows
+
+
+def linear(shrink: tuple[float, ...], pairs, shared: pathlib.Path) -> dict:
+  released = convert.weights_from_checkpoint(shared / "weights/minet_its_official.pth")
+  blocks = released.config.num_blocks
+  student = shrink_blocks(stable_minet.with_solver(
+      released, solver="picard", rtol=1e-3, best_so_far=True, iterations=(30,) * blocks),
+      shrink * blocks if len(shrink) == 1 else shrink)
+  t_def, t_state = nnx.split(model_from_params(released))
+  s_def, s_state = nnx.split(model_from_params(student))
+
+  @jax.jit
+  def states(x):
+    teacher, pupil = nnx.merge(t_def, t_state), nnx.merge(s_def, s_state)
+    image = teacher.model_input(x)
+    return ([r.result.value for r in teacher.solve_blocks(image)],
+            [r.result.value for r in pupil.solve_blocks(image)])
+
+  @jax.jit
+  def output(block_outputs, x):
+    m = nnx.merge(s_def, s_state)
+    return jnp.clip(m.output_from_states(block_outputs, m.model_input(x), x.shape[1:3]), 0, 1)
+
+  c = released.config.features
+  xtx, xty = np.zeros((c + 1, c + 1)), np.zeros((c + 1, c))
+  train = stable_minet.its_images(shared)
+  for image in train + [im[:, ::-1] for im in train]:
+    teacher, pupil = jax.device_get(states(jnp.asarray(np.ascontiguousarray(image)[None])))
+    for t, s in zip(teacher, pupil):
+      x = np.concatenate([s.reshape(-1, c), np.ones((s.size // c, 1))], 1).astype(np.float64)
+      xtx += x.T @ x
+      xty += x.T @ t.reshape(-1, c).astype(np.float64)
+  ridge = 1e-3 * np.trace(xtx) / len(xtx)
+  fit = np.linalg.solve(xtx + ridge * np.eye(len(xtx)), xty)
+  rows = []
+  for key, hazy, gt in pairs:
+    x = jnp.asarray(hazy[None], jnp.float32) / 255.0
+    _, pupil = states(x)
+    mapped = [jnp.asarray(np.asarray(s).reshape(-1, c) @ fit[:c] + fit[c],
+                          jnp.float32).reshape(s.shape) for s in pupil]
+    row = {"image": key}
+    for name, outs in (("scaled", pupil), ("scaled + linear map", mapped)):
+      y = np.asarray(output(outs, x)[0]) * 255.0
+      row[name] = metrics.dehazing_scores(y, gt.astype(np.float32))[0]
+    rows.append(row)
+    print(f"  {key:<8} {row['scaled']:.3f} dB -> {row['scaled + linear map']:.3f} dB", flush=True)
+  means = {k: float(np.mean([r[k] for r in rows])) for k in ("scaled", "scaled + linear map")}
+  print(f"  mean: {means}", flush=True)
+  return {"shrink": list(shrink), "mean_psnr": means, "rows": rows}
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  mode = parser.add_mutually_exclusive_group(required=True)
+  mode.add_argument("--score", nargs="+", metavar="WORKDIR")
+  mode.add_argument("--sizes", metavar="WORKDIR")
+  mode.add_argument("--linear", action="store_true")
+  parser.add_argument("--shrink", type=stable_minet.shrink_factors, default=(0.3,))
+  parser.add_argument("--shared", type=pathlib.Path, default=stable_minet.DEFAULT_SHARED)
+  parser.add_argument("--out", type=pathlib.Path, default=None)
+  args = parser.parse_args()
+  records = folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor")
+  pairs = [(r.key, *folders.load_pair(r)) for r in records]
+  report = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+  if args.score:
+    report.setdefault("score", {}).update({s: score(s, pairs) for s in args.score})
+  elif args.sizes:
+    report["sizes"] = {"model": args.sizes, "rows": sizes(args.sizes, pairs, args.shared)}
+  else:
+    report["linear"] = linear(args.shrink, pairs, args.shared)
+  report["radius_estimate"] = (f"{RADIUS_STEPS} power-iteration steps from the Picard "
+                               "residual (contractive.block_radius)")
+  if args.out:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
