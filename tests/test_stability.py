@@ -237,3 +237,26 @@ def test_console_script_usage_names_itself(monkeypatch, capsys):
   with pytest.raises(SystemExit):
     cli.main()
   assert capsys.readouterr().out.startswith("usage: minet-stability ")
+
+
+def test_cli_solves_as_told_where_asked(cli_inputs, tmp_path, capsys):
+  # The operating point is where the solver stops: the checkpoint's (3 unrolled steps)
+  # by default, and --solver / --rtol / --max-steps move it, e.g. closer to the fixed point.
+  ckpt, image = cli_inputs
+  base = ["--ckpt", str(ckpt), "--image", str(image), "--steps", "3", "--radius-iters", "2",
+          "--radius-window", "1", "--arnoldi-iters", "2", "--norm-iters", "2"]
+  assert cli.main(base + ["--out", str(tmp_path / "as_trained")]) == 0
+  trained = json.loads((tmp_path / "as_trained" / "stability.json").read_text())
+  assert trained["config"]["solver"] == "unrolled"
+  assert [b["model_steps"] for b in trained["blocks"]] == [3, 3]
+  assert cli.main(base + ["--out", str(tmp_path / "tight"), "--solver", "picard", "--rtol",
+                          "1e-5", "--max-steps", "9"]) == 0
+  tight = json.loads((tmp_path / "tight" / "stability.json").read_text())
+  assert tight["config"]["solver"] == "picard" and tight["config"]["rtol"] == 1e-5
+  assert tight["config"]["iterations"] == [9, 9]
+  assert all(b["model_steps"] > 3 for b in tight["blocks"]), tight["blocks"]
+  capsys.readouterr()
+  assert cli.main(base + ["--out", str(tmp_path / "bad"), "--rtol", "-1"]) == 2
+  err = capsys.readouterr().err
+  assert "rtol must be >= 0, got -1.0" in err and err.count("\n") == 1, err
+  assert not (tmp_path / "bad").exists()

@@ -321,6 +321,12 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                           "AVX512-BF16 or AMX (TF32 on NVIDIA GPUs)")
   group.add_argument("--dtype", choices=DTYPES, default=None,
                      help="compute dtype of the convolutions and the features between them")
+  add_solve_arguments(parser)
+
+
+def add_solve_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds --solver, --rtol and --max-steps (how the IM-blocks are solved) to a parser;
+  `speed_changes` reads them."""
   solve = parser.add_argument_group(
       "solve", "how the IM-blocks are solved (docs/STABILITY.md); default: as the checkpoint "
       "was trained (the released model: 8 unrolled steps)")
@@ -333,7 +339,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def speed_changes(args: argparse.Namespace) -> dict[str, Any]:
-  """The ModelConfig changes `add_speed_arguments`' options ask for (`Params.replace_config`)."""
+  """The ModelConfig changes `add_speed_arguments`' (or `add_solve_arguments`') options
+  ask for (`Params.replace_config`)."""
   return {name: getattr(args, name) for name in ("precision", "dtype", "solver", "rtol",
                                                  "iterations")
           if getattr(args, name, None) is not None}
