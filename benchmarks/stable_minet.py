@@ -263,7 +263,10 @@ def main() -> int:
       print(" Theorem 1 at the solution of the trained solver", flush=True)
       entry["theorem1"] = theorem1(params, pairs, args.radius_iters)
       save()
-    if args.fixed_point_rtol:
+    if args.fixed_point_rtol and params.config.solver == "unrolled":
+      print(" --fixed-point-rtol: skipped, this model's solver runs a fixed number of steps",
+            flush=True)
+    elif args.fixed_point_rtol:
       # The trained tolerance leaves each block short of its fixed point, and block
       # Jacobians change over distances far below it; Theorem 1 is about the point itself.
       tight = with_solver(params, rtol=args.fixed_point_rtol, atol=0.0,
