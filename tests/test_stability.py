@@ -256,7 +256,13 @@ def test_cli_solves_as_told_where_asked(cli_inputs, tmp_path, capsys):
   assert tight["config"]["iterations"] == [9, 9]
   assert all(b["model_steps"] > 3 for b in tight["blocks"]), tight["blocks"]
   capsys.readouterr()
-  assert cli.main(base + ["--out", str(tmp_path / "bad"), "--rtol", "-1"]) == 2
-  err = capsys.readouterr().err
-  assert "rtol must be >= 0, got -1.0" in err and err.count("\n") == 1, err
-  assert not (tmp_path / "bad").exists()
+  # A bad override is refused before the model is even loaded (a missing one here).
+  for flags, message in ((["--rtol", "-1"], "rtol must be >= 0, got -1.0"),
+                         (["--max-steps", "-2"], "iterations must be >= 0")):
+    with pytest.raises(SystemExit) as e:
+      cli.main(["--ckpt", str(tmp_path / "missing"), "--image", str(image), "--out",
+                str(tmp_path / "bad"), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--solver / --rtol / --max-steps: " in err, err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()

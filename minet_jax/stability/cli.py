@@ -18,7 +18,7 @@ import tempfile
 import numpy as np
 
 from minet_jax.core import api, checkpoint
-from minet_jax.core.config import add_solve_arguments, speed_changes
+from minet_jax.core.config import ModelConfig, add_solve_arguments, speed_changes
 from minet_jax import convert, image_io, stability
 from minet_jax.image_io import ImageReadError, read_rgb
 from minet_jax.core.params import Params
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     stability.check_settings(seed=args.seed, **settings)
   except ValueError as e:
     parser.error(f"--{str(e).replace('_', '-')}")
+  try:  # The solve overrides alone, before any model is loaded or converted.
+    ModelConfig(**speed_changes(args))
+  except ValueError as e:
+    parser.error(f"--solver / --rtol / --max-steps: {e}")
   out = pathlib.Path(args.out)
   try:
     check_out(out, args.overwrite)

@@ -57,6 +57,12 @@ def _as_model(model_or_params: ModelLike) -> model_lib.MINet:
                   f"{type(model_or_params).__name__}")
 
 
+def _in_dtype(operator: spectral.Operator, dtype) -> spectral.Operator:
+  """``operator`` taking vectors of any dtype: `spectral.unit` returns float32, and a
+  linearisation at bfloat16 features takes bfloat16 tangents only."""
+  return lambda v: operator(v.astype(dtype))
+
+
 def block_spectral_norm(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array,
                         key: jax.Array, num_iters: int) -> jax.Array:
   """Per-sample power-iteration estimate of ||eta * df/dg||_2 at ``g``, shape (batch,).
@@ -70,8 +76,9 @@ def block_spectral_norm(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array,
   frozen = jax.lax.stop_gradient(state)
   matvec, rmatvec = spectral.linearise(lambda z: t_map(z, (g0, frozen)), g)
   v0 = jax.random.normal(key, g.shape, g.dtype)
-  v, _ = spectral.top_singular_vector(matvec, rmatvec, v0, num_iters=num_iters, per_sample=True)
-  v = jax.lax.stop_gradient(v)
+  v, _ = spectral.top_singular_vector(_in_dtype(matvec, g.dtype), _in_dtype(rmatvec, g.dtype),
+                                      v0, num_iters=num_iters, per_sample=True)
+  v = jax.lax.stop_gradient(v).astype(g.dtype)
   # Only this last product sees the live parameters: sigma = ||J v|| is what is differentiated.
   _, jv = jax.jvp(lambda z: t_map(z, (g0, state)), (g,), (v,))
   return spectral.norm(jv, per_sample=True)
@@ -119,13 +126,15 @@ def residual_start(residual: jax.Array, noise: jax.Array) -> jax.Array:
   """The start vector of a radius estimate at a solver's answer g: per-sample unit
   ``residual`` (T(g) - g) plus a little unit ``noise``, or the noise where the residual is 0.
 
-  Near a fixed point the Picard residual obeys r_{k+1} ~ J r_k, so the solve has
-  already run k power-iteration steps on J: its residual leans towards the dominant
-  mode. From random noise that mode, often confined to a few channels, needs many
-  more steps to surface (measured on the 0.3-scaled released block 3 at a 1e-3
-  answer on an ITS image: 1.17 after 4 steps from the residual, 0.56 from noise,
-  1.37 converged). The noise keeps a component in every direction, so a residual
-  orthogonal to the dominant mode cannot hide it.
+  Near a fixed point the Picard residual obeys r_{k+1} ~ J r_k, so after k Picard
+  steps the solve has already run k power-iteration steps on J: its residual leans
+  towards the dominant mode. From random noise that mode, often confined to a few
+  channels, needs many more steps to surface (measured on the 0.3-scaled released
+  block 3 at a 1e-3 answer on an ITS image: 1.17 after 4 steps from the residual, 0.56
+  from noise, 1.37 converged). The gain is largest at a late Picard iterate (a
+  solver's answer); at an early one, or at a point no Picard run reached, the residual
+  is no better a start than noise. The noise only keeps a small component in every
+  direction: a residual with no share of the dominant mode hides it for many steps.
   """
   r = spectral.unit(residual, per_sample=True)
   return spectral.unit(r + _RESIDUAL_START_NOISE * spectral.unit(noise, per_sample=True),
@@ -149,9 +158,10 @@ def block_radius_from(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, v: 
   frozen = jax.lax.stop_gradient(state)
   t_g, matvec = jax.linearize(lambda z: t_map(z, (g0, frozen)), g)
   v = residual_start(t_g - g, v) if from_residual else spectral.unit(v, per_sample=True)
+  matvec = _in_dtype(matvec, g.dtype)
   v = jax.lax.fori_loop(0, num_iters, lambda _, v: spectral.unit(matvec(v), per_sample=True),
                         jax.lax.stop_gradient(v))
-  v = jax.lax.stop_gradient(v)
+  v = jax.lax.stop_gradient(v).astype(g.dtype)
   # Only this last product sees the live parameters: ||J v|| is what is differentiated.
   _, jv = jax.jvp(lambda z: t_map(z, (g0, state)), (g,), (v,))
   return spectral.norm(jv, per_sample=True), v
