@@ -240,15 +240,13 @@ def test_console_script_usage_names_itself(monkeypatch, capsys):
 
 
 def test_cli_solves_as_told_where_asked(cli_inputs, tmp_path, capsys):
-  # The operating point is where the solver stops: the checkpoint's (3 unrolled steps)
-  # by default, and --solver / --rtol / --max-steps move it, e.g. closer to the fixed point.
+  # The operating point is where the solver stops: the checkpoint's (3 unrolled steps,
+  # test_cli_writes_json_and_plots) by default, and --solver / --rtol / --max-steps move
+  # it, e.g. closer to the fixed point.
   ckpt, image = cli_inputs
   base = ["--ckpt", str(ckpt), "--image", str(image), "--steps", "3", "--radius-iters", "2",
           "--radius-window", "1", "--arnoldi-iters", "2", "--norm-iters", "2"]
-  assert cli.main(base + ["--out", str(tmp_path / "as_trained")]) == 0
-  trained = json.loads((tmp_path / "as_trained" / "stability.json").read_text())
-  assert trained["config"]["solver"] == "unrolled"
-  assert [b["model_steps"] for b in trained["blocks"]] == [3, 3]
+  assert minet_jax.load(ckpt).config.solver == "unrolled"
   assert cli.main(base + ["--out", str(tmp_path / "tight"), "--solver", "picard", "--rtol",
                           "1e-5", "--max-steps", "9"]) == 0
   tight = json.loads((tmp_path / "tight" / "stability.json").read_text())
