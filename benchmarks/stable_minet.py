@@ -117,6 +117,16 @@ def scores(params: Params, pairs, *, time_it: bool = False) -> dict:
           "solves": int(steps.size), "mean_steps": steps.mean(axis=0).tolist(), "rows": rows}
 
 
+def shrunk(released: Params, factors: tuple[float, ...], solver: str = "picard") -> Params:
+  """The released weights with each block's f scaled by ``factors`` (one per block),
+  untrained, solved by ``solver`` to rtol 1e-3, at most 30 steps, best-so-far answers:
+  the model every "f scaled by" figure is measured on."""
+  from minet_jax.train.state import shrink_blocks
+  blocks = released.config.num_blocks
+  return shrink_blocks(with_solver(released, solver=solver, rtol=1e-3, best_so_far=True,
+                                   iterations=(30,) * blocks), factors)
+
+
 def interleaved_seconds(models: dict[str, Params], pairs, repeats: int) -> dict:
   """Median seconds per image of each model's trained forward pass, timed alternately
   (model A, model B, A, B, ... on each image), so both see the same machine load."""
@@ -281,7 +291,6 @@ def main() -> int:
       save()
 
   for factors in args.shrink:
-    from minet_jax.train.state import shrink_blocks
     released = loaders["released"]()
     blocks = released.config.num_blocks
     factors = factors * blocks if len(factors) == 1 else factors
@@ -290,9 +299,8 @@ def main() -> int:
     name = ",".join(f"{s:g}" for s in factors)
     key = name if args.shrink_solver == "picard" else f"{args.shrink_solver}:{name}"
     print(f"released, f scaled by {name}, {args.shrink_solver} to rtol 1e-3", flush=True)
-    shrunk = shrink_blocks(with_solver(released, solver=args.shrink_solver, rtol=1e-3,
-                                       best_so_far=True, iterations=(30,) * blocks), factors)
-    report.setdefault("shrink", {})[key] = scores(shrunk, pairs)
+    report.setdefault("shrink", {})[key] = scores(shrunk(released, factors, args.shrink_solver),
+                                                  pairs)
     if args.out:
       args.out.write_text(json.dumps(report, indent=1) + "\n")
   if args.time:

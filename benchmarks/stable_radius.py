@@ -41,7 +41,6 @@ from minet_jax.core.params import Params, model_from_params
 from minet_jax.data import folders
 from minet_jax.image_io import centre_crop
 from minet_jax.stability import contractive
-from minet_jax.train.state import shrink_blocks
 
 import stable_minet  # benchmarks/stable_minet.py: the SOTS scoring, shared
 
@@ -99,9 +98,7 @@ def sizes(source: str, pairs, shared: pathlib.Path) -> list[dict]:
 def linear(shrink: tuple[float, ...], pairs, shared: pathlib.Path) -> dict:
   released = convert.weights_from_checkpoint(shared / "weights/minet_its_official.pth")
   blocks = released.config.num_blocks
-  student = shrink_blocks(stable_minet.with_solver(
-      released, solver="picard", rtol=1e-3, best_so_far=True, iterations=(30,) * blocks),
-      shrink * blocks if len(shrink) == 1 else shrink)
+  student = stable_minet.shrunk(released, shrink * blocks if len(shrink) == 1 else shrink)
   t_def, t_state = nnx.split(model_from_params(released))
   s_def, s_state = nnx.split(model_from_params(student))
 
