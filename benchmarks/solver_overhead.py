@@ -86,7 +86,7 @@ def block_inputs(params: Params, hazy: np.ndarray, block: int):
   x = jnp.asarray(hazy[None], jnp.float32) / 255.0
   g0 = jax.jit(lambda x: model.encode(model.model_input(x)))(x)
   for earlier in model.im_blocks[:block]:
-    g0 = jax.jit(lambda g: earlier.solve(g).value)(g0)
+    g0 = jax.jit(lambda g: earlier(g))(g0)
   implicit_euler_map, state = model.im_blocks[block].map_fn()
   return implicit_euler_map, (g0, state), jax.block_until_ready(g0)
 

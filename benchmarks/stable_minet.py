@@ -4,7 +4,7 @@
         [--out docs/stability/stable_minet.json] [--images 1400_1 ...] [--radius-iters 40]
         [--skip-theorem] [--curve-image 1400_1] [--fixed-point-rtol 1e-6]
     python benchmarks/stable_minet.py --models --shrink 0.3 0.3,0.8,0.8 [--shrink-solver
-        anderson] --out docs/stability/stable_minet.json
+        anderson] [--stage 0.3 0.3,0.5,0.5] --out docs/stability/stable_minet.json
 
 For each model, on the SOTS indoor samples at full resolution (620x460):
 
@@ -26,7 +26,8 @@ For each model, on the SOTS indoor samples at full resolution (620x460):
 
 6. with ``--shrink``: the released weights with each block's f scaled (one factor, or
    one per block), untrained, scored as in 1 with their convergence: what the
-   contraction margin alone costs.
+   contraction margin alone costs; with ``--stage``: the same weights, untrained,
+   each block solving the stage of its step at that fraction (`stage_fraction`).
 
 Prints Markdown tables and writes everything to ``--out``.
 """
@@ -127,6 +128,15 @@ def shrunk(released: Params, factors: tuple[float, ...], solver: str = "picard")
                                    iterations=(30,) * blocks), factors)
 
 
+def staged(released: Params, fractions: tuple[float, ...], solver: str = "picard") -> Params:
+  """The released weights, untrained, with each block solving the stage of its step at
+  ``fractions`` (`ModelConfig.stage_fraction`), by ``solver`` to rtol 1e-3, at most 30
+  steps, best-so-far answers: the start of configs/stable.py."""
+  blocks = released.config.num_blocks
+  return with_solver(released, solver=solver, rtol=1e-3, best_so_far=True,
+                     iterations=(30,) * blocks, stage_fraction=tuple(fractions))
+
+
 def interleaved_seconds(models: dict[str, Params], pairs, repeats: int) -> dict:
   """Median seconds per image of each model's trained forward pass, timed alternately
   (model A, model B, A, B, ... on each image), so both see the same machine load."""
@@ -213,6 +223,11 @@ def main() -> int:
                            "untrained, solved by --shrink-solver to rtol 1e-3 (<= 30 steps): "
                            "what the contraction margin alone costs; one factor for every "
                            "block or one per block (0.3,0.8,0.8)")
+  parser.add_argument("--stage", nargs="*", type=shrink_factors, default=[],
+                      metavar="S[,S2,S3]",
+                      help="also score the released weights, untrained, with each block "
+                           "solving the stage of its step at this fraction (stage_fraction), "
+                           "by --shrink-solver to rtol 1e-3 (<= 30 steps)")
   parser.add_argument("--shrink-solver", default="picard", choices=["picard", "anderson"])
   parser.add_argument("--time", type=int, default=0, metavar="REPEATS",
                       help="also time both models' trained forward passes, interleaved, "
@@ -225,6 +240,8 @@ def main() -> int:
   args = parser.parse_args()
   if args.fixed_point_rtol < 0 or args.fixed_point_cap < 1:
     parser.error("--fixed-point-rtol must be >= 0 and --fixed-point-cap >= 1")
+  if any(v > 1 for fractions in args.stage for v in fractions):
+    parser.error("--stage fractions must lie in (0, 1] (1: implicit Euler)")
 
   records = folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor")
   if args.images:
@@ -290,19 +307,21 @@ def main() -> int:
                               "theorem1": theorem1(tight, pairs, args.radius_iters)}
       save()
 
-  for factors in args.shrink:
-    released = loaders["released"]()
-    blocks = released.config.num_blocks
-    factors = factors * blocks if len(factors) == 1 else factors
-    if len(factors) != blocks:
-      parser.error(f"--shrink needs 1 or {blocks} factors, got {factors}")
-    name = ",".join(f"{s:g}" for s in factors)
-    key = name if args.shrink_solver == "picard" else f"{args.shrink_solver}:{name}"
-    print(f"released, f scaled by {name}, {args.shrink_solver} to rtol 1e-3", flush=True)
-    report.setdefault("shrink", {})[key] = scores(shrunk(released, factors, args.shrink_solver),
+  for option, variant, what in (("shrink", shrunk, "f scaled by"),
+                                ("stage", staged, "stage fraction")):
+    for factors in getattr(args, option):
+      released = loaders["released"]()
+      blocks = released.config.num_blocks
+      factors = factors * blocks if len(factors) == 1 else factors
+      if len(factors) != blocks:
+        parser.error(f"--{option} needs 1 or {blocks} factors, got {factors}")
+      name = ",".join(f"{s:g}" for s in factors)
+      key = name if args.shrink_solver == "picard" else f"{args.shrink_solver}:{name}"
+      print(f"released, {what} {name}, {args.shrink_solver} to rtol 1e-3", flush=True)
+      report.setdefault(option, {})[key] = scores(variant(released, factors, args.shrink_solver),
                                                   pairs)
-    if args.out:
-      args.out.write_text(json.dumps(report, indent=1) + "\n")
+      if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
   if args.time:
     if args.stable is None:
       parser.error("--time needs --stable")

@@ -74,6 +74,12 @@ def test_model_config_accepts_dicts_and_is_hashable():
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"unroll": "yes"}, "unroll must be"),
     ({"pad_mode": "wrap"}, "pad_mode"),
+    ({"stage_fraction": 0.0}, r"stage_fraction must lie in \(0, 1\]"),
+    ({"stage_fraction": (0.5, 1.5, 1.0)}, r"stage_fraction must lie in \(0, 1\]"),
+    ({"stage_fraction": (0.5, float("nan"), 1.0)}, r"stage_fraction must lie in \(0, 1\]"),
+    ({"stage_fraction": (0.5, 0.5)}, "one entry per IM-block"),
+    ({"stage_fraction": "0.5"}, "stage_fraction must lie in"),
+    ({"stage_fraction": None}, "a number or one per IM-block"),
 ])
 def test_bad_fields_are_refused(fields, pattern):
   with pytest.raises(ValueError, match=pattern):
@@ -98,6 +104,15 @@ def test_wrong_types_and_non_finite_values_are_refused(fields, pattern):
   with pytest.raises(ValueError, match=pattern) as e:
     minet_jax.ModelConfig(**fields)
   assert "\n" not in str(e.value)
+
+
+def test_stage_fraction_is_one_per_block_and_part_of_the_architecture():
+  cfg = minet_jax.ModelConfig(stage_fraction=0.3)
+  assert cfg.stage_fraction == (0.3, 0.3, 0.3)
+  assert minet_jax.model_config({"stage_fraction": [0.3, 0.5, 1]}).stage_fraction == (0.3, 0.5, 1.0)
+  assert minet_jax.ModelConfig().stage_fraction == (1.0, 1.0, 1.0)
+  assert not cfg.same_architecture(minet_jax.ModelConfig())
+  assert minet_jax.ModelConfig(stage_fraction=np.float32(0.5)).stage_fraction == (0.5,) * 3
 
 
 def test_numpy_scalars_are_numbers():
@@ -134,7 +149,7 @@ def test_checkpoints_written_before_the_new_solve_fields_still_load(tmp_path, ra
   meta_file = tmp_path / "old" / "minet_config.json"
   meta = json.loads(meta_file.read_text())
   for field in ("best_so_far", "phantom_steps", "phantom_damping", "contractive_kind",
-                "contractive_point", "correction_weight"):
+                "contractive_point", "correction_weight", "stage_fraction"):
     del meta["model"][field]  # fields a checkpoint of the previous release does not have
   meta["format_version"] = 1  # and written as the previous release wrote them
   del meta["model_sha256"]

@@ -286,6 +286,27 @@ def test_fixed_point_mismatch_trains_a_block_to_the_teachers_fixed_point():
   assert after < 0.05 * before, (before, after)
 
 
+def test_fixed_point_mismatch_reads_a_stage_blocks_answer_through_its_stage():
+  # A block with stage_fraction s answers y = g0 + eta f(k), k its stage: the mismatch of
+  # its own answer is zero, and equals the implicit Euler mismatch of the stage k.
+  cfg = minet_jax.ModelConfig(features=3, pre_blocks=0, iterations=(300,), dilations=(1,),
+                              stage_fraction=0.4, solver="picard", rtol=1e-7)
+  block = IMBlock(cfg, 0, rngs=nnx.Rngs(0))
+  block.f.norm2.scale[...] = jnp.asarray([0.5, 1.0, 1.5], jnp.float32)
+  g0 = jax.random.normal(jax.random.key(17), (2, 5, 5, 3))
+  k = block.solve(g0).value
+  answer = block(g0)
+  assert float(jnp.max(contractive.fixed_point_mismatch(block, g0, answer))) < 1e-9
+  assert float(jnp.max(jnp.abs(answer - k))) > 0.1  # the answer is not the stage
+  other = answer * 1.01
+  t_map, f_state = block.map_fn()
+  stage = g0 + 0.4 * (other - g0)
+  expected = (np.sum(np.square(np.asarray(t_map(stage, (g0, f_state)) - stage)), (1, 2, 3))
+              / np.sum(np.square(np.asarray(stage - g0)), (1, 2, 3)))
+  np.testing.assert_allclose(contractive.fixed_point_mismatch(block, g0, other), expected,
+                             rtol=1e-4)
+
+
 def test_radius_and_norm_estimates_run_on_bfloat16_features():
   # A model computing in bfloat16 hands the penalty bfloat16 points; the power
   # iteration's unit vectors come back in float32 and must not reach the bfloat16

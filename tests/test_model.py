@@ -210,6 +210,34 @@ def test_im_block_scan_equals_a_python_loop(unroll):
   np.testing.assert_array_equal(result.num_steps, [5, 5])
 
 
+def test_a_stage_fraction_block_solves_its_stage_and_answers_the_whole_step():
+  # A one-stage implicit Runge-Kutta step (c = a11 = s, b = 1): the stage k solves
+  # k = g0 + s * eta * f(k), and the block answers g0 + eta * f(k).
+  s, eta = 0.4, 0.7
+  cfg = minet_jax.ModelConfig(features=4, iterations=(200,), dilations=(2,), eta=eta,
+                              stage_fraction=s, solver="picard", rtol=1e-7)
+  block = IMBlock(cfg, 0, rngs=nnx.Rngs(0))
+  block.f.norm2.scale[...] = block.f.norm2.scale[...] * 0.2  # a contraction: Picard converges
+  g0 = jax.random.normal(jax.random.key(2), (2, 6, 7, 4))
+  result = block.solve(g0)
+  np.testing.assert_array_equal(result.status, [0, 0])
+  k = result.value
+  np.testing.assert_allclose(k, g0 + s * eta * block.f(k), rtol=1e-5, atol=1e-6)
+  answer = block(g0)
+  np.testing.assert_allclose(answer, g0 + eta * block.f(k), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(block.stage_of(g0, answer), k, rtol=1e-5, atol=1e-6)
+  # The solved map's Jacobian, Theorem 1's J, is s times the implicit Euler map's.
+  t_map, state = block.map_fn()
+  one = (g0[:1], k[:1])
+  stage_jac = jax.jacfwd(lambda g: t_map(g, (one[0], state)))(one[1])
+  euler_jac = jax.jacfwd(lambda g: one[0] + eta * block.f(g))(one[1])
+  np.testing.assert_allclose(stage_jac, s * euler_jac, rtol=1e-5, atol=1e-7)
+  # Implicit Euler (the default) answers with the stage itself.
+  euler = IMBlock(minet_jax.ModelConfig(features=4, iterations=(3,), dilations=(2,)), 0,
+                  rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(euler(g0), euler.solve(g0).value)
+
+
 @pytest.mark.parametrize("shape", [(1, 37, 53, 3), (2, 16, 20, 3), (1, 1, 1, 3), (3, 9, 2, 3)])
 def test_forward_shapes_and_finiteness(shape):
   model = MINet(TINY, rngs=nnx.Rngs(0))

@@ -45,6 +45,11 @@ CONV_BACKENDS = ("auto", "xla", "onednn")
 # not store them (a model trained with TF32 is loaded exact), and configs differing
 # only there describe the same architecture.
 RUNTIME_FIELDS = ("conv_backend", "precision")
+# Architecture fields a fine-tune may change from the weights it starts from
+# (``config.init_from``): every weight keeps its shape and its role (the f of an implicit
+# Euler block becomes the f of a block that solves an earlier stage of its step), so the
+# weights are a start, not a mismatch. Resuming and loading still compare them.
+INIT_FROM_FREE_FIELDS = ("stage_fraction",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +68,14 @@ class Architecture:
   dilations: tuple[int, ...] = (1, 2, 4)
   # Implicit Euler step size: each block iterates g <- g0 + eta * f(g).
   eta: float = 1.0
+  # Where each IM-block's implicit stage sits in its step (one entry per block, or one
+  # number for all; a one-stage implicit Runge-Kutta step, c = a11 = s, b = 1): block i
+  # solves k = g0 + s_i * eta * f_i(k) and answers g0 + eta * f_i(k), which at the
+  # stage's solution is g0 + (k - g0) / s_i. 1 is implicit Euler (the paper and the
+  # released model: the answer is k), 1/2 the implicit midpoint rule. A smaller fraction
+  # shrinks the solved map's Jacobian to stage_fraction * eta * df/dg, so a block whose
+  # implicit Euler map expands can be solved as a contraction (docs/STABILITY.md).
+  stage_fraction: Union[float, tuple[float, ...]] = 1.0
   # Put a shared (2d-1)x(2d-1) smoothing kernel before both convs of blocks with d > 1.
   smoothed_dilation: bool = True
   # What the network's first layer sees: "bgr255" (released weights) or "rgb01".
@@ -175,6 +188,22 @@ class ModelConfig(Solve, Architecture):
       # One number of iterations for every block (e.g. --max-steps).
       object.__setattr__(self, "iterations", (self.iterations,) * len(self.dilations))
     object.__setattr__(self, "iterations", tuple(int(t) for t in self.iterations))
+    if isinstance(self.stage_fraction, numbers.Real):
+      object.__setattr__(self, "stage_fraction", (self.stage_fraction,) * len(self.dilations))
+    try:
+      object.__setattr__(self, "stage_fraction", tuple(self.stage_fraction))
+    except TypeError:
+      raise ValueError(f"stage_fraction must be a number or one per IM-block, got "
+                       f"{self.stage_fraction!r}") from None
+    for value in self.stage_fraction:
+      if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+          or not 0.0 < value <= 1.0):
+        raise ValueError(f"stage_fraction must lie in (0, 1] (1: implicit Euler), got "
+                         f"{self.stage_fraction}")
+    if len(self.stage_fraction) != len(self.dilations):
+      raise ValueError(f"stage_fraction needs one entry per IM-block ({len(self.dilations)}), "
+                       f"got {self.stage_fraction}")
+    object.__setattr__(self, "stage_fraction", tuple(float(v) for v in self.stage_fraction))
     # Types first, so a string or a NaN gets its own message instead of a failed comparison
     # below or a NaN model later (NaN passes no comparison, so it would slip through them).
     for name in ("features", "pre_blocks", "anderson_m", "adjoint_max_steps",

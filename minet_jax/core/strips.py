@@ -473,8 +473,9 @@ def _stage(graphdef: nnx.GraphDef, state: nnx.State, name: str, x: Any,
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _im_block_stage(graphdef: nnx.GraphDef, state: nnx.State, index: int,
                     x: jax.Array) -> tuple[jax.Array, fp.SolveSummary]:
-  result = nnx.merge(graphdef, state).im_blocks[index].solve(x)
-  return result.value, fp.SolveSummary.of(result)
+  block = nnx.merge(graphdef, state).im_blocks[index]
+  result = block.solve(x)
+  return block.output(x, result.value), fp.SolveSummary.of(result)
 
 
 def forward(model: MINet, rgb: jax.Array, rows: int, *,

@@ -22,8 +22,12 @@ Estimators (matrix-free; J is 4.6M x 4.6M for a 460x620 image; `minet_jax.stabil
   linear map they tend to rho(J); for MI-Net they are measured on the same block
   input g0 the model produced, by running Picard from g0 for ``steps`` steps.
 
-The operating point is each block's output in the model as configured (for the
-released model: after T = 8 steps). Where a block has not converged there is no
+With ``stage_fraction`` s < 1 (`ModelConfig`) a block solves the stage
+k = g0 + s * eta * f(k) of a one-stage implicit Runge-Kutta step instead, and everything
+here is about that map: J = s * eta * df/dg, and Theorem 1 asks |lambda| < 1/(s * eta).
+
+The operating point is each block's solution in the model as configured (for the
+released model: its output after T = 8 steps). Where a block has not converged there is no
 fixed point to linearise about; the estimate then describes the map where the
 model actually uses it.
 
@@ -94,7 +98,8 @@ def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
 
   Args:
     block: an `minet_jax.core.model.IMBlock`.
-    g0, g: the block's input and its output in the model (one image, NHWC, batch 1).
+    g0, g: the block's input and its solution in the model (``result.value``: the
+      output for implicit Euler, the stage otherwise; one image, NHWC, batch 1).
     key: PRNG key of the power iterations' start vectors.
     steps: Picard steps from g0 whose residuals give the observed contraction.
     radius_iters, radius_window, arnoldi_iters, norm_iters: estimator settings.
@@ -123,12 +128,16 @@ def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
   ratios = observed_ratios(history)
   t = int(block.iterations)
   eta = float(block.eta)
+  # The solved map's step: eta for implicit Euler, stage_fraction * eta for a block that
+  # solves an earlier stage of its step (`ModelConfig.stage_fraction`).
+  step = eta * float(block.stage_fraction)
   # Both estimators see only part of the spectrum and approach rho from below in
   # practice, so the verdict uses the larger of the two.
   rho = max(float(radius["radius"]), ritz["radius"])
   sigma = float(norm["norm"])
   return {
       "eta": eta,
+      "stage_fraction": float(block.stage_fraction),
       "iterations": t,
       "dilation": int(block.f.conv1.dilation),
       "spectral_radius": rho,
@@ -140,8 +149,8 @@ def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
       "arnoldi_relative_residual": ritz["relative_residual"],
       "arnoldi_leading_moduli": ritz["leading"],
       "spectral_norm": sigma,
-      "max_abs_eigenvalue_df": rho / eta,
-      "theorem1_bound": 1.0 / eta,
+      "max_abs_eigenvalue_df": rho / step,
+      "theorem1_bound": 1.0 / step,
       "theorem1_holds": bool(rho < 1.0),
       "contraction_in_l2": bool(sigma < 1.0),
       # Residual ratios around the operating point (steps T/2..T) and at the end of the run.

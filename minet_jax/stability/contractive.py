@@ -189,16 +189,17 @@ def block_term(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.A
 
 def fixed_point_mismatch(block: model_lib.IMBlock, g0: jax.Array, target: jax.Array
                          ) -> jax.Array:
-  """How far ``target`` is from being the block's fixed point, per sample, shape (batch,).
+  """How far ``target`` is from being the block's answer from ``g0``, per sample, shape (batch,).
 
-  ||T(target) - target||^2 / ||target - g0||^2 with T(g) = g0 + eta f(g): zero exactly
-  when ``target`` solves the block's implicit Euler step from ``g0``, relative to the
-  step's size. With a teacher's block input and output it trains f so that the
+  With k = `IMBlock.stage_of` (g0, target), the stage that answers ``target``:
+  ||T(k) - k||^2 / ||k - g0||^2, T(g) = g0 + stage_fraction * eta * f(g) (for implicit
+  Euler k is ``target``): zero exactly when ``target`` is the block's answer, relative
+  to the stage's size. With a teacher's block input and output it trains f so that the
   teacher's output becomes its fixed point (configs/stable.py); no solve is needed.
   """
   t_map, state = block.map_fn()
   g0 = jax.lax.stop_gradient(g0)
-  target = jax.lax.stop_gradient(target)
+  target = block.stage_of(g0, jax.lax.stop_gradient(target))
   residual = spectral.norm(t_map(target, (g0, state)) - target, per_sample=True)
   step = spectral.norm(target - g0, per_sample=True)
   return jnp.square(residual) / jnp.maximum(jnp.square(step), jnp.finfo(jnp.float32).tiny)
@@ -216,12 +217,13 @@ def operating_points(model: model_lib.MINet, images: jax.Array, *,
                      key: jax.Array | None = None) -> list[tuple[jax.Array, jax.Array]]:
   """(g0, g) of every IM-block on RGB [0, 1] NHWC ``images`` (even H and W).
 
-  Without ``key``, g is the block's output. With ``key``, g is the Picard iterate
+  Without ``key``, g is the block's solution (``result.value``: its output for
+  implicit Euler, its stage otherwise). With ``key``, g is the Picard iterate
   g_k from g0 with k drawn uniformly from {0, ..., T} per block (the batch shares k),
   so that over training the penalty covers the whole path the iteration takes,
   not one point of it: a map that contracts at its output can still cycle (for an
   even T the output can sit on one point of a 2-cycle whose other point is never
-  checked). Either way the next block starts from this block's output.
+  checked). Either way the next block starts from this block's output (`BlockRun.output`).
   """
   cfg = model.config
   runs = model.solve_blocks(model_lib.to_model_space(images, cfg).astype(cfg.dtype))

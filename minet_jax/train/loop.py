@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from minet_jax.core import files
 from minet_jax import hub
-from minet_jax.core.config import ModelConfig
+from minet_jax.core.config import INIT_FROM_FREE_FIELDS, ModelConfig
 from minet_jax.core.params import Params
 from minet_jax.train import checkpointing, inputs, sharding
 from minet_jax.train.checks import (ConfigError, architecture_differences, check_crop,
@@ -110,6 +110,11 @@ def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | 
     return None
   params = hub.resolve(config.init_from)
   old, new = params.config.architecture(), cfg.architecture()
+  free = {k: new[k] for k in INIT_FROM_FREE_FIELDS if old[k] != new[k]}
+  if free:
+    # The same weights in other roles (INIT_FROM_FREE_FIELDS): a start, not a mismatch.
+    params = params.replace_config(**free)
+    old = params.config.architecture()
   if old != new:
     raise ConfigError(f"config.init_from {config.init_from} has a different architecture "
                       f"than config.model ({architecture_differences(old, new)}); set "

@@ -102,7 +102,8 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
     if cfg.contractive_weight:
       if cfg.contractive_point == "solution":
         points = ([(run.g0, run.result.value) for run in runs] if runs is not None
-                  else teacher_blocks)
+                  else [(g0, block.stage_of(g0, y))
+                        for block, (g0, y) in zip(model.im_blocks, teacher_blocks)])
         penalty = contractive.penalty_at_points(model, jax.lax.stop_gradient(points),
                                                 key=penalty_key)
       else:
@@ -115,7 +116,8 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
       for block, run, k in zip(model.im_blocks, runs, keys):
         g0 = jax.lax.stop_gradient(run.g0)
         t_map, f_state = block.map_fn()
-        states.append(t_map(contractive.random_iterate(block, g0, k), (g0, f_state)))
+        stage = t_map(contractive.random_iterate(block, g0, k), (g0, f_state))
+        states.append(block.output(g0, stage))
       early = model.output_from_states(states, model_image, batch["hazy"].shape[1:3])
       parts["correction_loss"] = cfg.correction_weight * reconstruction_loss(
           early, batch["clear"], loss)
@@ -150,7 +152,7 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
   if teacher is not None:
     target, _, runs = model_from_params(teacher).forward_runs(batch["hazy"])
     batch = {**batch, "clear": jax.lax.stop_gradient(target)}
-    teacher_blocks = jax.lax.stop_gradient([(run.g0, run.result.value) for run in runs])
+    teacher_blocks = jax.lax.stop_gradient([(run.g0, run.output) for run in runs])
   (value, (output, parts)), grads = loss_and_grads(
       model, batch, loss=loss, key=key, teacher_blocks=teacher_blocks,
       match_weight=match_weight, output_weight=output_weight)
