@@ -12,9 +12,10 @@ For each model, on the SOTS indoor samples at full resolution (620x460):
    solver the model was trained for (the released: 8 unrolled steps; the stable one:
    what its checkpoint stores), and the seconds per image of that forward pass (one
    process, same backend, warm, one image at a time);
-2. per block and image, rho(eta J) (power iteration, growth-rate estimate over the
+2. per block and image, rho(J) (J: the Jacobian of the map the block solves, eta df/dg,
+   or s eta df/dg for a block solving the stage of its step; power iteration, growth-rate estimate over the
    last third of ``--radius-iters`` steps, and the Arnoldi Ritz value; the larger of
-   the two) and ||eta J||_2 (power iteration on J^T J) at the block's solution;
+   the two) and ||J||_2 (power iteration on J^T J) at the block's solution;
 3. Picard and Anderson (m = 5) to rtol 1e-3, at most 100 steps: solves converged and
    mean steps per block;
 4. with ``--time N``: both models' trained forward passes timed alternately, N times
@@ -155,7 +156,8 @@ def interleaved_seconds(models: dict[str, Params], pairs, repeats: int) -> dict:
 
 
 def theorem1(params: Params, pairs, radius_iters: int) -> list[dict]:
-  """rho(eta J) and ||eta J||_2 of every block at its solution, per image."""
+  """rho(J) and ||J||_2 of every block at its solution, per image (J: the Jacobian of the
+  map the block solves, eta df/dg, or s eta df/dg for a stage block)."""
   model = model_from_params(params)
   graphdef, state = nnx.split(model)
   blocks = jax.jit(lambda s, x: nnx.merge(graphdef, s).solve_blocks(
@@ -183,7 +185,7 @@ def theorem1(params: Params, pairs, radius_iters: int) -> list[dict]:
                                                   jax.random.key(100 * i + b)))
       rho = max(float(radius), spectral.ritz_summary(hess)["radius"])
       out.append({"image": key, "block": b + 1, "rho": rho, "norm": float(np.ravel(norm)[0])})
-      print(f"  {key:<8} block {b + 1}: rho {rho:.3f}  ||eta J|| {out[-1]['norm']:.2f}",
+      print(f"  {key:<8} block {b + 1}: rho {rho:.3f}  ||J|| {out[-1]['norm']:.2f}",
             flush=True)
   return out
 
@@ -268,6 +270,7 @@ def main() -> int:
           f"rtol {params.config.rtol}", flush=True)
     entry = report["models"].setdefault(name, {})
     entry["solve"] = params.config.solve_settings()
+    entry["architecture"] = params.config.architecture()
 
     def save():
       if args.out:

@@ -106,8 +106,8 @@ def linear(shrink: tuple[float, ...], pairs, shared: pathlib.Path) -> dict:
   def states(x):
     teacher, pupil = nnx.merge(t_def, t_state), nnx.merge(s_def, s_state)
     image = teacher.model_input(x)
-    return ([r.result.value for r in teacher.solve_blocks(image)],
-            [r.result.value for r in pupil.solve_blocks(image)])
+    return ([r.output for r in teacher.solve_blocks(image)],
+            [r.output for r in pupil.solve_blocks(image)])
 
   @jax.jit
   def output(block_outputs, x):

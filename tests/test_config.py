@@ -74,12 +74,16 @@ def test_model_config_accepts_dicts_and_is_hashable():
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"unroll": "yes"}, "unroll must be"),
     ({"pad_mode": "wrap"}, "pad_mode"),
-    ({"stage_fraction": 0.0}, r"stage_fraction must lie in \(0, 1\]"),
-    ({"stage_fraction": (0.5, 1.5, 1.0)}, r"stage_fraction must lie in \(0, 1\]"),
-    ({"stage_fraction": (0.5, float("nan"), 1.0)}, r"stage_fraction must lie in \(0, 1\]"),
+    ({"stage_fraction": 0.0}, r"stage_fraction must lie in \[0.01, 1\]"),
+    ({"stage_fraction": 1e-30}, r"stage_fraction must lie in \[0.01, 1\]"),
+    ({"stage_fraction": (0.5, 1.5, 1.0)}, r"stage_fraction must lie in \[0.01, 1\]"),
+    ({"stage_fraction": (0.5, float("nan"), 1.0)}, r"stage_fraction must lie in \[0.01, 1\]"),
     ({"stage_fraction": (0.5, 0.5)}, "one entry per IM-block"),
-    ({"stage_fraction": "0.5"}, "stage_fraction must lie in"),
-    ({"stage_fraction": None}, "a number or one per IM-block"),
+    ({"stage_fraction": "0.5"}, "a number or one number per IM-block"),
+    ({"stage_fraction": {"a": 0.5}}, "a number or one number per IM-block"),
+    ({"stage_fraction": True}, "a number or one number per IM-block"),
+    ({"stage_fraction": ((0.5,), (0.5,), (0.5,))}, "a number or one number per IM-block"),
+    ({"stage_fraction": None}, "a number or one number per IM-block"),
 ])
 def test_bad_fields_are_refused(fields, pattern):
   with pytest.raises(ValueError, match=pattern):
@@ -113,6 +117,11 @@ def test_stage_fraction_is_one_per_block_and_part_of_the_architecture():
   assert minet_jax.ModelConfig().stage_fraction == (1.0, 1.0, 1.0)
   assert not cfg.same_architecture(minet_jax.ModelConfig())
   assert minet_jax.ModelConfig(stage_fraction=np.float32(0.5)).stage_fraction == (0.5,) * 3
+  assert minet_jax.ModelConfig(stage_fraction=np.asarray([0.5, 0.25, 1])).stage_fraction == (
+      0.5, 0.25, 1.0)
+  # Implicit Euler everywhere is the default, and records leave it out (older versions read them).
+  assert "stage_fraction" not in minet_jax.ModelConfig(stage_fraction=1).stored()
+  assert cfg.architecture()["stage_fraction"] == [0.3, 0.3, 0.3]
 
 
 def test_numpy_scalars_are_numbers():
@@ -149,7 +158,7 @@ def test_checkpoints_written_before_the_new_solve_fields_still_load(tmp_path, ra
   meta_file = tmp_path / "old" / "minet_config.json"
   meta = json.loads(meta_file.read_text())
   for field in ("best_so_far", "phantom_steps", "phantom_damping", "contractive_kind",
-                "contractive_point", "correction_weight", "stage_fraction"):
+                "contractive_point", "correction_weight"):
     del meta["model"][field]  # fields a checkpoint of the previous release does not have
   meta["format_version"] = 1  # and written as the previous release wrote them
   del meta["model_sha256"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -232,6 +234,12 @@ def test_a_stage_fraction_block_solves_its_stage_and_answers_the_whole_step():
   stage_jac = jax.jacfwd(lambda g: t_map(g, (one[0], state)))(one[1])
   euler_jac = jax.jacfwd(lambda g: one[0] + eta * block.f(g))(one[1])
   np.testing.assert_allclose(stage_jac, s * euler_jac, rtol=1e-5, atol=1e-7)
+  # In bfloat16 the block takes the step itself: the extrapolation would magnify the
+  # stage's rounding by 1/s.
+  narrow = IMBlock(dataclasses.replace(cfg, dtype="bfloat16"), 0, rngs=nnx.Rngs(0))
+  k16 = k.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(narrow.output(g0.astype(jnp.bfloat16), k16),
+                                g0.astype(jnp.bfloat16) + eta * narrow.f(k16))
   # Implicit Euler (the default) answers with the stage itself.
   euler = IMBlock(minet_jax.ModelConfig(features=4, iterations=(3,), dilations=(2,)), 0,
                   rngs=nnx.Rngs(0))

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any, Union
 
 import ml_collections
+import numpy as np
 
 # Names of the IM-block solvers and backward modes: the classes of the fixed-point
 # engine define them (`fixed_point.from_config` builds the objects).
@@ -50,6 +51,8 @@ RUNTIME_FIELDS = ("conv_backend", "precision")
 # Euler block becomes the f of a block that solves an earlier stage of its step), so the
 # weights are a start, not a mismatch. Resuming and loading still compare them.
 INIT_FROM_FREE_FIELDS = ("stage_fraction",)
+# The smallest stage fraction (`Architecture.stage_fraction`).
+MIN_STAGE_FRACTION = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +60,8 @@ class Architecture:
   """What the weights are: every field that decides their shapes or what they compute.
 
   Checkpoints store these, runs compare them, and a mismatch is refused (`init_from`,
-  resume, `Params`). Defaults are the authors' released model.
+  resume, `Params`; `init_from` may change the INIT_FROM_FREE_FIELDS). Defaults are the
+  authors' released model.
   """
 
   # Width of every feature map between the encoder and the decoder.
@@ -66,7 +70,7 @@ class Architecture:
   pre_blocks: int = 3
   # Dilation of the first 3x3 conv of each IM-block's f (one entry per block).
   dilations: tuple[int, ...] = (1, 2, 4)
-  # Implicit Euler step size: each block iterates g <- g0 + eta * f(g).
+  # Step size: each implicit Euler block iterates g <- g0 + eta * f(g).
   eta: float = 1.0
   # Where each IM-block's implicit stage sits in its step (one entry per block, or one
   # number for all; a one-stage implicit Runge-Kutta step, c = a11 = s, b = 1): block i
@@ -105,12 +109,13 @@ class Solve:
   iterations: tuple[int, ...] = (8, 8, 8)
   # lax.scan unroll of the IM-block iteration: "auto" (full on CPU, 1 elsewhere), or an int/bool.
   unroll: Union[str, int, bool] = "auto"
-  # How each IM-block solves g = g0 + eta * f(g) (minet_jax.core.fixed_point, which documents the
-  # maths): "unrolled" runs exactly `iterations` steps (the released model); "picard" and
+  # How each IM-block solves g = g0 + eta * f(g), or its stage (stage_fraction)
+  # (minet_jax.core.fixed_point, which documents the maths): "unrolled" runs exactly `iterations` steps (the released model); "picard" and
   # "anderson" run until the relative residual meets rtol/atol, at most `iterations` steps.
   solver: str = "unrolled"
-  # "picard"/"anderson" stop when rms(T(g) - g) <= atol + rtol * rms(T(g)), T(g) = g0 + eta f(g);
-  # for "unrolled" the test only decides the reported status of each block's solve.
+  # "picard"/"anderson" stop when rms(T(g) - g) <= atol + rtol * rms(T(g)), T(g) = g0 + eta f(g)
+  # (a stage block: T(g) = g0 + s eta f(g); its answer's error is then up to 1/s that of
+  # the stage); for "unrolled" the test only decides the reported status of each block's solve.
   rtol: float = 1e-3
   # Absolute tolerance of that test, per element (0: relative only).
   atol: float = 0.0
@@ -188,22 +193,7 @@ class ModelConfig(Solve, Architecture):
       # One number of iterations for every block (e.g. --max-steps).
       object.__setattr__(self, "iterations", (self.iterations,) * len(self.dilations))
     object.__setattr__(self, "iterations", tuple(int(t) for t in self.iterations))
-    if isinstance(self.stage_fraction, numbers.Real):
-      object.__setattr__(self, "stage_fraction", (self.stage_fraction,) * len(self.dilations))
-    try:
-      object.__setattr__(self, "stage_fraction", tuple(self.stage_fraction))
-    except TypeError:
-      raise ValueError(f"stage_fraction must be a number or one per IM-block, got "
-                       f"{self.stage_fraction!r}") from None
-    for value in self.stage_fraction:
-      if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-          or not 0.0 < value <= 1.0):
-        raise ValueError(f"stage_fraction must lie in (0, 1] (1: implicit Euler), got "
-                         f"{self.stage_fraction}")
-    if len(self.stage_fraction) != len(self.dilations):
-      raise ValueError(f"stage_fraction needs one entry per IM-block ({len(self.dilations)}), "
-                       f"got {self.stage_fraction}")
-    object.__setattr__(self, "stage_fraction", tuple(float(v) for v in self.stage_fraction))
+    self._normalise_stage_fraction()
     # Types first, so a string or a NaN gets its own message instead of a failed comparison
     # below or a NaN model later (NaN passes no comparison, so it would slip through them).
     for name in ("features", "pre_blocks", "anderson_m", "adjoint_max_steps",
@@ -275,14 +265,45 @@ class ModelConfig(Solve, Architecture):
     if isinstance(self.unroll, str) and self.unroll != "auto":
       raise ValueError(f"unroll must be 'auto', a bool or a positive int, got {self.unroll!r}")
 
+  def _normalise_stage_fraction(self) -> None:
+    # One number for every block, or one per block (a list from ml_collections or JSON);
+    # strings, mappings and sets are no sequences of fractions, whatever they iterate as.
+    value = self.stage_fraction
+    bad = ValueError(f"stage_fraction must be a number or one number per IM-block, got "
+                     f"{value!r}")
+    if isinstance(value, (str, bytes, Mapping, set, frozenset, bool)) or value is None:
+      raise bad
+    try:
+      array = np.asarray(value)
+    except (TypeError, ValueError):
+      raise bad from None
+    if array.ndim > 1 or array.dtype.kind not in "fiu":
+      raise bad
+    fractions = (float(array),) * len(self.dilations) if array.ndim == 0 else tuple(
+        float(v) for v in array)
+    if not all(MIN_STAGE_FRACTION <= v <= 1.0 for v in fractions):
+      # The answer divides the stage's step by the fraction: a tiny one amplifies the
+      # stage's rounding and tolerance without bound (and 0 divides by zero).
+      raise ValueError(f"stage_fraction must lie in [{MIN_STAGE_FRACTION}, 1] (1: implicit "
+                       f"Euler), got {value!r}")
+    if len(fractions) != len(self.dilations):
+      raise ValueError(f"stage_fraction needs one entry per IM-block ({len(self.dilations)}), "
+                       f"got {value!r}")
+    object.__setattr__(self, "stage_fraction", fractions)
+
   @property
   def num_blocks(self) -> int:
     return len(self.dilations)
 
   def to_dict(self) -> dict[str, Any]:
-    """A JSON-friendly dict (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(self).items()}
+    """A JSON-friendly dict (tuples become lists). ``stage_fraction`` is left out while
+    every block is implicit Euler (its default), so that records of such models, the
+    released one included, stay readable by minet-jax versions before the field."""
+    record = {k: list(v) if isinstance(v, tuple) else v
+              for k, v in dataclasses.asdict(self).items()}
+    if all(v == 1.0 for v in self.stage_fraction):
+      del record["stage_fraction"]
+    return record
 
   def architecture(self) -> dict[str, Any]:
     """The `Architecture` fields as a JSON-friendly dict: what runs compare."""

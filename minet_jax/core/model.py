@@ -5,7 +5,9 @@ Data flow, with the authors' layer names (Jiawei-Shen/MI-Net, ``MINet.py``):
   encoder   conv1-norm1-relu, conv2-norm2-relu, conv3(stride 2)-norm3-relu,
             pre_processing: residual blocks (conv-IN-relu-conv-IN, + input, relu)
   IM-blocks x1 = IM_1(x), x2 = IM_2(x1), x3 = IM_3(x2); block i solves
-            g = g0 + eta * f_i(g) from g = g0 = its input (fixed_point.py)
+            g = g0 + eta * f_i(g) from g = g0 = its input (fixed_point.py), or the
+            stage k = g0 + s_i * eta * f_i(k) and answers g0 + eta * f_i(k)
+            (`ModelConfig.stage_fraction`)
   MLF       gate: 3x3 conv on concat(x1, x2, x3) -> 3 maps; fused = sum_i W_i * x_i
   decoder   deconv3 (transposed 4x4, stride 2)-norm4-relu, deconv2-norm5-relu, deconv1 (1x1)
   tail      ("RCA" as released) x = LeakyReLU(conv_su1(x) + conv_su2(input));
@@ -124,12 +126,16 @@ class IMBlock(nnx.Module):
                           max_steps=self.iterations, adjoint=self.adjoint, per_sample=True)
 
   def output(self, g0: jax.Array, stage: jax.Array) -> jax.Array:
-    """The block's answer from its stage: g0 + eta * f(k), computed as
+    """The block's answer from its stage: g0 + eta * f(k), computed in float32 as
     g0 + (k - g0) / stage_fraction, equal at the stage's solution and one evaluation of
     f cheaper (the stage itself for implicit Euler)."""
     if self.stage_fraction == 1.0:
       return stage
-    return g0 + (stage - g0) / jnp.asarray(self.stage_fraction, stage.dtype)
+    if stage.dtype != jnp.float32:
+      # In a narrow dtype the extrapolation would magnify the stage's rounding by
+      # 1 / stage_fraction: take the step itself.
+      return g0 + self.eta * self.f(stage)
+    return g0 + (stage - g0) / self.stage_fraction
 
   def stage_of(self, g0: jax.Array, output: jax.Array) -> jax.Array:
     """The stage k whose `output` is ``output`` (its inverse): g0 + stage_fraction * (y - g0)."""
@@ -336,7 +342,8 @@ class MINet(nnx.Module):
     The diagnostics (status, steps taken, final residual, residual history padded
     with NaN to the block's `iterations`) have a leading batch axis; under ``jax.jit``
     they come back without recompiling per image of the same size. A result's
-    ``value`` is the block's output, the next block's g0.
+    ``value`` is the block's solution: its output for implicit Euler, its stage
+    otherwise (`IMBlock.output` gives the answer, the next block's g0).
     """
     y, _, runs = self.forward_runs(rgb)
     return y, [run.result for run in runs]

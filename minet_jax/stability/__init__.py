@@ -1,6 +1,7 @@
 """Theorem 1 on real weights: is each IM-block's Picard map locally contractive?
 
-Block i iterates g <- T(g) = g0 + eta * f_i(g). Near a point g the error of that
+Block i iterates g <- T(g) = g0 + eta * f_i(g) (for a stage block, below, the stage
+map g0 + s * eta * f_i(g)). Near a point g the error of that
 iteration evolves by the Jacobian J = eta * df_i/dg, so the iteration settles when
 the spectral radius rho(J) < 1, which is the paper's Theorem 1 condition: every
 eigenvalue lambda of df/dg has |lambda| < 1/eta. The spectral norm ||J||_2 >= rho(J)
@@ -205,7 +206,7 @@ def analyse_image(params: Any, image: np.ndarray, *, seed: int = 0,
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
   """The per-block table of an `analyse_image` report, one line per row."""
-  lines = ["block  dilation  rho power  rho Arnoldi  ||eta J||_2  observed@T  observed tail  "
+  lines = ["block  dilation  rho power  rho Arnoldi      ||J||_2  observed@T  observed tail  "
            "Theorem 1"]
   for i, b in enumerate(report["blocks"]):
     lines.append(f"{i + 1:>5}  {b['dilation']:>8}  {b['spectral_radius_growth']:>9.4f}  "

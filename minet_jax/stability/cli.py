@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
   output folder cannot be used)."""
   parser = argparse.ArgumentParser(
       prog=_prog(),
-      description="Checks Theorem 1 (|lambda(df/dg)| < 1/eta) for every IM-block on one image.")
+      description="Checks Theorem 1 (|lambda(df/dg)| < 1/eta; 1/(s eta) for a block solving "
+                  "the stage of its step at fraction s) for every IM-block on one image.")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--ckpt", help="minet-jax checkpoint folder (minet_jax.save / convert)")
   source.add_argument("--pth", help="the authors' PyTorch checkpoint, converted on the fly")

@@ -1,6 +1,8 @@
 """Contractive training: a penalty that keeps each IM-block's Picard map a contraction.
 
-Block i iterates g <- T_i(g) = g0 + eta * f_i(g). Picard and Anderson converge when T_i
+Block i iterates g <- T_i(g) = g0 + eta * f_i(g) (g0 + s_i * eta * f_i(g) for a block
+that solves the stage of its step, `ModelConfig.stage_fraction`; J below is then
+s_i * eta * df_i/dg). Picard and Anderson converge when T_i
 is a contraction, i.e. when ||J||_2 < 1 for J = eta * df_i/dg along the iteration
 (`minet_jax.stability` measures this; the released weights violate it). Training with
 
@@ -65,7 +67,7 @@ def _in_dtype(operator: spectral.Operator, dtype) -> spectral.Operator:
 
 def block_spectral_norm(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array,
                         key: jax.Array, num_iters: int) -> jax.Array:
-  """Per-sample power-iteration estimate of ||eta * df/dg||_2 at ``g``, shape (batch,).
+  """Per-sample power-iteration estimate of ||J||_2 (J: the solved map's Jacobian) at ``g``, shape (batch,).
 
   Differentiable with respect to the block's parameters; ``g0`` and ``g`` are
   treated as constants.
@@ -86,7 +88,7 @@ def block_spectral_norm(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array,
 
 def block_frobenius(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.Array,
                     num_probes: int) -> jax.Array:
-  """Per-sample Hutchinson estimate of ||eta * df/dg||_F^2 / n at ``g``, shape (batch,).
+  """Per-sample Hutchinson estimate of ||J||_F^2 / n (J: the solved map's Jacobian) at ``g``, shape (batch,).
 
   E ||J v||^2 = ||J||_F^2 for v ~ N(0, I); divided by the number n of elements of a
   sample it is the mean squared singular value of J. ``num_probes`` jvps, averaged.
@@ -106,7 +108,7 @@ def block_frobenius(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: 
 
 def block_radius(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.Array,
                  num_iters: int) -> jax.Array:
-  """Per-sample power-iteration estimate of rho(eta * df/dg) at ``g``, shape (batch,).
+  """Per-sample power-iteration estimate of rho(J) (J: the solved map's Jacobian) at ``g``, shape (batch,).
 
   ``num_iters`` steps v <- J v / ||J v|| (jvps only), started from the Picard residual
   T(g) - g (`residual_start`), then ||J v|| for the final unit v: for a real dominant

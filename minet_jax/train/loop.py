@@ -110,7 +110,9 @@ def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | 
     return None
   params = hub.resolve(config.init_from)
   old, new = params.config.architecture(), cfg.architecture()
-  free = {k: new[k] for k in INIT_FROM_FREE_FIELDS if old[k] != new[k]}
+  # Records leave out fields at their defaults (`ModelConfig.to_dict`): compare the configs.
+  free = {k: getattr(cfg, k) for k in INIT_FROM_FREE_FIELDS
+          if getattr(params.config, k) != getattr(cfg, k)}
   if free:
     # The same weights in other roles (INIT_FROM_FREE_FIELDS): a start, not a mismatch.
     params = params.replace_config(**free)
