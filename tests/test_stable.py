@@ -13,7 +13,6 @@ from minet_jax.stability import contractive
 from minet_jax import metrics
 from minet_jax.core.config import model_config
 from minet_jax.core.params import Params, model_from_params
-from minet_jax.train import defaults
 from minet_jax.train import state as state_lib
 from minet_jax.train import step as step_lib
 from configs import stable
@@ -29,43 +28,42 @@ def _radii(params: Params, image: jax.Array) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_short_stable_fine_tune_lowers_rho_and_stays_near_the_teacher(released_params,
-                                                                      shared_dir):
+def test_short_stable_fine_tune_contracts_and_moves_towards_the_teacher(released_params,
+                                                                        shared_dir):
+  # configs/stable.py on one crop: the released weights as stage blocks are contractions
+  # where the released implicit Euler blocks are not, and a few steps of its training
+  # bring the solved model's output towards the teacher's while they stay contractions.
   crop = np.load(shared_dir / "parity" / "official_outputs.npz")["crop_input_rgb"]
   hazy = jnp.asarray(crop[None, :64, :96] / 255.0, jnp.float32)
   config = stable.get_config()
-  config.model = defaults.section(dataclasses.replace(
-      released_params.config, **{k: config.model[k] for k in (
-          "solver", "rtol", "best_so_far", "backward", "contractive_weight", "contractive_kind",
-          "contractive_point", "contractive_target", "contractive_iters")},
-      iterations=(20, 20, 20)))
-  config.model.contractive_iters = 12
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.schedule = "constant"
-  start = state_lib.shrink_blocks(
-      Params(weights=released_params.weights, config=model_config(config.model)),
-      (0.7, 1.0, 1.0))
-  teacher_out = model_from_params(released_params)(hazy)
+  cfg = model_config(config.model)
+  assert cfg.same_architecture(dataclasses.replace(released_params.config,
+                                                   stage_fraction=cfg.stage_fraction))
+  released = _radii(released_params, hazy)
+  assert released.max() > 1.0, released  # block 2 expands on this crop
+  start = Params(weights=released_params.weights, config=cfg)
   before = _radii(start, hazy)
-  assert before.max() > 1.0, before  # not yet a contraction everywhere
+  assert before.max() < 1.0, before
 
+  config.optimizer.schedule = "constant"
   state = state_lib.create_train_state(config, params=start)
-  train_step = step_lib.make_train_step("mse", teacher=released_params)
-  for _ in range(15):
+  train_step = step_lib.make_train_step(
+      config.loss, teacher=released_params, match_weight=config.teacher_match_weight,
+      output_weight=config.output_weight)
+  mismatch = []
+  for _ in range(12):
     state, m = train_step(state, {"hazy": hazy, "clear": hazy})
+    mismatch.append(float(m["fixed_point_mismatch"]))
   trained = state.params()
+  assert np.mean(mismatch[-3:]) < 0.9 * np.mean(mismatch[:3]), mismatch
   after = _radii(trained, hazy)
-  # The block that is no contraction (block 2, rho ~1.14 on this crop) moves towards one.
-  worst = int(np.argmax(before))
-  assert before[worst] > 1.0 and after[worst] < before[worst] - 0.02, (before, after)
-  assert after.max() < before.max(), (before, after)
-  out = model_from_params(trained)(hazy)
-  psnr = float(metrics.psnr(np.clip(np.asarray(out), 0, 1) * 255,
-                            np.clip(np.asarray(teacher_out), 0, 1) * 255).mean())
-  start_out = model_from_params(start)(hazy)
-  start_psnr = float(metrics.psnr(np.clip(np.asarray(start_out), 0, 1) * 255,
-                                  np.clip(np.asarray(teacher_out), 0, 1) * 255).mean())
-  assert psnr > max(start_psnr - 1.0, 20.0), (start_psnr, psnr)
+  assert after.max() < 1.0, after
+
+  teacher_out = np.clip(np.asarray(model_from_params(released_params)(hazy)), 0, 1) * 255
+  def psnr(params):
+    out = np.clip(np.asarray(model_from_params(params)(hazy)), 0, 1) * 255
+    return float(metrics.psnr(out, teacher_out).mean())
+  assert psnr(trained) > psnr(start) + 0.3, (psnr(start), psnr(trained))
 
 
 def test_apply_and_dehaze_report_how_the_blocks_were_solved(random_params, tmp_path, capsys):
