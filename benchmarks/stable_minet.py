@@ -242,8 +242,11 @@ def main() -> int:
   args = parser.parse_args()
   if args.fixed_point_rtol < 0 or args.fixed_point_cap < 1:
     parser.error("--fixed-point-rtol must be >= 0 and --fixed-point-cap >= 1")
-  if any(v > 1 for fractions in args.stage for v in fractions):
-    parser.error("--stage fractions must lie in (0, 1] (1: implicit Euler)")
+  for fractions in args.stage:
+    try:  # The config's own check, before anything loads.
+      minet_jax.ModelConfig(stage_fraction=fractions if len(fractions) > 1 else fractions[0])
+    except ValueError as e:
+      parser.error(f"--stage {','.join(f'{v:g}' for v in fractions)}: {e}")
 
   records = folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor")
   if args.images:

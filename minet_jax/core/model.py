@@ -100,6 +100,8 @@ class IMBlock(nnx.Module):
     self.iterations = cfg.iterations[index]
     self.eta = cfg.eta
     self.stage_fraction = cfg.stage_fraction[index]
+    # The solved map's step: eta for implicit Euler (stage_fraction 1), s * eta for a stage.
+    self.step = cfg.eta * self.stage_fraction
     self.solver, self.adjoint = fp.from_config(cfg)
 
   def map_fn(self):
@@ -110,7 +112,7 @@ class IMBlock(nnx.Module):
     the implicit backward can return their gradients.
     """
     graphdef, state = nnx.split(self.f)
-    step = self.eta * self.stage_fraction if self.stage_fraction != 1.0 else self.eta
+    step = self.step
 
     def implicit_euler_map(g, args):
       g0_, f_state = args

@@ -129,9 +129,7 @@ def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
   ratios = observed_ratios(history)
   t = int(block.iterations)
   eta = float(block.eta)
-  # The solved map's step: eta for implicit Euler, stage_fraction * eta for a block that
-  # solves an earlier stage of its step (`ModelConfig.stage_fraction`).
-  step = eta * float(block.stage_fraction)
+  step = float(block.step)  # The solved map's step (`IMBlock.step`).
   # Both estimators see only part of the spectrum and approach rho from below in
   # practice, so the verdict uses the larger of the two.
   rho = max(float(radius["radius"]), ritz["radius"])
