@@ -74,18 +74,20 @@ def test_complex_dominant_pair_is_found_by_growth_rate_and_arnoldi():
   assert abs(float(radius["rayleigh"])) < 0.8 * np.cos(theta) + 0.05
 
 
-def _tiny_block(eta: float):
-  cfg = minet_jax.ModelConfig(features=3, pre_blocks=0, iterations=(6,), dilations=(2,), eta=eta)
+def _tiny_block(eta: float, stage: float = 1.0):
+  cfg = minet_jax.ModelConfig(features=3, pre_blocks=0, iterations=(6,), dilations=(2,), eta=eta,
+                              stage_fraction=stage)
   block = IMBlock(cfg, 0, rngs=nnx.Rngs(0))
   block.f.norm2.scale[...] = jnp.asarray([0.5, 1.0, 1.5], jnp.float32)
   return block
 
 
-@pytest.mark.parametrize("eta", [0.3, 2.0])
-def test_block_analysis_matches_dense_jacobian(eta):
-  block = _tiny_block(eta)
+@pytest.mark.parametrize("eta,stage", [(0.3, 1.0), (2.0, 1.0), (5.0, 0.25)])
+def test_block_analysis_matches_dense_jacobian(eta, stage):
+  block = _tiny_block(eta, stage)
   g0 = jax.random.normal(jax.random.key(1), (1, 6, 6, 3))
-  g = block(g0)
+  # The solution the report is about: the stage for a stage block, its answer otherwise.
+  g = block.stage_of(g0, block(g0))
   t_map, f_state = block.map_fn()
   jac = jax.jacfwd(lambda z: t_map(z.reshape(g.shape), (g0, f_state)).ravel())(g.ravel())
   jac = np.asarray(jac, np.float64)
@@ -98,7 +100,11 @@ def test_block_analysis_matches_dense_jacobian(eta):
   assert report["spectral_radius"] == pytest.approx(true_radius, rel=2e-2)
   assert report["spectral_norm"] == pytest.approx(true_norm, rel=1e-3)
   assert report["theorem1_holds"] == (true_radius < 1.0)
-  assert report["max_abs_eigenvalue_df"] == pytest.approx(report["spectral_radius"] / eta)
+  # The solved map's Jacobian is stage * eta * df/dg: Theorem 1 bounds |lambda(df/dg)| by
+  # 1 / (stage * eta), and the same dense matrix is that step times df/dg.
+  assert report["stage_fraction"] == stage
+  assert report["theorem1_bound"] == pytest.approx(1.0 / (stage * eta))
+  assert report["max_abs_eigenvalue_df"] == pytest.approx(report["spectral_radius"] / (stage * eta))
   history = np.asarray(report["residual_history"])
   # The first six Picard steps from g0 are the block's own iterations.
   assert len(history) == 40 and np.all(np.isfinite(history))
