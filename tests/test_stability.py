@@ -117,7 +117,9 @@ def test_block_analysis_matches_dense_jacobian(eta, stage):
 def test_cli_writes_json_and_plots(tmp_path, capsys, random_params):
   from PIL import Image
 
-  cfg = minet_jax.ModelConfig(features=4, pre_blocks=0, iterations=(3, 3), dilations=(1, 2))
+  # Block 1 solves a stage (fraction 0.5), block 2 an implicit Euler step.
+  cfg = minet_jax.ModelConfig(features=4, pre_blocks=0, iterations=(3, 3), dilations=(1, 2),
+                              stage_fraction=(0.5, 1.0))
   minet_jax.save(random_params(cfg), tmp_path / "ckpt")
   rgb = (np.random.default_rng(0).uniform(size=(14, 11, 3)) * 255).astype(np.uint8)
   Image.fromarray(rgb).save(tmp_path / "in.png")
@@ -131,6 +133,15 @@ def test_cli_writes_json_and_plots(tmp_path, capsys, random_params):
   for i, block in enumerate(report["blocks"], 1):
     assert len(block["residual_history"]) == 5 and block["model_steps"] == 3
     assert (out / f"block{i}_residuals.png").read_bytes()[:4] == b"\x89PNG"
+  # The figures name the map each block solves: s eta df/dg for the stage block.
+  stage, euler = report["blocks"]
+  assert (stage["stage_fraction"], euler["stage_fraction"]) == (0.5, 1.0)
+  assert stage["theorem1_bound"] == pytest.approx(2.0) and euler["theorem1_bound"] == 1.0
+  from minet_jax.stability import report as report_lib
+  titles = [report_lib.plot_block(b, i, tmp_path / f"p{i}.png").axes[0].get_title()
+            for i, b in enumerate(report["blocks"])]
+  assert titles[0].startswith("IM-block 1 (dilation 1): rho(0.5 eta df/dg) = "), titles[0]
+  assert titles[1].startswith("IM-block 2 (dilation 2): rho(eta df/dg) = "), titles[1]
   assert "Theorem 1" in capsys.readouterr().out
   assert cli.main(["--ckpt", str(tmp_path / "missing"), "--image", str(tmp_path / "in.png"),
                          "--out", str(out)]) == 2

@@ -14,8 +14,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
-def plot_block(report: dict[str, Any], index: int, path: pathlib.Path) -> None:
-  """Residual-versus-iteration plot of one block with the estimated rates for reference."""
+def plot_block(report: dict[str, Any], index: int, path: pathlib.Path) -> Figure:
+  """Writes the residual-versus-iteration plot of one block, with the estimated rates
+  for reference, to `path`; returns the figure."""
   history = np.asarray(report["residual_history"], np.float64)
   steps = np.arange(1, len(history) + 1)
   t = report["iterations"]
@@ -46,6 +47,7 @@ def plot_block(report: dict[str, Any], index: int, path: pathlib.Path) -> None:
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
+  return fig
 
 
 def write_report(report: dict[str, Any], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
