@@ -70,7 +70,7 @@ def get_config():
   # steps) gives each block's input and output on the same crops, and the matching term
   # trains each f so that the released output is the stage block's answer from the
   # released input (contractive.fixed_point_mismatch). No solve and no output loss:
-  # 1.76 steps per second against 0.92 for a distillation through the solved model, and
+  # 1.75 steps per second against 0.92 for a distillation through the solved model, and
   # on SOTS it does better (docs/STABILITY.md, "How the recipe was chosen").
   config.init_from = "its"
   config.init_block_scale = ()
