@@ -111,7 +111,8 @@ class Solve:
   unroll: Union[str, int, bool] = "auto"
   # How each IM-block solves g = g0 + eta * f(g), or its stage (stage_fraction)
   # (minet_jax.core.fixed_point, which documents the maths): "unrolled" runs exactly
-  # `iterations` steps (the released model); "picard" and "anderson" run until the relative residual meets rtol/atol, at most `iterations` steps.
+  # `iterations` steps (the released model); "picard" and "anderson" run until the
+  # relative residual meets rtol/atol, at most `iterations` steps.
   solver: str = "unrolled"
   # "picard"/"anderson" stop when rms(T(g) - g) <= atol + rtol * rms(T(g)), T(g) = g0 + eta f(g)
   # (a stage block: T(g) = g0 + s eta f(g); its answer's error is then up to 1/s that of
