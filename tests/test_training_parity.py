@@ -27,7 +27,8 @@ Tolerances, and why:
   whose gradient is clear of the noise (|g| above 1e-3 of the tensor's largest and 10x
   our discrepancy on that element) must land within 1e-5 of the reference (a step is
   1e-2; measured: 5e-7, float32 spacing near the weights); other elements may differ
-  by a flipped step, and they must be rare (< 0.1 %; measured 0.03 %).
+  by a flipped step, and they must be rare (< 0.1 %, measured 0.03 %, on a CPU; < 0.5 %,
+  measured 0.15 % on an NVIDIA H200, on a GPU).
 * Adam, steps 2 and 3: see `test_adam_steps_match`; each tensor's displacement within
   10 % of the reference's, median over tensors within 3 %.
 """
@@ -138,8 +139,8 @@ def test_adam_steps_match(config, released_on_backend, batch, reference, ours):
   """1 and 3 steps of the project's jitted train step against torch.optim.Adam's.
 
   Step 1 starts from the released weights on both sides and must agree to float32
-  rounding wherever the gradient's sign is clear. About 0.03 % of the elements have a
-  noise-level gradient and step the other way (a 2 * lr difference), and those would
+  rounding wherever the gradient's sign is clear. About 0.03 % of the elements (0.15 %
+  on a GPU) have a noise-level gradient and step the other way (a 2 * lr difference), and those would
   steer the two runs' later gradients apart; so steps 2 and 3 start from the authors'
   weights after step 1 (with our Adam moments), and the test compares the two steps'
   displacement, tensor by tensor.
@@ -167,7 +168,9 @@ def test_adam_steps_match(config, released_on_backend, batch, reference, ours):
         f"gradient off by up to {diff[clear].max():.2e}")
     flipped += int(np.sum(diff > 1e-5))
   print(f"adam1: {flipped} of 628078 elements off by more than 1e-5 (noise-level gradients)")
-  assert flipped < 1e-3 * 628078
+  # Measured: 0.03 % with XLA:CPU or oneDNN; 0.15 % on an NVIDIA H200, whose float32
+  # convolutions (cuDNN) sum in other orders, so more gradients sit at noise level.
+  assert flipped < (1e-3 if jax.default_backend() == "cpu" else 5e-3) * 628078
 
   state = with_weights(state, torch_names.weights_from_torch_state_dict(
       {name: reference[f"adam1/{name}"] for name in start}, cfg))
