@@ -30,7 +30,9 @@ For each model, on the SOTS indoor samples at full resolution (620x460):
    contraction margin alone costs; with ``--stage``: the same weights, untrained,
    each block solving the stage of its step at that fraction (`stage_fraction`).
 
-Prints Markdown tables and writes everything to ``--out``.
+Prints Markdown tables and writes everything to ``--out``, with the training step of the
+stable model's weights (``checkpoint_step``: a workdir loads its best checkpoint by
+synthetic validation PSNR, which need not be its last).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import minet_jax
 from minet_jax import convert, metrics
 from minet_jax.stability import spectral
 from minet_jax.data import folders
+from minet_jax.core import checkpoint
 from minet_jax.core.params import Params, model_from_params
 
 DEFAULT_SHARED = pathlib.Path(
@@ -203,6 +206,21 @@ def curve(params: Params, pair) -> list[dict]:
   return points
 
 
+def trained_step(path: pathlib.Path) -> int | None:
+  """The training step of the weights `minet_jax.load(path)` reads from a training
+  workdir (its best checkpoint, else its latest); None for a converted folder or file."""
+  if not path.is_dir():
+    return None
+  try:
+    params_dir = checkpoint.find_params(path)
+  except checkpoint.CheckpointError:
+    return None
+  if params_dir is None:
+    return None
+  step = params_dir.parent.name
+  return int(step) if step.isdigit() else checkpoint.step_record(params_dir).get("step")
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--stable", type=pathlib.Path, default=None,
@@ -274,6 +292,11 @@ def main() -> int:
     entry = report["models"].setdefault(name, {})
     entry["solve"] = params.config.solve_settings()
     entry["architecture"] = params.config.architecture()
+    if name == "stable":
+      # A workdir loads its best checkpoint (synthetic validation PSNR), which need not
+      # be its last step: say which one was measured.
+      entry["checkpoint_step"] = trained_step(args.stable)
+      print(f" weights of training step {entry['checkpoint_step']}", flush=True)
 
     def save():
       if args.out:

@@ -27,8 +27,8 @@ Tolerances, and why:
   whose gradient is clear of the noise (|g| above 1e-3 of the tensor's largest and 10x
   our discrepancy on that element) must land within 1e-5 of the reference (a step is
   1e-2; measured: 5e-7, float32 spacing near the weights); other elements may differ
-  by a flipped step, and they must be rare (< 0.1 %, measured 0.03 %, on a CPU; < 0.5 %,
-  measured 0.15 % on an NVIDIA H200, on a GPU).
+  by a flipped step, and they must be rare: < 0.1 % on a CPU (measured 0.03 %), < 0.5 %
+  on a GPU (measured 0.15 % on an NVIDIA H200).
 * Adam, steps 2 and 3: see `test_adam_steps_match`; each tensor's displacement within
   10 % of the reference's, median over tensors within 3 %.
 """
