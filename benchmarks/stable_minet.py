@@ -44,6 +44,7 @@ import os
 import pathlib
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -206,19 +207,19 @@ def curve(params: Params, pair) -> list[dict]:
   return points
 
 
-def trained_step(path: pathlib.Path) -> int | None:
-  """The training step of the weights `minet_jax.load(path)` reads from a training
-  workdir (its best checkpoint, else its latest); None for a converted folder or file."""
-  if not path.is_dir():
-    return None
-  try:
-    params_dir = checkpoint.find_params(path)
-  except checkpoint.CheckpointError:
-    return None
-  if params_dir is None:
-    return None
-  step = params_dir.parent.name
-  return int(step) if step.isdigit() else checkpoint.step_record(params_dir).get("step")
+def load_stable(path: pathlib.Path) -> tuple[Params, int | None]:
+  """`minet_jax.load(path)` and the training step of its weights (a training workdir's
+  best checkpoint); None for a converted folder or file, and when `load` refused the
+  best weights and fell back to others (its warning, repeated here, says which)."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    params = minet_jax.load(path)
+  for w in caught:
+    print(f"warning: {w.message}", file=sys.stderr)
+  if caught or not path.is_dir():
+    return params, None
+  params_dir = checkpoint.find_params(path)
+  return params, None if params_dir is None else int(params_dir.parent.name)
 
 
 def main() -> int:
@@ -273,9 +274,9 @@ def main() -> int:
   if "stable" in args.models and args.stable is None:
     parser.error("--stable is needed to measure the stable model")
   loaders = {
-      "released": lambda: convert.weights_from_checkpoint(
-          args.shared / "weights" / "minet_its_official.pth"),
-      "stable": lambda: minet_jax.load(args.stable),
+      "released": lambda: (convert.weights_from_checkpoint(
+          args.shared / "weights" / "minet_its_official.pth"), None),
+      "stable": lambda: load_stable(args.stable),
   }
   report: dict = {"images": [p[0] for p in pairs], "backend": jax.default_backend(),
                   "devices": str(jax.devices()[0])}
@@ -286,7 +287,7 @@ def main() -> int:
     report.update({k: v for k, v in kept.items() if k not in report})
   report.setdefault("models", {})
   for name in args.models:
-    params = loaders[name]()
+    params, step = loaders[name]()
     print(f"{name}: {params.config.solver}, T/cap {params.config.iterations}, "
           f"rtol {params.config.rtol}", flush=True)
     entry = report["models"].setdefault(name, {})
@@ -295,7 +296,7 @@ def main() -> int:
     if name == "stable":
       # A workdir loads its best checkpoint (synthetic validation PSNR), which need not
       # be its last step: say which one was measured.
-      entry["checkpoint_step"] = trained_step(args.stable)
+      entry["checkpoint_step"] = step
       print(f" weights of training step {entry['checkpoint_step']}", flush=True)
 
     def save():

@@ -22,13 +22,14 @@ unless told otherwise, and report each block's steps and status.
 
 Expected result (measured, docs/STABILITY.md "A stable MI-Net"): 3000 steps in 28.5
 minutes (1,710 s) on a 2-core x86-64 CPU; synthetic validation PSNR 19.71 dB (8
-images, against the ground truth). The workdir's kept checkpoint, the one `dehaze` and
-`evaluate` load, is the validation's best of steps 750 / 1500 / 2250 / 3000 (in the
-measured run 2250 or 3000, which tie at 19.71 dB). On the 10 SOTS samples at full
+images, against the ground truth). The workdir's kept checkpoint, the one `dehaze`
+and `evaluate` load, is the validation's best of steps 750 / 1500 / 2250 / 3000 (in
+the measured run 2250 or 3000, which tie at 19.71 dB). On the 10 SOTS samples at full
 resolution that checkpoint scores 30.57 dB / 0.95920 (the released model: 36.30 dB /
 0.97709); Picard and Anderson solve all 30 (image, block) pairs (5.1 / 11.3 / 9.1
 Picard steps), each block is a contraction at its solution on all 30 (rho at most
-0.98), and a forward pass takes 0.99x the released model's time. The PSNR and speed targets of a stable MI-Net are not met yet.
+0.98), and a forward pass takes 0.99x the released model's time. The PSNR and speed
+targets of a stable MI-Net are not met yet.
 """
 
 from __future__ import annotations

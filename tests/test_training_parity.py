@@ -140,10 +140,10 @@ def test_adam_steps_match(config, released_on_backend, batch, reference, ours):
 
   Step 1 starts from the released weights on both sides and must agree to float32
   rounding wherever the gradient's sign is clear. About 0.03 % of the elements (0.15 %
-  on a GPU) have a noise-level gradient and step the other way (a 2 * lr difference), and those would
-  steer the two runs' later gradients apart; so steps 2 and 3 start from the authors'
-  weights after step 1 (with our Adam moments), and the test compares the two steps'
-  displacement, tensor by tensor.
+  on a GPU) have a noise-level gradient and step the other way (a 2 * lr difference),
+  and those would steer the two runs' later gradients apart; so steps 2 and 3 start
+  from the authors' weights after step 1 (with our Adam moments), and the test
+  compares the two steps' displacement, tensor by tensor.
   """
   cfg = released_on_backend.config
   state = state_lib.create_train_state(config, released_on_backend)
