@@ -44,7 +44,6 @@ import os
 import pathlib
 import sys
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -208,17 +207,12 @@ def curve(params: Params, pair) -> list[dict]:
 
 
 def load_stable(path: pathlib.Path) -> tuple[Params, int | None]:
-  """`minet_jax.load(path)` and the training step of its weights (a training workdir's
-  best checkpoint); None for a converted folder or file, and when `load` refused the
-  best weights and fell back to others (its warning, repeated here, says which)."""
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    params = minet_jax.load(path)
-  for w in caught:
-    print(f"warning: {w.message}", file=sys.stderr)
-  if caught or not path.is_dir():
-    return params, None
-  params_dir = checkpoint.find_params(path)
+  """`minet_jax.load(path)` and the training step of the weights it read (in a training
+  workdir, its best checkpoint unless that was refused); None for a converted folder
+  or a .pth file."""
+  if path.is_file():
+    return minet_jax.load(path), None
+  params, params_dir = checkpoint.load_with_source(path)
   return params, None if params_dir is None else int(params_dir.parent.name)
 
 

@@ -101,6 +101,9 @@ def test_save_load_is_bit_exact(params, image, tmp_path):
   assert loaded.config == params.config
   chex.assert_trees_all_equal(loaded.weights, params.weights)
   np.testing.assert_array_equal(minet_jax.apply(loaded, image), minet_jax.apply(params, image))
+  # A saved folder is no training step: no source step folder to name.
+  _, source = minet_jax.core.checkpoint.load_with_source(tmp_path / "ckpt")
+  assert source is None
 
 
 def test_save_refuses_to_clobber(params, tmp_path):

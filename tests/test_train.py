@@ -361,7 +361,8 @@ def test_load_falls_back_to_the_newest_usable_weights(straight_run, tmp_path, be
   if written_by == "an older version":
     _as_older_workdir(workdir)
   (best_dir,) = [p / "params" for p in (workdir / "best").iterdir() if p.name.isdigit()]
-  good = minet_jax.load(workdir)
+  good, source = minet_jax.core.checkpoint.load_with_source(workdir)
+  assert source == best_dir
   bad = jax.tree.map(lambda x: np.full_like(np.asarray(x), np.nan), good.weights)
   if best == "damaged best":
     bad = jax.tree.map(lambda x: np.asarray(x) + 1.0, good.weights)
@@ -372,6 +373,10 @@ def test_load_falls_back_to_the_newest_usable_weights(straight_run, tmp_path, be
                                                params.config)
   for x, y in zip(jax.tree.leaves(params.weights), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The source named is the step that was read, not the refused best.
+  with pytest.warns(UserWarning, match="newest usable weights instead"):
+    _, source = minet_jax.core.checkpoint.load_with_source(workdir)
+  assert source == workdir / "checkpoints" / "4" / "params"
   # Nothing usable at all: one error naming the best's problem.
   for step in (2, 4):
     _replace_weights(workdir / "checkpoints" / str(step) / "params", bad, True)

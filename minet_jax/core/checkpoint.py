@@ -386,6 +386,17 @@ def load(path: str | os.PathLike) -> Params:
   ``weights_in``: the resumable checkpoints) are loaded instead, with a warning naming
   what was refused.
   """
+  return _load(path, stacklevel=3)[0]
+
+
+def load_with_source(path: str | os.PathLike) -> tuple[Params, pathlib.Path | None]:
+  """`load`, and the training step's ``params/`` folder it read in a training workdir
+  (its parent's name is the step); None for a checkpoint folder written by `save`."""
+  return _load(path, stacklevel=3)
+
+
+def _load(path: str | os.PathLike, *, stacklevel: int) -> tuple[Params, pathlib.Path | None]:
+  """`load_with_source`; a fallback warning points `stacklevel` frames up."""
   path = pathlib.Path(path).absolute()
   meta = _read_meta(path)
   cfg = load_config(path)
@@ -402,7 +413,7 @@ def load(path: str | os.PathLike) -> Params:
     if required and not isinstance(checksum, str) and weights_dir.exists():
       raise CheckpointError(f"{path / CONFIG_FILE} is damaged or was edited: its "
                             "weights_sha256 is missing, so the weights cannot be verified")
-    return Params(weights=read_weights(weights_dir, cfg, checksum), config=cfg)
+    return Params(weights=read_weights(weights_dir, cfg, checksum), config=cfg), None
   refused = []
   for folder in candidates:
     try:
@@ -413,8 +424,8 @@ def load(path: str | os.PathLike) -> Params:
     if refused:
       warnings.warn(f"{refused[0]}; loaded the newest usable weights instead, {folder}"
                     + (f" ({len(refused) - 1} more refused)" if len(refused) > 1 else ""),
-                    stacklevel=2)
-    return Params(weights=weights, config=cfg)
+                    stacklevel=stacklevel)
+    return Params(weights=weights, config=cfg), folder
   raise CheckpointError(f"no usable weights in {path}: {refused[0]}"
                         + (f" (and {len(refused) - 1} more refused)" if len(refused) > 1 else ""))
 
