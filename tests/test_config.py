@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import shutil
 import subprocess
@@ -49,6 +50,12 @@ def test_optional_and_several_type_fields_take_overrides():
   for unroll in (1, True, "auto"):
     config.model.unroll = unroll
     assert minet_jax.model_config(config).unroll == unroll
+  # Per-block fields take one number or a tuple (`--config.model.contractive_target=(...)`).
+  for name in ("contractive_target", "stage_fraction"):
+    setattr(config.model, name, 0.5)
+    assert getattr(minet_jax.model_config(config), name) == (0.5, 0.5, 0.5)
+    setattr(config.model, name, (0.85, 0.65, 0.8))
+    assert getattr(minet_jax.model_config(config), name) == (0.85, 0.65, 0.8)
 
 
 def test_paper_text_variant_is_a_config():
@@ -84,6 +91,10 @@ def test_model_config_accepts_dicts_and_is_hashable():
     ({"stage_fraction": True}, "a number or one number per IM-block"),
     ({"stage_fraction": ((0.5,), (0.5,), (0.5,))}, "a number or one number per IM-block"),
     ({"stage_fraction": None}, "a number or one number per IM-block"),
+    ({"contractive_target": -0.1}, "contractive_target must be finite and >= 0"),
+    ({"contractive_target": (0.8, float("nan"), 0.8)}, "contractive_target must be finite"),
+    ({"contractive_target": (0.8, 0.7)}, "contractive_target needs one entry per IM-block"),
+    ({"contractive_target": "0.8"}, "contractive_target must be a number or one number"),
 ])
 def test_bad_fields_are_refused(fields, pattern):
   with pytest.raises(ValueError, match=pattern):
@@ -122,6 +133,21 @@ def test_stage_fraction_is_one_per_block_and_part_of_the_architecture():
   # Implicit Euler everywhere is the default, and records leave it out (older versions read them).
   assert "stage_fraction" not in minet_jax.ModelConfig(stage_fraction=1).stored()
   assert cfg.architecture()["stage_fraction"] == [0.3, 0.3, 0.3]
+
+
+def test_contractive_target_is_one_per_block_and_a_solve_setting():
+  cfg = minet_jax.ModelConfig(contractive_target=0.85)
+  assert cfg.contractive_target == (0.85, 0.85, 0.85)
+  mixed = minet_jax.model_config({"contractive_target": [0.85, 0.7, 0.85]})
+  assert mixed.contractive_target == (0.85, 0.7, 0.85)
+  # A penalty setting: the same weights whatever the targets.
+  assert mixed.same_architecture(minet_jax.ModelConfig())
+  # One common target is stored as the one number it was before (older versions read
+  # it); different ones as a list, and both load back.
+  assert cfg.stored()["contractive_target"] == 0.85
+  assert mixed.stored()["contractive_target"] == [0.85, 0.7, 0.85]
+  for record in (cfg, mixed):
+    assert minet_jax.model_config(json.loads(json.dumps(record.stored()))) == record
 
 
 def test_numpy_scalars_are_numbers():

@@ -152,8 +152,10 @@ class Solve:
   # Where J is taken: "iterate" (a random Picard iterate g_k, k <= iterations) or
   # "solution" (the block's answer in the forward pass: no extra map evaluations).
   contractive_point: str = "iterate"
-  # Level the spectral/radius penalty aims below (< 1 makes the Picard map a contraction).
-  contractive_target: float = 0.9
+  # Level the spectral/radius penalty aims below (< 1 makes the Picard map a contraction):
+  # one number for every block, or one per block (a block whose radius grows most from
+  # the training crops to full images can be held lower).
+  contractive_target: Union[float, tuple[float, ...]] = 0.9
   # Power-iteration steps of the spectral (one jvp + one vjp each) or radius (one jvp)
   # estimate, or Hutchinson probes (one jvp each) of the Frobenius one.
   contractive_iters: int = 4
@@ -194,7 +196,8 @@ class ModelConfig(Solve, Architecture):
       # One number of iterations for every block (e.g. --max-steps).
       object.__setattr__(self, "iterations", (self.iterations,) * len(self.dilations))
     object.__setattr__(self, "iterations", tuple(int(t) for t in self.iterations))
-    self._normalise_stage_fraction()
+    object.__setattr__(self, "stage_fraction", self._per_block("stage_fraction"))
+    object.__setattr__(self, "contractive_target", self._per_block("contractive_target"))
     # Types first, so a string or a NaN gets its own message instead of a failed comparison
     # below or a NaN model later (NaN passes no comparison, so it would slip through them).
     for name in ("features", "pre_blocks", "anderson_m", "adjoint_max_steps",
@@ -203,7 +206,7 @@ class ModelConfig(Solve, Architecture):
       if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     for name in ("eta", "rtol", "atol", "anderson_beta", "anderson_reg", "adjoint_rtol",
-                 "adjoint_atol", "contractive_weight", "contractive_target", "norm_eps",
+                 "adjoint_atol", "contractive_weight", "norm_eps",
                  "leaky_slope", "init_kaiming_a", "phantom_damping", "correction_weight"):
       value = getattr(self, name)
       if (not isinstance(value, numbers.Real) or isinstance(value, bool)
@@ -254,7 +257,7 @@ class ModelConfig(Solve, Architecture):
       raise ValueError(f"phantom_steps must be an integer >= 1 and phantom_damping in (0, 1], "
                        f"got {self.phantom_steps}, {self.phantom_damping}")
     for name in ("rtol", "atol", "anderson_reg", "adjoint_rtol", "adjoint_atol",
-                 "contractive_weight", "contractive_target", "correction_weight"):
+                 "contractive_weight", "correction_weight"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if self.anderson_m < 1 or not 0.0 < self.anderson_beta <= 1.0:
@@ -266,12 +269,12 @@ class ModelConfig(Solve, Architecture):
     if isinstance(self.unroll, str) and self.unroll != "auto":
       raise ValueError(f"unroll must be 'auto', a bool or a positive int, got {self.unroll!r}")
 
-  def _normalise_stage_fraction(self) -> None:
-    # One number for every block, or one per block (a list from ml_collections or JSON);
-    # strings, mappings and sets are no sequences of fractions, whatever they iterate as.
-    value = self.stage_fraction
-    bad = ValueError(f"stage_fraction must be a number or one number per IM-block, got "
-                     f"{value!r}")
+  def _per_block(self, name: str) -> tuple[float, ...]:
+    """Field ``name`` as one float per IM-block: given as one number for every block or
+    one per block (a list from ml_collections or JSON), and range-checked."""
+    value = getattr(self, name)
+    # Strings, mappings and sets are no sequences of numbers, whatever they iterate as.
+    bad = ValueError(f"{name} must be a number or one number per IM-block, got {value!r}")
     if isinstance(value, (str, bytes, Mapping, set, frozenset, bool)) or value is None:
       raise bad
     try:
@@ -280,17 +283,19 @@ class ModelConfig(Solve, Architecture):
       raise bad from None
     if array.ndim > 1 or array.dtype.kind not in "fiu":
       raise bad
-    fractions = (float(array),) * len(self.dilations) if array.ndim == 0 else tuple(
+    values = (float(array),) * len(self.dilations) if array.ndim == 0 else tuple(
         float(v) for v in array)
-    if not all(MIN_STAGE_FRACTION <= v <= 1.0 for v in fractions):
+    if name == "stage_fraction" and not all(MIN_STAGE_FRACTION <= v <= 1.0 for v in values):
       # The answer divides the stage's step by the fraction: a tiny one amplifies the
       # stage's rounding and tolerance without bound (and 0 divides by zero).
       raise ValueError(f"stage_fraction must lie in [{MIN_STAGE_FRACTION}, 1] (1: implicit "
                        f"Euler), got {value!r}")
-    if len(fractions) != len(self.dilations):
-      raise ValueError(f"stage_fraction needs one entry per IM-block ({len(self.dilations)}), "
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+      raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    if len(values) != len(self.dilations):
+      raise ValueError(f"{name} needs one entry per IM-block ({len(self.dilations)}), "
                        f"got {value!r}")
-    object.__setattr__(self, "stage_fraction", fractions)
+    return values
 
   @property
   def num_blocks(self) -> int:
@@ -298,12 +303,17 @@ class ModelConfig(Solve, Architecture):
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-friendly dict (tuples become lists). ``stage_fraction`` is left out while
-    every block is implicit Euler (its default), so that records of such models, the
-    released one included, stay readable by minet-jax versions before the field."""
+    every block is implicit Euler (its default), and a ``contractive_target`` common to
+    all blocks is one number, so that records of such models, the released one
+    included, stay readable by minet-jax versions before those fields took these forms."""
     record = {k: list(v) if isinstance(v, tuple) else v
               for k, v in dataclasses.asdict(self).items()}
     if all(v == 1.0 for v in self.stage_fraction):
       del record["stage_fraction"]
+    if len(set(self.contractive_target)) == 1:
+      # One target for every block is written as the one number it was before the field
+      # took one per block.
+      record["contractive_target"] = self.contractive_target[0]
     return record
 
   def architecture(self) -> dict[str, Any]:

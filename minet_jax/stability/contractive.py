@@ -10,7 +10,7 @@ is a contraction, i.e. when ||J||_2 < 1 for J = eta * df_i/dg along the iteratio
 
 pushes every block's estimated ||J||_2 below ``contractive_target``:
 
-    penalty = sum_i mean_over_samples max(0, sigma_i - target)^2,
+    penalty = sum_i mean_over_samples max(0, sigma_i - target_i)^2,
 
 where sigma_i estimates ||J||_2 at a point g_i of the block's Picard path (a random
 iterate, see `operating_points`) by ``contractive_iters`` steps of power iteration
@@ -36,6 +36,7 @@ the term with `weighted_penalty`, which costs nothing when ``contractive_weight`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Union
 
@@ -236,20 +237,23 @@ def operating_points(model: model_lib.MINet, images: jax.Array, *,
           for block, run, k in zip(model.im_blocks, runs, keys)]
 
 
-def _settings(cfg: ModelConfig, num_iters: int | None, target: float | None
-              ) -> tuple[int, float]:
-  """The power-iteration steps and target to use, the config's where not given."""
+def _settings(cfg: ModelConfig, num_iters: int | None,
+              target: float | Sequence[float] | None) -> tuple[int, tuple[float, ...]]:
+  """The power-iteration steps and the per-block targets to use, the config's where not given."""
   num_iters = cfg.contractive_iters if num_iters is None else int(num_iters)
-  target = cfg.contractive_target if target is None else float(target)
   if num_iters < 1:
     raise ValueError(f"num_iters must be >= 1, got {num_iters}")
-  return num_iters, target
+  if target is None:
+    return num_iters, cfg.contractive_target
+  # The config's own normalisation: one number or one per block, finite and >= 0.
+  return num_iters, dataclasses.replace(cfg, contractive_target=target).contractive_target
 
 
 def penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Array], *,
-            key: jax.Array, num_iters: int | None = None, target: float | None = None,
+            key: jax.Array, num_iters: int | None = None,
+            target: float | Sequence[float] | None = None,
             per_block: bool = False) -> jax.Array:
-  """Contractivity penalty sum_i mean_b max(0, sigma_ib - target)^2 on a batch of images.
+  """Contractivity penalty sum_i mean_b max(0, sigma_ib - target_i)^2 on a batch of images.
 
   Each block is checked at a random iterate of its Picard path (`operating_points`);
   the model runs its encoder and blocks on ``images`` for that. Where the points are
@@ -261,7 +265,8 @@ def penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Arr
       holds them under ``"hazy"``).
     key: PRNG key for the random iterates and the power iterations' start vectors.
     num_iters: power-iteration steps; default ``config.contractive_iters``.
-    target: the norm to stay below; default ``config.contractive_target``.
+    target: the norm to stay below, one for every block or one per block; default
+      ``config.contractive_target``.
     per_block: also return the (batch-mean) sigma of every block, shape (blocks,).
 
   Returns:
@@ -284,7 +289,8 @@ def penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Arr
 
 def penalty_at_points(model_or_params: ModelLike,
                       points: Sequence[tuple[jax.Array, jax.Array]], *, key: jax.Array,
-                      num_iters: int | None = None, target: float | None = None,
+                      num_iters: int | None = None,
+                      target: float | Sequence[float] | None = None,
                       per_block: bool = False) -> jax.Array:
   """`penalty` at given operating points instead of a batch of images.
 
@@ -306,9 +312,9 @@ def penalty_at_points(model_or_params: ModelLike,
   keys = jax.random.split(key, len(points))
   total = jnp.float32(0.0)
   sigmas = []
-  for block, (g0, g), k in zip(model.im_blocks, points, keys):
+  for block, (g0, g), k, block_target in zip(model.im_blocks, points, keys, target):
     term, sigma = block_term(block, g0, g, k, kind=model.config.contractive_kind,
-                             num_iters=num_iters, target=target)
+                             num_iters=num_iters, target=block_target)
     total = total + term
     sigmas.append(sigma)
   return (total, jnp.stack(sigmas)) if per_block else total
