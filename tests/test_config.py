@@ -50,7 +50,12 @@ def test_optional_and_several_type_fields_take_overrides():
   for unroll in (1, True, "auto"):
     config.model.unroll = unroll
     assert minet_jax.model_config(config).unroll == unroll
-  # Per-block fields take one number or a tuple (`--config.model.contractive_target=(...)`).
+  # Per-block fields take one number or a tuple (`--config.model.contractive_target=(...)`);
+  # their defaults are one number, so another block count needs no override of them.
+  assert defaults.get_config().model.contractive_target == 0.9
+  two_blocks = defaults.get_config()
+  two_blocks.model.dilations, two_blocks.model.iterations = (1, 2), (3, 3)
+  assert minet_jax.model_config(two_blocks).contractive_target == (0.9, 0.9)
   for name in ("contractive_target", "stage_fraction"):
     setattr(config.model, name, 0.5)
     assert getattr(minet_jax.model_config(config), name) == (0.5, 0.5, 0.5)

@@ -246,7 +246,10 @@ def _settings(cfg: ModelConfig, num_iters: int | None,
   if target is None:
     return num_iters, cfg.contractive_target
   # The config's own normalisation: one number or one per block, finite and >= 0.
-  return num_iters, dataclasses.replace(cfg, contractive_target=target).contractive_target
+  try:
+    return num_iters, dataclasses.replace(cfg, contractive_target=target).contractive_target
+  except ValueError as e:
+    raise ValueError(f"target: {e}") from None
 
 
 def penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Array], *,

@@ -48,6 +48,10 @@ def section(record: Any) -> ml_collections.ConfigDict:
       if value is None and len(kinds) == 1:
         value = config_dict.placeholder(kinds[0])
       elif len(kinds) > 1:
+        if isinstance(value, tuple) and value and len(set(value)) == 1:
+          # One number per block, all equal (`ModelConfig`'s normalised form): as one
+          # number it stays valid when --config.model.dilations changes the block count.
+          value = value[0]
         value = ml_collections.FieldReference(value, field_type=object)
     fields[field.name] = value
   return ml_collections.ConfigDict(fields)
