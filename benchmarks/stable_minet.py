@@ -334,7 +334,7 @@ def main() -> int:
   for option, variant, what in (("shrink", shrunk, "f scaled by"),
                                 ("stage", staged, "stage fraction")):
     for factors in getattr(args, option):
-      released = loaders["released"]()
+      released, _ = loaders["released"]()
       blocks = released.config.num_blocks
       factors = factors * blocks if len(factors) == 1 else factors
       if len(factors) != blocks:
@@ -351,7 +351,7 @@ def main() -> int:
       parser.error("--time needs --stable")
     print(f"timing, interleaved, {args.time} runs per image", flush=True)
     report["interleaved_seconds"] = interleaved_seconds(
-        {name: load() for name, load in loaders.items()}, pairs, args.time)
+        {name: load()[0] for name, load in loaders.items()}, pairs, args.time)
     print(f"  {report['interleaved_seconds']}", flush=True)
     if args.out:
       args.out.write_text(json.dumps(report, indent=1) + "\n")
