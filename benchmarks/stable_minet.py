@@ -368,19 +368,22 @@ def main() -> int:
     t = e["trained_solver"]
     steps = lambda s: " / ".join(f"{x:.1f}" for x in s)  # noqa: E731
     th = e.get("theorem1", [])
-    none = {"converged": 0, "solves": 0, "mean_steps": []}
-    e = {"picard": none, "anderson": none, **e}
-    below = sum(x["rho"] < 1 for x in th)
     fixed = e.get("fixed_point", {}).get("theorem1", [])
+
+    def solved(solver: str) -> str:  # "-" where this model was not run with the solver
+      if solver not in e:
+        return "-"
+      return (f"{e[solver]['converged']}/{e[solver]['solves']} "
+              f"({steps(e[solver]['mean_steps'])})")
+
+    theorem = "- | - | -" if not th else (
+        f"{sum(x['rho'] < 1 for x in th)}/{len(th)} "
+        f"({sum(x['rho'] < 1 for x in fixed)}/{len(fixed)} after the tight solves) | "
+        f"{max(x['rho'] for x in th):.3f} | {max(x['norm'] for x in th):.2f}")
     print(f"| {name} | {e['solve']['solver']} (T/cap {e['solve']['iterations'][0]}) | "
           f"{t['psnr']:.3f} | {t['ssim']:.5f} | {seconds[name]:.2f} "
-          f"({seconds[name] / released_s:.2f}x) | "
-          f"{e['picard']['converged']}/{e['picard']['solves']} ({steps(e['picard']['mean_steps'])}) | "
-          f"{e['anderson']['converged']}/{e['anderson']['solves']} "
-          f"({steps(e['anderson']['mean_steps'])}) | {below}/{len(th)} "
-          f"({sum(x['rho'] < 1 for x in fixed)}/{len(fixed)} after the tight solves) | "
-          f"{max((x['rho'] for x in th), default=float('nan')):.3f} | "
-          f"{max((x['norm'] for x in th), default=float('nan')):.2f} |")
+          f"({seconds[name] / released_s:.2f}x) | {solved('picard')} | {solved('anderson')} | "
+          f"{theorem} |")
   if all("psnr_vs_T" in e for e in report["models"].values()):
     print("\nPSNR against T (" + args.curve_image + "): | T | "
           + " | ".join(report["models"]) + " |")
