@@ -1,0 +1,95 @@
+"""The measurement scripts in benchmarks/ that the documentation's figures come from.
+
+They are run as users run them (a subprocess from the repository root) on small inputs,
+so a change in the package they call breaks a test rather than the next measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import minet_jax
+from minet_jax import metrics
+from minet_jax.core import checkpoint
+from minet_jax.core.params import Params
+from minet_jax.data import folders
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+CURVE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # benchmarks/stable_minet.py's T axis
+
+
+def _small_shared(shared_dir: pathlib.Path, root: pathlib.Path, size=(48, 64)) -> pathlib.Path:
+  """A reference folder laid out like ``../shared``: the authors' checkpoint and one SOTS
+  pair cut down to ``size`` (top left corner), so every figure takes seconds."""
+  (root / "weights").mkdir(parents=True)
+  (root / "weights" / "minet_its_official.pth").symlink_to(
+      shared_dir / "weights" / "minet_its_official.pth")
+  sots = root / "data/RESIDE/SOTS/indoor"
+  record = next(r for r in folders.find_sots_pairs(shared_dir / "data/RESIDE/SOTS/indoor")
+                if r.key == "1400_1")
+  hazy, gt = folders.load_pair(record)
+  h, w = size
+  for sub, image, name in (("hazy", hazy, "1400_1.png"), ("gt", gt, "1400.png")):
+    (sots / sub).mkdir(parents=True)
+    Image.fromarray(image[:h, :w]).save(sots / sub / name)
+  (root / "README.md").write_text("a cut-down reference folder\n")
+  return root
+
+
+@pytest.mark.slow
+def test_stable_minet_measures_both_models_and_prints_the_table(shared_dir, released_params,
+                                                                tmp_path):
+  small = _small_shared(shared_dir, tmp_path / "shared")
+  # The stable model: the released weights as stage blocks (s = 0.3), Picard to 1e-3.
+  cfg = dataclasses.replace(released_params.config, stage_fraction=(0.3, 0.3, 0.3),
+                            solver="picard", rtol=1e-3, iterations=(30, 30, 30),
+                            best_so_far=True)
+  stable = tmp_path / "stable"
+  checkpoint.save(Params(weights=released_params.weights, config=cfg), stable)
+  out = tmp_path / "report.json"
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/stable_minet.py", "--stable", str(stable),
+       "--shared", str(small), "--out", str(out), "--radius-iters", "3", "--cap", "4",
+       "--time", "1", "--stage", "0.3", "--shrink", "0.3,1,1",
+       "--fixed-point-rtol", "1e-4", "--fixed-point-cap", "5"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+
+  assert report["images"] == ["1400_1"]
+  released, solved = report["models"]["released"], report["models"]["stable"]
+  # The released model's score is the package's own forward pass on the cut-down pair.
+  record = folders.find_sots_pairs(small / "data/RESIDE/SOTS/indoor")[0]
+  hazy, gt = folders.load_pair(record)
+  y = np.asarray(minet_jax.apply(released_params, hazy))
+  psnr, ssim = metrics.dehazing_scores(y * 255.0, gt.astype(np.float32))
+  assert released["trained_solver"]["psnr"] == pytest.approx(psnr, abs=1e-3)
+  assert released["trained_solver"]["ssim"] == pytest.approx(ssim, abs=1e-5)
+  # Its 8 unrolled steps are reported as such; the stable model's solves as solves.
+  assert released["trained_solver"]["rows"][0]["steps"] == [8, 8, 8]
+  assert solved["solve"]["solver"] == "picard" and solved["checkpoint_step"] is None
+  assert all(1 <= s <= 30 for s in solved["trained_solver"]["rows"][0]["steps"])
+  for entry in (released, solved):
+    for solver in ("picard", "anderson"):
+      assert entry[solver]["cap"] == 4 and entry[solver]["solves"] == 3
+      assert all(1 <= s <= 4 for s in entry[solver]["rows"][0]["steps"])
+    assert [p["T"] for p in entry["psnr_vs_T"]] == list(CURVE_STEPS)
+    assert [r["block"] for r in entry["theorem1"]] == [1, 2, 3]
+    assert all(np.isfinite([r["rho"], r["norm"]]).all() and r["rho"] > 0 for r in entry["theorem1"])
+  # T = 8 unrolled is the released model itself.
+  assert released["psnr_vs_T"][CURVE_STEPS.index(8)]["psnr"] == pytest.approx(psnr, abs=1e-3)
+  assert "fixed_point" in solved and "fixed_point" not in released  # unrolled: skipped
+  assert set(report["stage"]) == {"0.3,0.3,0.3"} and set(report["shrink"]) == {"0.3,1,1"}
+  assert set(report["interleaved_seconds"]) == {"released", "stable"}
+  # The summary table names both models with their speed ratio to the released one.
+  assert "| released | unrolled (T/cap 8) |" in proc.stdout
+  assert "| stable | picard (T/cap 30) |" in proc.stdout
+  assert "(1.00x)" in proc.stdout
