@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
+import re
+import runpy
+import shutil
 import subprocess
 import sys
 
@@ -23,18 +27,31 @@ from minet_jax.core.params import Params
 from minet_jax.data import folders
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-CURVE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # benchmarks/stable_minet.py's T axis
+STABLE_MINET = REPO_ROOT / "benchmarks" / "stable_minet.py"
 
 
-def _small_shared(shared_dir: pathlib.Path, root: pathlib.Path, size=(48, 64)) -> pathlib.Path:
+def _run(script: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+  """Runs a benchmark script as a user does, on this checkout's package."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+  proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def _small_shared(shared_dir: pathlib.Path, root: pathlib.Path,
+                  size: tuple[int, int] = (48, 64)) -> pathlib.Path:
   """A reference folder laid out like ``../shared``: the authors' checkpoint and one SOTS
   pair cut down to ``size`` (top left corner), so every figure takes seconds."""
   (root / "weights").mkdir(parents=True)
-  (root / "weights" / "minet_its_official.pth").symlink_to(
-      shared_dir / "weights" / "minet_its_official.pth")
+  shutil.copyfile(shared_dir / "weights" / "minet_its_official.pth",
+                  root / "weights" / "minet_its_official.pth")
   sots = root / "data/RESIDE/SOTS/indoor"
-  record = next(r for r in folders.find_sots_pairs(shared_dir / "data/RESIDE/SOTS/indoor")
-                if r.key == "1400_1")
+  record = next((r for r in folders.find_sots_pairs(shared_dir / "data/RESIDE/SOTS/indoor")
+                 if r.key == "1400_1"), None)
+  if record is None:
+    pytest.fail(f"SOTS 1400_1 not found under {shared_dir}")
   hazy, gt = folders.load_pair(record)
   h, w = size
   for sub, image, name in (("hazy", hazy, "1400_1.png"), ("gt", gt, "1400.png")):
@@ -55,14 +72,11 @@ def test_stable_minet_measures_both_models_and_prints_the_table(shared_dir, rele
   stable = tmp_path / "stable"
   checkpoint.save(Params(weights=released_params.weights, config=cfg), stable)
   out = tmp_path / "report.json"
-  proc = subprocess.run(
-      [sys.executable, "benchmarks/stable_minet.py", "--stable", str(stable),
-       "--shared", str(small), "--out", str(out), "--radius-iters", "3", "--cap", "4",
-       "--time", "1", "--stage", "0.3", "--shrink", "0.3,1,1",
-       "--fixed-point-rtol", "1e-4", "--fixed-point-cap", "5"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  proc = _run(STABLE_MINET, "--stable", str(stable), "--shared", str(small), "--out", str(out),
+              "--radius-iters", "3", "--cap", "4", "--time", "1", "--stage", "0.3",
+              "--shrink", "0.3,1,1", "--fixed-point-rtol", "1e-4", "--fixed-point-cap", "5")
   report = json.loads(out.read_text())
+  curve_steps = list(runpy.run_path(str(STABLE_MINET))["CURVE_STEPS"])
 
   assert report["images"] == ["1400_1"]
   released, solved = report["models"]["released"], report["models"]["stable"]
@@ -81,15 +95,27 @@ def test_stable_minet_measures_both_models_and_prints_the_table(shared_dir, rele
     for solver in ("picard", "anderson"):
       assert entry[solver]["cap"] == 4 and entry[solver]["solves"] == 3
       assert all(1 <= s <= 4 for s in entry[solver]["rows"][0]["steps"])
-    assert [p["T"] for p in entry["psnr_vs_T"]] == list(CURVE_STEPS)
+    assert [p["T"] for p in entry["psnr_vs_T"]] == curve_steps
     assert [r["block"] for r in entry["theorem1"]] == [1, 2, 3]
     assert all(np.isfinite([r["rho"], r["norm"]]).all() and r["rho"] > 0 for r in entry["theorem1"])
   # T = 8 unrolled is the released model itself.
-  assert released["psnr_vs_T"][CURVE_STEPS.index(8)]["psnr"] == pytest.approx(psnr, abs=1e-3)
+  assert released["psnr_vs_T"][curve_steps.index(8)]["psnr"] == pytest.approx(psnr, abs=1e-3)
   assert "fixed_point" in solved and "fixed_point" not in released  # unrolled: skipped
   assert set(report["stage"]) == {"0.3,0.3,0.3"} and set(report["shrink"]) == {"0.3,1,1"}
   assert set(report["interleaved_seconds"]) == {"released", "stable"}
-  # The summary table names both models with their speed ratio to the released one.
+  # The summary table: both models, the stable one's time as a ratio to the released one's.
+  seconds = report["interleaved_seconds"]
   assert "| released | unrolled (T/cap 8) |" in proc.stdout
-  assert "| stable | picard (T/cap 30) |" in proc.stdout
-  assert "(1.00x)" in proc.stdout
+  row = re.search(r"\| stable \| picard \(T/cap 30\) \| [\d.]+ \| [\d.]+ \| [\d.]+ "
+                  r"\(([\d.]+)x\) \| \d/3 \(", proc.stdout)
+  assert row, proc.stdout
+  assert float(row.group(1)) == pytest.approx(seconds["stable"] / seconds["released"], abs=0.006)
+
+  # A later run that measures no model keeps what the file holds and adds to it (how
+  # docs/stability/stable_minet.json gathers its rows); another solver gets its own key.
+  _run(STABLE_MINET, "--models", "--shared", str(small), "--out", str(out),
+       "--shrink", "0.3", "--shrink-solver", "anderson")
+  merged = json.loads(out.read_text())
+  assert merged["models"] == report["models"]
+  assert set(merged["shrink"]) == {"0.3,1,1", "anderson:0.3,0.3,0.3"}
+  assert merged["shrink"]["0.3,1,1"] == report["shrink"]["0.3,1,1"]
