@@ -332,6 +332,54 @@ def test_fixed_point_mismatch_reads_a_stage_blocks_answer_through_its_stage():
                              rtol=1e-4)
 
 
+def test_fixed_point_mismatch_after_warm_started_steps_measures_the_answers_error():
+  # m Picard steps from the teacher's stage k: the distance of T(k_{m-1}) from k, with
+  # only the last step differentiated; for a contraction it tends to the distance of the
+  # block's own solution k* from k.
+  cfg = minet_jax.ModelConfig(features=3, pre_blocks=0, iterations=(400,), dilations=(1,),
+                              stage_fraction=0.5, solver="picard", rtol=1e-7)
+  block = IMBlock(cfg, 0, rngs=nnx.Rngs(3))
+  block.f.norm2.scale[...] = jnp.asarray([0.5, 1.0, 1.5], jnp.float32)
+  g0 = jax.random.normal(jax.random.key(21), (2, 5, 5, 3))
+  target = block(g0) * 1.05 + 0.02  # a teacher's answer that is not this block's
+  t_map, f_state = block.map_fn()
+  k = np.asarray(g0 + 0.5 * (target - g0))
+  scale = np.sum(np.square(k - np.asarray(g0)), (1, 2, 3))
+
+  def by_hand(steps):
+    g = k
+    for _ in range(steps):
+      g = np.asarray(t_map(jnp.asarray(g), (g0, f_state)))
+    return np.sum(np.square(g - k), (1, 2, 3)) / scale
+
+  for steps in (1, 3):
+    np.testing.assert_allclose(contractive.fixed_point_mismatch(block, g0, target, steps),
+                               by_hand(steps), rtol=1e-5)
+  solution = np.asarray(block.solve(g0).value)  # k*, Picard to rtol 1e-7
+  answer_error = np.sum(np.square(solution - k), (1, 2, 3)) / scale
+  np.testing.assert_allclose(contractive.fixed_point_mismatch(block, g0, target, 200),
+                             answer_error, rtol=1e-4)
+
+  # The gradient is that of the last step from the (constant) iterate k_2.
+  graphdef, state = nnx.split(block)
+  start = jnp.asarray(k)
+  for _ in range(2):
+    start = t_map(start, (g0, f_state))
+  start = np.asarray(start)
+
+  def last_step(state):
+    t, f = nnx.merge(graphdef, state).map_fn()
+    return jnp.mean(jnp.sum(jnp.square(t(jnp.asarray(start), (g0, f)) - k), (1, 2, 3)) / scale)
+
+  grads = jax.grad(lambda st: jnp.mean(contractive.fixed_point_mismatch(
+      nnx.merge(graphdef, st), g0, target, 3)))(state)
+  expected = jax.grad(last_step)(state)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+               grads, expected)
+  with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+    contractive.fixed_point_mismatch(block, g0, target, 0)
+
+
 def test_radius_and_norm_estimates_run_on_bfloat16_features():
   # A model computing in bfloat16 hands the penalty bfloat16 points; the power
   # iteration's unit vectors come back in float32 and must not reach the bfloat16

@@ -190,20 +190,32 @@ def block_term(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.A
                    "'frobenius'")
 
 
-def fixed_point_mismatch(block: model_lib.IMBlock, g0: jax.Array, target: jax.Array
-                         ) -> jax.Array:
+def fixed_point_mismatch(block: model_lib.IMBlock, g0: jax.Array, target: jax.Array,
+                         steps: int = 1) -> jax.Array:
   """How far ``target`` is from being the block's answer from ``g0``, per sample, shape (batch,).
 
-  With k = `IMBlock.stage_of` (g0, target), the stage that answers ``target``:
-  ||T(k) - k||^2 / ||k - g0||^2, T(g) = g0 + stage_fraction * eta * f(g) (for implicit
-  Euler k is ``target``): zero exactly when ``target`` is the block's answer, relative
-  to the stage's size. With a teacher's block input and output it trains f so that the
-  teacher's output becomes its fixed point (configs/stable.py); no solve is needed.
+  With k = `IMBlock.stage_of` (g0, target), the stage that answers ``target``, and
+  T(g) = g0 + stage_fraction * eta * f(g) (for implicit Euler k is ``target``):
+  ||T(k_{m-1}) - k||^2 / ||k - g0||^2, where k_0 = k and k_j = T(k_{j-1}) are ``steps``
+  = m Picard steps warm-started at k. Zero exactly when ``target`` is the block's answer,
+  relative to the stage's size. With a teacher's block input and output it trains f so
+  that the teacher's output becomes its fixed point (configs/stable.py); no solve is needed.
+
+  m = 1 is the one-step residual T(k) - k. The error of the block's own answer is
+  k* - k = (I - J)^{-1} (T(k) - k) to first order (J = dT/dg, k* its fixed point), larger
+  than the residual wherever J is near 1; the m-step distance k_m - k sums the first m
+  terms of that series, so larger m weighs the answer's error rather than the
+  residual. Only the last step is differentiated (the first m - 1 are constants, as in
+  Jacobian-free backprop): m - 1 more f evaluations, no more memory.
   """
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
   t_map, state = block.map_fn()
   g0 = jax.lax.stop_gradient(g0)
   target = block.stage_of(g0, jax.lax.stop_gradient(target))
-  residual = spectral.norm(t_map(target, (g0, state)) - target, per_sample=True)
+  start = jax.lax.stop_gradient(jax.lax.fori_loop(
+      0, steps - 1, lambda _, g: t_map(g, (g0, state)), target))
+  residual = spectral.norm(t_map(start, (g0, state)) - target, per_sample=True)
   step = spectral.norm(target - g0, per_sample=True)
   return jnp.square(residual) / jnp.maximum(jnp.square(step), jnp.finfo(jnp.float32).tiny)
 

@@ -53,6 +53,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
                       "outputs are the targets)")
   if float(config.teacher_match_weight) < 0 or float(config.output_weight) < 0:
     raise ConfigError("config.teacher_match_weight and config.output_weight must be >= 0")
+  match_steps = config.teacher_match_steps
+  if isinstance(match_steps, bool) or not isinstance(match_steps, int) or match_steps < 1:
+    raise ConfigError(f"config.teacher_match_steps must be an integer >= 1, got {match_steps!r}")
   if float(config.teacher_match_weight) and not config.teacher:
     raise ConfigError("config.teacher_match_weight > 0 needs config.teacher")
   if not float(config.output_weight):

@@ -165,6 +165,10 @@ def get_config() -> ml_collections.ConfigDict:
   # IM-block's f so that the teacher's block output is its fixed point given the
   # teacher's block input (minet_jax.stability.contractive.fixed_point_mismatch; no solve needed).
   config.teacher_match_weight = 0.0
+  # Picard steps of that term, warm-started at the teacher's stage, the last one
+  # differentiated: 1 matches the one-step residual; more weigh the error of the block's
+  # own answer, which the residual underestimates where the block's Jacobian is near 1.
+  config.teacher_match_steps = 1
   # Weight of the loss on the model's output (config.loss); 0 skips the forward pass
   # (with a teacher and teacher_match_weight > 0: train the blocks alone, cheaply).
   config.output_weight = 1.0

@@ -244,7 +244,8 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
   train_step = make_train_step(config.loss, schedule, replicated, sharding.batch_sharded(mesh),
                                ynn_fusions=config.xla_cpu_ynn_fusions, teacher=_teacher(config),
                                match_weight=float(config.teacher_match_weight),
-                               output_weight=float(config.output_weight))
+                               output_weight=float(config.output_weight),
+                               match_steps=int(config.teacher_match_steps))
 
   step = int(state.step)
   total = int(config.num_train_steps)

@@ -57,6 +57,7 @@ def reconstruction_loss(output: jax.Array, target: jax.Array, kind: str) -> jax.
 def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
                    teacher_blocks: list[tuple[jax.Array, jax.Array]] | None = None,
                    match_weight: float = 0.0, output_weight: float = 1.0,
+                   match_steps: int = 1,
                    ) -> tuple[tuple[jax.Array, tuple[jax.Array | None, Metrics]], nnx.State]:
   """The training objective at `model` and its gradient with respect to the parameters.
 
@@ -65,8 +66,9 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
   when 0) plus, as asked:
 
   * ``match_weight`` > 0: the fixed-point mismatch of every block at the teacher's
-    block input and output ``teacher_blocks`` (`contractive.fixed_point_mismatch`):
-    trains each f so that the teacher's block output is its fixed point;
+    block input and output ``teacher_blocks`` (`contractive.fixed_point_mismatch`,
+    after ``match_steps`` Picard steps warm-started at the teacher's stage): trains each
+    f so that the teacher's block output is its fixed point;
   * ``config.contractive_weight`` > 0: the weighted penalty of `minet_jax.stability.contractive`
     (``contractive_kind``) on every block's Jacobian, at a random Picard iterate or at
     the block's solution (``contractive_point``: the forward pass's own, or the
@@ -95,7 +97,7 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
       parts["reconstruction_loss"] = reconstruction_loss(output, batch["clear"], loss)
       total = total + output_weight * parts["reconstruction_loss"]
     if match_weight:
-      mismatch = sum(jnp.mean(contractive.fixed_point_mismatch(block, g0, g))
+      mismatch = sum(jnp.mean(contractive.fixed_point_mismatch(block, g0, g, match_steps))
                      for block, (g0, g) in zip(model.im_blocks, teacher_blocks))
       parts["fixed_point_mismatch"] = match_weight * mismatch
       total = total + parts["fixed_point_mismatch"]
@@ -132,7 +134,8 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
 def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
                learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
                teacher: Params | None = None, match_weight: float = 0.0,
-               output_weight: float = 1.0) -> tuple[TrainState, Metrics]:
+               output_weight: float = 1.0, match_steps: int = 1
+               ) -> tuple[TrainState, Metrics]:
   """One optimizer update on `batch`; returns the new state and scalar metrics.
 
   The loss is `loss_and_grads`' (its random draws come from the run's key folded with
@@ -155,7 +158,7 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
     teacher_blocks = jax.lax.stop_gradient([(run.g0, run.output) for run in runs])
   (value, (output, parts)), grads = loss_and_grads(
       model, batch, loss=loss, key=key, teacher_blocks=teacher_blocks,
-      match_weight=match_weight, output_weight=output_weight)
+      match_weight=match_weight, output_weight=output_weight, match_steps=match_steps)
   optimizer.update(model, grads)
   _, new_state = nnx.split((model, optimizer))
   metrics = {"loss": value, **parts, "grad_norm": optax.tree.norm(grads)}
@@ -179,6 +182,7 @@ def make_train_step(loss: str, learning_rate_fn: Callable[[jax.Array], jax.Array
                     state_sharding: Any = None, batch_sharding: Any = None, *,
                     ynn_fusions: str = "default", teacher: Params | None = None,
                     match_weight: float = 0.0, output_weight: float = 1.0,
+                    match_steps: int = 1,
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """`train_step` jitted for one loss (and schedule), with optional shardings.
 
@@ -194,7 +198,8 @@ def make_train_step(loss: str, learning_rate_fn: Callable[[jax.Array], jax.Array
 
   def step(state, batch):
     return train_step(state, batch, loss=loss, learning_rate_fn=learning_rate_fn,
-                      teacher=teacher, match_weight=match_weight, output_weight=output_weight)
+                      teacher=teacher, match_weight=match_weight, output_weight=output_weight,
+                      match_steps=match_steps)
 
   if state_sharding is None:
     return jax.jit(step, donate_argnums=0, compiler_options=options)
