@@ -49,7 +49,7 @@ def test_short_stable_fine_tune_contracts_and_moves_towards_the_teacher(released
   state = state_lib.create_train_state(config, params=start)
   train_step = step_lib.make_train_step(
       config.loss, teacher=released_params, match_weight=config.teacher_match_weight,
-      output_weight=config.output_weight)
+      output_weight=config.output_weight, match_steps=config.teacher_match_steps)
   mismatch = []
   for _ in range(12):
     state, m = train_step(state, {"hazy": hazy, "clear": hazy})
