@@ -119,3 +119,40 @@ def test_stable_minet_measures_both_models_and_prints_the_table(shared_dir, rele
   assert merged["models"] == report["models"]
   assert set(merged["shrink"]) == {"0.3,1,1", "anderson:0.3,0.3,0.3"}
   assert merged["shrink"]["0.3,1,1"] == report["shrink"]["0.3,1,1"]
+
+
+@pytest.mark.slow
+def test_stable_compose_takes_each_block_from_its_model(shared_dir, released_params, tmp_path):
+  import jax
+  small = _small_shared(shared_dir, tmp_path / "shared")
+  # A stage model whose blocks differ from the released ones (every block weight x 0.95).
+  weights = dict(released_params.weights)
+  weights["im_blocks"] = jax.tree.map(lambda w: w * 0.95, weights["im_blocks"])
+  other = Params(weights=weights, config=dataclasses.replace(
+      released_params.config, stage_fraction=(0.3, 0.3, 0.3), solver="picard", rtol=1e-3,
+      iterations=(30, 30, 30), best_so_far=True))
+  checkpoint.save(other, tmp_path / "other")
+  pth = small / "weights" / "minet_its_official.pth"
+  out, saved = tmp_path / "compose.json", tmp_path / "composed"
+  # Blocks 1 and 2 from the saved model, block 3 from the authors' .pth at 0.5.
+  _run(REPO_ROOT / "benchmarks" / "stable_compose.py", "--shared", str(small), "--out", str(out),
+       "--save", str(saved), "--block", f"{tmp_path / 'other'}:0.3",
+       "--block", f"{tmp_path / 'other'}:0.3", "--block", f"{pth}:0.5")
+  composed = minet_jax.load(saved)
+  expected_weights = dict(weights)
+  expected_weights["im_blocks"] = {**weights["im_blocks"],
+                                   "2": released_params.weights["im_blocks"]["2"]}
+  jax.tree.map(np.testing.assert_array_equal, composed.weights, expected_weights)
+  assert composed.config == dataclasses.replace(other.config, stage_fraction=(0.3, 0.3, 0.5))
+  record = folders.find_sots_pairs(small / "data/RESIDE/SOTS/indoor")[0]
+  hazy, gt = folders.load_pair(record)
+  psnr, _ = metrics.dehazing_scores(np.asarray(minet_jax.apply(composed, hazy)) * 255.0,
+                                    gt.astype(np.float32))
+  (result,) = json.loads(out.read_text()).values()
+  assert result["stage_fraction"] == [0.3, 0.3, 0.5]
+  assert result["psnr"] == pytest.approx(psnr, abs=1e-3)
+
+  bad = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "stable_compose.py"),
+                        "--shared", str(small), "--block", str(pth)],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "expected PATH:FRACTION" in bad.stderr, bad.stderr
