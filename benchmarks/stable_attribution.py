@@ -49,7 +49,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from minet_jax import convert
+from minet_jax import convert, metrics
 from minet_jax.core import checkpoint
 from minet_jax.core.params import Params, model_from_params
 from minet_jax.data import folders, synthetic
@@ -62,8 +62,7 @@ DEFAULT_SHARED = pathlib.Path(
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
   """PSNR of two RGB images on the [0, 1] scale, both clipped to it first."""
-  mse = np.mean(np.square(np.clip(a, 0, 1) - np.clip(b, 0, 1), dtype=np.float64))
-  return float(10 * np.log10(1.0 / max(mse, 1e-20)))
+  return float(metrics.psnr(np.clip(a, 0, 1), np.clip(b, 0, 1), data_range=1.0))
 
 
 Pair = tuple[str, np.ndarray, np.ndarray]  # (key, hazy, ground truth), uint8 HxWx3

@@ -27,7 +27,6 @@ import pathlib
 import sys
 
 import minet_jax
-from minet_jax import convert
 from minet_jax.core import checkpoint
 from minet_jax.core.params import Params
 from minet_jax.data import folders
@@ -45,13 +44,6 @@ def block_spec(text: str) -> tuple[pathlib.Path, float]:
   if not sep or not path or value is None:
     raise argparse.ArgumentTypeError(f"expected PATH:FRACTION, got {text!r}")
   return pathlib.Path(path), value
-
-
-def load_any(path: pathlib.Path) -> Params:
-  """A workdir's kept checkpoint, a checkpoint folder, or the authors' .pth."""
-  if path.suffix == ".pth":
-    return convert.weights_from_checkpoint(path)
-  return load_stable(path)[0]
 
 
 def compose(models: list[Params], fractions: list[float]) -> Params:
@@ -87,7 +79,8 @@ def main() -> int:
     except ValueError as e:
       parser.error(f"--block {path}:{fraction:g}: {e}")
   try:
-    params = compose([load_any(path) for path, _ in args.block],
+    # `load_stable` reads a workdir's kept checkpoint, a checkpoint folder or a .pth.
+    params = compose([load_stable(path)[0] for path, _ in args.block],
                      [fraction for _, fraction in args.block])
   except ValueError as e:
     parser.error(str(e))
