@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 import platform
+from collections.abc import Mapping
 
 import pytest
 
@@ -58,6 +59,15 @@ def random_params():
     return made[config, seed]
 
   return make
+
+
+def checkout_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+  """A copy of ``env`` (default: this process's environment) whose PYTHONPATH starts with
+  this checkout, so a child Python imports this checkout's package whatever the virtual
+  environment has installed."""
+  env = dict(os.environ if env is None else env)
+  env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  return env
 
 
 def require_onednn() -> None:

@@ -18,6 +18,7 @@ import pytest
 
 import minet_jax
 from minet_jax.core import checkpoint
+from conftest import checkout_env
 
 TINY = minet_jax.ModelConfig(features=8, iterations=(2, 2, 2))
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -340,7 +341,7 @@ def test_save_refuses_complex_and_integer_weights(params, tmp_path, dtype):
 def test_missing_weights_file_is_one_line_without_stray_tracebacks(params, tmp_path):
   path = minet_jax.save(params, tmp_path / "ckpt")
   (path / "weights" / "manifest.ocdbt").unlink()
-  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = checkout_env()
   result = subprocess.run([sys.executable, "-m", "minet_jax.dehaze", "--ckpt", str(path),
                            str(tmp_path / "x.png"), "-o", str(tmp_path / "out")],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import re
 import runpy
@@ -25,6 +24,7 @@ from minet_jax import metrics
 from minet_jax.core import checkpoint
 from minet_jax.core.params import Params
 from minet_jax.data import folders
+from conftest import checkout_env
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 STABLE_MINET = REPO_ROOT / "benchmarks" / "stable_minet.py"
@@ -32,9 +32,7 @@ STABLE_MINET = REPO_ROOT / "benchmarks" / "stable_minet.py"
 
 def _run(script: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
   """Runs a benchmark script as a user does, on this checkout's package."""
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-  proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO_ROOT, env=env,
+  proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO_ROOT, env=checkout_env(),
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc

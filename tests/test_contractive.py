@@ -311,13 +311,20 @@ def test_fixed_point_mismatch_trains_a_block_to_the_teachers_fixed_point():
   assert after < 0.05 * before, (before, after)
 
 
+def _stage_block(stage_fraction: float, max_steps: int, seed: int) -> IMBlock:
+  """A 3-feature block solving its stage at ``stage_fraction`` by Picard to rtol 1e-7."""
+  cfg = minet_jax.ModelConfig(features=3, pre_blocks=0, iterations=(max_steps,),
+                              dilations=(1,), stage_fraction=stage_fraction, solver="picard",
+                              rtol=1e-7)
+  block = IMBlock(cfg, 0, rngs=nnx.Rngs(seed))
+  block.f.norm2.scale[...] = jnp.asarray([0.5, 1.0, 1.5], jnp.float32)
+  return block
+
+
 def test_fixed_point_mismatch_reads_a_stage_blocks_answer_through_its_stage():
   # A block with stage_fraction s answers y = g0 + eta f(k), k its stage: the mismatch of
   # its own answer is zero, and equals the implicit Euler mismatch of the stage k.
-  cfg = minet_jax.ModelConfig(features=3, pre_blocks=0, iterations=(300,), dilations=(1,),
-                              stage_fraction=0.4, solver="picard", rtol=1e-7)
-  block = IMBlock(cfg, 0, rngs=nnx.Rngs(0))
-  block.f.norm2.scale[...] = jnp.asarray([0.5, 1.0, 1.5], jnp.float32)
+  block = _stage_block(0.4, max_steps=300, seed=0)
   g0 = jax.random.normal(jax.random.key(17), (2, 5, 5, 3))
   k = block.solve(g0).value
   answer = block(g0)
@@ -336,10 +343,7 @@ def test_fixed_point_mismatch_after_warm_started_steps_measures_the_answers_erro
   # m Picard steps from the teacher's stage k: the distance of T(k_{m-1}) from k, with
   # only the last step differentiated; for a contraction it tends to the distance of the
   # block's own solution k* from k.
-  cfg = minet_jax.ModelConfig(features=3, pre_blocks=0, iterations=(400,), dilations=(1,),
-                              stage_fraction=0.5, solver="picard", rtol=1e-7)
-  block = IMBlock(cfg, 0, rngs=nnx.Rngs(3))
-  block.f.norm2.scale[...] = jnp.asarray([0.5, 1.0, 1.5], jnp.float32)
+  block = _stage_block(0.5, max_steps=400, seed=3)
   g0 = jax.random.normal(jax.random.key(21), (2, 5, 5, 3))
   target = block(g0) * 1.05 + 0.02  # a teacher's answer that is not this block's
   t_map, f_state = block.map_fn()

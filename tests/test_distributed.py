@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import checkout_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT = 300.0
@@ -42,13 +43,13 @@ NORMALISED_BIASES = ("deconv2/bias", "deconv3/bias")
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
   """Environment of the child runs: CPU with gloo, a shared compilation cache and TFDS folder."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}
+  env = checkout_env({k: v for k, v in os.environ.items()
+                      if not k.startswith(("SLURM_", "OMPI_"))})
   env.pop("XLA_FLAGS", None)  # One CPU device per process.
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
   env["MINET_TEST_TFDS"] = str(tmp_path_factory.mktemp("tfds"))
   return env
 

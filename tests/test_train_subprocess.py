@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+from conftest import checkout_env
 
 # Each test trains in several fresh processes (start-up, compile, checkpoints): minutes.
 pytestmark = pytest.mark.slow
@@ -22,10 +22,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
   """Environment of the child runs: a shared compilation cache and TFDS folder."""
-  env = dict(os.environ)
+  env = checkout_env()
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
   env["MINET_TEST_TFDS"] = str(tmp_path_factory.mktemp("tfds"))
   return env
 
