@@ -82,7 +82,7 @@ def main() -> int:
     # `load_stable` reads a workdir's kept checkpoint, a checkpoint folder or a .pth.
     params = compose([load_stable(path)[0] for path, _ in args.block],
                      [fraction for _, fraction in args.block])
-  except ValueError as e:
+  except (ValueError, minet_jax.CheckpointError) as e:
     parser.error(str(e))
   if args.save:
     checkpoint.save(params, args.save)

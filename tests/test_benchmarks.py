@@ -154,3 +154,10 @@ def test_stable_compose_takes_each_block_from_its_model(shared_dir, released_par
                         "--shared", str(small), "--block", str(pth)],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "expected PATH:FRACTION" in bad.stderr, bad.stderr
+  missing = tmp_path / "missing"
+  bad = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "stable_compose.py"),
+                        "--shared", str(small), "--block", f"{missing}:0.3",
+                        "--block", f"{pth}:0.3", "--block", f"{pth}:0.3"],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and str(missing) in bad.stderr, bad.stderr
+  assert "Traceback" not in bad.stderr, bad.stderr
