@@ -98,3 +98,91 @@ def test_apply_and_dehaze_report_how_the_blocks_were_solved(random_params, tmp_p
   assert dehaze.main([str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "--ckpt",
                       str(tmp_path / "ckpt"), "--no-progress"]) == 0
   assert "in.png: IM-blocks picard to rtol 0.01: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("train_blocks", [(1,), (0, 2)])
+def test_training_some_blocks_moves_only_them_as_the_whole_run_does(random_params,
+                                                                    train_blocks):
+  # configs/stable.py's block-wise distillation on a small model: each block's terms
+  # touch only its own f, so training some blocks gives them the weights the run that
+  # trains every block gives them, and leaves every other parameter exactly in place.
+  config = stable.get_config()
+  config.model.features = 4
+  config.model.pre_blocks = 0
+  config.optimizer.schedule = "constant"
+  cfg = model_config(config.model)
+  teacher = random_params(dataclasses.replace(cfg, stage_fraction=1.0, solver="unrolled",
+                                              iterations=(3, 3, 3), best_so_far=False))
+  start = Params(weights=teacher.weights, config=cfg)
+  hazy = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3))
+
+  def run(blocks, state=None):
+    state = state or state_lib.create_train_state(config, params=start)
+    train_step = step_lib.make_train_step(
+        config.loss, teacher=teacher, match_weight=config.teacher_match_weight,
+        output_weight=config.output_weight, train_blocks=blocks)
+    for _ in range(3):
+      state, metrics = train_step(state, {"hazy": hazy, "clear": hazy})
+    return state, metrics
+
+  full_state, _ = run(None)
+  full = full_state.params().weights
+  part_state, metrics = run(train_blocks)
+  part = part_state.params().weights
+  assert float(metrics["grad_norm"]) > 0
+  # Resumed from a state that trained every block (Adam's moments are not zero): the
+  # frozen parameters still do not move.
+  resumed = run(train_blocks, state=jax.tree.map(jnp.copy, full_state))[0].params().weights
+  frozen = step_lib.frozen_mask(resumed, train_blocks)
+  for was, now, keep in zip(jax.tree.leaves(full), jax.tree.leaves(resumed),
+                            jax.tree.leaves(frozen)):
+    assert np.array_equal(was, now) == keep
+  paths = set()
+  for path, got in jax.tree_util.tree_leaves_with_path(part):
+    keys = [getattr(k, "key", None) for k in path]
+    initial = _leaf(start.weights, keys)
+    trained = keys[0] == "im_blocks" and int(keys[1]) in train_blocks and keys[2] == "f"
+    if trained:
+      paths.add(keys[1])
+      np.testing.assert_array_equal(got, _leaf(full, keys))
+      assert not np.array_equal(got, initial), keys
+    else:
+      np.testing.assert_array_equal(got, initial)
+  assert len(paths) == len(train_blocks)
+
+
+def _leaf(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return np.asarray(tree)
+
+
+def test_train_blocks_must_name_blocks():
+  from minet_jax.train.checks import ConfigError, trained_blocks
+  config = stable.get_config()
+  assert trained_blocks(config, 3) is None
+  config.train_blocks = (3, 1)
+  assert trained_blocks(config, 3) == (2, 0)
+  for bad in [(0,), (4,), (2, 2), (1.5,), (True,)]:
+    config.train_blocks = bad
+    with pytest.raises(ConfigError, match="config.train_blocks must be distinct IM-block"):
+      trained_blocks(config, 3)
+
+
+def test_penalty_at_points_of_some_blocks_is_their_share(random_params):
+  cfg = model_config(stable.get_config().model)
+  cfg = dataclasses.replace(cfg, features=4, pre_blocks=0)
+  params = random_params(cfg)
+  model = model_from_params(params)
+  runs = model.solve_blocks(model.model_input(
+      jax.random.uniform(jax.random.key(1), (1, 16, 16, 3))))
+  points = [(run.g0, run.result.value) for run in runs]
+  key = jax.random.key(0)
+  _, every = contractive.penalty_at_points(params, points, key=key, target=0.0, per_block=True)
+  total, some = contractive.penalty_at_points(params, points, key=key, target=0.0,
+                                              per_block=True, blocks=[2, 0])
+  np.testing.assert_allclose(some, every[jnp.array([0, 2])], rtol=1e-6)
+  np.testing.assert_allclose(total, np.sum(np.square(some)), rtol=1e-5)
+  for bad in ([], [3]):
+    with pytest.raises(ValueError, match="must name one or more of the 3 IM-blocks"):
+      contractive.penalty_at_points(params, points, key=key, blocks=bad)

@@ -548,6 +548,7 @@ def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_
     ("optimizer.b2=2", r"optimizer.b2 must be in \[0, 1\)"),
     ("data.name=bogus", "unknown dataset 'bogus'"),
     ("teacher_match_steps=0", "teacher_match_steps must be an integer >= 1, got 0"),
+    ("train_blocks=(4,)", r"train_blocks must be distinct IM-block numbers from 1 to 3"),
     ("data.synthetic.image_size=(8,8)", "image_size must be at least 16x16"),
     ("init_from=MISSING", "no such checkpoint folder"),
     ("init_from=OTHER", "different architecture"),

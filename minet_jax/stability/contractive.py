@@ -306,7 +306,8 @@ def penalty_at_points(model_or_params: ModelLike,
                       points: Sequence[tuple[jax.Array, jax.Array]], *, key: jax.Array,
                       num_iters: int | None = None,
                       target: float | Sequence[float] | None = None,
-                      per_block: bool = False) -> jax.Array:
+                      per_block: bool = False,
+                      blocks: Sequence[int] | None = None) -> jax.Array:
   """`penalty` at given operating points instead of a batch of images.
 
   Args:
@@ -317,6 +318,9 @@ def penalty_at_points(model_or_params: ModelLike,
       the encoder and the blocks again.
     key: PRNG key for the power iterations' start vectors.
     num_iters, target, per_block: as for `penalty`.
+    blocks: the 0-based indices of the blocks to penalise (None: all); the others'
+      points are not looked at, and each block's start vector is the one it gets when
+      all are penalised.
   """
   model = _as_model(model_or_params)
   num_iters, target = _settings(model.config, num_iters, target)
@@ -324,10 +328,15 @@ def penalty_at_points(model_or_params: ModelLike,
   if len(points) != len(model.im_blocks):
     raise ValueError(f"got {len(points)} operating points for {len(model.im_blocks)} "
                      "IM-blocks; pass one (g0, g) pair per block")
+  chosen = range(len(points)) if blocks is None else sorted(set(blocks))
+  if not chosen or any(not 0 <= i < len(points) for i in chosen):
+    raise ValueError(f"blocks {blocks!r} must name one or more of the {len(points)} IM-blocks "
+                     f"(0-based)")
   keys = jax.random.split(key, len(points))
   total = jnp.float32(0.0)
   sigmas = []
-  for block, (g0, g), k, block_target in zip(model.im_blocks, points, keys, target):
+  for i in chosen:
+    block, (g0, g), k, block_target = model.im_blocks[i], points[i], keys[i], target[i]
     term, sigma = block_term(block, g0, g, k, kind=model.config.contractive_kind,
                              num_iters=num_iters, target=block_target)
     total = total + term

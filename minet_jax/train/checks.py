@@ -65,6 +65,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if float(config.model.correction_weight):
       raise ConfigError("config.model.correction_weight needs the model's forward pass "
                         "(config.output_weight > 0)")
+  trained_blocks(config, cfg.num_blocks)
   scale = tuple(config.init_block_scale)
   if scale and (not config.init_from or not all(float(s) > 0 for s in scale)):
     raise ConfigError(f"config.init_block_scale {scale} needs config.init_from and one "
@@ -91,6 +92,19 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise ConfigError(f"config: {first}") from e
   return cfg
+
+
+def trained_blocks(config: ml_collections.ConfigDict, num_blocks: int) -> tuple[int, ...] | None:
+  """``config.train_blocks`` (IM-block numbers from 1) as the 0-based indices the
+  training step takes, or None (train everything) when it is empty."""
+  blocks = tuple(config.train_blocks)
+  if not blocks:
+    return None
+  if (any(isinstance(b, bool) or not isinstance(b, int) for b in blocks)
+      or len(set(blocks)) != len(blocks) or not all(1 <= b <= num_blocks for b in blocks)):
+    raise ConfigError(f"config.train_blocks must be distinct IM-block numbers from 1 to "
+                      f"{num_blocks} (() trains the whole model), got {blocks!r}")
+  return tuple(b - 1 for b in blocks)
 
 
 def architecture_differences(old: dict, new: dict) -> str:

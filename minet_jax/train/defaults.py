@@ -169,6 +169,12 @@ def get_config() -> ml_collections.ConfigDict:
   # differentiated: 1 matches the one-step residual; more weigh the error of the block's
   # own answer, which the residual underestimates where the block's Jacobian is near 1.
   config.teacher_match_steps = 1
+  # Train only these IM-blocks' f (block numbers from 1; () trains the whole model):
+  # the other parameters stay exactly as loaded, and the block terms (teacher matching,
+  # the contractive penalty at the solutions) skip the other blocks. With the block-wise
+  # distillation of configs/stable.py each block trains on its own, so a change to one
+  # block's settings needs only that block trained (benchmarks/stable_compose.py).
+  config.train_blocks = ()
   # Weight of the loss on the model's output (config.loss); 0 skips the forward pass
   # (with a teacher and teacher_match_weight > 0: train the blocks alone, cheaply).
   config.output_weight = 1.0

@@ -33,7 +33,8 @@ from minet_jax.core.config import INIT_FROM_FREE_FIELDS, ModelConfig
 from minet_jax.core.params import Params
 from minet_jax.train import checkpointing, inputs, sharding
 from minet_jax.train.checks import (ConfigError, architecture_differences, check_crop,
-                                    check_workdir_config, prepare_workdir, validate_config)
+                                    check_workdir_config, prepare_workdir, trained_blocks,
+                                    validate_config)
 from minet_jax.train.evaluator import Evaluator
 from minet_jax.train.lock import WorkdirLock
 from minet_jax.train.logging import MetricWriter
@@ -245,7 +246,8 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
                                ynn_fusions=config.xla_cpu_ynn_fusions, teacher=_teacher(config),
                                match_weight=float(config.teacher_match_weight),
                                output_weight=float(config.output_weight),
-                               match_steps=int(config.teacher_match_steps))
+                               match_steps=int(config.teacher_match_steps),
+                               train_blocks=trained_blocks(config, cfg.num_blocks))
 
   step = int(state.step)
   total = int(config.num_train_steps)

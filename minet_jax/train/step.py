@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -57,7 +57,7 @@ def reconstruction_loss(output: jax.Array, target: jax.Array, kind: str) -> jax.
 def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
                    teacher_blocks: list[tuple[jax.Array, jax.Array]] | None = None,
                    match_weight: float = 0.0, output_weight: float = 1.0,
-                   match_steps: int = 1,
+                   match_steps: int = 1, train_blocks: Sequence[int] | None = None,
                    ) -> tuple[tuple[jax.Array, tuple[jax.Array | None, Metrics]], nnx.State]:
   """The training objective at `model` and its gradient with respect to the parameters.
 
@@ -77,6 +77,9 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
     of the output decoded from T(g_k) for every block, g_k a random Picard iterate
     of the block (no gradient through g_k): it asks early iterates to be good too.
 
+  ``train_blocks`` (0-based IM-block indices; None: all) limits the two block terms to
+  those blocks, and zeroes every other parameter's gradient (`frozen_mask`).
+
   Random draws come from `key`; ``parts`` holds every term when there is more than
   one. ``grads`` is an `nnx.State` of the parameters' gradients.
   """
@@ -89,6 +92,11 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
     raise ValueError("the correction loss, and a penalty at the solutions without a teacher, "
                      "need the model's forward pass (output_weight > 0)")
 
+  chosen = list(range(cfg.num_blocks)) if train_blocks is None else sorted(set(train_blocks))
+  if not chosen or any(not 0 <= i < cfg.num_blocks for i in chosen):
+    raise ValueError(f"train_blocks {train_blocks!r} must name one or more of the "
+                     f"{cfg.num_blocks} IM-blocks (0-based)")
+
   def loss_fn(model):
     parts, total = {}, jnp.float32(0.0)
     output = runs = None
@@ -97,8 +105,9 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
       parts["reconstruction_loss"] = reconstruction_loss(output, batch["clear"], loss)
       total = total + output_weight * parts["reconstruction_loss"]
     if match_weight:
-      mismatch = sum(jnp.mean(contractive.fixed_point_mismatch(block, g0, g, match_steps))
-                     for block, (g0, g) in zip(model.im_blocks, teacher_blocks))
+      mismatch = sum(jnp.mean(contractive.fixed_point_mismatch(model.im_blocks[i], g0, g,
+                                                               match_steps))
+                     for i, (g0, g) in enumerate(teacher_blocks) if i in chosen)
       parts["fixed_point_mismatch"] = match_weight * mismatch
       total = total + parts["fixed_point_mismatch"]
     if cfg.contractive_weight:
@@ -107,7 +116,7 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
                   else [(g0, block.stage_of(g0, y))
                         for block, (g0, y) in zip(model.im_blocks, teacher_blocks)])
         penalty = contractive.penalty_at_points(model, jax.lax.stop_gradient(points),
-                                                key=penalty_key)
+                                                key=penalty_key, blocks=chosen)
       else:
         penalty = contractive.penalty(model, batch, key=penalty_key)
       parts["contractive_penalty"] = cfg.contractive_weight * penalty
@@ -128,14 +137,31 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
       parts = {}  # One term: it is the loss.
     return total, (output, parts)
 
-  return nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  (value, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  if train_blocks is not None:
+    frozen = frozen_mask(grads, chosen)
+    grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
+  return (value, aux), grads
+
+
+def frozen_mask(tree: Any, train_blocks: Sequence[int]) -> Any:
+  """True for each leaf of a parameter tree (an `nnx.State` of a `MINet`, or
+  `Params.weights`) outside the f of the IM-blocks ``train_blocks`` (0-based): what a
+  run that trains only those blocks keeps fixed."""
+  trained = {str(i) for i in train_blocks}  # nnx.State numbers the blocks, weights name them
+
+  def frozen(path, _):
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return not (len(keys) > 2 and keys[0] == "im_blocks" and str(keys[1]) in trained
+                and keys[2] == "f")
+  return jax.tree_util.tree_map_with_path(frozen, tree)
 
 
 def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
                learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
                teacher: Params | None = None, match_weight: float = 0.0,
-               output_weight: float = 1.0, match_steps: int = 1
-               ) -> tuple[TrainState, Metrics]:
+               output_weight: float = 1.0, match_steps: int = 1,
+               train_blocks: Sequence[int] | None = None) -> tuple[TrainState, Metrics]:
   """One optimizer update on `batch`; returns the new state and scalar metrics.
 
   The loss is `loss_and_grads`' (its random draws come from the run's key folded with
@@ -143,6 +169,9 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
   on ``batch["hazy"]`` instead of ``batch["clear"]``, and its block inputs and
   outputs are what ``match_weight`` matches; ``psnr`` is then measured against the
   teacher too, and ``psnr_clear`` against the ground truth.
+
+  ``train_blocks`` (0-based; None: all) trains only those IM-blocks' f: the other
+  parameters keep their values exactly, whatever the optimizer's state.
 
   Metrics: ``loss``, ``psnr`` (of this batch's outputs, before the update; absent when
   ``output_weight`` is 0), ``grad_norm``, the terms of the loss when there are several,
@@ -158,8 +187,18 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
     teacher_blocks = jax.lax.stop_gradient([(run.g0, run.output) for run in runs])
   (value, (output, parts)), grads = loss_and_grads(
       model, batch, loss=loss, key=key, teacher_blocks=teacher_blocks,
-      match_weight=match_weight, output_weight=output_weight, match_steps=match_steps)
+      match_weight=match_weight, output_weight=output_weight, match_steps=match_steps,
+      train_blocks=train_blocks)
+  if train_blocks is not None:
+    # nnx.state shares the model's variables: a copy of the tree keeps the old values.
+    before = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
   optimizer.update(model, grads)
+  if train_blocks is not None:
+    # A zero gradient leaves a parameter in place only while its Adam moments are zero,
+    # not after a resume of a run that trained it: put the frozen ones back.
+    nnx.update(model, jax.tree.map(lambda new, old, keep: old if keep else new,
+                                   nnx.state(model, nnx.Param), before,
+                                   frozen_mask(before, train_blocks)))
   _, new_state = nnx.split((model, optimizer))
   metrics = {"loss": value, **parts, "grad_norm": optax.tree.norm(grads)}
   if output is not None:
@@ -182,7 +221,7 @@ def make_train_step(loss: str, learning_rate_fn: Callable[[jax.Array], jax.Array
                     state_sharding: Any = None, batch_sharding: Any = None, *,
                     ynn_fusions: str = "default", teacher: Params | None = None,
                     match_weight: float = 0.0, output_weight: float = 1.0,
-                    match_steps: int = 1,
+                    match_steps: int = 1, train_blocks: Sequence[int] | None = None,
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """`train_step` jitted for one loss (and schedule), with optional shardings.
 
@@ -199,7 +238,7 @@ def make_train_step(loss: str, learning_rate_fn: Callable[[jax.Array], jax.Array
   def step(state, batch):
     return train_step(state, batch, loss=loss, learning_rate_fn=learning_rate_fn,
                       teacher=teacher, match_weight=match_weight, output_weight=output_weight,
-                      match_steps=match_steps)
+                      match_steps=match_steps, train_blocks=train_blocks)
 
   if state_sharding is None:
     return jax.jit(step, donate_argnums=0, compiler_options=options)
