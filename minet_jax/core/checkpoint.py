@@ -45,7 +45,7 @@ import jax
 import numpy as np
 
 from minet_jax.core import files
-from minet_jax.core.config import RUNTIME_FIELDS, ModelConfig, model_config
+from minet_jax.core.config import RUNTIME_FIELDS, ModelConfig, is_count, model_config
 from minet_jax.core.params import (Params, abstract_weights, non_finite, shape_mismatch,
                               stringify_keys, weight_shapes, weights_checksum)
 
@@ -170,7 +170,7 @@ def _read_meta(path: pathlib.Path) -> dict:
                           "be a minet-jax record") from None
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"{meta_file} is corrupt: {one_line_error(e)}") from e
-  if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+  if not is_count(version):
     raise CheckpointError(f"{meta_file} is corrupt: format_version {version!r}")
   if version > FORMAT_VERSION:
     raise CheckpointError(f"{meta_file} has format_version {version}, newer than the "

@@ -333,6 +333,12 @@ class ModelConfig(Solve, Architecture):
     return self.architecture() == other.architecture()
 
 
+def is_count(value: Any, minimum: int = 1) -> bool:
+  """Whether `value` is an integer (a bool is not one) of at least `minimum`: the one
+  check of the counts that configs, command lines and records give."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+
+
 def paper_text_variant(**overrides: Any) -> ModelConfig:
   """The architecture as the paper's text describes it: T = 12, dilations 1/2/5."""
   return ModelConfig(**{"iterations": (12, 12, 12), "dilations": (1, 2, 5), **overrides})

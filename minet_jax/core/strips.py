@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minet_jax.core import fixed_point as fp
-from minet_jax.core.config import ModelConfig
+from minet_jax.core.config import ModelConfig, is_count
 from minet_jax.core.layers import InstanceNorm, RowGeometry
 from minet_jax.core.model import (MINet, Join, Pointwise, Step, from_model_space, run_steps,
                                   to_model_input)
@@ -69,7 +69,7 @@ def strip_rows_for(height: int, width: int, strip_rows: int | None = None) -> in
   """
   if strip_rows is None:
     strip_rows = max(8, STRIP_PIXELS // max(width, 1))
-  if isinstance(strip_rows, bool) or not isinstance(strip_rows, int) or strip_rows < 1:
+  if not is_count(strip_rows):
     raise ValueError(f"strip_rows must be a positive integer, got {strip_rows!r}")
   even_height = height + height % 2
   return min(strip_rows + strip_rows % 2, even_height)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from minet_jax.core import model as model_lib
 from minet_jax.stability import spectral
-from minet_jax.core.config import ModelConfig
+from minet_jax.core.config import ModelConfig, is_count
 from minet_jax.core.params import Params, model_from_params
 
 ModelLike = Union[model_lib.MINet, Params]
@@ -208,7 +208,7 @@ def fixed_point_mismatch(block: model_lib.IMBlock, g0: jax.Array, target: jax.Ar
   residual. Only the last step is differentiated (the first m - 1 are constants, as in
   Jacobian-free backprop): m - 1 more f evaluations, no more memory.
   """
-  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+  if not is_count(steps):
     raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
   t_map, state = block.map_fn()
   g0 = jax.lax.stop_gradient(g0)

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from minet_jax.core import checkpoint
-from minet_jax.core.config import ModelConfig, model_config
+from minet_jax.core.config import ModelConfig, is_count, model_config
 from minet_jax.core.params import shapes_mismatch
 from minet_jax.train import checkpointing
 from minet_jax.train.inputs import synthetic_config
@@ -54,7 +54,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if float(config.teacher_match_weight) < 0 or float(config.output_weight) < 0:
     raise ConfigError("config.teacher_match_weight and config.output_weight must be >= 0")
   match_steps = config.teacher_match_steps
-  if isinstance(match_steps, bool) or not isinstance(match_steps, int) or match_steps < 1:
+  if not is_count(match_steps):
     raise ConfigError(f"config.teacher_match_steps must be an integer >= 1, got {match_steps!r}")
   if float(config.teacher_match_weight) and not config.teacher:
     raise ConfigError("config.teacher_match_weight > 0 needs config.teacher")
@@ -100,8 +100,8 @@ def trained_blocks(config: ml_collections.ConfigDict, num_blocks: int) -> tuple[
   blocks = tuple(config.train_blocks)
   if not blocks:
     return None
-  if (any(isinstance(b, bool) or not isinstance(b, int) for b in blocks)
-      or len(set(blocks)) != len(blocks) or not all(1 <= b <= num_blocks for b in blocks)):
+  if (not all(is_count(b) and b <= num_blocks for b in blocks)
+      or len(set(blocks)) != len(blocks)):
     raise ConfigError(f"config.train_blocks must be distinct IM-block numbers from 1 to "
                       f"{num_blocks} (() trains the whole model), got {blocks!r}")
   return tuple(b - 1 for b in blocks)
