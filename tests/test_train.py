@@ -614,6 +614,25 @@ def test_init_from_starts_from_the_given_weights(tmp_path):
     _initial_state(config, minet_jax.model_config(config.model))
 
 
+def test_a_run_that_trains_one_block_leaves_every_other_weight_as_it_started(data_dir,
+                                                                               tmp_path):
+  config = tiny_config(data_dir, num_train_steps=2, eval_every=0)
+  start = state_lib.create_train_state(config).params()
+  minet_jax.save(start, tmp_path / "start")
+  config.train_blocks = (2,)
+  with pytest.raises(ConfigError, match="train_blocks needs config.init_from"):
+    validate_config(config)
+  config.init_from = str(tmp_path / "start")
+  train_and_evaluate(config, tmp_path / "run")
+  trained = minet_jax.load(tmp_path / "run")
+  moved = set()
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(trained.weights),
+                          jax.tree.leaves(start.weights)):
+    if not np.array_equal(np.asarray(x), np.asarray(y)):
+      moved.add(jax.tree_util.keystr(path[:3]))
+  assert moved == {"['im_blocks']['1']['f']"}, moved
+
+
 def test_losses_match_closed_forms():
   rng = np.random.default_rng(0)
   out, target = rng.random((2, 4, 6, 3)), rng.random((2, 4, 6, 3))

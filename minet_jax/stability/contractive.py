@@ -267,7 +267,7 @@ def _settings(cfg: ModelConfig, num_iters: int | None,
 def penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Array], *,
             key: jax.Array, num_iters: int | None = None,
             target: float | Sequence[float] | None = None,
-            per_block: bool = False) -> jax.Array:
+            per_block: bool = False, blocks: Sequence[int] | None = None) -> jax.Array:
   """Contractivity penalty sum_i mean_b max(0, sigma_ib - target_i)^2 on a batch of images.
 
   Each block is checked at a random iterate of its Picard path (`operating_points`);
@@ -282,7 +282,10 @@ def penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Arr
     num_iters: power-iteration steps; default ``config.contractive_iters``.
     target: the norm to stay below, one for every block or one per block; default
       ``config.contractive_target``.
-    per_block: also return the (batch-mean) sigma of every block, shape (blocks,).
+    per_block: also return the (batch-mean) sigma of every block penalised, in block
+      order, shape (number of blocks,).
+    blocks: the 0-based indices of the blocks to penalise (None: all; as for
+      `penalty_at_points`).
 
   Returns:
     The scalar penalty (unweighted), or ``(penalty, sigmas)`` with ``per_block``.
@@ -299,7 +302,7 @@ def penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Arr
   key, point_key = jax.random.split(key)
   points = jax.lax.stop_gradient(operating_points(model, images, key=point_key))
   return penalty_at_points(model, points, key=key, num_iters=num_iters, target=target,
-                           per_block=per_block)
+                           per_block=per_block, blocks=blocks)
 
 
 def penalty_at_points(model_or_params: ModelLike,
@@ -329,7 +332,7 @@ def penalty_at_points(model_or_params: ModelLike,
     raise ValueError(f"got {len(points)} operating points for {len(model.im_blocks)} "
                      "IM-blocks; pass one (g0, g) pair per block")
   chosen = range(len(points)) if blocks is None else sorted(set(blocks))
-  if not chosen or any(not 0 <= i < len(points) for i in chosen):
+  if not chosen or any(not is_count(i, 0) or i >= len(points) for i in chosen):
     raise ValueError(f"blocks {blocks!r} must name one or more of the {len(points)} IM-blocks "
                      f"(0-based)")
   keys = jax.random.split(key, len(points))

@@ -65,7 +65,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if float(config.model.correction_weight):
       raise ConfigError("config.model.correction_weight needs the model's forward pass "
                         "(config.output_weight > 0)")
-  trained_blocks(config, cfg.num_blocks)
+  if trained_blocks(config, cfg.num_blocks) is not None and not config.init_from:
+    raise ConfigError("config.train_blocks needs config.init_from (the weights the other "
+                      "parameters keep)")
   scale = tuple(config.init_block_scale)
   if scale and (not config.init_from or not all(float(s) > 0 for s in scale)):
     raise ConfigError(f"config.init_block_scale {scale} needs config.init_from and one "

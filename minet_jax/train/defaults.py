@@ -169,11 +169,13 @@ def get_config() -> ml_collections.ConfigDict:
   # differentiated: 1 matches the one-step residual; more weigh the error of the block's
   # own answer, which the residual underestimates where the block's Jacobian is near 1.
   config.teacher_match_steps = 1
-  # Train only these IM-blocks' f (block numbers from 1; () trains the whole model):
-  # the other parameters stay exactly as loaded, and the block terms (teacher matching,
-  # the contractive penalty at the solutions) skip the other blocks. With the block-wise
-  # distillation of configs/stable.py each block trains on its own, so a change to one
-  # block's settings needs only that block trained (benchmarks/stable_compose.py).
+  # Train only these IM-blocks' f (block numbers from 1; () trains the whole model; needs
+  # init_from): the other parameters stay exactly as at the start (init_from, after
+  # init_block_scale), and the teacher matching and the contractive penalty skip the
+  # other blocks. With the block-wise distillation of configs/stable.py (and no
+  # optimizer.grad_clip_norm, which would couple the blocks) each block trains on its
+  # own, so a change to one block's settings needs only that block trained
+  # (benchmarks/stable_compose.py puts the blocks of several runs together).
   config.train_blocks = ()
   # Weight of the loss on the model's output (config.loss); 0 skips the forward pass
   # (with a teacher and teacher_match_weight > 0: train the blocks alone, cheaply).

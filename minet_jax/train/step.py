@@ -21,6 +21,7 @@ from flax import nnx
 
 from minet_jax.stability import contractive
 from minet_jax.metrics import psnr
+from minet_jax.core.config import is_count
 from minet_jax.core.model import MINet
 from minet_jax.core.params import Params, model_from_params
 from minet_jax.train.state import TrainState
@@ -77,8 +78,9 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
     of the output decoded from T(g_k) for every block, g_k a random Picard iterate
     of the block (no gradient through g_k): it asks early iterates to be good too.
 
-  ``train_blocks`` (0-based IM-block indices; None: all) limits the two block terms to
-  those blocks, and zeroes every other parameter's gradient (`frozen_mask`).
+  ``train_blocks`` (0-based IM-block indices; None: all) limits the matching term and
+  the contractive penalty to those blocks, and zeroes every other parameter's gradient
+  (`frozen_mask`); the output and correction losses still run the whole model.
 
   Random draws come from `key`; ``parts`` holds every term when there is more than
   one. ``grads`` is an `nnx.State` of the parameters' gradients.
@@ -93,7 +95,7 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
                      "need the model's forward pass (output_weight > 0)")
 
   chosen = list(range(cfg.num_blocks)) if train_blocks is None else sorted(set(train_blocks))
-  if not chosen or any(not 0 <= i < cfg.num_blocks for i in chosen):
+  if not chosen or any(not is_count(i, 0) or i >= cfg.num_blocks for i in chosen):
     raise ValueError(f"train_blocks {train_blocks!r} must name one or more of the "
                      f"{cfg.num_blocks} IM-blocks (0-based)")
 
@@ -118,7 +120,7 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
         penalty = contractive.penalty_at_points(model, jax.lax.stop_gradient(points),
                                                 key=penalty_key, blocks=chosen)
       else:
-        penalty = contractive.penalty(model, batch, key=penalty_key)
+        penalty = contractive.penalty(model, batch, key=penalty_key, blocks=chosen)
       parts["contractive_penalty"] = cfg.contractive_weight * penalty
       total = total + parts["contractive_penalty"]
     if cfg.correction_weight:
@@ -171,7 +173,8 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
   teacher too, and ``psnr_clear`` against the ground truth.
 
   ``train_blocks`` (0-based; None: all) trains only those IM-blocks' f: the other
-  parameters keep their values exactly, whatever the optimizer's state.
+  parameters keep their values exactly, whatever the optimizer's state, and
+  ``grad_norm`` (and a gradient clip) sees the trained parameters' gradients alone.
 
   Metrics: ``loss``, ``psnr`` (of this batch's outputs, before the update; absent when
   ``output_weight`` is 0), ``grad_norm``, the terms of the loss when there are several,
