@@ -48,8 +48,8 @@ def get_config():
   # the stage maps at the same point). With every fraction 0.3, block 3's copy of the
   # released block lost as much as blocks 1 and 2's together, and the released block 3
   # scores the more the nearer its fraction is to implicit Euler; at 0.7 it stays a
-  # contraction on full-size images with the target below. Block 2 at 0.4 (target 0.7)
-  # and at 0.5 expanded on full-size images (docs/STABILITY.md).
+  # contraction on full-size images with the target below. Block 2 at 0.4 (target 0.7,
+  # and 0.55: +0.3 dB) and at 0.5 expanded on full-size images (docs/STABILITY.md).
   config.model.stage_fraction = (0.3, 0.3, 0.7)
   # How the trained model runs (stored with it): Picard to rtol 1e-3, at most 30 map
   # evaluations per block; a block that misses the tolerance answers with its iterate
