@@ -4,9 +4,10 @@
         --block CHECKPOINT:0.7 [--shared ../shared] [--out FILE.json] [--save FOLDER]
 
 Block i of the result is block i of the i-th ``--block`` model (a training workdir, a
-checkpoint folder or the authors' .pth) at the stage fraction given after the colon;
-everything else (the encoder, the layers after the blocks, the solve settings and
-the radius targets) comes from the first model. Block-wise distillation trains each
+checkpoint folder or the authors' .pth) at the stage fraction given after the colon,
+with that model's radius target for it (`contractive_target`: what the block trained
+with); everything else (the encoder, the layers after the blocks and the solve
+settings) comes from the first model. Block-wise distillation trains each
 block on its own (`configs/stable.py`: only the block's f receives gradients, from its
 own matching term and hinge), so the blocks of runs that differ only in another block's
 settings are the blocks the run with all their settings would train, bit for bit; with
@@ -47,7 +48,8 @@ def block_spec(text: str) -> tuple[pathlib.Path, float]:
 
 
 def compose(models: list[Params], fractions: list[float]) -> Params:
-  """Block i from ``models[i]`` at ``fractions[i]``; the rest from ``models[0]``."""
+  """Block i and its radius target from ``models[i]``, at ``fractions[i]``; the rest
+  from ``models[0]``."""
   first = models[0]
   blocks = first.config.num_blocks
   if len(models) != blocks:
@@ -59,7 +61,9 @@ def compose(models: list[Params], fractions: list[float]) -> Params:
       raise ValueError(f"--block {i + 1}: not the first model's architecture")
   weights = dict(first.weights)
   weights["im_blocks"] = {str(i): models[i].weights["im_blocks"][str(i)] for i in range(blocks)}
-  cfg = dataclasses.replace(first.config, stage_fraction=tuple(fractions))
+  targets = tuple(models[i].config.contractive_target[i] for i in range(blocks))
+  cfg = dataclasses.replace(first.config, stage_fraction=tuple(fractions),
+                            contractive_target=targets)
   return Params(weights=weights, config=cfg)
 
 

@@ -128,7 +128,7 @@ def test_stable_compose_takes_each_block_from_its_model(shared_dir, released_par
   weights["im_blocks"] = jax.tree.map(lambda w: w * 0.95, weights["im_blocks"])
   other = Params(weights=weights, config=dataclasses.replace(
       released_params.config, stage_fraction=(0.3, 0.3, 0.3), solver="picard", rtol=1e-3,
-      iterations=(30, 30, 30), best_so_far=True))
+      iterations=(30, 30, 30), best_so_far=True, contractive_target=(0.6, 0.5, 0.4)))
   checkpoint.save(other, tmp_path / "other")
   pth = small / "weights" / "minet_its_official.pth"
   out, saved = tmp_path / "compose.json", tmp_path / "composed"
@@ -141,7 +141,11 @@ def test_stable_compose_takes_each_block_from_its_model(shared_dir, released_par
   expected_weights["im_blocks"] = {**weights["im_blocks"],
                                    "2": released_params.weights["im_blocks"]["2"]}
   jax.tree.map(np.testing.assert_array_equal, composed.weights, expected_weights)
-  assert composed.config == dataclasses.replace(other.config, stage_fraction=(0.3, 0.3, 0.5))
+  # Each block's radius target is its model's (the .pth: the default).
+  assert composed.config == dataclasses.replace(
+      other.config, stage_fraction=(0.3, 0.3, 0.5),
+      contractive_target=(0.6, 0.5, released_params.config.contractive_target[2]))
+  assert released_params.config.contractive_target[2] != 0.4
   record = folders.find_sots_pairs(small / "data/RESIDE/SOTS/indoor")[0]
   hazy, gt = folders.load_pair(record)
   psnr, _ = metrics.dehazing_scores(np.asarray(minet_jax.apply(composed, hazy)) * 255.0,
