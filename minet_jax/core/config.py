@@ -339,6 +339,16 @@ def is_count(value: Any, minimum: int = 1) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 
+def block_indices(blocks: Any, num_blocks: int, name: str = "blocks") -> list[int]:
+  """``blocks`` (0-based IM-block indices, or None for all) as a sorted list without
+  repeats; raises ValueError naming ``name`` unless it names one or more blocks."""
+  chosen = list(range(num_blocks)) if blocks is None else sorted(set(blocks))
+  if not chosen or any(not is_count(i, 0) or i >= num_blocks for i in chosen):
+    raise ValueError(f"{name} {blocks!r} must name one or more of the {num_blocks} "
+                     "IM-blocks (0-based)")
+  return chosen
+
+
 def paper_text_variant(**overrides: Any) -> ModelConfig:
   """The architecture as the paper's text describes it: T = 12, dilations 1/2/5."""
   return ModelConfig(**{"iterations": (12, 12, 12), "dilations": (1, 2, 5), **overrides})

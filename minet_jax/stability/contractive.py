@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from minet_jax.core import model as model_lib
 from minet_jax.stability import spectral
-from minet_jax.core.config import ModelConfig, is_count
+from minet_jax.core.config import ModelConfig, block_indices, is_count
 from minet_jax.core.params import Params, model_from_params
 
 ModelLike = Union[model_lib.MINet, Params]
@@ -331,10 +331,7 @@ def penalty_at_points(model_or_params: ModelLike,
   if len(points) != len(model.im_blocks):
     raise ValueError(f"got {len(points)} operating points for {len(model.im_blocks)} "
                      "IM-blocks; pass one (g0, g) pair per block")
-  chosen = range(len(points)) if blocks is None else sorted(set(blocks))
-  if not chosen or any(not is_count(i, 0) or i >= len(points) for i in chosen):
-    raise ValueError(f"blocks {blocks!r} must name one or more of the {len(points)} IM-blocks "
-                     f"(0-based)")
+  chosen = block_indices(blocks, len(points))
   keys = jax.random.split(key, len(points))
   total = jnp.float32(0.0)
   sigmas = []

@@ -21,7 +21,7 @@ from flax import nnx
 
 from minet_jax.stability import contractive
 from minet_jax.metrics import psnr
-from minet_jax.core.config import is_count
+from minet_jax.core.config import block_indices
 from minet_jax.core.model import MINet
 from minet_jax.core.params import Params, model_from_params
 from minet_jax.train.state import TrainState
@@ -94,10 +94,7 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
     raise ValueError("the correction loss, and a penalty at the solutions without a teacher, "
                      "need the model's forward pass (output_weight > 0)")
 
-  chosen = list(range(cfg.num_blocks)) if train_blocks is None else sorted(set(train_blocks))
-  if not chosen or any(not is_count(i, 0) or i >= cfg.num_blocks for i in chosen):
-    raise ValueError(f"train_blocks {train_blocks!r} must name one or more of the "
-                     f"{cfg.num_blocks} IM-blocks (0-based)")
+  chosen = block_indices(train_blocks, cfg.num_blocks, "train_blocks")
 
   def loss_fn(model):
     parts, total = {}, jnp.float32(0.0)
