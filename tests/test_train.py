@@ -426,6 +426,20 @@ def test_resume_refuses_another_architecture(two_step_run, data_dir, tmp_path, c
   assert _tree(workdir) == before
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("num_train_steps", True, "config.num_train_steps must be an integer >= 1, got True"),
+    ("eval_every", -1, "config.eval_every must be an integer >= 0, got -1"),
+    ("data.eval_batch_size", 0, "config.data.eval_batch_size must be an integer >= 1"),
+    ("data.crop_size", 31, "config.data.crop_size must be 0 .full images. or an even"),
+    ("seed", 2**31, "config.seed must be an integer in .0, 2..31."),
+    ("seed", False, "config.seed must be an integer in .0, 2..31., got False")])
+def test_counts_that_are_not_integers_in_range_are_refused(data_dir, field, value, expected):
+  # A config file may set a bool where a count goes; int(True) would run one step.
+  config = tiny_config(data_dir, **{field: value})
+  with pytest.raises(ConfigError, match=expected):
+    validate_config(config)
+
+
 def test_a_saved_model_folder_is_not_taken_over_as_a_workdir(data_dir, tmp_path):
   folder = tmp_path / "saved"
   minet_jax.save(minet_jax.init(tiny.get_config()), folder)

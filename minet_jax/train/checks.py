@@ -35,19 +35,18 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     raise ConfigError(f"config.model: {e}") from e
   if config.loss not in LOSSES:
     raise ConfigError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
-  positive = ["num_train_steps", "log_every", "checkpoint_every", "keep_checkpoints"]
-  for name in positive:
-    if int(config[name]) < 1:
-      raise ConfigError(f"config.{name} must be >= 1, got {config[name]}")
-  for name in ("eval_every", "grid_images"):
-    if int(config[name]) < 0:
-      raise ConfigError(f"config.{name} must be >= 0, got {config[name]}")
   data = config.data
-  if int(data.batch_size) < 1 or int(data.eval_batch_size) < 1:
-    raise ConfigError("config.data.batch_size and config.data.eval_batch_size must be >= 1")
-  if int(data.crop_size) < 0 or int(data.crop_size) % 2:
+  # Counts must be integers: int() would quietly run 2.5 steps as 2.
+  counts = {"num_train_steps": 1, "log_every": 1, "checkpoint_every": 1,
+            "keep_checkpoints": 1, "eval_every": 0, "grid_images": 0,
+            "data.batch_size": 1, "data.eval_batch_size": 1}
+  for name, minimum in counts.items():
+    value = data[name[5:]] if name.startswith("data.") else config[name]
+    if not is_count(value, minimum):
+      raise ConfigError(f"config.{name} must be an integer >= {minimum}, got {value!r}")
+  if not is_count(data.crop_size, 0) or data.crop_size % 2:
     raise ConfigError(f"config.data.crop_size must be 0 (full images) or an even number of "
-                     f"pixels (the encoder halves them), got {data.crop_size}")
+                     f"pixels (the encoder halves them), got {data.crop_size!r}")
   if config.teacher == "init_from" and not config.init_from:
     raise ConfigError("config.teacher='init_from' needs config.init_from (the weights whose "
                       "outputs are the targets)")
@@ -72,8 +71,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if scale and (not config.init_from or not all(float(s) > 0 for s in scale)):
     raise ConfigError(f"config.init_block_scale {scale} needs config.init_from and one "
                       "positive factor per IM-block")
-  if not 0 <= int(config.seed) < 2**31:
-    raise ConfigError(f"config.seed must be in [0, 2**31), got {config.seed}")
+  if not is_count(config.seed, 0) or config.seed >= 2**31:
+    raise ConfigError(f"config.seed must be an integer in [0, 2**31), got {config.seed!r}")
   try:
     parse_ynn_fusions(config.xla_cpu_ynn_fusions)
   except ValueError as e:
