@@ -7,6 +7,7 @@ import pytest
 from skimage import data as skdata
 
 from minet_jax.data.synthetic import scenes
+from minet_jax import image_io
 from minet_jax.data import synthetic
 
 SMALL = synthetic.SyntheticHazeConfig(image_size=(24, 32), train_rooms=3, validation_rooms=2,
@@ -91,6 +92,30 @@ def test_config_validation():
     synthetic.SyntheticHazeConfig(beta_range=(1.0, 0.5))
   with pytest.raises(ValueError, match="depth_scale_m"):
     synthetic.SyntheticHazeConfig(depth_scale_m=0.0)
+  for bad in ((0.5, 2.0), (2.0, 1.5), (1.0, 2.0, 3.0)):
+    with pytest.raises(ValueError, match="exposure_range must be .low, high. with 1 <= low"):
+      synthetic.SyntheticHazeConfig(exposure_range=bad)
+
+
+def test_exposure_saturates_the_same_scenes(examples):
+  """A gain of 2 is the default rendering doubled and clipped, scene for scene; a range
+  draws one gain per scene, the geometry and the haze draws unchanged."""
+  doubled = SMALL.__class__(**{**SMALL.__dict__, "exposure_range": (2.0, 2.0)})
+  for stream, index, name in (("train", 1, "train_room_0001"), ("motorcycle", 0, "motorcycle")):
+    rng = np.random.default_rng([SMALL.seed, synthetic._STREAM[stream], index])
+    rgb, _ = (scenes.motorcycle(rng, SMALL.image_size) if stream == "motorcycle" else
+              scenes.render_room(rng, SMALL.image_size, scenes.TRAIN_POSTERS, SMALL.supersample))
+    clear, depth = synthetic.render_scene(stream, index, doubled)
+    np.testing.assert_array_equal(clear, image_io.to_uint8(np.clip(2.0 * rgb, 0.0, 1.0)))
+    plain = next(ex for ex in examples["train"] if ex["scene"] == name)
+    np.testing.assert_array_equal(depth, plain["depth"])
+  ranged = SMALL.__class__(**{**SMALL.__dict__, "exposure_range": (1.5, 3.0)})
+  for plain, bright in zip(examples["train"], synthetic.generate("train", ranged)):
+    assert (bright["key"], bright["beta"], bright["airlight"]) == (
+        plain["key"], plain["beta"], plain["airlight"])
+    np.testing.assert_array_equal(bright["depth"], plain["depth"])
+    saturated = lambda ex: (ex["clear"].min(-1) == 255).mean()
+    assert saturated(bright) >= saturated(plain) and bright["clear"].mean() > plain["clear"].mean()
 
 
 def test_motorcycle_depth_from_disparity():

@@ -54,13 +54,17 @@ class SyntheticHazeConfig:
   beta_range: tuple[float, float] = (0.6, 1.8)  # scattering coefficient, RESIDE ITS range
   airlight_range: tuple[float, float] = (0.7, 1.0)  # grey atmospheric light, RESIDE ITS range
   depth_scale_m: float | None = None  # None: d = depth / max(depth); else d = depth / this
+  # Camera exposure: each clear image is multiplied by a gain from this range and clipped
+  # to [0, 1], so bright surfaces saturate into flat white areas as in photographs
+  # (RESIDE's white table tops and windows); (1, 1) leaves the renderings as they are.
+  exposure_range: tuple[float, float] = (1.0, 1.0)
   supersample: int = 2  # rays per pixel along each axis when rendering rooms
   seed: int = 0
 
   def __post_init__(self):
     # Config files and JSON give lists; the record must hash and compare as tuples.
     object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
-    for name in ("beta_range", "airlight_range"):
+    for name in ("beta_range", "airlight_range", "exposure_range"):
       object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
     h, w = self.image_size
     if h < 16 or w < 16:
@@ -70,10 +74,11 @@ class SyntheticHazeConfig:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if self.hazes_per_scene < 1 or self.supersample < 1:
       raise ValueError("hazes_per_scene and supersample must be >= 1")
-    for name in ("beta_range", "airlight_range"):
-      lo, hi = getattr(self, name)
-      if not 0 <= lo <= hi:
-        raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {(lo, hi)}")
+    for name, floor in (("beta_range", 0.0), ("airlight_range", 0.0), ("exposure_range", 1.0)):
+      values = getattr(self, name)
+      if len(values) != 2 or not floor <= values[0] <= values[1]:
+        raise ValueError(f"{name} must be (low, high) with {floor:g} <= low <= high, got "
+                         f"{values}")
     if self.depth_scale_m is not None and self.depth_scale_m <= 0:
       raise ValueError(f"depth_scale_m must be positive or None, got {self.depth_scale_m}")
 
@@ -134,6 +139,11 @@ def render_scene(stream: str, index: int,
   else:
     posters = scenes.TRAIN_POSTERS if stream == "train" else scenes.VALIDATION_POSTERS
     rgb, depth = scenes.render_room(rng, config.image_size, posters, config.supersample)
+  if config.exposure_range != (1.0, 1.0):
+    # Its own stream: the scene's draws, and so its geometry and materials, stay the same.
+    gain = np.random.default_rng([config.seed, _STREAM[stream], index, 2]).uniform(
+        *config.exposure_range)
+    rgb = np.clip(rgb * np.float32(gain), 0.0, 1.0)
   # Millimetre steps, as Kinect / NYU depth PNGs store it; the haze is made from this.
   return to_uint8(rgb), (np.round(depth * 1000.0) / 1000.0).astype(np.float32)
 
