@@ -3,6 +3,7 @@
     python benchmarks/stable_radius.py --score WORKDIR [WORKDIR ...] [--out FILE.json]
     python benchmarks/stable_radius.py --sizes WORKDIR [--out FILE.json]
     python benchmarks/stable_radius.py --linear [--shrink 0.3] [--out FILE.json]
+    python benchmarks/stable_radius.py --modes WORKDIR [--block 2] [--out FILE.json]
 
 ``--score``: each trained model (a training workdir or checkpoint) on the 10 SOTS samples
 at full resolution with the solver it stores: PSNR / SSIM, solves converged, mean steps
@@ -14,6 +15,12 @@ estimate the training penalty uses, run longer). The quick version of
 ``--sizes``: the same radius estimate on centre crops of 128 and 256 pixels and on the
 whole image (SOTS ``1400_1`` and ``1403_8``, ITS ``1_1``): the stable model is trained
 on crops, and its blocks' radii grow with the image they run on.
+
+``--modes``: where a block's radius comes from on each SOTS sample at full resolution:
+rho at the block's answer (60 power-iteration steps from noise) and the direction they
+converge to (the dominant mode), with the share of that mode's energy on the pixels the
+hazy input saturates (all three channels >= 250; one feature pixel per 2 x 2 input
+pixels, saturated when all four are) beside the share of such pixels in the image.
 
 ``--linear``: could one 1x1 linear map (64 x 64 plus a bias, shared by the three blocks,
 foldable into the gate and deconv3 that read the block outputs) bring the
@@ -40,12 +47,14 @@ from minet_jax import convert, metrics
 from minet_jax.core.params import Params, model_from_params
 from minet_jax.data import folders
 from minet_jax.image_io import centre_crop
-from minet_jax.stability import contractive
+from minet_jax.stability import contractive, spectral
 
 import stable_minet  # benchmarks/stable_minet.py: the SOTS scoring, shared
 
 RADIUS_STEPS = 30
 SIZE_IMAGES = ("1400_1", "1403_8")
+MODE_STEPS = 60
+SATURATED = 250  # 8-bit level, in every channel, from which a hazy pixel counts as saturated
 
 
 def radii(params: Params, images) -> np.ndarray:
@@ -92,6 +101,43 @@ def sizes(source: str, pairs, shared: pathlib.Path) -> list[dict]:
       rows.append({"image": name, "size": list(crop.shape[:2]), "rho": rho.tolist()})
       print(f"  {name:<8} {crop.shape[0]}x{crop.shape[1]}: rho {np.round(rho, 3).tolist()}",
             flush=True)
+  return rows
+
+
+def modes(source: str, block: int, pairs) -> list[dict]:
+  params = minet_jax.load(source)
+  if not 1 <= block <= params.config.num_blocks:
+    raise SystemExit(f"stable_radius: --block must be from 1 to {params.config.num_blocks}, "
+                     f"got {block}")
+  model = model_from_params(params)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def mode(state, x, key):
+    m = nnx.merge(graphdef, state)
+    run = m.solve_blocks(m.model_input(x))[block - 1]
+    t_map, f_state = m.im_blocks[block - 1].map_fn()
+    matvec, _ = spectral.linearise(lambda z: t_map(z, (run.g0, f_state)), run.result.value)
+    found = spectral.spectral_radius(matvec, jax.random.normal(key, run.g0.shape),
+                                     num_iters=MODE_STEPS, window=MODE_STEPS // 3)
+    return found["radius"], jnp.sum(jnp.square(found["vector"][0]), axis=-1)
+
+  rows = []
+  for i, (key, hazy, _) in enumerate(pairs):
+    rho, energy = jax.device_get(mode(state, jnp.asarray(hazy[None], jnp.float32) / 255.0,
+                                      jax.random.key(i)))
+    h, w = energy.shape
+    # The encoder halves the image; odd sides were padded (model_input), so crop to 2h x 2w.
+    bright = (hazy.min(axis=-1) >= SATURATED)[:2 * h, :2 * w]
+    bright = np.pad(bright, ((0, 2 * h - bright.shape[0]), (0, 2 * w - bright.shape[1])))
+    bright = bright.reshape(h, 2, w, 2).all(axis=(1, 3))
+    row = {"image": key, "rho": float(np.ravel(rho)[0]),
+           "mode_on_saturated": float(energy[bright].sum() / energy.sum()),
+           "saturated": float(bright.mean())}
+    rows.append(row)
+    print(f"  {key:<8} block {block}: rho {row['rho']:.3f}, mode energy on saturated pixels "
+          f"{row['mode_on_saturated']:.3f} (they are {row['saturated']:.3f} of the image)",
+          flush=True)
   return rows
 
 
@@ -147,7 +193,9 @@ def main() -> int:
   mode = parser.add_mutually_exclusive_group(required=True)
   mode.add_argument("--score", nargs="+", metavar="WORKDIR")
   mode.add_argument("--sizes", metavar="WORKDIR")
+  mode.add_argument("--modes", metavar="WORKDIR")
   mode.add_argument("--linear", action="store_true")
+  parser.add_argument("--block", type=int, default=2, help="--modes: the IM-block (from 1)")
   parser.add_argument("--shrink", type=stable_minet.shrink_factors, default=(0.3,))
   parser.add_argument("--shared", type=pathlib.Path, default=stable_minet.DEFAULT_SHARED)
   parser.add_argument("--out", type=pathlib.Path, default=None)
@@ -159,6 +207,9 @@ def main() -> int:
     report.setdefault("score", {}).update({s: score(s, pairs) for s in args.score})
   elif args.sizes:
     report["sizes"] = {"model": args.sizes, "rows": sizes(args.sizes, pairs, args.shared)}
+  elif args.modes:
+    report.setdefault("modes", {})[f"{args.modes} block {args.block}"] = modes(
+        args.modes, args.block, pairs)
   else:
     report["linear"] = linear(args.shrink, pairs, args.shared)
   report["radius_estimate"] = (f"{RADIUS_STEPS} power-iteration steps from the Picard "
