@@ -3,7 +3,8 @@
     python benchmarks/stable_radius.py --score WORKDIR [WORKDIR ...] [--out FILE.json]
     python benchmarks/stable_radius.py --sizes WORKDIR [--out FILE.json]
     python benchmarks/stable_radius.py --linear [--shrink 0.3] [--out FILE.json]
-    python benchmarks/stable_radius.py --modes WORKDIR [--block 2] [--out FILE.json]
+    python benchmarks/stable_radius.py --modes WORKDIR [--block 2] [--scales 1 0.75]
+        [--images 1402_9 ...] [--out FILE.json]
 
 ``--score``: each trained model (a training workdir or checkpoint) on the 10 SOTS samples
 at full resolution with the solver it stores: PSNR / SSIM, solves converged, mean steps
@@ -20,7 +21,9 @@ on crops, and its blocks' radii grow with the image they run on.
 rho at the block's answer (60 power-iteration steps from noise) and the direction they
 converge to (the dominant mode), with the share of that mode's energy on the pixels the
 hazy input saturates (all three channels >= 250; one feature pixel per 2 x 2 input
-pixels, saturated when all four are) beside the share of such pixels in the image.
+pixels, saturated when all four are) beside the share of such pixels in the image;
+``--scales`` also runs each image resized by those factors (bicubic), ``--images`` picks
+samples.
 
 ``--linear``: could one 1x1 linear map (64 x 64 plus a bias, shared by the three blocks,
 foldable into the gate and deconv3 that read the block outputs) bring the
@@ -41,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
 import minet_jax
 from minet_jax import convert, metrics
@@ -104,7 +108,7 @@ def sizes(source: str, pairs, shared: pathlib.Path) -> list[dict]:
   return rows
 
 
-def modes(source: str, block: int, pairs) -> list[dict]:
+def modes(source: str, block: int, pairs, scales: tuple[float, ...] = (1.0,)) -> list[dict]:
   params = minet_jax.load(source)
   if not 1 <= block <= params.config.num_blocks:
     raise SystemExit(f"stable_radius: --block must be from 1 to {params.config.num_blocks}, "
@@ -124,21 +128,35 @@ def modes(source: str, block: int, pairs) -> list[dict]:
 
   rows = []
   for i, (key, hazy, _) in enumerate(pairs):
-    rho, energy = jax.device_get(mode(state, jnp.asarray(hazy[None], jnp.float32) / 255.0,
-                                      jax.random.key(i)))
-    h, w = energy.shape
-    # The encoder halves the image; odd sides were padded (model_input), so crop to 2h x 2w.
-    bright = (hazy.min(axis=-1) >= SATURATED)[:2 * h, :2 * w]
-    bright = np.pad(bright, ((0, 2 * h - bright.shape[0]), (0, 2 * w - bright.shape[1])))
-    bright = bright.reshape(h, 2, w, 2).all(axis=(1, 3))
-    row = {"image": key, "rho": float(np.ravel(rho)[0]),
-           "mode_on_saturated": float(energy[bright].sum() / energy.sum()),
-           "saturated": float(bright.mean())}
-    rows.append(row)
-    print(f"  {key:<8} block {block}: rho {row['rho']:.3f}, mode energy on saturated pixels "
-          f"{row['mode_on_saturated']:.3f} (they are {row['saturated']:.3f} of the image)",
-          flush=True)
+    for scale in scales:
+      rows.append(_mode_row(mode, state, key, resized(hazy, scale), jax.random.key(i), block,
+                            scale))
   return rows
+
+
+def resized(image: np.ndarray, scale: float) -> np.ndarray:
+  """``image`` (uint8 HxWx3) scaled by ``scale``, bicubic."""
+  if scale == 1.0:
+    return image
+  h, w = (max(16, round(side * scale)) for side in image.shape[:2])
+  return np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
+
+
+def _mode_row(mode, state, key: str, hazy: np.ndarray, rng: jax.Array, block: int,
+              scale: float) -> dict:
+  rho, energy = jax.device_get(mode(state, jnp.asarray(hazy[None], jnp.float32) / 255.0, rng))
+  h, w = energy.shape
+  # The encoder halves the image; odd sides were padded (model_input), so crop to 2h x 2w.
+  bright = (hazy.min(axis=-1) >= SATURATED)[:2 * h, :2 * w]
+  bright = np.pad(bright, ((0, 2 * h - bright.shape[0]), (0, 2 * w - bright.shape[1])))
+  bright = bright.reshape(h, 2, w, 2).all(axis=(1, 3))
+  row = {"image": key, "scale": scale, "size": list(hazy.shape[:2]), "rho": float(np.ravel(rho)[0]),
+         "mode_on_saturated": float(energy[bright].sum() / energy.sum()),
+         "saturated": float(bright.mean())}
+  print(f"  {key:<8} {hazy.shape[0]}x{hazy.shape[1]} block {block}: rho {row['rho']:.3f}, "
+        f"mode energy on saturated pixels {row['mode_on_saturated']:.3f} (they are "
+        f"{row['saturated']:.3f} of the image)", flush=True)
+  return row
 
 
 def linear(shrink: tuple[float, ...], pairs, shared: pathlib.Path) -> dict:
@@ -196,6 +214,10 @@ def main() -> int:
   mode.add_argument("--modes", metavar="WORKDIR")
   mode.add_argument("--linear", action="store_true")
   parser.add_argument("--block", type=int, default=2, help="--modes: the IM-block (from 1)")
+  parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                      help="--modes: also run each image resized by these factors")
+  parser.add_argument("--images", nargs="+", default=None,
+                      help="--modes: only these SOTS samples (default: all)")
   parser.add_argument("--shrink", type=stable_minet.shrink_factors, default=(0.3,))
   parser.add_argument("--shared", type=pathlib.Path, default=stable_minet.DEFAULT_SHARED)
   parser.add_argument("--out", type=pathlib.Path, default=None)
@@ -208,8 +230,15 @@ def main() -> int:
   elif args.sizes:
     report["sizes"] = {"model": args.sizes, "rows": sizes(args.sizes, pairs, args.shared)}
   elif args.modes:
+    if args.images:
+      unknown = sorted(set(args.images) - {key for key, _, _ in pairs})
+      if unknown:
+        raise SystemExit(f"stable_radius: --images: no SOTS sample {', '.join(unknown)}")
+      pairs = [p for p in pairs if p[0] in args.images]
+    if not all(0 < s <= 1 for s in args.scales):
+      raise SystemExit(f"stable_radius: --scales must be in (0, 1], got {args.scales}")
     report.setdefault("modes", {})[f"{args.modes} block {args.block}"] = modes(
-        args.modes, args.block, pairs)
+        args.modes, args.block, pairs, tuple(args.scales))
   else:
     report["linear"] = linear(args.shrink, pairs, args.shared)
   report["radius_estimate"] = (f"{RADIUS_STEPS} power-iteration steps from the Picard "
