@@ -17,6 +17,14 @@ oneDNN's) and, on a CPU, ``--ynn-fusions`` setting (``config.xla_cpu_ynn_fusions
 XLA hands to YNNPACK), one after the other, so the settings are compared under the
 same load.
 
+A config with a teacher (``configs/stable.py``: self-distillation from ``init_from``,
+which must then be a local converted checkpoint or the cached download) times the step
+as `train.py` runs it, teacher and matching term included, from the ``init_from``
+weights; its forward and forward + backward columns are the student's output loss
+alone. ``--train-blocks 2`` trains only those IM-blocks (``config.train_blocks``):
+``--config configs/stable.py --config.init_from checkpoints/minet_its``, with and
+without it, compares the two.
+
 ``--profile`` prints where one step's time goes, summed by kind of operation
 (convolutions, their input and weight gradients, elementwise, reductions, ...), for each
 setting timed. The figures measured so far, and what they led to, are in
@@ -41,7 +49,8 @@ from flax import nnx
 
 import op_profile  # benchmarks/op_profile.py, beside this script
 
-from minet_jax.train import config_file
+import minet_jax
+from minet_jax.train import checks, config_file, loop
 from minet_jax.train import state as state_lib
 from minet_jax.train.step import (cpu_compiler_options, loss_and_grads, make_train_step,
                                   parse_ynn_fusions, train_step)
@@ -65,7 +74,15 @@ def measure(config: ml_collections.ConfigDict, shape: tuple[int, int, int], repe
   rng = np.random.default_rng(0)
   batch = {"hazy": jnp.asarray(rng.random((n, h, w, 3), np.float32)),
            "clear": jnp.asarray(rng.random((n, h, w, 3), np.float32))}
-  state = state_lib.create_train_state(config)
+  cfg = minet_jax.model_config(config.model)
+  # What train.py starts from and steps with: the init_from weights and the teacher.
+  state = (loop._initial_state(config, cfg) if config.init_from
+           else state_lib.create_train_state(config, cfg=cfg))
+  step_args = dict(teacher=loop._teacher(config),
+                   match_weight=float(config.teacher_match_weight),
+                   output_weight=float(config.output_weight),
+                   match_steps=int(config.teacher_match_steps),
+                   train_blocks=checks.trained_blocks(config, cfg.num_blocks))
   graphdef, _ = nnx.split(state.merge()[0])
   key = jax.random.key(0)
 
@@ -74,7 +91,7 @@ def measure(config: ml_collections.ConfigDict, shape: tuple[int, int, int], repe
   forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=options)
   grads = jax.jit(lambda s, b: loss_and_grads(nnx.merge(graphdef, s), b, loss=config.loss,
                                               key=key), compiler_options=options)
-  step = make_train_step(config.loss, ynn_fusions=ynn_fusions)
+  step = make_train_step(config.loss, ynn_fusions=ynn_fusions, **step_args)
 
   start = time.perf_counter()
   state, _ = step(state, batch)
@@ -89,7 +106,7 @@ def measure(config: ml_collections.ConfigDict, shape: tuple[int, int, int], repe
     times.append(time.perf_counter() - t)
   if profile:
     # Without donation, so the profiled program can run twice on the same state.
-    undonated = jax.jit(functools.partial(train_step, loss=config.loss),
+    undonated = jax.jit(functools.partial(train_step, loss=config.loss, **step_args),
                         compiler_options=options)
     op_profile.print_op_times(op_profile.op_times(
         undonated.lower(state, batch).compile(), state, batch))
@@ -114,6 +131,10 @@ def main() -> None:
   parser.add_argument("--conv-backends", nargs="+", default=["xla", "onednn"],
                       help="config.model.conv_backend settings to time, alternately with "
                            "the --ynn-fusions ones (default: XLA's convolutions and oneDNN's)")
+  parser.add_argument("--config.init_from", dest="init_from", default=None,
+                      help="replaces the config's init_from (a converted checkpoint folder)")
+  parser.add_argument("--train-blocks", type=int, nargs="+", default=None,
+                      help="config.train_blocks: train only these IM-blocks (from 1)")
   parser.add_argument("--profile", action="store_true",
                       help="also print where a step's time goes, by kind of operation "
                            "(benchmarks/op_profile.py)")
@@ -124,13 +145,23 @@ def main() -> None:
     except ValueError as e:
       raise SystemExit(f"train_step_speed: --ynn-fusions: {e}") from None
   config = config_file.load_module(pathlib.Path(args.config)).get_config()
+  with config.unlocked():
+    if args.init_from is not None:
+      config.init_from = args.init_from
+    if args.train_blocks is not None:
+      config.train_blocks = tuple(args.train_blocks)
+  try:
+    checks.validate_config(config)
+  except checks.ConfigError as e:
+    raise SystemExit(f"train_step_speed: {e}") from None
   device = jax.devices()[0]
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind}, "
         f"{os.cpu_count()} host cores ({platform.processor() or platform.machine()}); "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   m = config.model
   print(f"{args.config}: {m.features} features, iterations {tuple(m.iterations)}, dilations "
-        f"{tuple(m.dilations)}, loss {config.loss}, Adam; seconds")
+        f"{tuple(m.dilations)}, loss {config.loss}, Adam; teacher {config.teacher or '-'}, "
+        f"train_blocks {tuple(config.train_blocks) or 'all'}; seconds")
   fusions = args.ynn_fusions if jax.default_backend() == "cpu" else ["default"]
   settings = [(b, f) for b in args.conv_backends for f in fusions]
   print(f"{'batch':>10} | {'conv':>6} | {'ynn_fusions':>11} | {'forward':>8} | "

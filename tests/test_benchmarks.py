@@ -165,3 +165,38 @@ def test_stable_compose_takes_each_block_from_its_model(shared_dir, released_par
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and str(missing) in bad.stderr, bad.stderr
   assert "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_stable_radius_modes_reports_the_saturated_share(shared_dir, released_params, tmp_path):
+  small = _small_shared(shared_dir, tmp_path / "shared")
+  hazy_path = small / "data/RESIDE/SOTS/indoor/hazy/1400_1.png"
+  hazy = np.asarray(Image.open(hazy_path)).copy()
+  hazy[:16, :24] = 255  # 8 x 12 of the 24 x 32 feature pixels are saturated
+  hazy[16:18, :24] = 252  # saturated too (>= 250): 1 x 12 more
+  hazy[18, :24] = 249  # not: its 2 x 2 blocks are not all >= 250
+  Image.fromarray(hazy).save(hazy_path)
+  stable = tmp_path / "stable"
+  checkpoint.save(Params(weights=released_params.weights, config=dataclasses.replace(
+      released_params.config, stage_fraction=(0.3, 0.3, 0.3), solver="picard", rtol=1e-3,
+      iterations=(30, 30, 30), best_so_far=True)), stable)
+  out = tmp_path / "modes.json"
+  script = REPO_ROOT / "benchmarks" / "stable_radius.py"
+  _run(script, "--modes", str(stable), "--block", "3", "--scales", "1", "0.5",
+       "--shared", str(small), "--out", str(out))
+  (rows,) = json.loads(out.read_text())["modes"].values()
+  assert [(r["image"], r["scale"], r["size"]) for r in rows] == [
+      ("1400_1", 1.0, [48, 64]), ("1400_1", 0.5, [24, 32])]
+  assert rows[0]["saturated"] == pytest.approx(9 * 12 / (24 * 32))
+  half = np.asarray(Image.fromarray(hazy).resize((32, 24), Image.BICUBIC))
+  blocks = (half.min(-1) >= 250).reshape(12, 2, 16, 2).all(axis=(1, 3))
+  assert rows[1]["saturated"] == pytest.approx(blocks.mean())
+  for r in rows:
+    assert 0 < r["rho"] < 10 and 0 <= r["mode_on_saturated"] <= 1
+  for args, message in ((["--block", "4"], "--block must be from 1 to 3, got 4"),
+                        (["--images", "1499_1"], "--images: no SOTS sample 1499_1"),
+                        (["--scales", "2"], "--scales must be in (0, 1]")):
+    bad = subprocess.run([sys.executable, str(script), "--modes", str(stable),
+                          "--shared", str(small), *args],
+                         cwd=REPO_ROOT, env=checkout_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and message in bad.stderr, bad.stderr
