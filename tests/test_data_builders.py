@@ -48,6 +48,17 @@ def test_synthetic_round_trip(tmp_path):
   assert len(again) == 3
 
 
+def test_synthetic_set_names_are_stable():
+  """A built set is found again by its name: a new field that is off must not rename
+  the sets built before it (configs/stable.py's larger set is 85d84d5209)."""
+  larger = synthetic.SyntheticHazeConfig(image_size=(288, 384), train_rooms=200,
+                                         hazes_per_scene=2)
+  assert builders.synthetic_builder_config().name == "default"
+  assert builders.synthetic_builder_config(larger).name == "custom_85d84d5209"
+  exposed = synthetic.SyntheticHazeConfig(**{**larger.__dict__, "exposure_range": (1.0, 2.5)})
+  assert builders.synthetic_builder_config(exposed).name == "custom_215383dd16"
+
+
 def test_builds_and_reads_with_tensorflow_blocked(tmp_path):
   # The path finder is swapped for one that cannot see TensorFlow, as if it were not
   # installed (a None entry in sys.modules would not do: TFDS takes any entry to mean

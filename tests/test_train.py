@@ -430,6 +430,8 @@ def test_resume_refuses_another_architecture(two_step_run, data_dir, tmp_path, c
     ("num_train_steps", True, "config.num_train_steps must be an integer >= 1, got True"),
     ("eval_every", -1, "config.eval_every must be an integer >= 0, got -1"),
     ("data.eval_batch_size", 0, "config.data.eval_batch_size must be an integer >= 1"),
+    ("data.num_eval_images", -1, "config.data.num_eval_images must be an integer >= 0"),
+    ("data.worker_count", True, "config.data.worker_count must be an integer >= 0"),
     ("data.crop_size", 31, "config.data.crop_size must be 0 .full images. or an even"),
     ("seed", 2**31, "config.seed must be an integer in .0, 2..31."),
     ("seed", False, "config.seed must be an integer in .0, 2..31., got False")])

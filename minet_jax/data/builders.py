@@ -249,7 +249,12 @@ def synthetic_builder_config(config: synthetic.SyntheticHazeConfig | None = None
   config = config or synthetic.SyntheticHazeConfig()
   if config == synthetic.SyntheticHazeConfig():
     return SyntheticHaze.BUILDER_CONFIGS[0]
-  digest = hashlib.sha256(repr(dataclasses.astuple(config)).encode()).hexdigest()[:10]
+  fields = dataclasses.astuple(config)
+  if config.exposure_range == (1.0, 1.0):
+    # Added after sets were built: where it is off, the name stays what it was.
+    names = [f.name for f in dataclasses.fields(config)]
+    fields = fields[:names.index("exposure_range")] + fields[names.index("exposure_range") + 1:]
+  digest = hashlib.sha256(repr(fields).encode()).hexdigest()[:10]
   return SyntheticHazeBuilderConfig(name=f"custom_{digest}", description=repr(config),
                                     synthetic=config)
 

@@ -36,10 +36,12 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if config.loss not in LOSSES:
     raise ConfigError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
   data = config.data
-  # Counts must be integers: int() would quietly run 2.5 steps as 2.
+  # A config file can put a bool where a count goes (ml_collections accepts it for an
+  # int field): True would run one step. Counts are integers, bools are not.
   counts = {"num_train_steps": 1, "log_every": 1, "checkpoint_every": 1,
             "keep_checkpoints": 1, "eval_every": 0, "grid_images": 0,
-            "data.batch_size": 1, "data.eval_batch_size": 1}
+            "data.batch_size": 1, "data.eval_batch_size": 1, "data.num_eval_images": 0,
+            "data.worker_count": 0}
   for name, minimum in counts.items():
     value = data[name[5:]] if name.startswith("data.") else config[name]
     if not is_count(value, minimum):

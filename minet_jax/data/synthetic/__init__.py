@@ -8,7 +8,9 @@ RESIDE (Koschmieder's law, as in He et al.'s dark channel prior):
 with J the clear image in [0, 1] (linear in the stored 8-bit values, as RESIDE
 does it), A a grey atmospheric light, beta the scattering coefficient and d the
 depth. As in RESIDE ITS, each clear image is hazed several times with
-beta ~ U[0.6, 1.8] and A ~ U[0.7, 1.0], independently per rendering.
+beta ~ U[0.6, 1.8] and A ~ U[0.7, 1.0], independently per rendering. An optional
+camera exposure (`SyntheticHazeConfig.exposure_range`) scales and clips each clear
+image first, so bright surfaces saturate as they do in photographs.
 
 Depth units. Scene depth is z-depth in metres, rounded to whole millimetres
 (see `minet_jax.data.synthetic.scenes`):
@@ -32,6 +34,7 @@ deterministic function of the config (seed included).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterator
 
 import numpy as np
@@ -76,8 +79,9 @@ class SyntheticHazeConfig:
       raise ValueError("hazes_per_scene and supersample must be >= 1")
     for name, floor in (("beta_range", 0.0), ("airlight_range", 0.0), ("exposure_range", 1.0)):
       values = getattr(self, name)
-      if len(values) != 2 or not floor <= values[0] <= values[1]:
-        raise ValueError(f"{name} must be (low, high) with {floor:g} <= low <= high, got "
+      if len(values) != 2 or not floor <= values[0] <= values[1] < math.inf:
+        raise ValueError(f"{name} must be (low, high) with {floor:g} <= low <= high, both "
+                         f"finite, got "
                          f"{values}")
     if self.depth_scale_m is not None and self.depth_scale_m <= 0:
       raise ValueError(f"depth_scale_m must be positive or None, got {self.depth_scale_m}")
