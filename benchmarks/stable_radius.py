@@ -18,10 +18,11 @@ whole image (SOTS ``1400_1`` and ``1403_8``, ITS ``1_1``): the stable model is t
 on crops, and its blocks' radii grow with the image they run on.
 
 ``--modes``: where a block's radius comes from on each SOTS sample at full resolution:
-rho at the block's answer (60 power-iteration steps from noise) and the direction they
-converge to (the dominant mode), with the share of that mode's energy on the pixels the
-hazy input saturates (all three channels >= 250; one feature pixel per 2 x 2 input
-pixels, saturated when all four are) beside the share of such pixels in the image;
+rho at the block's answer (60 power-iteration steps from the Picard residual, seeded by
+the image's name) and the direction they converge to (the dominant mode), with the
+share of that mode's energy on the pixels the hazy input saturates (all three channels
+>= 250; one feature pixel per 2 x 2 input pixels, saturated when all four are) beside
+the share of such feature pixels in the image;
 ``--scales`` also runs each image resized by those factors (bicubic), ``--images`` picks
 samples.
 
@@ -39,6 +40,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -121,16 +123,22 @@ def modes(source: str, block: int, pairs, scales: tuple[float, ...] = (1.0,)) ->
     m = nnx.merge(graphdef, state)
     run = m.solve_blocks(m.model_input(x))[block - 1]
     t_map, f_state = m.im_blocks[block - 1].map_fn()
-    matvec, _ = spectral.linearise(lambda z: t_map(z, (run.g0, f_state)), run.result.value)
-    found = spectral.spectral_radius(matvec, jax.random.normal(key, run.g0.shape),
-                                     num_iters=MODE_STEPS, window=MODE_STEPS // 3)
+    g = run.result.value
+    matvec, _ = spectral.linearise(lambda z: t_map(z, (run.g0, f_state)), g)
+    # From the residual, which the Picard steps have turned towards the dominant mode.
+    start = contractive.residual_start(t_map(g, (run.g0, f_state)) - g,
+                                       jax.random.normal(key, g.shape))
+    found = spectral.spectral_radius(matvec, start, num_iters=MODE_STEPS,
+                                     window=MODE_STEPS // 3)
     return found["radius"], jnp.sum(jnp.square(found["vector"][0]), axis=-1)
 
   rows = []
-  for i, (key, hazy, _) in enumerate(pairs):
+  for key, hazy, _ in pairs:
     for scale in scales:
-      rows.append(_mode_row(mode, state, key, resized(hazy, scale), jax.random.key(i), block,
-                            scale))
+      # Seeded by the name: an image gets the same start whichever others are run.
+      rng = jax.random.key(zlib.crc32(key.encode()))
+      rows.append(_mode_row(mode, state, key, resized(hazy, scale), rng, block, scale,
+                            params.config.pad_mode))
   return rows
 
 
@@ -143,12 +151,14 @@ def resized(image: np.ndarray, scale: float) -> np.ndarray:
 
 
 def _mode_row(mode, state, key: str, hazy: np.ndarray, rng: jax.Array, block: int,
-              scale: float) -> dict:
+              scale: float, pad_mode: str) -> dict:
   rho, energy = jax.device_get(mode(state, jnp.asarray(hazy[None], jnp.float32) / 255.0, rng))
   h, w = energy.shape
-  # The encoder halves the image; odd sides were padded (model_input), so crop to 2h x 2w.
-  bright = (hazy.min(axis=-1) >= SATURATED)[:2 * h, :2 * w]
-  bright = np.pad(bright, ((0, 2 * h - bright.shape[0]), (0, 2 * w - bright.shape[1])))
+  # The encoder halves the image, an odd side padded by one row or column first
+  # (model_input, config.pad_mode): pad the mask the same way.
+  bright = hazy.min(axis=-1) >= SATURATED
+  bright = np.pad(bright, ((0, 2 * h - bright.shape[0]), (0, 2 * w - bright.shape[1])),
+                  mode=pad_mode)
   bright = bright.reshape(h, 2, w, 2).all(axis=(1, 3))
   row = {"image": key, "scale": scale, "size": list(hazy.shape[:2]), "rho": float(np.ravel(rho)[0]),
          "mode_on_saturated": float(energy[bright].sum() / energy.sum()),
@@ -239,10 +249,13 @@ def main() -> int:
       raise SystemExit(f"stable_radius: --scales must be in (0, 1], got {args.scales}")
     report.setdefault("modes", {})[f"{args.modes} block {args.block}"] = modes(
         args.modes, args.block, pairs, tuple(args.scales))
+    report["mode_estimate"] = (f"{MODE_STEPS} power-iteration steps from the Picard residual "
+                               "(contractive.residual_start), seeded by the image's name")
   else:
     report["linear"] = linear(args.shrink, pairs, args.shared)
-  report["radius_estimate"] = (f"{RADIUS_STEPS} power-iteration steps from the Picard "
-                               "residual (contractive.block_radius)")
+  if not args.modes:
+    report["radius_estimate"] = (f"{RADIUS_STEPS} power-iteration steps from the Picard "
+                                 "residual (contractive.block_radius)")
   if args.out:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

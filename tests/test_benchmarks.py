@@ -167,6 +167,7 @@ def test_stable_compose_takes_each_block_from_its_model(shared_dir, released_par
   assert "Traceback" not in bad.stderr, bad.stderr
 
 
+@pytest.mark.slow
 def test_stable_radius_modes_reports_the_saturated_share(shared_dir, released_params, tmp_path):
   small = _small_shared(shared_dir, tmp_path / "shared")
   hazy_path = small / "data/RESIDE/SOTS/indoor/hazy/1400_1.png"
@@ -181,15 +182,24 @@ def test_stable_radius_modes_reports_the_saturated_share(shared_dir, released_pa
       iterations=(30, 30, 30), best_so_far=True)), stable)
   out = tmp_path / "modes.json"
   script = REPO_ROOT / "benchmarks" / "stable_radius.py"
-  _run(script, "--modes", str(stable), "--block", "3", "--scales", "1", "0.5",
-       "--shared", str(small), "--out", str(out))
-  (rows,) = json.loads(out.read_text())["modes"].values()
+  _run(script, "--modes", str(stable), "--block", "3", "--scales", "1", "0.5", "0.7",
+       "--images", "1400_1", "--shared", str(small), "--out", str(out))
+  report = json.loads(out.read_text())
+  (rows,) = report["modes"].values()
+  assert "from the Picard residual" in report["mode_estimate"]
+  assert "radius_estimate" not in report
   assert [(r["image"], r["scale"], r["size"]) for r in rows] == [
-      ("1400_1", 1.0, [48, 64]), ("1400_1", 0.5, [24, 32])]
+      ("1400_1", 1.0, [48, 64]), ("1400_1", 0.5, [24, 32]), ("1400_1", 0.7, [34, 45])]
   assert rows[0]["saturated"] == pytest.approx(9 * 12 / (24 * 32))
   half = np.asarray(Image.fromarray(hazy).resize((32, 24), Image.BICUBIC))
   blocks = (half.min(-1) >= 250).reshape(12, 2, 16, 2).all(axis=(1, 3))
   assert rows[1]["saturated"] == pytest.approx(blocks.mean())
+  # 34 x 45: the model pads the last column by reflection (its pad_mode), 17 x 23 features.
+  odd = np.asarray(Image.fromarray(hazy).resize((45, 34), Image.BICUBIC)).min(-1) >= 250
+  odd = np.concatenate([odd, odd[:, -2:-1]], axis=1)
+  assert rows[2]["saturated"] == pytest.approx(
+      odd.reshape(17, 2, 23, 2).all(axis=(1, 3)).mean())
+  assert released_params.config.pad_mode == "reflect"
   for r in rows:
     assert 0 < r["rho"] < 10 and 0 <= r["mode_on_saturated"] <= 1
   for args, message in ((["--block", "4"], "--block must be from 1 to 3, got 4"),
