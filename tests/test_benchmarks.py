@@ -210,3 +210,22 @@ def test_stable_radius_modes_reports_the_saturated_share(shared_dir, released_pa
                          cwd=REPO_ROOT, env=checkout_env(), capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 1 and message in bad.stderr, bad.stderr
+
+
+@pytest.mark.slow
+def test_synthetic_saturation_counts_saturated_pixels(shared_dir, tmp_path):
+  small = _small_shared(shared_dir, tmp_path / "shared")
+  hazy_path = small / "data/RESIDE/SOTS/indoor/hazy/1400_1.png"
+  hazy = np.asarray(Image.open(hazy_path)).copy()
+  hazy[:10, :20] = 250
+  hazy[10, :20] = (250, 250, 249)  # one channel short: not saturated
+  Image.fromarray(hazy).save(hazy_path)
+  out = tmp_path / "saturation.json"
+  _run(REPO_ROOT / "benchmarks" / "synthetic_saturation.py", "--shared", str(small),
+       "--every", "100", "--exposure", "2.0", "3.0", "--out", str(out))
+  report = json.loads(out.read_text())
+  assert report["sots"] == {"1400_1": pytest.approx(200 / (48 * 64))}
+  plain, exposed = report["synthetic"]["[1.0, 1.0]"], report["synthetic"]["[2.0, 3.0]"]
+  assert plain["images"] == exposed["images"] == 6  # 204 clear images, every 100th, 2 hazes
+  # The same scenes at a gain of at least 2 saturate more.
+  assert exposed["max"] > plain["max"] and exposed["p90"] >= plain["p90"]

@@ -165,3 +165,16 @@ def test_room_depth_is_exact_z_depth():
   # Furniture stands inside the room, in front of the walls behind it.
   boxes = world[label >= 6]
   assert (boxes[:, 1] >= -1e-4).all() and (boxes[:, 2] <= room_depth + 1e-4).all()
+
+
+def test_one_scene_is_rendered_alone_as_generate_renders_it(examples):
+  assert synthetic.num_scenes("train", SMALL) == SMALL.train_rooms + SMALL.motorcycle_views
+  per = SMALL.hazes_per_scene
+  for position in (0, synthetic.num_scenes("train", SMALL) - 1):  # a room, a motorcycle view
+    alone = list(synthetic.scene_examples("train", position, SMALL))
+    expected = examples["train"][position * per:(position + 1) * per]
+    assert [ex["key"] for ex in alone] == [ex["key"] for ex in expected]
+    for x, y in zip(alone, expected):
+      np.testing.assert_array_equal(x["hazy"], y["hazy"])
+  with pytest.raises(ValueError, match="position 5 is outside the 5 scenes of 'train'"):
+    next(synthetic.scene_examples("train", 5, SMALL))

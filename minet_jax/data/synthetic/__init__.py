@@ -160,15 +160,32 @@ def generate(split: str, config: SyntheticHazeConfig | None = None) -> Iterator[
   int, ``beta`` and ``airlight`` float32.
   """
   config = config or SyntheticHazeConfig()
-  for scene, stream, index in _scene_list(split, config):
-    clear, depth = render_scene(stream, index, config)
-    # A separate stream for haze parameters: changing hazes_per_scene keeps the scenes.
-    rng = np.random.default_rng([config.seed, _STREAM[stream], index, 1])
-    for k in range(config.hazes_per_scene):
-      beta = float(rng.uniform(*config.beta_range))
-      airlight = float(rng.uniform(*config.airlight_range))
-      hazy = to_uint8(add_haze(clear, depth, beta, airlight, config.depth_scale_m))
-      suffix = f"{index:02d}_{k}" if stream == "motorcycle" else str(k)
-      yield {"hazy": hazy, "clear": clear, "depth": depth, "scene": scene,
-             "key": f"{scene}_{suffix}", "index": k, "beta": np.float32(beta),
-             "airlight": np.float32(airlight)}
+  for position in range(len(_scene_list(split, config))):
+    yield from scene_examples(split, position, config)
+
+
+def num_scenes(split: str, config: SyntheticHazeConfig | None = None) -> int:
+  """How many clear images a split holds (each hazed ``hazes_per_scene`` times)."""
+  return len(_scene_list(split, config or SyntheticHazeConfig()))
+
+
+def scene_examples(split: str, position: int,
+                   config: SyntheticHazeConfig | None = None) -> Iterator[dict]:
+  """The examples of the ``position``-th clear image of a split (`generate`'s, in its
+  order), rendering that scene alone."""
+  config = config or SyntheticHazeConfig()
+  scenes_ = _scene_list(split, config)
+  if not 0 <= position < len(scenes_):
+    raise ValueError(f"position {position} is outside the {len(scenes_)} scenes of {split!r}")
+  scene, stream, index = scenes_[position]
+  clear, depth = render_scene(stream, index, config)
+  # A separate stream for haze parameters: changing hazes_per_scene keeps the scenes.
+  rng = np.random.default_rng([config.seed, _STREAM[stream], index, 1])
+  for k in range(config.hazes_per_scene):
+    beta = float(rng.uniform(*config.beta_range))
+    airlight = float(rng.uniform(*config.airlight_range))
+    hazy = to_uint8(add_haze(clear, depth, beta, airlight, config.depth_scale_m))
+    suffix = f"{index:02d}_{k}" if stream == "motorcycle" else str(k)
+    yield {"hazy": hazy, "clear": clear, "depth": depth, "scene": scene,
+           "key": f"{scene}_{suffix}", "index": k, "beta": np.float32(beta),
+           "airlight": np.float32(airlight)}
