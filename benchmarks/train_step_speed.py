@@ -76,9 +76,13 @@ def measure(config: ml_collections.ConfigDict, shape: tuple[int, int, int], repe
            "clear": jnp.asarray(rng.random((n, h, w, 3), np.float32))}
   cfg = minet_jax.model_config(config.model)
   # What train.py starts from and steps with: the init_from weights and the teacher.
-  state = (loop._initial_state(config, cfg) if config.init_from
-           else state_lib.create_train_state(config, cfg=cfg))
-  step_args = dict(teacher=loop._teacher(config),
+  try:
+    state = (loop._initial_state(config, cfg) if config.init_from
+             else state_lib.create_train_state(config, cfg=cfg))
+    teacher = loop._teacher(config)
+  except (checks.ConfigError, OSError) as e:
+    raise SystemExit(f"train_step_speed: config.init_from {config.init_from!r}: {e}") from None
+  step_args = dict(teacher=teacher,
                    match_weight=float(config.teacher_match_weight),
                    output_weight=float(config.output_weight),
                    match_steps=int(config.teacher_match_steps),
