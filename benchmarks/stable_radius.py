@@ -4,7 +4,7 @@
     python benchmarks/stable_radius.py --sizes WORKDIR [--out FILE.json]
     python benchmarks/stable_radius.py --linear [--shrink 0.3] [--out FILE.json]
     python benchmarks/stable_radius.py --modes WORKDIR [--block 2] [--scales 1 0.75]
-        [--images 1402_9 ...] [--out FILE.json]
+        [--crops 128 256] [--images 1402_9 ...] [--out FILE.json]
 
 ``--score``: each trained model (a training workdir or checkpoint) on the 10 SOTS samples
 at full resolution with the solver it stores: PSNR / SSIM, solves converged, mean steps
@@ -23,8 +23,8 @@ the image's name) and the direction they converge to (the dominant mode), with t
 share of that mode's energy on the pixels the hazy input saturates (all three channels
 >= 250; one feature pixel per 2 x 2 input pixels, saturated when all four are) beside
 the share of such feature pixels in the image;
-``--scales`` also runs each image resized by those factors (bicubic), ``--images`` picks
-samples.
+``--scales`` also runs each image resized by those factors (bicubic), ``--crops`` square
+crops at full resolution centred where the mode peaks, ``--images`` picks samples.
 
 ``--linear``: could one 1x1 linear map (64 x 64 plus a bias, shared by the three blocks,
 foldable into the gate and deconv3 that read the block outputs) bring the
@@ -110,7 +110,8 @@ def sizes(source: str, pairs, shared: pathlib.Path) -> list[dict]:
   return rows
 
 
-def modes(source: str, block: int, pairs, scales: tuple[float, ...] = (1.0,)) -> list[dict]:
+def modes(source: str, block: int, pairs, scales: tuple[float, ...] = (1.0,),
+          crops: tuple[int, ...] = ()) -> list[dict]:
   params = minet_jax.load(source)
   if not 1 <= block <= params.config.num_blocks:
     raise SystemExit(f"stable_radius: --block must be from 1 to {params.config.num_blocks}, "
@@ -139,6 +140,16 @@ def modes(source: str, block: int, pairs, scales: tuple[float, ...] = (1.0,)) ->
       rng = jax.random.key(zlib.crc32(key.encode()))
       rows.append(_mode_row(mode, state, key, resized(hazy, scale), rng, block, scale,
                             params.config.pad_mode))
+      if scale != 1.0:
+        continue
+      # Crops at full resolution centred where the whole image's mode peaks.
+      cy, cx = (2 * v for v in rows[-1]["peak"])
+      for side in crops:
+        top = int(np.clip(cy - side // 2, 0, max(hazy.shape[0] - side, 0))) // 2 * 2
+        left = int(np.clip(cx - side // 2, 0, max(hazy.shape[1] - side, 0))) // 2 * 2
+        row = _mode_row(mode, state, key, hazy[top:top + side, left:left + side], rng, block,
+                        scale, params.config.pad_mode)
+        rows.append({**row, "crop_origin": [top, left]})
   return rows
 
 
@@ -160,7 +171,10 @@ def _mode_row(mode, state, key: str, hazy: np.ndarray, rng: jax.Array, block: in
   bright = np.pad(bright, ((0, 2 * h - bright.shape[0]), (0, 2 * w - bright.shape[1])),
                   mode=pad_mode)
   bright = bright.reshape(h, 2, w, 2).all(axis=(1, 3))
-  row = {"image": key, "scale": scale, "size": list(hazy.shape[:2]), "rho": float(np.ravel(rho)[0]),
+  row = {"image": key, "scale": scale, "size": list(hazy.shape[:2]),
+         "rho": float(np.ravel(rho)[0]),
+         # Where the mode's energy peaks, in feature pixels (half the image's).
+         "peak": [int(v) for v in np.unravel_index(np.argmax(energy), energy.shape)],
          "mode_on_saturated": float(energy[bright].sum() / energy.sum()),
          "saturated": float(bright.mean())}
   print(f"  {key:<8} {hazy.shape[0]}x{hazy.shape[1]} block {block}: rho {row['rho']:.3f}, "
@@ -226,6 +240,9 @@ def main() -> int:
   parser.add_argument("--block", type=int, default=2, help="--modes: the IM-block (from 1)")
   parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
                       help="--modes: also run each image resized by these factors")
+  parser.add_argument("--crops", type=int, nargs="+", default=[],
+                      help="--modes: also run square crops of these sides at full "
+                           "resolution, centred where the whole image's mode peaks")
   parser.add_argument("--images", nargs="+", default=None,
                       help="--modes: only these SOTS samples (default: all)")
   parser.add_argument("--shrink", type=stable_minet.shrink_factors, default=(0.3,))
@@ -247,8 +264,10 @@ def main() -> int:
       pairs = [p for p in pairs if p[0] in args.images]
     if not all(0 < s <= 1 for s in args.scales):
       raise SystemExit(f"stable_radius: --scales must be in (0, 1], got {args.scales}")
+    if not all(16 <= c and c % 2 == 0 for c in args.crops):
+      raise SystemExit(f"stable_radius: --crops must be even sides >= 16, got {args.crops}")
     report.setdefault("modes", {})[f"{args.modes} block {args.block}"] = modes(
-        args.modes, args.block, pairs, tuple(args.scales))
+        args.modes, args.block, pairs, tuple(args.scales), tuple(args.crops))
     report["mode_estimate"] = (f"{MODE_STEPS} power-iteration steps from the Picard residual "
                                "(contractive.residual_start), seeded by the image's name")
   else:

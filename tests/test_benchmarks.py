@@ -183,14 +183,24 @@ def test_stable_radius_modes_reports_the_saturated_share(shared_dir, released_pa
   out = tmp_path / "modes.json"
   script = REPO_ROOT / "benchmarks" / "stable_radius.py"
   _run(script, "--modes", str(stable), "--block", "3", "--scales", "1", "0.5", "0.7",
-       "--images", "1400_1", "--shared", str(small), "--out", str(out))
+       "--crops", "32", "--images", "1400_1", "--shared", str(small), "--out", str(out))
   report = json.loads(out.read_text())
   (rows,) = report["modes"].values()
   assert "from the Picard residual" in report["mode_estimate"]
   assert "radius_estimate" not in report
+  crop = rows.pop(1)  # the 32 px crop comes right after the full-size row
   assert [(r["image"], r["scale"], r["size"]) for r in rows] == [
       ("1400_1", 1.0, [48, 64]), ("1400_1", 0.5, [24, 32]), ("1400_1", 0.7, [34, 45])]
   assert rows[0]["saturated"] == pytest.approx(9 * 12 / (24 * 32))
+  # Centred on the full image's peak (feature pixels, so x 2), inside the image, even.
+  top, left = crop["crop_origin"]
+  assert crop["size"] == [32, 32] and top % 2 == left % 2 == 0
+  assert 0 <= top <= 16 and 0 <= left <= 32
+  py, px = rows[0]["peak"]
+  assert top == min(max(2 * py - 16, 0), 16) // 2 * 2
+  assert left == min(max(2 * px - 16, 0), 32) // 2 * 2
+  window = hazy[top:top + 32, left:left + 32].min(-1) >= 250
+  assert crop["saturated"] == pytest.approx(window.reshape(16, 2, 16, 2).all(axis=(1, 3)).mean())
   half = np.asarray(Image.fromarray(hazy).resize((32, 24), Image.BICUBIC))
   blocks = (half.min(-1) >= 250).reshape(12, 2, 16, 2).all(axis=(1, 3))
   assert rows[1]["saturated"] == pytest.approx(blocks.mean())
@@ -204,7 +214,8 @@ def test_stable_radius_modes_reports_the_saturated_share(shared_dir, released_pa
     assert 0 < r["rho"] < 10 and 0 <= r["mode_on_saturated"] <= 1
   for args, message in ((["--block", "4"], "--block must be from 1 to 3, got 4"),
                         (["--images", "1499_1"], "--images: no SOTS sample 1499_1"),
-                        (["--scales", "2"], "--scales must be in (0, 1]")):
+                        (["--scales", "2"], "--scales must be in (0, 1]"),
+                        (["--crops", "15"], "--crops must be even sides >= 16")):
     bad = subprocess.run([sys.executable, str(script), "--modes", str(stable),
                           "--shared", str(small), *args],
                          cwd=REPO_ROOT, env=checkout_env(), capture_output=True, text=True,
