@@ -81,8 +81,7 @@ class SyntheticHazeConfig:
       values = getattr(self, name)
       if len(values) != 2 or not floor <= values[0] <= values[1] < math.inf:
         raise ValueError(f"{name} must be (low, high) with {floor:g} <= low <= high, both "
-                         f"finite, got "
-                         f"{values}")
+                         f"finite, got {values}")
     if self.depth_scale_m is not None and self.depth_scale_m <= 0:
       raise ValueError(f"depth_scale_m must be positive or None, got {self.depth_scale_m}")
 
@@ -160,7 +159,7 @@ def generate(split: str, config: SyntheticHazeConfig | None = None) -> Iterator[
   int, ``beta`` and ``airlight`` float32.
   """
   config = config or SyntheticHazeConfig()
-  for position in range(len(_scene_list(split, config))):
+  for position in range(num_scenes(split, config)):
     yield from scene_examples(split, position, config)
 
 
