@@ -79,14 +79,9 @@ def measure(config: ml_collections.ConfigDict, shape: tuple[int, int, int], repe
   try:
     state = (loop._initial_state(config, cfg) if config.init_from
              else state_lib.create_train_state(config, cfg=cfg))
-    teacher = loop._teacher(config)
+    step_args = loop.step_options(config, cfg.num_blocks)
   except (checks.ConfigError, OSError) as e:
     raise SystemExit(f"train_step_speed: config.init_from {config.init_from!r}: {e}") from None
-  step_args = dict(teacher=teacher,
-                   match_weight=float(config.teacher_match_weight),
-                   output_weight=float(config.output_weight),
-                   match_steps=int(config.teacher_match_steps),
-                   train_blocks=checks.trained_blocks(config, cfg.num_blocks))
   graphdef, _ = nnx.split(state.merge()[0])
   key = jax.random.key(0)
 

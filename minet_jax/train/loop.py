@@ -150,6 +150,16 @@ def _teacher(config: ml_collections.ConfigDict) -> Params | None:
   return hub.resolve(config.init_from if config.teacher == "init_from" else config.teacher)
 
 
+def step_options(config: ml_collections.ConfigDict, num_blocks: int) -> dict[str, Any]:
+  """What ``config`` asks of a training step beyond its loss, schedule and compiler
+  options: the teacher, the weights of the matching and output terms, the matching
+  steps and the trained blocks, as `make_train_step` (and `train_step`) take them."""
+  return dict(teacher=_teacher(config), match_weight=float(config.teacher_match_weight),
+              output_weight=float(config.output_weight),
+              match_steps=int(config.teacher_match_steps),
+              train_blocks=trained_blocks(config, num_blocks))
+
+
 @dataclasses.dataclass
 class _Start:
   """What an accepted start has read: the data sources and the weights to start from."""
@@ -243,11 +253,8 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
 
   schedule = learning_rate_schedule(config.optimizer)
   train_step = make_train_step(config.loss, schedule, replicated, sharding.batch_sharded(mesh),
-                               ynn_fusions=config.xla_cpu_ynn_fusions, teacher=_teacher(config),
-                               match_weight=float(config.teacher_match_weight),
-                               output_weight=float(config.output_weight),
-                               match_steps=int(config.teacher_match_steps),
-                               train_blocks=trained_blocks(config, cfg.num_blocks))
+                               ynn_fusions=config.xla_cpu_ynn_fusions,
+                               **step_options(config, cfg.num_blocks))
 
   step = int(state.step)
   total = int(config.num_train_steps)
