@@ -56,11 +56,11 @@ from minet_jax.image_io import centre_crop
 from minet_jax.stability import contractive, spectral
 
 import stable_minet  # benchmarks/stable_minet.py: the SOTS scoring, shared
+import synthetic_saturation  # benchmarks/synthetic_saturation.py: what counts as saturated
 
 RADIUS_STEPS = 30
 SIZE_IMAGES = ("1400_1", "1403_8")
 MODE_STEPS = 60
-SATURATED = 250  # 8-bit level, in every channel, from which a hazy pixel counts as saturated
 
 
 def radii(params: Params, images) -> np.ndarray:
@@ -167,7 +167,7 @@ def _mode_row(mode, state, key: str, hazy: np.ndarray, rng: jax.Array, block: in
   h, w = energy.shape
   # The encoder halves the image, an odd side padded by one row or column first
   # (model_input, config.pad_mode): pad the mask the same way.
-  bright = hazy.min(axis=-1) >= SATURATED
+  bright = synthetic_saturation.saturated(hazy)
   bright = np.pad(bright, ((0, 2 * h - bright.shape[0]), (0, 2 * w - bright.shape[1])),
                   mode=pad_mode)
   bright = bright.reshape(h, 2, w, 2).all(axis=(1, 3))

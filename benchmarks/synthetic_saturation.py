@@ -6,8 +6,9 @@ A pixel counts as saturated when every channel is >= 250 (8-bit). Prints the sha
 such pixels in each SOTS sample of ``../shared``, then the same share over the train
 split of `configs/stable.py`'s synthetic set (the hazy images of every ``--every``-th
 clear image), without camera exposure and with ``--exposure``
-(`SyntheticHazeConfig.exposure_range`). The three samples on which trained stage models' block 2 expands are the saturated ones
-(docs/STABILITY.md, "Where block 2 expands"); docs/DATA.md quotes these figures.
+(`SyntheticHazeConfig.exposure_range`). The three samples on which trained stage
+models' block 2 expands are the saturated ones (docs/STABILITY.md, "Where block 2
+expands"); docs/DATA.md quotes these figures.
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ from minet_jax.train.inputs import synthetic_config
 
 import stable_minet  # benchmarks/stable_minet.py: where ../shared is
 
-SATURATED = 250
+SATURATED = 250  # 8-bit level, in every channel, from which a pixel counts as saturated
 _CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def saturated(image: np.ndarray) -> np.ndarray:
+  """HxW mask of the pixels of a uint8 HxWx3 image with every channel >= 250."""
+  return image.min(axis=-1) >= SATURATED
 
 
 def saturated_share(image: np.ndarray) -> float:
   """Share of the pixels of a uint8 HxWx3 image with every channel >= 250."""
-  return float((image.min(axis=-1) >= SATURATED).mean())
+  return float(saturated(image).mean())
 
 
 def synthetic_shares(config: synthetic.SyntheticHazeConfig, every: int) -> dict:

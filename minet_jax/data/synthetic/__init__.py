@@ -159,8 +159,8 @@ def generate(split: str, config: SyntheticHazeConfig | None = None) -> Iterator[
   int, ``beta`` and ``airlight`` float32.
   """
   config = config or SyntheticHazeConfig()
-  for position in range(num_scenes(split, config)):
-    yield from scene_examples(split, position, config)
+  for scene in _scene_list(split, config):
+    yield from _hazed(*scene, config)
 
 
 def num_scenes(split: str, config: SyntheticHazeConfig | None = None) -> int:
@@ -176,7 +176,11 @@ def scene_examples(split: str, position: int,
   scenes_ = _scene_list(split, config)
   if not 0 <= position < len(scenes_):
     raise ValueError(f"position {position} is outside the {len(scenes_)} scenes of {split!r}")
-  scene, stream, index = scenes_[position]
+  return _hazed(*scenes_[position], config)
+
+
+def _hazed(scene: str, stream: str, index: int, config: SyntheticHazeConfig) -> Iterator[dict]:
+  """The ``hazes_per_scene`` examples of one clear image."""
   clear, depth = render_scene(stream, index, config)
   # A separate stream for haze parameters: changing hazes_per_scene keeps the scenes.
   rng = np.random.default_rng([config.seed, _STREAM[stream], index, 1])
