@@ -240,3 +240,57 @@ def test_synthetic_saturation_counts_saturated_pixels(shared_dir, tmp_path):
   assert plain["images"] == exposed["images"] == 6  # 204 clear images, every 100th, 2 hazes
   # The same scenes at a gain of at least 2 saturate more.
   assert exposed["max"] > plain["max"] and exposed["p90"] >= plain["p90"]
+
+
+@pytest.mark.slow
+def test_stable_fullres_trains_one_block_on_whole_renders(shared_dir, released_params, tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from minet_jax.core.params import model_from_params
+  from minet_jax.stability import contractive
+  sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+  import stable_fullres
+  pth = str(shared_dir / "weights" / "minet_its_official.pth")
+  out = tmp_path / "block2"
+  script = REPO_ROOT / "benchmarks" / "stable_fullres.py"
+  _run(script, "--init", pth, "--teacher", pth, "--block", "2", "--fraction", "0.5",
+       "--target", "0.4", "--steps", "2", "--rooms", "1", "--size", "48", "64",
+       "--exposure", "1", "1", "--out", str(out))
+  trained = minet_jax.load(out)
+  assert trained.config.stage_fraction == (1.0, 0.5, 1.0)
+  assert trained.config.contractive_target[1] == 0.4
+  # Only block 2's f moved.
+  for name, value in trained.weights.items():
+    if name != "im_blocks":
+      jax.tree.map(np.testing.assert_array_equal, value, released_params.weights[name])
+  for b in ("0", "2"):
+    jax.tree.map(np.testing.assert_array_equal, trained.weights["im_blocks"][b],
+                 released_params.weights["im_blocks"][b])
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
+                                       trained.weights["im_blocks"]["1"],
+                                       released_params.weights["im_blocks"]["1"]))
+  assert any(moved)
+  log = json.loads(out.with_name("block2.json").read_text())
+  assert [s["step"] for s in log["steps"]] == [0, 1] and log["saturated_share"] == 0.0
+  # Step 0 is logged before its update: the matching term of the released block 2 at
+  # fraction 0.5, from the released model's own block input and output on that render.
+  hazy = stable_fullres.renders(1, (48, 64), (1.0, 1.0), 7)
+  _, _, runs = model_from_params(released_params).forward_runs(jnp.asarray(hazy))
+  student = model_from_params(released_params.replace_config(stage_fraction=(1.0, 0.5, 1.0)))
+  expected = contractive.fixed_point_mismatch(student.im_blocks[1], runs[1].g0, runs[1].output)
+  assert log["steps"][0]["mismatch"] == pytest.approx(float(expected[0]), rel=1e-4)
+  assert 0 < log["steps"][0]["rho"] < 10
+
+  for args, message in ((["--size", "47", "64"], "--size must be even"),
+                        (["--fraction", "1.5"], "a stage fraction lies in (0, 1]"),
+                        (["--exposure", "0.5", "1"], "--exposure"),
+                        (["--block", "4"], "--block 4: the model has 3 IM-blocks"),
+                        (["--out", str(out)], "exists")):
+    base = {"--init": pth, "--teacher": pth, "--block": "2", "--fraction": "0.5",
+            "--target": "0.4", "--out": str(tmp_path / "new")}
+    argv = [a for k, v in base.items() if k not in args for a in (k, v)] + args
+    bad = subprocess.run([sys.executable, str(script), *argv], cwd=REPO_ROOT,
+                         env=checkout_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+  assert not (tmp_path / "new").exists()
