@@ -31,6 +31,7 @@ import minet_jax
 from minet_jax.core import checkpoint
 from minet_jax.core.params import Params
 from minet_jax.data import folders
+from minet_jax.train.state import replace_blocks
 
 from stable_minet import DEFAULT_SHARED, load_stable, scores
 
@@ -59,11 +60,10 @@ def compose(models: list[Params], fractions: list[float]) -> Params:
     if not model.config.same_architecture(dataclasses.replace(
         first.config, stage_fraction=model.config.stage_fraction)):
       raise ValueError(f"--block {i + 1}: not the first model's architecture")
-  weights = dict(first.weights)
-  weights["im_blocks"] = {str(i): models[i].weights["im_blocks"][str(i)] for i in range(blocks)}
   targets = tuple(models[i].config.contractive_target[i] for i in range(blocks))
   cfg = dataclasses.replace(first.config, stage_fraction=tuple(fractions),
                             contractive_target=targets)
+  weights = replace_blocks(first, dict(enumerate(models))).weights
   return Params(weights=weights, config=cfg)
 
 

@@ -222,7 +222,7 @@ def test_config_files_load_by_path_from_outside_the_checkout(tmp_path):
   assert sys.path == path_before
   assert not {m for m in set(sys.modules) - modules_before if "config" in m}
   assert set(loaded) >= {"default.py", "its.py", "its_authors.py", "quickstart.py",
-                         "stable.py", "tiny.py", "paper_text.py"}
+                         "stable.py", "stable_fullres.py", "tiny.py", "paper_text.py"}
   for name, config in loaded.items():
     here = config_file.load_module(REPO / "configs" / name).get_config()
     assert config.to_json_best_effort() == here.to_json_best_effort(), name

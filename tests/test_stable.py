@@ -193,3 +193,35 @@ def test_penalty_at_points_of_some_blocks_is_their_share(random_params):
   for bad in ([], [3]):
     with pytest.raises(ValueError, match="must name one or more of the 3 IM-blocks"):
       contractive.penalty_at_points(params, points, key=key, blocks=bad)
+
+
+def test_stable_fullres_trains_block_2_again_from_the_released_block(released_params,
+                                                                   shared_dir, tmp_path):
+  # The second command: configs/stable.py's model with block 2 replaced by the released
+  # one at fraction 0.5, trained alone on whole renders, the released model the teacher.
+  from minet_jax.core import checkpoint
+  from minet_jax.train.checks import trained_blocks, validate_config
+  from minet_jax.train.loop import _initial_state, _teacher
+  from configs import stable_fullres
+  first = model_config(stable.get_config().model)
+  # A stand-in for configs/stable.py's model: its config, every block weight x 0.9.
+  weights = dict(released_params.weights)
+  weights["im_blocks"] = jax.tree.map(lambda w: 0.9 * w, weights["im_blocks"])
+  checkpoint.save(Params(weights=weights, config=first), tmp_path / "stable")
+  pth = str(shared_dir / "weights" / "minet_its_official.pth")
+  config = stable_fullres.get_config()
+  assert (config.init_from, tuple(config.init_blocks_from), config.teacher) == (
+      "workdirs/stable", ("", "its", ""), "its")
+  config.init_from = str(tmp_path / "stable")
+  config.init_blocks_from = ("", pth, "")
+  config.teacher = pth
+  cfg = validate_config(config)
+  assert cfg.stage_fraction == (first.stage_fraction[0], 0.5, first.stage_fraction[2])
+  assert cfg.same_architecture(dataclasses.replace(first, stage_fraction=cfg.stage_fraction))
+  assert trained_blocks(config, 3) == (1,)
+  assert config.data.crop_size == 0 and tuple(config.data.synthetic.image_size) == (460, 620)
+  start = _initial_state(config, cfg).params().weights
+  expected = dict(weights)
+  expected["im_blocks"] = {**weights["im_blocks"], "1": released_params.weights["im_blocks"]["1"]}
+  jax.tree.map(np.testing.assert_array_equal, start, expected)
+  assert _teacher(config).config.stage_fraction == (1.0, 1.0, 1.0)

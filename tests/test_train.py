@@ -992,3 +992,45 @@ def test_resume_takes_other_solve_settings(two_step_run, data_dir, tmp_path):
       "model.solver": "picard", "model.rtol": 1e-2, "model.backward": "phantom"}), workdir)
   assert summary["step"] == 3
   assert minet_jax.load(workdir).config.solver == "picard"
+
+
+def test_init_blocks_from_takes_those_blocks_from_other_models(tmp_path):
+  from minet_jax.train.loop import _initial_state
+  config = tiny.get_config()
+  start = state_lib.create_train_state(config).params()
+  config.seed = 5
+  other = state_lib.create_train_state(config).params()
+  config.seed = 0
+  minet_jax.save(start, tmp_path / "start")
+  minet_jax.save(other, tmp_path / "other")
+  config.init_from = str(tmp_path / "start")
+  config.init_blocks_from = ("", str(tmp_path / "other"), "")
+  cfg = validate_config(config)
+  weights = _initial_state(config, cfg).params().weights
+  for name in weights:
+    if name != "im_blocks":
+      jax.tree.map(np.testing.assert_array_equal, weights[name], start.weights[name])
+  for i, source in (("0", start), ("1", other), ("2", start)):
+    jax.tree.map(np.testing.assert_array_equal, weights["im_blocks"][i],
+                 source.weights["im_blocks"][i])
+  # Applied before init_block_scale, which then scales the replaced block too.
+  config.init_block_scale = (1.0, 0.5, 1.0)
+  scaled = _initial_state(config, cfg).params().weights["im_blocks"]["1"]["f"]["norm2"]
+  np.testing.assert_allclose(scaled["scale"],
+                             0.5 * np.asarray(other.weights["im_blocks"]["1"]["f"]["norm2"]["scale"]))
+  for bad in [("", "x"), ("", 1, "")]:
+    config.init_blocks_from = bad
+    with pytest.raises(ConfigError, match="init_blocks_from .* one entry per IM-block"):
+      validate_config(config)
+  config.init_blocks_from, config.init_block_scale = ("", str(tmp_path / "other"), ""), ()
+  config.init_from = ""
+  with pytest.raises(ConfigError, match="needs config.init_from"):
+    validate_config(config)
+  # A source whose block has other shapes is refused, naming the field.
+  config.init_from = str(tmp_path / "start")
+  config.model.features = 4
+  minet_jax.save(state_lib.create_train_state(config).params(), tmp_path / "narrow")
+  config.model.features = tiny.get_config().model.features
+  config.init_blocks_from = ("", "", str(tmp_path / "narrow"))
+  with pytest.raises(ConfigError, match="init_blocks_from: IM-block 3 of the source has other"):
+    _initial_state(config, cfg)

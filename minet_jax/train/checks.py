@@ -69,6 +69,11 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if trained_blocks(config, cfg.num_blocks) is not None and not config.init_from:
     raise ConfigError("config.train_blocks needs config.init_from (the weights the other "
                       "parameters keep)")
+  sources = tuple(config.init_blocks_from)
+  if sources and (not config.init_from or len(sources) != cfg.num_blocks
+                  or not all(isinstance(s, str) for s in sources)):
+    raise ConfigError(f"config.init_blocks_from {sources} needs config.init_from and one "
+                      f"entry per IM-block ({cfg.num_blocks}): \"\" or a model for that block")
   scale = tuple(config.init_block_scale)
   if scale and (not config.init_from or not all(float(s) > 0 for s in scale)):
     raise ConfigError(f"config.init_block_scale {scale} needs config.init_from and one "

@@ -154,6 +154,11 @@ def get_config() -> ml_collections.ConfigDict:
   # authors' .pth file, or "its" for the released weights, fetched once and cached:
   # minet_jax.hub); "" starts from a random init. Ignored when the workdir already holds a checkpoint.
   config.init_from = ""
+  # With init_from: one entry per IM-block, "" or a model (as init_from names one) whose
+  # weights of that block replace init_from's, e.g. ("", "its", "") to train block 2
+  # again from the released block (minet_jax.train.state.replace_blocks;
+  # configs/stable_fullres.py); () = none.
+  config.init_blocks_from = ()
   # With init_from: scale each IM-block's f by these factors (one per block; () = no
   # change) before training (minet_jax.train.state.shrink_blocks; configs/stable.py).
   config.init_block_scale = ()

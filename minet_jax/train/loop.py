@@ -40,7 +40,8 @@ from minet_jax.train.lock import WorkdirLock
 from minet_jax.train.logging import MetricWriter
 from minet_jax.train.signals import StopRequest
 from minet_jax.train.state import (TrainState, abstract_train_state, create_train_state,
-                                   learning_rate_schedule, shrink_blocks)
+                                   learning_rate_schedule, replace_blocks,
+                                   shrink_blocks)
 from minet_jax.train.step import make_train_step
 
 __all__ = ["ConfigError", "DiskFullError", "NonFiniteLossError", "train_and_evaluate",
@@ -104,8 +105,9 @@ def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> Non
 
 
 def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | None:
-  """``config.init_from``'s weights (None when unset), each IM-block's f scaled by
-  ``config.init_block_scale`` when given; refuses an architecture other than `cfg`'s
+  """``config.init_from``'s weights (None when unset), with the IM-blocks that
+  ``config.init_blocks_from`` names taken from those models and each block's f scaled
+  by ``config.init_block_scale`` when given; refuses an architecture other than `cfg`'s
   (``config.model``)."""
   if not config.init_from:
     return None
@@ -122,6 +124,12 @@ def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | 
     raise ConfigError(f"config.init_from {config.init_from} has a different architecture "
                       f"than config.model ({architecture_differences(old, new)}); set "
                       "config.model to the checkpoint's architecture")
+  sources = {i: hub.resolve(spec) for i, spec in enumerate(config.init_blocks_from) if spec}
+  if sources:
+    try:
+      params = replace_blocks(params, sources)
+    except ValueError as e:
+      raise ConfigError(f"config.init_blocks_from: {e}") from e
   if tuple(config.init_block_scale):
     params = shrink_blocks(params, tuple(config.init_block_scale))
   return params

@@ -9,7 +9,7 @@ checkpoint is a pure dict of them.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +133,27 @@ def shrink_blocks(params: Params, factors: tuple[float, ...]) -> Params:
   for i, s in enumerate(factors):
     norm = dict(weights["im_blocks"][str(i)]["f"]["norm2"])
     weights["im_blocks"][str(i)]["f"]["norm2"] = {k: v * s for k, v in norm.items()}
+  return Params(weights=weights, config=params.config)
+
+
+def replace_blocks(params: Params, sources: Mapping[int, Params]) -> Params:
+  """The same model with IM-block i's weights (0-based) taken from ``sources[i]``.
+
+  Each source must hold the block with the same parameter names and shapes (its other
+  layers and its config are not read): a block trained in another run, or the released
+  block as the start of a block trained again (configs/stable_fullres.py).
+  """
+  weights = dict(params.weights)
+  blocks = dict(weights["im_blocks"])
+  for i, source in sources.items():
+    if not 0 <= i < params.config.num_blocks:
+      raise ValueError(f"IM-block index {i} is outside the model's {params.config.num_blocks}")
+    theirs = source.weights.get("im_blocks", {}).get(str(i))
+    if theirs is None or (jax.tree.map(jnp.shape, theirs)
+                          != jax.tree.map(jnp.shape, blocks[str(i)])):
+      raise ValueError(f"IM-block {i + 1} of the source has other parameters than the model's")
+    blocks[str(i)] = theirs
+  weights["im_blocks"] = blocks
   return Params(weights=weights, config=params.config)
 
 
