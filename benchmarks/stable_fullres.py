@@ -30,10 +30,12 @@ fixed set of renders, no checkpoints while it runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,13 +45,14 @@ from flax import nnx
 
 from minet_jax import hub
 from minet_jax.core import checkpoint
-from minet_jax.core.params import model_from_params, params_from_model
+from minet_jax.core.config import ModelConfig
+from minet_jax.core.params import Params, model_from_params, params_from_model
 from minet_jax.data import synthetic
 from minet_jax.stability import contractive
 
 
-def _positive(kind):
-  def parse(text: str):
+def _positive(kind: type) -> Callable[[str], float]:
+  def parse(text: str) -> float:
     value = kind(text)
     if not value > 0:
       raise argparse.ArgumentTypeError(f"must be positive, got {text}")
@@ -59,30 +62,35 @@ def _positive(kind):
 
 def _fraction(text: str) -> float:
   value = float(text)
-  if not 0.0 < value <= 1.0:
-    raise argparse.ArgumentTypeError(f"a stage fraction lies in (0, 1], got {text}")
+  try:  # The config's own check of a fraction.
+    ModelConfig(stage_fraction=value)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from e
   return value
 
 
-def renders(rooms: int, size: tuple[int, int], exposure: tuple[float, float],
-            seed: int) -> np.ndarray:
-  """One hazy render per room, float32 [0, 1], (rooms, H, W, 3)."""
-  config = synthetic.SyntheticHazeConfig(image_size=size, train_rooms=rooms,
-                                         motorcycle_views=0, hazes_per_scene=1,
-                                         exposure_range=exposure, seed=seed)
+def render_config(rooms: int, size: tuple[int, int], exposure: tuple[float, float],
+                  seed: int) -> synthetic.SyntheticHazeConfig:
+  """The renders' set: ``rooms`` rooms at ``size``, one haze each, no motorcycle views."""
+  return synthetic.SyntheticHazeConfig(image_size=size, train_rooms=rooms,
+                                       motorcycle_views=0, hazes_per_scene=1,
+                                       exposure_range=exposure, seed=seed)
+
+
+def renders(config: synthetic.SyntheticHazeConfig) -> np.ndarray:
+  """The hazy images of the set's train split, float32 [0, 1], (N, H, W, 3)."""
   return np.stack([ex["hazy"] for ex in synthetic.generate("train", config)]
                   ).astype(np.float32) / 255.0
 
 
-def train_block(init, teacher, hazy: np.ndarray, *, block: int, fraction: float,
-                target: float, steps: int, learning_rate: float, hinge_weight: float,
-                iters: int, seed: int = 0, log=print):
-  """``init`` (Params) with block ``block`` (0-based) trained as described above;
-  returns (Params, per-step records)."""
+def train_block(init: Params, teacher: Params, hazy: np.ndarray, *, block: int,
+                fraction: float, target: float, steps: int, learning_rate: float,
+                hinge_weight: float, iters: int, seed: int = 0,
+                log: Callable[[str], None] = print) -> tuple[Params, list[dict]]:
+  """``init`` with block ``block`` (0-based) trained as described above; returns the
+  model and the per-step records (matching term and radius, before each update)."""
   fractions = list(init.config.stage_fraction)
-  targets = list(init.config.contractive_target)
-  if len(targets) == 1:
-    targets = targets * init.config.num_blocks
+  targets = list(init.config.contractive_target)  # One per block (ModelConfig).
   fractions[block], targets[block] = fraction, target
   student = model_from_params(init.replace_config(stage_fraction=tuple(fractions),
                                                   contractive_target=tuple(targets)))
@@ -103,9 +111,9 @@ def train_block(init, teacher, hazy: np.ndarray, *, block: int, fraction: float,
   def step(im_block, optimizer, g0, y, key):
     def loss_fn(im_block):
       mismatch = jnp.mean(contractive.fixed_point_mismatch(im_block, g0, y))
-      rho = contractive.block_radius(im_block, g0, im_block.stage_of(g0, y), key, iters)
-      hinge = jnp.mean(jnp.square(jax.nn.relu(rho - target)))
-      return mismatch + hinge_weight * hinge, (mismatch, jnp.mean(rho))
+      hinge, rho = contractive.block_term(im_block, g0, im_block.stage_of(g0, y), key,
+                                          kind="radius", num_iters=iters, target=target)
+      return mismatch + hinge_weight * hinge, (mismatch, rho)
     (_, (mismatch, rho)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(im_block)
     optimizer.update(im_block, grads)
     return mismatch, rho
@@ -132,7 +140,8 @@ def main() -> int:
   parser.add_argument("--teacher", default="its", help="the frozen teacher (default: the "
                       "released model, fetched once; a checkpoint folder or .pth works offline)")
   parser.add_argument("--block", type=_positive(int), required=True, help="IM-block, from 1")
-  parser.add_argument("--fraction", type=_fraction, required=True)
+  parser.add_argument("--fraction", type=_fraction, required=True,
+                      help="the block's stage fraction (ModelConfig.stage_fraction)")
   parser.add_argument("--target", type=_positive(float), required=True)
   parser.add_argument("--steps", type=_positive(int), default=300)
   parser.add_argument("--learning-rate", type=_positive(float), default=3e-3)
@@ -149,20 +158,27 @@ def main() -> int:
   if args.size[0] % 2 or args.size[1] % 2:
     parser.error(f"--size must be even, got {args.size[0]} x {args.size[1]}")
   try:
-    synthetic.SyntheticHazeConfig(exposure_range=tuple(args.exposure))
-  except ValueError as e:
-    parser.error(f"--exposure: {e}")
-  if args.out.exists():
-    parser.error(f"--out {args.out} exists; give a new folder")
+    data = render_config(args.rooms, tuple(args.size), tuple(args.exposure), args.seed)
+  except ValueError as e:  # The set's own checks: size, exposure.
+    parser.error(f"--size / --exposure / --rooms: {e}")
+  log_path = args.out.with_name(args.out.name + ".json")
+  for path in (args.out, log_path):
+    if path.exists():
+      parser.error(f"{path} exists; give --out a new name")
+  if not args.out.parent.is_dir():
+    parser.error(f"--out: no folder {args.out.parent}")
   try:
     init, teacher = hub.resolve(args.init), hub.resolve(args.teacher)
   except (OSError, ValueError) as e:
     parser.error(str(e))
   if args.block > init.config.num_blocks:
     parser.error(f"--block {args.block}: the model has {init.config.num_blocks} IM-blocks")
+  if not init.config.same_architecture(dataclasses.replace(
+      teacher.config, stage_fraction=init.config.stage_fraction)):
+    parser.error("--teacher has another architecture than --init")
 
   start = time.perf_counter()
-  hazy = renders(args.rooms, tuple(args.size), tuple(args.exposure), args.seed)
+  hazy = renders(data)
   saturated = float(np.mean(np.all(hazy >= 250 / 255, axis=-1)))
   print(f"{len(hazy)} renders at {args.size[0]} x {args.size[1]}, {saturated:.1%} of "
         f"their pixels saturated", flush=True)
@@ -172,7 +188,6 @@ def main() -> int:
       iters=args.iters, log=lambda line: print(line, flush=True))
   checkpoint.save(params, args.out)
   seconds = time.perf_counter() - start
-  log_path = args.out.with_name(args.out.name + ".json")
   log_path.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, pathlib.Path) else v)
                                            for k, v in vars(args).items()},
                                   "saturated_share": saturated, "seconds": seconds,

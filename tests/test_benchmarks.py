@@ -274,18 +274,23 @@ def test_stable_fullres_trains_one_block_on_whole_renders(shared_dir, released_p
   assert [s["step"] for s in log["steps"]] == [0, 1] and log["saturated_share"] == 0.0
   # Step 0 is logged before its update: the matching term of the released block 2 at
   # fraction 0.5, from the released model's own block input and output on that render.
-  hazy = stable_fullres.renders(1, (48, 64), (1.0, 1.0), 7)
+  hazy = stable_fullres.renders(stable_fullres.render_config(1, (48, 64), (1.0, 1.0), 7))
   _, _, runs = model_from_params(released_params).forward_runs(jnp.asarray(hazy))
   student = model_from_params(released_params.replace_config(stage_fraction=(1.0, 0.5, 1.0)))
   expected = contractive.fixed_point_mismatch(student.im_blocks[1], runs[1].g0, runs[1].output)
   assert log["steps"][0]["mismatch"] == pytest.approx(float(expected[0]), rel=1e-4)
   assert 0 < log["steps"][0]["rho"] < 10
 
+  (tmp_path / "taken.json").write_text("kept")
   for args, message in ((["--size", "47", "64"], "--size must be even"),
-                        (["--fraction", "1.5"], "a stage fraction lies in (0, 1]"),
-                        (["--exposure", "0.5", "1"], "--exposure"),
+                        (["--size", "8", "8"], "image_size must be"),
+                        (["--fraction", "1.5"], "stage_fraction must lie in"),
+                        (["--fraction", "0.005"], "stage_fraction must lie in"),
+                        (["--exposure", "0.5", "1"], "exposure_range must"),
                         (["--block", "4"], "--block 4: the model has 3 IM-blocks"),
-                        (["--out", str(out)], "exists")):
+                        (["--out", str(out)], "exists"),
+                        (["--out", str(tmp_path / "taken")], "taken.json exists"),
+                        (["--out", str(tmp_path / "no" / "where")], "no folder")):
     base = {"--init": pth, "--teacher": pth, "--block": "2", "--fraction": "0.5",
             "--target": "0.4", "--out": str(tmp_path / "new")}
     argv = [a for k, v in base.items() if k not in args for a in (k, v)] + args
@@ -293,4 +298,4 @@ def test_stable_fullres_trains_one_block_on_whole_renders(shared_dir, released_p
                          env=checkout_env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and message in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
-  assert not (tmp_path / "new").exists()
+  assert not (tmp_path / "new").exists() and (tmp_path / "taken.json").read_text() == "kept"

@@ -195,8 +195,7 @@ def test_penalty_at_points_of_some_blocks_is_their_share(random_params):
       contractive.penalty_at_points(params, points, key=key, blocks=bad)
 
 
-def test_stable_fullres_trains_block_2_again_from_the_released_block(released_params,
-                                                                   shared_dir, tmp_path):
+def test_stable_fullres_starts_from_the_released_block_2(released_params, shared_dir, tmp_path):
   # The second command: configs/stable.py's model with block 2 replaced by the released
   # one at fraction 0.5, trained alone on whole renders, the released model the teacher.
   from minet_jax.core import checkpoint
@@ -220,6 +219,7 @@ def test_stable_fullres_trains_block_2_again_from_the_released_block(released_pa
   assert cfg.same_architecture(dataclasses.replace(first, stage_fraction=cfg.stage_fraction))
   assert trained_blocks(config, 3) == (1,)
   assert config.data.crop_size == 0 and tuple(config.data.synthetic.image_size) == (460, 620)
+  assert cfg.contractive_target[1] == 0.85 and cfg.contractive_weight == 4.0
   start = _initial_state(config, cfg).params().weights
   expected = dict(weights)
   expected["im_blocks"] = {**weights["im_blocks"], "1": released_params.weights["im_blocks"]["1"]}

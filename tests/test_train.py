@@ -1015,14 +1015,23 @@ def test_init_blocks_from_takes_those_blocks_from_other_models(tmp_path):
                  source.weights["im_blocks"][i])
   # Applied before init_block_scale, which then scales the replaced block too.
   config.init_block_scale = (1.0, 0.5, 1.0)
-  scaled = _initial_state(config, cfg).params().weights["im_blocks"]["1"]["f"]["norm2"]
-  np.testing.assert_allclose(scaled["scale"],
+  expected = state_lib.shrink_blocks(state_lib.replace_blocks(start, {1: other}), (1.0, 0.5, 1.0))
+  jax.tree.map(np.testing.assert_array_equal, _initial_state(config, cfg).params().weights,
+               expected.weights)
+  block = expected.weights["im_blocks"]["1"]["f"]
+  assert not np.array_equal(block["conv1"]["kernel"],
+                            start.weights["im_blocks"]["1"]["f"]["conv1"]["kernel"])
+  np.testing.assert_allclose(block["norm2"]["scale"],
                              0.5 * np.asarray(other.weights["im_blocks"]["1"]["f"]["norm2"]["scale"]))
+  config.init_block_scale = ()
+  config.init_blocks_from = ("", str(tmp_path / "missing"), "")
+  with pytest.raises(ConfigError, match=r"init_blocks_from\[1\]: .*missing"):
+    _initial_state(config, cfg)
   for bad in [("", "x"), ("", 1, "")]:
     config.init_blocks_from = bad
     with pytest.raises(ConfigError, match="init_blocks_from .* one entry per IM-block"):
       validate_config(config)
-  config.init_blocks_from, config.init_block_scale = ("", str(tmp_path / "other"), ""), ()
+  config.init_blocks_from = ("", str(tmp_path / "other"), "")
   config.init_from = ""
   with pytest.raises(ConfigError, match="needs config.init_from"):
     validate_config(config)
@@ -1032,5 +1041,5 @@ def test_init_blocks_from_takes_those_blocks_from_other_models(tmp_path):
   minet_jax.save(state_lib.create_train_state(config).params(), tmp_path / "narrow")
   config.model.features = tiny.get_config().model.features
   config.init_blocks_from = ("", "", str(tmp_path / "narrow"))
-  with pytest.raises(ConfigError, match="init_blocks_from: IM-block 3 of the source has other"):
+  with pytest.raises(ConfigError, match="init_blocks_from: IM-block 3 of the source differs at"):
     _initial_state(config, cfg)

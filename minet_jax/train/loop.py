@@ -124,7 +124,13 @@ def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | 
     raise ConfigError(f"config.init_from {config.init_from} has a different architecture "
                       f"than config.model ({architecture_differences(old, new)}); set "
                       "config.model to the checkpoint's architecture")
-  sources = {i: hub.resolve(spec) for i, spec in enumerate(config.init_blocks_from) if spec}
+  sources = {}
+  for i, spec in enumerate(config.init_blocks_from):
+    if spec:
+      try:
+        sources[i] = hub.resolve(spec)
+      except (OSError, ValueError) as e:  # CheckpointError is an OSError
+        raise ConfigError(f"config.init_blocks_from[{i}]: {e}") from e
   if sources:
     try:
       params = replace_blocks(params, sources)
@@ -254,6 +260,7 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
   else:
     state = sharding.replicate(_initial_state(config, cfg, start.init_params), mesh)
     writer.write_event(0, "start", init_from=config.init_from or None,
+                       init_blocks_from=list(config.init_blocks_from) or None,
                        devices=mesh.devices.size, processes=jax.process_count())
   if jax.process_index() == 0:
     checkpointing.write_model_config(workdir, state.model_config)

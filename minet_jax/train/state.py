@@ -9,7 +9,8 @@ checkpoint is a pure dict of them.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from flax import nnx, struct
 from minet_jax.core.config import ModelConfig, model_config
 from minet_jax.core.model import MINet
 from minet_jax.core.params import (Params, model_from_params, params_from_model, restore_key_types,
-                              stringify_keys)
+                              stringify_keys, weight_shapes)
 
 
 @struct.dataclass
@@ -139,7 +140,7 @@ def shrink_blocks(params: Params, factors: tuple[float, ...]) -> Params:
 def replace_blocks(params: Params, sources: Mapping[int, Params]) -> Params:
   """The same model with IM-block i's weights (0-based) taken from ``sources[i]``.
 
-  Each source must hold the block with the same parameter names and shapes (its other
+  Each source must hold that block with the same parameter names and shapes (its other
   layers and its config are not read): a block trained in another run, or the released
   block as the start of a block trained again (configs/stable_fullres.py).
   """
@@ -149,9 +150,14 @@ def replace_blocks(params: Params, sources: Mapping[int, Params]) -> Params:
     if not 0 <= i < params.config.num_blocks:
       raise ValueError(f"IM-block index {i} is outside the model's {params.config.num_blocks}")
     theirs = source.weights.get("im_blocks", {}).get(str(i))
-    if theirs is None or (jax.tree.map(jnp.shape, theirs)
-                          != jax.tree.map(jnp.shape, blocks[str(i)])):
-      raise ValueError(f"IM-block {i + 1} of the source has other parameters than the model's")
+    if theirs is None:
+      raise ValueError(f"the source has no IM-block {i + 1}")
+    got, expected = weight_shapes(theirs), weight_shapes(blocks[str(i)])
+    if got != expected:
+      path = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+      name = ".".join(path[0])
+      raise ValueError(f"IM-block {i + 1} of the source differs at {name}: "
+                       f"{got.get(path[0], 'missing')} (expected {expected.get(path[0], 'none')})")
     blocks[str(i)] = theirs
   weights["im_blocks"] = blocks
   return Params(weights=weights, config=params.config)
