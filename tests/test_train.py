@@ -1021,8 +1021,8 @@ def test_init_blocks_from_takes_those_blocks_from_other_models(tmp_path):
   block = expected.weights["im_blocks"]["1"]["f"]
   assert not np.array_equal(block["conv1"]["kernel"],
                             start.weights["im_blocks"]["1"]["f"]["conv1"]["kernel"])
-  np.testing.assert_allclose(block["norm2"]["scale"],
-                             0.5 * np.asarray(other.weights["im_blocks"]["1"]["f"]["norm2"]["scale"]))
+  other_norm2 = other.weights["im_blocks"]["1"]["f"]["norm2"]
+  np.testing.assert_allclose(block["norm2"]["scale"], 0.5 * np.asarray(other_norm2["scale"]))
   config.init_block_scale = ()
   config.init_blocks_from = ("", str(tmp_path / "missing"), "")
   with pytest.raises(ConfigError, match=r"init_blocks_from\[1\]: .*missing"):
