@@ -50,6 +50,8 @@ from minet_jax.core.params import Params, model_from_params, params_from_model
 from minet_jax.data import synthetic
 from minet_jax.stability import contractive
 
+import synthetic_saturation  # benchmarks/synthetic_saturation.py: what counts as saturated
+
 
 def _positive(kind: type) -> Callable[[str], float]:
   def parse(text: str) -> float:
@@ -78,17 +80,17 @@ def render_config(rooms: int, size: tuple[int, int], exposure: tuple[float, floa
 
 
 def renders(config: synthetic.SyntheticHazeConfig) -> np.ndarray:
-  """The hazy images of the set's train split, float32 [0, 1], (N, H, W, 3)."""
-  return np.stack([ex["hazy"] for ex in synthetic.generate("train", config)]
-                  ).astype(np.float32) / 255.0
+  """The hazy images of the set's train split, uint8 (N, H, W, 3)."""
+  return np.stack([ex["hazy"] for ex in synthetic.generate("train", config)])
 
 
 def train_block(init: Params, teacher: Params, hazy: np.ndarray, *, block: int,
                 fraction: float, target: float, steps: int, learning_rate: float,
                 hinge_weight: float, iters: int, seed: int = 0,
                 log: Callable[[str], None] = print) -> tuple[Params, list[dict]]:
-  """``init`` with block ``block`` (0-based) trained as described above; returns the
-  model and the per-step records (matching term and radius, before each update)."""
+  """``init`` with block ``block`` (0-based) trained as described above on ``hazy``
+  (float32 [0, 1], (N, H, W, 3)); returns the model and the per-step records (matching
+  term and radius, before each update)."""
   fractions = list(init.config.stage_fraction)
   targets = list(init.config.contractive_target)  # One per block (ModelConfig).
   fractions[block], targets[block] = fraction, target
@@ -179,11 +181,11 @@ def main() -> int:
 
   start = time.perf_counter()
   hazy = renders(data)
-  saturated = float(np.mean(np.all(hazy >= 250 / 255, axis=-1)))
+  saturated = synthetic_saturation.saturated_share(hazy)
   print(f"{len(hazy)} renders at {args.size[0]} x {args.size[1]}, {saturated:.1%} of "
         f"their pixels saturated", flush=True)
   params, records = train_block(
-      init, teacher, hazy, block=args.block - 1, fraction=args.fraction, target=args.target,
+      init, teacher, hazy.astype(np.float32) / 255.0, block=args.block - 1, fraction=args.fraction, target=args.target,
       steps=args.steps, learning_rate=args.learning_rate, hinge_weight=args.hinge_weight,
       iters=args.iters, log=lambda line: print(line, flush=True))
   checkpoint.save(params, args.out)

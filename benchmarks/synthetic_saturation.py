@@ -32,12 +32,12 @@ _CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def saturated(image: np.ndarray) -> np.ndarray:
-  """HxW mask of the pixels of a uint8 HxWx3 image with every channel >= 250."""
+  """Mask of the pixels of uint8 RGB images (..., 3) with every channel >= 250."""
   return image.min(axis=-1) >= SATURATED
 
 
 def saturated_share(image: np.ndarray) -> float:
-  """Share of the pixels of a uint8 HxWx3 image with every channel >= 250."""
+  """Share of the pixels of uint8 RGB images (..., 3) with every channel >= 250."""
   return float(saturated(image).mean())
 
 

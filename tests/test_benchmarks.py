@@ -275,6 +275,7 @@ def test_stable_fullres_trains_one_block_on_whole_renders(shared_dir, released_p
   # Step 0 is logged before its update: the matching term of the released block 2 at
   # fraction 0.5, from the released model's own block input and output on that render.
   hazy = stable_fullres.renders(stable_fullres.render_config(1, (48, 64), (1.0, 1.0), 7))
+  hazy = hazy.astype(np.float32) / 255.0
   _, _, runs = model_from_params(released_params).forward_runs(jnp.asarray(hazy))
   student = model_from_params(released_params.replace_config(stage_fraction=(1.0, 0.5, 1.0)))
   expected = contractive.fixed_point_mismatch(student.im_blocks[1], runs[1].g0, runs[1].output)

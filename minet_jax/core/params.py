@@ -131,7 +131,13 @@ def shape_mismatch(weights: Mapping, cfg: ModelConfig) -> str | None:
 def shapes_mismatch(got: Mapping[tuple[str, ...], tuple[int, ...]],
                     cfg: ModelConfig) -> str | None:
   """`shape_mismatch` of flat {path: shape} (`weight_shapes`, or read from a file)."""
-  expected = param_shapes(cfg)
+  return shape_differences(got, param_shapes(cfg))
+
+
+def shape_differences(got: Mapping[tuple[str, ...], tuple[int, ...]],
+                      expected: Mapping[tuple[str, ...], tuple[int, ...]]) -> str | None:
+  """Names the paths of flat {path: shape} ``got`` missing, extra or of another shape
+  than in ``expected``, on one line (None when they agree)."""
   if got == expected:
     return None
   wrong = sorted(set(expected) ^ set(got)) or sorted(

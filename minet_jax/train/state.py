@@ -21,7 +21,7 @@ from flax import nnx, struct
 from minet_jax.core.config import ModelConfig, model_config
 from minet_jax.core.model import MINet
 from minet_jax.core.params import (Params, model_from_params, params_from_model, restore_key_types,
-                              stringify_keys, weight_shapes)
+                              shape_differences, stringify_keys, weight_shapes)
 
 
 @struct.dataclass
@@ -152,12 +152,9 @@ def replace_blocks(params: Params, sources: Mapping[int, Params]) -> Params:
     theirs = source.weights.get("im_blocks", {}).get(str(i))
     if theirs is None:
       raise ValueError(f"the source has no IM-block {i + 1}")
-    got, expected = weight_shapes(theirs), weight_shapes(blocks[str(i)])
-    if got != expected:
-      path = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
-      name = ".".join(path[0])
-      raise ValueError(f"IM-block {i + 1} of the source differs at {name}: "
-                       f"{got.get(path[0], 'missing')} (expected {expected.get(path[0], 'none')})")
+    problem = shape_differences(weight_shapes(theirs), weight_shapes(blocks[str(i)]))
+    if problem:
+      raise ValueError(f"IM-block {i + 1} of the source differs at {problem}")
     blocks[str(i)] = theirs
   weights["im_blocks"] = blocks
   return Params(weights=weights, config=params.config)
