@@ -86,11 +86,14 @@ def renders(config: synthetic.SyntheticHazeConfig) -> np.ndarray:
 
 def train_block(init: Params, teacher: Params, hazy: np.ndarray, *, block: int,
                 fraction: float, target: float, steps: int, learning_rate: float,
-                hinge_weight: float, iters: int, seed: int = 0,
-                log: Callable[[str], None] = print) -> tuple[Params, list[dict]]:
+                hinge_weight: float, iters: int, inputs: Params | None = None,
+                seed: int = 0, log: Callable[[str], None] = print
+                ) -> tuple[Params, list[dict]]:
   """``init`` with block ``block`` (0-based) trained as described above on ``hazy``
   (float32 [0, 1], (N, H, W, 3)); returns the model and the per-step records (matching
-  term and radius, before each update)."""
+  term and radius, before each update). With ``inputs``, the block's input g0 on each
+  render is that model's (its blocks solved as it stores), the output y still the
+  teacher's: the block learns to bring the states it is given back to the teacher's."""
   fractions = list(init.config.stage_fraction)
   targets = list(init.config.contractive_target)  # One per block (ModelConfig).
   fractions[block], targets[block] = fraction, target
@@ -99,13 +102,18 @@ def train_block(init: Params, teacher: Params, hazy: np.ndarray, *, block: int,
   im_block = student.im_blocks[block]
   teacher_model = model_from_params(teacher)
 
-  @jax.jit
-  def teacher_block(image):
-    _, _, runs = teacher_model.forward_runs(image)
-    return runs[block].g0, runs[block].output
+  input_model = teacher_model if inputs is None else model_from_params(inputs)
 
-  # The teacher is frozen: its block states are computed once per render.
-  states = [teacher_block(jnp.asarray(image[None])) for image in hazy]
+  @jax.jit
+  def block_states(image):
+    _, _, runs = teacher_model.forward_runs(image)
+    g0 = runs[block].g0
+    if inputs is not None:
+      g0 = input_model.forward_runs(image)[2][block].g0
+    return g0, runs[block].output
+
+  # The teacher (and the input model) are frozen: the states are computed once per render.
+  states = [block_states(jnp.asarray(image[None])) for image in hazy]
   schedule = optax.cosine_decay_schedule(learning_rate, steps, alpha=0.1)
   optimizer = nnx.Optimizer(im_block, optax.adam(schedule), wrt=nnx.Param)
 
@@ -141,6 +149,9 @@ def main() -> int:
                       help="the model whose block trains: a workdir, checkpoint or .pth")
   parser.add_argument("--teacher", default="its", help="the frozen teacher (default: the "
                       "released model, fetched once; a checkpoint folder or .pth works offline)")
+  parser.add_argument("--inputs", default=None, help="the model whose solved blocks give "
+                      "the block's input on each render (default: the teacher's), e.g. the "
+                      "model the block will sit in")
   parser.add_argument("--block", type=_positive(int), required=True, help="IM-block, from 1")
   parser.add_argument("--fraction", type=_fraction, required=True,
                       help="the block's stage fraction (ModelConfig.stage_fraction)")
@@ -171,13 +182,15 @@ def main() -> int:
     parser.error(f"--out: no folder {args.out.parent}")
   try:
     init, teacher = hub.resolve(args.init), hub.resolve(args.teacher)
+    inputs = None if args.inputs is None else hub.resolve(args.inputs)
   except (OSError, ValueError) as e:
     parser.error(str(e))
   if args.block > init.config.num_blocks:
     parser.error(f"--block {args.block}: the model has {init.config.num_blocks} IM-blocks")
-  if not init.config.same_architecture(dataclasses.replace(
-      teacher.config, stage_fraction=init.config.stage_fraction)):
-    parser.error("--teacher has another architecture than --init")
+  for name, other in (("--teacher", teacher), ("--inputs", inputs)):
+    if other is not None and not init.config.same_architecture(dataclasses.replace(
+        other.config, stage_fraction=init.config.stage_fraction)):
+      parser.error(f"{name} has another architecture than --init")
 
   start = time.perf_counter()
   hazy = renders(data)
@@ -185,9 +198,10 @@ def main() -> int:
   print(f"{len(hazy)} renders at {args.size[0]} x {args.size[1]}, {saturated:.1%} of "
         f"their pixels saturated", flush=True)
   params, records = train_block(
-      init, teacher, hazy.astype(np.float32) / 255.0, block=args.block - 1, fraction=args.fraction, target=args.target,
+      init, teacher, hazy.astype(np.float32) / 255.0, block=args.block - 1,
+      fraction=args.fraction, target=args.target,
       steps=args.steps, learning_rate=args.learning_rate, hinge_weight=args.hinge_weight,
-      iters=args.iters, log=lambda line: print(line, flush=True))
+      iters=args.iters, inputs=inputs, log=lambda line: print(line, flush=True))
   checkpoint.save(params, args.out)
   seconds = time.perf_counter() - start
   log_path.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, pathlib.Path) else v)

@@ -1,9 +1,12 @@
 """The stable MI-Net with block 2 distilled again, at stage fraction 0.5, on whole
-photograph-sized renders: the second of two commands.
+photograph-sized renders: `configs/stable.py`'s run, then this one, in one command.
 
-    python train.py --config configs/stable.py --workdir workdirs/stable
     python train.py --config configs/stable_fullres.py --workdir workdirs/stable_fullres
     python benchmarks/stable_minet.py --stable workdirs/stable_fullres --time 3
+
+The command first trains `configs/stable.py` in ``workdirs/stable`` (``init_from``,
+with ``init_from_config``), or resumes it there, unless that run has reached its last
+step; a rerun after an interruption resumes whichever of the two runs it stopped in.
 
 `configs/stable.py` distils every block on 128 px crops, and block 2 with a fraction
 above 0.3 then expands on full-size photographs (docs/STABILITY.md, "Where block 2
@@ -17,9 +20,10 @@ and the radius hinge see a whole image: 24 rendered rooms with a camera exposure
 (``"its"``: fetched once and cached, or a converted folder or the .pth).
 
 Expected result (measured, docs/STABILITY.md "Block 2 on whole full-resolution
-renders"): 300 steps in 14 minutes (830 s, partly beside tests) on a 2-core x86-64 CPU,
-rendering included. On the 10 SOTS samples at full resolution it scores 33.46 dB /
-0.97124 (`configs/stable.py`: 32.09 dB; the released model: 36.30 dB); Picard and
+renders"): after `configs/stable.py`'s 44 minutes, 300 steps in 14 minutes (830 s,
+partly beside tests) on a 2-core x86-64 CPU, rendering included. On the 10 SOTS
+samples at full resolution it scores 33.46 dB / 0.97124 (`configs/stable.py`:
+32.09 dB; the released model: 36.30 dB); Picard and
 Anderson solve all 30 (image, block) pairs (5.4 / 12.2 / 13.8 Picard steps), and a
 forward pass takes 1.22x the released model's time. Its blocks are contractions at
 their solutions on 29 of the 30 pairs: block 3, trained by `configs/stable.py` on the
@@ -34,7 +38,8 @@ import pathlib
 from minet_jax.train import config_file
 
 # configs/stable.py beside this file, loaded by its path: a copy of this folder works anywhere.
-stable = config_file.load_module(pathlib.Path(__file__).with_name("stable.py"))
+STABLE = pathlib.Path(__file__).resolve().with_name("stable.py")
+stable = config_file.load_module(STABLE)
 
 
 def get_config():
@@ -45,7 +50,9 @@ def get_config():
   config.model.stage_fraction = (0.3, 0.5, 0.7)
   config.model.contractive_target = (0.85, 0.85, 0.7)
   config.model.contractive_weight = 4.0
+  # The first command's run: trained (or finished) there first when it is not yet.
   config.init_from = "workdirs/stable"
+  config.init_from_config = str(STABLE)
   config.init_blocks_from = ("", "its", "")
   config.teacher = "its"
   config.train_blocks = (2,)

@@ -281,6 +281,17 @@ def test_stable_fullres_trains_one_block_on_whole_renders(shared_dir, released_p
   expected = contractive.fixed_point_mismatch(student.im_blocks[1], runs[1].g0, runs[1].output)
   assert log["steps"][0]["mismatch"] == pytest.approx(float(expected[0]), rel=1e-4)
   assert 0 < log["steps"][0]["rho"] < 10
+  # With --inputs, block 3's input is that model's block 2 output and its target still
+  # the teacher's block 3 output.
+  other = released_params.replace_config(stage_fraction=(0.5, 0.5, 1.0))
+  _, records = stable_fullres.train_block(
+      released_params, released_params, hazy, block=2, fraction=0.7, target=0.5, steps=1,
+      learning_rate=1e-3, hinge_weight=1.0, iters=2, inputs=other, log=lambda _: None)
+  g0 = model_from_params(other).forward_runs(jnp.asarray(hazy))[2][2].g0
+  assert float(jnp.max(jnp.abs(g0 - runs[2].g0))) > 1e-3  # A different input indeed.
+  student = model_from_params(released_params.replace_config(stage_fraction=(1.0, 1.0, 0.7)))
+  expected = contractive.fixed_point_mismatch(student.im_blocks[2], g0, runs[2].output)
+  assert records[0]["mismatch"] == pytest.approx(float(expected[0]), rel=1e-4)
 
   (tmp_path / "taken.json").write_text("kept")
   for args, message in ((["--size", "47", "64"], "--size must be even"),

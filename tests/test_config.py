@@ -225,6 +225,9 @@ def test_config_files_load_by_path_from_outside_the_checkout(tmp_path):
                          "stable.py", "stable_fullres.py", "tiny.py", "paper_text.py"}
   for name, config in loaded.items():
     here = config_file.load_module(REPO / "configs" / name).get_config()
+    if config.init_from_config:  # The first run's config file: the one beside it.
+      assert config.init_from_config == str(copy / "stable.py")
+      config.init_from_config = here.init_from_config
     assert config.to_json_best_effort() == here.to_json_best_effort(), name
   assert loaded["default.py"].to_json_best_effort() == defaults.get_config().to_json_best_effort()
   # A config built on another reads the one beside it, not the checkout's.

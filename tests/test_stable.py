@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,8 @@ from minet_jax.core.params import Params, model_from_params
 from minet_jax.train import state as state_lib
 from minet_jax.train import step as step_lib
 from configs import stable
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _radii(params: Params, image: jax.Array) -> np.ndarray:
@@ -200,7 +203,7 @@ def test_stable_fullres_starts_from_the_released_block_2(released_params, shared
   # one at fraction 0.5, trained alone on whole renders, the released model the teacher.
   from minet_jax.core import checkpoint
   from minet_jax.train.checks import trained_blocks, validate_config
-  from minet_jax.train.loop import _initial_state, _teacher
+  from minet_jax.train.loop import _initial_state, _prior_run, _teacher
   from configs import stable_fullres
   first = model_config(stable.get_config().model)
   # A stand-in for configs/stable.py's model: its config, every block weight x 0.9.
@@ -225,3 +228,40 @@ def test_stable_fullres_starts_from_the_released_block_2(released_params, shared
   expected["im_blocks"] = {**weights["im_blocks"], "1": released_params.weights["im_blocks"]["1"]}
   jax.tree.map(np.testing.assert_array_equal, start, expected)
   assert _teacher(config).config.stage_fraction == (1.0, 1.0, 1.0)
+  # One command: without a finished run in init_from, configs/stable.py trains there first.
+  assert config.init_from_config == str(REPO / "configs" / "stable.py")
+  config.init_from = str(tmp_path / "not_yet")
+  prior, where = _prior_run(config, validate_config(config))
+  assert where == tmp_path / "not_yet" and prior.to_dict() == stable.get_config().to_dict()
+
+
+def test_student_inputs_match_the_teacher_output_from_the_models_own_states(random_params):
+  # config.teacher_inputs = "student": block i's matching term (and the hinge at its
+  # solution) takes the model's own solved block input with the teacher's block output.
+  config = stable.get_config()
+  config.model.features = 4
+  config.model.pre_blocks = 0
+  config.model.contractive_target = 0.0
+  cfg = model_config(config.model)
+  teacher = random_params(dataclasses.replace(cfg, stage_fraction=1.0, solver="unrolled",
+                                              iterations=(3, 3, 3), best_so_far=False))
+  # The student's blocks differ from the teacher's, so its block inputs do too.
+  start = state_lib.shrink_blocks(Params(weights=teacher.weights, config=cfg), (0.5, 0.5, 0.5))
+  hazy = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3))
+  student = model_from_params(start)
+  own = student.forward_runs(hazy)[2]
+  theirs = model_from_params(teacher).forward_runs(hazy)[2]
+  assert float(jnp.max(jnp.abs(own[2].g0 - theirs[2].g0))) > 1e-3
+  for inputs, g0 in (("student", own[2].g0), ("teacher", theirs[2].g0)):
+    state = state_lib.create_train_state(config, params=start)
+    train_step = step_lib.make_train_step(
+        config.loss, teacher=teacher, match_weight=1.0, output_weight=0.0, train_blocks=(2,),
+        teacher_inputs=inputs)
+    _, metrics = train_step(state, {"hazy": hazy, "clear": hazy})
+    expected = jnp.mean(contractive.fixed_point_mismatch(student.im_blocks[2], g0,
+                                                         theirs[2].output))
+    assert float(metrics["fixed_point_mismatch"]) == pytest.approx(float(expected), rel=1e-5)
+  with pytest.raises(ValueError, match="unknown teacher_inputs 'mine'"):
+    step_lib.train_step(state_lib.create_train_state(config, params=start),
+                        {"hazy": hazy, "clear": hazy}, teacher=teacher, match_weight=1.0,
+                        output_weight=0.0, teacher_inputs="mine")

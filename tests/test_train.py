@@ -564,6 +564,9 @@ def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_
     ("optimizer.b2=2", r"optimizer.b2 must be in \[0, 1\)"),
     ("data.name=bogus", "unknown dataset 'bogus'"),
     ("teacher_match_steps=0", "teacher_match_steps must be an integer >= 1, got 0"),
+    ("teacher_inputs=mine", r"teacher_inputs must be one of \('teacher', 'student'\)"),
+    ("init_from_config=MISSING", "trains config.init_from, which must then be a training "
+                                 "workdir, got ''"),
     ("train_blocks=(4,)", r"train_blocks must be distinct IM-block numbers from 1 to 3"),
     ("data.synthetic.image_size=(8,8)", "image_size must be at least 16x16"),
     ("init_from=MISSING", "no such checkpoint folder"),
@@ -1043,3 +1046,50 @@ def test_init_blocks_from_takes_those_blocks_from_other_models(tmp_path):
   config.init_blocks_from = ("", "", str(tmp_path / "narrow"))
   with pytest.raises(ConfigError, match="init_blocks_from: IM-block 3 of the source differs at"):
     _initial_state(config, cfg)
+
+
+def test_init_from_config_trains_init_from_first_and_only_once(tmp_path, data_dir):
+  prior_file = tmp_path / "prior.py"
+  prior_file.write_text(
+      "from minet_jax.train import config_file\n\n\n"
+      "def get_config():\n"
+      f"  config = config_file.load_module({str(REPO / 'configs' / 'tiny.py')!r}).get_config()\n"
+      f"  config.data.data_dir = {str(data_dir)!r}\n"
+      "  config.num_train_steps = 2\n"
+      "  return config\n")
+  prior_dir = tmp_path / "prior"
+  # The first run was stopped after one step.
+  prior = tiny_config(data_dir, num_train_steps=1)
+  train_and_evaluate(prior, prior_dir)
+  config = tiny_config(data_dir, num_train_steps=1, init_from=str(prior_dir),
+                       init_from_config=str(prior_file))
+  summary = train_and_evaluate(config, tmp_path / "next")
+  assert summary["step"] == 1 and summary["stopped_by"] is None
+  # The first run was resumed to its last step, then the second started from it.
+  assert checkpointing.resumable_steps(prior_dir) == [2, 1]
+  events = [r for r in read_metrics(prior_dir) if "event" in r]
+  assert [(e["event"], e["step"]) for e in events] == [("start", 0), ("resume", 1)]
+  start = [r for r in read_metrics(tmp_path / "next") if r.get("event") == "start"][0]
+  assert start["init_from"] == str(prior_dir) and start["init_from_config"] == str(prior_file)
+  # A finished first run is not run again.
+  before = (prior_dir / "metrics.jsonl").read_text()
+  assert train_and_evaluate(config, tmp_path / "again")["step"] == 1
+  assert (prior_dir / "metrics.jsonl").read_text() == before
+
+  # Refused before anything trains: no such file, a released model or the same folder
+  # as init_from, a first run whose weights cannot start this one.
+  for field, value, message in (
+      ("init_from_config", str(tmp_path / "none.py"), "no config file"),
+      ("init_from", "its", "must then be a training workdir"),
+      ("init_from", str(tmp_path / "w.pth"), "must then be a training workdir")):
+    fields = {"init_from": str(tmp_path / "fresh"), "init_from_config": str(prior_file)}
+    bad = tiny_config(data_dir, **{**fields, field: value})
+    with pytest.raises(ConfigError, match=message):
+      train_and_evaluate(bad, tmp_path / "bad")
+  bad = tiny_config(data_dir, init_from=str(tmp_path / "fresh"), init_from_config=str(prior_file))
+  with pytest.raises(ConfigError, match="is this run's --workdir too"):
+    train_and_evaluate(bad, tmp_path / "fresh")
+  bad.model.features = 4
+  with pytest.raises(ConfigError, match="different architecture .*features"):
+    train_and_evaluate(bad, tmp_path / "bad")
+  assert not (tmp_path / "fresh").exists() and not (tmp_path / "bad").exists()

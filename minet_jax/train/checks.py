@@ -13,13 +13,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from minet_jax import hub
 from minet_jax.core import checkpoint
 from minet_jax.core.config import ModelConfig, is_count, model_config
 from minet_jax.core.params import shapes_mismatch
 from minet_jax.train import checkpointing
 from minet_jax.train.inputs import synthetic_config
 from minet_jax.train.state import abstract_train_state, check_optimizer
-from minet_jax.train.step import LOSSES, parse_ynn_fusions
+from minet_jax.train.step import LOSSES, TEACHER_INPUTS, parse_ynn_fusions
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   match_steps = config.teacher_match_steps
   if not is_count(match_steps):
     raise ConfigError(f"config.teacher_match_steps must be an integer >= 1, got {match_steps!r}")
+  if config.teacher_inputs not in TEACHER_INPUTS:
+    raise ConfigError(f"config.teacher_inputs must be one of {TEACHER_INPUTS}, got "
+                      f"{config.teacher_inputs!r}")
   if float(config.teacher_match_weight) and not config.teacher:
     raise ConfigError("config.teacher_match_weight > 0 needs config.teacher")
   if not float(config.output_weight):
@@ -66,6 +70,11 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if float(config.model.correction_weight):
       raise ConfigError("config.model.correction_weight needs the model's forward pass "
                         "(config.output_weight > 0)")
+  if config.init_from_config and (not config.init_from or config.init_from in hub.RELEASES
+                                  or str(config.init_from).endswith(".pth")):
+    raise ConfigError(f"config.init_from_config {config.init_from_config!r} trains "
+                      "config.init_from, which must then be a training workdir, got "
+                      f"{config.init_from!r}")
   if trained_blocks(config, cfg.num_blocks) is not None and not config.init_from:
     raise ConfigError("config.train_blocks needs config.init_from (the weights the other "
                       "parameters keep)")

@@ -154,6 +154,11 @@ def get_config() -> ml_collections.ConfigDict:
   # authors' .pth file, or "its" for the released weights, fetched once and cached:
   # minet_jax.hub); "" starts from a random init. Ignored when the workdir already holds a checkpoint.
   config.init_from = ""
+  # With init_from a training workdir: the config file (a path, as --config takes it) of
+  # the run that trains it. Before starting, train.py runs that config there, or resumes
+  # it, unless the workdir has reached that config's num_train_steps: one command trains
+  # a recipe of several runs (configs/stable_fullres.py). "" = init_from is trained already.
+  config.init_from_config = ""
   # With init_from: one entry per IM-block, "" or a model (as init_from names one) whose
   # weights of that block replace init_from's, e.g. ("", "its", "") to train block 2
   # again from the released block (minet_jax.train.state.replace_blocks;
@@ -174,6 +179,12 @@ def get_config() -> ml_collections.ConfigDict:
   # differentiated: 1 matches the one-step residual; more weigh the error of the block's
   # own answer, which the residual underestimates where the block's Jacobian is near 1.
   config.teacher_match_steps = 1
+  # Whose block inputs that term (and the penalty at the solutions) takes: "teacher"
+  # (block-wise distillation: every block learns from the teacher's states) or
+  # "student" (the model's own solved blocks give each block its input, so a block
+  # learns to bring the states the model's earlier blocks give it back to the teacher's
+  # block output; one more forward solve per step; configs/stable_fullres.py, block 3).
+  config.teacher_inputs = "teacher"
   # Train only these IM-blocks' f (block numbers from 1; () trains the whole model; needs
   # init_from): the other parameters stay exactly as at the start (init_from, after
   # init_block_scale), and the teacher matching and the contractive penalty skip the

@@ -31,7 +31,7 @@ from minet_jax.core import files
 from minet_jax import hub
 from minet_jax.core.config import INIT_FROM_FREE_FIELDS, ModelConfig
 from minet_jax.core.params import Params
-from minet_jax.train import checkpointing, inputs, sharding
+from minet_jax.train import checkpointing, config_file, inputs, sharding
 from minet_jax.train.checks import (ConfigError, architecture_differences, check_crop,
                                     check_workdir_config, prepare_workdir, trained_blocks,
                                     validate_config)
@@ -104,6 +104,49 @@ def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> Non
                resumed.step is not None else "no intact checkpoint left: starting afresh")
 
 
+def _free_fields(old: ModelConfig, new: ModelConfig) -> dict[str, Any]:
+  """The INIT_FROM_FREE_FIELDS in which `new` differs from `old`, with `new`'s values:
+  the same weights in other roles, a start and not a mismatch."""
+  # Records leave out fields at their defaults (`ModelConfig.to_dict`): compare the configs.
+  return {k: getattr(new, k) for k in INIT_FROM_FREE_FIELDS if getattr(old, k) != getattr(new, k)}
+
+
+def _check_start_architecture(config: ml_collections.ConfigDict, old: ModelConfig,
+                              new: ModelConfig) -> None:
+  """Refuses init_from weights of architecture `old` for a run of `new` (free fields
+  already taken from `new`)."""
+  if old.architecture() != new.architecture():
+    raise ConfigError(f"config.init_from {config.init_from} has a different architecture "
+                      f"than config.model ("
+                      f"{architecture_differences(old.architecture(), new.architecture())}); "
+                      "set config.model to the checkpoint's architecture")
+
+
+def _prior_run(config: ml_collections.ConfigDict, cfg: ModelConfig
+               ) -> tuple[ml_collections.ConfigDict, pathlib.Path] | None:
+  """(``config.init_from_config``'s config, ``config.init_from`` as its workdir) when
+  that run has still to be trained or finished; None when there is no such config or
+  the workdir has reached its ``num_train_steps``. Everything that can be checked
+  before it trains is: its config, and that its weights can start ``config.model``."""
+  if not config.init_from_config:
+    return None
+  try:
+    prior = config_file.load_module(config.init_from_config).get_config()
+  except (OSError, AttributeError) as e:  # No file; no get_config().
+    raise ConfigError(f"config.init_from_config: {e}") from e
+  try:
+    prior_cfg = validate_config(prior)
+  except ConfigError as e:
+    raise ConfigError(f"config.init_from_config {config.init_from_config}: {e}") from e
+  free = _free_fields(prior_cfg, cfg)
+  _check_start_architecture(config, dataclasses.replace(prior_cfg, **free), cfg)
+  workdir = pathlib.Path(config.init_from).expanduser().absolute()
+  done = checkpointing.resumable_steps(workdir)
+  if done and max(done) >= int(prior.num_train_steps):
+    return None
+  return prior, workdir
+
+
 def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | None:
   """``config.init_from``'s weights (None when unset), with the IM-blocks that
   ``config.init_blocks_from`` names taken from those models and each block's f scaled
@@ -112,18 +155,10 @@ def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | 
   if not config.init_from:
     return None
   params = hub.resolve(config.init_from)
-  old, new = params.config.architecture(), cfg.architecture()
-  # Records leave out fields at their defaults (`ModelConfig.to_dict`): compare the configs.
-  free = {k: getattr(cfg, k) for k in INIT_FROM_FREE_FIELDS
-          if getattr(params.config, k) != getattr(cfg, k)}
+  free = _free_fields(params.config, cfg)
   if free:
-    # The same weights in other roles (INIT_FROM_FREE_FIELDS): a start, not a mismatch.
     params = params.replace_config(**free)
-    old = params.config.architecture()
-  if old != new:
-    raise ConfigError(f"config.init_from {config.init_from} has a different architecture "
-                      f"than config.model ({architecture_differences(old, new)}); set "
-                      "config.model to the checkpoint's architecture")
+  _check_start_architecture(config, params.config, cfg)
   sources = {}
   for i, spec in enumerate(config.init_blocks_from):
     if spec:
@@ -167,10 +202,11 @@ def _teacher(config: ml_collections.ConfigDict) -> Params | None:
 def step_options(config: ml_collections.ConfigDict, num_blocks: int) -> dict[str, Any]:
   """What ``config`` asks of a training step beyond its loss, schedule and compiler
   options: the teacher, the weights of the matching and output terms, the matching
-  steps and the trained blocks, as `make_train_step` (and `train_step`) take them."""
+  steps, whose block inputs are matched and the trained blocks, as `make_train_step` (and `train_step`) take them."""
   return dict(teacher=_teacher(config), match_weight=float(config.teacher_match_weight),
               output_weight=float(config.output_weight),
               match_steps=int(config.teacher_match_steps),
+              teacher_inputs=str(config.teacher_inputs),
               train_blocks=trained_blocks(config, num_blocks))
 
 
@@ -218,6 +254,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   cfg = validate_config(config)  # config.model, parsed once for the whole run.
   sharding.maybe_initialize_distributed(bool(config.distributed))
   workdir = pathlib.Path(workdir).expanduser().absolute()
+  if (config.init_from_config
+      and pathlib.Path(config.init_from).expanduser().absolute() == workdir):
+    raise ConfigError(f"config.init_from_config trains config.init_from, {workdir}, which "
+                      "is this run's --workdir too: give the two runs different folders")
+  prior = _prior_run(config, cfg)
+  if prior is not None:
+    # init_from is a run still to train (or to finish): that run first, in its own workdir.
+    if jax.process_index() == 0:
+      tqdm.write(f"config.init_from {prior[1]} is not trained to its last step: training it "
+                 f"first with {config.init_from_config}")
+    summary = train_and_evaluate(*prior)
+    if summary["stopped_by"] is not None:
+      return {**summary, "stopped_in": str(prior[1])}
   # One run per workdir, locked before anything is read or written there.
   lock = WorkdirLock.acquire(workdir) if jax.process_index() == 0 else None
   try:
@@ -260,6 +309,7 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
   else:
     state = sharding.replicate(_initial_state(config, cfg, start.init_params), mesh)
     writer.write_event(0, "start", init_from=config.init_from or None,
+                       init_from_config=config.init_from_config or None,
                        init_blocks_from=list(config.init_blocks_from) or None,
                        devices=mesh.devices.size, processes=jax.process_count())
   if jax.process_index() == 0:

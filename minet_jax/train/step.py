@@ -55,6 +55,10 @@ def reconstruction_loss(output: jax.Array, target: jax.Array, kind: str) -> jax.
   raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
 
 
+# Whose block inputs the teacher matching uses (config.teacher_inputs, `train_step`).
+TEACHER_INPUTS = ("teacher", "student")
+
+
 def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
                    teacher_blocks: list[tuple[jax.Array, jax.Array]] | None = None,
                    match_weight: float = 0.0, output_weight: float = 1.0,
@@ -160,14 +164,19 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
                learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
                teacher: Params | None = None, match_weight: float = 0.0,
                output_weight: float = 1.0, match_steps: int = 1,
-               train_blocks: Sequence[int] | None = None) -> tuple[TrainState, Metrics]:
+               train_blocks: Sequence[int] | None = None,
+               teacher_inputs: str = "teacher") -> tuple[TrainState, Metrics]:
   """One optimizer update on `batch`; returns the new state and scalar metrics.
 
   The loss is `loss_and_grads`' (its random draws come from the run's key folded with
   the step). With a `teacher` (self-distillation), the target is the teacher's output
   on ``batch["hazy"]`` instead of ``batch["clear"]``, and its block inputs and
   outputs are what ``match_weight`` matches; ``psnr`` is then measured against the
-  teacher too, and ``psnr_clear`` against the ground truth.
+  teacher too, and ``psnr_clear`` against the ground truth. With ``teacher_inputs``
+  "student" the matched (and penalised) blocks take the model's own block inputs
+  instead, from its solved blocks (no gradient through them): each block learns to
+  bring the states that the model's earlier blocks give it back to the teacher's block
+  output.
 
   ``train_blocks`` (0-based; None: all) trains only those IM-blocks' f: the other
   parameters keep their values exactly, whatever the optimizer's state, and
@@ -180,11 +189,16 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
   model, optimizer = nnx.merge(state.graphdef, state.state)
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   clear = batch["clear"]
+  if teacher_inputs not in TEACHER_INPUTS:
+    raise ValueError(f"unknown teacher_inputs {teacher_inputs!r}; choose one of {TEACHER_INPUTS}")
   teacher_blocks = None
   if teacher is not None:
     target, _, runs = model_from_params(teacher).forward_runs(batch["hazy"])
     batch = {**batch, "clear": jax.lax.stop_gradient(target)}
-    teacher_blocks = jax.lax.stop_gradient([(run.g0, run.output) for run in runs])
+    inputs = [run.g0 for run in runs]
+    if teacher_inputs == "student":
+      inputs = [run.g0 for run in model.forward_runs(batch["hazy"])[2]]
+    teacher_blocks = jax.lax.stop_gradient([(g0, run.output) for g0, run in zip(inputs, runs)])
   (value, (output, parts)), grads = loss_and_grads(
       model, batch, loss=loss, key=key, teacher_blocks=teacher_blocks,
       match_weight=match_weight, output_weight=output_weight, match_steps=match_steps,
@@ -222,6 +236,7 @@ def make_train_step(loss: str, learning_rate_fn: Callable[[jax.Array], jax.Array
                     ynn_fusions: str = "default", teacher: Params | None = None,
                     match_weight: float = 0.0, output_weight: float = 1.0,
                     match_steps: int = 1, train_blocks: Sequence[int] | None = None,
+                    teacher_inputs: str = "teacher",
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """`train_step` jitted for one loss (and schedule), with optional shardings.
 
@@ -238,7 +253,8 @@ def make_train_step(loss: str, learning_rate_fn: Callable[[jax.Array], jax.Array
   def step(state, batch):
     return train_step(state, batch, loss=loss, learning_rate_fn=learning_rate_fn,
                       teacher=teacher, match_weight=match_weight, output_weight=output_weight,
-                      match_steps=match_steps, train_blocks=train_blocks)
+                      match_steps=match_steps, train_blocks=train_blocks,
+                      teacher_inputs=teacher_inputs)
 
   if state_sharding is None:
     return jax.jit(step, donate_argnums=0, compiler_options=options)
