@@ -2,7 +2,8 @@
 
     python benchmarks/stable_fullres.py --init checkpoints/minet_its --block 2 \
         --fraction 0.5 --target 0.85 --out BLOCK_FOLDER [--teacher its] [--steps 300] \
-        [--rooms 24] [--size 460 620] [--exposure 1.5 3.0] [--hinge-weight 4]
+        [--rooms 24] [--size 460 620] [--exposure 1.5 3.0] [--hinge-weight 4] \
+        [--inputs MODEL]
     python benchmarks/stable_compose.py --block WORKDIR:0.3 --block BLOCK_FOLDER:0.5 \
         --block WORKDIR:0.7 --save COMPOSED
 
@@ -13,8 +14,9 @@ This script trains block ``--block`` of ``--init`` (at stage fraction ``--fracti
 everything else as stored) on whole renders of the size of the SOTS photographs: the
 offline synthetic rooms at ``--size`` with a camera exposure (``--exposure``), one hazy
 image per room. The frozen teacher (``--teacher``, the released model) runs once on
-each render and its block input g0 and output y are kept; each step then takes one
-render and minimises the block-wise matching term of `configs/stable.py`
+each render and its block input g0 and output y are kept (with ``--inputs``, g0 is
+that model's block input instead, its blocks solved as it stores them); each step then
+takes one render and minimises the block-wise matching term of `configs/stable.py`
 (`contractive.fixed_point_mismatch`) plus ``--hinge-weight`` times
 max(0, rho - ``--target``)^2, rho the stage map's radius at the stage that answers y
 over the whole image (`contractive.block_radius`, ``--iters`` power steps). Adam,

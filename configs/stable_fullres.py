@@ -50,7 +50,7 @@ def get_config():
   config.model.stage_fraction = (0.3, 0.5, 0.7)
   config.model.contractive_target = (0.85, 0.85, 0.7)
   config.model.contractive_weight = 4.0
-  # The first command's run: trained (or finished) there first when it is not yet.
+  # configs/stable.py's run: trained (or finished) there first when it is not yet.
   config.init_from = "workdirs/stable"
   config.init_from_config = str(STABLE)
   config.init_blocks_from = ("", "its", "")

@@ -195,12 +195,18 @@ def pretrained(name: str = "its", *, cache_dir: str | os.PathLike | None = None,
     raise
 
 
+def names_release(spec: str | os.PathLike) -> bool:
+  """Whether `resolve` takes ``spec`` for a release name: one of RELEASES that is not
+  also an existing path (which wins)."""
+  return str(spec) in RELEASES and not os.path.lexists(pathlib.Path(spec).expanduser())
+
+
 def resolve(spec: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
             progress: bool = True) -> Params:
   """What the tools' ``--ckpt`` names: a release ("its"), a ``.pth`` file, a checkpoint
   folder or a training workdir. An existing path wins over a release name."""
   path = pathlib.Path(spec).expanduser()
-  if not os.path.lexists(path) and str(spec) in RELEASES:
+  if names_release(spec):
     return pretrained(str(spec), cache_dir=cache_dir, progress=progress)
   if path.is_file():
     return load_pth(path)

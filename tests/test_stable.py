@@ -199,7 +199,7 @@ def test_penalty_at_points_of_some_blocks_is_their_share(random_params):
 
 
 def test_stable_fullres_starts_from_the_released_block_2(released_params, shared_dir, tmp_path):
-  # The second command: configs/stable.py's model with block 2 replaced by the released
+  # After configs/stable.py's run: its model with block 2 replaced by the released
   # one at fraction 0.5, trained alone on whole renders, the released model the teacher.
   from minet_jax.core import checkpoint
   from minet_jax.train.checks import trained_blocks, validate_config
@@ -231,7 +231,7 @@ def test_stable_fullres_starts_from_the_released_block_2(released_params, shared
   # One command: without a finished run in init_from, configs/stable.py trains there first.
   assert config.init_from_config == str(REPO / "configs" / "stable.py")
   config.init_from = str(tmp_path / "not_yet")
-  prior, where = _prior_run(config, validate_config(config))
+  prior, where = _prior_run(config, validate_config(config), (tmp_path / "next",))
   assert where == tmp_path / "not_yet" and prior.to_dict() == stable.get_config().to_dict()
 
 

@@ -565,6 +565,7 @@ def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_
     ("data.name=bogus", "unknown dataset 'bogus'"),
     ("teacher_match_steps=0", "teacher_match_steps must be an integer >= 1, got 0"),
     ("teacher_inputs=mine", r"teacher_inputs must be one of \('teacher', 'student'\)"),
+    ("teacher_inputs=student", "teacher_inputs='student' needs the teacher matching term"),
     ("init_from_config=MISSING", "trains config.init_from, which must then be a training "
                                  "workdir, got ''"),
     ("train_blocks=(4,)", r"train_blocks must be distinct IM-block numbers from 1 to 3"),
@@ -1048,7 +1049,8 @@ def test_init_blocks_from_takes_those_blocks_from_other_models(tmp_path):
     _initial_state(config, cfg)
 
 
-def test_init_from_config_trains_init_from_first_and_only_once(tmp_path, data_dir):
+def test_init_from_config_trains_init_from_first_and_only_once(tmp_path, data_dir, monkeypatch):
+  from minet_jax.train import loop
   prior_file = tmp_path / "prior.py"
   prior_file.write_text(
       "from minet_jax.train import config_file\n\n\n"
@@ -1058,38 +1060,61 @@ def test_init_from_config_trains_init_from_first_and_only_once(tmp_path, data_di
       "  config.num_train_steps = 2\n"
       "  return config\n")
   prior_dir = tmp_path / "prior"
-  # The first run was stopped after one step.
-  prior = tiny_config(data_dir, num_train_steps=1)
-  train_and_evaluate(prior, prior_dir)
   config = tiny_config(data_dir, num_train_steps=1, init_from=str(prior_dir),
                        init_from_config=str(prior_file))
+  # SIGTERM during the first run: it saves and stops, and so does the command.
+  def stop(self, step):
+    self.signal = 15
+    return True
+  with monkeypatch.context() as m:
+    m.setattr(loop.StopRequest, "reached", stop)
+    summary = train_and_evaluate(config, tmp_path / "next")
+  assert summary["stopped_by"] == "SIGTERM" and summary["stopped_in"] == str(prior_dir)
+  assert checkpointing.resumable_steps(prior_dir) == [1] and not (tmp_path / "next").exists()
+  # Rerun: the first run resumes to its last step, then the second starts from it.
   summary = train_and_evaluate(config, tmp_path / "next")
   assert summary["step"] == 1 and summary["stopped_by"] is None
-  # The first run was resumed to its last step, then the second started from it.
   assert checkpointing.resumable_steps(prior_dir) == [2, 1]
-  events = [r for r in read_metrics(prior_dir) if "event" in r]
-  assert [(e["event"], e["step"]) for e in events] == [("start", 0), ("resume", 1)]
+  events = [(r["event"], r["step"]) for r in read_metrics(prior_dir) if "event" in r]
+  assert events == [("start", 0), ("stopped", 1), ("resume", 1)]
   start = [r for r in read_metrics(tmp_path / "next") if r.get("event") == "start"][0]
   assert start["init_from"] == str(prior_dir) and start["init_from_config"] == str(prior_file)
   # A finished first run is not run again.
   before = (prior_dir / "metrics.jsonl").read_text()
   assert train_and_evaluate(config, tmp_path / "again")["step"] == 1
   assert (prior_dir / "metrics.jsonl").read_text() == before
+  # Nor when the second run resumes (init_from is ignored then), even with it gone.
+  prior_dir.rename(tmp_path / "moved")
+  config.num_train_steps = 2
+  assert train_and_evaluate(config, tmp_path / "next")["step"] == 2
+  assert not prior_dir.exists()
+  # A saved model as init_from is weights to start from, not a run to train.
+  minet_jax.save(minet_jax.load(tmp_path / "moved"), tmp_path / "saved")
+  saved = sorted(p.name for p in (tmp_path / "saved").iterdir())
+  config.init_from = str(tmp_path / "saved")
+  assert train_and_evaluate(config, tmp_path / "from_saved")["step"] == 2
+  assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == saved
 
-  # Refused before anything trains: no such file, a released model or the same folder
-  # as init_from, a first run whose weights cannot start this one.
+  # Refused before anything trains: no such file, a file that fails, a release name,
+  # this run's folder or one of a run waiting on it, a first run whose weights cannot
+  # start this one.
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  (tmp_path / "loop.py").write_text(prior_file.read_text().replace(
+      "  return config", f"  config.init_from = {str(tmp_path / 'bad')!r}\n"
+      f"  config.init_from_config = {str(tmp_path / 'loop.py')!r}\n  return config"))
   for field, value, message in (
       ("init_from_config", str(tmp_path / "none.py"), "no config file"),
+      ("init_from_config", str(tmp_path / "broken.py"), "broken.py: SyntaxError"),
+      ("init_from_config", str(tmp_path / "loop.py"), "of this run or of a run waiting on it"),
       ("init_from", "its", "must then be a training workdir"),
-      ("init_from", str(tmp_path / "w.pth"), "must then be a training workdir")):
+      ("init_from", str(tmp_path / "bad"), "of this run or of a run waiting on it")):
     fields = {"init_from": str(tmp_path / "fresh"), "init_from_config": str(prior_file)}
     bad = tiny_config(data_dir, **{**fields, field: value})
     with pytest.raises(ConfigError, match=message):
       train_and_evaluate(bad, tmp_path / "bad")
   bad = tiny_config(data_dir, init_from=str(tmp_path / "fresh"), init_from_config=str(prior_file))
-  with pytest.raises(ConfigError, match="is this run's --workdir too"):
-    train_and_evaluate(bad, tmp_path / "fresh")
   bad.model.features = 4
-  with pytest.raises(ConfigError, match="different architecture .*features"):
+  with pytest.raises(ConfigError, match="model of config.init_from_config .* different "
+                     "architecture .*features"):
     train_and_evaluate(bad, tmp_path / "bad")
   assert not (tmp_path / "fresh").exists() and not (tmp_path / "bad").exists()

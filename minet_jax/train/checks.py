@@ -70,11 +70,14 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if float(config.model.correction_weight):
       raise ConfigError("config.model.correction_weight needs the model's forward pass "
                         "(config.output_weight > 0)")
-  if config.init_from_config and (not config.init_from or config.init_from in hub.RELEASES
-                                  or str(config.init_from).endswith(".pth")):
+  if config.init_from_config and (not config.init_from or hub.names_release(config.init_from)):
     raise ConfigError(f"config.init_from_config {config.init_from_config!r} trains "
                       "config.init_from, which must then be a training workdir, got "
                       f"{config.init_from!r}")
+  if config.teacher_inputs != "teacher" and not (config.teacher
+                                                 and float(config.teacher_match_weight)):
+    raise ConfigError(f"config.teacher_inputs={config.teacher_inputs!r} needs the teacher "
+                      "matching term (config.teacher, config.teacher_match_weight > 0)")
   if trained_blocks(config, cfg.num_blocks) is not None and not config.init_from:
     raise ConfigError("config.train_blocks needs config.init_from (the weights the other "
                       "parameters keep)")

@@ -152,12 +152,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_tail = "kaiming"
   # Start from these weights (a minet_jax.save / convert folder, a training workdir, an
   # authors' .pth file, or "its" for the released weights, fetched once and cached:
-  # minet_jax.hub); "" starts from a random init. Ignored when the workdir already holds a checkpoint.
+  # minet_jax.hub); "" starts from a random init. Ignored when the workdir already
+  # holds a checkpoint.
   config.init_from = ""
   # With init_from a training workdir: the config file (a path, as --config takes it) of
-  # the run that trains it. Before starting, train.py runs that config there, or resumes
-  # it, unless the workdir has reached that config's num_train_steps: one command trains
-  # a recipe of several runs (configs/stable_fullres.py). "" = init_from is trained already.
+  # the run that trains it. A fresh start first runs that config there, or resumes it,
+  # unless that run has reached its last step: one command trains a recipe of several
+  # runs (configs/stable_fullres.py). "" = init_from is trained already.
   config.init_from_config = ""
   # With init_from: one entry per IM-block, "" or a model (as init_from names one) whose
   # weights of that block replace init_from's, e.g. ("", "its", "") to train block 2
@@ -183,7 +184,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (block-wise distillation: every block learns from the teacher's states) or
   # "student" (the model's own solved blocks give each block its input, so a block
   # learns to bring the states the model's earlier blocks give it back to the teacher's
-  # block output; one more forward solve per step; configs/stable_fullres.py, block 3).
+  # block output; one more forward solve per step).
   config.teacher_inputs = "teacher"
   # Train only these IM-blocks' f (block numbers from 1; () trains the whole model; needs
   # init_from): the other parameters stay exactly as at the start (init_from, after

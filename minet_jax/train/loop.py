@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import math
+import os
 import pathlib
 import re
 import time
@@ -111,40 +113,66 @@ def _free_fields(old: ModelConfig, new: ModelConfig) -> dict[str, Any]:
   return {k: getattr(new, k) for k in INIT_FROM_FREE_FIELDS if getattr(old, k) != getattr(new, k)}
 
 
-def _check_start_architecture(config: ml_collections.ConfigDict, old: ModelConfig,
-                              new: ModelConfig) -> None:
-  """Refuses init_from weights of architecture `old` for a run of `new` (free fields
-  already taken from `new`)."""
+def _check_start_architecture(what: str, old: ModelConfig, new: ModelConfig) -> None:
+  """Refuses weights of architecture `old` (`what`, free fields already taken from
+  `new`) as the start of a run of `new`."""
   if old.architecture() != new.architecture():
-    raise ConfigError(f"config.init_from {config.init_from} has a different architecture "
-                      f"than config.model ("
-                      f"{architecture_differences(old.architecture(), new.architecture())}); "
-                      "set config.model to the checkpoint's architecture")
+    differences = architecture_differences(old.architecture(), new.architecture())
+    raise ConfigError(f"{what} has a different architecture than config.model "
+                      f"({differences}); set config.model to the checkpoint's architecture")
 
 
-def _prior_run(config: ml_collections.ConfigDict, cfg: ModelConfig
+def _unfinished_run(path: pathlib.Path, last_step: int) -> bool:
+  """Whether ``path`` is a training run still to start or finish: no such folder, or a
+  training workdir whose newest checkpoint is before its last step (the one its
+  recorded config names, else ``last_step``). A saved model, a checkpoint step folder
+  or a .pth file is a model to start from."""
+  if not os.path.lexists(path):
+    return True
+  if not ((path / checkpointing.TRAIN_CONFIG_FILE).is_file()
+          or (path / checkpointing.LATEST_DIR).is_dir()):
+    return False
+  try:
+    recorded = json.loads((path / checkpointing.TRAIN_CONFIG_FILE).read_text())
+    last_step = int(recorded["num_train_steps"])
+  except (OSError, ValueError, KeyError, TypeError):
+    pass  # No record (a run stopped before its first write): the config file's.
+  done = checkpointing.resumable_steps(path)
+  return not done or max(done) < last_step
+
+
+def _prior_run(config: ml_collections.ConfigDict, cfg: ModelConfig,
+               chain: tuple[pathlib.Path, ...]
                ) -> tuple[ml_collections.ConfigDict, pathlib.Path] | None:
   """(``config.init_from_config``'s config, ``config.init_from`` as its workdir) when
-  that run has still to be trained or finished; None when there is no such config or
-  the workdir has reached its ``num_train_steps``. Everything that can be checked
-  before it trains is: its config, and that its weights can start ``config.model``."""
+  that run has still to be trained or finished (`_unfinished_run`), else None.
+  Everything about it that can be checked before it trains is: its config, that its
+  weights can start ``config.model``, and that it is not a run of the chain (the
+  workdirs of the runs waiting on it, this one's first)."""
   if not config.init_from_config:
     return None
+  where = pathlib.Path(config.init_from).expanduser().absolute()
+  if any(where.resolve() == w.resolve() for w in chain):
+    raise ConfigError(f"config.init_from_config trains config.init_from, {where}, which is "
+                      "the --workdir of this run or of a run waiting on it: give each run "
+                      "its own folder")
   try:
     prior = config_file.load_module(config.init_from_config).get_config()
-  except (OSError, AttributeError) as e:  # No file; no get_config().
-    raise ConfigError(f"config.init_from_config: {e}") from e
+  except Exception as e:  # A config file can raise anything; a one-line error says which.
+    raise ConfigError(f"config.init_from_config {config.init_from_config}: "
+                      f"{type(e).__name__}: {e}") from e
   try:
     prior_cfg = validate_config(prior)
   except ConfigError as e:
     raise ConfigError(f"config.init_from_config {config.init_from_config}: {e}") from e
-  free = _free_fields(prior_cfg, cfg)
-  _check_start_architecture(config, dataclasses.replace(prior_cfg, **free), cfg)
-  workdir = pathlib.Path(config.init_from).expanduser().absolute()
-  done = checkpointing.resumable_steps(workdir)
-  if done and max(done) >= int(prior.num_train_steps):
+  _check_start_architecture(
+      f"the model of config.init_from_config {config.init_from_config}",
+      dataclasses.replace(prior_cfg, **_free_fields(prior_cfg, cfg)), cfg)
+  if not _unfinished_run(where, int(prior.num_train_steps)):
     return None
-  return prior, workdir
+  # One job: the first run joins (or not) the same processes as this one.
+  prior.distributed = config.distributed
+  return prior, where
 
 
 def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | None:
@@ -158,7 +186,7 @@ def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | 
   free = _free_fields(params.config, cfg)
   if free:
     params = params.replace_config(**free)
-  _check_start_architecture(config, params.config, cfg)
+  _check_start_architecture(f"config.init_from {config.init_from}", params.config, cfg)
   sources = {}
   for i, spec in enumerate(config.init_blocks_from):
     if spec:
@@ -202,7 +230,8 @@ def _teacher(config: ml_collections.ConfigDict) -> Params | None:
 def step_options(config: ml_collections.ConfigDict, num_blocks: int) -> dict[str, Any]:
   """What ``config`` asks of a training step beyond its loss, schedule and compiler
   options: the teacher, the weights of the matching and output terms, the matching
-  steps, whose block inputs are matched and the trained blocks, as `make_train_step` (and `train_step`) take them."""
+  steps, whose block inputs are matched and the trained blocks, as `make_train_step`
+  (and `train_step`) take them."""
   return dict(teacher=_teacher(config), match_weight=float(config.teacher_match_weight),
               output_weight=float(config.output_weight),
               match_steps=int(config.teacher_match_steps),
@@ -246,30 +275,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                        ) -> dict[str, Any]:
   """Trains MI-Net as `config` says, in `workdir` (resuming it if it has checkpoints).
 
+  With ``config.init_from_config``, a fresh start first trains (or finishes) that run
+  in ``config.init_from``, holding this workdir's lock meanwhile.
+
   Returns a summary: ``step`` reached, ``stopped_by`` (None, or "SIGTERM"), the
   last validation scores (``psnr``, ``ssim``, ``hazy_psnr``, ...), ``best_psnr``,
-  ``steps_per_second`` and ``seconds``.
+  ``steps_per_second`` and ``seconds``; a stop in a run this one waits on returns that
+  run's summary with ``stopped_in``, its workdir.
   """
+  return _train_and_evaluate(config, workdir, chain=())
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                        chain: tuple[pathlib.Path, ...]) -> dict[str, Any]:
+  """`train_and_evaluate`; ``chain``: the workdirs of the runs waiting on this one."""
   t_start = time.time()
   cfg = validate_config(config)  # config.model, parsed once for the whole run.
   sharding.maybe_initialize_distributed(bool(config.distributed))
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  if (config.init_from_config
-      and pathlib.Path(config.init_from).expanduser().absolute() == workdir):
-    raise ConfigError(f"config.init_from_config trains config.init_from, {workdir}, which "
-                      "is this run's --workdir too: give the two runs different folders")
-  prior = _prior_run(config, cfg)
-  if prior is not None:
-    # init_from is a run still to train (or to finish): that run first, in its own workdir.
-    if jax.process_index() == 0:
-      tqdm.write(f"config.init_from {prior[1]} is not trained to its last step: training it "
-                 f"first with {config.init_from_config}")
-    summary = train_and_evaluate(*prior)
-    if summary["stopped_by"] is not None:
-      return {**summary, "stopped_in": str(prior[1])}
   # One run per workdir, locked before anything is read or written there.
   lock = WorkdirLock.acquire(workdir) if jax.process_index() == 0 else None
   try:
+    # A resume ignores init_from, and so what trains it.
+    prior = (None if checkpointing.resumable_steps(workdir)
+             else _prior_run(config, cfg, (workdir, *chain)))
+    if prior is not None:
+      summary = _train_prior(config, cfg, workdir, prior, chain)
+      if summary["stopped_by"] is not None:
+        if lock is not None:
+          lock.release(refused=True)
+          lock = None
+        return {**summary, "stopped_in": summary.get("stopped_in", str(prior[1]))}
     start = _accept_start(config, cfg, workdir)
   except BaseException:
     if lock is not None:
@@ -285,6 +321,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   finally:
     if lock is not None:
       lock.release()
+
+
+def _train_prior(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib.Path,
+                 prior: tuple[ml_collections.ConfigDict, pathlib.Path],
+                 chain: tuple[pathlib.Path, ...]) -> dict[str, Any]:
+  """Trains `_prior_run`'s run after the checks of this run's start that do not need its
+  weights; its errors say which run they come from."""
+  check_workdir_config(workdir, cfg)
+  for name, spec in [("teacher", config.teacher if config.teacher != "init_from" else ""),
+                     *((f"init_blocks_from[{i}]", s)
+                       for i, s in enumerate(config.init_blocks_from))]:
+    if spec:
+      try:
+        hub.resolve(spec)
+      except (OSError, ValueError) as e:  # CheckpointError is an OSError
+        raise ConfigError(f"config.{name}: {e}") from e
+  from minet_jax.data import DatasetLayoutError  # Deferred, as in _accept_start.
+  prior_config, prior_dir = prior
+  if jax.process_index() == 0:
+    tqdm.write(f"config.init_from {prior_dir} is not trained to its last step: training it "
+               f"first with {config.init_from_config} (this run's --config overrides do "
+               "not apply to it)")
+  try:
+    return _train_and_evaluate(prior_config, prior_dir, chain=(workdir, *chain))
+  except (ConfigError, NonFiniteLossError, DatasetLayoutError) as e:
+    raise type(e)(f"training config.init_from {prior_dir} with {config.init_from_config} "
+                  f"first: {e}") from e
 
 
 def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib.Path,
