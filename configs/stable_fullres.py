@@ -27,8 +27,8 @@ samples at full resolution it scores 33.46 dB / 0.97124 (`configs/stable.py`:
 Anderson solve all 30 (image, block) pairs (5.4 / 12.2 / 13.8 Picard steps), and a
 forward pass takes 1.22x the released model's time. Its blocks are contractions at
 their solutions on 29 of the 30 pairs: block 3, trained by `configs/stable.py` on the
-released block 2's outputs, reaches rho 1.005 on `1404_9`. The PSNR and speed targets
-of a stable MI-Net are not met.
+released block 2's outputs, reaches rho 1.005 on `1404_9`; `configs/stable_block3.py`
+refits it behind this run. The PSNR and speed targets of a stable MI-Net are not met.
 """
 
 from __future__ import annotations

@@ -265,3 +265,23 @@ def test_student_inputs_match_the_teacher_output_from_the_models_own_states(rand
     step_lib.train_step(state_lib.create_train_state(config, params=start),
                         {"hazy": hazy, "clear": hazy}, teacher=teacher, match_weight=1.0,
                         output_weight=0.0, teacher_inputs="mine")
+
+
+def test_stable_block3_refits_block_3_after_the_two_earlier_runs():
+  # The third run of the recipe: after configs/stable_fullres.py's (which runs
+  # configs/stable.py first), block 3 alone on configs/stable.py's crops, its input from
+  # the model's own solved blocks, the released model's block-3 output the target.
+  from minet_jax.train.checks import trained_blocks, validate_config
+  from configs import stable_block3, stable_fullres
+  config = stable_block3.get_config()
+  assert config.init_from == "workdirs/stable_fullres"
+  assert config.init_from_config == str(REPO / "configs" / "stable_fullres.py")
+  assert stable_fullres.get_config().init_from_config == str(REPO / "configs" / "stable.py")
+  cfg = validate_config(config)
+  fullres = model_config(stable_fullres.get_config().model)
+  assert (cfg.stage_fraction, cfg.contractive_target) == (fullres.stage_fraction,
+                                                          fullres.contractive_target)
+  assert cfg.contractive_weight == stable.get_config().model.contractive_weight
+  assert trained_blocks(config, 3) == (2,) and config.teacher_inputs == "student"
+  assert config.teacher == "its" and tuple(config.init_blocks_from) == ()
+  assert config.data.to_dict() == stable.get_config().data.to_dict()
