@@ -53,7 +53,7 @@ def get_config():
   config.data = crops.data
   config.model.contractive_weight = crops.model.contractive_weight
   config.optimizer.learning_rate = 3e-3
-  config.optimizer.decay_steps = 1000
   config.num_train_steps = 1000
+  config.optimizer.decay_steps = config.num_train_steps
   config.checkpoint_every = 500
   return config

@@ -26,6 +26,7 @@ from minet_jax.train import checkpointing, state as state_lib
 from minet_jax.train import (ConfigError, NonFiniteLossError, reconstruction_loss,
                              train_and_evaluate, validate_config)
 from minet_jax.train.inputs import synthetic_config
+from minet_jax.train.lock import LOCK_FILE
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -1062,8 +1063,10 @@ def test_init_from_config_trains_init_from_first_and_only_once(tmp_path, data_di
   prior_dir = tmp_path / "prior"
   config = tiny_config(data_dir, num_train_steps=1, init_from=str(prior_dir),
                        init_from_config=str(prior_file))
-  # SIGTERM during the first run: it saves and stops, and so does the command.
+  # SIGTERM during the first run (this run's workdir locked meanwhile): it saves and
+  # stops, and so does the command.
   def stop(self, step):
+    assert (tmp_path / "next" / LOCK_FILE).exists()
     self.signal = 15
     return True
   with monkeypatch.context() as m:
@@ -1083,6 +1086,18 @@ def test_init_from_config_trains_init_from_first_and_only_once(tmp_path, data_di
   before = (prior_dir / "metrics.jsonl").read_text()
   assert train_and_evaluate(config, tmp_path / "again")["step"] == 1
   assert (prior_dir / "metrics.jsonl").read_text() == before
+  # Its last step is the one its record names (a run resumed with another num_train_steps).
+  recorded = json.loads((prior_dir / "config.json").read_text())
+  (prior_dir / "config.json").write_text(json.dumps({**recorded, "num_train_steps": 3}))
+  assert train_and_evaluate(config, tmp_path / "again_3")["step"] == 1
+  assert checkpointing.resumable_steps(prior_dir) == [3, 2, 1]
+  # A folder that a killed first run left with its lock file alone is a run to train.
+  (tmp_path / "half").mkdir()
+  (tmp_path / "half" / LOCK_FILE).write_text("")
+  half = tiny_config(data_dir, num_train_steps=1, init_from=str(tmp_path / "half"),
+                     init_from_config=str(prior_file))
+  assert train_and_evaluate(half, tmp_path / "after_half")["step"] == 1
+  assert checkpointing.resumable_steps(tmp_path / "half") == [2]
   # Nor when the second run resumes (init_from is ignored then), even with it gone.
   prior_dir.rename(tmp_path / "moved")
   config.num_train_steps = 2
@@ -1105,8 +1120,11 @@ def test_init_from_config_trains_init_from_first_and_only_once(tmp_path, data_di
   for field, value, message in (
       ("init_from_config", str(tmp_path / "none.py"), "no config file"),
       ("init_from_config", str(tmp_path / "broken.py"), "broken.py: SyntaxError"),
-      ("init_from_config", str(tmp_path / "loop.py"), "of this run or of a run waiting on it"),
+      ("init_from_config", str(tmp_path / "loop.py"),
+       "training config.init_from .*fresh with .*loop.py first: .*of this run or of a run "
+       "waiting on it"),
       ("init_from", "its", "must then be a training workdir"),
+      ("init_from", str(tmp_path / "w.pth"), "must then be a training workdir"),
       ("init_from", str(tmp_path / "bad"), "of this run or of a run waiting on it")):
     fields = {"init_from": str(tmp_path / "fresh"), "init_from_config": str(prior_file)}
     bad = tiny_config(data_dir, **{**fields, field: value})

@@ -375,6 +375,13 @@ def read_weights(weights_dir: str | os.PathLike, cfg: ModelConfig,
   return weights
 
 
+def is_saved_model(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a folder written by `save` (its weights and config), not a
+  training workdir."""
+  path = pathlib.Path(path)
+  return (path / WEIGHTS_DIR).is_dir() and (path / CONFIG_FILE).is_file()
+
+
 def load(path: str | os.PathLike) -> Params:
   """Reads a checkpoint folder written by `save` (or by the converter), or a training
   workdir (``train.py --workdir``: its best-validation, else latest, weights).

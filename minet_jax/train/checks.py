@@ -70,7 +70,11 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if float(config.model.correction_weight):
       raise ConfigError("config.model.correction_weight needs the model's forward pass "
                         "(config.output_weight > 0)")
-  if config.init_from_config and (not config.init_from or hub.names_release(config.init_from)):
+  # A release name, or a .pth that is not there (a mistyped path, not a run to train).
+  missing_pth = (str(config.init_from).endswith(".pth")
+                 and not pathlib.Path(config.init_from).expanduser().exists())
+  if config.init_from_config and (not config.init_from or hub.names_release(config.init_from)
+                                  or missing_pth):
     raise ConfigError(f"config.init_from_config {config.init_from_config!r} trains "
                       "config.init_from, which must then be a training workdir, got "
                       f"{config.init_from!r}")
@@ -147,7 +151,7 @@ def check_workdir_config(workdir: pathlib.Path, cfg: ModelConfig) -> None:
   edited): ``minet_config.json``, each step's recorded architecture, and the shapes
   of each step's weights. A folder written by `minet_jax.save` is refused too.
   """
-  if (workdir / checkpoint.WEIGHTS_DIR).is_dir() and (workdir / checkpoint.CONFIG_FILE).is_file():
+  if checkpoint.is_saved_model(workdir):
     raise ConfigError(f"{workdir} is a saved model (minet_jax.save), not a training workdir; "
                       "train in another --workdir, with --config.init_from to start from it")
   folders = checkpointing.weight_params(workdir)

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from minet_jax.core import files
+from minet_jax.core import checkpoint, files
 from minet_jax import hub
 from minet_jax.core.config import INIT_FROM_FREE_FIELDS, ModelConfig
 from minet_jax.core.params import Params
@@ -122,30 +122,29 @@ def _check_start_architecture(what: str, old: ModelConfig, new: ModelConfig) -> 
                       f"({differences}); set config.model to the checkpoint's architecture")
 
 
-def _unfinished_run(path: pathlib.Path, last_step: int) -> bool:
-  """Whether ``path`` is a training run still to start or finish: no such folder, or a
-  training workdir whose newest checkpoint is before its last step (the one its
-  recorded config names, else ``last_step``). A saved model, a checkpoint step folder
-  or a .pth file is a model to start from."""
-  if not os.path.lexists(path):
-    return True
-  if not ((path / checkpointing.TRAIN_CONFIG_FILE).is_file()
-          or (path / checkpointing.LATEST_DIR).is_dir()):
-    return False
+def _is_model(path: pathlib.Path) -> bool:
+  """Whether ``path`` holds weights to start from rather than a training run: a .pth
+  file, a `minet_jax.save` folder or one checkpoint step's folder."""
+  return (path.is_file() or (path / checkpoint.PARAMS_ITEM).is_dir()
+          or checkpoint.is_saved_model(path))
+
+
+def _last_step(path: pathlib.Path, default: int) -> int:
+  """The last step of the run in workdir ``path``: the one its recorded training config
+  names (a run resumed with another num_train_steps ends there), else ``default``."""
   try:
-    recorded = json.loads((path / checkpointing.TRAIN_CONFIG_FILE).read_text())
-    last_step = int(recorded["num_train_steps"])
+    return int(json.loads((path / checkpointing.TRAIN_CONFIG_FILE).read_text())
+               ["num_train_steps"])
   except (OSError, ValueError, KeyError, TypeError):
-    pass  # No record (a run stopped before its first write): the config file's.
-  done = checkpointing.resumable_steps(path)
-  return not done or max(done) < last_step
+    return default  # No record yet (a run stopped before its first write).
 
 
 def _prior_run(config: ml_collections.ConfigDict, cfg: ModelConfig,
                chain: tuple[pathlib.Path, ...]
                ) -> tuple[ml_collections.ConfigDict, pathlib.Path] | None:
   """(``config.init_from_config``'s config, ``config.init_from`` as its workdir) when
-  that run has still to be trained or finished (`_unfinished_run`), else None.
+  that run has still to start or to reach its last step (`_last_step`), else None (a
+  finished run, or weights to start from: `_is_model`).
   Everything about it that can be checked before it trains is: its config, that its
   weights can start ``config.model``, and that it is not a run of the chain (the
   workdirs of the runs waiting on it, this one's first)."""
@@ -168,11 +167,23 @@ def _prior_run(config: ml_collections.ConfigDict, cfg: ModelConfig,
   _check_start_architecture(
       f"the model of config.init_from_config {config.init_from_config}",
       dataclasses.replace(prior_cfg, **_free_fields(prior_cfg, cfg)), cfg)
-  if not _unfinished_run(where, int(prior.num_train_steps)):
+  if _is_model(where):
+    return None
+  prior.num_train_steps = _last_step(where, int(prior.num_train_steps))
+  done = checkpointing.resumable_steps(where)
+  if done and max(done) >= prior.num_train_steps:
     return None
   # One job: the first run joins (or not) the same processes as this one.
   prior.distributed = config.distributed
   return prior, where
+
+
+def _resolve_named(name: str, spec: str) -> Params:
+  """`hub.resolve` of the model that ``config.<name>`` names; ConfigError naming the field."""
+  try:
+    return hub.resolve(spec)
+  except (OSError, ValueError) as e:  # CheckpointError is an OSError
+    raise ConfigError(f"config.{name}: {e}") from e
 
 
 def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | None:
@@ -187,13 +198,8 @@ def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | 
   if free:
     params = params.replace_config(**free)
   _check_start_architecture(f"config.init_from {config.init_from}", params.config, cfg)
-  sources = {}
-  for i, spec in enumerate(config.init_blocks_from):
-    if spec:
-      try:
-        sources[i] = hub.resolve(spec)
-      except (OSError, ValueError) as e:  # CheckpointError is an OSError
-        raise ConfigError(f"config.init_blocks_from[{i}]: {e}") from e
+  sources = {i: _resolve_named(f"init_blocks_from[{i}]", spec)
+             for i, spec in enumerate(config.init_blocks_from) if spec}
   if sources:
     try:
       params = replace_blocks(params, sources)
@@ -328,24 +334,23 @@ def _train_prior(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: p
                  chain: tuple[pathlib.Path, ...]) -> dict[str, Any]:
   """Trains `_prior_run`'s run after the checks of this run's start that do not need its
   weights; its errors say which run they come from."""
+  from minet_jax.data import DatasetLayoutError  # Deferred, as in _accept_start.
+  prior_config, prior_dir = prior
   check_workdir_config(workdir, cfg)
+  # The other weights this run reads, unless that run makes them.
   for name, spec in [("teacher", config.teacher if config.teacher != "init_from" else ""),
                      *((f"init_blocks_from[{i}]", s)
                        for i, s in enumerate(config.init_blocks_from))]:
-    if spec:
-      try:
-        hub.resolve(spec)
-      except (OSError, ValueError) as e:  # CheckpointError is an OSError
-        raise ConfigError(f"config.{name}: {e}") from e
-  from minet_jax.data import DatasetLayoutError  # Deferred, as in _accept_start.
-  prior_config, prior_dir = prior
+    if spec and pathlib.Path(spec).expanduser().absolute() != prior_dir:
+      _resolve_named(name, spec)
   if jax.process_index() == 0:
     tqdm.write(f"config.init_from {prior_dir} is not trained to its last step: training it "
                f"first with {config.init_from_config} (this run's --config overrides do "
                "not apply to it)")
   try:
     return _train_and_evaluate(prior_config, prior_dir, chain=(workdir, *chain))
-  except (ConfigError, NonFiniteLossError, DatasetLayoutError) as e:
+  except (ConfigError, NonFiniteLossError, DatasetLayoutError,
+          checkpoint.CheckpointError) as e:  # Each takes one message.
     raise type(e)(f"training config.init_from {prior_dir} with {config.init_from_config} "
                   f"first: {e}") from e
 
