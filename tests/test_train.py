@@ -22,6 +22,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 import minet_jax
 from configs import its, tiny
 from minet_jax.data import builders
+from minet_jax.data.folders import DatasetLayoutError
 from minet_jax.train import checkpointing, state as state_lib
 from minet_jax.train import (ConfigError, NonFiniteLossError, reconstruction_loss,
                              train_and_evaluate, validate_config)
@@ -1130,6 +1131,10 @@ def test_init_from_config_trains_init_from_first_and_only_once(tmp_path, data_di
     bad = tiny_config(data_dir, **{**fields, field: value})
     with pytest.raises(ConfigError, match=message):
       train_and_evaluate(bad, tmp_path / "bad")
+  bad = tiny_config(data_dir, init_from=str(tmp_path / "fresh"), init_from_config=str(prior_file),
+                    **{"data.name": "reside_its", "data.manual_dir": str(tmp_path / "no_data")})
+  with pytest.raises(DatasetLayoutError):  # This run's data, before the first run trains.
+    train_and_evaluate(bad, tmp_path / "bad")
   bad = tiny_config(data_dir, init_from=str(tmp_path / "fresh"), init_from_config=str(prior_file))
   bad.model.features = 4
   with pytest.raises(ConfigError, match="model of config.init_from_config .* different "

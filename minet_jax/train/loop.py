@@ -253,10 +253,9 @@ class _Start:
   init_params: Params | None
 
 
-def _accept_start(config: ml_collections.ConfigDict, cfg: ModelConfig,
-                  workdir: pathlib.Path) -> _Start:
-  """Every check of a start that needs the workdir or the data; writes nothing there."""
-  check_workdir_config(workdir, cfg)
+def _data_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """`inputs.sources` (built if need be), with its errors as the run reports them, and
+  the crop checked against the training images."""
   try:
     train_source, eval_source = inputs.sources(config)
   except ValueError as e:
@@ -265,6 +264,14 @@ def _accept_start(config: ml_collections.ConfigDict, cfg: ModelConfig,
       raise
     raise ConfigError(f"config.data: {e}") from e
   check_crop(config, train_source)
+  return train_source, eval_source
+
+
+def _accept_start(config: ml_collections.ConfigDict, cfg: ModelConfig,
+                  workdir: pathlib.Path) -> _Start:
+  """Every check of a start that needs the workdir or the data; writes nothing there."""
+  check_workdir_config(workdir, cfg)
+  train_source, eval_source = _data_sources(config)
   # The weights to start from are read now, not after the first writes, unless a
   # resume will not need them.
   resuming = bool(checkpointing.resumable_steps(workdir))
@@ -337,6 +344,7 @@ def _train_prior(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: p
   from minet_jax.data import DatasetLayoutError  # Deferred, as in _accept_start.
   prior_config, prior_dir = prior
   check_workdir_config(workdir, cfg)
+  _data_sources(config)  # Built now, so a wrong data folder is found before that run.
   # The other weights this run reads, unless that run makes them.
   for name, spec in [("teacher", config.teacher if config.teacher != "init_from" else ""),
                      *((f"init_blocks_from[{i}]", s)
