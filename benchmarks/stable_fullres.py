@@ -108,10 +108,11 @@ def train_block(init: Params, teacher: Params, hazy: np.ndarray, *, block: int,
 
   @jax.jit
   def block_states(image):
-    _, _, runs = teacher_model.forward_runs(image)
+    # The blocks' states only: `solve_blocks`, not the whole forward pass.
+    runs = teacher_model.solve_blocks(teacher_model.model_input(image))
     g0 = runs[block].g0
     if inputs is not None:
-      g0 = input_model.forward_runs(image)[2][block].g0
+      g0 = input_model.solve_blocks(input_model.model_input(image))[block].g0
     return g0, runs[block].output
 
   # The teacher (and the input model) are frozen: the states are computed once per render.

@@ -197,7 +197,7 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
     batch = {**batch, "clear": jax.lax.stop_gradient(target)}
     inputs = [run.g0 for run in runs]
     if teacher_inputs == "student":
-      inputs = [run.g0 for run in model.forward_runs(batch["hazy"])[2]]
+      inputs = [run.g0 for run in model.solve_blocks(model.model_input(batch["hazy"]))]
     teacher_blocks = jax.lax.stop_gradient([(g0, run.output) for g0, run in zip(inputs, runs)])
   (value, (output, parts)), grads = loss_and_grads(
       model, batch, loss=loss, key=key, teacher_blocks=teacher_blocks,
