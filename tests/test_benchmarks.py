@@ -224,6 +224,47 @@ def test_stable_radius_modes_reports_the_saturated_share(shared_dir, released_pa
 
 
 @pytest.mark.slow
+def test_stable_krylov_compares_picard_with_the_best_krylov_method(shared_dir, released_params,
+                                                                    tmp_path):
+  small = _small_shared(shared_dir, tmp_path / "shared")
+  stable = tmp_path / "stable"
+  checkpoint.save(Params(weights=released_params.weights, config=dataclasses.replace(
+      released_params.config, stage_fraction=(0.3, 0.3, 0.7), solver="picard", rtol=1e-3,
+      iterations=(30, 30, 30), best_so_far=True)), stable)
+  out = tmp_path / "krylov.json"
+  script = REPO_ROOT / "benchmarks" / "stable_krylov.py"
+  proc = _run(script, "--stable", str(stable), "--images", "1400_1", "--iters", "6",
+              "--shared", str(small), "--out", str(out))
+  report = json.loads(out.read_text())
+  rows = report["rows"]
+  assert [(r["image"], r["block"]) for r in rows] == [("1400_1", b) for b in (1, 2, 3)]
+  # The solvers' steps are the model's own (stable_minet.py's scores on the same image).
+  proc_lines = [line for line in proc.stdout.splitlines() if line.startswith("| 1400_1 |")]
+  assert len(proc_lines) == 3
+  for r in rows:
+    assert 1 <= r["picard_steps"] <= 30 and 1 <= r["anderson_steps"] <= 30
+    assert r["linearised_at_rel_residual"] <= 1e-6
+    picard, krylov = np.array(r["picard_linear"]), np.array(r["krylov_best"])
+    assert picard.shape == krylov.shape == (6,)
+    # Picard's residual J^k r0 is one of the Krylov candidates: the best is never worse,
+    # and more steps never make it worse.
+    assert np.all(krylov <= picard * (1 + 1e-3) + 1e-7)
+    assert np.all(np.diff(krylov) <= 1e-7)
+    for key, curve in (("picard_linear_steps", picard), ("krylov_best_steps", krylov)):
+      hit = np.flatnonzero(curve <= r["threshold"])
+      assert r[key] == (int(hit[0]) + 1 if hit.size else None)
+    assert len(r["ritz_outer"]) == 6
+    assert all(0 <= m < 10 and -180 <= a <= 180 for m, a in r["ritz_outer"])
+  for args, message in ((["--images", "1499_1"], "--images: no SOTS sample 1499_1"),
+                        (["--iters", "0"], "--iters must be >= 1")):
+    bad = subprocess.run([sys.executable, str(script), "--stable", str(stable),
+                          "--shared", str(small), *args],
+                         cwd=REPO_ROOT, env=checkout_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+@pytest.mark.slow
 def test_synthetic_saturation_counts_saturated_pixels(shared_dir, tmp_path):
   small = _small_shared(shared_dir, tmp_path / "shared")
   hazy_path = small / "data/RESIDE/SOTS/indoor/hazy/1400_1.png"

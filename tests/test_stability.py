@@ -74,6 +74,54 @@ def test_complex_dominant_pair_is_found_by_growth_rate_and_arnoldi():
   assert abs(float(radius["rayleigh"])) < 0.8 * np.cos(theta) + 0.05
 
 
+def _krylov(a: np.ndarray, r0: np.ndarray, iters: int) -> np.ndarray:
+  matvec, _ = spectral.linearise(lambda v: jnp.asarray(a, jnp.float32) @ v, jnp.zeros(a.shape[0]))
+  return spectral.krylov_residuals(spectral.arnoldi(matvec, jnp.asarray(r0, jnp.float32),
+                                                    num_iters=iters))
+
+
+def test_krylov_residuals_match_brute_force_gmres():
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=(12, 12)) * 0.25
+  r0 = rng.normal(size=12)
+  got = _krylov(a, r0, 8)
+  # Dense reference: min ||r0 - (I - A) K c|| over the power basis K = [r0, A r0, ...].
+  for j in range(1, 9):
+    basis = np.stack([np.linalg.matrix_power(a, i) @ r0 for i in range(j)], axis=1)
+    m = (np.eye(12) - a) @ basis
+    c = np.linalg.lstsq(m, r0, rcond=None)[0]
+    assert got[j - 1] == pytest.approx(np.linalg.norm(r0 - m @ c) / np.linalg.norm(r0),
+                                       rel=1e-3, abs=1e-6)
+
+
+def test_krylov_gains_nothing_on_a_disk_and_much_on_one_side():
+  # A normal map whose 16 eigenvalues r exp(2 pi i k / 16) ring the origin, started with
+  # equal weight on every eigenvector: for degree j < 16, the best p with p(1) = 1 has
+  # ||p(J) r0||^2 / ||r0||^2 = 1 / sum_{i <= j} r^(-2i) (the powers are orthogonal over
+  # the ring), against r^j for Picard: only a factor sqrt(1 - r^2) better.
+  r, n = 0.8, 16
+  blocks = [np.array([[r]]), np.array([[-r]])]
+  for k in range(1, n // 2):
+    t = 2 * np.pi * k / n
+    blocks.append(r * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]))
+  a = np.zeros((n, n))
+  r0 = np.zeros(n)
+  i = 0
+  for blk in blocks:
+    d = blk.shape[0]
+    a[i:i + d, i:i + d] = blk
+    r0[i] = 1.0 if d == 2 else np.sqrt(0.5)  # each eigenvector holds the same energy
+    i += d
+  q = np.linalg.qr(np.random.default_rng(4).normal(size=(n, n)))[0]
+  got = _krylov(q @ a @ q.T, q @ r0, 10)
+  want = np.array([np.sum(r ** (-2.0 * np.arange(j + 1))) ** -0.5 for j in range(1, 11)])
+  np.testing.assert_allclose(got, want, rtol=1e-3)
+  assert np.all(got > 0.6 * r ** np.arange(1, 11))  # Picard: r^j
+  # The same moduli on the negative real axis: a Krylov method is far ahead of Picard.
+  side = q @ np.diag(-np.linspace(0.05, r, n)) @ q.T
+  assert _krylov(side, q @ r0, 10)[4] < 1e-2 * r ** 5
+
+
 def _tiny_block(eta: float, stage: float = 1.0):
   cfg = minet_jax.ModelConfig(features=3, pre_blocks=0, iterations=(6,), dilations=(2,), eta=eta,
                               stage_fraction=stage)

@@ -17,6 +17,12 @@ spectral-norm estimate inside the training loss. Every function is jit-friendly
   |Ritz value| reaches the outermost eigenvalue far faster than power iteration
   when eigenvalues crowd near the top. Both radius estimators see only part of the
   spectrum and in practice approach rho from below.
+* `krylov_residuals`: from the same Hessenberg matrix, started at the residual r0 of
+  a fixed-point problem z = J z + b, the smallest residual any Krylov method (GMRES;
+  Anderson type II, which matches it on linear maps) can reach in k steps, beside
+  Picard's ||J^k r0||. Picard's residual is p(J) r0 for p(z) = z^k; a Krylov method
+  picks the best p of degree k with p(1) = 1. When the eigenvalues of J fill a disk
+  around 0, z^k is already near that best p, and no acceleration beats Picard.
 * `spectral_norm` (`top_singular_vector`): power iteration on J^T J; ||J v|| for the
   final unit v is a lower bound that converges to ||J||_2.
 
@@ -133,6 +139,27 @@ def ritz_summary(hess: np.ndarray) -> dict[str, Any]:
   return {"radius": radius, "eigenvalue": [float(values[top].real), float(values[top].imag)],
           "relative_residual": residual,
           "leading": sorted((float(abs(v)) for v in values), reverse=True)[:5]}
+
+
+def krylov_residuals(hess: np.ndarray) -> np.ndarray:
+  """Minimal residuals of a Krylov method on the fixed-point problem z = J z + b.
+
+  ``hess`` is `arnoldi`'s (k+1) x k matrix for J started at the residual r0 = J z0 + b - z0.
+  Returns, for j = 1..k, min ||r_j|| / ||r0|| over z_j in z0 + K_j(J, r0): the GMRES
+  residual of (I - J) z = b, min_y ||e1 - (I - H_j) y|| with H_j the leading
+  (j+1) x j block of ``hess``. A breakdown (a zero subdiagonal) leaves later values
+  at the exact solution's residual, 0 up to rounding.
+  """
+  hess = np.asarray(hess, np.float64)
+  k = hess.shape[1]
+  out = np.empty(k)
+  for j in range(1, k + 1):
+    a = np.eye(j + 1, j) - hess[:j + 1, :j]
+    rhs = np.zeros(j + 1)
+    rhs[0] = 1.0
+    y = np.linalg.lstsq(a, rhs, rcond=None)[0]
+    out[j - 1] = np.linalg.norm(rhs - a @ y)
+  return out
 
 
 def top_singular_vector(matvec: Operator, rmatvec: Operator, v0: jax.Array, *,

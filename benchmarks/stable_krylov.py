@@ -1,0 +1,155 @@
+"""Why Anderson solves the stable model's blocks in as many steps as Picard: a measurement.
+
+    python benchmarks/stable_krylov.py --stable WORKDIR_OR_CHECKPOINT [--shared ../shared]
+        [--images 1400_1 1402_9] [--iters 30] [--out docs/stability/stable_krylov.json]
+
+For each SOTS sample and IM-block of the model (its blocks solved as it stores them):
+
+1. the solver's steps to rtol 1e-3 from the block input (z0 = g0), with Picard and
+   with Anderson (m = 5, the defaults);
+2. the block's stage solved far more tightly (Picard to a relative residual of 1e-6,
+   at most 300 steps), and the map T linearised there: J = dT/dz;
+3. from the solve's first residual r0 = T(g0) - g0, ``--iters`` Arnoldi steps of J,
+   then, for k = 1..``--iters``, Picard's linearised residual ||J^k r0|| / ||r0|| and
+   the smallest residual any Krylov method reaches in k steps
+   (`spectral.krylov_residuals`: GMRES, which Anderson matches on a linear map);
+4. the steps each needs to meet the solve's own stopping test, rtol * ||T(z*)||
+   (the linearised estimate of what 1 measures), and the outermost Ritz values, as
+   modulus and angle: a spectrum spread around a disk centred at 0 leaves nothing for
+   a Krylov method to gain over Picard, a spectrum on one side of 0 does.
+
+Prints a table and writes every figure to ``--out``. Full resolution, one image at a
+time; about a minute per image and block on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from minet_jax.core.params import Params, model_from_params
+from minet_jax.data import folders
+from minet_jax.stability import spectral
+
+import stable_minet  # benchmarks/stable_minet.py: where ../shared is, model loading, scores
+
+RTOL = 1e-3  # the stopping test the solvers are scored at (docs/STABILITY.md)
+TIGHT_RTOL = 1e-6  # the linearisation point: the stage solved far beyond RTOL
+TIGHT_CAP = 300
+
+
+def steps_to(residuals: np.ndarray, threshold: float) -> int | None:
+  """The first k (1-based) with residuals[k - 1] <= threshold; None if none."""
+  hits = np.flatnonzero(np.asarray(residuals) <= threshold)
+  return int(hits[0]) + 1 if hits.size else None
+
+
+def block_figures(params: Params, hazy: np.ndarray, iters: int) -> list[dict]:
+  """Items 2-4 of the module docstring for every block of ``params`` on one image."""
+  model = model_from_params(params)
+  graphdef, state = nnx.split(model)
+  x = jnp.asarray(hazy[None], jnp.float32) / 255.0
+  runs = jax.jit(lambda s, x: nnx.merge(graphdef, s).solve_blocks(
+      nnx.merge(graphdef, s).model_input(x)))(state, x)
+  rows = []
+  for block, run in zip(model.im_blocks, runs):
+    t_map, f_state = block.map_fn()
+    g0 = run.g0
+    # Inputs as arguments, not constants folded into the compiled programs.
+    t_jit = jax.jit(lambda z, g0, fs: t_map(z, (g0, fs)))
+    jvp_jit = jax.jit(lambda v, z, g0, fs: jax.jvp(lambda q: t_map(q, (g0, fs)), (z,), (v,))[1])
+    z, rel = run.result.value, np.inf
+    for _ in range(TIGHT_CAP):
+      tz = t_jit(z, g0, f_state)
+      rel = float(jnp.linalg.norm(tz - z) / jnp.linalg.norm(tz))
+      z = tz
+      if rel <= TIGHT_RTOL:
+        break
+
+    def matvec(v, z=z, g0=g0):
+      return jvp_jit(v, z, g0, f_state)
+
+    r0 = t_jit(g0, g0, f_state) - g0
+    r0_norm = float(jnp.linalg.norm(r0))
+    picard, v = [], r0
+    for _ in range(iters):
+      v = matvec(v)
+      picard.append(float(jnp.linalg.norm(v)) / r0_norm)
+    hess = np.asarray(spectral.arnoldi(matvec, r0, num_iters=iters), np.float64)
+    krylov = spectral.krylov_residuals(hess)
+    ritz = np.linalg.eigvals(hess[:iters, :iters])
+    ritz = ritz[np.argsort(-np.abs(ritz))]
+    # The solve stops when ||T(z) - z|| <= rtol ||T(z)||; near the answer ||T(z)|| ~ ||z*||.
+    threshold = RTOL * float(jnp.linalg.norm(z)) / r0_norm
+    rows.append({
+        "linearised_at_rel_residual": rel,
+        "threshold": threshold,
+        "picard_linear": picard,
+        "krylov_best": krylov.tolist(),
+        "picard_linear_steps": steps_to(np.array(picard), threshold),
+        "krylov_best_steps": steps_to(krylov, threshold),
+        "ritz_outer": [[float(abs(r)), float(np.degrees(np.angle(r)))] for r in ritz[:12]],
+    })
+  return rows
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--stable", type=pathlib.Path, required=True)
+  parser.add_argument("--shared", type=pathlib.Path, default=stable_minet.DEFAULT_SHARED)
+  parser.add_argument("--images", nargs="*", default=["1400_1", "1402_9"],
+                      help="SOTS keys (default: 1400_1 1402_9)")
+  parser.add_argument("--iters", type=int, default=30, help="Arnoldi and Picard steps")
+  parser.add_argument("--out", type=pathlib.Path, default=None)
+  args = parser.parse_args()
+  if args.iters < 1:
+    parser.error("--iters must be >= 1")
+  sots = args.shared / "data/RESIDE/SOTS/indoor"
+  if not sots.is_dir():
+    parser.error(f"--shared: no SOTS samples under {sots}")
+  try:
+    params, step = stable_minet.load_stable(args.stable)
+  except (OSError, ValueError) as e:
+    parser.error(f"--stable: {e}")
+  records = {r.key: r for r in folders.find_sots_pairs(sots)}
+  missing = [k for k in args.images if k not in records]
+  if missing:
+    parser.error(f"--images: no SOTS sample {', '.join(missing)} (have {', '.join(records)})")
+  pairs = [(k, *folders.load_pair(records[k])) for k in args.images]
+
+  solved = {}
+  for solver in ("picard", "anderson"):
+    print(f"{solver}, rtol {RTOL}:", flush=True)
+    solved[solver] = stable_minet.scores(stable_minet.with_solver(params, solver=solver),
+                                         pairs)["rows"]
+  report = {"model": str(args.stable), "checkpoint_step": step, "iters": args.iters,
+            "backend": jax.default_backend(), "rows": []}
+  print("\n| image | block | Picard / Anderson steps | linearised: Picard / best Krylov steps "
+        "| Picard / best Krylov residual at 5 | outer Ritz values (modulus, angle) |")
+  print("|---|---|---|---|---|---|")
+  for i, (key, hazy, _) in enumerate(pairs):
+    for b, row in enumerate(block_figures(params, hazy, args.iters)):
+      row = {"image": key, "block": b + 1, "picard_steps": solved["picard"][i]["steps"][b],
+             "anderson_steps": solved["anderson"][i]["steps"][b], **row}
+      report["rows"].append(row)
+      at5 = min(5, args.iters) - 1
+      ritz = ", ".join(f"{m:.2f} / {a:.0f}" for m, a in row["ritz_outer"][:4])
+      print(f"| {key} | {b + 1} | {row['picard_steps']} / {row['anderson_steps']} | "
+            f"{row['picard_linear_steps']} / {row['krylov_best_steps']} | "
+            f"{row['picard_linear'][at5]:.1e} / {row['krylov_best'][at5]:.1e} | {ritz} |",
+            flush=True)
+  if args.out is not None:
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
