@@ -253,11 +253,13 @@ def test_student_inputs_match_the_teacher_output_from_the_models_own_states(rand
   theirs = model_from_params(teacher).forward_runs(hazy)[2]
   assert float(jnp.max(jnp.abs(own[2].g0 - theirs[2].g0))) > 1e-3
   expected = {}
-  for inputs, g0 in (("student", own[2].g0), ("teacher", theirs[2].g0)):
+  # With an output term, the student's inputs come from the loss's own forward pass.
+  for inputs, g0, output_weight in (("student", own[2].g0, 0.0), ("student", own[2].g0, 1.0),
+                                    ("teacher", theirs[2].g0, 0.0)):
     state = state_lib.create_train_state(config, params=start)
     train_step = step_lib.make_train_step(
-        config.loss, teacher=teacher, match_weight=1.0, output_weight=0.0, train_blocks=(2,),
-        teacher_inputs=inputs)
+        config.loss, teacher=teacher, match_weight=1.0, output_weight=output_weight,
+        train_blocks=(2,), teacher_inputs=inputs)
     _, metrics = train_step(state, {"hazy": hazy, "clear": hazy})
     expected[inputs] = float(jnp.mean(contractive.fixed_point_mismatch(
         student.im_blocks[2], g0, theirs[2].output)))

@@ -63,6 +63,7 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
                    teacher_blocks: list[tuple[jax.Array, jax.Array]] | None = None,
                    match_weight: float = 0.0, output_weight: float = 1.0,
                    match_steps: int = 1, train_blocks: Sequence[int] | None = None,
+                   teacher_inputs: str = "teacher",
                    ) -> tuple[tuple[jax.Array, tuple[jax.Array | None, Metrics]], nnx.State]:
   """The training objective at `model` and its gradient with respect to the parameters.
 
@@ -73,7 +74,9 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
   * ``match_weight`` > 0: the fixed-point mismatch of every block at the teacher's
     block input and output ``teacher_blocks`` (`contractive.fixed_point_mismatch`,
     after ``match_steps`` Picard steps warm-started at the teacher's stage): trains each
-    f so that the teacher's block output is its fixed point;
+    f so that the teacher's block output is its fixed point; with ``teacher_inputs``
+    "student", each block's input is the model's own instead (its solved blocks, no
+    gradient through them; from the output term's forward pass when there is one);
   * ``config.contractive_weight`` > 0: the weighted penalty of `minet_jax.stability.contractive`
     (``contractive_kind``) on every block's Jacobian, at a random Picard iterate or at
     the block's solution (``contractive_point``: the forward pass's own, or the
@@ -93,6 +96,15 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
   penalty_key, correction_key = key, jax.random.fold_in(key, 1)
   if match_weight and teacher_blocks is None:
     raise ValueError("match_weight > 0 needs the teacher's block states (teacher_blocks)")
+  if teacher_inputs not in TEACHER_INPUTS:
+    raise ValueError(f"unknown teacher_inputs {teacher_inputs!r}; choose one of {TEACHER_INPUTS}")
+  student_inputs = teacher_inputs == "student" and teacher_blocks is not None
+  if student_inputs and not output_weight:
+    # No forward pass in the loss to take them from: solve the blocks once here.
+    own = model.solve_blocks(model.model_input(batch["hazy"]))
+    teacher_blocks = jax.lax.stop_gradient([(run.g0, y) for run, (_, y) in
+                                            zip(own, teacher_blocks)])
+    student_inputs = False
   if not output_weight and (cfg.correction_weight or (
       cfg.contractive_weight and cfg.contractive_point == "solution" and teacher_blocks is None)):
     raise ValueError("the correction loss, and a penalty at the solutions without a teacher, "
@@ -103,21 +115,24 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
   def loss_fn(model):
     parts, total = {}, jnp.float32(0.0)
     output = runs = None
+    matched = teacher_blocks
     if output_weight:
       output, model_image, runs = model.forward_runs(batch["hazy"])
       parts["reconstruction_loss"] = reconstruction_loss(output, batch["clear"], loss)
       total = total + output_weight * parts["reconstruction_loss"]
+      if student_inputs:
+        matched = [(jax.lax.stop_gradient(run.g0), y) for run, (_, y) in zip(runs, matched)]
     if match_weight:
       mismatch = sum(jnp.mean(contractive.fixed_point_mismatch(model.im_blocks[i], g0, g,
                                                                match_steps))
-                     for i, (g0, g) in enumerate(teacher_blocks) if i in chosen)
+                     for i, (g0, g) in enumerate(matched) if i in chosen)
       parts["fixed_point_mismatch"] = match_weight * mismatch
       total = total + parts["fixed_point_mismatch"]
     if cfg.contractive_weight:
       if cfg.contractive_point == "solution":
         points = ([(run.g0, run.result.value) for run in runs] if runs is not None
                   else [(g0, block.stage_of(g0, y))
-                        for block, (g0, y) in zip(model.im_blocks, teacher_blocks)])
+                        for block, (g0, y) in zip(model.im_blocks, matched)])
         penalty = contractive.penalty_at_points(model, jax.lax.stop_gradient(points),
                                                 key=penalty_key, blocks=chosen)
       else:
@@ -195,14 +210,11 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
   if teacher is not None:
     target, _, runs = model_from_params(teacher).forward_runs(batch["hazy"])
     batch = {**batch, "clear": jax.lax.stop_gradient(target)}
-    inputs = [run.g0 for run in runs]
-    if teacher_inputs == "student":
-      inputs = [run.g0 for run in model.solve_blocks(model.model_input(batch["hazy"]))]
-    teacher_blocks = jax.lax.stop_gradient([(g0, run.output) for g0, run in zip(inputs, runs)])
+    teacher_blocks = jax.lax.stop_gradient([(run.g0, run.output) for run in runs])
   (value, (output, parts)), grads = loss_and_grads(
       model, batch, loss=loss, key=key, teacher_blocks=teacher_blocks,
       match_weight=match_weight, output_weight=output_weight, match_steps=match_steps,
-      train_blocks=train_blocks)
+      train_blocks=train_blocks, teacher_inputs=teacher_inputs)
   if train_blocks is not None:
     # nnx.state shares the model's variables: a copy of the tree keeps the old values.
     before = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
