@@ -265,6 +265,20 @@ def test_student_inputs_match_the_teacher_output_from_the_models_own_states(rand
         student.im_blocks[2], g0, theirs[2].output)))
     assert float(metrics["fixed_point_mismatch"]) == pytest.approx(expected[inputs], rel=1e-4)
   assert abs(expected["student"] - expected["teacher"]) > 1e-2 * expected["teacher"]
+  # Every block trained, with an output term: the same loss and gradients as the
+  # teacher's inputs replaced by the model's own beforehand, so no gradient reaches the
+  # earlier blocks through the inputs of the later ones.
+  batch = {"hazy": hazy, "clear": model_from_params(teacher)(hazy)}
+  common = dict(loss=config.loss, key=jax.random.key(5), match_weight=1.0, output_weight=1.0)
+  (value, _), grads = step_lib.loss_and_grads(
+      student, batch, teacher_blocks=[(t.g0, t.output) for t in theirs],
+      teacher_inputs="student", **common)
+  (want, _), want_grads = step_lib.loss_and_grads(
+      student, batch, teacher_blocks=[(o.g0, t.output) for o, t in zip(own, theirs)],
+      **common)
+  assert float(value) == pytest.approx(float(want), rel=1e-5)
+  for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="unknown teacher_inputs 'mine'"):
     step_lib.train_step(state_lib.create_train_state(config, params=start),
                         {"hazy": hazy, "clear": hazy}, teacher=teacher, match_weight=1.0,

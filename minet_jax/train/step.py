@@ -79,8 +79,9 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
     gradient through them; from the output term's forward pass when there is one);
   * ``config.contractive_weight`` > 0: the weighted penalty of `minet_jax.stability.contractive`
     (``contractive_kind``) on every block's Jacobian, at a random Picard iterate or at
-    the block's solution (``contractive_point``: the forward pass's own, or the
-    teacher's block output when the output term is skipped);
+    the block's solution (``contractive_point``: the forward pass's own, or, when the
+    output term is skipped, the stage that answers the teacher's block output from
+    the matched block input, the teacher's or with "student" the model's own);
   * ``config.correction_weight`` > 0: the fixed-point correction loss, `reconstruction_loss`
     of the output decoded from T(g_k) for every block, g_k a random Picard iterate
     of the block (no gradient through g_k): it asks early iterates to be good too.
@@ -188,10 +189,10 @@ def train_step(state: TrainState, batch: Batch, *, loss: str = "mse",
   on ``batch["hazy"]`` instead of ``batch["clear"]``, and its block inputs and
   outputs are what ``match_weight`` matches; ``psnr`` is then measured against the
   teacher too, and ``psnr_clear`` against the ground truth. With ``teacher_inputs``
-  "student" the matched (and penalised) blocks take the model's own block inputs
-  instead, from its solved blocks (no gradient through them): each block learns to
-  bring the states that the model's earlier blocks give it back to the teacher's block
-  output.
+  "student" the matched blocks (and, without an output term, the penalised ones) take
+  the model's own block inputs instead, from its solved blocks (no gradient through
+  them): each block learns to bring the states that the model's earlier blocks give it
+  back to the teacher's block output.
 
   ``train_blocks`` (0-based; None: all) trains only those IM-blocks' f: the other
   parameters keep their values exactly, whatever the optimizer's state, and
