@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from minet_jax.stability import contractive
 from minet_jax import metrics
@@ -270,12 +271,13 @@ def test_student_inputs_match_the_teacher_output_from_the_models_own_states(rand
   # earlier blocks through the inputs of the later ones.
   batch = {"hazy": hazy, "clear": model_from_params(teacher)(hazy)}
   common = dict(loss=config.loss, key=jax.random.key(5), match_weight=1.0, output_weight=1.0)
-  (value, _), grads = step_lib.loss_and_grads(
-      student, batch, teacher_blocks=[(t.g0, t.output) for t in theirs],
-      teacher_inputs="student", **common)
-  (want, _), want_grads = step_lib.loss_and_grads(
-      student, batch, teacher_blocks=[(o.g0, t.output) for o, t in zip(own, theirs)],
-      **common)
+  # One compiled program for both (eager dispatch of the solves is the slow part).
+  both = nnx.jit(lambda m, b, t, o: (
+      step_lib.loss_and_grads(m, b, teacher_blocks=t, teacher_inputs="student", **common),
+      step_lib.loss_and_grads(m, b, teacher_blocks=o, **common)))
+  ((value, _), grads), ((want, _), want_grads) = both(
+      student, batch, [(t.g0, t.output) for t in theirs],
+      [(o.g0, t.output) for o, t in zip(own, theirs)])
   assert float(value) == pytest.approx(float(want), rel=1e-5)
   for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
