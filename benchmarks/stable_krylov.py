@@ -15,10 +15,10 @@ For each SOTS sample and IM-block of the model (its blocks solved as it stores t
    (`spectral.krylov_residuals`: GMRES, a lower bound for Anderson with any history);
 4. the map evaluations each needs to meet the solve's own stopping test,
    rtol * ||T(z*)|| (k updates and the evaluation that tests the k-th residual: the
-   linearised estimate of what 1 counts), and the outermost Ritz values, as modulus
-   and angle: on a spectrum spread around a disk centred at 0 a Krylov method keeps
-   Picard's rate (it gains a few steps at most), on a spectrum on one side of 0 it is
-   far faster.
+   linearised estimate of what item 1 counts), and the outermost Ritz values, as
+   modulus and angle: on a spectrum spread around the origin a Krylov method keeps
+   Picard's rate; on a spectrum on one side of it, or with an outlying eigenvalue, it pulls
+   ahead as the steps add up.
 
 Prints a table and writes every figure to ``--out``. Full resolution, one image at a
 time; about a minute per image and block on a 2-core CPU.

@@ -24,7 +24,7 @@ spectral-norm estimate inside the training loss. Every function is jit-friendly
   Walker and Ni 2011). Picard's residual is p(J) r0 for p(z) = z^k; the best method
   picks the best p of degree k with p(1) = 1. When the eigenvalues of J ring the
   origin, z^k is nearly that p: with equal weights on a ring of radius r the best
-  residual is only sqrt(1 - r^2) times Picard's, the same rate, a few steps saved.
+  residual tends to sqrt(1 - r^2) times Picard's as k grows, the same rate.
 * `spectral_norm` (`top_singular_vector`): power iteration on J^T J; ||J v|| for the
   final unit v is a lower bound that converges to ||J||_2.
 
