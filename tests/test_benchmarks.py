@@ -38,6 +38,15 @@ def _run(script: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
   return proc
 
 
+def _refused(script: pathlib.Path, *args: str, code: int = 2) -> str:
+  """Runs a benchmark script as `_run` does, on arguments it must refuse with exit
+  ``code`` (2: argparse's); returns its stderr."""
+  proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO_ROOT, env=checkout_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == code, proc.stderr
+  return proc.stderr
+
+
 def _small_shared(shared_dir: pathlib.Path, root: pathlib.Path,
                   size: tuple[int, int] = (48, 64)) -> pathlib.Path:
   """A reference folder laid out like ``../shared``: the authors' checkpoint and one SOTS
@@ -154,17 +163,13 @@ def test_stable_compose_takes_each_block_from_its_model(shared_dir, released_par
   assert result["stage_fraction"] == [0.3, 0.3, 0.5]
   assert result["psnr"] == pytest.approx(psnr, abs=1e-3)
 
-  bad = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "stable_compose.py"),
-                        "--shared", str(small), "--block", str(pth)],
-                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 2 and "expected PATH:FRACTION" in bad.stderr, bad.stderr
+  compose = REPO_ROOT / "benchmarks" / "stable_compose.py"
+  stderr = _refused(compose, "--shared", str(small), "--block", str(pth))
+  assert "expected PATH:FRACTION" in stderr, stderr
   missing = tmp_path / "missing"
-  bad = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "stable_compose.py"),
-                        "--shared", str(small), "--block", f"{missing}:0.3",
-                        "--block", f"{pth}:0.3", "--block", f"{pth}:0.3"],
-                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 2 and str(missing) in bad.stderr, bad.stderr
-  assert "Traceback" not in bad.stderr, bad.stderr
+  stderr = _refused(compose, "--shared", str(small), "--block", f"{missing}:0.3",
+                    "--block", f"{pth}:0.3", "--block", f"{pth}:0.3")
+  assert str(missing) in stderr and "Traceback" not in stderr, stderr
 
 
 @pytest.mark.slow
@@ -216,11 +221,8 @@ def test_stable_radius_modes_reports_the_saturated_share(shared_dir, released_pa
                         (["--images", "1499_1"], "--images: no SOTS sample 1499_1"),
                         (["--scales", "2"], "--scales must be in (0, 1]"),
                         (["--crops", "15"], "--crops must be even sides >= 16")):
-    bad = subprocess.run([sys.executable, str(script), "--modes", str(stable),
-                          "--shared", str(small), *args],
-                         cwd=REPO_ROOT, env=checkout_env(), capture_output=True, text=True,
-                         timeout=300)
-    assert bad.returncode == 1 and message in bad.stderr, bad.stderr
+    stderr = _refused(script, "--modes", str(stable), "--shared", str(small), *args, code=1)
+    assert message in stderr, stderr
 
 
 @pytest.mark.slow
@@ -259,11 +261,8 @@ def test_stable_krylov_compares_picard_with_the_best_krylov_method(shared_dir, r
     assert all(0 <= m < 10 and -180 <= a <= 180 for m, a in r["ritz_outer"])
   for args, message in ((["--images", "1499_1"], "--images: no SOTS sample 1499_1"),
                         (["--iters", "0"], "--iters must be >= 1")):
-    bad = subprocess.run([sys.executable, str(script), "--stable", str(stable),
-                          "--shared", str(small), *args],
-                         cwd=REPO_ROOT, env=checkout_env(), capture_output=True, text=True,
-                         timeout=300)
-    assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    stderr = _refused(script, "--stable", str(stable), "--shared", str(small), *args)
+    assert message in stderr, stderr
 
 
 @pytest.mark.slow
@@ -349,8 +348,6 @@ def test_stable_fullres_trains_one_block_on_whole_renders(shared_dir, released_p
     base = {"--init": pth, "--teacher": pth, "--block": "2", "--fraction": "0.5",
             "--target": "0.4", "--out": str(tmp_path / "new")}
     argv = [a for k, v in base.items() if k not in args for a in (k, v)] + args
-    bad = subprocess.run([sys.executable, str(script), *argv], cwd=REPO_ROOT,
-                         env=checkout_env(), capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and message in bad.stderr, bad.stderr
-    assert "Traceback" not in bad.stderr
+    stderr = _refused(script, *argv)
+    assert message in stderr and "Traceback" not in stderr, stderr
   assert not (tmp_path / "new").exists() and (tmp_path / "taken.json").read_text() == "kept"
