@@ -351,3 +351,76 @@ def test_stable_fullres_trains_one_block_on_whole_renders(shared_dir, released_p
     stderr = _refused(script, *argv)
     assert message in stderr and "Traceback" not in stderr, stderr
   assert not (tmp_path / "new").exists() and (tmp_path / "taken.json").read_text() == "kept"
+
+
+@pytest.mark.slow
+def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, released_params,
+                                                                   tmp_path, monkeypatch,
+                                                                   capsys):
+  import jax
+  import jax.numpy as jnp
+  from minet_jax.core.params import model_from_params
+  sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+  import stable_two_stage
+  small = _small_shared(shared_dir, tmp_path / "shared")
+  cfg = dataclasses.replace(released_params.config, stage_fraction=(0.3, 0.3, 0.7),
+                            solver="picard", rtol=1e-3, iterations=(30, 30, 30),
+                            best_so_far=True)
+  stable = tmp_path / "stable"
+  checkpoint.save(Params(weights=released_params.weights, config=cfg), stable)
+  record = next(iter(folders.find_sots_pairs(small / "data/RESIDE/SOTS/indoor")))
+  hazy, gt = folders.load_pair(record)
+  rgb = jnp.asarray(hazy[None], jnp.float32) / 255
+
+  # Both stages are solved: checked by evaluating f directly, not through the solver.
+  gamma = 0.3
+  model = model_from_params(Params(weights=released_params.weights, config=cfg))
+  block = model.im_blocks[1]
+  g0 = model.solve_blocks(model.model_input(rgb))[1].g0
+  first, second = stable_two_stage.two_stage_solve(block, g0, gamma)
+  assert bool(jnp.all(first.status == 0)) and bool(jnp.all(second.status == 0))
+  k1, y = first.value, second.value
+  f1, f2 = block.f(k1), block.f(y)
+  base = g0 + (1 - gamma) * cfg.eta * f1
+  for lhs, rhs in ((k1, g0 + gamma * cfg.eta * f1), (y, base + gamma * cfg.eta * f2)):
+    assert float(jnp.linalg.norm(lhs - rhs) / jnp.linalg.norm(rhs)) < 2e-3
+  # Not the one-stage answer it starts from.
+  assert float(jnp.linalg.norm(y - (g0 + (k1 - g0) / gamma)) / jnp.linalg.norm(y)) > 1e-3
+
+  script = REPO_ROOT / "benchmarks" / "stable_two_stage.py"
+  pth = str(shared_dir / "weights" / "minet_its_official.pth")
+  out = tmp_path / "two"
+  _run(script, "--model", str(stable), "--teacher", pth, "--init-block", pth, "--gamma", "0.3",
+       "--steps", "2", "--rooms", "1", "--size", "48", "64", "--shared", str(small),
+       "--out", str(out))
+  result = json.loads(out.with_name("two.json").read_text())
+  assert [s["step"] for s in result["steps"]] == [0, 1]
+  assert result["solves"] == 3 and [r["image"] for r in result["rows"]] == [record.key]
+  assert result["rows"][0]["steps"][1] >= 2  # Both stages' evaluations, at least one each.
+  trained = minet_jax.load(out)
+  assert trained.config.stage_fraction == (0.3, 0.3, 0.7)
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), trained.weights["im_blocks"],
+                       released_params.weights["im_blocks"])
+  assert any(jax.tree.leaves(moved["1"])) and not any(jax.tree.leaves(moved["0"]))
+  assert not any(jax.tree.leaves(moved["2"]))
+  # The one-stage comparison scores what the model itself scores at that fraction.
+  one = stable_two_stage.score(model, 1, -0.3, [(record.key, hazy, gt)])
+  expected = np.clip(np.asarray(jax.jit(model_from_params(minet_jax.load(stable)))(rgb)), 0, 1)
+  psnr, _ = metrics.dehazing_scores(expected[0] * 255.0, gt.astype(np.float32))
+  assert one["psnr"] == pytest.approx(psnr, abs=1e-3)
+  # Bad arguments are refused before any work, in this process (as argparse exits).
+  for args, message in ((["--gamma=1.5"], "stage_fraction must lie in"),
+                        (["--gamma=-0.3", "--steps=2"], "--steps must be"),
+                        (["--size", "47", "64"], "--size must be even"),
+                        (["--images", "9999_9"], "no SOTS sample 9999_9"),
+                        (["--block=4"], "--block 4: the model has 3 IM-blocks"),
+                        ([f"--out={out}"], "exists")):
+    given = {a.split("=")[0] for a in args if a.startswith("--")}
+    base_args = {"--model": str(stable), "--gamma": "0.3", "--steps": "0",
+                 "--shared": str(small), "--out": str(tmp_path / "new")}
+    argv = [f"{k}={v}" for k, v in base_args.items() if k not in given] + args
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    with pytest.raises(SystemExit) as exit_info:
+      stable_two_stage.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+  assert not (tmp_path / "new").exists() and not (tmp_path / "new.json").exists()
