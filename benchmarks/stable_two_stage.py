@@ -3,7 +3,7 @@
     python benchmarks/stable_two_stage.py --model workdirs/stable_block3 --block 2 \
         --gamma 0.3 --steps 300 --out RESULT [--init-block its] [--target 0.85] \
         [--hinge-weight 4] [--learning-rate 3e-3] [--rooms 24] [--size 460 620] \
-        [--shared ../shared] [--images 1400_1 ...]
+        [--shared ../shared] [--images 1400_1 ...] [--radius-iters 40]
 
 A stage block (`ModelConfig.stage_fraction` s) answers g0 + eta f(k) from one solved
 stage k = g0 + s eta f(k): one evaluation of f must give the whole step, where the
@@ -32,7 +32,8 @@ hinge max(0, rho - ``--target``)^2 at stage 1's solution and at y_t
 
 Scored on the SOTS samples at full resolution, inside ``--model`` (its other blocks, as
 it stores them): PSNR / SSIM, solves converged and steps per block, the two-stage
-block's steps being both stages' together. ``--gamma`` below 0 scores the one-stage
+block's steps being both stages' together; with ``--radius-iters`` N, the radius of the
+block's stage map at each stage's solution (Theorem 1 for each stage). ``--gamma`` below 0 scores the one-stage
 block at fraction -gamma from the same start instead (the comparison; no training).
 Writes ``--out`` + ``.json`` (scores, per-step log) and, after training, ``--out`` as a
 checkpoint folder of the weights (at fraction gamma: `minet_jax.load` runs it as a
@@ -116,17 +117,63 @@ def forward(model: MINet, index: int, gamma: float):
   return lambda rgb: run(state, rgb)
 
 
-def score(model: MINet, index: int, gamma: float, pairs) -> dict:
-  """PSNR / SSIM, convergence and steps per block on ``pairs`` (key, hazy, clear)."""
+def stage_radii(model: MINet, index: int, gamma: float, radius_iters: int):
+  """rho of block ``index``'s stage map at each stage's solution (stage 1, then stage 2;
+  one figure for the one-stage block, ``gamma`` < 0), as `stable_minet.py` measures a
+  block: the larger of the power-iteration growth rate over the last third of
+  ``radius_iters`` steps and the outer Ritz value of 20 Arnoldi steps."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def points(state, rgb):
+    m = nnx.merge(graphdef, state)
+    g0 = m.encode(m.model_input(rgb))
+    for block in m.im_blocks[:index]:
+      g0 = block.output(g0, block.solve(g0).value)
+    block = m.im_blocks[index]
+    if gamma < 0:
+      return [(g0, block.solve(g0).value)]
+    first, second = two_stage_solve(block, g0, gamma)
+    return [(g0, first.value), (g0 + ((1.0 - gamma) / gamma) * (first.value - g0),
+                                second.value)]
+
+  @jax.jit
+  def figures(state, base, point, key):
+    t_map, f_state = nnx.merge(graphdef, state).im_blocks[index].map_fn()
+    matvec, _ = spectral.linearise(lambda z: t_map(z, (base, f_state)), point)
+    power_key, arnoldi_key = jax.random.split(key)
+    radius = spectral.spectral_radius(matvec, jax.random.normal(power_key, point.shape),
+                                      num_iters=radius_iters,
+                                      window=max(radius_iters // 3, 1))
+    return radius["radius"], spectral.arnoldi(
+        matvec, jax.random.normal(arnoldi_key, point.shape), num_iters=20)
+
+  def run(rgb, seed):
+    rhos = []
+    for i, (base, point) in enumerate(points(state, rgb)):
+      radius, hess = jax.device_get(figures(state, base, point, jax.random.key(10 * seed + i)))
+      rhos.append(max(float(np.ravel(radius)[0]), spectral.ritz_summary(hess)["radius"]))
+    return rhos
+  return run
+
+
+def score(model: MINet, index: int, gamma: float, pairs, radius_iters: int = 0) -> dict:
+  """PSNR / SSIM, convergence and steps per block on ``pairs`` (key, hazy, clear), and
+  with ``radius_iters`` > 0 the block's stage radii (`stage_radii`) on each."""
   run = forward(model, index, gamma)
+  radii = stage_radii(model, index, gamma, radius_iters) if radius_iters else None
   rows = []
-  for key, hazy, gt in pairs:
-    y, diagnostics = jax.device_get(run(jnp.asarray(hazy[None], jnp.float32) / 255.0))
+  for i, (key, hazy, gt) in enumerate(pairs):
+    rgb = jnp.asarray(hazy[None], jnp.float32) / 255.0
+    y, diagnostics = jax.device_get(run(rgb))
     psnr, ssim = metrics.dehazing_scores(y[0] * 255.0, gt.astype(np.float32))
     rows.append({"image": key, "psnr": psnr, "ssim": ssim,
                  "steps": [int(n[0]) for n, _ in diagnostics],
                  "converged": [bool(s[0] == 0) for _, s in diagnostics]})
-    print(f"  {key:<8} {psnr:7.3f} dB {ssim:.5f} steps {rows[-1]['steps']}", flush=True)
+    if radii is not None:
+      rows[-1]["stage_rho"] = radii(rgb, i)
+    print(f"  {key:<8} {psnr:7.3f} dB {ssim:.5f} steps {rows[-1]['steps']}"
+          + (f" rho {np.round(rows[-1]['stage_rho'], 3).tolist()}" if radii else ""), flush=True)
   steps = np.array([r["steps"] for r in rows], np.float64)
   return {"psnr": float(np.mean([r["psnr"] for r in rows])),
           "ssim": float(np.mean([r["ssim"] for r in rows])),
@@ -210,8 +257,12 @@ def main() -> int:
                       metavar=("H", "W"))
   parser.add_argument("--shared", type=pathlib.Path, default=DEFAULT_SHARED)
   parser.add_argument("--images", nargs="*", default=None, help="SOTS keys (default: all)")
+  parser.add_argument("--radius-iters", type=int, default=0,
+                      help="> 0: the block's stage radii on each image, this many power steps")
   parser.add_argument("--out", type=pathlib.Path, required=True)
   args = parser.parse_args()
+  if args.radius_iters < 0:
+    parser.error(f"--radius-iters must be >= 0, got {args.radius_iters}")
   if args.steps < 0 or (args.steps and args.gamma < 0):
     parser.error("--steps must be >= 0, and 0 for the one-stage comparison (--gamma < 0)")
   if args.size[0] % 2 or args.size[1] % 2:
@@ -257,7 +308,7 @@ def main() -> int:
                       hinge_weight=args.hinge_weight, iters=args.iters)
     checkpoint.save(params_from_model(model), args.out)
   pairs = [(r.key, *folders.load_pair(r)) for r in records]
-  result = score(model, index, args.gamma, pairs)
+  result = score(model, index, args.gamma, pairs, args.radius_iters)
   result.update(args={k: (str(v) if isinstance(v, pathlib.Path) else v)
                       for k, v in vars(args).items()},
                 seconds=time.perf_counter() - began, steps=log)

@@ -392,9 +392,11 @@ def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, re
   out = tmp_path / "two"
   _run(script, "--model", str(stable), "--teacher", pth, "--init-block", pth, "--gamma", "0.3",
        "--steps", "2", "--rooms", "1", "--size", "48", "64", "--shared", str(small),
-       "--out", str(out))
+       "--radius-iters", "3", "--out", str(out))
   result = json.loads(out.with_name("two.json").read_text())
   assert [s["step"] for s in result["steps"]] == [0, 1]
+  assert len(result["rows"][0]["stage_rho"]) == 2  # One radius per stage.
+  assert all(0 < rho < 10 for rho in result["rows"][0]["stage_rho"])
   assert result["solves"] == 3 and [r["image"] for r in result["rows"]] == [record.key]
   assert result["rows"][0]["steps"][1] >= 2  # Both stages' evaluations, at least one each.
   trained = minet_jax.load(out)
@@ -404,7 +406,8 @@ def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, re
   assert any(jax.tree.leaves(moved["1"])) and not any(jax.tree.leaves(moved["0"]))
   assert not any(jax.tree.leaves(moved["2"]))
   # The one-stage comparison scores what the model itself scores at that fraction.
-  one = stable_two_stage.score(model, 1, -0.3, [(record.key, hazy, gt)])
+  one = stable_two_stage.score(model, 1, -0.3, [(record.key, hazy, gt)], radius_iters=3)
+  assert len(one["rows"][0]["stage_rho"]) == 1
   expected = np.clip(np.asarray(jax.jit(model_from_params(minet_jax.load(stable)))(rgb)), 0, 1)
   psnr, _ = metrics.dehazing_scores(expected[0] * 255.0, gt.astype(np.float32))
   assert one["psnr"] == pytest.approx(psnr, abs=1e-3)
@@ -414,6 +417,7 @@ def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, re
                         (["--size", "47", "64"], "--size must be even"),
                         (["--images", "9999_9"], "no SOTS sample 9999_9"),
                         (["--block=4"], "--block 4: the model has 3 IM-blocks"),
+                        (["--radius-iters=-1"], "--radius-iters must be >= 0"),
                         ([f"--out={out}"], "exists")):
     given = {a.split("=")[0] for a in args if a.startswith("--")}
     base_args = {"--model": str(stable), "--gamma": "0.3", "--steps": "0",
