@@ -35,14 +35,18 @@ it stores them): PSNR / SSIM, solves converged and steps per block, the two-stag
 block's steps being both stages' together; with ``--radius-iters`` N, the radius of the
 block's stage map at each stage's solution (Theorem 1 for each stage). ``--gamma`` below 0 scores the one-stage
 block at fraction -gamma from the same start instead (the comparison; no training).
-Writes ``--out`` + ``.json`` (scores, per-step log) and, after training, ``--out`` as a
-checkpoint folder of the weights (at fraction gamma: `minet_jax.load` runs it as a
-one-stage block, so it is for this script, not for users).
+Writes ``--out`` + ``.json`` (``training``: the per-step log, written before scoring too;
+the scores; ``seconds`` in all, ``training_seconds`` to the end of training) and, after
+training, ``--out`` as a checkpoint folder of the weights. Nothing in that checkpoint
+marks the block as two-stage: `minet_jax.load`, `dehaze` and `evaluate` run it as a
+one-stage block at fraction gamma, so it is for this script's ``--init-block``, not for
+users. Float32 only: the second stage's start divides k1 - g0 by gamma.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -284,6 +288,12 @@ def main() -> int:
     parser.error(str(e))
   if args.block > base.config.num_blocks:
     parser.error(f"--block {args.block}: the model has {base.config.num_blocks} IM-blocks")
+  if base.config.dtype != "float32":
+    parser.error(f"--model computes in {base.config.dtype}; this script runs float32 only")
+  for name, other in (("--init-block", start), ("--teacher", teacher)):
+    if other is not None and not base.config.same_architecture(dataclasses.replace(
+        other.config, stage_fraction=base.config.stage_fraction)):
+      parser.error(f"{name} has another architecture than --model")
   records = folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor")
   if args.images:
     missing = set(args.images) - {r.key for r in records}
@@ -307,11 +317,15 @@ def main() -> int:
                       learning_rate=args.learning_rate, target=args.target,
                       hinge_weight=args.hinge_weight, iters=args.iters)
     checkpoint.save(params_from_model(model), args.out)
+  settings = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
+  trained = time.perf_counter() - began
+  # The training log is written before scoring, so a failure there does not lose it.
+  log_path.write_text(json.dumps({"args": settings, "training_seconds": trained,
+                                  "training": log}, indent=1) + "\n")
   pairs = [(r.key, *folders.load_pair(r)) for r in records]
   result = score(model, index, args.gamma, pairs, args.radius_iters)
-  result.update(args={k: (str(v) if isinstance(v, pathlib.Path) else v)
-                      for k, v in vars(args).items()},
-                seconds=time.perf_counter() - began, steps=log)
+  result.update(args=settings, training_seconds=trained, seconds=time.perf_counter() - began,
+                training=log)
   log_path.write_text(json.dumps(result, indent=1) + "\n")
   print(f"{result['psnr']:.3f} dB / {result['ssim']:.5f}, converged {result['converged']}/"
         f"{result['solves']}, mean steps {np.round(result['mean_steps'], 1).tolist()}; "
