@@ -33,8 +33,10 @@ hinge max(0, rho - ``--target``)^2 at stage 1's solution and at y_t
 Scored on the SOTS samples at full resolution, inside ``--model`` (its other blocks, as
 it stores them): PSNR / SSIM, solves converged and steps per block, the two-stage
 block's steps being both stages' together; with ``--radius-iters`` N, the radius of the
-block's stage map at each stage's solution (Theorem 1 for each stage). ``--gamma`` below 0 scores the one-stage
-block at fraction -gamma from the same start instead (the comparison; no training).
+block's stage map at each stage's solution (Theorem 1 for each stage), and of every
+later block's at its solution (``later_rho``: the block changes their inputs).
+``--gamma`` below 0 scores the one-stage block at fraction -gamma from the same start
+instead (the comparison; no training).
 Writes ``--out`` + ``.json`` (``training``: the per-step log, written before scoring too;
 the scores; ``seconds`` in all, ``training_seconds`` to the end of training) and, after
 training, ``--out`` as a checkpoint folder of the weights. Nothing in that checkpoint
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
@@ -123,9 +126,11 @@ def forward(model: MINet, index: int, gamma: float):
 
 def stage_radii(model: MINet, index: int, gamma: float, radius_iters: int):
   """rho of block ``index``'s stage map at each stage's solution (stage 1, then stage 2;
-  one figure for the one-stage block, ``gamma`` < 0), as `stable_minet.py` measures a
+  one figure for the one-stage block, ``gamma`` < 0), then of every later block's
+  (whose inputs the block changes) at its solution, as `stable_minet.py` measures a
   block: the larger of the power-iteration growth rate over the last third of
-  ``radius_iters`` steps and the outer Ritz value of 20 Arnoldi steps."""
+  ``radius_iters`` steps and the outer Ritz value of 20 Arnoldi steps. Returns
+  ``run(rgb, seed) -> (the block's radii, the later blocks' radii)``."""
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -136,14 +141,23 @@ def stage_radii(model: MINet, index: int, gamma: float, radius_iters: int):
       g0 = block.output(g0, block.solve(g0).value)
     block = m.im_blocks[index]
     if gamma < 0:
-      return [(g0, block.solve(g0).value)]
-    first, second = two_stage_solve(block, g0, gamma)
-    return [(g0, first.value), (g0 + ((1.0 - gamma) / gamma) * (first.value - g0),
-                                second.value)]
+      stage = block.solve(g0).value
+      own, g0 = [(g0, stage)], block.output(g0, stage)
+    else:
+      first, second = two_stage_solve(block, g0, gamma)
+      own = [(g0, first.value), (g0 + ((1.0 - gamma) / gamma) * (first.value - g0),
+                                 second.value)]
+      g0 = second.value
+    later = []
+    for block in m.im_blocks[index + 1:]:
+      stage = block.solve(g0).value
+      later.append((g0, stage))
+      g0 = block.output(g0, stage)
+    return own, later
 
-  @jax.jit
-  def figures(state, base, point, key):
-    t_map, f_state = nnx.merge(graphdef, state).im_blocks[index].map_fn()
+  @functools.partial(jax.jit, static_argnums=0)
+  def figures(block_index, state, base, point, key):
+    t_map, f_state = nnx.merge(graphdef, state).im_blocks[block_index].map_fn()
     matvec, _ = spectral.linearise(lambda z: t_map(z, (base, f_state)), point)
     power_key, arnoldi_key = jax.random.split(key)
     radius = spectral.spectral_radius(matvec, jax.random.normal(power_key, point.shape),
@@ -152,12 +166,15 @@ def stage_radii(model: MINet, index: int, gamma: float, radius_iters: int):
     return radius["radius"], spectral.arnoldi(
         matvec, jax.random.normal(arnoldi_key, point.shape), num_iters=20)
 
+  def rho(block_index, base, point, key):
+    radius, hess = jax.device_get(figures(block_index, state, base, point, key))
+    return max(float(np.ravel(radius)[0]), spectral.ritz_summary(hess)["radius"])
+
   def run(rgb, seed):
-    rhos = []
-    for i, (base, point) in enumerate(points(state, rgb)):
-      radius, hess = jax.device_get(figures(state, base, point, jax.random.key(10 * seed + i)))
-      rhos.append(max(float(np.ravel(radius)[0]), spectral.ritz_summary(hess)["radius"]))
-    return rhos
+    own, later = points(state, rgb)
+    keys = iter(jax.random.split(jax.random.key(seed), len(own) + len(later)))
+    return ([rho(index, base, point, next(keys)) for base, point in own],
+            [rho(index + 1 + j, base, point, next(keys)) for j, (base, point) in enumerate(later)])
   return run
 
 
@@ -175,9 +192,10 @@ def score(model: MINet, index: int, gamma: float, pairs, radius_iters: int = 0) 
                  "steps": [int(n[0]) for n, _ in diagnostics],
                  "converged": [bool(s[0] == 0) for _, s in diagnostics]})
     if radii is not None:
-      rows[-1]["stage_rho"] = radii(rgb, i)
+      rows[-1]["stage_rho"], rows[-1]["later_rho"] = radii(rgb, i)
     print(f"  {key:<8} {psnr:7.3f} dB {ssim:.5f} steps {rows[-1]['steps']}"
-          + (f" rho {np.round(rows[-1]['stage_rho'], 3).tolist()}" if radii else ""), flush=True)
+          + (f" rho {np.round(rows[-1]['stage_rho'], 3).tolist()}, later blocks "
+             f"{np.round(rows[-1]['later_rho'], 3).tolist()}" if radii else ""), flush=True)
   steps = np.array([r["steps"] for r in rows], np.float64)
   return {"psnr": float(np.mean([r["psnr"] for r in rows])),
           "ssim": float(np.mean([r["ssim"] for r in rows])),

@@ -401,7 +401,8 @@ def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, re
   result = json.loads(written)
   assert [s["step"] for s in result["training"]] == [0, 1]
   assert result["solves"] == 3 and [r["image"] for r in result["rows"]] == [record.key]
-  assert len(result["rows"][0]["stage_rho"]) == 2  # One radius per stage.
+  assert len(result["rows"][0]["stage_rho"]) == 2  # One radius per stage,
+  assert len(result["rows"][0]["later_rho"]) == 1  # and one for block 3.
   # Step 0 is logged before its update: the second stage's residual at the released
   # block 2's output, relative to its step, with stage 1 solved here by plain Picard.
   render = stable_fullres.renders(stable_fullres.render_config(1, (48, 64), (1.5, 3.0), 7))
