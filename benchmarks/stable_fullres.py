@@ -86,6 +86,40 @@ def renders(config: synthetic.SyntheticHazeConfig) -> np.ndarray:
   return np.stack([ex["hazy"] for ex in synthetic.generate("train", config)])
 
 
+def render_set_or_exit(parser: argparse.ArgumentParser, rooms: int, size: tuple[int, int],
+                       exposure: tuple[float, float], seed: int, flags: str
+                       ) -> synthetic.SyntheticHazeConfig:
+  """`render_config`, its errors (and odd sizes) refused through ``parser`` naming ``flags``."""
+  if size[0] % 2 or size[1] % 2:
+    parser.error(f"--size must be even, got {size[0]} x {size[1]}")
+  try:
+    return render_config(rooms, tuple(size), tuple(exposure), seed)
+  except ValueError as e:  # The set's own checks: size, exposure.
+    parser.error(f"{flags}: {e}")
+
+
+def new_result_or_exit(parser: argparse.ArgumentParser, out: pathlib.Path) -> pathlib.Path:
+  """The log path ``out`` + ``.json``; refuses through ``parser`` when ``out`` or it exists
+  (nothing is overwritten) or ``out``'s folder does not."""
+  log_path = out.with_name(out.name + ".json")
+  for path in (out, log_path):
+    if path.exists():
+      parser.error(f"{path} exists; give --out a new name")
+  if not out.parent.is_dir():
+    parser.error(f"--out: no folder {out.parent}")
+  return log_path
+
+
+def same_architecture_or_exit(parser: argparse.ArgumentParser, base: Params, base_flag: str,
+                              others: dict[str, Params | None]) -> None:
+  """Refuses through ``parser`` each of ``others`` (flag -> model; None: not given) whose
+  architecture, stage fractions aside, is not ``base``'s."""
+  for name, other in others.items():
+    if other is not None and not base.config.same_architecture(dataclasses.replace(
+        other.config, stage_fraction=base.config.stage_fraction)):
+      parser.error(f"{name} has another architecture than {base_flag}")
+
+
 def train_block(init: Params, teacher: Params, hazy: np.ndarray, *, block: int,
                 fraction: float, target: float, steps: int, learning_rate: float,
                 hinge_weight: float, iters: int, inputs: Params | None = None,
@@ -171,18 +205,9 @@ def main() -> int:
   parser.add_argument("--seed", type=int, default=7, help="the renders' seed")
   parser.add_argument("--out", type=pathlib.Path, required=True)
   args = parser.parse_args()
-  if args.size[0] % 2 or args.size[1] % 2:
-    parser.error(f"--size must be even, got {args.size[0]} x {args.size[1]}")
-  try:
-    data = render_config(args.rooms, tuple(args.size), tuple(args.exposure), args.seed)
-  except ValueError as e:  # The set's own checks: size, exposure.
-    parser.error(f"--size / --exposure / --rooms: {e}")
-  log_path = args.out.with_name(args.out.name + ".json")
-  for path in (args.out, log_path):
-    if path.exists():
-      parser.error(f"{path} exists; give --out a new name")
-  if not args.out.parent.is_dir():
-    parser.error(f"--out: no folder {args.out.parent}")
+  data = render_set_or_exit(parser, args.rooms, args.size, args.exposure, args.seed,
+                            "--size / --exposure / --rooms")
+  log_path = new_result_or_exit(parser, args.out)
   try:
     init, teacher = hub.resolve(args.init), hub.resolve(args.teacher)
     inputs = None if args.inputs is None else hub.resolve(args.inputs)
@@ -190,10 +215,7 @@ def main() -> int:
     parser.error(str(e))
   if args.block > init.config.num_blocks:
     parser.error(f"--block {args.block}: the model has {init.config.num_blocks} IM-blocks")
-  for name, other in (("--teacher", teacher), ("--inputs", inputs)):
-    if other is not None and not init.config.same_architecture(dataclasses.replace(
-        other.config, stage_fraction=init.config.stage_fraction)):
-      parser.error(f"{name} has another architecture than --init")
+  same_architecture_or_exit(parser, init, "--init", {"--teacher": teacher, "--inputs": inputs})
 
   start = time.perf_counter()
   hazy = renders(data)

@@ -48,12 +48,12 @@ users. Float32 only: the second stage's start divides k1 - g0 by gamma.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import pathlib
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +70,8 @@ from minet_jax.core.params import Params, model_from_params, params_from_model
 from minet_jax.data import folders
 from minet_jax.stability import contractive, spectral
 
-from stable_fullres import _positive, render_config, renders
+from stable_fullres import (_positive, new_result_or_exit, render_set_or_exit, renders,
+                            same_architecture_or_exit)
 from stable_minet import DEFAULT_SHARED
 
 
@@ -83,6 +84,12 @@ def _gamma(text: str) -> float:
   return value
 
 
+def second_base(g0: jax.Array, k1: jax.Array, gamma: float) -> jax.Array:
+  """The second stage's base c = g0 + (1 - gamma) eta f(k1), as g0 + (1 - gamma) / gamma
+  (k1 - g0) from stage 1's solution k1 (or from T(k1), which equals it there)."""
+  return g0 + ((1.0 - gamma) / gamma) * (k1 - g0)
+
+
 def two_stage_solve(block: IMBlock, g0: jax.Array, gamma: float
                     ) -> tuple[fp.FixedPointResult, fp.FixedPointResult]:
   """Both stages' solves (above) of ``block`` (at stage fraction ``gamma``) from ``g0``;
@@ -91,10 +98,37 @@ def two_stage_solve(block: IMBlock, g0: jax.Array, gamma: float
   first = fp.fixed_point(t_map, block.solver, g0, (g0, state), max_steps=block.iterations,
                          adjoint=block.adjoint, per_sample=True)
   k1 = first.value
-  base = g0 + ((1.0 - gamma) / gamma) * (k1 - g0)
-  second = fp.fixed_point(t_map, block.solver, g0 + (k1 - g0) / gamma, (base, state),
-                          max_steps=block.iterations, adjoint=block.adjoint, per_sample=True)
+  second = fp.fixed_point(t_map, block.solver, g0 + (k1 - g0) / gamma,
+                          (second_base(g0, k1, gamma), state), max_steps=block.iterations,
+                          adjoint=block.adjoint, per_sample=True)
   return first, second
+
+
+class BlockSolve(NamedTuple):
+  """One IM-block of `solve_blocks`."""
+  output: jax.Array  # Its answer, the next block's input.
+  num_steps: jax.Array  # Map evaluations, both stages' for the two-stage block.
+  status: jax.Array  # The worse of its solves' `fixed_point.RESULTS`.
+  solved: list[tuple[jax.Array, jax.Array]]  # Per solve: (the map's base, its solution).
+
+
+def solve_blocks(m: MINet, image: jax.Array, index: int, gamma: float) -> list[BlockSolve]:
+  """`MINet.solve_blocks` with block ``index`` two-stage (one-stage for ``gamma`` < 0),
+  from the model-space ``image``."""
+  g0, blocks = m.encode(image), []
+  for i, block in enumerate(m.im_blocks):
+    if i == index and gamma > 0:
+      first, second = two_stage_solve(block, g0, gamma)
+      blocks.append(BlockSolve(second.value, first.num_steps + second.num_steps,
+                               jnp.maximum(first.status, second.status),
+                               [(g0, first.value),
+                                (second_base(g0, first.value, gamma), second.value)]))
+    else:
+      result = block.solve(g0)
+      blocks.append(BlockSolve(block.output(g0, result.value), result.num_steps,
+                               result.status, [(g0, result.value)]))
+    g0 = blocks[-1].output
+  return blocks
 
 
 def forward(model: MINet, index: int, gamma: float):
@@ -106,20 +140,9 @@ def forward(model: MINet, index: int, gamma: float):
   def run(state, rgb):
     m = nnx.merge(graphdef, state)
     image = m.model_input(rgb)
-    g0, outputs, diagnostics = m.encode(image), [], []
-    for i, block in enumerate(m.im_blocks):
-      if i == index and gamma > 0:
-        first, second = two_stage_solve(block, g0, gamma)
-        g0 = second.value
-        diagnostics.append((first.num_steps + second.num_steps,
-                            jnp.maximum(first.status, second.status)))
-      else:
-        result = block.solve(g0)
-        g0 = block.output(g0, result.value)
-        diagnostics.append((result.num_steps, result.status))
-      outputs.append(g0)
-    y = m.output_from_states(outputs, image, rgb.shape[1:3])
-    return jnp.clip(y, 0.0, 1.0), diagnostics
+    blocks = solve_blocks(m, image, index, gamma)
+    y = m.output_from_states([b.output for b in blocks], image, rgb.shape[1:3])
+    return jnp.clip(y, 0.0, 1.0), [(b.num_steps, b.status) for b in blocks]
 
   return lambda rgb: run(state, rgb)
 
@@ -136,24 +159,8 @@ def stage_radii(model: MINet, index: int, gamma: float, radius_iters: int):
   @jax.jit
   def points(state, rgb):
     m = nnx.merge(graphdef, state)
-    g0 = m.encode(m.model_input(rgb))
-    for block in m.im_blocks[:index]:
-      g0 = block.output(g0, block.solve(g0).value)
-    block = m.im_blocks[index]
-    if gamma < 0:
-      stage = block.solve(g0).value
-      own, g0 = [(g0, stage)], block.output(g0, stage)
-    else:
-      first, second = two_stage_solve(block, g0, gamma)
-      own = [(g0, first.value), (g0 + ((1.0 - gamma) / gamma) * (first.value - g0),
-                                 second.value)]
-      g0 = second.value
-    later = []
-    for block in m.im_blocks[index + 1:]:
-      stage = block.solve(g0).value
-      later.append((g0, stage))
-      g0 = block.output(g0, stage)
-    return own, later
+    blocks = solve_blocks(m, m.model_input(rgb), index, gamma)
+    return blocks[index].solved, [b.solved[0] for b in blocks[index + 1:]]
 
   @functools.partial(jax.jit, static_argnums=0)
   def figures(block_index, state, base, point, key):
@@ -227,7 +234,7 @@ def train_block(model: MINet, teacher: Params, hazy: np.ndarray, *, index: int, 
       first = fp.fixed_point(t_map, block.solver, g0, (g0, jax.lax.stop_gradient(state)),
                              max_steps=block.iterations, per_sample=True)
       k1 = jax.lax.stop_gradient(first.value)
-      base = g0 + ((1.0 - gamma) / gamma) * (t_map(k1, (g0, state)) - g0)
+      base = second_base(g0, t_map(k1, (g0, state)), gamma)  # f(k1) differentiated
       residual = spectral.norm(t_map(y, (base, state)) - y, per_sample=True)
       size = spectral.norm(y - g0, per_sample=True)
       mismatch = jnp.mean(jnp.square(residual) / jnp.maximum(jnp.square(size), 1e-30))
@@ -287,18 +294,9 @@ def main() -> int:
     parser.error(f"--radius-iters must be >= 0, got {args.radius_iters}")
   if args.steps < 0 or (args.steps and args.gamma < 0):
     parser.error("--steps must be >= 0, and 0 for the one-stage comparison (--gamma < 0)")
-  if args.size[0] % 2 or args.size[1] % 2:
-    parser.error(f"--size must be even, got {args.size[0]} x {args.size[1]}")
-  try:
-    data = render_config(args.rooms, tuple(args.size), (1.5, 3.0), 7)
-  except ValueError as e:
-    parser.error(f"--size / --rooms: {e}")
-  log_path = args.out.with_name(args.out.name + ".json")
-  for path in (args.out, log_path):
-    if path.exists():
-      parser.error(f"{path} exists; give --out a new name")
-  if not args.out.parent.is_dir():
-    parser.error(f"--out: no folder {args.out.parent}")
+  # stable_fullres.py's renders at its default exposure and seed.
+  data = render_set_or_exit(parser, args.rooms, args.size, (1.5, 3.0), 7, "--size / --rooms")
+  log_path = new_result_or_exit(parser, args.out)
   try:
     base, start = hub.resolve(args.model), hub.resolve(args.init_block)
     teacher = hub.resolve(args.teacher) if args.steps else None
@@ -308,10 +306,8 @@ def main() -> int:
     parser.error(f"--block {args.block}: the model has {base.config.num_blocks} IM-blocks")
   if base.config.dtype != "float32":
     parser.error(f"--model computes in {base.config.dtype}; this script runs float32 only")
-  for name, other in (("--init-block", start), ("--teacher", teacher)):
-    if other is not None and not base.config.same_architecture(dataclasses.replace(
-        other.config, stage_fraction=base.config.stage_fraction)):
-      parser.error(f"{name} has another architecture than --model")
+  same_architecture_or_exit(parser, base, "--model",
+                            {"--init-block": start, "--teacher": teacher})
   records = folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor")
   if args.images:
     missing = set(args.images) - {r.key for r in records}

@@ -68,16 +68,23 @@ def _small_shared(shared_dir: pathlib.Path, root: pathlib.Path,
   return root
 
 
+def _staged(released_params: Params, fractions: tuple[float, ...], weights=None,
+            **changes) -> Params:
+  """The released weights (or ``weights``) as stage blocks at ``fractions``, solved as the
+  stable configs store it: Picard to rtol 1e-3, at most 30 steps, best-so-far answers."""
+  return Params(weights=released_params.weights if weights is None else weights,
+                config=dataclasses.replace(
+                    released_params.config, stage_fraction=fractions, solver="picard",
+                    rtol=1e-3, iterations=(30, 30, 30), best_so_far=True, **changes))
+
+
 @pytest.mark.slow
 def test_stable_minet_measures_both_models_and_prints_the_table(shared_dir, released_params,
                                                                 tmp_path):
   small = _small_shared(shared_dir, tmp_path / "shared")
   # The stable model: the released weights as stage blocks (s = 0.3), Picard to 1e-3.
-  cfg = dataclasses.replace(released_params.config, stage_fraction=(0.3, 0.3, 0.3),
-                            solver="picard", rtol=1e-3, iterations=(30, 30, 30),
-                            best_so_far=True)
   stable = tmp_path / "stable"
-  checkpoint.save(Params(weights=released_params.weights, config=cfg), stable)
+  checkpoint.save(_staged(released_params, (0.3, 0.3, 0.3)), stable)
   out = tmp_path / "report.json"
   proc = _run(STABLE_MINET, "--stable", str(stable), "--shared", str(small), "--out", str(out),
               "--radius-iters", "3", "--cap", "4", "--time", "1", "--stage", "0.3",
@@ -135,9 +142,8 @@ def test_stable_compose_takes_each_block_from_its_model(shared_dir, released_par
   # A stage model whose blocks differ from the released ones (every block weight x 0.95).
   weights = dict(released_params.weights)
   weights["im_blocks"] = jax.tree.map(lambda w: w * 0.95, weights["im_blocks"])
-  other = Params(weights=weights, config=dataclasses.replace(
-      released_params.config, stage_fraction=(0.3, 0.3, 0.3), solver="picard", rtol=1e-3,
-      iterations=(30, 30, 30), best_so_far=True, contractive_target=(0.6, 0.5, 0.4)))
+  other = _staged(released_params, (0.3, 0.3, 0.3), weights,
+                  contractive_target=(0.6, 0.5, 0.4))
   checkpoint.save(other, tmp_path / "other")
   pth = small / "weights" / "minet_its_official.pth"
   out, saved = tmp_path / "compose.json", tmp_path / "composed"
@@ -182,9 +188,7 @@ def test_stable_radius_modes_reports_the_saturated_share(shared_dir, released_pa
   hazy[18, :24] = 249  # not: its 2 x 2 blocks are not all >= 250
   Image.fromarray(hazy).save(hazy_path)
   stable = tmp_path / "stable"
-  checkpoint.save(Params(weights=released_params.weights, config=dataclasses.replace(
-      released_params.config, stage_fraction=(0.3, 0.3, 0.3), solver="picard", rtol=1e-3,
-      iterations=(30, 30, 30), best_so_far=True)), stable)
+  checkpoint.save(_staged(released_params, (0.3, 0.3, 0.3)), stable)
   out = tmp_path / "modes.json"
   script = REPO_ROOT / "benchmarks" / "stable_radius.py"
   _run(script, "--modes", str(stable), "--block", "3", "--scales", "1", "0.5", "0.7",
@@ -230,9 +234,7 @@ def test_stable_krylov_compares_picard_with_the_best_krylov_method(shared_dir, r
                                                                     tmp_path):
   small = _small_shared(shared_dir, tmp_path / "shared")
   stable = tmp_path / "stable"
-  checkpoint.save(Params(weights=released_params.weights, config=dataclasses.replace(
-      released_params.config, stage_fraction=(0.3, 0.3, 0.7), solver="picard", rtol=1e-3,
-      iterations=(30, 30, 30), best_so_far=True)), stable)
+  checkpoint.save(_staged(released_params, (0.3, 0.3, 0.7)), stable)
   out = tmp_path / "krylov.json"
   script = REPO_ROOT / "benchmarks" / "stable_krylov.py"
   proc = _run(script, "--stable", str(stable), "--images", "1400_1", "--iters", "20",
@@ -365,19 +367,17 @@ def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, re
   import stable_two_stage
   small = _small_shared(shared_dir, tmp_path / "shared")
   # The host model's block 2 is at 0.5: the script must put it at gamma.
-  cfg = dataclasses.replace(released_params.config, stage_fraction=(0.3, 0.5, 0.7),
-                            solver="picard", rtol=1e-3, iterations=(30, 30, 30),
-                            best_so_far=True)
+  host = _staged(released_params, (0.3, 0.5, 0.7))
+  cfg = host.config
   stable = tmp_path / "stable"
-  checkpoint.save(Params(weights=released_params.weights, config=cfg), stable)
+  checkpoint.save(host, stable)
   record = next(iter(folders.find_sots_pairs(small / "data/RESIDE/SOTS/indoor")))
   hazy, gt = folders.load_pair(record)
   rgb = jnp.asarray(hazy[None], jnp.float32) / 255
 
   # Both stages are solved: checked by evaluating f directly, not through the solver.
   gamma = 0.3
-  at_gamma = Params(weights=released_params.weights,
-                    config=dataclasses.replace(cfg, stage_fraction=(0.3, gamma, 0.7)))
+  at_gamma = _staged(released_params, (0.3, gamma, 0.7))
   model = model_from_params(at_gamma)
   block = model.im_blocks[1]
   g0 = model.solve_blocks(model.model_input(rgb))[1].g0
@@ -432,8 +432,7 @@ def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, re
                                                                                      abs=1e-3)
   # Bad arguments are refused before any work, in this process (as argparse exits).
   other = tmp_path / "other"
-  checkpoint.save(Params(weights=released_params.weights,
-                         config=dataclasses.replace(cfg, eta=0.5)), other)
+  checkpoint.save(_staged(released_params, (0.3, 0.5, 0.7), eta=0.5), other)
   for args, message in ((["--gamma=1.5"], "stage_fraction must lie in"),
                         (["--gamma=-0.3", "--steps=2"], "--steps must be"),
                         (["--size", "47", "64"], "--size must be even"),
