@@ -8,52 +8,48 @@
 A stage block (`ModelConfig.stage_fraction` s) answers g0 + eta f(k) from one solved
 stage k = g0 + s eta f(k): one evaluation of f must give the whole step, where the
 released block composes eight (docs/STABILITY.md, "What limits it"). This script
-gives block ``--block`` of ``--model`` two stages of a singly diagonally implicit
-Runge-Kutta step (SDIRK, stiffly accurate, both stages solved with the same f and
-fraction gamma):
+makes block ``--block`` of ``--model`` a two-stage block at fraction gamma
+(`ModelConfig.stages`, which documents the step; `IMBlock` solves it):
 
     k1 = g0 + gamma eta f(k1)
-    y  = c + gamma eta f(y),   c = g0 + (1 - gamma) eta f(k1) = g0 + (1 - gamma) / gamma (k1 - g0)
+    y  = c + gamma eta f(y),   c = g0 + (1 - gamma) eta f(k1)
 
-Both stages are fixed points of the model's own stage map T(g; base) = base + gamma eta
-f(g) (`IMBlock.map_fn`, the block at fraction gamma), solved by the model's solver
-(`fixed_point.fixed_point`); the second starts from g0 + (k1 - g0) / gamma, the one-stage
-answer, and y is the block's answer. Both stage maps have the Jacobian gamma eta df/dg.
+and compares it with the one-stage block from the same start, on the same cached
+renders: `configs/stable_two_stage.py` is the run users make of it (gamma 0.5, block 2),
+and this script the sweep around it.
 
 Block ``--block``'s f starts from ``--init-block`` (the released model's block by
 default) and, with ``--steps`` > 0, trains like `stable_fullres.py` on whole renders
 of the offline synthetic rooms: the frozen released model's block input g0 and output
-y_t per render, cached once; each step solves stage 1 from g0 (no gradient through the
-solve; its stage enters c through one differentiated evaluation of f, as Jacobian-free
-backprop) and minimises ||c + gamma eta f(y_t) - y_t||^2 / ||y_t - g0||^2, the second
-stage's residual at the teacher's answer, plus ``--hinge-weight`` times the radius
-hinge max(0, rho - ``--target``)^2 at stage 1's solution and at y_t
-(`contractive.block_term`). Adam, cosine-decayed to 10 %. Only that block's f trains.
+y_t per render, cached once; each step minimises the matching term of the training
+(`contractive.fixed_point_mismatch`: ||c + gamma eta f(y_t) - y_t||^2 / ||y_t - g0||^2,
+the second stage's residual at the teacher's answer, stage 1 solved from g0 without a
+gradient and entering c through one differentiated evaluation of f, as Jacobian-free
+backprop) plus ``--hinge-weight`` times the radius hinge max(0, rho - ``--target``)^2
+at stage 1's solution and at y_t (`contractive.block_term`). Adam, cosine-decayed to
+10 %. Only that block's f trains.
 
 Scored on the SOTS samples at full resolution, inside ``--model`` (its other blocks, as
-it stores them): PSNR / SSIM, solves converged and steps per block, the two-stage
-block's steps being both stages' together; with ``--radius-iters`` N, the radius of the
-block's stage map at each stage's solution (Theorem 1 for each stage), and of every
-later block's at its solution (``later_rho``: the block changes their inputs).
+it stores them; `stable_minet.scores`): PSNR / SSIM, solves converged and steps per
+block, the two-stage block's steps being both stages' together; with
+``--radius-iters`` N (`stable_minet.theorem1`), the radius of the block's stage map at
+each stage's solution (``stage_rho``: Theorem 1 for each stage), and of every later
+block's at its solution (``later_rho``: the block changes their inputs).
 ``--gamma`` below 0 scores the one-stage block at fraction -gamma from the same start
 instead (the comparison; no training).
 Writes ``--out`` + ``.json`` (``training``: the per-step log, written before scoring too;
 the scores; ``seconds`` in all, ``training_seconds`` to the end of training) and, after
-training, ``--out`` as a checkpoint folder of the weights. Nothing in that checkpoint
-marks the block as two-stage: `minet_jax.load`, `dehaze` and `evaluate` run it as a
-one-stage block at fraction gamma, so it is for this script's ``--init-block``, not for
-users. Float32 only: the second stage's start divides k1 - g0 by gamma.
+training, ``--out`` as a checkpoint folder of the model, which `minet_jax.load`,
+`dehaze` and `evaluate` run with its two-stage block. Float32 only.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import pathlib
 import sys
 import time
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,156 +57,53 @@ import numpy as np
 import optax
 from flax import nnx
 
-from minet_jax import hub, metrics
+from minet_jax import hub
 from minet_jax.core import checkpoint
-from minet_jax.core import fixed_point as fp
 from minet_jax.core.config import ModelConfig
-from minet_jax.core.model import IMBlock, MINet
+from minet_jax.core.model import MINet
 from minet_jax.core.params import Params, model_from_params, params_from_model
 from minet_jax.data import folders
-from minet_jax.stability import contractive, spectral
+from minet_jax.stability import contractive
 
 from stable_fullres import (_positive, new_result_or_exit, render_set_or_exit, renders,
                             same_architecture_or_exit)
-from stable_minet import DEFAULT_SHARED
+from stable_minet import DEFAULT_SHARED, scores, theorem1
 
 
 def _gamma(text: str) -> float:
   value = float(text)
-  try:  # The config's own check of a fraction; the sign picks the comparison.
-    ModelConfig(stage_fraction=abs(value))
+  try:  # The config's own checks of a fraction and a stage count; the sign picks the count.
+    ModelConfig(stage_fraction=abs(value), stages=2 if value > 0 else 1)
   except ValueError as e:
     raise argparse.ArgumentTypeError(str(e)) from e
   return value
 
 
-def second_base(g0: jax.Array, k1: jax.Array, gamma: float) -> jax.Array:
-  """The second stage's base c = g0 + (1 - gamma) eta f(k1), as g0 + (1 - gamma) / gamma
-  (k1 - g0) from stage 1's solution k1 (or from T(k1), which equals it there)."""
-  return g0 + ((1.0 - gamma) / gamma) * (k1 - g0)
+def with_block(params: Params, index: int, gamma: float) -> Params:
+  """``params`` with block ``index`` at fraction |gamma|, two-stage for ``gamma`` > 0
+  (`ModelConfig.stages`), one-stage otherwise."""
+  fractions, stages = list(params.config.stage_fraction), list(params.config.stages)
+  fractions[index], stages[index] = abs(gamma), 2 if gamma > 0 else 1
+  return params.replace_config(stage_fraction=tuple(fractions), stages=tuple(stages))
 
 
-def two_stage_solve(block: IMBlock, g0: jax.Array, gamma: float
-                    ) -> tuple[fp.FixedPointResult, fp.FixedPointResult]:
-  """Both stages' solves (above) of ``block`` (at stage fraction ``gamma``) from ``g0``;
-  the second's ``value`` is the block's answer."""
-  t_map, state = block.map_fn()
-  first = fp.fixed_point(t_map, block.solver, g0, (g0, state), max_steps=block.iterations,
-                         adjoint=block.adjoint, per_sample=True)
-  k1 = first.value
-  second = fp.fixed_point(t_map, block.solver, g0 + (k1 - g0) / gamma,
-                          (second_base(g0, k1, gamma), state), max_steps=block.iterations,
-                          adjoint=block.adjoint, per_sample=True)
-  return first, second
+def score(params: Params, index: int, pairs, radius_iters: int = 0) -> dict:
+  """`stable_minet.scores` on ``pairs`` (key, hazy, clear): PSNR / SSIM, convergence and
+  steps per block (both stages' for a two-stage block); with ``radius_iters`` > 0 also
+  `stable_minet.theorem1` per image, kept in each row as ``stage_rho`` (block ``index``'s
+  radius at each stage's solution) and ``later_rho`` (every later block's: the block
+  changes their inputs)."""
+  result = scores(params, pairs)
+  if radius_iters:
+    figures = theorem1(params, pairs, radius_iters)
+    for row in result["rows"]:
+      mine = [f for f in figures if f["image"] == row["image"]]
+      row["stage_rho"] = mine[index].get("stage_rho", [mine[index]["rho"]])
+      row["later_rho"] = [f["rho"] for f in mine[index + 1:]]
+  return result
 
 
-class BlockSolve(NamedTuple):
-  """One IM-block of `solve_blocks`."""
-  output: jax.Array  # Its answer, the next block's input.
-  num_steps: jax.Array  # Map evaluations, both stages' for the two-stage block.
-  status: jax.Array  # The worse of its solves' `fixed_point.RESULTS`.
-  solved: list[tuple[jax.Array, jax.Array]]  # Per solve: (the map's base, its solution).
-
-
-def solve_blocks(m: MINet, image: jax.Array, index: int, gamma: float) -> list[BlockSolve]:
-  """`MINet.solve_blocks` with block ``index`` two-stage (one-stage for ``gamma`` < 0),
-  from the model-space ``image``."""
-  g0, blocks = m.encode(image), []
-  for i, block in enumerate(m.im_blocks):
-    if i == index and gamma > 0:
-      first, second = two_stage_solve(block, g0, gamma)
-      blocks.append(BlockSolve(second.value, first.num_steps + second.num_steps,
-                               jnp.maximum(first.status, second.status),
-                               [(g0, first.value),
-                                (second_base(g0, first.value, gamma), second.value)]))
-    else:
-      result = block.solve(g0)
-      blocks.append(BlockSolve(block.output(g0, result.value), result.num_steps,
-                               result.status, [(g0, result.value)]))
-    g0 = blocks[-1].output
-  return blocks
-
-
-def forward(model: MINet, index: int, gamma: float):
-  """A jitted forward pass with block ``index`` two-stage (one-stage for ``gamma`` < 0):
-  clipped RGB [0, 1] and per block (map evaluations, status)."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, rgb):
-    m = nnx.merge(graphdef, state)
-    image = m.model_input(rgb)
-    blocks = solve_blocks(m, image, index, gamma)
-    y = m.output_from_states([b.output for b in blocks], image, rgb.shape[1:3])
-    return jnp.clip(y, 0.0, 1.0), [(b.num_steps, b.status) for b in blocks]
-
-  return lambda rgb: run(state, rgb)
-
-
-def stage_radii(model: MINet, index: int, gamma: float, radius_iters: int):
-  """rho of block ``index``'s stage map at each stage's solution (stage 1, then stage 2;
-  one figure for the one-stage block, ``gamma`` < 0), then of every later block's
-  (whose inputs the block changes) at its solution, as `stable_minet.py` measures a
-  block: the larger of the power-iteration growth rate over the last third of
-  ``radius_iters`` steps and the outer Ritz value of 20 Arnoldi steps. Returns
-  ``run(rgb, seed) -> (the block's radii, the later blocks' radii)``."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def points(state, rgb):
-    m = nnx.merge(graphdef, state)
-    blocks = solve_blocks(m, m.model_input(rgb), index, gamma)
-    return blocks[index].solved, [b.solved[0] for b in blocks[index + 1:]]
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def figures(block_index, state, base, point, key):
-    t_map, f_state = nnx.merge(graphdef, state).im_blocks[block_index].map_fn()
-    matvec, _ = spectral.linearise(lambda z: t_map(z, (base, f_state)), point)
-    power_key, arnoldi_key = jax.random.split(key)
-    radius = spectral.spectral_radius(matvec, jax.random.normal(power_key, point.shape),
-                                      num_iters=radius_iters,
-                                      window=max(radius_iters // 3, 1))
-    return radius["radius"], spectral.arnoldi(
-        matvec, jax.random.normal(arnoldi_key, point.shape), num_iters=20)
-
-  def rho(block_index, base, point, key):
-    radius, hess = jax.device_get(figures(block_index, state, base, point, key))
-    return max(float(np.ravel(radius)[0]), spectral.ritz_summary(hess)["radius"])
-
-  def run(rgb, seed):
-    own, later = points(state, rgb)
-    keys = iter(jax.random.split(jax.random.key(seed), len(own) + len(later)))
-    return ([rho(index, base, point, next(keys)) for base, point in own],
-            [rho(index + 1 + j, base, point, next(keys)) for j, (base, point) in enumerate(later)])
-  return run
-
-
-def score(model: MINet, index: int, gamma: float, pairs, radius_iters: int = 0) -> dict:
-  """PSNR / SSIM, convergence and steps per block on ``pairs`` (key, hazy, clear), and
-  with ``radius_iters`` > 0 the block's stage radii (`stage_radii`) on each."""
-  run = forward(model, index, gamma)
-  radii = stage_radii(model, index, gamma, radius_iters) if radius_iters else None
-  rows = []
-  for i, (key, hazy, gt) in enumerate(pairs):
-    rgb = jnp.asarray(hazy[None], jnp.float32) / 255.0
-    y, diagnostics = jax.device_get(run(rgb))
-    psnr, ssim = metrics.dehazing_scores(y[0] * 255.0, gt.astype(np.float32))
-    rows.append({"image": key, "psnr": psnr, "ssim": ssim,
-                 "steps": [int(n[0]) for n, _ in diagnostics],
-                 "converged": [bool(s[0] == 0) for _, s in diagnostics]})
-    if radii is not None:
-      rows[-1]["stage_rho"], rows[-1]["later_rho"] = radii(rgb, i)
-    print(f"  {key:<8} {psnr:7.3f} dB {ssim:.5f} steps {rows[-1]['steps']}"
-          + (f" rho {np.round(rows[-1]['stage_rho'], 3).tolist()}, later blocks "
-             f"{np.round(rows[-1]['later_rho'], 3).tolist()}" if radii else ""), flush=True)
-  steps = np.array([r["steps"] for r in rows], np.float64)
-  return {"psnr": float(np.mean([r["psnr"] for r in rows])),
-          "ssim": float(np.mean([r["ssim"] for r in rows])),
-          "converged": int(sum(sum(r["converged"]) for r in rows)), "solves": int(steps.size),
-          "mean_steps": steps.mean(axis=0).tolist(), "rows": rows}
-
-
-def train_block(model: MINet, teacher: Params, hazy: np.ndarray, *, index: int, gamma: float,
+def train_block(model: MINet, teacher: Params, hazy: np.ndarray, *, index: int,
                 steps: int, learning_rate: float, target: float, hinge_weight: float,
                 iters: int, seed: int = 0) -> list[dict]:
   """Trains block ``index`` of ``model`` in place as described above on ``hazy`` (float32
@@ -230,22 +123,15 @@ def train_block(model: MINet, teacher: Params, hazy: np.ndarray, *, index: int, 
   @nnx.jit
   def step(block, optimizer, g0, y, key):
     def loss_fn(block):
-      t_map, state = block.map_fn()
-      first = fp.fixed_point(t_map, block.solver, g0, (g0, jax.lax.stop_gradient(state)),
-                             max_steps=block.iterations, per_sample=True)
-      k1 = jax.lax.stop_gradient(first.value)
-      base = second_base(g0, t_map(k1, (g0, state)), gamma)  # f(k1) differentiated
-      residual = spectral.norm(t_map(y, (base, state)) - y, per_sample=True)
-      size = spectral.norm(y - g0, per_sample=True)
-      mismatch = jnp.mean(jnp.square(residual) / jnp.maximum(jnp.square(size), 1e-30))
-      first_key, second_key = jax.random.split(key)
-      # The stage map's Jacobian does not depend on its base: g0 stands for c.
-      hinge1, rho1 = contractive.block_term(block, g0, k1, first_key, kind="radius",
-                                            num_iters=iters, target=target)
-      hinge2, rho2 = contractive.block_term(block, base, y, second_key, kind="radius",
-                                            num_iters=iters, target=target)
-      return mismatch + hinge_weight * (hinge1 + hinge2), (mismatch, rho1, rho2,
-                                                           first.num_steps[0])
+      # Stage 1 solved once (a constant), c through one differentiated f(k1).
+      points = block.stage_points(g0, y)
+      mismatch = jnp.mean(contractive.fixed_point_mismatch(block, g0, y,
+                                                           stage_points=points))
+      keys = jax.random.split(key, len(points))
+      hinges, radii = zip(*(contractive.block_term(
+          block, base, jax.lax.stop_gradient(g), k, kind="radius", num_iters=iters,
+          target=target) for (base, g), k in zip(jax.lax.stop_gradient(points), keys)))
+      return mismatch + hinge_weight * sum(hinges), (mismatch, radii[0], radii[-1])
     (_, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(block)
     optimizer.update(block, grads)
     return aux
@@ -255,15 +141,15 @@ def train_block(model: MINet, teacher: Params, hazy: np.ndarray, *, index: int, 
   records = []
   for i in range(steps):
     j = int(order.integers(len(states)))
-    mismatch, rho1, rho2, first_steps = jax.device_get(
+    mismatch, rho1, rho2 = jax.device_get(
         step(block, optimizer, *states[j], jax.random.fold_in(key, i)))
     records.append({"step": i, "render": j, "mismatch": float(mismatch), "rho1": float(rho1),
-                    "rho2": float(rho2), "stage1_steps": int(first_steps)})
+                    "rho2": float(rho2)})
     if i % 10 == 0 or i == steps - 1:
       recent = records[-10:]
       print(f"step {i}: mismatch {np.mean([r['mismatch'] for r in recent]):.4f}, rho max "
-            f"{max(r['rho1'] for r in recent):.3f} / {max(r['rho2'] for r in recent):.3f}, "
-            f"stage 1 steps {np.mean([r['stage1_steps'] for r in recent]):.1f}", flush=True)
+            f"{max(r['rho1'] for r in recent):.3f} / {max(r['rho2'] for r in recent):.3f}",
+            flush=True)
   return records
 
 
@@ -319,15 +205,13 @@ def main() -> int:
 
   began = time.perf_counter()
   index = args.block - 1
-  fractions = list(base.config.stage_fraction)
-  fractions[index] = abs(args.gamma)
-  model = model_from_params(base.replace_config(stage_fraction=tuple(fractions)))
+  model = model_from_params(with_block(base, index, args.gamma))
   nnx.update(model.im_blocks[index].f, nnx.state(model_from_params(start).im_blocks[index].f))
   log = []
   if args.steps:
     hazy = renders(data).astype(np.float32) / 255.0
     print(f"{len(hazy)} renders at {args.size[0]} x {args.size[1]}", flush=True)
-    log = train_block(model, teacher, hazy, index=index, gamma=args.gamma, steps=args.steps,
+    log = train_block(model, teacher, hazy, index=index, steps=args.steps,
                       learning_rate=args.learning_rate, target=args.target,
                       hinge_weight=args.hinge_weight, iters=args.iters)
     checkpoint.save(params_from_model(model), args.out)
@@ -337,7 +221,7 @@ def main() -> int:
   log_path.write_text(json.dumps({"args": settings, "training_seconds": trained,
                                   "training": log}, indent=1) + "\n")
   pairs = [(r.key, *folders.load_pair(r)) for r in records]
-  result = score(model, index, args.gamma, pairs, args.radius_iters)
+  result = score(params_from_model(model), index, pairs, args.radius_iters)
   result.update(args=settings, training_seconds=trained, seconds=time.perf_counter() - began,
                 training=log)
   log_path.write_text(json.dumps(result, indent=1) + "\n")

@@ -265,6 +265,11 @@ def test_stable_krylov_compares_picard_with_the_best_krylov_method(shared_dir, r
                         (["--iters", "0"], "--iters must be >= 1")):
     stderr = _refused(script, "--stable", str(stable), "--shared", str(small), *args)
     assert message in stderr, stderr
+  two_stage = tmp_path / "two_stage"
+  checkpoint.save(_staged(released_params, (0.3, 0.5, 0.7)).replace_config(stages=(1, 2, 1)),
+                  two_stage)
+  stderr = _refused(script, "--stable", str(two_stage), "--shared", str(small))
+  assert "--stable has two-stage blocks (stages [1, 2, 1])" in stderr, stderr
 
 
 @pytest.mark.slow
@@ -378,12 +383,12 @@ def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, re
   # Both stages are solved: checked by evaluating f directly, not through the solver.
   gamma = 0.3
   at_gamma = _staged(released_params, (0.3, gamma, 0.7))
-  model = model_from_params(at_gamma)
+  model = model_from_params(stable_two_stage.with_block(host, 1, gamma))
+  assert model.config.stages == (1, 2, 1) and model.config.stage_fraction == (0.3, gamma, 0.7)
   block = model.im_blocks[1]
-  g0 = model.solve_blocks(model.model_input(rgb))[1].g0
-  first, second = stable_two_stage.two_stage_solve(block, g0, gamma)
-  assert bool(jnp.all(first.status == 0)) and bool(jnp.all(second.status == 0))
-  k1, y = first.value, second.value
+  run = model.solve_blocks(model.model_input(rgb))[1]
+  assert bool(jnp.all(run.result.status == 0))
+  (g0, k1), (_, y) = run.points
   f1, f2 = block.f(k1), block.f(y)
   base = g0 + (1 - gamma) * cfg.eta * f1
   for lhs, rhs in ((k1, g0 + gamma * cfg.eta * f1), (y, base + gamma * cfg.eta * f2)):
@@ -417,6 +422,7 @@ def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, re
   assert result["training"][0]["mismatch"] == pytest.approx(expected, rel=2e-2)
   trained = minet_jax.load(out)
   assert trained.config.stage_fraction == (0.3, gamma, 0.7)
+  assert trained.config.stages == (1, 2, 1)  # users run it as trained
   moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), trained.weights["im_blocks"],
                        released_params.weights["im_blocks"])
   assert any(jax.tree.leaves(moved["1"])) and not any(jax.tree.leaves(moved["0"]))
@@ -434,6 +440,7 @@ def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, re
   other = tmp_path / "other"
   checkpoint.save(_staged(released_params, (0.3, 0.5, 0.7), eta=0.5), other)
   for args, message in ((["--gamma=1.5"], "stage_fraction must lie in"),
+                        (["--gamma=1"], "a two-stage block needs a stage_fraction below 1"),
                         (["--gamma=-0.3", "--steps=2"], "--steps must be"),
                         (["--size", "47", "64"], "--size must be even"),
                         (["--images", "9999_9"], "no SOTS sample 9999_9"),

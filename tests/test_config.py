@@ -96,6 +96,14 @@ def test_model_config_accepts_dicts_and_is_hashable():
     ({"stage_fraction": True}, "a number or one number per IM-block"),
     ({"stage_fraction": ((0.5,), (0.5,), (0.5,))}, "a number or one number per IM-block"),
     ({"stage_fraction": None}, "a number or one number per IM-block"),
+    ({"stages": 3}, r"stages must be one of \(1, 2\)"),
+    ({"stages": (1, 2)}, "stages needs one entry per IM-block"),
+    ({"stages": "2"}, r"stages must be one of \(1, 2\)"),
+    ({"stages": True}, r"stages must be one of \(1, 2\)"),
+    ({"stages": 2.0, "stage_fraction": 0.5}, r"stages must be one of \(1, 2\)"),
+    ({"stages": (1, 2, 1)}, "a two-stage block needs a stage_fraction below 1"),
+    ({"stages": 2, "stage_fraction": 0.5, "correction_weight": 1.0},
+     "correction loss .* one-stage blocks only"),
     ({"contractive_target": -0.1}, "contractive_target must be finite and >= 0"),
     ({"contractive_target": (0.8, float("nan"), 0.8)}, "contractive_target must be finite"),
     ({"contractive_target": (0.8, 0.7)}, "contractive_target needs one entry per IM-block"),
@@ -138,6 +146,21 @@ def test_stage_fraction_is_one_per_block_and_part_of_the_architecture():
   # Implicit Euler everywhere is the default, and records leave it out (older versions read them).
   assert "stage_fraction" not in minet_jax.ModelConfig(stage_fraction=1).stored()
   assert cfg.architecture()["stage_fraction"] == [0.3, 0.3, 0.3]
+
+
+def test_stages_are_one_per_block_part_of_the_architecture_and_left_out_at_one():
+  cfg = minet_jax.model_config({"stages": [1, 2, 1], "stage_fraction": [0.3, 0.5, 0.7]})
+  assert cfg.stages == (1, 2, 1)
+  assert minet_jax.ModelConfig(stages=2, stage_fraction=0.5).stages == (2, 2, 2)
+  assert minet_jax.ModelConfig(stages=np.int64(1)).stages == (1, 1, 1)
+  assert cfg.architecture()["stages"] == [1, 2, 1]
+  assert not cfg.same_architecture(dataclasses.replace(cfg, stages=1))
+  # One stage everywhere is the default and records leave it out: a record written before
+  # the field existed reads as one-stage blocks, and older versions read these records.
+  assert "stages" not in minet_jax.ModelConfig(stage_fraction=0.5).stored()
+  old_record = minet_jax.ModelConfig(stage_fraction=0.5).stored()
+  assert minet_jax.model_config(old_record).stages == (1, 1, 1)
+  assert minet_jax.model_config(cfg.stored()) == cfg
 
 
 def test_contractive_target_is_one_per_block_and_a_solve_setting():

@@ -339,6 +339,62 @@ def test_fixed_point_mismatch_reads_a_stage_blocks_answer_through_its_stage():
                              rtol=1e-4)
 
 
+def test_fixed_point_mismatch_of_a_two_stage_block_is_its_second_stages_residual():
+  # A two-stage block (SDIRK, fraction G) answers y from k1 = g0 + G eta f(k1) and
+  # y = c + G eta f(y), c = g0 + (1 - G) eta f(k1): the mismatch of an answer y_t is
+  # ||c + G eta f(y_t) - y_t||^2 / ||y_t - g0||^2 with k1 solved from g0 (here by a
+  # plain 400-step Picard loop), zero for the block's own answer; its gradient takes f's
+  # parameters through f(y_t) and through c's f(k1), k1 a constant.
+  gamma = 0.5
+  cfg = minet_jax.ModelConfig(features=3, pre_blocks=0, iterations=(300,), dilations=(1,),
+                              stage_fraction=gamma, stages=2, solver="picard", rtol=1e-7)
+  block = IMBlock(cfg, 0, rngs=nnx.Rngs(4))
+  block.f.norm2.scale[...] = jnp.asarray([0.5, 1.0, 1.5], jnp.float32)
+  g0 = jax.random.normal(jax.random.key(23), (2, 5, 5, 3))
+  answer = block(g0)
+  assert float(jnp.max(contractive.fixed_point_mismatch(block, g0, answer))) < 1e-9
+  target = answer * 1.03 + 0.01
+  graphdef, state = nnx.split(block)
+  k1 = g0
+  for _ in range(400):
+    k1 = g0 + gamma * block.f(k1)
+  k1 = np.asarray(k1)
+
+  def by_hand(state):
+    f = nnx.merge(graphdef, state).f
+    c = g0 + (1 - gamma) * f(jnp.asarray(k1))
+    residual = c + gamma * f(target) - target
+    return (jnp.sum(jnp.square(residual), (1, 2, 3))
+            / jnp.sum(jnp.square(target - g0), (1, 2, 3)))
+
+  mismatch = lambda st: contractive.fixed_point_mismatch(  # noqa: E731
+      nnx.merge(graphdef, st), g0, target)
+  np.testing.assert_allclose(mismatch(state), by_hand(state), rtol=1e-4)
+  grads = jax.grad(lambda st: jnp.mean(mismatch(st)))(state)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6),
+               grads, jax.grad(lambda st: jnp.mean(by_hand(st)))(state))
+  # Given stage points are used as they are (the training step solves stage 1 once).
+  points = block.stage_points(g0, target)
+  np.testing.assert_allclose(points[0][1], k1, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(
+      contractive.fixed_point_mismatch(block, g0, target, stage_points=points),
+      contractive.fixed_point_mismatch(block, g0, target))
+  # The penalty at a block's stage points sums their hinges and reports the larger figure.
+  model = minet_jax.MINet(dataclasses.replace(cfg, contractive_target=0.0,
+                                              contractive_kind="radius"), rngs=nnx.Rngs(4))
+  nnx.update(model.im_blocks[0], nnx.state(block))
+  key = jax.random.key(24)
+  total, sigma = contractive.penalty_at_points(model, [points], key=key, per_block=True)
+  block_key = jax.random.split(key, 1)[0]  # the one block's key
+  stage_keys = [block_key, jax.random.split(jax.random.fold_in(block_key, 1), 1)[0]]
+  terms = [contractive.block_term(block, b, g, k, kind="radius", num_iters=cfg.contractive_iters,
+                                  target=0.0) for (b, g), k in zip(points, stage_keys)]
+  np.testing.assert_allclose(total, terms[0][0] + terms[1][0], rtol=1e-5)
+  np.testing.assert_allclose(sigma[0], max(terms[0][1], terms[1][1]), rtol=1e-5)
+  with pytest.raises(ValueError, match="operating points must be one"):
+    contractive.penalty_at_points(model, [[points[0], (g0,)]], key=key)
+
+
 def test_fixed_point_mismatch_after_warm_started_steps_measures_the_answers_error():
   # m Picard steps from the teacher's stage k: the distance of T(k_{m-1}) from k, with
   # only the last step differentiated; for a contraction it tends to the distance of the

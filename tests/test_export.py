@@ -76,3 +76,17 @@ def test_the_check_sees_a_cpu_only_custom_call():
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("minet_onednn_conv")])(
           state, _batch())
   assert "minet_onednn_conv" in _custom_calls(exported)
+
+
+def test_a_two_stage_model_exports_for_cuda():
+  # Block 2 solves two stages to tolerance: two while loops, still GPU-only.
+  config = _small_config("xla")
+  config.model.stages = (1, 2, 1)
+  config.model.stage_fraction = (1.0, 0.5, 1.0)
+  config.model.solver = "picard"
+  config.model.iterations = (3, 3, 3)
+  params = state_lib.create_train_state(config).params()
+  exported = jax.export.export(jax.jit(minet_jax.apply), platforms=("cuda",))(
+      params, jnp.zeros((16, 20, 3), jnp.float32))
+  _assert_gpu_only(exported)
+  assert exported.mlir_module().count("stablehlo.while") >= 4

@@ -246,6 +246,86 @@ def test_a_stage_fraction_block_solves_its_stage_and_answers_the_whole_step():
   np.testing.assert_array_equal(euler(g0), euler.solve(g0).value)
 
 
+def test_a_two_stage_block_solves_both_stages_of_its_sdirk_step():
+  # Stiffly accurate two-stage SDIRK (A = [[G, 0], [1 - G, G]], b = A's last row):
+  # k1 = g0 + G eta f(k1), y = g0 + (1 - G) eta f(k1) + G eta f(y); the answer is y.
+  gamma, eta = 0.4, 0.7
+  cfg = minet_jax.ModelConfig(features=4, iterations=(200,), dilations=(2,), eta=eta,
+                              stage_fraction=gamma, stages=2, solver="picard", rtol=1e-7)
+  block = IMBlock(cfg, 0, rngs=nnx.Rngs(0))
+  block.f.norm2.scale[...] = block.f.norm2.scale[...] * 0.2  # a contraction: Picard converges
+  g0 = jax.random.normal(jax.random.key(2), (2, 6, 7, 4))
+  (base1, first), (base2, second) = block.solve_stages(g0)
+  k1, y = first.value, second.value
+  np.testing.assert_array_equal(base1, g0)
+  np.testing.assert_allclose(k1, g0 + gamma * eta * block.f(k1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(base2, g0 + (1 - gamma) * eta * block.f(k1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y, base2 + gamma * eta * block.f(y), rtol=1e-5, atol=1e-6)
+  # Not the one-stage answer it starts from.
+  assert float(jnp.max(jnp.abs(y - (g0 + eta * block.f(k1))))) > 1e-2
+  np.testing.assert_array_equal(block(g0), y)
+  # One result for the block: both stages' steps, the worse status and residual, both
+  # histories.
+  result = block.solve(g0)
+  np.testing.assert_array_equal(result.value, y)
+  np.testing.assert_array_equal(result.num_steps, first.num_steps + second.num_steps)
+  np.testing.assert_array_equal(result.status, [0, 0])
+  np.testing.assert_array_equal(result.residual, jnp.maximum(first.residual, second.residual))
+  chex.assert_shape(result.residual_history, (2, 400))
+  # A block run of the model records every stage's (base, solution).
+  model = MINet(dataclasses.replace(TINY, stages=(1, 2, 1), stage_fraction=(1.0, 0.5, 1.0),
+                                    solver="picard", iterations=(200, 200, 200), rtol=1e-6),
+                rngs=nnx.Rngs(0))
+  runs = model.solve_blocks(model.model_input(jax.random.uniform(jax.random.key(3),
+                                                                 (1, 12, 14, 3))))
+  assert [len(run.points) for run in runs] == [1, 2, 1]
+  (g0_2, k1_2), (c_2, y_2) = runs[1].points
+  np.testing.assert_array_equal(g0_2, runs[0].output)
+  np.testing.assert_array_equal(y_2, runs[1].output)
+  # stage_points rebuilds the stages from the block's input and answer (c from f itself:
+  # equal to the solve's extrapolated c to the stage's tolerance).
+  (sp_g0, sp_k1), (sp_c, sp_y) = model.im_blocks[1].stage_points(g0_2, y_2)
+  np.testing.assert_allclose(sp_k1, k1_2, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(sp_c, c_2, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(sp_y, y_2)
+  with pytest.raises(ValueError, match="stage_points"):
+    model.im_blocks[1].stage_of(g0_2, y_2)
+  # In bfloat16 the second base is computed from f itself, not from (k1 - g0) / G.
+  narrow = IMBlock(dataclasses.replace(cfg, dtype="bfloat16"), 0, rngs=nnx.Rngs(0))
+  g16, k16 = g0.astype(jnp.bfloat16), k1.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(narrow._second_base(g16, k16, (k16 - g16) / gamma),
+                                g16 + jnp.asarray(1 - gamma, jnp.bfloat16) * (eta * narrow.f(k16)))
+
+
+def test_a_two_stage_blocks_gradients_are_those_of_its_step_written_out():
+  # The second stage's base c carries the first stage's solution: both backward modes
+  # must hand c's cotangent back through stage 1, to g0 and to f. The reference is the
+  # step written out as plain loops (k1 = g0 + G f(k1); y = c + G f(y)), differentiated.
+  gamma = 0.5
+  cfg = minet_jax.ModelConfig(features=3, pre_blocks=0, iterations=(60,), dilations=(1,),
+                              stage_fraction=gamma, stages=2, solver="picard", rtol=1e-7,
+                              unroll=1, adjoint_rtol=1e-7, adjoint_max_steps=400)
+  g0 = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
+  weights = jax.random.normal(jax.random.key(2), g0.shape)
+
+  def written_out(f, g):
+    k1 = jax.lax.fori_loop(0, 80, lambda _, k: g + gamma * f(k), g)
+    c = g + (1 - gamma) * f(k1)
+    return jax.lax.fori_loop(0, 80, lambda _, y: c + gamma * f(y), c)
+
+  for backward in ("backprop", "implicit"):
+    block = IMBlock(dataclasses.replace(cfg, backward=backward), 0, rngs=nnx.Rngs(4))
+    block.f.norm2.scale[...] = jnp.asarray([0.5, 1.0, 1.5], jnp.float32)  # a contraction
+    graphdef, state = nnx.split(block)
+    got = jax.grad(lambda st, g: jnp.sum(nnx.merge(graphdef, st)(g) * weights),
+                   argnums=(0, 1))(state, g0)
+    want = jax.grad(lambda st, g: jnp.sum(written_out(nnx.merge(graphdef, st).f, g) * weights),
+                    argnums=(0, 1))(state, g0)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+    assert float(jnp.max(jnp.abs(got[1]))) > 0
+
+
 @pytest.mark.parametrize("shape", [(1, 37, 53, 3), (2, 16, 20, 3), (1, 1, 1, 3), (3, 9, 2, 3)])
 def test_forward_shapes_and_finiteness(shape):
   model = MINet(TINY, rngs=nnx.Rngs(0))

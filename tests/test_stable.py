@@ -311,3 +311,79 @@ def test_stable_block3_refits_block_3_after_the_two_earlier_runs(tmp_path):
   prior, where = _prior_run(config, cfg, (tmp_path / "next",))
   assert where == tmp_path / "not_yet"
   assert prior.to_dict() == stable_fullres.get_config().to_dict()
+
+
+def test_stable_two_stage_trains_block_2s_second_stage_and_users_run_it(random_params, tmp_path,
+                                                                        capsys):
+  # configs/stable_two_stage.py is configs/stable_fullres.py with block 2 two-stage.
+  import minet_jax
+  from minet_jax import dehaze, image_io
+  from minet_jax.train.checks import validate_config
+  from configs import stable_fullres, stable_two_stage
+  config = stable_two_stage.get_config()
+  assert validate_config(config).stages == (1, 2, 1)
+  expected = stable_fullres.get_config()
+  expected.model.stages = (1, 2, 1)
+  assert config.to_dict() == expected.to_dict()
+
+  # Its training on a small model: block 2's terms are those of its stages in the step
+  # that answers the teacher's block-2 output from the teacher's block-2 input.
+  config.model.features = 4
+  config.model.pre_blocks = 0
+  config.model.contractive_target = 0.0  # the hinge active at both stages
+  cfg = model_config(config.model)
+  teacher = random_params(dataclasses.replace(cfg, stage_fraction=1.0, stages=1,
+                                              solver="unrolled", iterations=(3, 3, 3),
+                                              best_so_far=False))
+  start = Params(weights=teacher.weights, config=cfg)
+  hazy = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3))
+  state = state_lib.create_train_state(config, params=start)
+  train_step = step_lib.make_train_step(config.loss, teacher=teacher, match_weight=1.0,
+                                        output_weight=0.0, train_blocks=(1,))
+  state, metrics_ = train_step(state, {"hazy": hazy, "clear": hazy})
+  student = model_from_params(start)
+  theirs = model_from_params(teacher).forward_runs(hazy)[2]
+  points = student.im_blocks[1].stage_points(theirs[1].g0, theirs[1].output)
+  assert len(points) == 2
+  mismatch = contractive.fixed_point_mismatch(student.im_blocks[1], theirs[1].g0,
+                                              theirs[1].output)
+  assert float(metrics_["fixed_point_mismatch"]) == pytest.approx(float(jnp.mean(mismatch)),
+                                                                  rel=1e-4)
+  # The penalty's key is the step's: its value is the hinge at both stages of block 2.
+  key = jax.random.fold_in(jax.random.wrap_key_data(
+      state_lib.create_train_state(config, params=start).rng), 0)
+  two = contractive.penalty_at_points(
+      student, [(theirs[0].g0, theirs[0].output), points, (theirs[2].g0, theirs[2].output)],
+      key=key, blocks=[1], per_block=True)
+  first_only = contractive.penalty_at_points(
+      student, [(theirs[0].g0, theirs[0].output), points[:1], (theirs[2].g0, theirs[2].output)],
+      key=key, blocks=[1])
+  assert float(metrics_["contractive_penalty"]) == pytest.approx(
+      cfg.contractive_weight * float(two[0]), rel=1e-4)
+  assert float(two[0]) > float(first_only) > 0
+  trained = state.params()
+  for path, got in jax.tree_util.tree_leaves_with_path(trained.weights):
+    keys = [getattr(k, "key", None) for k in path]
+    moved = not np.array_equal(got, _leaf(start.weights, keys))
+    assert moved == (keys[:3] == ["im_blocks", "1", "f"]), keys
+
+  # Saved, loaded and run by users as it was trained: two stages in block 2.
+  minet_jax.save(trained, tmp_path / "ckpt")
+  loaded = minet_jax.load(tmp_path / "ckpt")
+  assert loaded.config.stages == (1, 2, 1)
+  image = np.random.default_rng(0).random((20, 24, 3)).astype(np.float32)
+  solves = []
+  out = minet_jax.apply(loaded, image, strip_rows=0, solves=solves)
+  np.testing.assert_allclose(
+      out, np.clip(model_from_params(trained)(jnp.asarray(image[None]))[0], 0, 1), atol=1e-5)
+  np.testing.assert_allclose(minet_jax.apply(loaded, image, strip_rows=8), out, atol=1e-4)
+  one_stage = minet_jax.apply(loaded.replace_config(stages=1), image, strip_rows=0)
+  assert np.abs(np.asarray(one_stage) - np.asarray(out)).max() > 1e-4
+  # Block 2's steps are both stages'.
+  block2 = model_from_params(loaded).im_blocks[1].solve_stages(
+      model_from_params(loaded).forward_runs(jnp.asarray(image[None]))[2][1].g0)
+  assert int(solves[1].num_steps[0]) == sum(int(r.num_steps[0]) for _, r in block2)
+  image_io.write_png(tmp_path / "in.png", image)
+  assert dehaze.main([str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "--ckpt",
+                      str(tmp_path / "ckpt"), "--no-progress"]) == 0
+  assert "in.png: IM-blocks picard to rtol 0.001: " in capsys.readouterr().out

@@ -905,6 +905,12 @@ def test_init_from_takes_other_solve_settings_but_not_another_architecture(tmp_p
   assert state.model_config.stage_fraction == (0.3, 0.5, 1.0)
   for x, y in zip(jax.tree.leaves(state.params().weights), jax.tree.leaves(params.weights)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # So is the number of stages: block 2's f becomes both stages' f.
+  run.model.stages = (1, 2, 1)
+  state = _initial_state(run, minet_jax.model_config(run.model))
+  assert state.model_config.stages == (1, 2, 1)
+  for x, y in zip(jax.tree.leaves(state.params().weights), jax.tree.leaves(params.weights)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   for field, value in (("eta", 0.5), ("dilations", (1, 2, 3)), ("input_format", "bgr255")):
     run = tiny.get_config()
     run.init_from = config.init_from

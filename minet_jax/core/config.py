@@ -50,9 +50,11 @@ RUNTIME_FIELDS = ("conv_backend", "precision")
 # (``config.init_from``): every weight keeps its shape and its role (the f of an implicit
 # Euler block becomes the f of a block that solves an earlier stage of its step), so the
 # weights are a start, not a mismatch. Resuming and loading still compare them.
-INIT_FROM_FREE_FIELDS = ("stage_fraction",)
+INIT_FROM_FREE_FIELDS = ("stage_fraction", "stages")
 # The smallest stage fraction (`Architecture.stage_fraction`).
 MIN_STAGE_FRACTION = 0.01
+# The numbers of implicit stages a block may take (`Architecture.stages`).
+STAGE_COUNTS = (1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,14 @@ class Architecture:
   # shrinks the solved map's Jacobian to stage_fraction * eta * df/dg, so a block whose
   # implicit Euler map expands can be solved as a contraction (docs/STABILITY.md).
   stage_fraction: Union[float, tuple[float, ...]] = 1.0
+  # Implicit stages of each IM-block's step (one entry per block, or one number for all):
+  # 1 is the one-stage step above; 2 a two-stage, stiffly accurate singly diagonally
+  # implicit Runge-Kutta step with both stages at the block's fraction G (< 1): it solves
+  # k1 = g0 + G eta f(k1), then y = c + G eta f(y) with c = g0 + (1 - G) eta f(k1), and
+  # answers y. Both stage maps have the Jacobian G eta df/dg, and the second stage lets
+  # the block compose two evaluations of f where a one-stage block has one
+  # (docs/STABILITY.md, "A second stage for block 2").
+  stages: Union[int, tuple[int, ...]] = 1
   # Put a shared (2d-1)x(2d-1) smoothing kernel before both convs of blocks with d > 1.
   smoothed_dilation: bool = True
   # What the network's first layer sees: "bgr255" (released weights) or "rgb01".
@@ -198,6 +208,7 @@ class ModelConfig(Solve, Architecture):
     object.__setattr__(self, "iterations", tuple(int(t) for t in self.iterations))
     object.__setattr__(self, "stage_fraction", self._per_block("stage_fraction"))
     object.__setattr__(self, "contractive_target", self._per_block("contractive_target"))
+    object.__setattr__(self, "stages", self._stage_counts())
     # Types first, so a string or a NaN gets its own message instead of a failed comparison
     # below or a NaN model later (NaN passes no comparison, so it would slip through them).
     for name in ("features", "pre_blocks", "anderson_m", "adjoint_max_steps",
@@ -266,6 +277,14 @@ class ModelConfig(Solve, Architecture):
     if self.adjoint_max_steps < 0 or self.contractive_iters < 1:
       raise ValueError(f"adjoint_max_steps must be >= 0 and contractive_iters >= 1, got "
                        f"{self.adjoint_max_steps}, {self.contractive_iters}")
+    if any(n == 2 and s == 1.0 for n, s in zip(self.stages, self.stage_fraction)):
+      raise ValueError(f"a two-stage block needs a stage_fraction below 1 (at 1 both stages "
+                       f"are the same implicit Euler step), got stages={self.stages}, "
+                       f"stage_fraction={self.stage_fraction}")
+    if self.correction_weight and max(self.stages) > 1:
+      # Its early outputs are one map step after an iterate of a block's only stage.
+      raise ValueError("the fixed-point correction loss (correction_weight > 0) is defined "
+                       f"for one-stage blocks only, got stages={self.stages}")
     if isinstance(self.unroll, str) and self.unroll != "auto":
       raise ValueError(f"unroll must be 'auto', a bool or a positive int, got {self.unroll!r}")
 
@@ -297,19 +316,35 @@ class ModelConfig(Solve, Architecture):
                        f"got {value!r}")
     return values
 
+  def _stage_counts(self) -> tuple[int, ...]:
+    """``stages`` as one count per IM-block, each one of STAGE_COUNTS."""
+    value = self.stages
+    values = (value,) * len(self.dilations) if isinstance(value, numbers.Integral) else value
+    if (isinstance(value, (str, bytes, Mapping, set, frozenset)) or not isinstance(
+        values, (tuple, list)) or any(isinstance(n, bool) or not isinstance(n, numbers.Integral)
+                                      or n not in STAGE_COUNTS for n in values)):
+      raise ValueError(f"stages must be one of {STAGE_COUNTS}, or one of them per IM-block, "
+                       f"got {value!r}")
+    if len(values) != len(self.dilations):
+      raise ValueError(f"stages needs one entry per IM-block ({len(self.dilations)}), "
+                       f"got {value!r}")
+    return tuple(int(n) for n in values)
+
   @property
   def num_blocks(self) -> int:
     return len(self.dilations)
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-friendly dict (tuples become lists). ``stage_fraction`` is left out while
-    every block is implicit Euler (its default), and a ``contractive_target`` common to
+    every block is implicit Euler (its default), ``stages`` while every block has one, and a ``contractive_target`` common to
     all blocks is one number, so that records of such models, the released one
     included, stay readable by minet-jax versions before those fields took these forms."""
     record = {k: list(v) if isinstance(v, tuple) else v
               for k, v in dataclasses.asdict(self).items()}
     if all(v == 1.0 for v in self.stage_fraction):
       del record["stage_fraction"]
+    if all(n == 1 for n in self.stages):
+      del record["stages"]
     if len(set(self.contractive_target)) == 1:
       # One target for every block is written as the one number it was before the field
       # took one per block.

@@ -7,7 +7,8 @@ Data flow, with the authors' layer names (Jiawei-Shen/MI-Net, ``MINet.py``):
   IM-blocks x1 = IM_1(x), x2 = IM_2(x1), x3 = IM_3(x2); block i solves
             g = g0 + eta * f_i(g) from g = g0 = its input (fixed_point.py), or the
             stage k = g0 + s_i * eta * f_i(k) and answers g0 + eta * f_i(k)
-            (`ModelConfig.stage_fraction`)
+            (`ModelConfig.stage_fraction`), or two stages of one step
+            (`ModelConfig.stages`)
   MLF       gate: 3x3 conv on concat(x1, x2, x3) -> 3 maps; fused = sum_i W_i * x_i
   decoder   deconv3 (transposed 4x4, stride 2)-norm4-relu, deconv2-norm5-relu, deconv1 (1x1)
   tail      ("RCA" as released) x = LeakyReLU(conv_su1(x) + conv_su2(input));
@@ -26,6 +27,7 @@ them strip by strip.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -85,14 +87,17 @@ class IMBlockF(nnx.Module):
 
 
 class IMBlock(nnx.Module):
-  """One implicit step of the ODE dg/dt = f(g) from g0, its stage solved by `fixed_point`.
+  """One implicit step of the ODE dg/dt = f(g) from g0, its stages solved by `fixed_point`.
 
-  The block solves the stage k = g0 + stage_fraction * eta * f(k) and answers
-  g0 + eta * f(k) (`ModelConfig.stage_fraction`); with the default fraction 1 that is
-  the implicit Euler step x_out = x_in + eta * f(x_out) of the paper, and the answer is k.
-  The solver and adjoint objects are built from the config (`fixed_point.from_config`);
-  each sample of a batch is its own fixed-point problem (instance norm keeps them
-  independent).
+  With one stage (`ModelConfig.stages`) the block solves k = g0 + s * eta * f(k),
+  s = `ModelConfig.stage_fraction`, and answers g0 + eta * f(k); with the default
+  fraction 1 that is the implicit Euler step x_out = x_in + eta * f(x_out) of the paper,
+  and the answer is k. With two stages (a stiffly accurate SDIRK step, both stages at
+  the fraction G = s < 1) it solves k1 = g0 + G eta f(k1), then y = c + G eta f(y)
+  with c = g0 + (1 - G) eta f(k1), and answers y. Every stage is a fixed point of the
+  same map T(g; base) = base + s eta f(g) (`map_fn`), with its own base. The solver and
+  adjoint objects are built from the config (`fixed_point.from_config`); each sample of
+  a batch is its own fixed-point problem (instance norm keeps them independent).
   """
 
   def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs):
@@ -100,13 +105,14 @@ class IMBlock(nnx.Module):
     self.iterations = cfg.iterations[index]
     self.eta = cfg.eta
     self.stage_fraction = cfg.stage_fraction[index]
+    self.stages = cfg.stages[index]
     # The solved map's step: eta for implicit Euler (stage_fraction 1), s * eta for a stage.
     self.step = cfg.eta * self.stage_fraction
     self.solver, self.adjoint = fp.from_config(cfg)
 
   def map_fn(self):
-    """The solved map as ``(T, args)``: T(g, args) = g0 + stage_fraction * eta * f(g),
-    args = (g0, f's state).
+    """The solved map as ``(T, args)``: T(g, args) = base + stage_fraction * eta * f(g),
+    args = (base, f's state); the base is g0 for the first stage.
 
     Splitting f into graph and state makes its parameters explicit inputs of T, so
     the implicit backward can return their gradients.
@@ -115,23 +121,49 @@ class IMBlock(nnx.Module):
     step = self.step
 
     def implicit_euler_map(g, args):
-      g0_, f_state = args
-      return g0_ + step * nnx.merge(graphdef, f_state)(g)
+      base, f_state = args
+      return base + step * nnx.merge(graphdef, f_state)(g)
 
     return implicit_euler_map, state
 
-  def solve(self, g0: jax.Array) -> fp.FixedPointResult:
-    """Runs the block's solver on its stage from g = g0; diagnostics have a leading batch
-    axis. ``value`` is the stage k; `output` turns it into the block's answer."""
+  def solve_stages(self, g0: jax.Array) -> list[tuple[jax.Array, fp.FixedPointResult]]:
+    """Runs the block's solver on each stage in turn: one ``(base, result)`` per stage,
+    diagnostics with a leading batch axis. The first stage starts from g0; a second
+    from the one-stage answer g0 + (k1 - g0) / s."""
     implicit_euler_map, state = self.map_fn()
-    return fp.fixed_point(implicit_euler_map, self.solver, g0, (g0, state),
-                          max_steps=self.iterations, adjoint=self.adjoint, per_sample=True)
+
+    def solve(start, base):
+      return fp.fixed_point(implicit_euler_map, self.solver, start, (base, state),
+                            max_steps=self.iterations, adjoint=self.adjoint, per_sample=True)
+
+    first = solve(g0, g0)
+    if self.stages == 1:
+      return [(g0, first)]
+    k1 = first.value
+    base = self._second_base(g0, k1, (k1 - g0) / self.stage_fraction)
+    return [(g0, first), (base, solve(g0 + (k1 - g0) / self.stage_fraction, base))]
+
+  def _second_base(self, g0: jax.Array, k1: jax.Array, step: jax.Array | None) -> jax.Array:
+    """c = g0 + (1 - G) eta f(k1): from ``step`` = eta f(k1) when given in float32 (at
+    stage 1's solution it is (k1 - g0) / G, no evaluation of f), else by evaluating f."""
+    if step is None or k1.dtype != jnp.float32:
+      # In a narrow dtype (k1 - g0) / G would magnify the stage's rounding by 1 / G.
+      step = self.eta * self.f(k1)
+    return g0 + jnp.asarray(1.0 - self.stage_fraction, step.dtype) * step
+
+  def solve(self, g0: jax.Array) -> fp.FixedPointResult:
+    """The block's solve from g0 (`solve_stages`) as one result: ``value`` is the last
+    stage's solution (`output` turns it into the block's answer); with two stages the
+    map evaluations are both stages', the status and the residual the worse of the
+    two, and the residual history the first stage's followed by the second's."""
+    return combined([result for _, result in self.solve_stages(g0)])
 
   def output(self, g0: jax.Array, stage: jax.Array) -> jax.Array:
-    """The block's answer from its stage: g0 + eta * f(k), computed in float32 as
-    g0 + (k - g0) / stage_fraction, equal at the stage's solution and one evaluation of
-    f cheaper (the stage itself for implicit Euler)."""
-    if self.stage_fraction == 1.0:
+    """The block's answer from its last stage's solution: for one stage g0 + eta * f(k),
+    computed in float32 as g0 + (k - g0) / stage_fraction, equal at the stage's solution
+    and one evaluation of f cheaper (the stage itself for implicit Euler); for two stages
+    (stiffly accurate) the second stage itself."""
+    if self.stage_fraction == 1.0 or self.stages == 2:
       return stage
     if stage.dtype != jnp.float32:
       # In a narrow dtype the extrapolation would magnify the stage's rounding by
@@ -140,13 +172,46 @@ class IMBlock(nnx.Module):
     return g0 + (stage - g0) / self.stage_fraction
 
   def stage_of(self, g0: jax.Array, output: jax.Array) -> jax.Array:
-    """The stage k whose `output` is ``output`` (its inverse): g0 + stage_fraction * (y - g0)."""
+    """The stage k whose `output` is ``output`` (its inverse, one-stage blocks):
+    g0 + stage_fraction * (y - g0)."""
+    if self.stages != 1:
+      raise ValueError("stage_of inverts a one-stage block's answer; a two-stage block's "
+                       "stages come from stage_points")
     if self.stage_fraction == 1.0:
       return output
     return g0 + jnp.asarray(self.stage_fraction, output.dtype) * (output - g0)
 
+  def stage_points(self, g0: jax.Array, output: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Each stage's ``(base, solution)`` in the step that answers ``output`` from ``g0``.
+
+    One stage: ``[(g0, stage_of(g0, output))]``. Two: ``[(g0, k1), (c, output)]``, k1
+    solved from g0 by the block's solver (a constant for differentiation) and c taken
+    from one evaluation of f at k1 (so c carries f's parameters, as Jacobian-free
+    backprop does). The last pair is where the step's final stage equation must hold.
+    """
+    if self.stages == 1:
+      return [(g0, self.stage_of(g0, output))]
+    implicit_euler_map, state = self.map_fn()
+    first = fp.fixed_point(implicit_euler_map, self.solver, g0,
+                           (g0, jax.lax.stop_gradient(state)), max_steps=self.iterations,
+                           per_sample=True)
+    k1 = jax.lax.stop_gradient(first.value)
+    return [(g0, k1), (self._second_base(g0, k1, None), output)]
+
   def __call__(self, g0: jax.Array) -> jax.Array:
     return self.output(g0, self.solve(g0).value)
+
+
+def combined(results: list[fp.FixedPointResult]) -> fp.FixedPointResult:
+  """The solves of one block's stages, in order, as one `FixedPointResult` (`IMBlock.solve`)."""
+  if len(results) == 1:
+    return results[0]
+  return fp.FixedPointResult(
+      value=results[-1].value,
+      status=functools.reduce(jnp.maximum, [r.status for r in results]),
+      num_steps=sum(r.num_steps for r in results),
+      residual=functools.reduce(jnp.maximum, [r.residual for r in results]),
+      residual_history=jnp.concatenate([r.residual_history for r in results], axis=-1))
 
 
 class RCAGate(nnx.Module):
@@ -210,8 +275,10 @@ def run_steps(steps: tuple[Step, ...], x: Any, **sources: jax.Array) -> jax.Arra
 class BlockRun(NamedTuple):
   """One IM-block inside the network (`MINet.solve_blocks`)."""
   g0: jax.Array  # The block's input: the encoder output or the previous block's output.
-  result: fp.FixedPointResult  # Its solve; ``result.value`` is the block's stage.
+  result: fp.FixedPointResult  # Its solve (`IMBlock.solve`); ``value``: its last stage.
   output: jax.Array  # The block's answer (`IMBlock.output`), the next block's g0.
+  # Every stage's (base, solution): where each stage map is linearised (Theorem 1).
+  points: tuple[tuple[jax.Array, jax.Array], ...]
 
 
 class MINet(nnx.Module):
@@ -304,8 +371,10 @@ class MINet(nnx.Module):
     g0 = self.encode(model_image)
     runs = []
     for block in self.im_blocks:
-      result = block.solve(g0)
-      runs.append(BlockRun(g0, result, block.output(g0, result.value)))
+      stages = block.solve_stages(g0)
+      result = combined([r for _, r in stages])
+      runs.append(BlockRun(g0, result, block.output(g0, result.value),
+                           tuple((base, r.value) for base, r in stages)))
       g0 = runs[-1].output
     return runs
 

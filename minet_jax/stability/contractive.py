@@ -37,8 +37,9 @@ the term with `weighted_penalty`, which costs nothing when ``contractive_weight`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
-from typing import Union
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
@@ -191,31 +192,42 @@ def block_term(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.A
 
 
 def fixed_point_mismatch(block: model_lib.IMBlock, g0: jax.Array, target: jax.Array,
-                         steps: int = 1) -> jax.Array:
+                         steps: int = 1, *,
+                         stage_points: Sequence[tuple[jax.Array, jax.Array]] | None = None
+                         ) -> jax.Array:
   """How far ``target`` is from being the block's answer from ``g0``, per sample, shape (batch,).
 
-  With k = `IMBlock.stage_of` (g0, target), the stage that answers ``target``, and
-  T(g) = g0 + stage_fraction * eta * f(g) (for implicit Euler k is ``target``):
+  With (b, k) the last stage's base and solution in the step that answers ``target``
+  (`IMBlock.stage_points`: for a one-stage block b = g0 and k = `IMBlock.stage_of`
+  (g0, target), for implicit Euler ``target`` itself; for a two-stage block k is
+  ``target`` and b the base c that the first stage, solved from g0, gives it) and
+  T(g) = b + stage_fraction * eta * f(g):
   ||T(k_{m-1}) - k||^2 / ||k - g0||^2, where k_0 = k and k_j = T(k_{j-1}) are ``steps``
   = m Picard steps warm-started at k. Zero exactly when ``target`` is the block's answer,
-  relative to the stage's size. With a teacher's block input and output it trains f so
-  that the teacher's output becomes its fixed point (configs/stable.py); no solve is needed.
+  relative to the size of the step to k. With a teacher's block input and output it
+  trains f so that the teacher's output becomes its fixed point (configs/stable.py); a
+  one-stage block needs no solve.
 
   m = 1 is the one-step residual T(k) - k. The error of the block's own answer is
   k* - k = (I - J)^{-1} (T(k) - k) to first order (J = dT/dg, k* its fixed point), larger
   than the residual wherever J is near 1; the m-step distance k_m - k sums the first m
   terms of that series, so larger m weighs the answer's error rather than the
   residual. Only the last step is differentiated (the first m - 1 are constants, as in
-  Jacobian-free backprop): m - 1 more f evaluations, no more memory.
+  Jacobian-free backprop): m - 1 more f evaluations, no more memory. ``stage_points``:
+  `IMBlock.stage_points` (g0, target) when the caller has them already (a two-stage
+  block's first stage is then not solved again).
   """
   if not is_count(steps):
     raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
   t_map, state = block.map_fn()
   g0 = jax.lax.stop_gradient(g0)
-  target = block.stage_of(g0, jax.lax.stop_gradient(target))
+  if stage_points is None:
+    stage_points = block.stage_points(g0, jax.lax.stop_gradient(target))
+  base, target = stage_points[-1]
+  target = jax.lax.stop_gradient(target)
   start = jax.lax.stop_gradient(jax.lax.fori_loop(
-      0, steps - 1, lambda _, g: t_map(g, (g0, state)), target))
-  residual = spectral.norm(t_map(start, (g0, state)) - target, per_sample=True)
+      0, steps - 1, lambda _, g: t_map(g, (base, state)), target))
+  residual = spectral.norm(t_map(start, (base, state)) - target, per_sample=True)
   step = spectral.norm(target - g0, per_sample=True)
   return jnp.square(residual) / jnp.maximum(jnp.square(step), jnp.finfo(jnp.float32).tiny)
 
@@ -233,7 +245,7 @@ def operating_points(model: model_lib.MINet, images: jax.Array, *,
   """(g0, g) of every IM-block on RGB [0, 1] NHWC ``images`` (even H and W).
 
   Without ``key``, g is the block's solution (``result.value``: its output for
-  implicit Euler, its stage otherwise). With ``key``, g is the Picard iterate
+  implicit Euler, its last stage otherwise; `BlockRun.points` has every stage's). With ``key``, g is the Picard iterate
   g_k from g0 with k drawn uniformly from {0, ..., T} per block (the batch shares k),
   so that over training the penalty covers the whole path the iteration takes,
   not one point of it: a map that contracts at its output can still cycle (for an
@@ -315,10 +327,11 @@ def penalty_at_points(model_or_params: ModelLike,
 
   Args:
     model_or_params: a `minet_jax.MINet` or `minet_jax.Params`.
-    points: one ``(g0, g)`` pair per IM-block: the block's input and the point to
-      check, NHWC features (from `operating_points`, or from
-      ``MINet.solve_blocks``: ``(run.g0, run.result.value)``), which saves running
-      the encoder and the blocks again.
+    points: per IM-block, one ``(g0, g)`` pair, the block's input and the point to
+      check, NHWC features (from `operating_points`), or a sequence of such pairs,
+      one per stage to check (``BlockRun.points`` from ``MINet.solve_blocks``, or
+      `IMBlock.stage_points`): the block's term is then the sum over its pairs and its
+      figure the largest. Points at hand save running the encoder and the blocks again.
     key: PRNG key for the power iterations' start vectors.
     num_iters, target, per_block: as for `penalty`.
     blocks: the 0-based indices of the blocks to penalise (None: all); the others'
@@ -336,12 +349,28 @@ def penalty_at_points(model_or_params: ModelLike,
   total = jnp.float32(0.0)
   sigmas = []
   for i in chosen:
-    block, (g0, g), k, block_target = model.im_blocks[i], points[i], keys[i], target[i]
-    term, sigma = block_term(block, g0, g, k, kind=model.config.contractive_kind,
-                             num_iters=num_iters, target=block_target)
-    total = total + term
-    sigmas.append(sigma)
+    block, k, block_target = model.im_blocks[i], keys[i], target[i]
+    pairs = stage_pairs(points[i])
+    # The first pair keeps the block's own key: one-stage points draw as they always have.
+    stage_keys = [k, *jax.random.split(jax.random.fold_in(k, 1), len(pairs) - 1)]
+    terms = [block_term(block, g0, g, stage_key, kind=model.config.contractive_kind,
+                        num_iters=num_iters, target=block_target)
+             for (g0, g), stage_key in zip(pairs, stage_keys)]
+    total = total + sum(term for term, _ in terms)
+    sigmas.append(functools.reduce(jnp.maximum, [sigma for _, sigma in terms]))
   return (total, jnp.stack(sigmas)) if per_block else total
+
+
+def stage_pairs(points: Any) -> list[tuple[jax.Array, jax.Array]]:
+  """One block's operating points as a list of ``(base, g)`` pairs: a single pair, or a
+  sequence of them (one per stage), as `penalty_at_points` takes them."""
+  points = list(points)
+  if len(points) == 2 and all(hasattr(p, "shape") for p in points):
+    return [tuple(points)]
+  if not points or any(len(p) != 2 or not all(hasattr(a, "shape") for a in p) for p in points):
+    raise ValueError("a block's operating points must be one (g0, g) pair of arrays or a "
+                     "sequence of such pairs, one per stage")
+  return [tuple(p) for p in points]
 
 
 def weighted_penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Array],

@@ -80,8 +80,9 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
   * ``config.contractive_weight`` > 0: the weighted penalty of `minet_jax.stability.contractive`
     (``contractive_kind``) on every block's Jacobian, at a random Picard iterate or at
     the block's solution (``contractive_point``: the forward pass's own, or, when the
-    output term is skipped, the stage that answers the teacher's block output from
-    the matched block input, the teacher's or with "student" the model's own);
+    output term is skipped, the stages that answer the teacher's block output from
+    the matched block input, the teacher's or with "student" the model's own:
+    `IMBlock.stage_points`, every stage of a two-stage block);
   * ``config.correction_weight`` > 0: the fixed-point correction loss, `reconstruction_loss`
     of the output decoded from T(g_k) for every block, g_k a random Picard iterate
     of the block (no gradient through g_k): it asks early iterates to be good too.
@@ -123,17 +124,23 @@ def loss_and_grads(model: MINet, batch: Batch, *, loss: str, key: jax.Array,
       total = total + output_weight * parts["reconstruction_loss"]
       if student_inputs:
         matched = [(jax.lax.stop_gradient(run.g0), y) for run, (_, y) in zip(runs, matched)]
+    # Each matched block's stages in the step that answers the matched output: a
+    # two-stage block's first stage is solved once, for the matching and the penalty.
+    at_matched = match_weight or (cfg.contractive_weight and runs is None
+                                  and cfg.contractive_point == "solution")
+    staged = ({i: model.im_blocks[i].stage_points(g0, y) for i, (g0, y) in enumerate(matched)
+               if i in chosen} if at_matched else {})
     if match_weight:
-      mismatch = sum(jnp.mean(contractive.fixed_point_mismatch(model.im_blocks[i], g0, g,
-                                                               match_steps))
+      mismatch = sum(jnp.mean(contractive.fixed_point_mismatch(
+          model.im_blocks[i], g0, g, match_steps, stage_points=staged[i]))
                      for i, (g0, g) in enumerate(matched) if i in chosen)
       parts["fixed_point_mismatch"] = match_weight * mismatch
       total = total + parts["fixed_point_mismatch"]
     if cfg.contractive_weight:
       if cfg.contractive_point == "solution":
-        points = ([(run.g0, run.result.value) for run in runs] if runs is not None
-                  else [(g0, block.stage_of(g0, y))
-                        for block, (g0, y) in zip(model.im_blocks, matched)])
+        # Every stage's solution; the blocks not chosen are not looked at.
+        points = ([run.points for run in runs] if runs is not None
+                  else [staged.get(i, [(g0, y)]) for i, (g0, y) in enumerate(matched)])
         penalty = contractive.penalty_at_points(model, jax.lax.stop_gradient(points),
                                                 key=penalty_key, blocks=chosen)
       else:
