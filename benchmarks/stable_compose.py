@@ -49,20 +49,20 @@ def block_spec(text: str) -> tuple[pathlib.Path, float]:
 
 
 def compose(models: list[Params], fractions: list[float]) -> Params:
-  """Block i and its radius target from ``models[i]``, at ``fractions[i]``; the rest
-  from ``models[0]``."""
+  """Block i, its radius target and its number of stages from ``models[i]``, at
+  ``fractions[i]``; the rest from ``models[0]``."""
   first = models[0]
   blocks = first.config.num_blocks
   if len(models) != blocks:
     raise ValueError(f"the first model has {blocks} IM-blocks; give one --block for each, "
                      f"got {len(models)}")
   for i, model in enumerate(models):
-    if not model.config.same_architecture(dataclasses.replace(
-        first.config, stage_fraction=model.config.stage_fraction)):
+    if not model.config.same_weights(first.config):
       raise ValueError(f"--block {i + 1}: not the first model's architecture")
   targets = tuple(models[i].config.contractive_target[i] for i in range(blocks))
+  stages = tuple(models[i].config.stages[i] for i in range(blocks))
   cfg = dataclasses.replace(first.config, stage_fraction=tuple(fractions),
-                            contractive_target=targets)
+                            contractive_target=targets, stages=stages)
   weights = replace_blocks(first, dict(enumerate(models))).weights
   return Params(weights=weights, config=cfg)
 

@@ -32,7 +32,6 @@ fixed set of renders, no checkpoints while it runs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
@@ -113,10 +112,10 @@ def new_result_or_exit(parser: argparse.ArgumentParser, out: pathlib.Path) -> pa
 def same_architecture_or_exit(parser: argparse.ArgumentParser, base: Params, base_flag: str,
                               others: dict[str, Params | None]) -> None:
   """Refuses through ``parser`` each of ``others`` (flag -> model; None: not given) whose
-  architecture, stage fractions aside, is not ``base``'s."""
+  architecture, stage fractions and counts aside (`ModelConfig.same_weights`), is not
+  ``base``'s."""
   for name, other in others.items():
-    if other is not None and not base.config.same_architecture(dataclasses.replace(
-        other.config, stage_fraction=base.config.stage_fraction)):
+    if other is not None and not base.config.same_weights(other.config):
       parser.error(f"{name} has another architecture than {base_flag}")
 
 
@@ -132,9 +131,12 @@ def train_block(init: Params, teacher: Params, hazy: np.ndarray, *, block: int,
   teacher's: the block learns to bring the states it is given back to the teacher's."""
   fractions = list(init.config.stage_fraction)
   targets = list(init.config.contractive_target)  # One per block (ModelConfig).
-  fractions[block], targets[block] = fraction, target
+  stages = list(init.config.stages)
+  # The block trained here takes one stage, whatever it had in ``init``.
+  fractions[block], targets[block], stages[block] = fraction, target, 1
   student = model_from_params(init.replace_config(stage_fraction=tuple(fractions),
-                                                  contractive_target=tuple(targets)))
+                                                  contractive_target=tuple(targets),
+                                                  stages=tuple(stages)))
   im_block = student.im_blocks[block]
   teacher_model = model_from_params(teacher)
 

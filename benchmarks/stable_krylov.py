@@ -124,12 +124,9 @@ def main() -> int:
     parser.error(f"--shared: no SOTS samples under {sots}")
   try:
     params, step = stable_minet.load_stable(args.stable)
+    stable_minet.one_stage_only(params, "the model")
   except (OSError, ValueError) as e:
     parser.error(f"--stable: {e}")
-  if max(params.config.stages) > 1:
-    # Each block is linearised as one stage map from its input g0.
-    parser.error(f"--stable has two-stage blocks (stages {list(params.config.stages)}); this "
-                 "script analyses one-stage blocks")
   records = {r.key: r for r in folders.find_sots_pairs(sots)}
   missing = [k for k in args.images if k not in records]
   if missing:

@@ -186,10 +186,9 @@ def theorem1(params: Params, pairs, radius_iters: int) -> list[dict]:
         return radius["radius"], hess, norm["norm"]
 
       stages = []
-      for j, (base, g) in enumerate(run.points):  # every stage's map at its solution
-        seed = jax.random.key(100 * i + b)
-        radius, hess, norm = jax.device_get(figures(
-            block_state, base, g, jax.random.fold_in(seed, j) if j else seed))
+      keys = spectral.stage_keys(jax.random.key(100 * i + b), len(run.points))
+      for (base, g), k in zip(run.points, keys):  # every stage's map at its solution
+        radius, hess, norm = jax.device_get(figures(block_state, base, g, k))
         stages.append((max(float(radius), spectral.ritz_summary(hess)["radius"]),
                        float(np.ravel(norm)[0])))
       rho, norm = max(r for r, _ in stages), max(n for _, n in stages)
@@ -213,6 +212,15 @@ def curve(params: Params, pair) -> list[dict]:
     points.append({"T": t, "psnr": psnr})
     print(f"  T = {t:>2}: {psnr:.3f} dB", flush=True)
   return points
+
+
+def one_stage_only(params: Params, what: str) -> Params:
+  """``params``, or ValueError naming ``what`` when it has two-stage blocks, for the
+  scripts that linearise each block as one stage map with its input as the base."""
+  if max(params.config.stages) > 1:
+    raise ValueError(f"{what} has two-stage blocks (stages {list(params.config.stages)}); "
+                     "this script analyses one-stage blocks")
+  return params
 
 
 def load_stable(path: pathlib.Path) -> tuple[Params, int | None]:

@@ -82,7 +82,7 @@ def radii(params: Params, images) -> np.ndarray:
 
 
 def score(source: str, pairs) -> dict:
-  params = minet_jax.load(source)
+  params = stable_minet.one_stage_only(minet_jax.load(source), str(source))
   print(f"{source}: {params.config.solver}, rtol {params.config.rtol}", flush=True)
   entry = stable_minet.scores(params, pairs)
   rho = radii(params, [hazy for _, hazy, _ in pairs])
@@ -95,7 +95,7 @@ def score(source: str, pairs) -> dict:
 
 
 def sizes(source: str, pairs, shared: pathlib.Path) -> list[dict]:
-  params = minet_jax.load(source)
+  params = stable_minet.one_stage_only(minet_jax.load(source), str(source))
   its = folders.load_pair(folders.find_its_pairs(shared / "data/RESIDE/ITS")[0])[0]
   images = {k: h for k, h, _ in pairs if k in SIZE_IMAGES}
   images["ITS 1_1"] = its
@@ -112,7 +112,7 @@ def sizes(source: str, pairs, shared: pathlib.Path) -> list[dict]:
 
 def modes(source: str, block: int, pairs, scales: tuple[float, ...] = (1.0,),
           crops: tuple[int, ...] = ()) -> list[dict]:
-  params = minet_jax.load(source)
+  params = stable_minet.one_stage_only(minet_jax.load(source), str(source))
   if not 1 <= block <= params.config.num_blocks:
     raise SystemExit(f"stable_radius: --block must be from 1 to {params.config.num_blocks}, "
                      f"got {block}")
@@ -252,6 +252,14 @@ def main() -> int:
   records = folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor")
   pairs = [(r.key, *folders.load_pair(r)) for r in records]
   report = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+  try:
+    return _run(args, pairs, report)
+  except ValueError as e:  # a model this script cannot analyse (`one_stage_only`)
+    raise SystemExit(f"stable_radius: {e}") from None
+
+
+def _run(args: argparse.Namespace, pairs: list, report: dict) -> int:
+  """`main` after parsing: the mode asked for, written to ``--out``."""
   if args.score:
     report.setdefault("score", {}).update({s: score(s, pairs) for s in args.score})
   elif args.sizes:

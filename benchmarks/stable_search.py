@@ -44,6 +44,8 @@ from minet_jax.train import defaults
 from minet_jax.train import state as state_lib
 from minet_jax.train import step as step_lib
 
+import stable_minet  # benchmarks/stable_minet.py: the SOTS scoring, shared
+
 
 DEFAULT_SHARED = pathlib.Path(
     os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
@@ -221,7 +223,10 @@ def main() -> int:
            **score(released, val, teacher_val)}]
   print(json.dumps(rows[-1]), flush=True)
   for path in args.score:
-    trained = minet_jax.load(path)
+    try:
+      trained = stable_minet.one_stage_only(minet_jax.load(path), path)
+    except ValueError as e:
+      raise SystemExit(f"stable_search: --score: {e}") from None
     rows.append({"variant": f"trained: {path}", "steps": 0, **score(trained, val, teacher_val)})
     print(json.dumps(rows[-1]), flush=True)
   for name in args.variants:

@@ -63,7 +63,7 @@ from minet_jax.core.config import ModelConfig
 from minet_jax.core.model import MINet
 from minet_jax.core.params import Params, model_from_params, params_from_model
 from minet_jax.data import folders
-from minet_jax.stability import contractive
+from minet_jax.stability import contractive, spectral
 
 from stable_fullres import (_positive, new_result_or_exit, render_set_or_exit, renders,
                             same_architecture_or_exit)
@@ -127,7 +127,7 @@ def train_block(model: MINet, teacher: Params, hazy: np.ndarray, *, index: int,
       points = block.stage_points(g0, y)
       mismatch = jnp.mean(contractive.fixed_point_mismatch(block, g0, y,
                                                            stage_points=points))
-      keys = jax.random.split(key, len(points))
+      keys = spectral.stage_keys(key, len(points))
       hinges, radii = zip(*(contractive.block_term(
           block, base, jax.lax.stop_gradient(g), k, kind="radius", num_iters=iters,
           target=target) for (base, g), k in zip(jax.lax.stop_gradient(points), keys)))

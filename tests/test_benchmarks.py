@@ -269,7 +269,7 @@ def test_stable_krylov_compares_picard_with_the_best_krylov_method(shared_dir, r
   checkpoint.save(_staged(released_params, (0.3, 0.5, 0.7)).replace_config(stages=(1, 2, 1)),
                   two_stage)
   stderr = _refused(script, "--stable", str(two_stage), "--shared", str(small))
-  assert "--stable has two-stage blocks (stages [1, 2, 1])" in stderr, stderr
+  assert "--stable: the model has two-stage blocks (stages [1, 2, 1])" in stderr, stderr
 
 
 @pytest.mark.slow

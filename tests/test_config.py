@@ -61,6 +61,11 @@ def test_optional_and_several_type_fields_take_overrides():
     assert getattr(minet_jax.model_config(config), name) == (0.5, 0.5, 0.5)
     setattr(config.model, name, (0.85, 0.65, 0.8))
     assert getattr(minet_jax.model_config(config), name) == (0.85, 0.65, 0.8)
+  # The number of stages too (`--config.model.stages=2` or `=(1,2,1)`), from its default 1.
+  assert defaults.get_config().model.stages == 1
+  for stages, expected in ((2, (2, 2, 2)), ((1, 2, 1), (1, 2, 1)), ([2, 1, 1], (2, 1, 1))):
+    config.model.stages = stages
+    assert minet_jax.model_config(config).stages == expected
 
 
 def test_paper_text_variant_is_a_config():
@@ -104,6 +109,8 @@ def test_model_config_accepts_dicts_and_is_hashable():
     ({"stages": (1, 2, 1)}, "a two-stage block needs a stage_fraction below 1"),
     ({"stages": 2, "stage_fraction": 0.5, "correction_weight": 1.0},
      "correction loss .* one-stage blocks only"),
+    ({"stages": 2, "stage_fraction": 0.5, "contractive_weight": 1.0,
+      "contractive_point": "iterate"}, "random Picard iterates .* one-stage blocks only"),
     ({"contractive_target": -0.1}, "contractive_target must be finite and >= 0"),
     ({"contractive_target": (0.8, float("nan"), 0.8)}, "contractive_target must be finite"),
     ({"contractive_target": (0.8, 0.7)}, "contractive_target needs one entry per IM-block"),
@@ -161,6 +168,9 @@ def test_stages_are_one_per_block_part_of_the_architecture_and_left_out_at_one()
   old_record = minet_jax.ModelConfig(stage_fraction=0.5).stored()
   assert minet_jax.model_config(old_record).stages == (1, 1, 1)
   assert minet_jax.model_config(cfg.stored()) == cfg
+  # The same weights in other roles: what init_from may start from.
+  assert cfg.same_weights(minet_jax.ModelConfig())
+  assert not cfg.same_weights(minet_jax.ModelConfig(dilations=(1, 2, 3)))
 
 
 def test_contractive_target_is_one_per_block_and_a_solve_setting():

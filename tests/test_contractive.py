@@ -387,12 +387,22 @@ def test_fixed_point_mismatch_of_a_two_stage_block_is_its_second_stages_residual
   total, sigma = contractive.penalty_at_points(model, [points], key=key, per_block=True)
   block_key = jax.random.split(key, 1)[0]  # the one block's key
   stage_keys = [block_key, jax.random.split(jax.random.fold_in(block_key, 1), 1)[0]]
+  assert [jax.random.key_data(k).tolist() for k in spectral.stage_keys(block_key, 2)] == [
+      jax.random.key_data(k).tolist() for k in stage_keys]
   terms = [contractive.block_term(block, b, g, k, kind="radius", num_iters=cfg.contractive_iters,
                                   target=0.0) for (b, g), k in zip(points, stage_keys)]
   np.testing.assert_allclose(total, terms[0][0] + terms[1][0], rtol=1e-5)
   np.testing.assert_allclose(sigma[0], max(terms[0][1], terms[1][1]), rtol=1e-5)
   with pytest.raises(ValueError, match="operating points must be one"):
     contractive.penalty_at_points(model, [[points[0], (g0,)]], key=key)
+  # operating_points gives a two-stage block's every stage (base, solution).
+  images = jax.random.uniform(jax.random.key(25), (1, 8, 6, 3))
+  (block_points,) = contractive.operating_points(model, images)
+  (run,) = model.solve_blocks(model.model_input(images))
+  assert len(block_points) == 2
+  for (base, g), (run_base, run_g) in zip(block_points, run.points):
+    np.testing.assert_array_equal(base, run_base)
+    np.testing.assert_array_equal(g, run_g)
 
 
 def test_fixed_point_mismatch_after_warm_started_steps_measures_the_answers_error():

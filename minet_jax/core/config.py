@@ -281,6 +281,12 @@ class ModelConfig(Solve, Architecture):
       raise ValueError(f"a two-stage block needs a stage_fraction below 1 (at 1 both stages "
                        f"are the same implicit Euler step), got stages={self.stages}, "
                        f"stage_fraction={self.stage_fraction}")
+    if (self.contractive_weight and self.contractive_point == "iterate"
+        and max(self.stages) > 1):
+      # The random iterate is one of a block's first stage only.
+      raise ValueError("a penalty at random Picard iterates (contractive_point 'iterate') "
+                       "is defined for one-stage blocks only; penalise two-stage blocks at "
+                       f"their solutions ('solution'), got stages={self.stages}")
     if self.correction_weight and max(self.stages) > 1:
       # Its early outputs are one map step after an iterate of a block's only stage.
       raise ValueError("the fixed-point correction loss (correction_weight > 0) is defined "
@@ -366,6 +372,13 @@ class ModelConfig(Solve, Architecture):
   def same_architecture(self, other: ModelConfig) -> bool:
     """Whether `other` describes the same weights (whatever the solve settings)."""
     return self.architecture() == other.architecture()
+
+  def same_weights(self, other: ModelConfig) -> bool:
+    """Whether `other` describes the same weights, perhaps in other roles: the same
+    architecture but for the INIT_FROM_FREE_FIELDS (what ``init_from`` may start from)."""
+    def fixed(cfg: ModelConfig) -> dict[str, Any]:
+      return {k: v for k, v in cfg.architecture().items() if k not in INIT_FROM_FREE_FIELDS}
+    return fixed(self) == fixed(other)
 
 
 def is_count(value: Any, minimum: int = 1) -> bool:

@@ -105,7 +105,7 @@ class IMBlock(nnx.Module):
     self.iterations = cfg.iterations[index]
     self.eta = cfg.eta
     self.stage_fraction = cfg.stage_fraction[index]
-    self.stages = cfg.stages[index]
+    self.num_stages = cfg.stages[index]
     # The solved map's step: eta for implicit Euler (stage_fraction 1), s * eta for a stage.
     self.step = cfg.eta * self.stage_fraction
     self.solver, self.adjoint = fp.from_config(cfg)
@@ -126,55 +126,57 @@ class IMBlock(nnx.Module):
 
     return implicit_euler_map, state
 
+  def _solve(self, start: jax.Array, base: jax.Array, state: Any,
+             adjoint: fp.Adjoint) -> fp.FixedPointResult:
+    """One stage's solve: the fixed point of T(g; base) from ``start``, f's ``state`` given."""
+    implicit_euler_map, _ = self.map_fn()
+    return fp.fixed_point(implicit_euler_map, self.solver, start, (base, state),
+                          max_steps=self.iterations, adjoint=adjoint, per_sample=True)
+
+  def _step_at(self, g0: jax.Array, k: jax.Array, *, evaluate: bool = False) -> jax.Array:
+    """eta * f(k) at a solved stage k of base g0: in float32 (k - g0) / s, equal at the
+    stage's solution and one evaluation of f cheaper; f itself when asked (``evaluate``,
+    to differentiate through f) and in a narrow dtype, where dividing by s would
+    magnify the stage's rounding by 1 / s."""
+    if evaluate or k.dtype != jnp.float32:
+      return self.eta * self.f(k)
+    return (k - g0) / self.stage_fraction
+
+  def _second_base(self, g0: jax.Array, k1: jax.Array, *, evaluate: bool = False) -> jax.Array:
+    """The second stage's base c = g0 + (1 - G) eta f(k1) (`_step_at`)."""
+    step = self._step_at(g0, k1, evaluate=evaluate)
+    return g0 + jnp.asarray(1.0 - self.stage_fraction, step.dtype) * step
+
   def solve_stages(self, g0: jax.Array) -> list[tuple[jax.Array, fp.FixedPointResult]]:
     """Runs the block's solver on each stage in turn: one ``(base, result)`` per stage,
     diagnostics with a leading batch axis. The first stage starts from g0; a second
-    from the one-stage answer g0 + (k1 - g0) / s."""
-    implicit_euler_map, state = self.map_fn()
-
-    def solve(start, base):
-      return fp.fixed_point(implicit_euler_map, self.solver, start, (base, state),
-                            max_steps=self.iterations, adjoint=self.adjoint, per_sample=True)
-
-    first = solve(g0, g0)
-    if self.stages == 1:
+    from the one-stage answer g0 + eta f(k1)."""
+    _, state = self.map_fn()
+    first = self._solve(g0, g0, state, self.adjoint)
+    if self.num_stages == 1:
       return [(g0, first)]
     k1 = first.value
-    base = self._second_base(g0, k1, (k1 - g0) / self.stage_fraction)
-    return [(g0, first), (base, solve(g0 + (k1 - g0) / self.stage_fraction, base))]
-
-  def _second_base(self, g0: jax.Array, k1: jax.Array, step: jax.Array | None) -> jax.Array:
-    """c = g0 + (1 - G) eta f(k1): from ``step`` = eta f(k1) when given in float32 (at
-    stage 1's solution it is (k1 - g0) / G, no evaluation of f), else by evaluating f."""
-    if step is None or k1.dtype != jnp.float32:
-      # In a narrow dtype (k1 - g0) / G would magnify the stage's rounding by 1 / G.
-      step = self.eta * self.f(k1)
-    return g0 + jnp.asarray(1.0 - self.stage_fraction, step.dtype) * step
+    base = self._second_base(g0, k1)
+    return [(g0, first), (base, self._solve(g0 + self._step_at(g0, k1), base, state,
+                                            self.adjoint))]
 
   def solve(self, g0: jax.Array) -> fp.FixedPointResult:
-    """The block's solve from g0 (`solve_stages`) as one result: ``value`` is the last
-    stage's solution (`output` turns it into the block's answer); with two stages the
-    map evaluations are both stages', the status and the residual the worse of the
-    two, and the residual history the first stage's followed by the second's."""
+    """The block's solve from g0 (`solve_stages`) as one result (`combined`): ``value``
+    is the last stage's solution (`output` turns it into the block's answer)."""
     return combined([result for _, result in self.solve_stages(g0)])
 
   def output(self, g0: jax.Array, stage: jax.Array) -> jax.Array:
-    """The block's answer from its last stage's solution: for one stage g0 + eta * f(k),
-    computed in float32 as g0 + (k - g0) / stage_fraction, equal at the stage's solution
-    and one evaluation of f cheaper (the stage itself for implicit Euler); for two stages
-    (stiffly accurate) the second stage itself."""
-    if self.stage_fraction == 1.0 or self.stages == 2:
+    """The block's answer from its last stage's solution: for one stage g0 + eta * f(k)
+    (`_step_at`; the stage itself for implicit Euler); for two stages (stiffly
+    accurate) the second stage itself."""
+    if self.stage_fraction == 1.0 or self.num_stages == 2:
       return stage
-    if stage.dtype != jnp.float32:
-      # In a narrow dtype the extrapolation would magnify the stage's rounding by
-      # 1 / stage_fraction: take the step itself.
-      return g0 + self.eta * self.f(stage)
-    return g0 + (stage - g0) / self.stage_fraction
+    return g0 + self._step_at(g0, stage)
 
   def stage_of(self, g0: jax.Array, output: jax.Array) -> jax.Array:
     """The stage k whose `output` is ``output`` (its inverse, one-stage blocks):
     g0 + stage_fraction * (y - g0)."""
-    if self.stages != 1:
+    if self.num_stages != 1:
       raise ValueError("stage_of inverts a one-stage block's answer; a two-stage block's "
                        "stages come from stage_points")
     if self.stage_fraction == 1.0:
@@ -187,31 +189,45 @@ class IMBlock(nnx.Module):
     One stage: ``[(g0, stage_of(g0, output))]``. Two: ``[(g0, k1), (c, output)]``, k1
     solved from g0 by the block's solver (a constant for differentiation) and c taken
     from one evaluation of f at k1 (so c carries f's parameters, as Jacobian-free
-    backprop does). The last pair is where the step's final stage equation must hold.
+    backprop does; g0 is a constant). The last pair is where the step's final stage
+    equation must hold.
     """
-    if self.stages == 1:
+    if self.num_stages == 1:
       return [(g0, self.stage_of(g0, output))]
-    implicit_euler_map, state = self.map_fn()
-    first = fp.fixed_point(implicit_euler_map, self.solver, g0,
-                           (g0, jax.lax.stop_gradient(state)), max_steps=self.iterations,
-                           per_sample=True)
-    k1 = jax.lax.stop_gradient(first.value)
-    return [(g0, k1), (self._second_base(g0, k1, None), output)]
+    g0 = jax.lax.stop_gradient(g0)
+    _, state = self.map_fn()
+    k1 = jax.lax.stop_gradient(
+        self._solve(g0, g0, jax.lax.stop_gradient(state), fp.Backprop()).value)
+    return [(g0, k1), (self._second_base(g0, k1, evaluate=True), output)]
 
   def __call__(self, g0: jax.Array) -> jax.Array:
     return self.output(g0, self.solve(g0).value)
 
 
 def combined(results: list[fp.FixedPointResult]) -> fp.FixedPointResult:
-  """The solves of one block's stages, in order, as one `FixedPointResult` (`IMBlock.solve`)."""
+  """The solves of one block's stages, in order, as one `FixedPointResult` (`IMBlock.solve`):
+  the last stage's ``value``; the map evaluations of all of them; the worse status and
+  final residual; and one residual history per sample, each stage's residuals right
+  after the previous stage's (NaN after the last, the length all their caps together)."""
   if len(results) == 1:
     return results[0]
+  history, taken = results[0].residual_history, results[0].num_steps
+  for r in results[1:]:
+    length = history.shape[-1] + r.residual_history.shape[-1]
+    padded = [jnp.concatenate([h, jnp.full(h.shape[:-1] + (length - h.shape[-1],), jnp.nan,
+                                           h.dtype)], axis=-1)
+              for h in (history, r.residual_history)]
+    j = jnp.arange(length)
+    shifted = jnp.take_along_axis(
+        padded[1], jnp.clip(j - taken[..., None], 0, length - 1), axis=-1)
+    history = jnp.where(j < taken[..., None], padded[0], shifted)
+    taken = taken + r.num_steps
   return fp.FixedPointResult(
       value=results[-1].value,
       status=functools.reduce(jnp.maximum, [r.status for r in results]),
-      num_steps=sum(r.num_steps for r in results),
+      num_steps=taken,
       residual=functools.reduce(jnp.maximum, [r.residual for r in results]),
-      residual_history=jnp.concatenate([r.residual_history for r in results], axis=-1))
+      residual_history=history)
 
 
 class RCAGate(nnx.Module):
@@ -411,10 +427,11 @@ class MINet(nnx.Module):
     """Like ``__call__`` (RGB [0, 1] in and out), plus each IM-block's `FixedPointResult`.
 
     The diagnostics (status, steps taken, final residual, residual history padded
-    with NaN to the block's `iterations`) have a leading batch axis; under ``jax.jit``
-    they come back without recompiling per image of the same size. A result's
-    ``value`` is the block's solution: its output for implicit Euler, its stage
-    otherwise (`IMBlock.output` gives the answer, the next block's g0).
+    with NaN to the block's `iterations`; a two-stage block's are both stages'
+    together, `combined`) have a leading batch axis; under ``jax.jit`` they come back
+    without recompiling per image of the same size. A result's ``value`` is the
+    block's solution: its output for implicit Euler and for a two-stage block, its
+    stage for a one-stage block (`IMBlock.output` gives the answer, the next block's g0).
     """
     y, _, runs = self.forward_runs(rgb)
     return y, [run.result for run in runs]

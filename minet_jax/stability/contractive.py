@@ -12,8 +12,9 @@ pushes every block's estimated ||J||_2 below ``contractive_target``:
 
     penalty = sum_i mean_over_samples max(0, sigma_i - target_i)^2,
 
-where sigma_i estimates ||J||_2 at a point g_i of the block's Picard path (a random
-iterate, see `operating_points`) by ``contractive_iters`` steps of power iteration
+(summed over the stages of a two-stage block, `ModelConfig.stages`, each at its own
+solution) where sigma_i estimates ||J||_2 at a point g_i of the block's Picard path (a
+random iterate, see `operating_points`) by ``contractive_iters`` steps of power iteration
 on J^T J (`minet_jax.stability.spectral`; one jvp and one vjp each; J is block diagonal over the
 batch, so each sample has its own vector and estimate). The vector and the
 operating point are held constant (stop-gradient); only the final sigma_i = ||J v||
@@ -29,7 +30,7 @@ weights' norms are (and is invariant to scaling those weights); bounding the con
 alone does not bound J. The penalty measures J itself.
 
 `penalty` takes a batch of images and finds the points itself; `penalty_at_points`
-takes one ``(g0, g)`` pair per block. The training loop (``minet_jax.train``) adds
+takes one ``(g0, g)`` pair, or one per stage, per block. The training loop (``minet_jax.train``) adds
 the term with `weighted_penalty`, which costs nothing when ``contractive_weight`` is
 0 (the default).
 """
@@ -241,11 +242,13 @@ def random_iterate(block: model_lib.IMBlock, g0: jax.Array, key: jax.Array) -> j
 
 
 def operating_points(model: model_lib.MINet, images: jax.Array, *,
-                     key: jax.Array | None = None) -> list[tuple[jax.Array, jax.Array]]:
+                     key: jax.Array | None = None) -> list[Any]:
   """(g0, g) of every IM-block on RGB [0, 1] NHWC ``images`` (even H and W).
 
   Without ``key``, g is the block's solution (``result.value``: its output for
-  implicit Euler, its last stage otherwise; `BlockRun.points` has every stage's). With ``key``, g is the Picard iterate
+  implicit Euler, its stage for a one-stage block); a two-stage block gives a list of
+  its stages' (base, solution) pairs instead (`BlockRun.points`), as
+  `penalty_at_points` takes them. With ``key`` (one-stage blocks), g is the Picard iterate
   g_k from g0 with k drawn uniformly from {0, ..., T} per block (the batch shares k),
   so that over training the penalty covers the whole path the iteration takes,
   not one point of it: a map that contracts at its output can still cycle (for an
@@ -255,7 +258,7 @@ def operating_points(model: model_lib.MINet, images: jax.Array, *,
   cfg = model.config
   runs = model.solve_blocks(model_lib.to_model_space(images, cfg).astype(cfg.dtype))
   if key is None:
-    return [(run.g0, run.result.value) for run in runs]
+    return [run.points[0] if len(run.points) == 1 else list(run.points) for run in runs]
   keys = jax.random.split(key, len(runs))
   return [(run.g0, random_iterate(block, run.g0, k))
           for block, run, k in zip(model.im_blocks, runs, keys)]
@@ -343,7 +346,7 @@ def penalty_at_points(model_or_params: ModelLike,
   points = list(points)
   if len(points) != len(model.im_blocks):
     raise ValueError(f"got {len(points)} operating points for {len(model.im_blocks)} "
-                     "IM-blocks; pass one (g0, g) pair per block")
+                     "IM-blocks; pass one (g0, g) pair, or one per stage, per block")
   chosen = block_indices(blocks, len(points))
   keys = jax.random.split(key, len(points))
   total = jnp.float32(0.0)
@@ -351,11 +354,9 @@ def penalty_at_points(model_or_params: ModelLike,
   for i in chosen:
     block, k, block_target = model.im_blocks[i], keys[i], target[i]
     pairs = stage_pairs(points[i])
-    # The first pair keeps the block's own key: one-stage points draw as they always have.
-    stage_keys = [k, *jax.random.split(jax.random.fold_in(k, 1), len(pairs) - 1)]
     terms = [block_term(block, g0, g, stage_key, kind=model.config.contractive_kind,
                         num_iters=num_iters, target=block_target)
-             for (g0, g), stage_key in zip(pairs, stage_keys)]
+             for (g0, g), stage_key in zip(pairs, spectral.stage_keys(k, len(pairs)))]
     total = total + sum(term for term, _ in terms)
     sigmas.append(functools.reduce(jnp.maximum, [sigma for _, sigma in terms]))
   return (total, jnp.stack(sigmas)) if per_block else total

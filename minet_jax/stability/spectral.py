@@ -61,6 +61,12 @@ def unit(x: jax.Array, *, per_sample: bool = False) -> jax.Array:
   return x / jnp.maximum(n, jnp.finfo(jnp.float32).tiny)
 
 
+def stage_keys(key: jax.Array, count: int) -> list[jax.Array]:
+  """One PRNG key per stage of a block (`ModelConfig.stages`) from the block's ``key``:
+  the first is ``key`` itself, so a one-stage block draws as it would alone."""
+  return [key, *jax.random.split(jax.random.fold_in(key, 1), count - 1)]
+
+
 def linearise(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> tuple[Operator, Operator]:
   """(v -> J v, w -> J^T w) for J = dfn/dx at ``x``; fn is linearised once and reused."""
   _, matvec = jax.linearize(fn, x)

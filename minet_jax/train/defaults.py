@@ -174,7 +174,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher = ""
   # With a teacher: weight of the block fixed-point matching term, which trains each
   # IM-block's f so that the teacher's block output is its fixed point given the
-  # teacher's block input (minet_jax.stability.contractive.fixed_point_mismatch; no solve needed).
+  # teacher's block input (minet_jax.stability.contractive.fixed_point_mismatch; no solve
+  # needed but a two-stage block's first stage).
   config.teacher_match_weight = 0.0
   # Picard steps of that term, warm-started at the teacher's stage, the last one
   # differentiated: 1 matches the one-step residual; more weigh the error of the block's

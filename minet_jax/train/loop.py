@@ -164,9 +164,12 @@ def _prior_run(config: ml_collections.ConfigDict, cfg: ModelConfig,
     prior_cfg = validate_config(prior)
   except ConfigError as e:
     raise ConfigError(f"config.init_from_config {config.init_from_config}: {e}") from e
+  try:
+    prior_in_roles = dataclasses.replace(prior_cfg, **_free_fields(prior_cfg, cfg))
+  except ValueError as e:  # the new roles against that run's settings
+    raise ConfigError(f"config.init_from_config {config.init_from_config}: {e}") from e
   _check_start_architecture(
-      f"the model of config.init_from_config {config.init_from_config}",
-      dataclasses.replace(prior_cfg, **_free_fields(prior_cfg, cfg)), cfg)
+      f"the model of config.init_from_config {config.init_from_config}", prior_in_roles, cfg)
   if _is_model(where):
     return None
   prior.num_train_steps = _last_step(where, int(prior.num_train_steps))
@@ -196,7 +199,10 @@ def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | 
   params = hub.resolve(config.init_from)
   free = _free_fields(params.config, cfg)
   if free:
-    params = params.replace_config(**free)
+    try:
+      params = params.replace_config(**free)
+    except ValueError as e:  # the new roles against the checkpoint's stored settings
+      raise ConfigError(f"config.init_from {config.init_from}: {e}") from e
   _check_start_architecture(f"config.init_from {config.init_from}", params.config, cfg)
   sources = {i: _resolve_named(f"init_blocks_from[{i}]", spec)
              for i, spec in enumerate(config.init_blocks_from) if spec}
