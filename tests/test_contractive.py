@@ -355,10 +355,8 @@ def test_fixed_point_mismatch_of_a_two_stage_block_is_its_second_stages_residual
   assert float(jnp.max(contractive.fixed_point_mismatch(block, g0, answer))) < 1e-9
   target = answer * 1.03 + 0.01
   graphdef, state = nnx.split(block)
-  k1 = g0
-  for _ in range(400):
-    k1 = g0 + gamma * block.f(k1)
-  k1 = np.asarray(k1)
+  k1 = np.asarray(nnx.jit(lambda b: jax.lax.fori_loop(
+      0, 400, lambda _, k: g0 + gamma * b.f(k), g0))(block))
 
   def by_hand(state):
     f = nnx.merge(graphdef, state).f

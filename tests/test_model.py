@@ -14,7 +14,7 @@ from flax import nnx
 import minet_jax
 from minet_jax.core import layers
 from minet_jax.core.params import param_shapes
-from minet_jax.core.model import IMBlock, MINet
+from minet_jax.core.model import IMBlock, MINet, combined
 from minet_jax.convert.torch_names import (torch_name_table, torch_state_dict_from_weights,
                                    weights_from_torch_state_dict)
 
@@ -255,7 +255,8 @@ def test_a_two_stage_block_solves_both_stages_of_its_sdirk_step():
   block = IMBlock(cfg, 0, rngs=nnx.Rngs(0))
   block.f.norm2.scale[...] = block.f.norm2.scale[...] * 0.2  # a contraction: Picard converges
   g0 = jax.random.normal(jax.random.key(2), (2, 6, 7, 4))
-  (base1, first), (base2, second) = block.solve_stages(g0)
+  solve_stages = nnx.jit(lambda b, g: b.solve_stages(g))  # one compiled program per block
+  (base1, first), (base2, second) = solve_stages(block, g0)
   k1, y = first.value, second.value
   np.testing.assert_array_equal(base1, g0)
   np.testing.assert_allclose(k1, g0 + gamma * eta * block.f(k1), rtol=1e-5, atol=1e-6)
@@ -263,10 +264,10 @@ def test_a_two_stage_block_solves_both_stages_of_its_sdirk_step():
   np.testing.assert_allclose(y, base2 + gamma * eta * block.f(y), rtol=1e-5, atol=1e-6)
   # Not the one-stage answer it starts from.
   assert float(jnp.max(jnp.abs(y - (g0 + eta * block.f(k1))))) > 1e-2
-  np.testing.assert_array_equal(block(g0), y)
-  # One result for the block: both stages' steps, the worse status and residual, both
-  # histories.
-  result = block.solve(g0)
+  np.testing.assert_array_equal(block.output(g0, y), y)
+  # One result for the block (`IMBlock.solve`): both stages' steps, the worse status and
+  # residual, both histories.
+  result = combined([first, second])
   np.testing.assert_array_equal(result.value, y)
   np.testing.assert_array_equal(result.num_steps, first.num_steps + second.num_steps)
   np.testing.assert_array_equal(result.status, [0, 0])
@@ -280,18 +281,19 @@ def test_a_two_stage_block_solves_both_stages_of_its_sdirk_step():
                                   second.residual_history[b, :n2])
     assert bool(jnp.all(jnp.isnan(result.residual_history[b, n1 + n2:])))
   # A block run of the model records every stage's (base, solution).
-  model = MINet(dataclasses.replace(TINY, stages=(1, 2, 1), stage_fraction=(1.0, 0.5, 1.0),
-                                    solver="picard", iterations=(200, 200, 200), rtol=1e-6),
-                rngs=nnx.Rngs(0))
-  runs = model.solve_blocks(model.model_input(jax.random.uniform(jax.random.key(3),
-                                                                 (1, 12, 14, 3))))
+  model = MINet(dataclasses.replace(TINY, pre_blocks=0, stages=(1, 2, 1),
+                                    stage_fraction=(1.0, 0.5, 1.0), solver="picard",
+                                    iterations=(200, 200, 200), rtol=1e-6), rngs=nnx.Rngs(0))
+  runs = nnx.jit(lambda m, x: m.solve_blocks(m.model_input(x)))(
+      model, jax.random.uniform(jax.random.key(3), (1, 12, 14, 3)))
   assert [len(run.points) for run in runs] == [1, 2, 1]
   (g0_2, k1_2), (c_2, y_2) = runs[1].points
   np.testing.assert_array_equal(g0_2, runs[0].output)
   np.testing.assert_array_equal(y_2, runs[1].output)
   # stage_points rebuilds the stages from the block's input and answer (c from f itself:
   # equal to the solve's extrapolated c to the stage's tolerance).
-  (sp_g0, sp_k1), (sp_c, sp_y) = model.im_blocks[1].stage_points(g0_2, y_2)
+  (sp_g0, sp_k1), (sp_c, sp_y) = nnx.jit(lambda b, g, y: b.stage_points(g, y))(
+      model.im_blocks[1], g0_2, y_2)
   np.testing.assert_allclose(sp_k1, k1_2, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(sp_c, c_2, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(sp_y, y_2)
@@ -302,7 +304,7 @@ def test_a_two_stage_block_solves_both_stages_of_its_sdirk_step():
   narrow = IMBlock(dataclasses.replace(cfg, dtype="bfloat16"), 0, rngs=nnx.Rngs(0))
   narrow.f.norm2.scale[...] = block.f.norm2.scale[...]
   g16 = g0.astype(jnp.bfloat16)
-  (_, first16), (base16, second16) = narrow.solve_stages(g16)
+  (_, first16), (base16, second16) = solve_stages(narrow, g16)
   k16 = first16.value
   assert base16.dtype == jnp.bfloat16
   np.testing.assert_array_equal(base16, g16 + jnp.asarray(1 - gamma, jnp.bfloat16)

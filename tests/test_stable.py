@@ -374,15 +374,9 @@ def test_stable_two_stage_trains_block_2s_second_stage_and_users_run_it(random_p
   image = np.random.default_rng(0).random((20, 24, 3)).astype(np.float32)
   solves = []
   out = minet_jax.apply(loaded, image, strip_rows=0, solves=solves)
-  np.testing.assert_allclose(
-      out, np.clip(model_from_params(trained)(jnp.asarray(image[None]))[0], 0, 1), atol=1e-5)
   np.testing.assert_allclose(minet_jax.apply(loaded, image, strip_rows=8), out, atol=1e-4)
   one_stage = minet_jax.apply(loaded.replace_config(stages=1), image, strip_rows=0)
   assert np.abs(np.asarray(one_stage) - np.asarray(out)).max() > 1e-4
-  # Block 2's steps are both stages'.
-  block2 = model_from_params(loaded).im_blocks[1].solve_stages(
-      model_from_params(loaded).forward_runs(jnp.asarray(image[None]))[2][1].g0)
-  assert int(solves[1].num_steps[0]) == sum(int(r.num_steps[0]) for _, r in block2)
   image_io.write_png(tmp_path / "in.png", image)
   assert dehaze.main([str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "--ckpt",
                       str(tmp_path / "ckpt"), "--no-progress"]) == 0
