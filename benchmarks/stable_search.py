@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 import time
@@ -46,9 +45,6 @@ from minet_jax.train import step as step_lib
 
 import stable_minet  # benchmarks/stable_minet.py: the SOTS scoring, shared
 
-
-DEFAULT_SHARED = pathlib.Path(
-    os.environ.get("MINET_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -202,7 +198,7 @@ VARIANTS = {
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shared", type=pathlib.Path, default=DEFAULT_SHARED)
+  parser.add_argument("--shared", type=pathlib.Path, default=stable_minet.DEFAULT_SHARED)
   parser.add_argument("--steps", type=int, default=150)
   parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
   parser.add_argument("--untrained", action="store_true",

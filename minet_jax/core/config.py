@@ -342,9 +342,10 @@ class ModelConfig(Solve, Architecture):
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-friendly dict (tuples become lists). ``stage_fraction`` is left out while
-    every block is implicit Euler (its default), ``stages`` while every block has one, and a ``contractive_target`` common to
-    all blocks is one number, so that records of such models, the released one
-    included, stay readable by minet-jax versions before those fields took these forms."""
+    every block is implicit Euler (its default), ``stages`` while every block has one,
+    and a ``contractive_target`` common to all blocks is one number, so that records of
+    such models, the released one included, stay readable by minet-jax versions before
+    those fields took these forms."""
     record = {k: list(v) if isinstance(v, tuple) else v
               for k, v in dataclasses.asdict(self).items()}
     if all(v == 1.0 for v in self.stage_fraction):
@@ -373,12 +374,15 @@ class ModelConfig(Solve, Architecture):
     """Whether `other` describes the same weights (whatever the solve settings)."""
     return self.architecture() == other.architecture()
 
+  def fixed_architecture(self) -> dict[str, Any]:
+    """`architecture` without the INIT_FROM_FREE_FIELDS: what weights started from
+    (``init_from``) must match."""
+    return {k: v for k, v in self.architecture().items() if k not in INIT_FROM_FREE_FIELDS}
+
   def same_weights(self, other: ModelConfig) -> bool:
     """Whether `other` describes the same weights, perhaps in other roles: the same
     architecture but for the INIT_FROM_FREE_FIELDS (what ``init_from`` may start from)."""
-    def fixed(cfg: ModelConfig) -> dict[str, Any]:
-      return {k: v for k, v in cfg.architecture().items() if k not in INIT_FROM_FREE_FIELDS}
-    return fixed(self) == fixed(other)
+    return self.fixed_architecture() == other.fixed_architecture()
 
 
 def is_count(value: Any, minimum: int = 1) -> bool:

@@ -126,10 +126,13 @@ class IMBlock(nnx.Module):
 
     return implicit_euler_map, state
 
-  def _solve(self, start: jax.Array, base: jax.Array, state: Any,
-             adjoint: fp.Adjoint) -> fp.FixedPointResult:
-    """One stage's solve: the fixed point of T(g; base) from ``start``, f's ``state`` given."""
-    implicit_euler_map, _ = self.map_fn()
+  def _solve(self, start: jax.Array, base: jax.Array, adjoint: fp.Adjoint, *,
+             constant: bool = False) -> fp.FixedPointResult:
+    """One stage's solve: the fixed point of T(g; base) from ``start``; with ``constant``,
+    f's parameters are constants of it."""
+    implicit_euler_map, state = self.map_fn()
+    if constant:
+      state = jax.lax.stop_gradient(state)
     return fp.fixed_point(implicit_euler_map, self.solver, start, (base, state),
                           max_steps=self.iterations, adjoint=adjoint, per_sample=True)
 
@@ -151,14 +154,12 @@ class IMBlock(nnx.Module):
     """Runs the block's solver on each stage in turn: one ``(base, result)`` per stage,
     diagnostics with a leading batch axis. The first stage starts from g0; a second
     from the one-stage answer g0 + eta f(k1)."""
-    _, state = self.map_fn()
-    first = self._solve(g0, g0, state, self.adjoint)
+    first = self._solve(g0, g0, self.adjoint)
     if self.num_stages == 1:
       return [(g0, first)]
     k1 = first.value
     base = self._second_base(g0, k1)
-    return [(g0, first), (base, self._solve(g0 + self._step_at(g0, k1), base, state,
-                                            self.adjoint))]
+    return [(g0, first), (base, self._solve(g0 + self._step_at(g0, k1), base, self.adjoint))]
 
   def solve(self, g0: jax.Array) -> fp.FixedPointResult:
     """The block's solve from g0 (`solve_stages`) as one result (`combined`): ``value``
@@ -195,9 +196,7 @@ class IMBlock(nnx.Module):
     if self.num_stages == 1:
       return [(g0, self.stage_of(g0, output))]
     g0 = jax.lax.stop_gradient(g0)
-    _, state = self.map_fn()
-    k1 = jax.lax.stop_gradient(
-        self._solve(g0, g0, jax.lax.stop_gradient(state), fp.Backprop()).value)
+    k1 = jax.lax.stop_gradient(self._solve(g0, g0, fp.Backprop(), constant=True).value)
     return [(g0, k1), (self._second_base(g0, k1, evaluate=True), output)]
 
   def __call__(self, g0: jax.Array) -> jax.Array:

@@ -114,10 +114,10 @@ def _free_fields(old: ModelConfig, new: ModelConfig) -> dict[str, Any]:
 
 
 def _check_start_architecture(what: str, old: ModelConfig, new: ModelConfig) -> None:
-  """Refuses weights of architecture `old` (`what`, free fields already taken from
-  `new`) as the start of a run of `new`."""
-  if old.architecture() != new.architecture():
-    differences = architecture_differences(old.architecture(), new.architecture())
+  """Refuses weights of architecture `old` (`what`) as the start of a run of `new`, the
+  INIT_FROM_FREE_FIELDS aside (`ModelConfig.same_weights`)."""
+  if not old.same_weights(new):
+    differences = architecture_differences(old.fixed_architecture(), new.fixed_architecture())
     raise ConfigError(f"{what} has a different architecture than config.model "
                       f"({differences}); set config.model to the checkpoint's architecture")
 
@@ -164,12 +164,8 @@ def _prior_run(config: ml_collections.ConfigDict, cfg: ModelConfig,
     prior_cfg = validate_config(prior)
   except ConfigError as e:
     raise ConfigError(f"config.init_from_config {config.init_from_config}: {e}") from e
-  try:
-    prior_in_roles = dataclasses.replace(prior_cfg, **_free_fields(prior_cfg, cfg))
-  except ValueError as e:  # the new roles against that run's settings
-    raise ConfigError(f"config.init_from_config {config.init_from_config}: {e}") from e
   _check_start_architecture(
-      f"the model of config.init_from_config {config.init_from_config}", prior_in_roles, cfg)
+      f"the model of config.init_from_config {config.init_from_config}", prior_cfg, cfg)
   if _is_model(where):
     return None
   prior.num_train_steps = _last_step(where, int(prior.num_train_steps))
@@ -197,13 +193,13 @@ def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | 
   if not config.init_from:
     return None
   params = hub.resolve(config.init_from)
+  _check_start_architecture(f"config.init_from {config.init_from}", params.config, cfg)
   free = _free_fields(params.config, cfg)
   if free:
     try:
       params = params.replace_config(**free)
     except ValueError as e:  # the new roles against the checkpoint's stored settings
       raise ConfigError(f"config.init_from {config.init_from}: {e}") from e
-  _check_start_architecture(f"config.init_from {config.init_from}", params.config, cfg)
   sources = {i: _resolve_named(f"init_blocks_from[{i}]", spec)
              for i, spec in enumerate(config.init_blocks_from) if spec}
   if sources:
