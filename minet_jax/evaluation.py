@@ -10,7 +10,9 @@ with `minet_jax.metrics.dehazing_scores` (the published SOTS protocol: RGB
 0..255, output clipped, larger ground truth centre-cropped). Every method is
 compiled once per image shape ahead of time, so ``s/image`` is steady-state
 run time; compilation is reported separately. An image that fails is recorded
-with its error and the rest are still evaluated.
+with its error and the rest are still evaluated. When MI-Net's IM-blocks are solved to
+a tolerance (a stable model, or ``--solver``), each image's row also records how: the
+steps per block, the blocks whose solve missed the tolerance, and their residuals.
 
 `main` is the command line: ``python evaluate.py`` in a checkout, ``minet-evaluate``
 once installed.
@@ -64,6 +66,11 @@ class Row:
   ssim: float = math.nan
   seconds: float = math.nan
   error: str = ""
+  # MI-Net solved to a tolerance: per IM-block, the map evaluations, whether the solve
+  # met the tolerance, and its last relative residual (empty otherwise).
+  solve_steps: tuple[int, ...] = ()
+  solve_converged: tuple[bool, ...] = ()
+  solve_residual: tuple[float, ...] = ()
 
 
 # ------------------------------------------------------------------ data
@@ -99,6 +106,11 @@ def _minet_forward(params, x):
   return api.dehaze_batch(params, x[None])[0]
 
 
+def _minet_forward_with_solves(params, x):
+  y, solves = api.dehaze_batch_with_solves(params, x[None])
+  return y[0], solves
+
+
 class _Compiled:
   """A method compiled ahead of time for each image shape it meets."""
 
@@ -121,7 +133,12 @@ class _Compiled:
 
 def build_methods(methods: Sequence[str], params=None,
                   dcp_config: dcp.DCPConfig | None = None) -> dict[str, Callable]:
-  """name -> function from float32 RGB [0, 1] (H, W, 3) to the same, clipped."""
+  """name -> function from float32 RGB [0, 1] (H, W, 3) to the same, clipped.
+
+  When ``params`` solve their IM-blocks to a tolerance (``config.solver`` not
+  "unrolled"), "minet" returns ``(image, solves)`` instead: one
+  `fixed_point.SolveSummary` per IM-block, with a batch axis of 1.
+  """
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
@@ -130,7 +147,9 @@ def build_methods(methods: Sequence[str], params=None,
     if name == "minet":
       if params is None:
         raise ValueError("method 'minet' needs a checkpoint (--ckpt)")
-      out[name] = _Compiled(lambda x, p=params: _minet_forward(p, x))
+      forward = _minet_forward if params.config.solver == "unrolled" else \
+          _minet_forward_with_solves
+      out[name] = _Compiled(lambda x, p=params, f=forward: f(p, x))
     elif name == "hazy":
       out[name] = lambda x: x
     elif name == "dcp":
@@ -153,6 +172,8 @@ class Report:
   ckpt: str = ""
   # How MI-Net ran where it differs from exact float32 (e.g. {"precision": "default"}).
   settings: dict[str, str] = dataclasses.field(default_factory=dict)
+  # How MI-Net's IM-blocks were solved when to a tolerance: solver, rtol, max_steps.
+  solve: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def summary(self) -> dict[str, dict[str, float]]:
     out = {}
@@ -165,6 +186,12 @@ class Report:
           "images": len(ok),
           "failed": sum(1 for r in self.rows if r.method == m and r.error),
       }
+      solved = [r for r in ok if r.solve_steps]
+      if solved:
+        out[m]["solves"] = sum(len(r.solve_converged) for r in solved)
+        out[m]["solves_converged"] = sum(sum(r.solve_converged) for r in solved)
+        out[m]["mean_steps_per_block"] = [
+            float(v) for v in np.mean([r.solve_steps for r in solved], axis=0)]
     return out
 
   def table(self) -> str:
@@ -175,6 +202,13 @@ class Report:
       lines.append(f"{names.get(m, m):<12} | {s['psnr']:>9.2f} | {s['ssim']:>7.4f} | "
                    f"{s['seconds_per_image']:>8.3f} | {s['images']}"
                    + (f" ({s['failed']} failed)" if s["failed"] else ""))
+    for m, s in self.summary().items():
+      if "solves" in s:
+        lines.append(
+            f"({names.get(m, m)} IM-blocks, {self.solve['solver']} to rtol "
+            f"{self.solve['rtol']:g}: {s['solves_converged']}/{s['solves']} solves converged, "
+            "mean steps per block " + " / ".join(f"{v:.1f}" for v in s["mean_steps_per_block"])
+            + ")")
     compiled = ", ".join(f"{m} {t:.1f} s" for m, t in self.compile_seconds.items() if t > 0)
     if compiled:
       lines.append(f"(compilation, once per image shape, not in s/image: {compiled})")
@@ -187,7 +221,7 @@ class Report:
 
   def to_json(self) -> dict[str, Any]:
     return {"data": self.data, "ckpt": self.ckpt, "minet_settings": self.settings,
-            "protocol": PROTOCOL,
+            "minet_solve": self.solve, "protocol": PROTOCOL,
             "summary": self.summary(), "failed_images": self.failed,
             "compile_seconds": self.compile_seconds,
             "per_image": [dataclasses.asdict(r) for r in self.rows]}
@@ -199,15 +233,35 @@ class Report:
     csv_path, json_path = out_dir / "per_image.csv", out_dir / "results.json"
     with open(csv_path, "w", newline="") as f:
       writer = csv.writer(f)
-      writer.writerow(["image", "method", "psnr", "ssim", "seconds", "error"])
+      writer.writerow(["image", "method", "psnr", "ssim", "seconds", "error", "solve_steps",
+                       "solve_converged", "solve_residual"])
       for r in self.rows:
         writer.writerow([r.key, r.method, f"{r.psnr:.4f}", f"{r.ssim:.5f}", f"{r.seconds:.4f}",
-                         r.error])
+                         r.error, "/".join(map(str, r.solve_steps)),
+                         "/".join(str(int(c)) for c in r.solve_converged),
+                         "/".join(f"{v:.3g}" for v in r.solve_residual)])
     json_path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
     return csv_path, json_path
 
 
 # ------------------------------------------------------------------ the loop
+
+
+def _image_and_solves(result) -> tuple[jax.Array, list]:
+  """A method's result as (image, IM-block solve summaries; empty when not solved)."""
+  if isinstance(result, tuple):
+    return result
+  return result, []
+
+
+def _solve_fields(solves: Sequence[Any]) -> dict[str, tuple]:
+  """`Row`'s solve fields from one image's `fixed_point.SolveSummary` per IM-block."""
+  from minet_jax.core import fixed_point as fp
+  return {
+      "solve_steps": tuple(int(np.asarray(s.num_steps)[0]) for s in solves),
+      "solve_converged": tuple(bool(np.asarray(s.status)[0] == fp.RESULTS.successful)
+                               for s in solves),
+      "solve_residual": tuple(float(np.asarray(s.residual)[0]) for s in solves)}
 
 
 def _progress(items: Sequence[Sample], enabled: bool) -> Iterator[Sample]:
@@ -281,7 +335,7 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
         if isinstance(fn, _Compiled):
           fn.prepare(x)
         start = time.perf_counter()
-        out = jax.block_until_ready(fn(x))
+        out, solves = _image_and_solves(jax.block_until_ready(fn(x)))
         seconds = time.perf_counter() - start
         finite = np.isfinite(np.asarray(out))
         if not finite.all():
@@ -291,7 +345,10 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
         p, s = metrics.dehazing_scores(out * 255.0, clear)
         if math.isnan(p) or math.isnan(s):
           raise FloatingPointError(f"the scores are NaN (PSNR {p}, SSIM {s})")
-        rows.append(Row(sample.key, name, p, s, seconds))
+        rows.append(Row(sample.key, name, p, s, seconds, **_solve_fields(solves)))
+        if solves and not all(rows[-1].solve_converged):
+          _note(f"evaluate: {name} on {sample.key}: IM-blocks "
+                f"{api.describe_solves(solves, params.config)}", progress)
         if save_images is not None:
           image_io.write_png(pathlib.Path(save_images) / name / f"{sample.key}.png",
                              np.asarray(out), protect=protect)
@@ -305,7 +362,11 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
   settings = {} if params is None else {
       k: v for k, v in (("precision", params.config.precision), ("dtype", params.config.dtype))
       if v != getattr(ModelConfig(), k)}
-  report = Report(rows, methods, failed, compile_seconds, str(data), str(ckpt or ""), settings)
+  solve = {} if params is None or params.config.solver == "unrolled" else {
+      "solver": params.config.solver, "rtol": params.config.rtol,
+      "max_steps": list(params.config.iterations)}
+  report = Report(rows, methods, failed, compile_seconds, str(data), str(ckpt or ""), settings,
+                  solve)
   if out_dir is not None:
     report.write(out_dir)
   return report
@@ -316,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
   arguments or data, 1 when any image failed (the others are still scored), else 0."""
   parser = argparse.ArgumentParser(
       description="Scores MI-Net, the hazy input and the dark channel prior on paired images.",
-      epilog="--out DIR adds per_image.csv and results.json, --save-images DIR the outputs "
-             "as PNG.")
+      epilog="--out DIR adds per_image.csv and results.json (with each image's IM-block "
+             "steps, convergence and residuals when they are solved to a tolerance), "
+             "--save-images DIR the outputs as PNG.")
   parser.add_argument("--ckpt", help="the weights: 'its' (the authors' released model, "
                       "downloaded once into ~/.cache/minet_jax), an authors' .pth file, a "
                       "checkpoint folder, or a training workdir")

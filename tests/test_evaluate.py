@@ -166,3 +166,56 @@ def test_float16_and_no_methods_are_refused(sots_like, tiny_ckpt, capsys):
   captured = capsys.readouterr()
   assert "no method to evaluate; choose from minet,hazy,dcp" in captured.err
   assert captured.out == ""
+
+
+@pytest.fixture(scope="module")
+def picard_ckpt(tmp_path_factory, random_params):
+  path = tmp_path_factory.mktemp("ckpt") / "picard"
+  minet_jax.save(random_params(ModelConfig(features=4, pre_blocks=1, iterations=(30, 30, 30),
+                                           solver="picard", rtol=1e-3)), path)
+  return path
+
+
+def test_solved_models_report_each_images_solves(sots_like, picard_ckpt, tiny_ckpt, tmp_path,
+                                                 capsys):
+  root, truth = sots_like
+  out = tmp_path / "res"
+  report = evaluation.evaluate(picard_ckpt, root, methods=["minet"], out_dir=out, progress=False)
+  params = minet_jax.load(picard_ckpt)
+  rows = [r for r in report.rows if not r.error]
+  assert len(rows) == 4
+  for r in rows:  # what `minet_jax.apply` reports for the same image
+    solves: list = []
+    minet_jax.apply(params, truth[r.key][0], solves=solves)
+    assert r.solve_steps == tuple(int(s.num_steps[0]) for s in solves)
+    assert r.solve_converged == tuple(bool(s.status[0] == 0) for s in solves)
+    # (Compiled apart, the two programs may round differently.)
+    np.testing.assert_allclose(r.solve_residual, [float(s.residual[0]) for s in solves],
+                               rtol=1e-3)
+    assert all(r.solve_converged) and max(r.solve_residual) <= 1e-3
+  summary = report.summary()["minet"]
+  assert summary["solves"] == 12 and summary["solves_converged"] == 12
+  np.testing.assert_allclose(summary["mean_steps_per_block"],
+                             np.mean([r.solve_steps for r in rows], axis=0))
+  assert "picard to rtol 0.001: 12/12 solves converged" in report.table()
+  result = json.loads((out / "results.json").read_text())
+  assert result["minet_solve"] == {"solver": "picard", "rtol": 1e-3, "max_steps": [30, 30, 30]}
+  csv_rows = {r["image"]: r for r in csv.DictReader(open(out / "per_image.csv"))}
+  assert csv_rows["7_1"]["solve_steps"] == "/".join(map(str, rows[0].solve_steps))
+  assert csv_rows["7_1"]["solve_converged"] == "1/1/1"
+  assert csv_rows["8_3"]["solve_steps"] == ""  # the unreadable pair
+  capsys.readouterr()
+  # One map evaluation allowed and an unreachable tolerance: every solve stops at the
+  # cap, unconverged, and each image says so where the user sees it.
+  report = evaluation.evaluate(picard_ckpt, root, methods=["minet"], limit=2, progress=False,
+                               config_changes={"iterations": 1, "rtol": 1e-30})
+  assert [r.solve_steps for r in report.rows] == [(1, 1, 1)] * 2
+  assert [r.solve_converged for r in report.rows] == [(False, False, False)] * 2
+  assert "0/6 solves converged, mean steps per block 1.0 / 1.0 / 1.0" in report.table()
+  err = capsys.readouterr().err
+  assert "evaluate: minet on 7_1: IM-blocks picard to rtol 1e-30: 1 / 1 / 1 steps, block 1 " \
+         "max_steps_reached" in err and "7_2" in err
+  # Unrolled (the released model's way): fixed steps, nothing to report.
+  report = evaluation.evaluate(tiny_ckpt, root, methods=["minet"], limit=1, progress=False)
+  assert report.rows[0].solve_steps == () and "solves converged" not in report.table()
+  assert report.to_json()["minet_solve"] == {}

@@ -198,11 +198,16 @@ def dehaze_batch(params: Params, x: jax.Array) -> jax.Array:
 _forward = jax.jit(dehaze_batch)
 
 
-@jax.jit
-def _forward_with_solves(params: Params, x: jax.Array
-                         ) -> tuple[jax.Array, list[fp.SolveSummary]]:
+def dehaze_batch_with_solves(params: Params, x: jax.Array
+                             ) -> tuple[jax.Array, list[fp.SolveSummary]]:
+  """`dehaze_batch`, plus one `fixed_point.SolveSummary` per IM-block (batch axis first):
+  how each image had its blocks solved. Traceable; the same computation as
+  `dehaze_batch`, whose compiled code drops the summaries."""
   y, results = model_from_params(params).forward_rgb_with_diagnostics(x)
   return _clip(y), [fp.SolveSummary.of(r) for r in results]
+
+
+_forward_with_solves = jax.jit(dehaze_batch_with_solves)
 
 
 def describe_solves(solves: list[fp.SolveSummary], cfg: ModelConfig, index: int = 0) -> str:
