@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minet_jax.core import api
+from minet_jax.core import fixed_point as fp
 from minet_jax import dcp, image_io, metrics
 from minet_jax.core.config import ModelConfig, add_speed_arguments, speed_changes
 from minet_jax.data import folders
@@ -66,8 +67,9 @@ class Row:
   ssim: float = math.nan
   seconds: float = math.nan
   error: str = ""
-  # MI-Net solved to a tolerance: per IM-block, the map evaluations, whether the solve
-  # met the tolerance, and its last relative residual (empty otherwise).
+  # MI-Net solved to a tolerance: per IM-block, the map evaluations (a two-stage block's
+  # both stages'), whether the solve met the tolerance, and its last relative residual
+  # (empty otherwise; kept when the image failed after its solves).
   solve_steps: tuple[int, ...] = ()
   solve_converged: tuple[bool, ...] = ()
   solve_residual: tuple[float, ...] = ()
@@ -114,7 +116,7 @@ def _minet_forward_with_solves(params, x):
 class _Compiled:
   """A method compiled ahead of time for each image shape it meets."""
 
-  def __init__(self, fn: Callable[[jax.Array], jax.Array]):
+  def __init__(self, fn: Callable[[jax.Array], Any]):
     self._jitted = jax.jit(fn)
     self._cache: dict[tuple[int, ...], Any] = {}
     self.compile_seconds = 0.0
@@ -126,7 +128,7 @@ class _Compiled:
       self._cache[x.shape] = self._jitted.lower(x).compile()
       self.compile_seconds += time.perf_counter() - start
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array) -> Any:
     self.prepare(x)
     return self._cache[x.shape](x)
 
@@ -175,7 +177,7 @@ class Report:
   # How MI-Net's IM-blocks were solved when to a tolerance: solver, rtol, max_steps.
   solve: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-  def summary(self) -> dict[str, dict[str, float]]:
+  def summary(self) -> dict[str, dict[str, Any]]:
     out = {}
     for m in self.methods:
       ok = [r for r in self.rows if r.method == m and not r.error]
@@ -186,7 +188,8 @@ class Report:
           "images": len(ok),
           "failed": sum(1 for r in self.rows if r.method == m and r.error),
       }
-      solved = [r for r in ok if r.solve_steps]
+      # Every image the model ran on, scored or not (a failed solve may fail an image).
+      solved = [r for r in self.rows if r.method == m and r.solve_steps]
       if solved:
         out[m]["solves"] = sum(len(r.solve_converged) for r in solved)
         out[m]["solves_converged"] = sum(sum(r.solve_converged) for r in solved)
@@ -203,7 +206,7 @@ class Report:
                    f"{s['seconds_per_image']:>8.3f} | {s['images']}"
                    + (f" ({s['failed']} failed)" if s["failed"] else ""))
     for m, s in self.summary().items():
-      if "solves" in s:
+      if "solves" in s and self.solve:
         lines.append(
             f"({names.get(m, m)} IM-blocks, {self.solve['solver']} to rtol "
             f"{self.solve['rtol']:g}: {s['solves_converged']}/{s['solves']} solves converged, "
@@ -237,9 +240,9 @@ class Report:
                        "solve_converged", "solve_residual"])
       for r in self.rows:
         writer.writerow([r.key, r.method, f"{r.psnr:.4f}", f"{r.ssim:.5f}", f"{r.seconds:.4f}",
-                         r.error, "/".join(map(str, r.solve_steps)),
-                         "/".join(str(int(c)) for c in r.solve_converged),
-                         "/".join(f"{v:.3g}" for v in r.solve_residual)])
+                         r.error, " ".join(map(str, r.solve_steps)),
+                         " ".join(str(c).lower() for c in r.solve_converged),
+                         " ".join(f"{v:.3g}" for v in r.solve_residual)])
     json_path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
     return csv_path, json_path
 
@@ -247,21 +250,19 @@ class Report:
 # ------------------------------------------------------------------ the loop
 
 
-def _image_and_solves(result) -> tuple[jax.Array, list]:
+def _image_and_solves(result) -> tuple[jax.Array, list[fp.SolveSummary]]:
   """A method's result as (image, IM-block solve summaries; empty when not solved)."""
   if isinstance(result, tuple):
     return result
   return result, []
 
 
-def _solve_fields(solves: Sequence[Any]) -> dict[str, tuple]:
+def _solve_fields(solves: Sequence[fp.SolveSummary]) -> dict[str, tuple]:
   """`Row`'s solve fields from one image's `fixed_point.SolveSummary` per IM-block."""
-  from minet_jax.core import fixed_point as fp
-  return {
-      "solve_steps": tuple(int(np.asarray(s.num_steps)[0]) for s in solves),
-      "solve_converged": tuple(bool(np.asarray(s.status)[0] == fp.RESULTS.successful)
-                               for s in solves),
-      "solve_residual": tuple(float(np.asarray(s.residual)[0]) for s in solves)}
+  image = [s.at(0) for s in solves]
+  return {"solve_steps": tuple(n for n, _, _ in image),
+          "solve_converged": tuple(st == fp.RESULTS.successful for _, st, _ in image),
+          "solve_residual": tuple(r for _, _, r in image)}
 
 
 def _progress(items: Sequence[Sample], enabled: bool) -> Iterator[Sample]:
@@ -331,12 +332,19 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
     x = jnp.asarray(hazy, jnp.float32) / 255.0
     protect = [p for p in (sample.hazy_path, sample.clear_path) if p is not None]
     for name, fn in fns.items():
+      solve_fields: dict[str, tuple] = {}
       try:
         if isinstance(fn, _Compiled):
           fn.prepare(x)
         start = time.perf_counter()
         out, solves = _image_and_solves(jax.block_until_ready(fn(x)))
         seconds = time.perf_counter() - start
+        # Kept on the row whether or not the image scores: a failed solve explains a
+        # failed image.
+        solve_fields = _solve_fields(solves)
+        if solves and not all(solve_fields["solve_converged"]):
+          _note(f"evaluate: {name} on {sample.key}: IM-blocks "
+                f"{api.describe_solves(solves, params.config)}", progress)
         finite = np.isfinite(np.asarray(out))
         if not finite.all():
           # Clipping would turn inf into 255 and keep NaN: neither is a score of this method.
@@ -345,16 +353,13 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
         p, s = metrics.dehazing_scores(out * 255.0, clear)
         if math.isnan(p) or math.isnan(s):
           raise FloatingPointError(f"the scores are NaN (PSNR {p}, SSIM {s})")
-        rows.append(Row(sample.key, name, p, s, seconds, **_solve_fields(solves)))
-        if solves and not all(rows[-1].solve_converged):
-          _note(f"evaluate: {name} on {sample.key}: IM-blocks "
-                f"{api.describe_solves(solves, params.config)}", progress)
+        rows.append(Row(sample.key, name, p, s, seconds, **solve_fields))
         if save_images is not None:
           image_io.write_png(pathlib.Path(save_images) / name / f"{sample.key}.png",
                              np.asarray(out), protect=protect)
       except Exception as e:
         message = f"{type(e).__name__}: {e}"
-        rows.append(Row(sample.key, name, error=message))
+        rows.append(Row(sample.key, name, error=message, **solve_fields))
         _note(f"evaluate: {name} failed on {sample.key}: {message}", progress)
         if os.environ.get("MINET_DEBUG"):
           traceback.print_exc()
@@ -363,8 +368,8 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
       k: v for k, v in (("precision", params.config.precision), ("dtype", params.config.dtype))
       if v != getattr(ModelConfig(), k)}
   solve = {} if params is None or params.config.solver == "unrolled" else {
-      "solver": params.config.solver, "rtol": params.config.rtol,
-      "max_steps": list(params.config.iterations)}
+      "solver": params.config.solver, "rtol": params.config.rtol, "atol": params.config.atol,
+      "max_steps": list(params.config.iterations), "stages": list(params.config.stages)}
   report = Report(rows, methods, failed, compile_seconds, str(data), str(ckpt or ""), settings,
                   solve)
   if out_dir is not None:

@@ -12,6 +12,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import minet_jax
 from minet_jax import evaluation
+from minet_jax.core import fixed_point as fp
 from minet_jax.core.config import ModelConfig
 
 
@@ -188,7 +189,8 @@ def test_solved_models_report_each_images_solves(sots_like, picard_ckpt, tiny_ck
     solves: list = []
     minet_jax.apply(params, truth[r.key][0], solves=solves)
     assert r.solve_steps == tuple(int(s.num_steps[0]) for s in solves)
-    assert r.solve_converged == tuple(bool(s.status[0] == 0) for s in solves)
+    assert r.solve_converged == tuple(
+        bool(s.status[0] == fp.RESULTS.successful) for s in solves)
     # (Compiled apart, the two programs may round differently.)
     np.testing.assert_allclose(r.solve_residual, [float(s.residual[0]) for s in solves],
                                rtol=1e-3)
@@ -199,10 +201,11 @@ def test_solved_models_report_each_images_solves(sots_like, picard_ckpt, tiny_ck
                              np.mean([r.solve_steps for r in rows], axis=0))
   assert "picard to rtol 0.001: 12/12 solves converged" in report.table()
   result = json.loads((out / "results.json").read_text())
-  assert result["minet_solve"] == {"solver": "picard", "rtol": 1e-3, "max_steps": [30, 30, 30]}
+  assert result["minet_solve"] == {"solver": "picard", "rtol": 1e-3, "atol": 0.0,
+                                   "max_steps": [30, 30, 30], "stages": [1, 1, 1]}
   csv_rows = {r["image"]: r for r in csv.DictReader(open(out / "per_image.csv"))}
-  assert csv_rows["7_1"]["solve_steps"] == "/".join(map(str, rows[0].solve_steps))
-  assert csv_rows["7_1"]["solve_converged"] == "1/1/1"
+  assert csv_rows["7_1"]["solve_steps"] == " ".join(map(str, rows[0].solve_steps))
+  assert csv_rows["7_1"]["solve_converged"] == "true true true"
   assert csv_rows["8_3"]["solve_steps"] == ""  # the unreadable pair
   capsys.readouterr()
   # One map evaluation allowed and an unreachable tolerance: every solve stops at the
@@ -219,3 +222,27 @@ def test_solved_models_report_each_images_solves(sots_like, picard_ckpt, tiny_ck
   report = evaluation.evaluate(tiny_ckpt, root, methods=["minet"], limit=1, progress=False)
   assert report.rows[0].solve_steps == () and "solves converged" not in report.table()
   assert report.to_json()["minet_solve"] == {}
+
+
+def test_a_failed_image_keeps_its_solves(sots_like, picard_ckpt, monkeypatch, capsys):
+  # An image that fails after its solves (here its scoring) still records them, and the
+  # summary counts them: a failed solve may be why an image failed.
+  root, _ = sots_like
+  scores, calls = evaluation.metrics.dehazing_scores, []
+
+  def fail_the_second(out, clear):  # 7_1, then 7_2
+    calls.append(1)
+    if len(calls) == 2:
+      raise FloatingPointError("no score")
+    return scores(out, clear)
+  monkeypatch.setattr(evaluation.metrics, "dehazing_scores", fail_the_second)
+  report = evaluation.evaluate(picard_ckpt, root, methods=["minet"], limit=2, progress=False,
+                               config_changes={"iterations": 2, "rtol": 1e-30})
+  failed = [r for r in report.rows if r.error]
+  assert [r.key for r in failed] == ["7_2"] and "no score" in failed[0].error
+  assert failed[0].solve_steps == (2, 2, 2) and failed[0].solve_converged == (False,) * 3
+  summary = report.summary()["minet"]
+  assert (summary["images"], summary["failed"], summary["solves"]) == (1, 1, 6)
+  assert "0/6 solves converged" in report.table()
+  assert "minet on 7_2: IM-blocks picard to rtol 1e-30: 2 / 2 / 2 steps" in \
+      capsys.readouterr().err

@@ -213,14 +213,13 @@ _forward_with_solves = jax.jit(dehaze_batch_with_solves)
 def describe_solves(solves: list[fp.SolveSummary], cfg: ModelConfig, index: int = 0) -> str:
   """One line on how image `index` of a batch had its IM-blocks solved, e.g.
   ``"picard to rtol 0.001: 4 / 6 / 9 steps, all converged"``."""
-  steps = " / ".join(str(int(np.asarray(s.num_steps)[index])) for s in solves)
+  image = [s.at(index) for s in solves]
+  steps = " / ".join(str(n) for n, _, _ in image)
   if cfg.solver == "unrolled":
     return f"unrolled: {steps} steps per IM-block"
-  missed = [(b + 1, s) for b, s in enumerate(solves)
-            if int(np.asarray(s.status)[index]) != fp.RESULTS.successful]
-  verdict = "all converged" if not missed else "; ".join(
-      f"block {b} {fp.RESULTS(int(np.asarray(s.status)[index])).name} (residual "
-      f"{float(np.asarray(s.residual)[index]):.1e})" for b, s in missed)
+  verdict = "all converged" if all(st == fp.RESULTS.successful for _, st, _ in image) else \
+      "; ".join(f"block {b} {st.name} (residual {r:.1e})"
+                for b, (_, st, r) in enumerate(image, 1) if st != fp.RESULTS.successful)
   return f"{cfg.solver} to rtol {cfg.rtol:g}: {steps} steps, {verdict}"
 
 

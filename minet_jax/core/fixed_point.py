@@ -136,6 +136,7 @@ from typing import Any, ClassVar, NamedTuple, Optional, Union
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 __all__ = [
@@ -185,6 +186,11 @@ class SolveSummary:
   @classmethod
   def of(cls, result: FixedPointResult) -> SolveSummary:
     return cls(status=result.status, num_steps=result.num_steps, residual=result.residual)
+
+  def at(self, index: int) -> tuple[int, RESULTS, float]:
+    """Sample ``index``'s (steps, status, residual) as Python values (on the host)."""
+    return (int(np.asarray(self.num_steps)[index]), RESULTS(int(np.asarray(self.status)[index])),
+            float(np.asarray(self.residual)[index]))
 
 
 def resolve_unroll(unroll: Unroll, length: int) -> Union[int, bool]:
