@@ -381,3 +381,27 @@ def test_stable_two_stage_trains_block_2s_second_stage_and_users_run_it(random_p
   assert dehaze.main([str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "--ckpt",
                       str(tmp_path / "ckpt"), "--no-progress"]) == 0
   assert "in.png: IM-blocks picard to rtol 0.001: " in capsys.readouterr().out
+
+
+def test_stable_sdirk_refits_block_3_as_two_stages_after_the_two_stage_run(tmp_path):
+  # configs/stable_sdirk.py: configs/stable_block3.py's refit of block 3, with block 3
+  # two-stage, after configs/stable_two_stage.py's run (and that run's own prior run).
+  from minet_jax.train.checks import trained_blocks, validate_config
+  from minet_jax.train.loop import _prior_run
+  from configs import stable_block3, stable_sdirk, stable_two_stage
+  config = stable_sdirk.get_config()
+  cfg = validate_config(config)
+  assert cfg.stages == (1, 2, 2) and cfg.stage_fraction == (0.3, 0.5, 0.7)
+  assert trained_blocks(config, 3) == (2,)  # block 3, counted from 0
+  assert config.teacher_inputs == "student" and tuple(config.init_blocks_from) == ()
+  assert config.init_from == "workdirs/stable_two_stage"
+  assert config.init_from_config == str(REPO / "configs" / "stable_two_stage.py")
+  # Everything else is configs/stable_block3.py's refit.
+  refit = stable_block3.get_config()
+  mine, theirs = config.to_dict(), refit.to_dict()
+  assert {k for k in mine if mine[k] != theirs[k]} == {"init_from", "init_from_config", "model"}
+  assert {k for k in mine["model"] if mine["model"][k] != theirs["model"][k]} == {"stages"}
+  config.init_from = str(tmp_path / "not_yet")
+  prior, where = _prior_run(config, cfg, (tmp_path / "next",))
+  assert where == tmp_path / "not_yet"
+  assert prior.to_dict() == stable_two_stage.get_config().to_dict()
