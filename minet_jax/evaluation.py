@@ -174,7 +174,8 @@ class Report:
   ckpt: str = ""
   # How MI-Net ran where it differs from exact float32 (e.g. {"precision": "default"}).
   settings: dict[str, str] = dataclasses.field(default_factory=dict)
-  # How MI-Net's IM-blocks were solved when to a tolerance: solver, rtol, max_steps.
+  # How MI-Net's IM-blocks were solved when to a tolerance: solver, rtol, atol, the step
+  # cap per stage (max_steps) and the stages per block.
   solve: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def summary(self) -> dict[str, dict[str, Any]]:
