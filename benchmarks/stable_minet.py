@@ -55,6 +55,7 @@ from minet_jax import convert, metrics
 from minet_jax.stability import spectral
 from minet_jax.data import folders
 from minet_jax.core import checkpoint
+from minet_jax.core import fixed_point as fp
 from minet_jax.core.params import Params, model_from_params
 
 DEFAULT_SHARED = pathlib.Path(
@@ -82,13 +83,13 @@ def its_images(shared: pathlib.Path) -> list[np.ndarray]:
 
 
 def forward(params: Params):
-  """A jitted forward pass: clipped RGB [0, 1] and per-block (steps, status, residual)."""
+  """A jitted forward pass: clipped RGB [0, 1] and a `SolveSummary` per block."""
   graphdef, state = nnx.split(model_from_params(params))
 
   @jax.jit
   def run(state, x):
     y, results = nnx.merge(graphdef, state).forward_rgb_with_diagnostics(x)
-    return jnp.clip(y, 0.0, 1.0), [(r.num_steps, r.status, r.residual) for r in results]
+    return jnp.clip(y, 0.0, 1.0), [fp.SolveSummary.of(r) for r in results]
 
   return lambda x: run(state, x)
 
@@ -108,10 +109,11 @@ def scores(params: Params, pairs, *, time_it: bool = False) -> dict:
     y, diags = jax.device_get(run(x))
     seconds = time.perf_counter() - start
     psnr, ssim = metrics.dehazing_scores(y[0] * 255.0, gt.astype(np.float32))
+    image = [d.at(0) for d in diags]
     rows.append({"image": key, "psnr": psnr, "ssim": ssim, "seconds": seconds,
-                 "steps": [int(s[0]) for s, _, _ in diags],
-                 "converged": [bool(st[0] == 0) for _, st, _ in diags],
-                 "residual": [float(r[0]) for _, _, r in diags]})
+                 "steps": [n for n, _, _ in image],
+                 "converged": [st == fp.RESULTS.successful for _, st, _ in image],
+                 "residual": [r for _, _, r in image]})
     print(f"  {key:<8} {psnr:7.3f} dB {ssim:.5f} steps {rows[-1]['steps']} "
           f"{seconds:.2f} s", flush=True)
   steps = np.array([r["steps"] for r in rows], np.float64)

@@ -202,11 +202,12 @@ class Report:
     names = {"minet": "MI-Net", "hazy": "hazy input", "dcp": "DCP"}
     lines = [f"{'method':<12} | {'PSNR (dB)':>9} | {'SSIM':>7} | {'s/image':>8} | images",
              f"{'-' * 12}-+-{'-' * 9}-+-{'-' * 7}-+-{'-' * 8}-+-------"]
-    for m, s in self.summary().items():
+    summary = self.summary()
+    for m, s in summary.items():
       lines.append(f"{names.get(m, m):<12} | {s['psnr']:>9.2f} | {s['ssim']:>7.4f} | "
                    f"{s['seconds_per_image']:>8.3f} | {s['images']}"
                    + (f" ({s['failed']} failed)" if s["failed"] else ""))
-    for m, s in self.summary().items():
+    for m, s in summary.items():
       if "solves" in s and self.solve:
         lines.append(
             f"({names.get(m, m)} IM-blocks, {self.solve['solver']} to rtol "
