@@ -2,7 +2,8 @@
 
     python benchmarks/stable_minet.py --stable WORKDIR_OR_CHECKPOINT [--shared ../shared]
         [--out docs/stability/stable_minet.json] [--images 1400_1 ...] [--radius-iters 40]
-        [--skip-theorem] [--curve-image 1400_1] [--fixed-point-rtol 1e-6]
+        [--skip-theorem] [--curve-image 1400_1] [--curve-steps 1,2,4,8]
+        [--fixed-point-rtol 1e-6]
     python benchmarks/stable_minet.py --models --shrink 0.3 0.3,0.8,0.8 [--shrink-solver
         anderson] [--stage 0.3 0.3,0.5,0.5] --out docs/stability/stable_minet.json
 
@@ -21,7 +22,8 @@ For each model, on the SOTS indoor samples at full resolution (620x460):
 4. with ``--time N``: both models' trained forward passes timed alternately, N times
    per image, in one process (the ratio the speed target is about);
 5. PSNR against the number of iterations T (every block run for exactly T steps) on
-   ``--curve-image``: the paper's Fig. 8 for both models;
+   ``--curve-image``: the paper's Fig. 8 for both models (T in ``--curve-steps``,
+   by default ``CURVE_STEPS``);
    with ``--fixed-point-rtol R``: every block solved again to rtol R (trained solver, at
    most ``--fixed-point-cap`` steps) and the figures of 2 at those points.
 
@@ -72,6 +74,18 @@ def shrink_factors(text: str) -> tuple[float, ...]:
   if not all(s > 0 for s in factors):
     raise argparse.ArgumentTypeError(f"factors must be positive: {text!r}")
   return factors
+
+
+def curve_steps(text: str) -> tuple[int, ...]:
+  """``"1,2,4,8"`` -> (1, 2, 4, 8): distinct positive step counts (argparse type of
+  --curve-steps)."""
+  try:
+    steps = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}")
+  if not all(t >= 1 for t in steps) or len(set(steps)) != len(steps):
+    raise argparse.ArgumentTypeError(f"step counts must be distinct and >= 1: {text!r}")
+  return steps
 
 
 def its_images(shared: pathlib.Path) -> list[np.ndarray]:
@@ -203,11 +217,12 @@ def theorem1(params: Params, pairs, radius_iters: int) -> list[dict]:
   return out
 
 
-def curve(params: Params, pair) -> list[dict]:
+def curve(params: Params, pair, steps: tuple[int, ...] = CURVE_STEPS) -> list[dict]:
+  """PSNR on ``pair`` with every block run for exactly T steps, for each T in ``steps``."""
   _, hazy, gt = pair
   x = jnp.asarray(hazy[None], jnp.float32) / 255.0
   points = []
-  for t in CURVE_STEPS:
+  for t in steps:
     cfg = with_solver(params, solver="unrolled", iterations=(t,) * params.config.num_blocks)
     y, _ = jax.device_get(forward(cfg)(x))
     psnr, _ = metrics.dehazing_scores(y[0] * 255.0, gt.astype(np.float32))
@@ -267,6 +282,9 @@ def main() -> int:
                       help="also time both models' trained forward passes, interleaved, "
                            "REPEATS times per image (needs --stable)")
   parser.add_argument("--curve-image", default="1400_1")
+  parser.add_argument("--curve-steps", type=curve_steps, default=CURVE_STEPS, metavar="T1,T2,...",
+                      help="the numbers of iterations of the PSNR-against-T curve "
+                           f"(default: {','.join(map(str, CURVE_STEPS))})")
   parser.add_argument("--fixed-point-rtol", type=float, default=0.0,
                       help="also solve every block to this tolerance with the trained solver "
                            "and give the Theorem-1 figures there (0: skip)")
@@ -329,7 +347,7 @@ def main() -> int:
       save()
     curve_pair = next((p for p in pairs if p[0] == args.curve_image), pairs[0])
     print(f" PSNR against T on {curve_pair[0]}", flush=True)
-    entry["psnr_vs_T"] = curve(params, curve_pair)
+    entry["psnr_vs_T"] = curve(params, curve_pair, args.curve_steps)
     save()
     if not args.skip_theorem:
       print(" Theorem 1 at the solution of the trained solver", flush=True)
@@ -404,11 +422,12 @@ def main() -> int:
           f"({seconds[name] / released_s:.2f}x) | {solved('picard')} | {solved('anderson')} | "
           f"{theorem} |")
   if all("psnr_vs_T" in e for e in report["models"].values()):
+    # Models measured by other runs may have other curves: the rows are the T they share.
+    curves = [{p["T"]: p["psnr"] for p in e["psnr_vs_T"]} for e in report["models"].values()]
     print("\nPSNR against T (" + args.curve_image + "): | T | "
           + " | ".join(report["models"]) + " |")
-    for i, t in enumerate(CURVE_STEPS):
-      print(f"| {t} | " + " | ".join(f"{e['psnr_vs_T'][i]['psnr']:.3f}"
-                                     for e in report["models"].values()) + " |")
+    for t in (t for t in curves[0] if all(t in c for c in curves)):
+      print(f"| {t} | " + " | ".join(f"{c[t]:.3f}" for c in curves) + " |")
   return 0
 
 

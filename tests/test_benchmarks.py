@@ -6,7 +6,10 @@ so a change in the package they call breaks a test rather than the next measurem
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import pathlib
 import re
@@ -39,12 +42,25 @@ def _run(script: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _refused(script: pathlib.Path, *args: str, code: int = 2) -> str:
-  """Runs a benchmark script as `_run` does, on arguments it must refuse with exit
-  ``code`` (2: argparse's); returns its stderr."""
-  proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO_ROOT, env=checkout_env(),
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == code, proc.stderr
-  return proc.stderr
+  """Runs a benchmark script's command line in this process on arguments it must refuse
+  with exit ``code`` (2: argparse's), as the interpreter would run it (``__main__``, its
+  folder first on the path); returns what it wrote to stderr. In-process because each
+  refusal comes before any work, and a new interpreter would spend seconds importing."""
+  stderr = io.StringIO()
+  argv, path = sys.argv, list(sys.path)
+  sys.argv, sys.path[:0] = [str(script), *args], [str(script.parent)]
+  try:
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+      with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+  finally:
+    sys.argv, sys.path[:] = argv, path
+  status = exit_info.value.code
+  if isinstance(status, str):  # SystemExit("message"): the interpreter prints it, exit 1.
+    stderr.write(status + "\n")
+    status = 1
+  assert status == code, stderr.getvalue()
+  return stderr.getvalue()
 
 
 def _small_shared(shared_dir: pathlib.Path, root: pathlib.Path,
@@ -88,9 +104,10 @@ def test_stable_minet_measures_both_models_and_prints_the_table(shared_dir, rele
   out = tmp_path / "report.json"
   proc = _run(STABLE_MINET, "--stable", str(stable), "--shared", str(small), "--out", str(out),
               "--radius-iters", "3", "--cap", "4", "--time", "1", "--stage", "0.3",
-              "--shrink", "0.3,1,1", "--fixed-point-rtol", "1e-4", "--fixed-point-cap", "5")
+              "--shrink", "0.3,1,1", "--fixed-point-rtol", "1e-4", "--fixed-point-cap", "5",
+              "--curve-steps", "8,2")  # two points of the curve: each T is one more compile
   report = json.loads(out.read_text())
-  curve_steps = list(runpy.run_path(str(STABLE_MINET))["CURVE_STEPS"])
+  curve_steps = [8, 2]
 
   assert report["images"] == ["1400_1"]
   released, solved = report["models"]["released"], report["models"]["stable"]
@@ -124,6 +141,16 @@ def test_stable_minet_measures_both_models_and_prints_the_table(shared_dir, rele
                   r"\(([\d.]+)x\) \| \d/3 \(", proc.stdout)
   assert row, proc.stdout
   assert float(row.group(1)) == pytest.approx(seconds["stable"] / seconds["released"], abs=0.006)
+  curve_rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", proc.stdout, re.M)
+  assert [int(t) for t, _, _ in curve_rows] == curve_steps
+  assert float(curve_rows[0][1]) == pytest.approx(psnr, abs=1e-3)
+  # The default curve is the paper's Fig. 8 range; a step list must be distinct and >= 1.
+  script = runpy.run_path(str(STABLE_MINET))
+  assert script["CURVE_STEPS"][0] == 1 and 8 in script["CURVE_STEPS"]
+  assert script["curve_steps"]("1,4,8") == (1, 4, 8)
+  for bad in ("0,8", "8,8", "2.5", "a"):
+    with pytest.raises(argparse.ArgumentTypeError):
+      script["curve_steps"](bad)
 
   # A later run that measures no model keeps what the file holds and adds to it (how
   # docs/stability/stable_minet.json gathers its rows); another solver gets its own key.
