@@ -405,3 +405,31 @@ def test_stable_sdirk_refits_block_3_as_two_stages_after_the_two_stage_run(tmp_p
   prior, where = _prior_run(config, cfg, (tmp_path / "next",))
   assert where == tmp_path / "not_yet"
   assert prior.to_dict() == stable_two_stage.get_config().to_dict()
+
+
+def test_stable_sdirk_fullres_trains_block_3_as_two_stages_on_whole_renders(tmp_path):
+  # configs/stable_sdirk_fullres.py: configs/stable_two_stage.py's whole-render recipe for
+  # block 2, applied to block 3 made two-stage, from that run's model and its own block 3.
+  from minet_jax.train.checks import trained_blocks, validate_config
+  from minet_jax.train.loop import _prior_run
+  from configs import stable_sdirk_fullres, stable_two_stage
+  config = stable_sdirk_fullres.get_config()
+  cfg = validate_config(config)
+  assert cfg.stages == (1, 2, 2) and cfg.stage_fraction == (0.3, 0.5, 0.7)
+  assert trained_blocks(config, 3) == (2,)  # block 3, counted from 0
+  assert cfg.contractive_target[2] == 0.85 and cfg.contractive_weight == 4.0
+  assert config.teacher_inputs == "teacher" and tuple(config.init_blocks_from) == ()
+  assert (config.data.crop_size, config.data.synthetic.image_size) == (0, (460, 620))
+  assert config.init_from == "workdirs/stable_two_stage"
+  assert config.init_from_config == str(REPO / "configs" / "stable_two_stage.py")
+  # Everything else is configs/stable_two_stage.py's run.
+  recipe = stable_two_stage.get_config()
+  mine, theirs = config.to_dict(), recipe.to_dict()
+  assert {k for k in mine if mine[k] != theirs[k]} == {
+      "init_from", "init_from_config", "init_blocks_from", "train_blocks", "model"}
+  assert {k for k in mine["model"] if mine["model"][k] != theirs["model"][k]} == {
+      "stages", "contractive_target"}
+  config.init_from = str(tmp_path / "not_yet")
+  prior, where = _prior_run(config, cfg, (tmp_path / "next",))
+  assert where == tmp_path / "not_yet"
+  assert prior.to_dict() == stable_two_stage.get_config().to_dict()
