@@ -1,7 +1,9 @@
 """The measurement scripts in benchmarks/ that the documentation's figures come from.
 
 They are run as users run them (a subprocess from the repository root) on small inputs,
-so a change in the package they call breaks a test rather than the next measurement.
+so a change in the package they call breaks a test rather than the next measurement; the
+arguments they must refuse are checked in this process (`_refused`), since a refusal
+comes before any work.
 """
 
 from __future__ import annotations
