@@ -391,8 +391,7 @@ def test_stable_fullres_trains_one_block_on_whole_renders(shared_dir, released_p
 
 @pytest.mark.slow
 def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, released_params,
-                                                                   tmp_path, monkeypatch,
-                                                                   capsys):
+                                                                   tmp_path, monkeypatch):
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -465,9 +464,7 @@ def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, re
                  "--gamma": "0.3", "--steps": "0", "--shared": str(small),
                  "--out": str(tmp_path / "new")}
     argv = [f"{k}={v}" for k, v in base_args.items() if k not in given] + args
-    monkeypatch.setattr(sys, "argv", [str(script), *argv])
-    with pytest.raises(SystemExit) as exit_info:
-      stable_two_stage.main()
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    stderr = _refused(script, *argv)
+    assert message in stderr, stderr
   assert not (tmp_path / "new").exists() and not (tmp_path / "new.json").exists()
   assert out.with_name("two.json").read_text() == written
