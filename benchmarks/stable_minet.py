@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -56,7 +57,7 @@ import minet_jax
 from minet_jax import convert, metrics
 from minet_jax.stability import spectral
 from minet_jax.data import folders
-from minet_jax.core import checkpoint
+from minet_jax.core import api, checkpoint
 from minet_jax.core import fixed_point as fp
 from minet_jax.core.params import Params, model_from_params
 
@@ -96,16 +97,14 @@ def its_images(shared: pathlib.Path) -> list[np.ndarray]:
   return [im.astype(np.float32) / 255 for im in [h for h, _ in pairs] + list(clears)]
 
 
+# One compiled program per (config, shape): the library's forward pass with its solve
+# summaries, the one `minet_jax.apply(..., solves=[])` runs on a whole image.
+_FORWARD = jax.jit(api.dehaze_batch_with_solves)
+
+
 def forward(params: Params):
   """A jitted forward pass: clipped RGB [0, 1] and a `SolveSummary` per block."""
-  graphdef, state = nnx.split(model_from_params(params))
-
-  @jax.jit
-  def run(state, x):
-    y, results = nnx.merge(graphdef, state).forward_rgb_with_diagnostics(x)
-    return jnp.clip(y, 0.0, 1.0), [fp.SolveSummary.of(r) for r in results]
-
-  return lambda x: run(state, x)
+  return functools.partial(_FORWARD, params)
 
 
 def with_solver(params: Params, **changes) -> Params:

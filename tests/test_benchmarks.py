@@ -156,10 +156,16 @@ def test_stable_minet_measures_both_models_and_prints_the_table(shared_dir, rele
 
   # A later run that measures no model keeps what the file holds and adds to it (how
   # docs/stability/stable_minet.json gathers its rows); another solver gets its own key.
-  _run(STABLE_MINET, "--models", "--shared", str(small), "--out", str(out),
-       "--shrink", "0.3", "--shrink-solver", "anderson")
+  # The stable model's curve as an earlier run with other steps would have left it: the
+  # table's rows are the T both curves have, in the released curve's order.
+  solved["psnr_vs_T"] = [{"T": 2, "psnr": 20.5}, {"T": 4, "psnr": 21.5}]
+  out.write_text(json.dumps(report))
+  proc = _run(STABLE_MINET, "--models", "--shared", str(small), "--out", str(out),
+              "--shrink", "0.3", "--shrink-solver", "anderson")
   merged = json.loads(out.read_text())
   assert merged["models"] == report["models"]
+  curve_rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", proc.stdout, re.M)
+  assert [(int(t), float(b)) for t, _, b in curve_rows] == [(2, 20.5)], proc.stdout
   assert set(merged["shrink"]) == {"0.3,1,1", "anderson:0.3,0.3,0.3"}
   assert merged["shrink"]["0.3,1,1"] == report["shrink"]["0.3,1,1"]
 
