@@ -352,6 +352,32 @@ def test_registries_name_every_class_once():
     minet_jax.ModelConfig(backward="jfb")
 
 
+def test_damped_phantom_gradients_are_refused_for_stage_blocks():
+  # A stage block answers g0 + (k - g0) / s. One damped step from the (constant) stage
+  # solution gives k the tangent tau * dT/dg0 = tau, so d answer / d g0 = 1 - (1 - tau) / s
+  # = -0.667 at s = 0.3, tau = 0.5, where finite differences give 1.46.
+  s, tau = 0.3, 0.5
+
+  def answer(g0, adjoint):
+    t_map = lambda k, g0: g0 + s * 0.5 * jnp.tanh(k)  # noqa: E731
+    k = fp.fixed_point(t_map, fp.Picard(rtol=1e-7), g0, g0, max_steps=100,
+                       adjoint=adjoint).value
+    return g0 + (k - g0) / s
+
+  g0 = jnp.float32(0.4)
+  truth = (answer(g0 + 1e-3, fp.Backprop()) - answer(g0 - 1e-3, fp.Backprop())) / 2e-3
+  assert float(jax.grad(answer)(g0, fp.Implicit())) == pytest.approx(float(truth), rel=1e-2)
+  assert float(jax.grad(answer)(g0, fp.Phantom())) > 0  # undamped: the right sign
+  assert float(jax.grad(answer)(g0, fp.Phantom(damping=tau))) < 0 < float(truth)
+  with pytest.raises(ValueError, match="phantom_damping below 1 is defined for implicit "
+                                       r"Euler blocks \(stage_fraction 1\) only"):
+    minet_jax.ModelConfig(backward="phantom", phantom_damping=tau, stage_fraction=(1.0, s, 1.0))
+  # Undamped steps, or damped ones on implicit Euler blocks, are what the method is.
+  minet_jax.ModelConfig(backward="phantom", phantom_damping=1.0, stage_fraction=s)
+  minet_jax.ModelConfig(backward="phantom", phantom_damping=tau, phantom_steps=3)
+  minet_jax.ModelConfig(backward="implicit", phantom_damping=tau, stage_fraction=s)
+
+
 @pytest.mark.parametrize("steps,damping", [(1, 1.0), (3, 0.5)])
 def test_phantom_gradient_is_that_of_k_damped_steps_at_the_solution(steps, damping):
   """Dense reference: z* from a long float64 solve, then the k steps differentiated."""

@@ -281,6 +281,16 @@ class ModelConfig(Solve, Architecture):
       raise ValueError(f"a two-stage block needs a stage_fraction below 1 (at 1 both stages "
                        f"are the same implicit Euler step), got stages={self.stages}, "
                        f"stage_fraction={self.stage_fraction}")
+    if (self.backward == "phantom" and self.phantom_damping < 1.0
+        and min(self.stage_fraction) < 1.0):
+      # A stage block answers g0 + (k - g0) / s: the damped steps' tangent of k carries
+      # (1 - damping)^steps of g0's identity too few, which 1 / s magnifies, down to a
+      # gradient of the wrong sign through the block (damping < 1 - s, one step).
+      raise ValueError("phantom_damping below 1 is defined for implicit Euler blocks "
+                       "(stage_fraction 1) only: a stage block's answer divides the "
+                       "damped steps' gradient error by the stage fraction; got "
+                       f"phantom_damping={self.phantom_damping}, "
+                       f"stage_fraction={self.stage_fraction}")
     if (self.contractive_weight and self.contractive_point == "iterate"
         and max(self.stages) > 1):
       # The random iterate is one of a block's first stage only.
