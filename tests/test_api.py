@@ -90,9 +90,17 @@ def test_replace_config_keeps_the_weights_and_checks_the_change(params):
     params.replace_config(dtype="int8")
   with pytest.raises(TypeError, match="unexpected keyword"):
     params.replace_config(dtypes="bfloat16")
-  with pytest.raises(ValueError, match="do not fit"):
-    params.replace_config(features=params.config.features + 1)
-  assert params.replace_config(rtol=0.5).config.rtol == 0.5  # same shapes: fine
+  # What the weights are stays, whether or not the shapes would tell.
+  for change in (dict(features=params.config.features + 1), dict(eta=0.5),
+                 dict(input_format="rgb01", rtol=0.5)):
+    with pytest.raises(ValueError, match=f"{next(iter(change))} belong to the weights' "
+                                         "architecture"):
+      params.replace_config(**change)
+  assert params.replace_config(rtol=0.5).config.rtol == 0.5
+  assert params.replace_config(eta=params.config.eta).config == params.config  # no change
+  # The roles a fine-tune may give the same weights (INIT_FROM_FREE_FIELDS) may change.
+  staged = params.replace_config(stage_fraction=0.5, stages=2)
+  assert staged.config.stages == (2, 2, 2) and staged.weights is params.weights
 
 
 def test_save_load_is_bit_exact(params, image, tmp_path):

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from flax import nnx, struct, traverse_util
 
-from minet_jax.core.config import ConfigLike, ModelConfig, model_config
+from minet_jax.core.config import (ARCHITECTURE_FIELDS, INIT_FROM_FREE_FIELDS, ConfigLike,
+                                   ModelConfig, model_config)
 from minet_jax.core.model import MINet
 
 
@@ -53,14 +54,21 @@ class Params:
     ``precision="default"`` or ``dtype="bfloat16"`` (docs/PRETRAINED.md: faster on CPUs
     with AVX512-BF16 or AMX, not exact), ``conv_backend="xla"``.
 
-    The new config is validated like any `ModelConfig`; a change the weights do not fit
-    (``features``, ``pre_blocks``, ...) raises ValueError.
+    The new config is validated like any `ModelConfig`. What the weights are stays:
+    a change of an architecture field raises ValueError (``features`` would not fit the
+    weights; ``eta`` or ``input_format`` would fit and compute something else), except
+    the INIT_FROM_FREE_FIELDS (``stage_fraction``, ``stages``: the roles a fine-tune may
+    give the same weights). ``Params(weights, config)`` pairs weights with any config
+    they fit.
     """
     config = dataclasses.replace(self.config, **changes)
-    problem = shape_mismatch(self.weights, config)
-    if problem:
-      raise ValueError(f"these weights do not fit the architecture the changes {changes} "
-                       f"describe: {problem}")
+    fixed = [k for k in changes if k in ARCHITECTURE_FIELDS and k not in INIT_FROM_FREE_FIELDS
+             and getattr(config, k) != getattr(self.config, k)]
+    if fixed:
+      raise ValueError(f"replace_config changes how the weights run, not what they are: "
+                       f"{', '.join(fixed)} belong to the weights' architecture "
+                       "(ModelConfig.architecture()); build Params(weights, config) to "
+                       "pair them with another")
     return Params(weights=self.weights, config=config)
 
 
