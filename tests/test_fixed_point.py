@@ -289,6 +289,19 @@ def test_diverging_map_is_nonfinite(solver):
     assert np.all(np.isnan(result.residual_history[int(result.num_steps):]))
 
 
+def test_anderson_breakdown_falls_back_to_the_newest_pair_after_the_history_wraps():
+  # Residuals that are all zero make the unregularised least squares singular: the step
+  # is then plain Picard, x <- the newest map value, which at k = 4 with m = 3 sits in
+  # ring slot 1, not in the last slot (2).
+  solver = fp.Anderson(m=3, reg=0.0)
+  accel = solver._init(jnp.zeros((1, 2)), 1)
+  for k, value in enumerate((10.0, 20.0, 30.0, 40.0, 50.0)):
+    x = jnp.full((1, 2), value)
+    nxt, accel = solver._next(k, x, x, accel)
+    assert np.all(np.isfinite(nxt))
+    np.testing.assert_array_equal(nxt, x)
+
+
 def test_anderson_finds_a_repelling_fixed_point_and_misses_a_missing_one():
   # Anderson solves linear maps in a few steps whether or not the fixed point attracts.
   z0 = jnp.zeros(3)

@@ -543,10 +543,11 @@ class Anderson(_Iterative):
                     axis=1)
     gram = accel.gram.at[:, slot, :].set(row).at[:, :, slot].set(row)
     valid = jnp.arange(m) < jnp.minimum(k + 1, m)
-    return self._mix(hist_f, hist_g, gram, valid), _AndersonState(hist_f, hist_g, gram)
+    return self._mix(hist_f, hist_g, gram, valid, slot), _AndersonState(hist_f, hist_g, gram)
 
-  def _mix(self, hist_f, hist_g, gram, valid):
-    """x_{k+1} from the stored (F_i, G_i) pairs; gram (B, m, m), valid (m,)."""
+  def _mix(self, hist_f, hist_g, gram, valid, newest):
+    """x_{k+1} from the stored (F_i, G_i) pairs; gram (B, m, m), valid (m,), ``newest``
+    the slot of the latest pair (the history is a ring)."""
     m = self.m
     both = valid[:, None] & valid[None, :]
     diag = jnp.diagonal(gram, axis1=1, axis2=2)
@@ -558,7 +559,6 @@ class Anderson(_Iterative):
     a = jnp.linalg.solve(h, rhs[..., None])[..., 0]
     alpha = a / jnp.sum(a, axis=1, keepdims=True)
     # A breakdown of the small solve falls back to plain Picard on the newest pair.
-    newest = jnp.argmax(jnp.where(valid, jnp.arange(m), -1))
     fallback = jax.nn.one_hot(newest, m, dtype=jnp.float32)
     ok = jnp.all(jnp.isfinite(alpha), axis=1, keepdims=True)
     alpha = jnp.where(ok, alpha, fallback)
