@@ -37,12 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minet_jax.core import api
+from minet_jax.core import api, files
 from minet_jax.core import fixed_point as fp
 from minet_jax import dcp, image_io, metrics
 from minet_jax.core.config import ModelConfig, add_speed_arguments, speed_changes
 from minet_jax.data import folders
 
+# What ``out_dir`` receives: the per-image table and the whole report.
+REPORT_FILES = ("per_image.csv", "results.json")
 METHODS = ("minet", "hazy", "dcp")
 PROTOCOL = ("PSNR/SSIM on RGB 0..255; output clipped to [0, 255] (not rounded); ground truth "
             "centre-cropped to the output size when larger; SSIM: 11x11 Gaussian window, "
@@ -235,7 +237,7 @@ class Report:
     """Writes ``per_image.csv`` and ``results.json`` into ``out_dir``."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = out_dir / "per_image.csv", out_dir / "results.json"
+    csv_path, json_path = (out_dir / name for name in REPORT_FILES)
     with open(csv_path, "w", newline="") as f:
       writer = csv.writer(f)
       writer.writerow(["image", "method", "psnr", "ssim", "seconds", "error", "solve_steps",
@@ -288,7 +290,8 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
              layout: str = "auto", split: str = "test",
              data_dir: str | os.PathLike | None = None,
              dcp_config: dcp.DCPConfig | None = None,
-             config_changes: Mapping[str, Any] | None = None, progress: bool = True) -> Report:
+             config_changes: Mapping[str, Any] | None = None, progress: bool = True,
+             overwrite: bool = False) -> Report:
   """Evaluates ``methods`` on the pairs in ``data``; see the module docstring.
 
   Args:
@@ -296,7 +299,9 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
       authors' .pth, a checkpoint folder or a training workdir (`minet_jax.hub.resolve`).
     data: a paired folder, or a built dataset name (with ``split``, ``data_dir``).
     methods: any of "minet", "hazy", "dcp", in table order.
-    out_dir: if set, ``per_image.csv`` and ``results.json`` are written there.
+    out_dir: if set, ``per_image.csv`` and ``results.json`` are written there; checked
+      before any image is scored (ValueError when it cannot be written, or already
+      holds them and ``overwrite`` is False).
     save_images: if set, outputs go to ``<save_images>/<method>/<image>.png``.
     limit: evaluate only the first ``limit`` pairs (>= 0).
     layout: folder layout for `minet_jax.data.folders.find_pairs`.
@@ -306,6 +311,11 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
   methods = tuple(methods)
   if not methods:
     raise ValueError(f"no method to evaluate; choose from {','.join(METHODS)}")
+  # Checked before the work: a report that cannot be written would be lost at the end.
+  if out_dir is not None:
+    files.check_output_folder(out_dir, overwrite=overwrite, writes=REPORT_FILES)
+  if save_images is not None:
+    files.check_output_folder(save_images, overwrite=True, what="--save-images")
   if limit is not None and limit < 0:
     raise ValueError(f"--limit must be >= 0, got {limit}")
   params = None
@@ -355,10 +365,10 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
         p, s = metrics.dehazing_scores(out * 255.0, clear)
         if math.isnan(p) or math.isnan(s):
           raise FloatingPointError(f"the scores are NaN (PSNR {p}, SSIM {s})")
-        rows.append(Row(sample.key, name, p, s, seconds, **solve_fields))
-        if save_images is not None:
+        if save_images is not None:  # Before the row: an image not saved has failed.
           image_io.write_png(pathlib.Path(save_images) / name / f"{sample.key}.png",
                              np.asarray(out), protect=protect)
+        rows.append(Row(sample.key, name, p, s, seconds, **solve_fields))
       except Exception as e:
         message = f"{type(e).__name__}: {e}"
         rows.append(Row(sample.key, name, error=message, **solve_fields))
@@ -396,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--methods", default=",".join(METHODS),
                       help="comma-separated subset of minet,hazy,dcp (default: all)")
   parser.add_argument("--out", help="folder for per_image.csv and results.json")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace the report files an --out folder already holds")
   parser.add_argument("--save-images", help="folder for output PNGs (<method>/<image>.png)")
   parser.add_argument("--limit", type=int, help="evaluate only the first N (>= 0) pairs")
   parser.add_argument("--layout", default="auto", choices=("auto", "sots", "its", "paired"),
@@ -410,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(
         args.ckpt, args.data, methods=methods, out_dir=args.out, save_images=args.save_images,
         limit=args.limit, layout=args.layout, split=args.split, data_dir=args.data_dir,
-        config_changes=speed_changes(args), progress=not args.no_progress)
+        config_changes=speed_changes(args), progress=not args.no_progress,
+        overwrite=args.overwrite)
   except (ValueError, OSError) as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -94,6 +95,41 @@ def test_limit_methods_and_errors(sots_like):
   with pytest.raises(ValueError, match="unknown method"):
     evaluation.evaluate(None, root, methods=["cap"], progress=False)
   assert evaluation.main(["--data", str(root / "nowhere"), "--methods", "hazy"]) == 2
+
+
+def test_an_unwritable_or_taken_out_folder_is_refused_before_any_work(sots_like, tmp_path,
+                                                                       monkeypatch, capsys):
+  root, truth = sots_like
+  scored = []
+  real_scores = evaluation.metrics.dehazing_scores
+  monkeypatch.setattr(evaluation.metrics, "dehazing_scores",
+                      lambda *a: scored.append(1) or real_scores(*a))
+  afile = tmp_path / "afile"
+  afile.write_text("keep")
+  hazy = ["--data", str(root), "--methods", "hazy", "--no-progress"]
+  for args, message in ((["--out", str(afile)], "is a file, not a folder"),
+                        (["--out", str(afile / "sub")], "cannot be created"),
+                        (["--save-images", str(afile)], "--save-images .* is a file")):
+    assert evaluation.main(hazy + args) == 2
+    assert re.search(message, capsys.readouterr().err)
+  assert not scored and afile.read_text() == "keep"
+  # A folder that already holds a report keeps it unless --overwrite is given.
+  out = tmp_path / "res"
+  assert evaluation.main(hazy + ["--out", str(out)]) == 1  # 8_3 is broken
+  first = (out / "results.json").read_bytes()
+  scored.clear()
+  assert evaluation.main(hazy + ["--out", str(out), "--limit", "1"]) == 2
+  assert "already holds per_image.csv, results.json" in capsys.readouterr().err
+  assert not scored and (out / "results.json").read_bytes() == first
+  assert evaluation.main(hazy + ["--out", str(out), "--limit", "1", "--overwrite"]) == 0
+  assert len(json.loads((out / "results.json").read_text())["per_image"]) == 1
+  # An image that cannot be saved is one failed row, not a scored row and a failed one.
+  images = tmp_path / "img"
+  (images / "hazy").mkdir(parents=True)
+  (images / "hazy" / "7_1.png").mkdir()  # where the first output would go
+  report = evaluation.evaluate(None, root, methods=["hazy"], limit=2, save_images=images,
+                               progress=False)
+  assert [(r.key, bool(r.error)) for r in report.rows] == [("7_1", True), ("7_2", False)]
 
 
 def test_real_sots_hazy_rows_match_published(shared_dir):

@@ -12,7 +12,8 @@ import os
 import pathlib
 import secrets
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Sequence
 
 
 def _remove(path: pathlib.Path) -> None:
@@ -76,3 +77,35 @@ def write_text(path: str | os.PathLike, text: str) -> None:
   """Writes `text` to `path` whole (`replacing`)."""
   with replacing(path) as tmp:
     tmp.write_text(text)
+
+
+def check_output_folder(out: str | os.PathLike, *, overwrite: bool,
+                        writes: Sequence[str] | None = None, what: str = "--out") -> None:
+  """Raises ValueError (naming ``what``) unless a report can be written into folder
+  ``out``; creates nothing, so a bad folder is refused before any work.
+
+  Files already there are refused unless ``overwrite`` (they would be replaced): those
+  named in ``writes``, or, when None, anything. Writing is tried with a temporary file
+  that is removed at once.
+  """
+  out = pathlib.Path(out)
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"{what} {out} is a file, not a folder")
+  if out.is_dir() and not overwrite:
+    if writes is None and any(out.iterdir()):
+      raise ValueError(f"{what} {out} already holds files; choose another folder, or pass "
+                       "--overwrite to replace its report")
+    taken = sorted(name for name in writes or () if os.path.lexists(out / name))
+    if taken:
+      raise ValueError(f"{what} {out} already holds {', '.join(taken)}; choose another "
+                       "folder, or pass --overwrite to replace them")
+  existing = out
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise ValueError(f"{what} {out} cannot be created: {existing} is a file")
+  try:
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    raise ValueError(f"{what} {out} cannot be written: {e.strerror or e} in {existing}") from e

@@ -13,11 +13,10 @@ import argparse
 import os
 import pathlib
 import sys
-import tempfile
 
 import numpy as np
 
-from minet_jax.core import api, checkpoint
+from minet_jax.core import api, checkpoint, files
 from minet_jax.core.config import ModelConfig, add_solve_arguments, speed_changes
 from minet_jax import convert, image_io, stability
 from minet_jax.image_io import ImageReadError, read_rgb
@@ -39,29 +38,6 @@ def _load_params(args: argparse.Namespace) -> Params:
   if args.ckpt:
     return checkpoint.load(args.ckpt)
   return convert.weights_from_checkpoint(args.pth)
-
-
-def check_out(out: pathlib.Path, overwrite: bool) -> None:
-  """Raises ValueError unless the report can be written to `out`; creates nothing.
-
-  An existing folder holding anything is refused unless `overwrite` (its report files
-  would be replaced); writing is tried with a temporary file that is removed at once.
-  """
-  if out.exists() and not out.is_dir():
-    raise ValueError(f"--out {out} is a file, not a folder")
-  if out.is_dir() and any(out.iterdir()) and not overwrite:
-    raise ValueError(f"--out {out} already holds files; choose another folder, or pass "
-                     "--overwrite to replace its report")
-  existing = out
-  while not existing.exists():
-    existing = existing.parent
-  if not existing.is_dir():
-    raise ValueError(f"--out {out} cannot be created: {existing} is a file")
-  try:
-    with tempfile.TemporaryFile(dir=existing):
-      pass
-  except OSError as e:
-    raise ValueError(f"--out {out} cannot be written: {e.strerror or e} in {existing}") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"--solver / --rtol / --max-steps: {e}")
   out = pathlib.Path(args.out)
   try:
-    check_out(out, args.overwrite)
+    files.check_output_folder(out, overwrite=args.overwrite)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
