@@ -180,6 +180,7 @@ def test_cli_writes_json_and_plots(tmp_path, capsys, random_params):
   assert report["image_size"] == [14, 11] and len(report["blocks"]) == 2
   for i, block in enumerate(report["blocks"], 1):
     assert len(block["residual_history"]) == 5 and block["model_steps"] == 3
+    assert block["operating_steps"] == block["iterations"] == 3  # unrolled: T itself
     assert (out / f"block{i}_residuals.png").read_bytes()[:4] == b"\x89PNG"
   # The figures name the map each block solves: s eta df/dg for the stage block.
   stage, euler = report["blocks"]
@@ -318,7 +319,20 @@ def test_cli_solves_as_told_where_asked(cli_inputs, tmp_path, capsys):
   assert tight["config"]["solver"] == "picard" and tight["config"]["rtol"] == 1e-5
   assert tight["config"]["iterations"] == [9, 9]
   assert all(b["model_steps"] > 3 for b in tight["blocks"]), tight["blocks"]
-  capsys.readouterr()
+  # The observed rate at the operating point is read where each solve stopped, not at
+  # the step cap, and the printed table says how each block was solved.
+  table = capsys.readouterr().out.splitlines()
+  header = next(i for i, line in enumerate(table) if line.lstrip().startswith("block"))
+  assert table[header].split()[-3:] == ["steps", "residual", "solve"]
+  for b, line in zip(tight["blocks"], table[header + 1:header + 3]):
+    t = b["operating_steps"]
+    assert b["iterations"] == 9 and t == b["model_steps"] <= 9
+    assert b["residual_at_T"] == pytest.approx(b["residual_history"][t - 1]) if t <= 3 \
+        else np.isnan(b["residual_at_T"])
+    cells = line.split()
+    assert int(cells[-3]) == b["model_steps"] and cells[-1] == b["model_status"]
+    assert float(cells[-2]) == pytest.approx(b["model_residual"], rel=0.06)
+    assert b["model_status"] in ("successful", "max_steps_reached")
   # A bad override is refused before the model is even loaded (a missing one here).
   for flags, message in ((["--rtol", "-1"], "rtol must be >= 0, got -1.0"),
                          (["--max-steps", "-2"], "iterations must be >= 0")):

@@ -98,7 +98,8 @@ def check_settings(*, seed: int = 0, steps: int = 32, radius_iters: int = 60,
 
 def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
                   steps: int = 32, radius_iters: int = 60, radius_window: int = 20,
-                  arnoldi_iters: int = 30, norm_iters: int = 30) -> dict[str, Any]:
+                  arnoldi_iters: int = 30, norm_iters: int = 30,
+                  operating_steps: int | None = None) -> dict[str, Any]:
   """Theorem-1 figures of one `IMBlock` at the operating point ``g`` with input ``g0``.
 
   Args:
@@ -110,6 +111,9 @@ def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
     steps: Picard steps from g0 (the stage map's base) whose residuals give the
       observed contraction.
     radius_iters, radius_window, arnoldi_iters, norm_iters: estimator settings.
+    operating_steps: the map evaluations the model's solve took to reach ``g`` (its
+      operating point T for the observed rates; default the block's ``iterations``,
+      which unrolled steps always take).
   """
   if g.shape[0] != 1:
     raise ValueError(f"analyse one image at a time (batch 1), got batch {g.shape[0]}")
@@ -133,7 +137,7 @@ def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
   radius, hess, norm, history = jax.device_get(figures(state, g0, g, key))
   ritz = spectral.ritz_summary(hess)
   ratios = observed_ratios(history)
-  t = int(block.iterations)
+  t = int(block.iterations if operating_steps is None else operating_steps)
   eta = float(block.eta)
   step = float(block.step)  # The solved map's step (`IMBlock.step`).
   # Both estimators see only part of the spectrum and approach rho from below in
@@ -143,7 +147,8 @@ def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
   return {
       "eta": eta,
       "stage_fraction": float(block.stage_fraction),
-      "iterations": t,
+      "iterations": int(block.iterations),
+      "operating_steps": t,
       "dilation": int(block.f.conv1.dilation),
       "spectral_radius": rho,
       "spectral_radius_growth": float(radius["radius"]),
@@ -206,8 +211,9 @@ def analyse_image(params: Any, image: np.ndarray, *, seed: int = 0,
   blocks = []
   for block, run, key in zip(model.im_blocks, runs, keys):
     # Every stage's map at its solution.
-    stages = [analyse_block(block, base, g, key=k, **block_kwargs)
-              for (base, g), k in zip(run.points, spectral.stage_keys(key, len(run.points)))]
+    stage_keys = spectral.stage_keys(key, len(run.points))
+    stages = [analyse_block(block, base, g, key=k, operating_steps=int(n[0]), **block_kwargs)
+              for (base, g), k, n in zip(run.points, stage_keys, run.stage_steps)]
     # The block is reported at its least contractive stage (its Picard residuals and
     # rates); Theorem 1 must hold at each stage, and the norm is the larger one.
     report = dict(max(stages, key=lambda r: r["spectral_radius"]))
@@ -218,6 +224,7 @@ def analyse_image(params: Any, image: np.ndarray, *, seed: int = 0,
       report["stages"] = [{k: r[k] for k in STAGE_FIGURES} for r in stages]
     report["model_steps"] = int(run.result.num_steps[0])
     report["model_residual"] = float(run.result.residual[0])
+    report["model_status"] = fp.RESULTS(int(run.result.status[0])).name
     blocks.append(report)
   return {"config": params.config.to_dict(), "image_size": [int(h), int(w)], "blocks": blocks}
 
@@ -225,11 +232,12 @@ def analyse_image(params: Any, image: np.ndarray, *, seed: int = 0,
 def summary_lines(report: dict[str, Any]) -> list[str]:
   """The per-block table of an `analyse_image` report, one line per row."""
   lines = ["block  dilation  rho power  rho Arnoldi      ||J||_2  observed@T  observed tail  "
-           "Theorem 1"]
+           "Theorem 1  steps  residual  solve"]
   for i, b in enumerate(report["blocks"]):
     lines.append(f"{i + 1:>5}  {b['dilation']:>8}  {b['spectral_radius_growth']:>9.4f}  "
                  f"{b['spectral_radius_arnoldi']:>11.4f}  "
                  f"{b['spectral_norm']:>11.4f}  {b['observed_ratio_at_T']:>10.4f}  "
                  f"{b['observed_ratio_tail']:>13.4f}  "
-                 f"{'holds' if b['theorem1_holds'] else 'FAILS'}")
+                 f"{'holds' if b['theorem1_holds'] else 'FAILS':>9}  {b['model_steps']:>5}  "
+                 f"{b['model_residual']:>8.1e}  {b.get('model_status', '-')}")
   return lines

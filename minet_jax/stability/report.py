@@ -19,7 +19,9 @@ def plot_block(report: dict[str, Any], index: int, path: pathlib.Path) -> Figure
   for reference, to `path`; returns the figure."""
   history = np.asarray(report["residual_history"], np.float64)
   steps = np.arange(1, len(history) + 1)
-  t = report["iterations"]
+  # Where the model's solve stopped on this stage (reports before that field: the T
+  # of unrolled steps).
+  t = report.get("operating_steps", report["iterations"])
   # The solved map's Jacobian: eta df/dg, times the stage fraction s for a stage block.
   s = report.get("stage_fraction", 1.0)
   jac = "eta df/dg" if s == 1.0 else f"{s:g} eta df/dg"
@@ -36,7 +38,7 @@ def plot_block(report: dict[str, Any], index: int, path: pathlib.Path) -> Figure
                 label=f"slope rho({jac}) = {rate:.3g}")
     ax.set_ylim(history[ok].min() / 3, history[ok].max() * 3)
   if 0 < t <= len(history):
-    ax.axvline(t, color="grey", lw=0.8, label=f"model's T = {t} (operating point)")
+    ax.axvline(t, color="grey", lw=0.8, label=f"model's steps: {t} (operating point)")
   ax.plot([], [], " ", label=f"||{jac}||_2 = {report['spectral_norm']:.3g}")
   verdict = "holds" if report["theorem1_holds"] else "fails"
   ax.set_title(f"IM-block {index + 1} (dilation {report['dilation']}): "
