@@ -92,6 +92,12 @@ def test_progress_is_reported_after_every_stage(random_params):
   calls.clear()
   minet_jax.apply(params, image, strip_rows=0, progress=lambda *a: calls.append(a))
   assert calls == [(1, 1)]
+  # Asking for the solves too changes nothing of that.
+  calls.clear()
+  solves = []
+  minet_jax.apply(params, image, strip_rows=0, progress=lambda *a: calls.append(a),
+                  solves=solves)
+  assert calls == [(1, 1)] and len(solves) == 3
 
 
 class _Deeper(MINet):

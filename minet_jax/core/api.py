@@ -143,11 +143,12 @@ def apply(params: Params, img: Any, *, strip_rows: int | None = None,
   if rows:
     out = _clip(strips.forward(model_from_params(params), x, rows, progress=progress,
                                solves=solves))
-  elif solves is not None:
-    out, summaries = _forward_with_solves(params, x)
-    solves.extend(summaries)
   else:
-    out = _forward(params, x)
+    if solves is not None:
+      out, summaries = _forward_with_solves(params, x)
+      solves.extend(summaries)
+    else:
+      out = _forward(params, x)
     if progress is not None:
       out = jax.block_until_ready(out)
       progress(1, 1)
