@@ -474,7 +474,8 @@ def add_solve_arguments(parser: argparse.ArgumentParser) -> None:
                           "the relative residual meets --rtol")
   solve.add_argument("--rtol", type=float, default=None, help="tolerance of the solve")
   solve.add_argument("--max-steps", type=int, default=None, dest="iterations",
-                     help="map evaluations per IM-block (the cap of a solve to tolerance)")
+                     help="map evaluations per IM-block and stage (the cap of a solve to "
+                          "tolerance; a two-stage block may take twice as many)")
 
 
 def speed_changes(args: argparse.Namespace) -> dict[str, Any]:

@@ -756,7 +756,8 @@ def fixed_point(fn: Callable[[Any, Any], Any], solver: Solver, z0: Any, args: An
     z0: starting point.
     args: pytree of inputs of ``fn`` (differentiated through).
     max_steps: map evaluations (`Unrolled`: exactly this many; otherwise the cap).
-    adjoint: `Backprop` (through the steps) or `Implicit`.
+    adjoint: `Backprop` (through the steps), `Implicit` (the implicit function
+      theorem) or `Phantom` (damped steps at the solution).
     per_sample: the leading axis of every leaf indexes independent problems.
 
   Returns:
