@@ -968,7 +968,6 @@ def test_distillation_trains_towards_the_teachers_output_from_scaled_blocks(tmp_
 
 
 def test_correction_loss_is_the_loss_of_one_step_after_random_iterates():
-  from minet_jax.stability import contractive
   from minet_jax.train import step as step_lib
   config = tiny.get_config()
   config.model.correction_weight = 0.5
@@ -985,8 +984,15 @@ def test_correction_loss_is_the_loss_of_one_step_after_random_iterates():
     _, model_image, runs = model.forward_runs(batch["hazy"])
     states = []
     for block, run, k in zip(model.im_blocks, runs, jax.random.split(key, len(runs))):
-      g = contractive.random_iterate(block, run.g0, k)
-      states.append(run.g0 + block.f(g))  # T(g) = g0 + eta f(g), eta = 1
+      # The Picard iterate g_j from g0, j uniform in {0, ..., T}, written out by hand
+      # (jnp.where picks g_j, so the draw stays a traced value), then one more step.
+      j = jax.random.randint(k, (), 0, 4)
+      g, iterates = run.g0, [run.g0]
+      for _ in range(3):
+        g = run.g0 + block.f(g)  # T(g) = g0 + eta f(g), eta = 1
+        iterates.append(g)
+      g = sum(jnp.where(j == i, it, 0.0) for i, it in enumerate(iterates))
+      states.append(run.g0 + block.f(jax.lax.stop_gradient(g)))
     early = model.output_from_states(states, model_image, (16, 16))
     return 0.5 * reconstruction_loss(early, batch["clear"], "mse")
 
