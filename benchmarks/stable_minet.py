@@ -173,6 +173,22 @@ def interleaved_seconds(models: dict[str, Params], pairs, repeats: int) -> dict:
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _block_figures(block_def, radius_iters: int, block_state, g0, g, k):
+  """rho (growth-rate estimate), the Arnoldi Hessenberg matrix and ||J||_2 of a block's
+  stage map at ``g``. Jitted once per block graph, setting and shape: every image,
+  stage and model with that block's shapes reuses the program."""
+  t_map, f_state = nnx.merge(block_def, block_state).map_fn()
+  matvec, rmatvec = spectral.linearise(lambda z: t_map(z, (g0, f_state)), g)
+  k1, k2, k3 = jax.random.split(k, 3)
+  radius = spectral.spectral_radius(matvec, jax.random.normal(k1, g.shape),
+                                    num_iters=radius_iters, window=max(radius_iters // 3, 1))
+  hess = spectral.arnoldi(matvec, jax.random.normal(k2, g.shape), num_iters=20)
+  norm = spectral.spectral_norm(matvec, rmatvec, jax.random.normal(k3, g.shape),
+                                num_iters=max(radius_iters // 2, 1))
+  return radius["radius"], hess, norm["norm"]
+
+
 def theorem1(params: Params, pairs, radius_iters: int) -> list[dict]:
   """rho(J) and ||J||_2 of every block at its solution, per image (J: the Jacobian of the
   map the block solves, eta df/dg, or s eta df/dg for a stage block); for a two-stage
@@ -186,24 +202,11 @@ def theorem1(params: Params, pairs, radius_iters: int) -> list[dict]:
     runs = blocks(state, jnp.asarray(hazy[None], jnp.float32) / 255.0)
     for b, (block, run) in enumerate(zip(model.im_blocks, runs)):
       block_def, block_state = nnx.split(block)
-
-      @jax.jit
-      def figures(block_state, g0, g, k):
-        t_map, f_state = nnx.merge(block_def, block_state).map_fn()
-        matvec, rmatvec = spectral.linearise(lambda z: t_map(z, (g0, f_state)), g)
-        k1, k2, k3 = jax.random.split(k, 3)
-        radius = spectral.spectral_radius(matvec, jax.random.normal(k1, g.shape),
-                                          num_iters=radius_iters,
-                                          window=max(radius_iters // 3, 1))
-        hess = spectral.arnoldi(matvec, jax.random.normal(k2, g.shape), num_iters=20)
-        norm = spectral.spectral_norm(matvec, rmatvec, jax.random.normal(k3, g.shape),
-                                      num_iters=max(radius_iters // 2, 1))
-        return radius["radius"], hess, norm["norm"]
-
       stages = []
       keys = spectral.stage_keys(jax.random.key(100 * i + b), len(run.points))
       for (base, g), k in zip(run.points, keys):  # every stage's map at its solution
-        radius, hess, norm = jax.device_get(figures(block_state, base, g, k))
+        radius, hess, norm = jax.device_get(
+            _block_figures(block_def, radius_iters, block_state, base, g, k))
         stages.append((max(float(radius), spectral.ritz_summary(hess)["radius"]),
                        float(np.ravel(norm)[0])))
       rho, norm = max(r for r, _ in stages), max(n for _, n in stages)

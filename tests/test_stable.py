@@ -121,11 +121,15 @@ def test_training_some_blocks_moves_only_them_as_the_whole_run_does(random_param
   start = Params(weights=teacher.weights, config=cfg)
   hazy = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3))
 
+  steps = {}  # One compiled step per block set (a new jitted function compiles anew).
+
   def run(blocks, state=None):
     state = state or state_lib.create_train_state(config, params=start)
-    train_step = step_lib.make_train_step(
-        config.loss, teacher=teacher, match_weight=config.teacher_match_weight,
-        output_weight=config.output_weight, train_blocks=blocks)
+    if blocks not in steps:
+      steps[blocks] = step_lib.make_train_step(
+          config.loss, teacher=teacher, match_weight=config.teacher_match_weight,
+          output_weight=config.output_weight, train_blocks=blocks)
+    train_step = steps[blocks]
     first = None
     for _ in range(3):
       state, metrics = train_step(state, {"hazy": hazy, "clear": hazy})
