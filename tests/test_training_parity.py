@@ -84,10 +84,11 @@ def ours(config, released_on_backend, batch):
   state = state_lib.create_train_state(config, released_on_backend)
   model, _ = state.merge()
   key = jax.random.key(0)
+  losses = ("l2", "mse")
+  # One program for both losses: the forward and backward passes are compiled once.
+  both = nnx.jit(lambda m, b: [loss_and_grads(m, b, loss=loss, key=key) for loss in losses])
   results = {}
-  for loss in ("l2", "mse"):
-    fn = nnx.jit(lambda m, b, loss=loss: loss_and_grads(m, b, loss=loss, key=key))
-    (value, (output, _)), grads = fn(model, batch)
+  for loss, ((value, (output, _)), grads) in zip(losses, both(model, batch)):
     # The gradient State has the parameters' structure: read it as a model's weights.
     grad_weights = minet_jax.params_from_model(nnx.merge(nnx.graphdef(model), grads)).weights
     results[loss] = (float(value), np.asarray(output),
