@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import minet_jax
 from minet_jax.stability import contractive
 from minet_jax import metrics
 from minet_jax.core.config import model_config
@@ -22,10 +23,14 @@ from configs import stable
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+# The model is an argument: models of one config share the compiled program.
+_solve_blocks = nnx.jit(lambda model, x: model.solve_blocks(model.model_input(x)))
+
+
 def _radii(params: Params, image: jax.Array) -> np.ndarray:
   """rho(eta J) estimate of every block at its solution (60 power-iteration steps)."""
   model = model_from_params(params)
-  runs = jax.jit(lambda x: model.solve_blocks(model.model_input(x)))(image)
+  runs = _solve_blocks(model, image)
   return np.array([float(contractive.block_radius(block, run.g0, run.result.value,
                                                   jax.random.key(i), 60)[0])
                    for i, (block, run) in enumerate(zip(model.im_blocks, runs))])
@@ -63,15 +68,15 @@ def test_short_stable_fine_tune_contracts_and_moves_towards_the_teacher(released
   after = _radii(trained, hazy)
   assert after.max() < 1.0, after
 
-  teacher_out = np.clip(np.asarray(model_from_params(released_params)(hazy)), 0, 1) * 255
+  # minet_jax.apply: the model's clipped output, compiled once per config.
+  teacher_out = np.asarray(minet_jax.apply(released_params, hazy, strip_rows=0)) * 255
   def psnr(params):
-    out = np.clip(np.asarray(model_from_params(params)(hazy)), 0, 1) * 255
+    out = np.asarray(minet_jax.apply(params, hazy, strip_rows=0)) * 255
     return float(metrics.psnr(out, teacher_out).mean())
   assert psnr(trained) > psnr(start) + 0.3, (psnr(start), psnr(trained))
 
 
 def test_apply_and_dehaze_report_how_the_blocks_were_solved(random_params, tmp_path, capsys):
-  import minet_jax
   from minet_jax import dehaze, image_io
   from minet_jax.core import fixed_point as fp
   from minet_jax.core.api import describe_solves
@@ -322,7 +327,6 @@ def test_stable_block3_refits_block_3_after_the_two_earlier_runs(tmp_path):
 def test_stable_two_stage_trains_block_2s_second_stage_and_users_run_it(random_params, tmp_path,
                                                                         capsys):
   # configs/stable_two_stage.py is configs/stable_fullres.py with block 2 two-stage.
-  import minet_jax
   from minet_jax import dehaze, image_io
   from minet_jax.train.checks import validate_config
   from configs import stable_fullres, stable_two_stage
