@@ -59,7 +59,7 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 240.0) -> No
     time.sleep(0.2)
 
 
-def test_sigkill_resumes_then_sigterm_saves(env, tmp_path):
+def test_second_trainer_refused_sigkill_resumes_sigterm_saves(env, tmp_path):
   workdir = tmp_path / "run"
 
   def start(*overrides):
@@ -70,8 +70,20 @@ def test_sigkill_resumes_then_sigterm_saves(env, tmp_path):
 
   # 1. SIGKILL once a periodic checkpoint (every 2 steps) past step 2 exists: no chance to save.
   first = start("--config.checkpoint_every=2")
-  wait_for(lambda: checkpoint_steps(workdir) and max(checkpoint_steps(workdir)) >= 4, first)
-  first.kill()
+  try:
+    wait_for(lambda: checkpoint_steps(workdir) and max(checkpoint_steps(workdir)) >= 4, first)
+    # Meanwhile a second trainer on the same workdir is refused in one line naming the
+    # first's pid and writes nothing; the first carries on undisturbed.
+    concurrent = subprocess.run(train_cmd(env, workdir), cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
+    assert concurrent.returncode != 0
+    lines = concurrent.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pid {first.pid}" in lines[0], concurrent.stderr[-2000:]
+    assert [r["event"] for r in metrics(workdir) if "event" in r] == ["start"]
+    reached = max(checkpoint_steps(workdir))
+    wait_for(lambda: max(checkpoint_steps(workdir)) > reached, first)
+  finally:
+    first.kill()
   first.communicate(timeout=60)
   killed_at = max(checkpoint_steps(workdir))
 
@@ -146,28 +158,3 @@ def test_two_devices_match_one(env, tmp_path):
   assert out["summary"]["step"] == 2 and out["summary"]["num_images"] == 1
   start = next(r for r in metrics(tmp_path / "w") if r.get("event") == "start")
   assert start["devices"] == 2
-
-
-def test_two_trainers_on_one_workdir(env, tmp_path):
-  """The second of two concurrent runs is refused in one line naming the first's pid and
-  writes nothing; the first carries on undisturbed."""
-  workdir = tmp_path / "run"
-  first = subprocess.Popen(train_cmd(env, workdir, "--config.num_train_steps=100000",
-                                     "--config.checkpoint_every=2"),
-                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
-  try:
-    wait_for(lambda: checkpoint_steps(workdir), first)
-    second = subprocess.run(train_cmd(env, workdir), cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert second.returncode != 0
-    lines = second.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"pid {first.pid}" in lines[0], second.stderr[-2000:]
-    records = metrics(workdir)
-    assert [r["event"] for r in records if "event" in r] == ["start"]
-    # The first run is still training and checkpointing.
-    reached = max(checkpoint_steps(workdir))
-    wait_for(lambda: max(checkpoint_steps(workdir)) > reached, first)
-  finally:
-    first.kill()
-    first.communicate(timeout=60)
