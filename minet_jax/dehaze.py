@@ -44,6 +44,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from minet_jax import image_io, tiling
+from minet_jax.core import fixed_point as fp
 from minet_jax.core.config import add_speed_arguments, program_name, speed_changes
 
 PathLike = str | os.PathLike
@@ -275,7 +276,7 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
   solved: dict[str, str] = {}
   # A solve to tolerance can stop early or miss it: say so per image. (Tiles solve
   # separately, so a tiled run reports nothing.)
-  report_solves = params.config.solver != "unrolled" and not tile
+  report_solves = fp.stops_at_tolerance(params.config.solver) and not tile
   iterator = jobs
   steps = None
   if progress:

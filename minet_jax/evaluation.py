@@ -151,7 +151,7 @@ def build_methods(methods: Sequence[str], params=None,
     if name == "minet":
       if params is None:
         raise ValueError("method 'minet' needs a checkpoint (--ckpt)")
-      forward = _minet_forward if params.config.solver == "unrolled" else \
+      forward = _minet_forward if not fp.stops_at_tolerance(params.config.solver) else \
           _minet_forward_with_solves
       out[name] = _Compiled(lambda x, p=params, f=forward: f(p, x))
     elif name == "hazy":
@@ -379,7 +379,7 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
   settings = {} if params is None else {
       k: v for k, v in (("precision", params.config.precision), ("dtype", params.config.dtype))
       if v != getattr(ModelConfig(), k)}
-  solve = {} if params is None or params.config.solver == "unrolled" else {
+  solve = {} if params is None or not fp.stops_at_tolerance(params.config.solver) else {
       "solver": params.config.solver, "rtol": params.config.rtol, "atol": params.config.atol,
       "max_steps": list(params.config.iterations), "stages": list(params.config.stages)}
   report = Report(rows, methods, failed, compile_seconds, str(data), str(ckpt or ""), settings,

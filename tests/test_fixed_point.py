@@ -355,6 +355,7 @@ def test_from_config_builds_the_named_objects():
 
 def test_registries_name_every_class_once():
   assert fp.SOLVERS == ("unrolled", "picard", "anderson")
+  assert [fp.stops_at_tolerance(name) for name in fp.SOLVERS] == [False, True, True]
   assert fp.BACKWARDS == ("backprop", "implicit", "phantom")
   assert minet_jax.core.config.SOLVERS is fp.SOLVERS and minet_jax.core.config.BACKWARDS is fp.BACKWARDS
   cfg = minet_jax.ModelConfig(solver="picard", backward="phantom", phantom_steps=3,

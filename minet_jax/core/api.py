@@ -216,8 +216,8 @@ def describe_solves(solves: list[fp.SolveSummary], cfg: ModelConfig, index: int 
   ``"picard to rtol 0.001: 4 / 6 / 9 steps, all converged (residuals <= 8.2e-04)"``."""
   image = [s.at(index) for s in solves]
   steps = " / ".join(str(n) for n, _, _ in image)
-  if cfg.solver == "unrolled":
-    return f"unrolled: {steps} steps per IM-block"
+  if not fp.stops_at_tolerance(cfg.solver):
+    return f"{cfg.solver}: {steps} steps per IM-block"
   verdict = (f"all converged (residuals <= {max(r for _, _, r in image):.1e})"
              if all(st == fp.RESULTS.successful for _, st, _ in image) else
              "; ".join(f"block {b} {st.name} (residual {r:.1e})"

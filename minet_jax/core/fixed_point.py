@@ -298,6 +298,8 @@ class Unrolled:
     unroll: ``lax.scan`` unroll; "auto" for `resolve_unroll`'s backend-aware default.
   """
   name: ClassVar[str] = "unrolled"
+  # A fixed number of steps: a tolerance decides only the reported status.
+  stops_at_tolerance: ClassVar[bool] = False
   rtol: float = 0.0
   atol: float = 0.0
   unroll: Unroll = "auto"
@@ -355,6 +357,8 @@ class _Iterative:
   """
 
   next_is_value: ClassVar[bool] = False
+  # Stops each sample once it meets the tolerance (or the step cap).
+  stops_at_tolerance: ClassVar[bool] = True
 
   def _init(self, z0: Any, batch: int) -> Any:
     raise NotImplementedError
@@ -573,9 +577,16 @@ class Anderson(_Iterative):
 
 Solver = Union[Unrolled, Picard, Anderson]
 # name -> class: what ModelConfig.solver may say. A new solver is a class with a `name`,
-# `from_config` and `_run`, listed here.
+# `stops_at_tolerance`, `from_config` and `_run`, listed here.
 SOLVER_CLASSES = {cls.name: cls for cls in (Unrolled, Picard, Anderson)}
 SOLVERS = tuple(SOLVER_CLASSES)
+
+
+def stops_at_tolerance(solver: str) -> bool:
+  """Whether the solver named ``solver`` (`ModelConfig.solver`) solves to a tolerance,
+  so its steps, residuals and statuses say how each solve went (what the tools report),
+  rather than running a fixed number of steps."""
+  return SOLVER_CLASSES[solver].stops_at_tolerance
 
 
 # ------------------------------------------------------------------ adjoints
