@@ -30,7 +30,9 @@ all 30 (image, block) pairs (5.4 / 18.5 / 19.3 Picard steps, blocks 2 and 3's be
 both stages'), every block is a contraction at its solution on all 30, each stage of
 blocks 2 and 3 included (rho at most 0.70 / 0.92 / 0.95), and a forward pass takes
 1.59x the released model's time. The PSNR and speed targets of a stable MI-Net are not
-met.
+met. From the released checkpoint on a machine with no workdirs, this one command ran
+all three trainings in 104 minutes (partly beside tests) and gave the same model: every
+image's PSNR and every block's radius equal to the last digit, 1.58x in another timing.
 """
 
 from __future__ import annotations
