@@ -295,7 +295,7 @@ class BlockRun(NamedTuple):
   # Every stage's (base, solution): where each stage map is linearised (Theorem 1).
   points: tuple[tuple[jax.Array, jax.Array], ...]
   # Every stage's map evaluations per sample: where each stage's solve stopped.
-  stage_steps: tuple[jax.Array, ...] = ()
+  stage_steps: tuple[jax.Array, ...]
 
 
 class MINet(nnx.Module):
