@@ -161,6 +161,49 @@ def test_resume_equals_uninterrupted_run(straight_run, two_step_run, data_dir, t
   assert data_a == data_b == {"next_index": 4}
 
 
+
+def test_turning_clipping_on_or_off_resumes_with_the_adam_moments(straight_run, two_step_run,
+                                                                 data_dir, tmp_path):
+  """Clipping wraps Adam in optax.chain: the saved state's layout changes, not its arrays."""
+  straight, _ = straight_run
+  clipped = tmp_path / "clipped"
+  shutil.copytree(two_step_run, clipped)
+  # A norm no gradient reaches leaves every update as it was: with the moments carried
+  # over, steps 3 and 4 equal the uninterrupted unclipped run's; restarted moments or a
+  # restart from step 0 would not.
+  summary = train_and_evaluate(tiny_config(data_dir, **{"optimizer.grad_clip_norm": 1e9}),
+                               clipped)
+  assert summary["step"] == 4
+  assert not (clipped / checkpointing.DAMAGED_DIR).exists()
+  a, _ = read_checkpoint(straight, 4)
+  b, _ = read_checkpoint(clipped, 4)
+  assert jax.tree.structure(a) != jax.tree.structure(b)
+  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  flat_b = jax.tree_util.tree_flatten_with_path(b)[0]
+  for (_, x), (path, y) in zip(flat_a, flat_b, strict=True):
+    # The biases before an instance norm have a true gradient of zero: each program's
+    # float noise there, which Adam scales up to full steps (tests/test_distributed.py).
+    if not re.search(r"'deconv[23]'\]\['bias'", jax.tree_util.keystr(path)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  # And back: the clipped run's checkpoint resumes without clipping.
+  summary = train_and_evaluate(tiny_config(data_dir, num_train_steps=5), clipped)
+  assert summary["step"] == 5
+  assert not (clipped / checkpointing.DAMAGED_DIR).exists()
+
+
+def test_another_optimizer_state_is_refused_and_nothing_is_moved(two_step_run, data_dir,
+                                                                 tmp_path, monkeypatch):
+  import optax
+  workdir = tmp_path / "other_optimizer"
+  shutil.copytree(two_step_run, workdir)
+  before = _tree(workdir / "checkpoints")
+  monkeypatch.setattr(state_lib, "make_optimizer",
+                      lambda opt: optax.sgd(0.1, momentum=0.9))
+  with pytest.raises(ConfigError, match="checkpoint 2 holds another training state"):
+    train_and_evaluate(tiny_config(data_dir, num_train_steps=3), workdir)
+  assert _tree(workdir / "checkpoints") == before
+  assert not (workdir / checkpointing.DAMAGED_DIR).exists()
+
 def _damage(checkpoint: pathlib.Path, how: str) -> None:
   if how == "truncated state":
     for f in (checkpoint / "state").rglob("*"):

@@ -15,6 +15,8 @@ A training workdir holds::
                          architecture and the weights' SHA-256 (JSON)
   best/<step>/           params/ and meta/ of the best validation PSNR so far
   damaged_checkpoints/   checkpoints that failed to restore on resume, moved aside
+                         (one saved with another optimizer state is refused instead:
+                         `StateLayoutError`, nothing moved)
   diverged_checkpoints/  checkpoints whose state led to NaN or infinite values, moved
                          aside when training stopped on them
 
@@ -140,6 +142,47 @@ class Resumed:
   damaged: list[Damaged]
 
 
+class StateLayoutError(ValueError):
+  """A resumable checkpoint holds a training state of another layout than the config
+  builds (another optimizer): not damage, so nothing is moved aside."""
+
+
+def _leaf_name(path: tuple) -> tuple[str, ...]:
+  """A leaf's path without the positions of optax's chained states ('0', '1', ...)."""
+  keys = (str(getattr(k, "key", k)) for k in path)
+  return tuple(k for k in keys if not k.isdigit())
+
+
+def _in_saved_layout(pure: Any, saved: Any, step: int) -> Any:
+  """The restore target `pure` in the tree layout the checkpoint was saved with.
+
+  Optimizer settings that add or drop a state without arrays (gradient clipping wraps
+  Adam in ``optax.chain`` next to clipping's empty state) change the tree's layout but
+  not its arrays: a checkpoint saved before such a change holds the same arrays in the
+  same order, under paths that differ only in the chain's positions. Those restore
+  into the new layout (the Adam moments carry over); anything else is a
+  `StateLayoutError`.
+  """
+  if jax.tree.structure(saved) == jax.tree.structure(pure):
+    return pure
+  want = jax.tree_util.tree_flatten_with_path(pure)[0]
+  have, saved_def = jax.tree_util.tree_flatten_with_path(saved)
+  for (want_path, w), (have_path, h) in zip(want, have):
+    if (_leaf_name(want_path) != _leaf_name(have_path) or tuple(w.shape) != tuple(h.shape)
+        or np.dtype(w.dtype) != np.dtype(h.dtype)):
+      raise StateLayoutError(
+          f"checkpoint {step} holds another training state than this config builds (it "
+          f"has {jax.tree_util.keystr(have_path)} {tuple(h.shape)} where the config "
+          f"expects {jax.tree_util.keystr(want_path)} {tuple(w.shape)}): resume with the "
+          "optimizer settings it was saved with, or train in another workdir")
+  if len(want) != len(have):
+    raise StateLayoutError(
+        f"checkpoint {step} holds {len(have)} arrays of training state where this config "
+        f"builds {len(want)}: resume with the optimizer settings it was saved with, or "
+        "train in another workdir")
+  return saved_def.unflatten([leaf for _, leaf in want])
+
+
 class Checkpoints:
   """The periodic and best-PSNR checkpoint managers of one workdir."""
 
@@ -230,10 +273,15 @@ class Checkpoints:
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     pure = jax.tree.map(target, state_to_pure(like))
+    # The saved tree's layout, from its metadata (a handler: no async machinery).
+    folder = self.workdir / LATEST_DIR / str(step) / "state"
+    saved = ocp.StandardCheckpointHandler().metadata(folder)
+    layout = _in_saved_layout(pure, saved.tree, step)
     restored = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(pure), data=ocp.args.JsonRestore(),
+        state=ocp.args.StandardRestore(layout), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
-    state = state_from_pure(like, restored.state)
+    values = jax.tree.unflatten(jax.tree.structure(pure), jax.tree.leaves(restored.state))
+    state = state_from_pure(like, values)
     return state, _from_json(restored.data), dict(restored.meta)
 
   def restore_newest_intact(self, like: TrainState, sharding: Any = None) -> Resumed:
@@ -249,6 +297,8 @@ class Checkpoints:
     for step in sorted(self.latest.all_steps(), reverse=True):
       try:
         state, data, meta = self.restore(like, sharding, step)
+      except StateLayoutError:
+        raise  # Not damage: the config builds another optimizer state. Nothing is moved.
       except Exception as e:  # orbax/tensorstore raise many types for damaged files.
         damaged.append(Damaged(step, checkpoint.one_line_error(e), self._move_aside(step)))
         continue

@@ -376,7 +376,11 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
 
   ckpts = checkpointing.Checkpoints(workdir, keep=int(config.keep_checkpoints),
                                     async_save=bool(config.async_checkpointing))
-  resumed = ckpts.restore_newest_intact(abstract_train_state(config, cfg), replicated)
+  try:
+    resumed = ckpts.restore_newest_intact(abstract_train_state(config, cfg), replicated)
+  except checkpointing.StateLayoutError as e:
+    ckpts.close()
+    raise ConfigError(str(e)) from e
   _report_damaged(resumed, writer)
   resumed_from = resumed.step
   if resumed_from is not None:
