@@ -648,21 +648,27 @@ def test_rejected_fresh_starts_are_one_line_and_write_nothing(train_cli, overrid
                        "with base 10: 'abc' (see --help)"),
     ("a file as --workdir", "train: error: --workdir {file} is a file; name a folder (it is "
                             "created when it does not exist)"),
+    ("an empty --workdir", "train: error: --workdir is empty; name a folder (it is created "
+                           "when it does not exist)"),
 ])
 def test_flag_errors_are_one_line(train_cli, case, expected, tmp_path, monkeypatch):
   a_file = tmp_path / "a_file"
   a_file.write_text("kept")
-  args = {"no --workdir": ["--config", "configs/tiny.py"],
+  tiny_file = str(REPO / "configs" / "tiny.py")
+  args = {"no --workdir": ["--config", tiny_file],
           "no --config": ["--workdir", str(tmp_path / "w")],
-          "batch_size=abc": ["--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
+          "batch_size=abc": ["--config", tiny_file, "--workdir", str(tmp_path / "w"),
                              "--config.data.batch_size=abc"],
-          "a file as --workdir": ["--config", "configs/tiny.py", "--workdir", str(a_file)]}[case]
+          "a file as --workdir": ["--config", tiny_file, "--workdir", str(a_file)],
+          "an empty --workdir": ["--config", tiny_file, "--workdir="]}[case]
   argv = ["train.py", *args]
   monkeypatch.setattr(sys, "argv", argv)
+  monkeypatch.chdir(tmp_path)  # Where an empty --workdir would train.
   with pytest.raises(SystemExit) as exited:
     train_cli.main(train_cli.parse_flags(argv))
   assert str(exited.value.code) == expected.format(file=a_file)
   assert a_file.read_text() == "kept" and not (tmp_path / "w").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_init_from_starts_from_the_given_weights(tmp_path):

@@ -122,6 +122,9 @@ def main(argv: list[str]) -> None:
   from minet_jax.train import (ConfigError, DiskFullError, NonFiniteLossError, sharding,
                                train_and_evaluate)
   workdir = _WORKDIR.value
+  if not workdir.strip():  # absl takes --workdir= (an unset variable): it would mean cwd.
+    sys.exit("train: error: --workdir is empty; name a folder (it is created when it does "
+             "not exist)")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     sys.exit(f"train: error: --workdir {workdir} is a file; name a folder (it is created "
              "when it does not exist)")
