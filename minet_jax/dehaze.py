@@ -109,9 +109,11 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
 
   Folders yield their images except files named like results (``*<suffix>.png``,
   ``*<suffix>_compare.jpg``, ...) and, when ``out_dir`` lies strictly inside the
-  folder, files under ``out_dir``. A job is refused when an output would leave
-  ``out_dir``, replace an input, collide with another job's output, or replace a
-  file that already exists (allowed with ``overwrite``, except inputs and folders).
+  folder, files under ``out_dir``. A file named more than once (by itself and in its
+  folder) is processed once, for its first mention. A job is refused when an output
+  would leave ``out_dir``, replace an input, collide with another job's output, or
+  replace a file that already exists (allowed with ``overwrite``, except inputs and
+  folders).
   """
   check_suffix(suffix)
   if image_format not in FORMATS:
@@ -162,8 +164,15 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
       failed[str(path)] = "no such file or folder"
   sources = {j.source.resolve() for j in jobs}
   seen: dict[pathlib.Path, pathlib.Path] = {}
+  first_of: dict[pathlib.Path, pathlib.Path] = {}  # Each source's first mention.
   kept = []
   for one in jobs:
+    source = one.source.resolve()
+    if source in first_of:  # Named twice (a file and its folder): one result.
+      if str(one.source) != str(first_of[source]):
+        skipped[str(one.source)] = f"the same file as {first_of[source]}: processed once"
+      continue
+    first_of[source] = one.source
     problem = None
     for output in one.outputs():
       target = output.resolve()

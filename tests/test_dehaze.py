@@ -171,6 +171,19 @@ def test_suffix_cannot_write_outside_the_output_folder(tiny_ckpt, tmp_path, caps
     dehaze.plan([tmp_path / "in"], tmp_path / "o", suffix="/../x")
 
 
+
+def test_a_file_named_twice_is_processed_once(tmp_path):
+  _png(tmp_path / "in" / "a.png", 1)
+  _png(tmp_path / "in" / "sub" / "b.png", 2)
+  folder = tmp_path / "in" / "sub" / ".."  # The same folder under another name.
+  inputs = [tmp_path / "in" / "a.png", folder, tmp_path / "in" / "a.png"]
+  jobs, failed, skipped = dehaze.plan(inputs, tmp_path / "out", recursive=True)
+  assert failed == {}
+  assert [j.source for j in jobs] == [tmp_path / "in" / "a.png", folder / "sub" / "b.png"]
+  assert skipped == {str(folder / "a.png"):
+                     f"the same file as {tmp_path / 'in' / 'a.png'}: processed once"}
+
+
 def test_output_folder_inside_the_input_folder_is_reported(tiny_ckpt, tmp_path, capsys):
   photos = tmp_path / "photos"
   _png(photos / "a.png", 1)
