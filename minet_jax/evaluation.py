@@ -222,8 +222,9 @@ class Report:
     if self.settings:
       lines.append("(MI-Net inexact: " + ", ".join(f"{k}={v}" for k, v in self.settings.items())
                    + ")")
-    if self.failed:
-      lines.append(f"{len(self.failed)} image(s) failed: " + ", ".join(sorted(self.failed)))
+    failed = sorted({r.key for r in self.rows if r.error})  # Unread, or failed by a method.
+    if failed:
+      lines.append(f"{len(failed)} image(s) failed: " + ", ".join(failed))
     return "\n".join(lines)
 
   def to_json(self) -> dict[str, Any]:
@@ -238,7 +239,7 @@ class Report:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = (out_dir / name for name in REPORT_FILES)
-    with open(csv_path, "w", newline="") as f:
+    with files.replacing(csv_path) as tmp, open(tmp, "w", newline="") as f:
       writer = csv.writer(f)
       writer.writerow(["image", "method", "psnr", "ssim", "seconds", "error", "solve_steps",
                        "solve_converged", "solve_residual"])
@@ -247,7 +248,7 @@ class Report:
                          r.error, " ".join(map(str, r.solve_steps)),
                          " ".join(str(c).lower() for c in r.solve_converged),
                          " ".join(f"{v:.3g}" for v in r.solve_residual)])
-    json_path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
+    files.write_text(json_path, json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
     return csv_path, json_path
 
 
@@ -302,7 +303,8 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
     out_dir: if set, ``per_image.csv`` and ``results.json`` are written there; checked
       before any image is scored (ValueError when it cannot be written, or already
       holds them and ``overwrite`` is False).
-    save_images: if set, outputs go to ``<save_images>/<method>/<image>.png``.
+    save_images: if set, outputs go to ``<save_images>/<method>/<image>.png``; images
+      there already are refused before any is scored unless ``overwrite``.
     limit: evaluate only the first ``limit`` pairs (>= 0).
     layout: folder layout for `minet_jax.data.folders.find_pairs`.
     config_changes: `ModelConfig` fields to run MI-Net with instead of the checkpoint's,
@@ -314,7 +316,7 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
   # Checked before the work: a report that cannot be written would be lost at the end.
   if out_dir is not None:
     files.check_output_folder(out_dir, overwrite=overwrite, writes=REPORT_FILES)
-  if save_images is not None:
+  if save_images is not None:  # The images it would replace are checked once known.
     files.check_output_folder(save_images, overwrite=True, what="--save-images")
   if limit is not None and limit < 0:
     raise ValueError(f"--limit must be >= 0, got {limit}")
@@ -331,6 +333,9 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
     samples = samples[:limit]
   if not samples:
     raise ValueError(f"no image pairs found in {data}" + (" (--limit 0)" if limit == 0 else ""))
+  if save_images is not None:
+    files.check_output_folder(save_images, overwrite=overwrite, what="--save-images",
+                              writes=[f"{m}/{s.key}.png" for m in methods for s in samples])
   rows: list[Row] = []
   failed: dict[str, str] = {}
   for sample in _progress(samples, progress):
@@ -367,7 +372,7 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
           raise FloatingPointError(f"the scores are NaN (PSNR {p}, SSIM {s})")
         if save_images is not None:  # Before the row: an image not saved has failed.
           image_io.write_png(pathlib.Path(save_images) / name / f"{sample.key}.png",
-                             np.asarray(out), protect=protect)
+                             np.asarray(out), protect=protect, exclusive=not overwrite)
         rows.append(Row(sample.key, name, p, s, seconds, **solve_fields))
       except Exception as e:
         message = f"{type(e).__name__}: {e}"
@@ -407,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="comma-separated subset of minet,hazy,dcp (default: all)")
   parser.add_argument("--out", help="folder for per_image.csv and results.json")
   parser.add_argument("--overwrite", action="store_true",
-                      help="replace the report files an --out folder already holds")
+                      help="replace the report files an --out folder already holds, and "
+                           "the PNGs a --save-images folder holds")
   parser.add_argument("--save-images", help="folder for output PNGs (<method>/<image>.png)")
   parser.add_argument("--limit", type=int, help="evaluate only the first N (>= 0) pairs")
   parser.add_argument("--layout", default="auto", choices=("auto", "sots", "its", "paired"),

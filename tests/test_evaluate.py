@@ -123,13 +123,23 @@ def test_an_unwritable_or_taken_out_folder_is_refused_before_any_work(sots_like,
   assert not scored and (out / "results.json").read_bytes() == first
   assert evaluation.main(hazy + ["--out", str(out), "--limit", "1", "--overwrite"]) == 0
   assert len(json.loads((out / "results.json").read_text())["per_image"]) == 1
-  # An image that cannot be saved is one failed row, not a scored row and a failed one.
+  # Saved images already there are kept unless --overwrite is given.
   images = tmp_path / "img"
   (images / "hazy").mkdir(parents=True)
+  (images / "hazy" / "7_2.png").write_bytes(b"an earlier result")
+  scored.clear()
+  assert evaluation.main(hazy + ["--save-images", str(images), "--limit", "2"]) == 2
+  assert "--save-images" in capsys.readouterr().err and not scored
+  assert (images / "hazy" / "7_2.png").read_bytes() == b"an earlier result"
+  # An image that cannot be saved is one failed row, not a scored row and a failed one,
+  # and the table's last line names it as failed.
   (images / "hazy" / "7_1.png").mkdir()  # where the first output would go
   report = evaluation.evaluate(None, root, methods=["hazy"], limit=2, save_images=images,
-                               progress=False)
+                               progress=False, overwrite=True)
   assert [(r.key, bool(r.error)) for r in report.rows] == [("7_1", True), ("7_2", False)]
+  assert report.table().splitlines()[-1] == "1 image(s) failed: 7_1"
+  assert Image.open(images / "hazy" / "7_2.png").size == (truth["7_2"][0].shape[1],
+                                                          truth["7_2"][0].shape[0])
 
 
 def test_real_sots_hazy_rows_match_published(shared_dir):

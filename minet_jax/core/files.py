@@ -97,8 +97,9 @@ def check_output_folder(out: str | os.PathLike, *, overwrite: bool,
                        "--overwrite to replace its report")
     taken = sorted(name for name in writes or () if os.path.lexists(out / name))
     if taken:
-      raise ValueError(f"{what} {out} already holds {', '.join(taken)}; choose another "
-                       "folder, or pass --overwrite to replace them")
+      named = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+      raise ValueError(f"{what} {out} already holds {named}; choose another folder, or pass "
+                       "--overwrite to replace them")
   existing = out
   while not existing.exists():
     existing = existing.parent

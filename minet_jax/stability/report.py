@@ -13,6 +13,8 @@ import numpy as np
 # A bare Figure renders to files without pyplot's global state or a display backend.
 from matplotlib.figure import Figure
 
+from minet_jax.core import files
+
 
 def plot_block(report: dict[str, Any], index: int, path: pathlib.Path) -> Figure:
   """Writes the residual-versus-iteration plot of one block, with the estimated rates
@@ -57,7 +59,7 @@ def write_report(report: dict[str, Any], out_dir: str | pathlib.Path) -> list[pa
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   json_path = out / "stability.json"
-  json_path.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+  files.write_text(json_path, json.dumps(report, indent=1, allow_nan=True) + "\n")
   paths = [json_path]
   for i, block in enumerate(report["blocks"]):
     paths.append(out / f"block{i + 1}_residuals.png")
