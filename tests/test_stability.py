@@ -252,6 +252,23 @@ def test_cli_settings_are_refused_up_front(tmp_path, capsys, flags, message):
   assert not (tmp_path / "out").exists()
 
 
+
+def test_cli_ckpt_takes_what_the_other_tools_take(cli_inputs, tmp_path, monkeypatch, capsys):
+  from minet_jax import hub
+  ckpt, image = cli_inputs
+  monkeypatch.chdir(tmp_path)  # No folder named "its" here: the name is the release.
+  monkeypatch.setattr(hub, "pretrained", lambda name, **kw: minet_jax.load(ckpt))  # No download.
+  base = ["--image", str(image), "--steps", "3", "--radius-iters", "2", "--radius-window", "1",
+          "--arnoldi-iters", "2", "--norm-iters", "2"]
+  assert cli.main(["--ckpt", "its", "--out", str(tmp_path / "released"), *base]) == 0
+  assert (tmp_path / "released" / "stability.json").is_file()
+  bad = tmp_path / "model.pth"
+  bad.write_bytes(b"not a pickle")
+  assert cli.main(["--ckpt", str(bad), "--out", str(tmp_path / "bad"), *base]) == 2
+  err = capsys.readouterr().err
+  assert "could not load the model" in err and "model.pth" in err
+  assert "not a checkpoint folder" not in err and not (tmp_path / "bad").exists()
+
 def test_cli_checks_the_output_folder_first(cli_inputs, tmp_path, capsys, monkeypatch):
   ckpt, image = cli_inputs
   base = ["--ckpt", str(ckpt), "--image", str(image), "--steps", "3", "--radius-iters", "2",

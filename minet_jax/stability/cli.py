@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from minet_jax.core import api, checkpoint, files
+from minet_jax.core import api, files
 from minet_jax.core.config import ModelConfig, add_solve_arguments, speed_changes
 from minet_jax import convert, image_io, stability
 from minet_jax.image_io import ImageReadError, read_rgb
@@ -35,8 +35,9 @@ def _prog() -> str:
 
 
 def _load_params(args: argparse.Namespace) -> Params:
-  if args.ckpt:
-    return checkpoint.load(args.ckpt)
+  if args.ckpt:  # What every tool's --ckpt names (`minet_jax.hub.resolve`).
+    from minet_jax import hub
+    return hub.resolve(args.ckpt)
   return convert.weights_from_checkpoint(args.pth)
 
 
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
       description="Checks Theorem 1 (|lambda(df/dg)| < 1/eta; 1/(s eta) for a block solving "
                   "the stage of its step at fraction s) for every IM-block on one image.")
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--ckpt", help="minet-jax checkpoint folder (minet_jax.save / convert)")
+  source.add_argument("--ckpt", help="the weights: 'its' (the authors' released model, "
+                      "downloaded once into ~/.cache/minet_jax), an authors' .pth file, a "
+                      "checkpoint folder, or a training workdir")
   source.add_argument("--pth", help="the authors' PyTorch checkpoint, converted on the fly")
   parser.add_argument("--image", required=True, help="RGB image (PNG/JPEG)")
   parser.add_argument("--out", required=True,
