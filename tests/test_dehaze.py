@@ -6,6 +6,7 @@ import struct
 import sys
 import zlib
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -183,6 +184,17 @@ def test_a_file_named_twice_is_processed_once(tmp_path):
   assert skipped == {str(folder / "a.png"):
                      f"the same file as {tmp_path / 'in' / 'a.png'}: processed once"}
 
+
+
+def test_a_non_finite_output_is_a_failure_and_writes_nothing(tiny_ckpt, tmp_path):
+  params = minet_jax.load(tiny_ckpt)
+  weights = jax.tree.map(np.array, params.weights)
+  weights["deconv1"]["bias"][0] = np.nan  # As after a diverged training run.
+  broken = minet_jax.Params(weights=weights, config=params.config)
+  _png(tmp_path / "in" / "a.png")
+  outcome = dehaze.dehaze_files(broken, [tmp_path / "in"], tmp_path / "out", progress=False)
+  assert outcome.written == [] and not (tmp_path / "out").exists()
+  assert "NaN or infinite values" in outcome.failed[str(tmp_path / "in" / "a.png")]
 
 def test_output_folder_inside_the_input_folder_is_reported(tiny_ckpt, tmp_path, capsys):
   photos = tmp_path / "photos"
