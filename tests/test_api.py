@@ -214,7 +214,8 @@ def test_load_corrupt_checkpoint(params, tmp_path):
 
 
 @pytest.mark.parametrize("bad, error, pattern", [
-    (np.zeros((8, 8), np.uint8), ValueError, "HxWx3 or NxHxWx3"),
+    (np.zeros((8, 8), np.uint8), ValueError,
+     r"HxWx3 or NxHxWx3, got shape \(8, 8\) \(grayscale\?\); convert it with np.repeat"),
     (np.zeros((1, 1, 8, 8, 3), np.uint8), ValueError, "HxWx3 or NxHxWx3"),
     (np.zeros((8, 8, 1), np.uint8), ValueError, "grayscale"),
     (np.zeros((8, 8, 4), np.uint8), ValueError, "alpha"),

@@ -204,6 +204,18 @@ def test_another_optimizer_state_is_refused_and_nothing_is_moved(two_step_run, d
   assert _tree(workdir / "checkpoints") == before
   assert not (workdir / checkpointing.DAMAGED_DIR).exists()
 
+
+def test_rerunning_a_finished_run_says_there_is_nothing_to_train(straight_run, data_dir,
+                                                                 tmp_path, capsys):
+  workdir = tmp_path / "finished"
+  shutil.copytree(straight_run[0], workdir)
+  capsys.readouterr()
+  summary = train_and_evaluate(tiny_config(data_dir), workdir)
+  assert summary["step"] == 4
+  captured = capsys.readouterr()
+  assert (f"{workdir} is already trained to step 4 (config.num_train_steps = 4): nothing to "
+          "train; raise --config.num_train_steps to go on") in captured.out + captured.err
+
 def _damage(checkpoint: pathlib.Path, how: str) -> None:
   if how == "truncated state":
     for f in (checkpoint / "state").rglob("*"):

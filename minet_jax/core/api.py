@@ -41,6 +41,10 @@ def _check_layout(img: Any) -> np.dtype:
     raise TypeError(f"image dtype {img.dtype!r} is not a numpy dtype; pass a numpy or jax "
                     "array (np.asarray(...))") from None
   shape = tuple(img.shape)
+  if len(shape) == 2:  # A grayscale image as PIL and imageio read one.
+    raise ValueError(f"image must be HxWx3 or NxHxWx3, got shape {shape} (grayscale?); "
+                     "convert it with np.repeat(img[..., None], 3, -1) or PIL's "
+                     ".convert('RGB')")
   if len(shape) not in (3, 4):
     raise ValueError(f"image must be HxWx3 or NxHxWx3, got shape {shape}")
   channels_first = shape[-3] == 3 if len(shape) == 3 else shape[1] == 3

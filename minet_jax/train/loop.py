@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import re
+import sys
 import time
 from typing import Any, NoReturn
 
@@ -301,6 +302,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return _train_and_evaluate(config, workdir, chain=())
 
 
+def _on_terminal() -> bool:
+  """Whether the progress bar's stream (stderr) is a terminal."""
+  try:
+    return sys.stderr.isatty()
+  except (AttributeError, ValueError):  # Replaced or closed by the caller.
+    return False
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                         chain: tuple[pathlib.Path, ...]) -> dict[str, Any]:
   """`train_and_evaluate`; ``chain``: the workdirs of the runs waiting on this one."""
@@ -451,8 +460,13 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
       tqdm.write(f"step {int(state.step)}: validation PSNR {scores['psnr']:.2f} dB "
                  f"(hazy input {scores['hazy_psnr']:.2f} dB), SSIM {scores['ssim']:.4f}")
 
+  if resumed_from is not None and step >= total and jax.process_index() == 0:
+    tqdm.write(f"{workdir} is already trained to step {step} (config.num_train_steps = "
+               f"{total}): nothing to train; raise --config.num_train_steps to go on")
+  # Into a file or pipe (no terminal), a bar redrawn 10 times a second would write a line
+  # each time: there it is redrawn every 30 s.
   bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
-             disable=jax.process_index() != 0)
+             disable=jax.process_index() != 0, mininterval=0.1 if _on_terminal() else 30.0)
   try:
     with stop.installed():
       while step < total:
