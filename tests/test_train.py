@@ -976,6 +976,18 @@ def test_init_from_takes_other_solve_settings_but_not_another_architecture(tmp_p
   assert state.model_config.stages == (1, 2, 1)
   for x, y in zip(jax.tree.leaves(state.params().weights), jax.tree.leaves(params.weights)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The source's own solve settings do not veto the new roles: a penalty at random Picard
+  # iterates (contractive_point "iterate") suits one-stage blocks only, but this run has none.
+  source = tiny.get_config()
+  source.model.contractive_weight = 0.1
+  penalised = minet_jax.model_config(source.model)
+  minet_jax.save(minet_jax.Params(weights=params.weights, config=penalised),
+                 tmp_path / "penalised")
+  run = tiny.get_config()
+  run.init_from = str(tmp_path / "penalised")
+  run.model.stages, run.model.stage_fraction = (1, 2, 1), (1.0, 0.5, 1.0)
+  state = _initial_state(run, minet_jax.model_config(run.model))
+  assert state.model_config.stages == (1, 2, 1) and state.model_config.contractive_weight == 0
   for field, value in (("eta", 0.5), ("dilations", (1, 2, 3)), ("input_format", "bgr255")):
     run = tiny.get_config()
     run.init_from = config.init_from

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from minet_jax.core import checkpoint, files
 from minet_jax import hub
-from minet_jax.core.config import INIT_FROM_FREE_FIELDS, ModelConfig
+from minet_jax.core.config import ModelConfig
 from minet_jax.core.params import Params
 from minet_jax.train import checkpointing, config_file, inputs, sharding
 from minet_jax.train.checks import (ConfigError, architecture_differences, check_crop,
@@ -105,13 +105,6 @@ def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> Non
   if resumed.damaged:
     tqdm.write(f"resuming from step {resumed.step}, the newest intact checkpoint" if
                resumed.step is not None else "no intact checkpoint left: starting afresh")
-
-
-def _free_fields(old: ModelConfig, new: ModelConfig) -> dict[str, Any]:
-  """The INIT_FROM_FREE_FIELDS in which `new` differs from `old`, with `new`'s values:
-  the same weights in other roles, a start and not a mismatch."""
-  # Records leave out fields at their defaults (`ModelConfig.to_dict`): compare the configs.
-  return {k: getattr(new, k) for k in INIT_FROM_FREE_FIELDS if getattr(old, k) != getattr(new, k)}
 
 
 def _check_start_architecture(what: str, old: ModelConfig, new: ModelConfig) -> None:
@@ -195,12 +188,12 @@ def _init_from(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | 
     return None
   params = hub.resolve(config.init_from)
   _check_start_architecture(f"config.init_from {config.init_from}", params.config, cfg)
-  free = _free_fields(params.config, cfg)
-  if free:
-    try:
-      params = params.replace_config(**free)
-    except ValueError as e:  # the new roles against the checkpoint's stored settings
-      raise ConfigError(f"config.init_from {config.init_from}: {e}") from e
+  # The run's own config from here on: the source's solve settings (checked against
+  # its own roles) play no part in this run, so they must not veto the new roles.
+  try:
+    params = Params(weights=params.weights, config=cfg)
+  except ValueError as e:
+    raise ConfigError(f"config.init_from {config.init_from}: {e}") from e
   sources = {i: _resolve_named(f"init_blocks_from[{i}]", spec)
              for i, spec in enumerate(config.init_blocks_from) if spec}
   if sources:
