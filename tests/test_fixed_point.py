@@ -302,6 +302,25 @@ def test_anderson_breakdown_falls_back_to_the_newest_pair_after_the_history_wrap
     np.testing.assert_array_equal(nxt, x)
 
 
+
+def test_anderson_without_reg_differentiates_through_a_breakdown():
+  # Sample 0 converges early and stays frozen while sample 1 runs on: its stored residuals
+  # coincide, the unregularised small solve is singular and its steps fall back to Picard.
+  # Backprop through those steps must stay finite and match the analytic derivative of the
+  # fixed point z = a z + b: dz/db = 1 / (1 - a).
+  a = jnp.array([0.1, 0.9])
+
+  def solve(b):
+    return fp.fixed_point(lambda z, b: a * z + b, fp.Anderson(m=3, rtol=1e-4, reg=0.0),
+                          jnp.zeros(2), b, max_steps=12, per_sample=True)
+
+  b = jnp.ones(2)
+  result = solve(b)
+  np.testing.assert_allclose(result.value, b / (1 - a), rtol=1e-4)
+  grad = jax.grad(lambda b: jnp.sum(solve(b).value))(b)
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_allclose(grad, 1 / (1 - a), rtol=1e-3)
+
 def test_anderson_finds_a_repelling_fixed_point_and_misses_a_missing_one():
   # Anderson solves linear maps in a few steps whether or not the fixed point attracts.
   z0 = jnp.zeros(3)

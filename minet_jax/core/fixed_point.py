@@ -556,15 +556,23 @@ class Anderson(_Iterative):
     both = valid[:, None] & valid[None, :]
     diag = jnp.diagonal(gram, axis1=1, axis2=2)
     scale = jnp.sum(jnp.where(valid, diag, 0.0), axis=1) / jnp.maximum(jnp.sum(valid), 1)
-    scale = jnp.maximum(scale, jnp.finfo(jnp.float32).tiny)[:, None, None]
+    # Residuals that are all exactly zero (a sample solved exactly) scale by 1: dividing by
+    # a tiny floor instead would overflow the gradient (0 / tiny^2).
+    scale = jnp.where(scale > jnp.finfo(jnp.float32).tiny, scale, 1.0)[:, None, None]
     # Unused slots become identity rows with a zero right-hand side: their weight is 0.
     h = jnp.where(both, gram / scale, 0.0) + jnp.eye(m) * jnp.where(valid, self.reg, 1.0)
-    rhs = jnp.broadcast_to(valid.astype(jnp.float32), h.shape[:2])
-    a = jnp.linalg.solve(h, rhs[..., None])[..., 0]
-    alpha = a / jnp.sum(a, axis=1, keepdims=True)
-    # A breakdown of the small solve falls back to plain Picard on the newest pair.
+    rhs = jnp.broadcast_to(valid.astype(jnp.float32), h.shape[:2])[..., None]
+
+    def weights(h):
+      a = jnp.linalg.solve(h, rhs)[..., 0]
+      return a / jnp.sum(a, axis=1, keepdims=True)
+    # A breakdown of the small solve (a singular h, as when a finished sample's stored
+    # residuals coincide without `reg`) falls back to plain Picard on the newest pair. It
+    # is found first, and the solve differentiated is then one of a harmless h there:
+    # NaN weights masked by a where still give NaN gradients (0 * NaN).
+    ok = jnp.all(jnp.isfinite(jax.lax.stop_gradient(weights(h))), axis=1, keepdims=True)
+    alpha = weights(jnp.where(ok[..., None], h, jnp.eye(m)))
     fallback = jax.nn.one_hot(newest, m, dtype=jnp.float32)
-    ok = jnp.all(jnp.isfinite(alpha), axis=1, keepdims=True)
     alpha = jnp.where(ok, alpha, fallback)
     beta = self.beta
 
