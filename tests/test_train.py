@@ -216,6 +216,20 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_train(straight_run, d
   assert (f"{workdir} is already trained to step 4 (config.num_train_steps = 4): nothing to "
           "train; raise --config.num_train_steps to go on") in captured.out + captured.err
 
+
+def test_a_data_position_of_another_pipeline_is_refused_in_one_line(two_step_run, data_dir,
+                                                                    tmp_path):
+  # Saved without worker processes ({"next_index": 2}); grain's worker pipeline keeps
+  # per-worker states and raised a bare KeyError on this one.
+  workdir = tmp_path / "workers"
+  shutil.copytree(two_step_run, workdir)
+  before = _tree(workdir / "checkpoints")
+  with pytest.raises(ConfigError, match=r"the data position saved with step 2 \(data.worker_"
+                                        r"count = 0\) does not fit this input pipeline"):
+    train_and_evaluate(tiny_config(data_dir, num_train_steps=3, **{"data.worker_count": 1}),
+                       workdir)
+  assert _tree(workdir / "checkpoints") == before
+
 def _damage(checkpoint: pathlib.Path, how: str) -> None:
   if how == "truncated state":
     for f in (checkpoint / "state").rglob("*"):

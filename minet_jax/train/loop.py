@@ -367,6 +367,40 @@ def _train_prior(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: p
                   f"first: {e}") from e
 
 
+def _resume_or_start(config: ml_collections.ConfigDict, cfg: ModelConfig, start: _Start,
+                     ckpts: checkpointing.Checkpoints, train_iter: Any, writer: MetricWriter,
+                     mesh: Any) -> tuple[TrainState, int | None]:
+  """(state, the step resumed from or None): the newest intact checkpoint with the data
+  iterator moved to its position, else a fresh start."""
+  replicated = sharding.replicated(mesh)
+  try:
+    resumed = ckpts.restore_newest_intact(abstract_train_state(config, cfg), replicated)
+  except checkpointing.StateLayoutError as e:
+    raise ConfigError(str(e)) from e
+  _report_damaged(resumed, writer)
+  if resumed.step is None:
+    state = sharding.replicate(_initial_state(config, cfg, start.init_params), mesh)
+    writer.write_event(0, "start", init_from=config.init_from or None,
+                       init_from_config=config.init_from_config or None,
+                       init_blocks_from=list(config.init_blocks_from) or None,
+                       devices=mesh.devices.size, processes=jax.process_count())
+    return state, None
+  try:
+    inputs.restore_iterator(train_iter, resumed.data)
+  except Exception as e:  # grain's own KeyError or ValueError on another state's layout.
+    # Without workers the position is {"next_index": N}; with them, per-worker states.
+    saved = ("data.worker_count = 0" if isinstance(resumed.data, dict)
+             and "next_index" in resumed.data else "data.worker_count > 0")
+    raise ConfigError(
+        f"the data position saved with step {resumed.step} ({saved}) does not fit this "
+        f"input pipeline (data.worker_count = {config.data.worker_count}; "
+        f"{checkpoint.one_line_error(e)}): resume with the data settings it was saved "
+        "with") from e
+  writer.write_event(resumed.step, "resume", from_step=resumed.step,
+                     skipped_damaged=[d.step for d in resumed.damaged])
+  return resumed.state, resumed.step
+
+
 def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib.Path,
            start: _Start, t_start: float) -> dict[str, Any]:
   """`train_and_evaluate` once its start is accepted (and the workdir locked)."""
@@ -379,23 +413,14 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
   ckpts = checkpointing.Checkpoints(workdir, keep=int(config.keep_checkpoints),
                                     async_save=bool(config.async_checkpointing))
   try:
-    resumed = ckpts.restore_newest_intact(abstract_train_state(config, cfg), replicated)
-  except checkpointing.StateLayoutError as e:
+    state, resumed_from = _resume_or_start(config, cfg, start, ckpts, train_iter, writer,
+                                           mesh)
+  except BaseException:  # A refused start leaves no workers or open files behind.
     ckpts.close()
-    raise ConfigError(str(e)) from e
-  _report_damaged(resumed, writer)
-  resumed_from = resumed.step
-  if resumed_from is not None:
-    state = resumed.state
-    inputs.restore_iterator(train_iter, resumed.data)
-    writer.write_event(resumed_from, "resume", from_step=resumed_from,
-                       skipped_damaged=[d.step for d in resumed.damaged])
-  else:
-    state = sharding.replicate(_initial_state(config, cfg, start.init_params), mesh)
-    writer.write_event(0, "start", init_from=config.init_from or None,
-                       init_from_config=config.init_from_config or None,
-                       init_blocks_from=list(config.init_blocks_from) or None,
-                       devices=mesh.devices.size, processes=jax.process_count())
+    writer.close()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
+    raise
   if jax.process_index() == 0:
     checkpointing.write_model_config(workdir, state.model_config)
     _record_config(workdir, config)
