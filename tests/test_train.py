@@ -230,6 +230,41 @@ def test_a_data_position_of_another_pipeline_is_refused_in_one_line(two_step_run
                        workdir)
   assert _tree(workdir / "checkpoints") == before
 
+
+def test_bad_training_data_mid_run_is_one_line_and_keeps_the_checkpoints(two_step_run, data_dir,
+                                                                          tmp_path, monkeypatch):
+  # As a crop larger than the 40th image, or whole images of two sizes in one batch: the
+  # start-up check reads the first image only.
+  from minet_jax.train import inputs
+  workdir = tmp_path / "bad_data"
+  shutil.copytree(two_step_run, workdir)
+  real = inputs.train_iterator
+
+  def failing_after_one(*args, **kwargs):
+    good = real(*args, **kwargs)
+
+    class Iterator:
+      calls = 0
+
+      def __next__(self):
+        self.calls += 1
+        if self.calls > 1:
+          raise ValueError("cannot batch images of different sizes: (48, 64) and (40, 48)")
+        return next(good)
+
+      def get_state(self):
+        return good.get_state()
+
+      def set_state(self, state):
+        good.set_state(state)
+    return Iterator()
+
+  monkeypatch.setattr(inputs, "train_iterator", failing_after_one)
+  with pytest.raises(ConfigError, match=r"the training data failed at step 4: ValueError: "
+                                        r"cannot batch images of different sizes"):
+    train_and_evaluate(tiny_config(data_dir), workdir)
+  assert _steps(workdir / "checkpoints") == [2]  # Step 3 trained; no checkpoint lost.
+
 def _damage(checkpoint: pathlib.Path, how: str) -> None:
   if how == "truncated state":
     for f in (checkpoint / "state").rglob("*"):
@@ -1056,6 +1091,12 @@ def test_distillation_trains_towards_the_teachers_output_from_scaled_blocks(tmp_
   bad.teacher, bad.init_block_scale = "", (0.5, 0.5, 0.5)
   with pytest.raises(ConfigError, match="init_block_scale"):
     validate_config(bad)
+  # With init_from, one positive factor per block, refused before anything loads.
+  bad.init_from = "unused"
+  for scale in ((0.5, 0.5), (0.5, 0.5, 0.5, 0.5), (0.5, 0.0, 1.0), (0.5, "x", 1.0)):
+    bad.init_block_scale = scale
+    with pytest.raises(ConfigError, match=r"one positive factor per IM-block \(3\)"):
+      validate_config(bad)
 
 
 def test_correction_loss_is_the_loss_of_one_step_after_random_iterates():

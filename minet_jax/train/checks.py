@@ -7,7 +7,9 @@ would be used with. Each raises `ConfigError` naming the field and a fix.
 
 from __future__ import annotations
 
+import math
 import pathlib
+from typing import Any
 
 import jax
 import ml_collections
@@ -25,6 +27,13 @@ from minet_jax.train.step import LOSSES, TEACHER_INPUTS, parse_ynn_fusions
 
 class ConfigError(ValueError):
   """The config, or the workdir it is used with, cannot be trained; the message says why."""
+
+
+def _positive_number(value: Any) -> bool:
+  try:
+    return not isinstance(value, bool) and 0 < float(value) < math.inf
+  except (TypeError, ValueError):
+    return False
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -91,9 +100,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     raise ConfigError(f"config.init_blocks_from {sources} needs config.init_from and one "
                       f"entry per IM-block ({cfg.num_blocks}): \"\" or a model for that block")
   scale = tuple(config.init_block_scale)
-  if scale and (not config.init_from or not all(float(s) > 0 for s in scale)):
+  if scale and (not config.init_from or len(scale) != cfg.num_blocks
+                or not all(_positive_number(s) for s in scale)):
     raise ConfigError(f"config.init_block_scale {scale} needs config.init_from and one "
-                      "positive factor per IM-block")
+                      f"positive factor per IM-block ({cfg.num_blocks})")
   if not is_count(config.seed, 0) or config.seed >= 2**31:
     raise ConfigError(f"config.seed must be an integer in [0, 2**31), got {config.seed!r}")
   try:

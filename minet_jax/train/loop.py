@@ -406,8 +406,11 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
   """`train_and_evaluate` once its start is accepted (and the workdir locked)."""
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
+  try:
+    train_iter = inputs.train_iterator(config, start.train_source, mesh)
+  except ValueError as e:  # e.g. a batch the devices cannot share
+    raise ConfigError(f"config.data: {e}") from e
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  train_iter = inputs.train_iterator(config, start.train_source, mesh)
   evaluator = Evaluator(config, start.eval_source, mesh)
 
   ckpts = checkpointing.Checkpoints(workdir, keep=int(config.keep_checkpoints),
@@ -488,7 +491,15 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
   try:
     with stop.installed():
       while step < total:
-        batch = sharding.global_batch(next(train_iter), mesh)
+        try:
+          local = next(train_iter)
+        except Exception as e:  # A bad image the start-up checks could not see.
+          raise ConfigError(
+              f"the training data failed at step {step + 1}: {checkpoint.one_line_error(e)}; "
+              "fix the data or config.data (crop_size 0 takes whole images, which must "
+              "then share one size per batch); a rerun resumes from the last "
+              "checkpoint") from e
+        batch = sharding.global_batch(local, mesh)
         t0 = time.time()
         state, step_metrics = train_step(state, batch)
         step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
