@@ -303,6 +303,19 @@ def test_anderson_breakdown_falls_back_to_the_newest_pair_after_the_history_wrap
 
 
 
+
+def test_unrolled_implicit_sums_max_steps_plus_one_neumann_terms():
+  # z = j z + a: the adjoint of `Unrolled` with N steps from u = z_bar is
+  # z_bar (1 + j + ... + j^N); backprop through the N forward steps from 0 has N terms.
+  j, n = 0.5, 3
+
+  def grad(adjoint):
+    return float(jax.grad(lambda a: fp.fixed_point(lambda z, a: j * z + a, fp.Unrolled(),
+                                                   jnp.zeros(()), a, max_steps=n,
+                                                   adjoint=adjoint).value)(1.0))
+  assert grad(fp.Implicit()) == pytest.approx(sum(j**k for k in range(n + 1)))
+  assert grad(fp.Backprop()) == pytest.approx(sum(j**k for k in range(n)))
+
 def test_anderson_without_reg_differentiates_through_a_breakdown():
   # Sample 0 converges early and stays frozen while sample 1 runs on: its stored residuals
   # coincide, the unregularised small solve is singular and its steps fall back to Picard.
