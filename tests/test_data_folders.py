@@ -90,6 +90,11 @@ def test_generic_paired_folder(tmp_path):
   _write(tmp_path / "nh" / "03_GT.png", _random_image(rng, 5, 5))
   (record,) = folders.find_pairs(tmp_path / "nh")
   assert (record.scene, record.clear.name) == ("03", "03_GT.png")
+  # Two ground truths of one id: refused, as in the hazy/ + gt/ layout, not one picked.
+  _write(tmp_path / "nh" / "03_GT.jpg", _random_image(rng, 5, 5))
+  with pytest.raises(DatasetLayoutError, match="two ground truths for id '03': 03_GT.jpg and "
+                                               "03_GT.png; keep one"):
+    folders.find_pairs(tmp_path / "nh")
 
 
 def _assert_layout_error(excinfo, *needles):

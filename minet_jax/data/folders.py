@@ -300,7 +300,15 @@ def _match_paired(path: pathlib.Path, lookup) -> PairRecord | None:
 
 
 def _by_flat_id(clears: list[pathlib.Path]) -> dict[str, pathlib.Path]:
-  return {_FLAT_CLEAR.match(p.stem)["id"]: p for p in clears}
+  """One ground truth per id (``<id>_GT``, ...), as the other layouts insist."""
+  by_id: dict[str, pathlib.Path] = {}
+  for p in clears:
+    scene = _FLAT_CLEAR.match(p.stem)["id"]
+    if scene in by_id:
+      raise _Problem(f"two ground truths for id {scene!r}: {by_id[scene].name} and {p.name}; "
+                     "keep one")
+    by_id[scene] = p
+  return by_id
 
 
 def _match_flat(path: pathlib.Path, clears: dict[str, pathlib.Path]) -> PairRecord | None:
