@@ -265,6 +265,28 @@ def test_bad_training_data_mid_run_is_one_line_and_keeps_the_checkpoints(two_ste
     train_and_evaluate(tiny_config(data_dir), workdir)
   assert _steps(workdir / "checkpoints") == [2]  # Step 3 trained; no checkpoint lost.
 
+
+def test_a_sigterm_while_the_last_save_is_written_does_not_kill_the_run(straight_run, data_dir,
+                                                                       tmp_path, monkeypatch):
+  # Asynchronous saves finish in the final wait, after the loop: a SIGTERM there (a second
+  # one, or one just after the last step) used to meet Python's default handler and kill
+  # the process mid-write (here: the test process itself).
+  import signal
+  workdir = tmp_path / "term"
+  shutil.copytree(straight_run[0], workdir)
+  real_wait = checkpointing.Checkpoints.wait
+
+  def wait_with_a_sigterm(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    real_wait(self)
+
+  monkeypatch.setattr(checkpointing.Checkpoints, "wait", wait_with_a_sigterm)
+  before = signal.getsignal(signal.SIGTERM)
+  summary = train_and_evaluate(tiny_config(data_dir, num_train_steps=5), workdir)
+  assert summary["step"] == 5 and summary["stopped_by"] == "SIGTERM"
+  assert _steps(workdir / "checkpoints")[-1] == 5  # The last save is whole on disk.
+  assert signal.getsignal(signal.SIGTERM) == before
+
 def _damage(checkpoint: pathlib.Path, how: str) -> None:
   if how == "truncated state":
     for f in (checkpoint / "state").rglob("*"):

@@ -538,7 +538,8 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
           break
   finally:
     bar.close()
-    ckpts.wait()
+    with stop.installed():  # A SIGTERM while the last saves are written asks; it cannot kill.
+      ckpts.wait()
     best_psnr = ckpts.best_psnr()
     ckpts.close()
     writer.close()
