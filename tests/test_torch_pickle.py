@@ -353,6 +353,25 @@ def test_malformed_pickles_are_one_line_refusals(tmp_path, case, capsys):
   assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize("claimed", [200_000_000, 2**62])
+def test_a_bytearray_longer_than_the_allowance_is_refused_before_allocating(tmp_path, claimed):
+  # Protocol 5's BYTEARRAY8 declares its length first; 11 bytes must not cost 200 MB.
+  import tracemalloc
+  path = tmp_path / "big.pth"
+  path.write_bytes(b"\x80\x05" + pickle.BYTEARRAY8 + struct.pack("<Q", claimed))
+  tracemalloc.start()
+  try:
+    with pytest.raises(tp.CheckpointFormatError, match="larger than"):
+      tp.load(path)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 20_000_000, peak
+  # One within the allowance still reads.
+  _legacy_file(path, pickle.dumps({"w": bytearray(b"abc")}, protocol=5))
+  assert tp.load(path) == {"w": bytearray(b"abc")}
+
 def test_flipped_bytes_never_give_a_raw_error(tmp_path):
   src = tmp_path / "sd.pth"
   pth_writer.save_state_dict({"a": np.arange(6, dtype=np.float32).reshape(2, 3),

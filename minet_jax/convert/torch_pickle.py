@@ -460,11 +460,22 @@ def _load_build(self) -> None:
                             "refusing (nothing was changed)")
 
 
+def _load_bytearray8(self) -> None:
+  """BYTEARRAY8 read through the byte allowance: the standard one allocates its declared
+  length (up to 2**64) before reading a byte."""
+  (length,) = struct.unpack("<Q", self.read(8))
+  data = self.read(length)  # Refused past the allowance before anything is allocated.
+  if len(data) != length:
+    raise CheckpointFormatError("the pickle ends inside a bytearray")
+  self.append(bytearray(data))
+
+
 class _RestrictedUnpickler(pickle._Unpickler):  # The pure-Python unpickler: opcodes can be policed.
   """Allow-list unpickler; ``load_storage(args)`` resolves persistent storage ids."""
 
   dispatch = {code: _counted(op) for code, op in pickle._Unpickler.dispatch.items()}
   dispatch[pickle.BUILD[0]] = _counted(_load_build)
+  dispatch[pickle.BYTEARRAY8[0]] = _counted(_load_bytearray8)
 
   def __init__(self, file, budget: _Budget, load_storage=None):
     super().__init__(file, encoding="utf-8")
