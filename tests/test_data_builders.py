@@ -139,20 +139,22 @@ def _pairs_folder(root: pathlib.Path, n: int = 3) -> pathlib.Path:
 
 
 def test_paired_folder(tmp_path):
-  manual = _pairs_folder(tmp_path / "My O-HAZE")
+  manual = _pairs_folder(tmp_path / "My O-HAZE", n=10)
   source = builders.load_source("paired_folder", "train", tmp_path / "data", manual_dir=manual)
-  assert len(source) == 3
+  assert len(source) == 10
+  # In file order, so a slice is the published division (O-HAZE: 1-40 / 41-45).
+  assert [source[i]["key"] for i in range(10)] == [f"{i:02d}_outdoor_hazy" for i in range(10)]
   assert (tmp_path / "data" / "paired_folder" / "my_o_haze").is_dir()
   records = {r.key: r for r in folders.find_paired_folder(manual)}
-  for i in range(3):
+  for i in range(10):
     ex = source[i]
     hazy, clear = folders.load_pair(records[ex["key"]])
     np.testing.assert_array_equal(ex["hazy"], hazy)
     np.testing.assert_array_equal(ex["clear"], clear)
     assert ex["index"] == -1
-  named = builders.load_source("paired_folder/my_o_haze", "train[:2]", tmp_path / "data",
+  named = builders.load_source("paired_folder/my_o_haze", "train[8:]", tmp_path / "data",
                                build_if_missing=False)
-  assert len(named) == 2
+  assert [named[i]["key"] for i in range(2)] == ["08_outdoor_hazy", "09_outdoor_hazy"]
 
 
 def test_errors(tmp_path):

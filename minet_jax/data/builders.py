@@ -6,7 +6,8 @@ Datasets (examples are dicts, see `PairSource`):
 * ``reside_sots/indoor``, ``reside_sots/outdoor``: RESIDE SOTS, split ``test``.
 * ``paired_folder/<name>``: any folder `minet_jax.data.folders.find_paired_folder`
   understands (O-HAZE, Dense-HAZE, NH-HAZE, ...), split ``train`` holding every
-  pair; slice it (``train[:40]``, ``train[40:]``) for a train/test division.
+  pair in file order; slice it (``train[:40]``, ``train[40:]``) for a train/test
+  division.
 * ``synthetic_haze``: the offline set of `minet_jax.data.synthetic`, splits
   ``train`` and ``validation``, built in seconds with no download.
 
@@ -225,12 +226,18 @@ class ResideSots(_FolderPairs):
 
 
 class PairedFolder(_FolderPairs):
-  """Hazy/clear pairs from a folder (O-HAZE, Dense-HAZE, NH-HAZE style); name it per folder."""
+  """Hazy/clear pairs from a folder (O-HAZE, Dense-HAZE, NH-HAZE style); name it per folder.
+
+  Its examples keep the folder's file order (TFDS would otherwise shuffle them by key),
+  so slices are the published divisions: ``train[:40]`` is O-HAZE's 1-40.
+  """
   MANUAL_DOWNLOAD_INSTRUCTIONS = _PAIRED_INSTRUCTIONS
+  VERSION = tfds.core.Version("1.1.0")  # A build of 1.0.0 (shuffled) is not reused.
+  RELEASE_NOTES = {**RELEASE_NOTES, "1.1.0": "Examples in the folder's file order."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="default")]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self._info_with()
+    return self._info_with(disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
     manual_dir = dl_manager.manual_dir
