@@ -418,6 +418,27 @@ print("OK")
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr
   assert log.read_text().split() == ["call"]
+  # A CXX with a launcher ("ccache g++") is split as a shell would; and four threads
+  # asking at once build once (the compiler takes a second, so they overlap).
+  slow = tmp_path / "slow-cxx"
+  slow.write_text(f"#!/bin/sh\necho call >> {log}\nsleep 1\nexit 1\n")
+  slow.chmod(0o755)
+  threads = """
+import threading
+from minet_jax.core import onednn
+answers = []
+workers = [threading.Thread(target=lambda: answers.append(onednn.available())) for _ in range(4)]
+for w in workers: w.start()
+for w in workers: w.join()
+assert answers == [False] * 4
+print("OK")
+"""
+  env = dict(os.environ, CXX=f"sh {slow}", MINET_JAX_CACHE=str(tmp_path / "c3"),
+             MINET_ONEDNN_ROOT=str(root))
+  done = subprocess.run([sys.executable, "-c", threads], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr
+  assert log.read_text().split() == ["call", "call"]
 
 
 @needs_kernels

@@ -39,9 +39,11 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -100,10 +102,12 @@ def _installed_dirs() -> tuple[pathlib.Path, pathlib.Path] | None:
 
 
 def _compile(include: pathlib.Path, lib: pathlib.Path, output: pathlib.Path) -> None:
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-  if compiler is None:
+  cxx = os.environ.get("CXX")
+  # CXX may carry a launcher or flags ("ccache g++"), split as a shell would.
+  compiler = shlex.split(cxx) if cxx else [shutil.which("g++") or shutil.which("c++")]
+  if not compiler or compiler[0] is None:
     raise OneDNNUnavailable("no C++ compiler found (set CXX, or install g++)")
-  command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(_SOURCE),
+  command = [*compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(_SOURCE),
              "-I", jax.ffi.include_dir(), "-I", str(include),
              "-L", str(lib), "-ldnnl", f"-Wl,-rpath,{lib}", "-o", str(output)]
   done = subprocess.run(command, capture_output=True, text=True)
@@ -193,8 +197,20 @@ _LOADED: list[OneDNNUnavailable | None] = []
 _NATIVE_BF16: list[bool] = []
 
 
+# Threads tracing convolutions at once would each build and register the library.
+_LOAD_LOCK = threading.Lock()
+
+
 def _load() -> None:
   """Compiles (once per source, jax and oneDNN) and registers the FFI handler."""
+  if not _LOADED:
+    with _LOAD_LOCK:
+      _load_once()
+  if _LOADED[0] is not None:
+    raise _LOADED[0]
+
+
+def _load_once() -> None:
   if not _LOADED:
     try:
       _build_and_register()
@@ -206,8 +222,6 @@ def _load() -> None:
       # load: all mean no oneDNN here, said with the cause.
       _LOADED.append(OneDNNUnavailable(f"building or loading the oneDNN kernels failed: "
                                        f"{type(e).__name__}: {e}"))
-  if _LOADED[0] is not None:
-    raise _LOADED[0]
 
 
 def available() -> bool:
