@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import os
 import pathlib
 import sys
@@ -71,7 +72,8 @@ class DownloadError(OSError):
 
 
 def download_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
-  """The folder holding downloaded weights: ``<path or the package cache>/weights``."""
+  """The folder holding downloaded weights: `path` itself when given, else
+  ``<the package cache>/weights``."""
   return pathlib.Path(path).expanduser() if path is not None else files.cache_dir() / "weights"
 
 
@@ -148,7 +150,10 @@ def _download(url: str, target: pathlib.Path, *, progress: bool) -> None:
         finally:
           if bar is not None:
             bar.close()
-    except (urllib.error.URLError, OSError) as e:
+        if total is not None and size != total:  # Closed early without an error.
+          raise ConnectionError(f"the connection closed after {size:,} of {total:,} bytes")
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+      # HTTPException: e.g. IncompleteRead, a connection dropped mid-body.
       if isinstance(e, DownloadError):
         raise
       reason = getattr(e, "reason", None) or e

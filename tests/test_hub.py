@@ -215,3 +215,41 @@ def test_an_oversized_download_is_cut_off(server, tmp_path, monkeypatch):
   assert "sent more than 100,000 bytes" in str(e.value)
   assert "Without network" not in str(e.value)
   assert not any(cache.iterdir())
+
+
+@pytest.mark.parametrize("body", ["sized", "chunked"])
+def test_a_connection_dropped_mid_download_is_a_download_error(tmp_path, body):
+  # The server promises 100,000 bytes and hangs up after 10: a failed download (not a
+  # damaged release), with nothing kept. (A chunked body cut short raises http.client's
+  # IncompleteRead instead, no OSError; it is caught the same way.)
+  class Truncating(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+      self.send_response(200)
+      if body == "sized":
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.write(b"0123456789")
+      else:  # One whole chunk, then one cut short.
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"a\r\n0123456789\r\nff\r\n0123")
+      self.close_connection = True
+
+    def log_message(self, *args):
+      pass
+
+  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Truncating)
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  cache = tmp_path / "cache"
+  try:
+    reason = ("the connection closed after 10 of 100,000 bytes" if body == "sized" else
+              "IncompleteRead")
+    with pytest.raises(hub.DownloadError, match=f"could not download .*{reason}.*Without network"):
+      minet_jax.pretrained(cache_dir=cache, progress=False,
+                           url=f"http://127.0.0.1:{httpd.server_address[1]}/model_ITS.pth")
+  finally:
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+  assert not any(cache.iterdir())
