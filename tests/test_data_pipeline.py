@@ -124,6 +124,13 @@ def test_shards_split_each_global_batch():
     assert sorted(x.tobytes() for x in glued) == sorted(x.tobytes() for x in whole[k]["hazy"])
   with pytest.raises(ValueError, match="shard_index"):
     pipeline.train_dataset(source, batch_size=2, shard_index=2, shard_count=2)
+  # A finite epoch gives every process as many batches (lockstep), with or without the
+  # last incomplete one: 10 examples over 3 processes in batches of 2.
+  for drop in (True, False):
+    lengths = {len(pipeline.train_dataset(_source(10), batch_size=2, crop_size=6, num_epochs=1,
+                                          shard_index=p, shard_count=3, drop_remainder=drop))
+               for p in range(3)}
+    assert lengths == {1 if drop else 2}
 
 
 def test_eval_dataset_in_order():

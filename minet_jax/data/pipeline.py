@@ -118,7 +118,9 @@ def train_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
     seed: determines the order, crops and flips.
     num_epochs: passes over the data; None repeats forever.
     shard_index, shard_count: this process's share of every global batch of
-      ``batch_size * shard_count`` examples (multi-host data parallelism).
+      ``batch_size * shard_count`` examples (multi-host data parallelism); with a
+      finite `num_epochs` the last ``len % shard_count`` examples are left out, so
+      every process gets as many batches.
     drop_remainder: drop a last incomplete batch (finite `num_epochs` only).
 
   Returns:
@@ -137,6 +139,8 @@ def train_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
   # Seeded by (seed + 1, index) so crops do not correlate with the shuffle stream.
   ds = ds.random_map(CropFlip(crop_size, flip), seed=(seed + 1) % 2**32)
   if shard_count > 1:
+    if num_epochs is not None:  # Every process the same number of batches: lockstep.
+      ds = ds[:len(ds) - len(ds) % shard_count]
     ds = ds[shard_index::shard_count]
   return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=stack_batch)
 
