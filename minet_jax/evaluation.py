@@ -200,6 +200,14 @@ class Report:
             float(v) for v in np.mean([r.solve_steps for r in solved], axis=0)]
     return out
 
+  def failed_images(self) -> dict[str, str]:
+    """Every image that failed, unread or failed by a method: its first error."""
+    failed: dict[str, str] = {}
+    for r in self.rows:
+      if r.error:
+        failed.setdefault(r.key, r.error if r.key in self.failed else f"{r.method}: {r.error}")
+    return failed
+
   def table(self) -> str:
     names = {"minet": "MI-Net", "hazy": "hazy input", "dcp": "DCP"}
     lines = [f"{'method':<12} | {'PSNR (dB)':>9} | {'SSIM':>7} | {'s/image':>8} | images",
@@ -222,15 +230,15 @@ class Report:
     if self.settings:
       lines.append("(MI-Net inexact: " + ", ".join(f"{k}={v}" for k, v in self.settings.items())
                    + ")")
-    failed = sorted({r.key for r in self.rows if r.error})  # Unread, or failed by a method.
+    failed = self.failed_images()
     if failed:
-      lines.append(f"{len(failed)} image(s) failed: " + ", ".join(failed))
+      lines.append(f"{len(failed)} image(s) failed: " + ", ".join(sorted(failed)))
     return "\n".join(lines)
 
   def to_json(self) -> dict[str, Any]:
     return {"data": self.data, "ckpt": self.ckpt, "minet_settings": self.settings,
             "minet_solve": self.solve, "protocol": PROTOCOL,
-            "summary": self.summary(), "failed_images": self.failed,
+            "summary": self.summary(), "failed_images": self.failed_images(),
             "compile_seconds": self.compile_seconds,
             "per_image": [dataclasses.asdict(r) for r in self.rows]}
 

@@ -196,6 +196,7 @@ def test_a_non_finite_output_is_a_failure_and_writes_nothing(tiny_ckpt, tmp_path
   assert outcome.written == [] and not (tmp_path / "out").exists()
   assert "NaN or infinite values" in outcome.failed[str(tmp_path / "in" / "a.png")]
 
+
 def test_output_folder_inside_the_input_folder_is_reported(tiny_ckpt, tmp_path, capsys):
   photos = tmp_path / "photos"
   _png(photos / "a.png", 1)

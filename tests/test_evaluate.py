@@ -138,6 +138,8 @@ def test_an_unwritable_or_taken_out_folder_is_refused_before_any_work(sots_like,
                                progress=False, overwrite=True)
   assert [(r.key, bool(r.error)) for r in report.rows] == [("7_1", True), ("7_2", False)]
   assert report.table().splitlines()[-1] == "1 image(s) failed: 7_1"
+  failed = report.to_json()["failed_images"]
+  assert list(failed) == ["7_1"] and failed["7_1"].startswith("hazy: ")
   assert Image.open(images / "hazy" / "7_2.png").size == (truth["7_2"][0].shape[1],
                                                           truth["7_2"][0].shape[0])
 

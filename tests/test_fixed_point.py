@@ -316,6 +316,7 @@ def test_unrolled_implicit_sums_max_steps_plus_one_neumann_terms():
   assert grad(fp.Implicit()) == pytest.approx(sum(j**k for k in range(n + 1)))
   assert grad(fp.Backprop()) == pytest.approx(sum(j**k for k in range(n)))
 
+
 def test_anderson_without_reg_differentiates_through_a_breakdown():
   # Sample 0 converges early and stays frozen while sample 1 runs on: its stored residuals
   # coincide, the unregularised small solve is singular and its steps fall back to Picard.
@@ -333,6 +334,7 @@ def test_anderson_without_reg_differentiates_through_a_breakdown():
   grad = jax.grad(lambda b: jnp.sum(solve(b).value))(b)
   assert np.all(np.isfinite(grad))
   np.testing.assert_allclose(grad, 1 / (1 - a), rtol=1e-3)
+
 
 def test_anderson_finds_a_repelling_fixed_point_and_misses_a_missing_one():
   # Anderson solves linear maps in a few steps whether or not the fixed point attracts.

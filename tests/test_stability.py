@@ -269,6 +269,7 @@ def test_cli_ckpt_takes_what_the_other_tools_take(cli_inputs, tmp_path, monkeypa
   assert "could not load the model" in err and "model.pth" in err
   assert "not a checkpoint folder" not in err and not (tmp_path / "bad").exists()
 
+
 def test_cli_checks_the_output_folder_first(cli_inputs, tmp_path, capsys, monkeypatch):
   ckpt, image = cli_inputs
   base = ["--ckpt", str(ckpt), "--image", str(image), "--steps", "3", "--radius-iters", "2",

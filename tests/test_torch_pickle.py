@@ -372,6 +372,7 @@ def test_a_bytearray_longer_than_the_allowance_is_refused_before_allocating(tmp_
   _legacy_file(path, pickle.dumps({"w": bytearray(b"abc")}, protocol=5))
   assert tp.load(path) == {"w": bytearray(b"abc")}
 
+
 def test_flipped_bytes_never_give_a_raw_error(tmp_path):
   src = tmp_path / "sd.pth"
   pth_writer.save_state_dict({"a": np.arange(6, dtype=np.float32).reshape(2, 3),

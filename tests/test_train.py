@@ -220,7 +220,7 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_train(straight_run, d
 def test_a_data_position_of_another_pipeline_is_refused_in_one_line(two_step_run, data_dir,
                                                                     tmp_path):
   # Saved without worker processes ({"next_index": 2}); grain's worker pipeline keeps
-  # per-worker states and raised a bare KeyError on this one.
+  # per-worker states and cannot take this one.
   workdir = tmp_path / "workers"
   shutil.copytree(two_step_run, workdir)
   before = _tree(workdir / "checkpoints")
@@ -268,9 +268,8 @@ def test_bad_training_data_mid_run_is_one_line_and_keeps_the_checkpoints(two_ste
 
 def test_a_sigterm_while_the_last_save_is_written_does_not_kill_the_run(straight_run, data_dir,
                                                                        tmp_path, monkeypatch):
-  # Asynchronous saves finish in the final wait, after the loop: a SIGTERM there (a second
-  # one, or one just after the last step) used to meet Python's default handler and kill
-  # the process mid-write (here: the test process itself).
+  # Asynchronous saves finish in the final wait, after the loop: a SIGTERM there must meet
+  # the run's handler, not Python's default (which would kill this test's process).
   import signal
   workdir = tmp_path / "term"
   shutil.copytree(straight_run[0], workdir)
@@ -282,10 +281,26 @@ def test_a_sigterm_while_the_last_save_is_written_does_not_kill_the_run(straight
 
   monkeypatch.setattr(checkpointing.Checkpoints, "wait", wait_with_a_sigterm)
   before = signal.getsignal(signal.SIGTERM)
-  summary = train_and_evaluate(tiny_config(data_dir, num_train_steps=5), workdir)
-  assert summary["step"] == 5 and summary["stopped_by"] == "SIGTERM"
-  assert _steps(workdir / "checkpoints")[-1] == 5  # The last save is whole on disk.
+  summary = train_and_evaluate(tiny_config(data_dir, num_train_steps=5,
+                                           async_checkpointing=True), workdir)
+  # Every step was trained: the SIGTERM stopped nothing, and the last save is whole.
+  assert summary["step"] == 5 and summary["stopped_by"] is None
+  assert _steps(workdir / "checkpoints")[-1] == 5
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_validation_images_of_two_sizes_are_a_config_error():
+  # Found at the first validation, mid-run: a one-line error from train.py, naming the fix.
+  from minet_jax.train import sharding
+  from minet_jax.train.evaluator import Evaluator
+  config = tiny.get_config()
+  config.data.eval_batch_size = 2
+  source = [{"hazy": np.zeros((h, w, 3), np.uint8), "clear": np.zeros((h, w, 3), np.uint8)}
+            for h, w in ((8, 10), (10, 8))]
+  evaluator = Evaluator(config, source, sharding.make_mesh())
+  with pytest.raises(ConfigError, match="set config.data.eval_batch_size=1"):
+    list(evaluator._batches())
+
 
 def _damage(checkpoint: pathlib.Path, how: str) -> None:
   if how == "truncated state":

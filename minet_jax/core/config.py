@@ -401,6 +401,12 @@ def is_count(value: Any, minimum: int = 1) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 
+def is_positive_number(value: Any) -> bool:
+  """Whether `value` is a finite real number > 0 (a bool is not one): factors and scales."""
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value) and value > 0)
+
+
 def block_indices(blocks: Any, num_blocks: int, name: str = "blocks") -> list[int]:
   """``blocks`` (0-based IM-block indices, or None for all) as a sorted list without
   repeats; raises ValueError naming ``name`` unless it names one or more blocks."""

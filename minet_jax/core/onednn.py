@@ -217,9 +217,10 @@ def _load_once() -> None:
       _LOADED.append(None)
     except OneDNNUnavailable as e:
       _LOADED.append(e)
-    except (OSError, subprocess.SubprocessError, AttributeError) as e:
-      # An unwritable cache folder, a CXX that is not there, a library that will not
-      # load: all mean no oneDNN here, said with the cause.
+    except (OSError, subprocess.SubprocessError, AttributeError, ValueError) as e:
+      # An unwritable cache folder, a CXX that is not there or does not parse (an
+      # unclosed quote), a library that will not load: all mean no oneDNN here, said
+      # with the cause.
       _LOADED.append(OneDNNUnavailable(f"building or loading the oneDNN kernels failed: "
                                        f"{type(e).__name__}: {e}"))
 

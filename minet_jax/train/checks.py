@@ -7,9 +7,7 @@ would be used with. Each raises `ConfigError` naming the field and a fix.
 
 from __future__ import annotations
 
-import math
 import pathlib
-from typing import Any
 
 import jax
 import ml_collections
@@ -17,7 +15,7 @@ import numpy as np
 
 from minet_jax import hub
 from minet_jax.core import checkpoint
-from minet_jax.core.config import ModelConfig, is_count, model_config
+from minet_jax.core.config import ModelConfig, is_count, is_positive_number, model_config
 from minet_jax.core.params import shapes_mismatch
 from minet_jax.train import checkpointing
 from minet_jax.train.inputs import synthetic_config
@@ -27,13 +25,6 @@ from minet_jax.train.step import LOSSES, TEACHER_INPUTS, parse_ynn_fusions
 
 class ConfigError(ValueError):
   """The config, or the workdir it is used with, cannot be trained; the message says why."""
-
-
-def _positive_number(value: Any) -> bool:
-  try:
-    return not isinstance(value, bool) and 0 < float(value) < math.inf
-  except (TypeError, ValueError):
-    return False
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -101,7 +92,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
                       f"entry per IM-block ({cfg.num_blocks}): \"\" or a model for that block")
   scale = tuple(config.init_block_scale)
   if scale and (not config.init_from or len(scale) != cfg.num_blocks
-                or not all(_positive_number(s) for s in scale)):
+                or not all(is_positive_number(s) for s in scale)):
     raise ConfigError(f"config.init_block_scale {scale} needs config.init_from and one "
                       f"positive factor per IM-block ({cfg.num_blocks})")
   if not is_count(config.seed, 0) or config.seed >= 2**31:

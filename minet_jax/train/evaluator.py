@@ -16,6 +16,7 @@ import numpy as np
 from minet_jax.core import api
 from minet_jax import metrics
 from minet_jax.train import sharding
+from minet_jax.train.checks import ConfigError
 from minet_jax.train.state import TrainState
 
 
@@ -49,8 +50,9 @@ class Evaluator:
     except ValueError as e:
       if "different sizes" not in str(e):
         raise
-      raise ValueError(f"{e}. The validation images differ in size: set "
-                       "config.data.eval_batch_size=1") from e
+      # A config error (one line from train.py), found at the first validation.
+      raise ConfigError(f"{e}. The validation images differ in size: set "
+                        "config.data.eval_batch_size=1") from e
 
   def __call__(self, state: TrainState) -> tuple[dict[str, float], list]:
     """(scores, grid rows): mean ``psnr``, ``ssim`` and the hazy input's, per image."""

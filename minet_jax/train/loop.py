@@ -372,9 +372,9 @@ def _resume_or_start(config: ml_collections.ConfigDict, cfg: ModelConfig, start:
                      mesh: Any) -> tuple[TrainState, int | None]:
   """(state, the step resumed from or None): the newest intact checkpoint with the data
   iterator moved to its position, else a fresh start."""
-  replicated = sharding.replicated(mesh)
   try:
-    resumed = ckpts.restore_newest_intact(abstract_train_state(config, cfg), replicated)
+    resumed = ckpts.restore_newest_intact(abstract_train_state(config, cfg),
+                                          sharding.replicated(mesh))
   except checkpointing.StateLayoutError as e:
     raise ConfigError(str(e)) from e
   _report_damaged(resumed, writer)
@@ -387,7 +387,7 @@ def _resume_or_start(config: ml_collections.ConfigDict, cfg: ModelConfig, start:
     return state, None
   try:
     inputs.restore_iterator(train_iter, resumed.data)
-  except Exception as e:  # grain's own KeyError or ValueError on another state's layout.
+  except (KeyError, ValueError, TypeError) as e:  # grain's, on another state's layout.
     # Without workers the position is {"next_index": N}; with them, per-worker states.
     saved = ("data.worker_count = 0" if isinstance(resumed.data, dict)
              and "next_index" in resumed.data else "data.worker_count > 0")
@@ -408,21 +408,20 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
   replicated = sharding.replicated(mesh)
   try:
     train_iter = inputs.train_iterator(config, start.train_source, mesh)
-  except ValueError as e:  # e.g. a batch the devices cannot share
-    raise ConfigError(f"config.data: {e}") from e
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  evaluator = Evaluator(config, start.eval_source, mesh)
-
-  ckpts = checkpointing.Checkpoints(workdir, keep=int(config.keep_checkpoints),
-                                    async_save=bool(config.async_checkpointing))
+  except ValueError as e:  # e.g. "data.batch_size=3 must be divisible by ..."
+    raise ConfigError(f"config.{e}" if str(e).startswith("data.") else f"config.data: {e}") from e
+  opened: list[Any] = [train_iter]  # Closed, newest first, when the start is refused.
   try:
+    opened.append(writer := MetricWriter(workdir, enabled=jax.process_index() == 0))
+    evaluator = Evaluator(config, start.eval_source, mesh)
+    opened.append(ckpts := checkpointing.Checkpoints(
+        workdir, keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)))
     state, resumed_from = _resume_or_start(config, cfg, start, ckpts, train_iter, writer,
                                            mesh)
   except BaseException:  # A refused start leaves no workers or open files behind.
-    ckpts.close()
-    writer.close()
-    if hasattr(train_iter, "close"):
-      train_iter.close()
+    for thing in reversed(opened):
+      if hasattr(thing, "close"):
+        thing.close()
     raise
   if jax.process_index() == 0:
     checkpointing.write_model_config(workdir, state.model_config)
@@ -484,10 +483,11 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
   if resumed_from is not None and step >= total and jax.process_index() == 0:
     tqdm.write(f"{workdir} is already trained to step {step} (config.num_train_steps = "
                f"{total}): nothing to train; raise --config.num_train_steps to go on")
-  # Into a file or pipe (no terminal), a bar redrawn 10 times a second would write a line
-  # each time: there it is redrawn every 30 s.
   bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
-             disable=jax.process_index() != 0, mininterval=0.1 if _on_terminal() else 30.0)
+             disable=jax.process_index() != 0)
+  if not _on_terminal() and not type(bar).__module__.startswith("tqdm.notebook"):
+    # Into a file or pipe, each redraw is a new line: one every 30 s, not 10 a second.
+    bar.mininterval = 30.0
   try:
     with stop.installed():
       while step < total:
@@ -517,7 +517,7 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
                         grad_norm=step_metrics["grad_norm"])
         history.append(step_metrics)
         bar.update(1)
-        bar.set_postfix(loss=f"{step_metrics['loss']:.4g}",
+        bar.set_postfix(loss=f"{step_metrics['loss']:.4g}", refresh=False,  # update() redraws
                         **({"psnr": f"{step_metrics['psnr']:.2f}"} if "psnr" in step_metrics
                            else {}))
         if step % int(config.log_every) == 0 or step == total:
@@ -547,7 +547,9 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
       train_iter.close()
   return {
       "step": step,
-      "stopped_by": "SIGTERM" if stop else None,
+      # A SIGTERM met after the last step (while the last saves were written) stopped
+      # nothing: the run is done, and the exit status says so.
+      "stopped_by": "SIGTERM" if stop and step < total else None,
       **last_scores,
       "best_psnr": best_psnr,
       "steps_per_second": timed_steps / train_seconds if timed_steps else None,
