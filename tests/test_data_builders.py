@@ -155,6 +155,17 @@ def test_paired_folder(tmp_path):
   named = builders.load_source("paired_folder/my_o_haze", "train[8:]", tmp_path / "data",
                                build_if_missing=False)
   assert [named[i]["key"] for i in range(2)] == ["08_outdoor_hazy", "09_outdoor_hazy"]
+  # A build of an earlier version (shuffled) alone: without the source folder it is not
+  # "not built", it is too old; with it, it is built again.
+  built = tmp_path / "data" / "paired_folder" / "my_o_haze"
+  (version,) = [p for p in built.iterdir() if p.is_dir()]
+  version.rename(built / "1.0.0")
+  with pytest.raises(folders.DatasetLayoutError, match=r"built by an earlier version \(1.0.0\); "
+                                                       r"this one is 1.1.0 .*manual_dir"):
+    builders.load_source("paired_folder/my_o_haze", "train", tmp_path / "data")
+  rebuilt = builders.load_source("paired_folder/my_o_haze", "train", tmp_path / "data",
+                                 manual_dir=manual)
+  assert len(rebuilt) == 10 and (built / "1.1.0" / "dataset_info.json").is_file()
 
 
 def test_errors(tmp_path):

@@ -409,6 +409,21 @@ def _tfds_quiet() -> Iterator[None]:
     absl_logger.setLevel(level)
 
 
+def _refuse_older_build(name: str, builder: tfds.core.DatasetBuilder) -> None:
+  """Raises `DatasetLayoutError` when `name` is built only by an earlier version (another
+  version folder beside this one's): without its source folder it cannot be rebuilt, and
+  "not built yet" would mislead."""
+  folder = pathlib.Path(os.fspath(builder.data_path)).parent
+  older = sorted(p.name for p in folder.glob("*")
+                 if (p / "dataset_info.json").is_file() and p.name != str(builder.version))
+  if older:
+    notes = builder.RELEASE_NOTES.get(str(builder.version), "")
+    raise folders.DatasetLayoutError(
+        f"{name} in {folder} was built by an earlier version ({', '.join(older)}); this one "
+        f"is {builder.version} ({notes}): give its source folder (manual_dir, "
+        "--config.data.manual_dir) to build it again")
+
+
 def build(name: str, data_dir: PathLike | None = None, manual_dir: PathLike | None = None, *,
           synthetic_config: synthetic.SyntheticHazeConfig | None = None,
           report: bool = True) -> tfds.core.DatasetBuilder:
@@ -428,6 +443,8 @@ def build(name: str, data_dir: PathLike | None = None, manual_dir: PathLike | No
     if dataset in _NEEDS_MANUAL:
       if builder.is_prepared() and manual_dir is None:
         return builder
+      if manual_dir is None:
+        _refuse_older_build(name, builder)
       config = builder.builder_config.name if dataset == "reside_sots" else None
       records = _records(dataset, config, manual_dir)
       if builder.is_prepared():
