@@ -191,6 +191,17 @@ def test_turning_clipping_on_or_off_resumes_with_the_adam_moments(straight_run, 
   assert not (clipped / checkpointing.DAMAGED_DIR).exists()
 
 
+def test_a_checkpoint_without_tree_metadata_still_resumes(two_step_run, data_dir, tmp_path):
+  # The layout check reads orbax's tree metadata; where that file is missing the restore
+  # itself decides, and a checkpoint whose arrays are whole is resumed, not set aside.
+  workdir = tmp_path / "no_metadata"
+  shutil.copytree(two_step_run, workdir)
+  (workdir / "checkpoints" / "2" / "state" / "_METADATA").unlink()
+  summary = train_and_evaluate(tiny_config(data_dir, num_train_steps=3), workdir)
+  assert summary["step"] == 3
+  assert not (workdir / checkpointing.DAMAGED_DIR).exists()
+
+
 def test_another_optimizer_state_is_refused_and_nothing_is_moved(two_step_run, data_dir,
                                                                  tmp_path, monkeypatch):
   import optax

@@ -273,10 +273,14 @@ class Checkpoints:
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     pure = jax.tree.map(target, state_to_pure(like))
-    # The saved tree's layout, from its metadata (a handler: no async machinery).
+    # The saved tree's layout, from its metadata (a handler: no async machinery). Where
+    # that cannot be read, the restore itself tells a whole checkpoint from a damaged one.
     folder = self.workdir / LATEST_DIR / str(step) / "state"
-    saved = ocp.StandardCheckpointHandler().metadata(folder)
-    layout = _in_saved_layout(pure, saved.tree, step)
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(folder).tree
+    except Exception:  # orbax/tensorstore raise many types for missing or damaged files.
+      saved = None
+    layout = pure if saved is None else _in_saved_layout(pure, saved, step)
     restored = self.latest.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(layout), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
