@@ -14,6 +14,7 @@ from, and the error names the newest of them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -410,19 +411,20 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
     train_iter = inputs.train_iterator(config, start.train_source, mesh)
   except ValueError as e:  # e.g. "data.batch_size=3 must be divisible by ..."
     raise ConfigError(f"config.{e}" if str(e).startswith("data.") else f"config.data: {e}") from e
-  opened: list[Any] = [train_iter]  # Closed, newest first, when the start is refused.
-  try:
-    opened.append(writer := MetricWriter(workdir, enabled=jax.process_index() == 0))
+  # A refused start leaves no workers or open files behind; once started, the loop's
+  # `finally` closes them.
+  with contextlib.ExitStack() as on_refusal:
+    if hasattr(train_iter, "close"):
+      on_refusal.callback(train_iter.close)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    on_refusal.callback(writer.close)
     evaluator = Evaluator(config, start.eval_source, mesh)
-    opened.append(ckpts := checkpointing.Checkpoints(
-        workdir, keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)))
+    ckpts = checkpointing.Checkpoints(workdir, keep=int(config.keep_checkpoints),
+                                      async_save=bool(config.async_checkpointing))
+    on_refusal.callback(ckpts.close)
     state, resumed_from = _resume_or_start(config, cfg, start, ckpts, train_iter, writer,
                                            mesh)
-  except BaseException:  # A refused start leaves no workers or open files behind.
-    for thing in reversed(opened):
-      if hasattr(thing, "close"):
-        thing.close()
-    raise
+    on_refusal.pop_all()
   if jax.process_index() == 0:
     checkpointing.write_model_config(workdir, state.model_config)
     _record_config(workdir, config)
