@@ -130,6 +130,17 @@ def _tiny_block(eta: float, stage: float = 1.0):
   return block
 
 
+def test_block_analysis_refuses_batches_and_bfloat16_features():
+  block = _tiny_block(0.3)
+  g0 = jax.random.normal(jax.random.key(1), (1, 6, 6, 3))
+  with pytest.raises(ValueError, match="batch 1"):
+    stability.analyse_block(block, jnp.concatenate([g0, g0]), jnp.concatenate([g0, g0]),
+                            key=jax.random.key(2))
+  half = g0.astype(jnp.bfloat16)
+  with pytest.raises(ValueError, match="runs in float32, got bfloat16 / bfloat16 features"):
+    stability.analyse_block(block, half, half, key=jax.random.key(2))
+
+
 @pytest.mark.parametrize("eta,stage", [(0.3, 1.0), (2.0, 1.0), (5.0, 0.25)])
 def test_block_analysis_matches_dense_jacobian(eta, stage):
   block = _tiny_block(eta, stage)

@@ -56,6 +56,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -124,6 +125,11 @@ def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
   """
   if g.shape[0] != 1:
     raise ValueError(f"analyse one image at a time (batch 1), got batch {g.shape[0]}")
+  if g.dtype != jnp.float32 or g0.dtype != jnp.float32:
+    # The iterations resolve changes far below bfloat16's rounding (and their float32
+    # start vectors would not be tangents of a bfloat16 map).
+    raise ValueError(f"the analysis runs in float32, got {g0.dtype} / {g.dtype} features: "
+                     "run the model with dtype='float32' (Params.replace_config)")
   graphdef, state = nnx.split(block)
 
   @jax.jit
