@@ -111,6 +111,12 @@ def test_missing_and_malformed_folders(tmp_path, sots_dir):
   with pytest.raises(DatasetLayoutError) as e:
     folders.find_its_pairs(sots_dir)  # a RESIDE root with SOTS but no ITS
   _assert_layout_error(e, "no hazy/ folder", folders.RESIDE_URL, "clear/<scene>.png")
+  # Two ground truths of one scene: refused, not one of them picked.
+  _write(sots_dir / "SOTS" / "indoor" / "gt" / "7_copy.png", np.zeros((8, 10, 3), np.uint8))
+  with pytest.raises(DatasetLayoutError) as e:
+    folders.find_sots_pairs(sots_dir, "indoor")
+  _assert_layout_error(e, "two ground truths for scene '7': 7.png and 7_copy.png; keep one")
+  (sots_dir / "SOTS" / "indoor" / "gt" / "7_copy.png").unlink()
   (sots_dir / "SOTS" / "indoor" / "gt" / "8.png").unlink()
   with pytest.raises(DatasetLayoutError) as e:
     folders.find_sots_pairs(sots_dir, "indoor")

@@ -92,9 +92,10 @@ exactly when rho(dT/dz) < 1 at z*, the forward's own local condition, and `Unrol
 sums the first ``max_steps + 1`` terms of the Neumann series z_bar (I + J + J^2 + ...)
 with J = dT/dz at z* (the start z_bar is the first; so on a linear map it is one term
 more than `Backprop` through ``max_steps`` unrolled steps). Only z* and one
-linearisation of T are kept, so memory does not grow with the number of iterations. z0 gets a zero cotangent (the fixed point
-does not depend on where the search starts); when T was not solved to tolerance the
-gradient is that of the fixed point the solver was heading for, i.e. approximate.
+linearisation of T are kept, so memory does not grow with the number of iterations.
+z0 gets a zero cotangent (the fixed point does not depend on where the search
+starts); when T was not solved to tolerance the gradient is that of the fixed point
+the solver was heading for, i.e. approximate.
 
 Why not a library
 -----------------

@@ -233,16 +233,22 @@ def _flat(root: pathlib.Path, layout: _Layout) -> _Files:
 # ------------------------------------------------------------------ how they pair
 
 
+def _one_ground_truth_per(clears: list[pathlib.Path], key_of, what: str
+                          ) -> dict[str, pathlib.Path]:
+  """The clear images by ``key_of(stem)``; two for one key is a `_Problem`."""
+  by_key: dict[str, pathlib.Path] = {}
+  for path in clears:
+    key = key_of(path.stem)
+    if key in by_key:
+      raise _Problem(f"two ground truths for {what} {key!r}: {by_key[key].name} and "
+                     f"{path.name}; keep one")
+    by_key[key] = path
+  return by_key
+
+
 def _by_scene(clears: list[pathlib.Path]) -> dict[str, pathlib.Path]:
   """One ground truth per scene, named ``<scene>[_anything]``."""
-  by_scene: dict[str, pathlib.Path] = {}
-  for path in clears:
-    scene = _scene_of(path.stem)
-    if scene in by_scene:
-      raise _Problem(f"two ground truths for scene {scene!r}: {by_scene[scene].name} and "
-                     f"{path.name}")
-    by_scene[scene] = path
-  return by_scene
+  return _one_ground_truth_per(clears, _scene_of, "scene")
 
 
 def _match_sots(path: pathlib.Path, gts: dict[str, pathlib.Path]) -> PairRecord | None:
@@ -301,14 +307,7 @@ def _match_paired(path: pathlib.Path, lookup) -> PairRecord | None:
 
 def _by_flat_id(clears: list[pathlib.Path]) -> dict[str, pathlib.Path]:
   """One ground truth per id (``<id>_GT``, ...), as the other layouts insist."""
-  by_id: dict[str, pathlib.Path] = {}
-  for p in clears:
-    scene = _FLAT_CLEAR.match(p.stem)["id"]
-    if scene in by_id:
-      raise _Problem(f"two ground truths for id {scene!r}: {by_id[scene].name} and {p.name}; "
-                     "keep one")
-    by_id[scene] = p
-  return by_id
+  return _one_ground_truth_per(clears, lambda stem: _FLAT_CLEAR.match(stem)["id"], "id")
 
 
 def _match_flat(path: pathlib.Path, clears: dict[str, pathlib.Path]) -> PairRecord | None:

@@ -19,17 +19,17 @@ Estimators (matrix-free; J is 4.6M x 4.6M for a 460x620 image; `minet_jax.stabil
   here. Both see only part of the spectrum and in practice approach rho from
   below, so the verdict uses the larger of the two.
 * spectral norm: power iteration on J^T J, a lower bound that converges to ||J||_2.
-
-Since every estimate is reached from below, ``theorem1_holds`` (rho < 1) and
-``contraction_in_l2`` (||J||_2 < 1) say that the iterations run found no direction
-violating the bound, not a proof of it; more ``radius_iters`` / ``norm_iters`` tighten
-them.
 * observed contraction: ratios r_{j+1}/r_j of successive Picard residuals. For a
   linear map they tend to rho(J); for MI-Net they are measured on the same block
   input g0 the model produced (a second stage: its base c), by running Picard from
   there for ``steps`` steps. (The model starts a second stage from g0 + eta f(k1)
   instead, so there ``residual_at_T`` and ``observed_ratio_at_T`` are read at the
   model's step count on this run from c, not on the model's own trajectory.)
+
+Since the spectral estimates are reached from below, ``theorem1_holds`` (rho < 1) and
+``contraction_in_l2`` (||J||_2 < 1) say that the iterations run found no direction
+violating the bound, not a proof of it; more ``radius_iters`` / ``norm_iters`` tighten
+them.
 
 With ``stage_fraction`` s < 1 (`ModelConfig`) a block solves the stage
 k = g0 + s * eta * f(k) of a one-stage implicit Runge-Kutta step instead, and everything
