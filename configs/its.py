@@ -14,7 +14,7 @@ converted released weights as they are): Adam (betas 0.9/0.999, no clipping), le
 rate 1e-3 multiplied by 0.1 every 20k steps, 350k steps, batch 8, full images, MSE
 loss, validation and a checkpoint every 5k steps (Shen et al., "Implicit Euler ODE
 Networks for Single-Image Dehazing", CVPRW 2020). Taken literally that schedule is
-below 1e-7 after 80k steps, so most of the 350k steps barely move the weights; raise
+1e-7 from 80k steps on and 1e-8 from 100k, so most of the 350k steps barely move the weights; raise
 ``--config.optimizer.decay_steps`` to spread the decay if that is not what you want.
 This file only says where the data is and how it is read.
 

@@ -21,7 +21,7 @@ def get_config():
   config.model.smoothed_dilation = False
   # Inputs in [0, 1]; the released BGR 0..255 convention only matters for its weights.
   config.model.input_format = "rgb01"
-  # A handful of small synthetic images (64x64; 12 training and 2 validation pairs).
+  # A handful of small synthetic images (64x64; 8 training and 2 validation pairs).
   config.data.synthetic.image_size = (64, 64)
   config.data.synthetic.train_rooms = 2
   config.data.synthetic.validation_rooms = 1

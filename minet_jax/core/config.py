@@ -465,7 +465,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                      help="'default': bfloat16 products with float32 sums on CPUs with "
                           "AVX512-BF16 or AMX (TF32 on NVIDIA GPUs)")
   group.add_argument("--dtype", choices=DTYPES, default=None,
-                     help="compute dtype of the convolutions and the features between them")
+                     help="compute dtype of the convolutions and the features between them "
+                          "(float16 is refused: MI-Net's activations exceed its range)")
   add_solve_arguments(parser)
 
 

@@ -88,7 +88,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   # grain worker processes for decoding/augmenting (0 = in the training process).
   data.worker_count = 0
   # The synthetic_haze set to build: SyntheticHazeConfig's fields and defaults
-  # (minet_jax/data/synthetic.py documents them; every field changes the data).
+  # (minet_jax/data/synthetic/__init__.py documents them; every field changes the data).
   data.synthetic = section(SyntheticHazeConfig())
   return data
 
