@@ -30,7 +30,7 @@ import pathlib
 from collections.abc import Iterable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from minet_jax.core import files
 
@@ -60,6 +60,31 @@ class ProtectedPathError(ValueError):
   """A write would replace a file that must not be overwritten (e.g. an input)."""
 
 
+# EXIF orientation (tag 0x0112) -> the transpose that shows the picture upright.
+_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                 8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(im: Image.Image) -> int:
+  """The EXIF orientation of ``im``; 1 (as stored) when absent or unreadable: a picture
+  is better read unturned than not at all."""
+  try:
+    orientation = im.getexif().get(0x0112, 1)
+  except Exception:  # An EXIF block Pillow cannot parse.
+    return 1
+  return orientation if isinstance(orientation, int) else 1
+
+
+def _upright(im: Image.Image) -> Image.Image:
+  """``im`` turned as its EXIF orientation says. Only the pixels are turned: Pillow's
+  `ImageOps.exif_transpose` also rewrites the EXIF block, and fails on malformed tags
+  that cameras do write."""
+  method = _ORIENTATIONS.get(_orientation(im))
+  return im if method is None else im.transpose(method)
+
+
 def _to_unit_float(im: Image.Image) -> np.ndarray:
   """Pillow image of any mode -> float32 HxWx3 in [0, 1], alpha composited on white."""
   mode = im.mode
@@ -74,7 +99,11 @@ def _to_unit_float(im: Image.Image) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1)
   if mode == "F":
     arr = np.asarray(im).astype(np.float32)
-    scale = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+    if not np.isfinite(arr).all():
+      raise ValueError("the float image holds NaN or infinite values")
+    # [0, 1] with some overshoot (clipped), else 0..255: one pixel just above 1 must not
+    # darken the whole picture 255-fold.
+    scale = 1.0 if arr.max(initial=0) <= 2.0 else 255.0
     gray = np.clip(arr / scale, 0.0, 1.0)
     return np.repeat(gray[..., None], 3, axis=-1)
   has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
@@ -128,12 +157,11 @@ def image_size(path: PathLike, *, max_megapixels: float | None = DEFAULT_MAX_MEG
   try:
     with Image.open(path) as im:
       _check_size(path, im, max_megapixels, READ_BYTES_PER_PIXEL, "max_megapixels")
-      transposed = im.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS
+      transposed = _orientation(im) in _TRANSPOSING_ORIENTATIONS
       return (im.width, im.height) if transposed else (im.height, im.width)
-  except ImageReadError:
+  except (ImageReadError, MemoryError):
     raise
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-          Image.DecompressionBombError) as e:
+  except Exception as e:  # Pillow raises many types on damaged files.
     raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
@@ -165,12 +193,10 @@ def read_rgb(path: PathLike, dtype=np.float32, *,
     with Image.open(path) as im:
       _check_size(path, im, max_megapixels, bytes_per_pixel, limit_name)
       im.load()  # Decode now so truncated files fail here, not later.
-      im = ImageOps.exif_transpose(im)
-      rgb = _to_unit_float(im)
-  except ImageReadError:
+      rgb = _to_unit_float(_upright(im))
+  except (ImageReadError, MemoryError):
     raise
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-          Image.DecompressionBombError) as e:
+  except Exception as e:  # Pillow's decoders raise many types on damaged files.
     raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
   if dtype == np.uint8:
     return np.round(rgb * 255.0).astype(np.uint8)
@@ -250,6 +276,8 @@ def _write(path: PathLike, image: np.ndarray, image_format: str, options: dict,
     data = data[..., 0]
   if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] != 3):
     raise ValueError(f"write_png expects (H, W, 3) or (H, W), got shape {data.shape}")
-  with files.replacing(target, exclusive=exclusive) as tmp:
+  # The path itself, not what it resolves to: a link at `path` is replaced, never the
+  # file it points to, which may lie outside the output folder.
+  with files.replacing(path, exclusive=exclusive) as tmp:
     Image.fromarray(data).save(tmp, format=image_format, **options)
   return path

@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import tracemalloc
+import pathlib
 import zipfile
 
 import jax
@@ -130,6 +131,32 @@ def test_refuses_to_overwrite_unless_forced(tmp_path, official, converted, capsy
   assert not (out / "keep.txt").exists()
   assert minet_jax.load(out).num_params() == params.num_params()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temp folders left
+
+
+def test_force_never_replaces_a_folder_holding_the_input_or_the_current_folder(
+    tmp_path, official, monkeypatch, capsys):
+  """``--force`` replaces a folder whole, so one that holds the checkpoint being
+  converted, or the folder the user stands in (``.``, ``..``), would be deleted with
+  everything in it: refused in one line, and nothing is touched."""
+  pth, _ = official
+  home = tmp_path / "home"
+  (home / "sub").mkdir(parents=True)
+  copy = home / "model_ITS.pth"
+  copy.write_bytes(pathlib.Path(pth).read_bytes())
+  (home / "notes.txt").write_text("mine")
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  monkeypatch.chdir(home)
+  for source, out in [("model_ITS.pth", "."), (str(copy), str(home)), (str(pth), "."),
+                      (str(pth), str(home))]:
+    assert convert.main([source, out, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refusing to replace" in err, err
+  monkeypatch.chdir(home / "sub")
+  for source, out in [("../model_ITS.pth", ".."), (str(pth), "..")]:
+    assert convert.main([source, out, "--force"]) == 1
+    assert "refusing to replace" in capsys.readouterr().err
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+  assert (home / "notes.txt").read_text() == "mine"
 
 
 def test_official_zip_checkpoint_gives_the_legacy_weights(official, shared_dir):

@@ -203,3 +203,59 @@ def test_centre_crop():
   np.testing.assert_array_equal(image_io.centre_crop(image, 6, 8), image)
   with pytest.raises(ValueError, match="smaller"):
     image_io.centre_crop(image, 7, 8)
+
+
+def test_malformed_exif_still_reads_upright(tmp_path):
+  """A camera's EXIF block that Pillow decodes but cannot write back (a string where a
+  number belongs) made `ImageOps.exif_transpose` raise struct.error: the picture is
+  still read, and turned by its orientation tag."""
+  a = _rand_rgb(4, 6)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  exif[0x010F] = "Cam"  # Make (ASCII), retagged below as SamplesPerPixel (a number).
+  Image.fromarray(a).save(tmp_path / "cam.jpg", exif=exif.tobytes(), quality=100,
+                          subsampling=0)
+  data = bytearray((tmp_path / "cam.jpg").read_bytes())
+  at = data.index(b"\x01\x0f\x00\x02")
+  data[at:at + 2] = b"\x01\x15"
+  (tmp_path / "cam.jpg").write_bytes(bytes(data))
+  out = image_io.read_rgb(tmp_path / "cam.jpg", np.uint8)
+  assert out.shape == (6, 4, 3) == image_io.image_size(tmp_path / "cam.jpg") + (3,)
+  assert np.abs(out.astype(int) - np.rot90(a, k=-1).astype(int)).mean() < 8
+
+
+def test_float_images_keep_their_scale_and_refuse_nan(tmp_path):
+  """A float ("F") image in [0, 1] with one pixel just above 1 is still [0, 1] (not
+  divided by 255), a 0..255 one is scaled, and NaN is refused instead of read as black."""
+  unit = np.full((4, 5), 0.5, np.float32)
+  unit[0, 0] = 1.02
+  Image.fromarray(unit, mode="F").save(tmp_path / "unit.tif")
+  got = image_io.read_rgb(tmp_path / "unit.tif")
+  np.testing.assert_allclose(got[1:, 1:], 0.5)
+  assert got[0, 0, 0] == 1.0
+  Image.fromarray(unit * 200, mode="F").save(tmp_path / "wide.tif")
+  np.testing.assert_allclose(image_io.read_rgb(tmp_path / "wide.tif")[1, 1], 100 / 255)
+  unit[1, 1] = np.nan
+  Image.fromarray(unit, mode="F").save(tmp_path / "nan.tif")
+  with pytest.raises(image_io.ImageReadError, match="nan.tif.*NaN"):
+    image_io.read_rgb(tmp_path / "nan.tif")
+
+
+def test_a_link_is_replaced_never_what_it_points_to(tmp_path):
+  victim = tmp_path / "victim.txt"
+  victim.write_text("keep")
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "x.png").symlink_to(victim)
+  image_io.write_png(out / "x.png", np.zeros((2, 3, 3)))
+  assert victim.read_text() == "keep"
+  assert not (out / "x.png").is_symlink()
+  assert image_io.read_rgb(out / "x.png").shape == (2, 3, 3)
+
+
+def test_the_longest_name_a_file_system_takes_can_be_written(tmp_path):
+  """The temporary beside a file is named after it: it must fit where the name fits."""
+  path = tmp_path / ("b" * 251 + ".png")
+  image_io.write_png(path, np.zeros((2, 3, 3)))
+  assert image_io.read_rgb(path).shape == (2, 3, 3)
+  assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -83,6 +83,10 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *,
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
     raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or "
                           "pass --force (force=True) to replace it")
+  source = pathlib.Path(checkpoint_path).resolve()
+  if out_dir.is_dir() and out_dir.resolve() in source.parents:
+    raise ValueError(f"refusing to replace {out_dir}: it holds the checkpoint being converted "
+                     f"({checkpoint_path}); choose another folder")
   params = weights_from_checkpoint(checkpoint_path, config)
   with files.replacing(out_dir, folder=True) as staging:
     checkpoint.save(params, staging, overwrite=True)
@@ -107,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     params = convert(args.checkpoint, args.out_dir, force=args.force)
-  except (OSError, torch_pickle.UnsafePickleError, torch_pickle.CheckpointFormatError,
-          torch_names.StateDictMismatch) as e:  # OSError: missing file, taken or unwritable folder
+  except (OSError, ValueError, torch_pickle.UnsafePickleError,
+          torch_pickle.CheckpointFormatError, torch_names.StateDictMismatch) as e:
+    # OSError: missing file, taken or unwritable folder; ValueError: a folder that holds
+    # the input or the current folder.
     print(f"convert: error: {e}", file=sys.stderr)
     return 1
   print(f"converted {args.checkpoint} -> {args.out_dir}: "

@@ -23,6 +23,27 @@ def _remove(path: pathlib.Path) -> None:
     path.unlink()
 
 
+def _check_replaceable(path: pathlib.Path) -> None:
+  """Refuses to replace a folder that holds the current folder (``.``, ``..``, the root):
+  the whole tree would be deleted to put the new folder in its place."""
+  if path.parent == path:
+    raise ValueError(f"refusing to replace {path}: it is the file system's root")
+  if path.is_symlink():  # Only the link itself is replaced.
+    return
+  real, here = path.resolve(), pathlib.Path.cwd().resolve()
+  if real == here or real in here.parents:
+    raise ValueError(f"refusing to replace {path}: it holds the current folder; choose a new "
+                     "folder")
+
+
+def _shortened(name: str, limit: int = 200) -> str:
+  """``name`` cut to at most ``limit`` bytes, so a temporary's name (18 bytes longer)
+  fits the 255 bytes most file systems allow wherever ``name`` itself fits."""
+  while len(os.fsencode(name)) > limit:
+    name = name[:-1]
+  return name
+
+
 def _link_new(tmp: pathlib.Path, target: pathlib.Path) -> None:
   """Puts ``tmp`` at ``target`` unless something is there (a hard link fails atomically)."""
   if os.path.lexists(target):
@@ -42,13 +63,18 @@ def replacing(path: str | os.PathLike, *, folder: bool = False,
 
   A file is renamed over `path` atomically. A folder (``folder=True``; it is created,
   empty) replaces whatever is at `path` -- that old entry is removed just before the
-  rename. With ``exclusive`` an existing `path` is refused (`FileExistsError`) instead
-  of replaced. On any exception the temporary is removed and `path` is untouched.
+  rename; a folder holding the current folder is refused (`ValueError`). With
+  ``exclusive`` an existing `path` is refused (`FileExistsError`) instead of replaced.
+  On any exception the temporary is removed and `path` is untouched.
   Parent folders are created; new files and folders get the umask's permissions.
   """
-  path = pathlib.Path(path)
+  path = pathlib.Path(path).absolute()
+  if path.name == "..":  # Resolved, so the temporary is a sibling and never inside it.
+    path = path.resolve()
+  if folder:
+    _check_replaceable(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+  tmp = path.parent / f".{_shortened(path.name)}.{secrets.token_hex(6)}.tmp"
   if folder:
     tmp.mkdir()
   try:
