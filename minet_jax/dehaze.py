@@ -77,6 +77,7 @@ class Outcome:
   skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # earlier results found
   # input path -> how its IM-blocks were solved (models solved to a tolerance, untiled)
   solves: dict[str, str] = dataclasses.field(default_factory=dict)
+  interrupted: bool = False  # Ctrl-C stopped the run; the images not reached are skipped
 
 
 def check_suffix(suffix: str) -> None:
@@ -119,22 +120,28 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
   if image_format not in FORMATS:
     raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {image_format!r}")
   out_dir = pathlib.Path(out_dir)
-  out_resolved = out_dir.resolve()
+  try:
+    out_resolved = out_dir.resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+      return [], {str(out_dir): "the output folder -o is an existing file"}, {}
+  except OSError as e:  # A name too long, a folder that cannot be looked into, ...
+    return [], {str(out_dir): f"the output folder -o cannot be used: {e.strerror or e}"}, {}
   endings = _result_endings(suffix)
   jobs: list[Job] = []
   failed: dict[str, str] = {}
   skipped: dict[str, str] = {}
-  if out_dir.exists() and not out_dir.is_dir():
-    return [], {str(out_dir): "the output folder -o is an existing file"}, {}
 
   def job(source: pathlib.Path, folder: pathlib.Path) -> Job:
     stem = f"{source.stem}{suffix}"
     return Job(source, folder / f"{stem}.{image_format}",
                folder / f"{stem}{COMPARE}.{image_format}" if compare else None)
 
-  for item in inputs:
-    path = pathlib.Path(item)
+  def jobs_of(path: pathlib.Path) -> list[Job]:
+    """One input's jobs; what it cannot do goes to ``failed``, earlier results to
+    ``skipped``."""
     if path.is_dir():
+      with os.scandir(path):  # Raises if the folder cannot be listed (glob would not).
+        pass
       folder = path.resolve()
       out_below = out_resolved != folder and folder in out_resolved.parents
       walker = path.rglob("*") if recursive else path.glob("*")
@@ -155,13 +162,20 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
                                for k in (*skipped, *failed)):
         failed[str(path)] = "folder holds no images" + ("" if recursive else
                                                         " (use --recursive for sub-folders)")
-      jobs += [job(f, out_dir / f.relative_to(path).parent) for f in found]
+      return [job(f, out_dir / f.relative_to(path).parent) for f in found]
     elif path.is_file():
-      jobs.append(job(path, out_dir))
+      return [job(path, out_dir)]
     elif path.exists():
       failed[str(path)] = "not a regular file or folder (a device, FIFO or socket)"
     else:
       failed[str(path)] = "no such file or folder"
+    return []
+
+  for item in inputs:
+    try:
+      jobs += jobs_of(pathlib.Path(item))
+    except OSError as e:  # An input that cannot be looked into: that input fails alone.
+      failed[str(item)] = f"cannot read it: {e.strerror or e}"
   sources = {j.source.resolve() for j in jobs}
   seen: dict[pathlib.Path, pathlib.Path] = {}
   first_of: dict[pathlib.Path, pathlib.Path] = {}  # Each source's first mention.
@@ -173,27 +187,36 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
         skipped[str(one.source)] = f"the same file as {first_of[source]}: processed once"
       continue
     first_of[source] = one.source
-    problem = None
-    for output in one.outputs():
-      target = output.resolve()
-      if not _inside(target.parent, out_resolved):
-        problem = f"its output {output} would be written outside {out_dir}"
-      elif target in sources:
-        problem = f"its output {output} would overwrite an input file"
-      elif target in seen:
-        problem = (f"its output {output} is also an output of {seen[target]}; "
-                   "process them separately")
-      elif os.path.lexists(output) and (not overwrite or output.is_dir()):
-        problem = (f"its output {output} already exists; dehaze replaces files only with "
-                   "--overwrite (or choose another -o or --suffix)")
-      if problem:
-        break
+    try:
+      problem = _output_problem(one, out_dir, out_resolved, sources, seen, overwrite)
+    except OSError as e:  # An output name too long for the file system, ...
+      problem = f"its output cannot be written: {e.strerror or e}"
     if problem:
       failed[str(one.source)] = problem
       continue
     seen.update((o.resolve(), one.source) for o in one.outputs())
     kept.append(one)
   return kept, failed, skipped
+
+
+def _output_problem(one: Job, out_dir: pathlib.Path, out_resolved: pathlib.Path,
+                    sources: set[pathlib.Path], seen: dict[pathlib.Path, pathlib.Path],
+                    overwrite: bool) -> str | None:
+  """Why `plan` refuses ``one``'s outputs, or None."""
+  for output in one.outputs():
+    target = output.resolve()
+    if not _inside(target.parent, out_resolved):
+      return f"its output {output} would be written outside {out_dir}"
+    if target in sources:
+      return f"its output {output} would overwrite an input file"
+    if target in seen:
+      return f"its output {output} is also an output of {seen[target]}; process them separately"
+    if output.is_dir():
+      return f"its output {output} is a folder; dehaze never replaces folders"
+    if os.path.lexists(output) and not overwrite:
+      return (f"its output {output} already exists; dehaze replaces files only with "
+              "--overwrite (or choose another -o or --suffix)")
+  return None
 
 
 def is_gray(image: np.ndarray) -> bool:
@@ -292,7 +315,8 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
     from tqdm import tqdm
     iterator = tqdm(jobs, desc="dehaze", unit="image", file=sys.stderr)
     steps = _StepBar("tile" if tile else "stage")
-  for job in iterator:
+  interrupted = False
+  for done, job in enumerate(iterator):
     try:
       image = image_io.read_rgb(job.source, max_megapixels=max_megapixels,
                                 bytes_per_pixel=STRIP_BYTES_PER_PIXEL,
@@ -314,10 +338,14 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
     except Exception as e:  # One bad file must not cost the others.
       failed[str(job.source)] = str(e) if isinstance(
           e, (image_io.ImageReadError, FileExistsError)) else f"{type(e).__name__}: {e}"
+    except KeyboardInterrupt:  # Keep the account of what was written (writes are whole).
+      interrupted = True
+      skipped.update((str(j.source), "not processed: interrupted") for j in jobs[done:])
+      break
     finally:
       if steps is not None:
         steps.close()
-  return Outcome(written, failed, skipped, solved)
+  return Outcome(written, failed, skipped, solved, interrupted)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -384,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
   if args.strip_rows is not None and args.strip_rows < 0:
     p.error("--strip-rows must be >= 0")
   from minet_jax import hub
+  from minet_jax.core import files
   try:
+    # Existing files there are plan's business (refused per image, or --overwrite).
+    files.check_output_folder(args.out, overwrite=True, writes=(), what="-o")
     params = hub.resolve(args.ckpt, progress=not args.no_progress)
     params = params.replace_config(**speed_changes(args))
   except (OSError, ValueError) as e:
@@ -404,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dehaze: skipped: {source}: {reason}", file=sys.stderr)
   for source, reason in outcome.failed.items():
     print(f"dehaze: failed: {source}: {reason}", file=sys.stderr)
+  if outcome.interrupted:
+    print("dehaze: interrupted", file=sys.stderr)
+    return 130  # As a shell reports a process stopped by SIGINT.
   return 1 if outcome.failed else 0
 
 

@@ -326,6 +326,11 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
     files.check_output_folder(out_dir, overwrite=overwrite, writes=REPORT_FILES)
   if save_images is not None:  # The images it would replace are checked once known.
     files.check_output_folder(save_images, overwrite=True, what="--save-images")
+    root, target = pathlib.Path(data).resolve(), pathlib.Path(save_images).resolve()
+    if root.is_dir() and (target == root or root in target.parents):
+      raise ValueError(f"--save-images {save_images} lies inside the data folder {data}: "
+                       "what it writes would be read as data on the next run; choose a "
+                       "folder outside it")
   if limit is not None and limit < 0:
     raise ValueError(f"--limit must be >= 0, got {limit}")
   params = None

@@ -415,3 +415,51 @@ def test_large_images_and_special_files_are_refused_before_reading(tiny_ckpt, tm
   assert dehaze.main(args + ["--max-megapixels", "0", str(tmp_path / "small.png")]) == 0
   with pytest.raises(SystemExit):
     dehaze.main(args + ["--max-megapixels", "-1", str(tmp_path / "small.png")])
+
+
+def test_paths_the_system_refuses_fail_alone_in_one_line(tiny_ckpt, tmp_path, capsys):
+  """A name too long to look up raised OSError out of `plan` (Path.is_dir lets it
+  through): that input fails alone and the others are written; an -o the system refuses
+  is a one-line error before the model loads."""
+  good = _photo(tmp_path / "in")
+  too_long = tmp_path / ("a" * 300 + ".png")
+  out = tmp_path / "out"
+  base = ["--ckpt", str(tiny_ckpt), "--no-progress"]
+  assert dehaze.main([*base, str(too_long), str(good), "-o", str(out)]) == 1
+  err = capsys.readouterr().err
+  assert f"failed: {too_long}: cannot read it: File name too long" in err
+  assert (out / "a_dehazed.png").is_file()
+  assert dehaze.main([*base, str(good), "-o", str(tmp_path / ("o" * 300))]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dehaze: error: -o ") and "File name too long" in err
+  assert err.count("\n") == 1
+
+
+def test_an_output_name_taken_by_a_folder_is_named_as_such(tiny_ckpt, tmp_path, capsys):
+  photo = _photo(tmp_path / "in")
+  (tmp_path / "out" / "a_dehazed.png").mkdir(parents=True)
+  assert dehaze.main(["--ckpt", str(tiny_ckpt), str(photo), "-o", str(tmp_path / "out"),
+                      "--overwrite", "--no-progress"]) == 1
+  assert "a_dehazed.png is a folder; dehaze never replaces folders" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_account_of_what_was_written(tiny_ckpt, tmp_path, monkeypatch, capsys):
+  for name in ("a.png", "b.png", "c.png"):
+    _photo(tmp_path / "in", name)
+  real = dehaze.dehaze_image
+  calls = []
+
+  def interrupted_at_the_second(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(dehaze, "dehaze_image", interrupted_at_the_second)
+  out = tmp_path / "out"
+  assert dehaze.main(["--ckpt", str(tiny_ckpt), str(tmp_path / "in"), "-o", str(out),
+                      "--no-progress"]) == 130
+  captured = capsys.readouterr()
+  assert f"wrote 1 file(s) to {out}" in captured.out
+  assert "interrupted" in captured.err and "b.png: not processed: interrupted" in captured.err
+  assert sorted(p.name for p in out.iterdir()) == ["a_dehazed.png"]

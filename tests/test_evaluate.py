@@ -131,9 +131,22 @@ def test_an_unwritable_or_taken_out_folder_is_refused_before_any_work(sots_like,
   assert evaluation.main(hazy + ["--save-images", str(images), "--limit", "2"]) == 2
   assert "--save-images" in capsys.readouterr().err and not scored
   assert (images / "hazy" / "7_2.png").read_bytes() == b"an earlier result"
+  # A folder where an output would go is refused up front, even with --overwrite.
+  (images / "hazy" / "7_1.png").mkdir()
+  with pytest.raises(ValueError, match="holds a folder named hazy/7_1.png"):
+    evaluation.evaluate(None, root, methods=["hazy"], limit=2, save_images=images,
+                        progress=False, overwrite=True)
+  (images / "hazy" / "7_1.png").rmdir()
   # An image that cannot be saved is one failed row, not a scored row and a failed one,
   # and the table's last line names it as failed.
-  (images / "hazy" / "7_1.png").mkdir()  # where the first output would go
+  real_write = evaluation.image_io.write_png
+
+  def full_disk_at_7_1(path, *args, **kwargs):
+    if path.name == "7_1.png":
+      raise OSError(28, "No space left on device")
+    return real_write(path, *args, **kwargs)
+
+  monkeypatch.setattr(evaluation.image_io, "write_png", full_disk_at_7_1)
   report = evaluation.evaluate(None, root, methods=["hazy"], limit=2, save_images=images,
                                progress=False, overwrite=True)
   assert [(r.key, bool(r.error)) for r in report.rows] == [("7_1", True), ("7_2", False)]
@@ -142,6 +155,12 @@ def test_an_unwritable_or_taken_out_folder_is_refused_before_any_work(sots_like,
   assert list(failed) == ["7_1"] and failed["7_1"].startswith("hazy: ")
   assert Image.open(images / "hazy" / "7_2.png").size == (truth["7_2"][0].shape[1],
                                                           truth["7_2"][0].shape[0])
+  # Nor may the images go into the data folder, where the next run would read them.
+  scored.clear()
+  for inside in (root, root / "results"):
+    assert evaluation.main(hazy + ["--save-images", str(inside)]) == 2
+    assert "lies inside the data folder" in capsys.readouterr().err
+  assert not (root / "results").exists() and not scored
 
 
 def test_real_sots_hazy_rows_match_published(shared_dir):

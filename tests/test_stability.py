@@ -304,6 +304,15 @@ def test_cli_checks_the_output_folder_first(cli_inputs, tmp_path, capsys, monkey
   assert cli.main(base + ["--image", str(tmp_path), "--out", str(tmp_path / "new")]) == 2
   assert "it is a folder, not an image file" in capsys.readouterr().err
   assert not (tmp_path / "new").exists()
+  # Names the system refuses, and a folder where a report file goes (even with
+  # --overwrite): one line each, before the analysis, instead of a traceback after it.
+  assert cli.main(base + ["--out", str(tmp_path / ("o" * 300))]) == 2
+  err = capsys.readouterr().err
+  assert "File name too long" in err and err.count("\n") == 1, err
+  (tmp_path / "taken" / "block2_residuals.png").mkdir(parents=True)
+  assert cli.main(base + ["--out", str(tmp_path / "taken"), "--overwrite"]) == 2
+  err = capsys.readouterr().err
+  assert "holds a folder named block2_residuals.png" in err and err.count("\n") == 1, err
 
 
 def test_cli_overwrite_and_bfloat16_checkpoints(cli_inputs, tmp_path, capsys):

@@ -114,9 +114,20 @@ def check_output_folder(out: str | os.PathLike, *, overwrite: bool,
   named in ``writes``, or, when None, anything. Writing is tried with a temporary file
   that is removed at once.
   """
-  out = pathlib.Path(out)
+  try:
+    _check_output_folder(pathlib.Path(out), overwrite, writes, what)
+  except OSError as e:  # A folder that cannot be looked into, a name too long, ...
+    raise ValueError(f"{what} {out} cannot be used: {e.strerror or e}") from e
+
+
+def _check_output_folder(out: pathlib.Path, overwrite: bool, writes: Sequence[str] | None,
+                         what: str) -> None:
   if out.exists() and not out.is_dir():
     raise ValueError(f"{what} {out} is a file, not a folder")
+  folders = sorted(name for name in writes or () if (out / name).is_dir())
+  if folders:  # Files replace files; a folder in the way would fail after all the work.
+    raise ValueError(f"{what} {out} holds a folder named {folders[0]}, where a file will be "
+                     "written; move it or choose another folder")
   if out.is_dir() and not overwrite:
     if writes is None and any(out.iterdir()):
       raise ValueError(f"{what} {out} already holds files; choose another folder, or pass "

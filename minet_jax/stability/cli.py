@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   try:
     params = params.replace_config(**speed_changes(args))
+    # Now that the report's files are known: a folder in the way of one is refused.
+    files.check_output_folder(out, overwrite=True,
+                              writes=report_lib.report_names(len(params.config.dilations)))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

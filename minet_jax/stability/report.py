@@ -50,18 +50,26 @@ def plot_block(report: dict[str, Any], index: int, path: pathlib.Path) -> Figure
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  # Written whole, and a link at `path` is replaced rather than written through.
+  with files.replacing(path) as tmp:
+    fig.savefig(tmp, dpi=110, format="png")
   return fig
+
+
+def report_names(num_blocks: int) -> list[str]:
+  """The files `write_report` writes for a model of ``num_blocks`` IM-blocks."""
+  return ["stability.json"] + [f"block{i + 1}_residuals.png" for i in range(num_blocks)]
 
 
 def write_report(report: dict[str, Any], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
   """Writes ``stability.json`` and one residual plot per block; returns the paths."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  json_path = out / "stability.json"
+  names = report_names(len(report["blocks"]))
+  json_path = out / names[0]
   files.write_text(json_path, json.dumps(report, indent=1, allow_nan=True) + "\n")
   paths = [json_path]
-  for i, block in enumerate(report["blocks"]):
-    paths.append(out / f"block{i + 1}_residuals.png")
+  for i, (block, name) in enumerate(zip(report["blocks"], names[1:])):
+    paths.append(out / name)
     plot_block(block, i, paths[-1])
   return paths

@@ -53,8 +53,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if config.teacher == "init_from" and not config.init_from:
     raise ConfigError("config.teacher='init_from' needs config.init_from (the weights whose "
                       "outputs are the targets)")
-  if float(config.teacher_match_weight) < 0 or float(config.output_weight) < 0:
-    raise ConfigError("config.teacher_match_weight and config.output_weight must be >= 0")
+  for name in ("teacher_match_weight", "output_weight"):
+    weight = config[name]
+    if isinstance(weight, bool) or not (weight == 0 or is_positive_number(weight)):
+      raise ConfigError(f"config.{name} must be a finite number >= 0, got {weight!r}")
   match_steps = config.teacher_match_steps
   if not is_count(match_steps):
     raise ConfigError(f"config.teacher_match_steps must be an integer >= 1, got {match_steps!r}")

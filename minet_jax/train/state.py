@@ -94,8 +94,9 @@ def check_optimizer(opt: ml_collections.ConfigDict) -> None:
       "grad_clip_norm": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: off)"),
       "decay_factor": (lambda v: 0 < v < math.inf, "a finite number > 0"),
       "cosine_final_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-      "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-      "decay_steps": (lambda v: v >= 0, "an integer >= 0"),
+      # Step counts reach the schedule as int32.
+      "warmup_steps": (lambda v: v.is_integer() and 0 <= v < 2**31, "an integer in [0, 2**31)"),
+      "decay_steps": (lambda v: v.is_integer() and 0 <= v < 2**31, "an integer in [0, 2**31)"),
   }
   for name, (test, must) in ranges.items():
     value = opt[name]
