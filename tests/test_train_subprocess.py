@@ -103,9 +103,21 @@ def test_second_trainer_refused_sigkill_resumes_sigterm_saves(env, tmp_path):
   first_step = next(r["step"] for r in after_resume if r.get("split") == "train")
   assert first_step == killed_at + 1
   stopped = [r for r in records if r.get("event") == "stopped"]
-  assert len(stopped) == 1
+  assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM"
   saved = stopped[0]["step"]
   assert saved >= killed_at + 3 and max(checkpoint_steps(workdir)) == saved
+
+  # 3. Ctrl-C (SIGINT) does the same, with 130 and no traceback.
+  third = start("--config.checkpoint_every=1000")
+  wait_for(lambda: any(r.get("step", 0) >= saved + 2 and r.get("split") == "train"
+                       for r in metrics(workdir)), third)
+  third.send_signal(signal.SIGINT)
+  _, stderr = third.communicate(timeout=120)
+  assert third.returncode == 130, stderr[-4000:]
+  assert "Traceback" not in stderr and "Ctrl-C: saving after this step" in stderr
+  stopped = [r for r in metrics(workdir) if r.get("event") == "stopped"]
+  assert [r["signal"] for r in stopped] == ["SIGTERM", "SIGINT"]
+  assert max(checkpoint_steps(workdir)) == stopped[-1]["step"] >= saved + 2
 
 
 TWO_DEVICES = textwrap.dedent("""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -141,9 +142,13 @@ def main(argv: list[str]) -> None:
     sys.exit(f"train: error: {e}")  # Errors that explain themselves; no traceback.
   except DiskFullError as e:
     sys.exit(f"train: error: {e.strerror}")
+  except KeyboardInterrupt:  # Ctrl-C before the first step, or a second one: no save.
+    print("train: interrupted; a rerun resumes from the last checkpoint", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
   print(json.dumps(summary, indent=2))
   if summary.get("stopped_by"):
-    sys.exit(143)  # 128 + SIGTERM: the job did not finish, a rerun resumes it.
+    # 128 + the signal, as a shell reports it: the job did not finish, a rerun resumes it.
+    sys.exit(128 + signal.Signals[summary["stopped_by"]])
 
 
 def run() -> None:

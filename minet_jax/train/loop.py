@@ -288,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   With ``config.init_from_config``, a fresh start first trains (or finishes) that run
   in ``config.init_from``, holding this workdir's lock meanwhile.
 
-  Returns a summary: ``step`` reached, ``stopped_by`` (None, or "SIGTERM"), the
+  Returns a summary: ``step`` reached, ``stopped_by`` (None, "SIGTERM" or "SIGINT"), the
   last validation scores (``psnr``, ``ssim``, ``hazy_psnr``, ...), ``best_psnr``,
   ``steps_per_second`` and ``seconds``; a stop in a run this one waits on returns that
   run's summary with ``stopped_in``, its workdir.
@@ -534,13 +534,13 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
           save(state)
         if stop.reached(step):
           save(state)
-          writer.write_event(step, "stopped", signal="SIGTERM")
+          writer.write_event(step, "stopped", signal=stop.name)
           if jax.process_index() == 0:
-            tqdm.write(f"SIGTERM: saved step {step} in {workdir}; rerun to resume")
+            tqdm.write(f"{stop.name}: saved step {step} in {workdir}; rerun to resume")
           break
   finally:
     bar.close()
-    with stop.installed():  # A SIGTERM while the last saves are written asks; it cannot kill.
+    with stop.installed():  # A signal while the last saves are written asks; it cannot kill.
       ckpts.wait()
     best_psnr = ckpts.best_psnr()
     ckpts.close()
@@ -549,9 +549,9 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
       train_iter.close()
   return {
       "step": step,
-      # A SIGTERM met after the last step (while the last saves were written) stopped
+      # A signal met after the last step (while the last saves were written) stopped
       # nothing: the run is done, and the exit status says so.
-      "stopped_by": "SIGTERM" if stop and step < total else None,
+      "stopped_by": stop.name if stop and step < total else None,
       **last_scores,
       "best_psnr": best_psnr,
       "steps_per_second": timed_steps / train_seconds if timed_steps else None,
