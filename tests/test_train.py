@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pathlib
@@ -442,7 +443,7 @@ def test_a_checkpoint_leading_to_a_non_finite_loss_is_set_aside(two_step_run, da
   assert summary["step"] == 4
 
 
-@pytest.mark.parametrize("writing", ["checkpoint", "metrics"])
+@pytest.mark.parametrize("writing", ["checkpoint", "metrics", "events"])
 def test_a_full_disk_stops_in_one_line_and_a_rerun_resumes(two_step_run, data_dir, tmp_path,
                                                             monkeypatch, train_cli, writing):
   workdir = tmp_path / "full"
@@ -461,6 +462,19 @@ def test_a_full_disk_stops_in_one_line_and_a_rerun_resumes(two_step_run, data_di
       return real_save(self, state, *args)
     monkeypatch.setattr(checkpointing.Checkpoints, "save", save)
     named = target
+  elif writing == "events":
+    # TensorBoard's event file: tensorboardX's writer thread died on this error and the
+    # run then hung for good on its full queue, deaf to SIGTERM.
+    from tensorboardX import record_writer
+    from tensorboardX.proto import event_pb2
+    real_record = record_writer.RecordWriter.write
+
+    def write(self, data):
+      if event_pb2.Event.FromString(data).step >= 4:
+        raise OSError(errno.ENOSPC, "No space left on device")
+      return real_record(self, data)
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    named = workdir
   else:
     real_write = logging_lib.MetricWriter.write_scalars
     named = workdir / "metrics.jsonl"
@@ -1337,3 +1351,96 @@ def test_init_from_config_trains_init_from_first_and_only_once(tmp_path, data_di
                      "architecture .*features"):
     train_and_evaluate(bad, tmp_path / "bad")
   assert not (tmp_path / "fresh").exists() and not (tmp_path / "bad").exists()
+
+
+def _state_at(step: int, fill: float) -> state_lib.TrainState:
+  config = tiny.get_config()
+  state = state_lib.create_train_state(config)
+  def filled(x):
+    return jnp.full_like(x, fill) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+  return state.replace(step=jnp.asarray(step, state.step.dtype),
+                       state=jax.tree.map(filled, state.state))
+
+
+def _best_record(workdir: pathlib.Path) -> tuple[list[int], float]:
+  steps = sorted(int(p.name) for p in (workdir / checkpointing.BEST_DIR).iterdir()
+                 if p.name.isdigit())
+  meta = json.loads((workdir / checkpointing.BEST_DIR / str(steps[-1]) / "meta" /
+                     "metadata").read_text())
+  return steps, meta["psnr"]
+
+
+def test_a_better_score_replaces_the_best_at_or_above_its_step(tmp_path):
+  """A run resumed from a checkpoint older than the best (after a damaged checkpoint, a
+  divergence, a kill between a validation and the next checkpoint) revalidates steps at
+  or below the best's: a better score there used to be dropped silently (orbax saves no
+  step at or below its latest), leaving the worse weights as what `load` gives."""
+  ckpts = checkpointing.Checkpoints(tmp_path, async_save=True)
+  try:
+    assert ckpts.save_best(_state_at(6, 0.1), {"psnr": 6.2, "ssim": 0.1})
+    assert not ckpts.save_best(_state_at(5, 0.2), {"psnr": 6.0, "ssim": 0.1})
+    assert ckpts.save_best(_state_at(5, 0.3), {"psnr": 9.1, "ssim": 0.2})
+    ckpts.wait()
+    assert _best_record(tmp_path) == ([5], 9.1) and ckpts.best_psnr() == 9.1
+    assert ckpts.save_best(_state_at(6, 0.4), {"psnr": 12.8, "ssim": 0.3})
+    assert ckpts.save_best(_state_at(6, 0.5), {"psnr": 13.0, "ssim": 0.3})  # Same step.
+    ckpts.wait()
+    assert _best_record(tmp_path) == ([6], 13.0) and ckpts.best_psnr() == 13.0
+  finally:
+    ckpts.close()
+  assert sorted(p.name for p in (tmp_path / checkpointing.BEST_DIR).iterdir()) == ["6"]
+  meta = json.loads((tmp_path / checkpointing.BEST_DIR / "6" / "meta" / "metadata").read_text())
+  kept = jax.tree.map(np.asarray, _state_at(6, 0.5).params().weights)
+  assert meta["weights_sha256"] == minet_jax.core.params.weights_checksum(kept)
+
+
+def test_an_unreadable_best_is_set_aside_and_replaced(tmp_path, capsys):
+  """A damaged ``best/<step>/meta`` made every later validation (and the run's end)
+  fail with a traceback, so a rerun could never get past it."""
+  ckpts = checkpointing.Checkpoints(tmp_path)
+  assert ckpts.save_best(_state_at(6, 0.1), {"psnr": 6.2, "ssim": 0.1})
+  ckpts.close()
+  (tmp_path / checkpointing.BEST_DIR / "6" / "meta" / "metadata").write_text('{"step": 6, "psn')
+  ckpts = checkpointing.Checkpoints(tmp_path)
+  try:
+    assert ckpts.best_psnr() is None
+    assert "the best checkpoint 6 cannot be read" in capsys.readouterr().err
+    assert ckpts.save_best(_state_at(7, 0.2), {"psnr": 5.0, "ssim": 0.1})
+    ckpts.wait()
+    assert ckpts.best_psnr() == 5.0
+  finally:
+    ckpts.close()
+  assert (tmp_path / checkpointing.DAMAGED_DIR / "best-6" / "meta").is_dir()
+  assert _best_record(tmp_path) == ([7], 5.0)
+
+
+def _events(workdir: pathlib.Path) -> list:
+  """The events of a workdir's TensorBoard files (TFRecord framing: length, its CRC,
+  the serialized Event, its CRC)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  events = []
+  for path in sorted(workdir.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      events.append(event_pb2.Event.FromString(data[at + 12:at + 12 + length]))
+      at += 12 + length + 4
+  return events
+
+
+def test_tensorboard_events_hold_the_scalars_and_grids(tmp_path):
+  from minet_jax.train import logging as logging_lib
+  writer = logging_lib.MetricWriter(tmp_path)
+  writer.write_scalars(3, "train", {"loss": 0.25, "note": "text"})
+  writer.write_grid(3, [[np.zeros((4, 5, 3)), np.ones((4, 5, 3))]])
+  # Written and flushed with each report: readable before the writer closes.
+  summaries = [(e.step, v) for e in _events(tmp_path) for v in e.summary.value]
+  assert [(step, v.tag) for step, v in summaries] == [(3, "train/loss"),
+                                                      (3, "eval/hazy_dehazed_clear")]
+  assert summaries[0][1].simple_value == 0.25
+  grid = Image.open(io.BytesIO(summaries[1][1].image.encoded_image_string))
+  assert grid.size == (14, 4)
+  writer.close()

@@ -36,11 +36,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import shutil
+import sys
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from minet_jax.core import checkpoint
 from minet_jax.core.checkpoint import META_ITEM, PARAMS_ITEM
@@ -224,12 +227,25 @@ class Checkpoints:
     return True
 
   def best_psnr(self) -> float | None:
-    """The validation PSNR of the best checkpoint so far (None before the first)."""
+    """The validation PSNR of the best checkpoint so far (None before the first).
+
+    A best checkpoint that cannot be read is moved to ``damaged_checkpoints/best-<step>``
+    (said on stderr) and counts as none: the next validation is kept in its place.
+    """
+    self.best.wait_until_finished()  # A save in flight is not damage.
     step = self.best.latest_step()
     if step is None:
       return None
-    meta = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return float(meta.meta["psnr"])
+    try:
+      meta = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return float(meta.meta["psnr"])
+    except Exception as e:  # orbax raises many types for damaged files.
+      moved = self._move_aside(step, manager=self.best, name=f"best-{step}",
+                               all_processes=True)
+      if moved is not None:
+        print(f"the best checkpoint {step} cannot be read ({checkpoint.one_line_error(e)}); "
+              f"moved to {moved}", file=sys.stderr)
+      return None
 
   def save_best(self, state: TrainState, scores: dict[str, float]) -> bool:
     """Keeps this step's weights if its validation PSNR beats the best so far.
@@ -249,13 +265,23 @@ class Checkpoints:
       raise NotFiniteError(f"the weights of step {step} are not finite: {problem}")
     best = self.best_psnr()
     finite_best = best is not None and math.isfinite(best)  # Older versions kept NaN.
-    if (finite_best and scores["psnr"] <= best) or step in self.best.all_steps():
+    if finite_best and scores["psnr"] <= best:
       return False
-    self.best.save(step, args=ocp.args.Composite(
+    # A run resumed from a checkpoint older than the best can score better at the best's
+    # own step, or below it: that best is replaced (orbax keeps the higher score of two
+    # steps, but a step it holds it would not save again, and a lower one only forced).
+    replaced = None
+    if step in self.best.all_steps():
+      replaced = self._move_aside(step, manager=self.best, folder=BEST_DIR,
+                                  name=f".replaced-{step}", all_processes=True)
+    saved = self.best.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(weights),
         meta=ocp.args.JsonSave({"step": step, **scores, **_record(state, weights)})),
-        metrics=scores)
-    return True
+        metrics=scores, force=True)
+    if replaced is not None:  # Removed once its successor is on disk, never before.
+      self.best.wait_until_finished()
+      shutil.rmtree(replaced)
+    return bool(saved)
 
   def restore(self, like: TrainState, sharding: Any = None,
               step: int | None = None) -> tuple[TrainState, Any, dict]:
@@ -334,18 +360,28 @@ class Checkpoints:
       self._move_aside(s, DIVERGED_DIR)
     return moved
 
-  def _move_aside(self, step: int, folder: str = DAMAGED_DIR) -> pathlib.Path | None:
-    if jax.process_index() != 0:
-      return None
-    source = self.workdir / LATEST_DIR / str(step)
-    target = self.workdir / folder / str(step)
-    n = 0
-    while target.exists():
-      n += 1
-      target = self.workdir / folder / f"{step}.{n}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    source.rename(target)
-    self.latest.reload()
+  def _move_aside(self, step: int, folder: str = DAMAGED_DIR, *,
+                  manager: ocp.CheckpointManager | None = None, name: str | None = None,
+                  all_processes: bool = False) -> pathlib.Path | None:
+    """Moves ``step`` of ``manager`` (default: the resumable checkpoints) to
+    ``<workdir>/<folder>/<name>`` (default name: the step; ``.1``, ``.2``, ... added to
+    a name taken); the path on process 0, None on the others. ``all_processes``: every
+    process calls this, and reloads its manager once process 0 has moved the step."""
+    manager = self.latest if manager is None else manager
+    target = None
+    if jax.process_index() == 0:
+      source = pathlib.Path(manager.directory) / str(step)
+      base = target = self.workdir / folder / (name or str(step))
+      n = 0
+      while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}.{n}")
+      target.parent.mkdir(parents=True, exist_ok=True)
+      source.rename(target)
+    if all_processes and jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"minet_jax: checkpoint {step} moved aside")
+    if all_processes or jax.process_index() == 0:
+      manager.reload()
     return target
 
   def wait(self) -> None:

@@ -117,8 +117,14 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; -v 0 shows it.
+    # orbax logs a failed background save at ERROR with its traceback, then raises the
+    # same error in the training thread, which reports it in one line (-v 0 shows both).
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno < logging.converter.STANDARD_ERROR
+        or f"{os.sep}orbax{os.sep}" not in record.pathname)
   # Deferred: the dataset and checkpoint code load only once the flags parse.
   from minet_jax import CheckpointError
+  from minet_jax.core import checkpoint
   from minet_jax.data import DatasetLayoutError
   from minet_jax.train import (ConfigError, DiskFullError, NonFiniteLossError, sharding,
                                train_and_evaluate)
@@ -142,6 +148,9 @@ def main(argv: list[str]) -> None:
     sys.exit(f"train: error: {e}")  # Errors that explain themselves; no traceback.
   except DiskFullError as e:
     sys.exit(f"train: error: {e.strerror}")
+  except OSError as e:  # Another write the system refused (a file size limit, ...).
+    sys.exit(f"train: error: {checkpoint.one_line_error(e)}; once that is mended, a rerun "
+             "resumes from the last checkpoint")
   except KeyboardInterrupt:  # Ctrl-C before the first step, or a second one: no save.
     print("train: interrupted; a rerun resumes from the last checkpoint", file=sys.stderr)
     sys.exit(128 + signal.SIGINT)

@@ -2,8 +2,13 @@
 
 Every scalar goes to both ``workdir/metrics.jsonl`` (one JSON object per line,
 ``{"step": ..., "split": "train" | "eval", ...}``) and TensorBoard event files in
-the workdir (tags ``train/loss``, ``eval/psnr``, ...), written by tensorboardX
-without TensorFlow: ``tensorboard --logdir WORKDIR``. Only process 0 writes.
+the workdir (tags ``train/loss``, ``eval/psnr``, ...), written with tensorboardX's
+protos without TensorFlow: ``tensorboard --logdir WORKDIR``. Only process 0 writes.
+
+Events are written in the calling thread and flushed with each report, not through
+tensorboardX's `SummaryWriter`: its writer thread dies on a failed write (a full
+disk) and every later event then blocks forever on its full queue, so the run would
+hang instead of stopping with the error.
 """
 
 from __future__ import annotations
@@ -33,6 +38,26 @@ def _plain(value: Any) -> Any:
   return value
 
 
+class _EventFile:
+  """A TensorBoard event file written in the calling thread (errors raise here)."""
+
+  def __init__(self, logdir: pathlib.Path):
+    # Deferred: only the writing process needs tensorboardX.
+    from tensorboardX.event_file_writer import EventsWriter
+    self._writer = EventsWriter(str(logdir / "events"))
+
+  def add(self, summary: Any, step: int) -> None:
+    from tensorboardX.proto import event_pb2
+    self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                             summary=summary))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
 class MetricWriter:
   """Appends scalars to metrics.jsonl and TensorBoard; saves image grids as PNG."""
 
@@ -42,12 +67,12 @@ class MetricWriter:
     self._tb = None
     if enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
-      from tensorboardX import SummaryWriter  # Deferred: only the writing process needs it.
-      self._tb = SummaryWriter(logdir=str(self.workdir), flush_secs=30)
+      self._tb = _EventFile(self.workdir)
 
   def write_scalars(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
+    from tensorboardX import summary
     record = {"step": int(step), "split": split, "time": round(time.time(), 3)}
     record.update({k: _plain(v) for k, v in scalars.items()})
     with open(self.workdir / METRICS_FILE, "a") as f:
@@ -55,7 +80,8 @@ class MetricWriter:
     for key, value in scalars.items():
       value = _plain(value)
       if isinstance(value, (int, float)):
-        self._tb.add_scalar(f"{split}/{key}", value, int(step))
+        self._tb.add(summary.scalar(f"{split}/{key}", value), step)
+    self._tb.flush()
 
   def write_event(self, step: int, event: str, **fields: Any) -> None:
     """A non-scalar line in metrics.jsonl (start, resume, stop)."""
@@ -74,7 +100,9 @@ class MetricWriter:
     path = self.workdir / IMAGES_DIR / f"step_{int(step):07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
-    self._tb.add_image("eval/hazy_dehazed_clear", grid, int(step), dataformats="HWC")
+    from tensorboardX import summary
+    self._tb.add(summary.image("eval/hazy_dehazed_clear", grid, dataformats="HWC"), step)
+    self._tb.flush()
     return path
 
   def flush(self) -> None:
