@@ -49,7 +49,14 @@ def _assert_gpu_only(exported: jax.export.Exported) -> None:
   assert exported.platforms == ("cuda",)
   calls = _custom_calls(exported)
   assert not [c for c in calls if any(h in c.lower() for h in _HOST)], calls
-  assert "stablehlo.convolution" in exported.mlir_module()
+  module = exported.mlir_module()
+  assert "stablehlo.convolution" in module
+  # precision="highest" (these models') is exact float32 on a GPU too: every product
+  # says HIGHEST, or the GPU's default (TF32 on NVIDIA since Ampere) would round.
+  products = [line.strip() for line in module.splitlines()
+              if "stablehlo.dot_general" in line or "stablehlo.convolution" in line]
+  assert products and not [p for p in products if "HIGHEST" not in p], [
+      p[:160] for p in products if "HIGHEST" not in p]
 
 
 def test_apply_exports_for_cuda(state):
@@ -93,3 +100,35 @@ def test_a_two_stage_model_exports_for_cuda():
   one_stage = export(params.replace_config(stages=1), image)
   assert (exported.mlir_module().count("stablehlo.while")
           == one_stage.mlir_module().count("stablehlo.while") + 1)
+
+
+@pytest.mark.parametrize("backend", ["auto", "onednn", "xla"])
+def test_fast_products_are_the_gpus_own(backend):
+  """precision="default" asks for the platform's fast products. A GPU program traced on
+  a CPU got the CPU kernels' bfloat16 rounding (explicit converts) at HIGHEST, or plain
+  HIGHEST where that CPU has no bfloat16: never the GPU's own (TF32)."""
+  if backend == "onednn":
+    from conftest import require_onednn
+    require_onednn()
+  if backend != "xla" and jax.default_backend() == "cpu":
+    from minet_jax.core import onednn
+    if onednn.use_onednn(backend, jnp.float32) and not onednn.bf16_products_for(
+        jax.lax.Precision.DEFAULT):
+      # A CPU without native bfloat16 traces its oneDNN convolutions as exact ones, and
+      # the program keeps no trace that fast products were asked for.
+      pytest.skip("this CPU has no native bfloat16: oneDNN's convolutions trace as exact")
+  config = _small_config(backend)
+  config.model.precision = "default"
+  state = state_lib.create_train_state(config)
+  for exported in (
+      jax.export.export(jax.jit(minet_jax.apply), platforms=("cuda",))(
+          state.params(), jnp.zeros((16, 20, 3), jnp.float32)),
+      jax.export.export(step_lib.make_train_step("mse"), platforms=("cuda",))(
+          state, _batch())):
+    module = exported.mlir_module()
+    assert "bf16" not in module
+    # The dense convolutions (the depthwise smoothing, and its kernel gradient, a
+    # batch-grouped one, stay exact by design).
+    dense = [line for line in module.splitlines() if "stablehlo.convolution" in line
+             and "feature_group_count = 1 " in line and "batch_group_count = 1 " in line]
+    assert dense and not [line for line in dense if "HIGHEST" in line]

@@ -276,6 +276,25 @@ def test_too_few_steps_reach_max_steps(solver):
   assert int(none.status) == fp.RESULTS.max_steps_reached and int(none.num_steps) == 0
 
 
+@pytest.mark.parametrize("adjoint", [fp.Backprop(), fp.Implicit(), fp.Phantom()],
+                         ids=["backprop", "implicit", "phantom"])
+@pytest.mark.parametrize("solver", [fp.Unrolled(), fp.Picard(), fp.Anderson()],
+                         ids=["unrolled", "picard", "anderson"])
+def test_no_step_passes_its_input_through_in_value_and_gradient(solver, adjoint):
+  """With max_steps 0 (a block of ``iterations`` 0) the answer is z0: d/dz0 = 1 and the
+  map's inputs get no gradient. The implicit and phantom rules took z0 for the fixed
+  point and gave the map's inputs a gradient of d z*/d a."""
+  def answer(z0, a):
+    return jnp.sum(fp.fixed_point(lambda z, a: 0.5 * z + a, solver, z0, a, max_steps=0,
+                                  adjoint=adjoint).value)
+
+  z0, a = jnp.asarray([1.0, -2.0]), jnp.asarray([3.0, 0.5])
+  np.testing.assert_array_equal(answer(z0, a), jnp.sum(z0))
+  dz0, da = jax.grad(answer, argnums=(0, 1))(z0, a)
+  np.testing.assert_array_equal(dz0, [1.0, 1.0])
+  np.testing.assert_array_equal(da, [0.0, 0.0])
+
+
 @pytest.mark.parametrize("solver", [fp.Unrolled(unroll=1), fp.Picard(rtol=1e-6),
                                     fp.Anderson(m=1, rtol=1e-6)],
                          ids=["unrolled", "picard", "anderson-m1"])

@@ -626,7 +626,7 @@ class Backprop:
     return cls()
 
   def _apply(self, solver: Solver, fn, z0, args, max_steps: int) -> _Outcome:
-    if isinstance(solver, Unrolled) or max_steps == 0:
+    if isinstance(solver, Unrolled):
       return solver._run(fn, z0, args, max_steps, differentiable=True)
     # Picard/Anderson: the primal is the early-exit while loop; the custom JVP rule
     # differentiates the equivalent fixed-length masked scan, which JAX can linearise
@@ -808,7 +808,10 @@ def fixed_point(fn: Callable[[Any, Any], Any], solver: Solver, z0: Any, args: An
       return jax.tree.map(lambda x: x[None], fn(jax.tree.map(lambda x: x[0], z), a))
     z0_b = jax.tree.map(lambda x: jnp.asarray(x)[None], z0)
 
-  out = adjoint._apply(solver, map_b, z0_b, args, int(max_steps))
+  if int(max_steps) == 0:  # No step taken: the answer is z0, differentiated as itself.
+    out = solver._run(map_b, z0_b, args, 0, differentiable=True)
+  else:
+    out = adjoint._apply(solver, map_b, z0_b, args, int(max_steps))
   if not per_sample:
     out = _Outcome(jax.tree.map(lambda x: x[0], out.value),
                    *(field[0] for field in out[1:]))

@@ -425,7 +425,9 @@ def _banded_smoothing(x: jax.Array, kernel: jax.Array) -> jax.Array:
   band = np.zeros((k, block, block + 2 * pad), np.float32)
   for b in range(k):
     band[b, np.arange(block), np.arange(block) + b] = 1.0
-  toeplitz = jnp.einsum("ab,bjq->ajq", kernel, band.astype(kernel.dtype))
+  # HIGHEST here too: a GPU's default (TF32) would round the kernel's values themselves.
+  toeplitz = jnp.einsum("ab,bjq->ajq", kernel, band.astype(kernel.dtype),
+                        precision=jax.lax.Precision.HIGHEST)
   out = sum(jnp.einsum("nhcbq,jq->nhcbj", windows[:, a:a + h], toeplitz[a],
                        precision=jax.lax.Precision.HIGHEST) for a in range(k))
   return jnp.transpose(out.reshape(n, h, c, blocks * block)[..., :w], (0, 1, 3, 2))

@@ -299,12 +299,13 @@ def _rounded(bf16_products: bool, *arrays):
   return tuple(a.astype(jnp.bfloat16).astype(jnp.float32) for a in arrays)
 
 
-def _reference(x, w, *, strides, padding, dilation, groups, bf16_products=False):
+def _reference(x, w, *, strides, padding, dilation, groups, bf16_products=False,
+               precision=jax.lax.Precision.HIGHEST):
   x, w = _rounded(bf16_products, x, w)
   return jax.lax.conv_general_dilated(
       x, w, window_strides=strides, padding=padding, rhs_dilation=dilation,
       dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=groups,
-      precision=jax.lax.Precision.HIGHEST)
+      precision=precision)
 
 
 conv_p = Primitive("onednn_conv")
@@ -397,6 +398,19 @@ def _reference_kernel(x, dy, *, kernel_hw, bf16_products, **geometry):
   return jax.vjp(lambda w: _reference(x, w, **geometry), w)[1](dy)[0]
 
 
+def _off_cpu(reference):
+  """The lowering of a primitive elsewhere (GPU, TPU): XLA's convolutions. Fast inexact
+  products (``bf16_products``, what precision "default" chose on the CPU that traced
+  the program) are that platform's own there, its DEFAULT precision (TF32 on NVIDIA
+  GPUs since Ampere), not the CPU kernels' bfloat16 rounding; else exact float32."""
+
+  def lower(*args, bf16_products, **params):
+    precision = jax.lax.Precision.DEFAULT if bf16_products else jax.lax.Precision.HIGHEST
+    return reference(*args, bf16_products=False, precision=precision, **params)
+
+  return lower
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted(prim: Primitive, params: tuple) -> callable:
   return jax.jit(functools.partial(prim.bind, **dict(params)))
@@ -411,7 +425,7 @@ for _p, _kind, _ref in ((conv_p, _FORWARD, _reference), (conv_input_p, _INPUT, _
                         (conv_kernel_p, _KERNEL, _reference_kernel)):
   mlir.register_lowering(_p, _cpu_lowering(_kind), platform="cpu")
   # Elsewhere (GPU, TPU) the same program runs XLA's convolutions.
-  mlir.register_lowering(_p, mlir.lower_fun(_ref, multiple_results=False))
+  mlir.register_lowering(_p, mlir.lower_fun(_off_cpu(_ref), multiple_results=False))
   _p.def_impl(functools.partial(_eager, _p))
 
 
