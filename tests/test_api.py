@@ -409,6 +409,28 @@ def test_apply_checked_catches_bad_values_under_jit(params, image):
   assert "apply_checked" in minet_jax.apply.__doc__
 
 
+def test_apply_checked_eagerly_compiles_once_and_checks_as_under_jit(params, image, caplog):
+  """Called without jit, checkify traced the whole forward again on every call (a new
+  compilation each time, about a hundred times `apply`'s cost)."""
+  x = (image / 255.0).astype(np.float32)
+  for value in (x, image):  # Compiles, once per dtype.
+    err, out = minet_jax.apply_checked(params, value)
+    assert err.get() is None
+    np.testing.assert_array_equal(out, minet_jax.apply(params, value))
+  with jax.log_compiles(), caplog.at_level("WARNING"):
+    caplog.clear()
+    for value in (x, image, 1.0 - x):
+      err, _ = minet_jax.apply_checked(params, value)
+      assert err.get() is None
+    assert not [r for r in caplog.records if "ompil" in r.getMessage()], caplog.text
+  for bad, message in ((x * 255.0, "divide 0..255 data by 255"),
+                       (np.where(image > 128, np.nan, x).astype(np.float32), "NaN or infinite")):
+    err, out = minet_jax.apply_checked(params, bad)
+    with pytest.raises(ValueError, match=message):
+      err.throw()
+    assert out.shape == bad.shape
+
+
 def test_a_missing_weight_is_named(params, image):
   # Weights lacking a tensor used to end in a bare KeyError: 'bias'.
   weights = {k: dict(v) if isinstance(v, dict) else v for k, v in params.weights.items()}

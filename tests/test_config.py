@@ -42,14 +42,14 @@ def test_overridden_sections_build_the_records():
 
 
 def test_optional_and_several_type_fields_take_overrides():
-  # A None default takes its declared type; unroll takes "auto", an int or a bool.
+  # A None default takes its declared type; unroll takes "auto", "full", an int or a bool.
   config = defaults.get_config()
   assert config.data.synthetic.depth_scale_m is None
   config.data.synthetic.depth_scale_m = 5.0
   assert synthetic.SyntheticHazeConfig(**config.data.synthetic).depth_scale_m == 5.0
-  for unroll in (1, True, "auto"):
+  for unroll, held in ((1, 1), (True, "full"), ("auto", "auto"), ("full", "full")):
     config.model.unroll = unroll
-    assert minet_jax.model_config(config).unroll == unroll
+    assert minet_jax.model_config(config).unroll == held
   # Per-block fields take one number or a tuple (`--config.model.contractive_target=(...)`);
   # their defaults are one number, so another block count needs no override of them.
   assert defaults.get_config().model.contractive_target == 0.9

@@ -608,3 +608,16 @@ def test_one_sample_loop_matches_the_masked_scan_bit_for_bit(solver, case, steps
     np.testing.assert_array_equal(got, want)
   for got, want in zip(loop[3:], scan[3:]):  # residual, history
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_unroll_true_is_not_taken_for_one():
+  """True == 1 and hash(True) == hash(1): a config or solver holding True shared the
+  compiled program of one holding 1 (a rolled loop). Both now hold distinct values."""
+  assert minet_jax.ModelConfig(unroll=True).unroll == "full"
+  assert minet_jax.ModelConfig(unroll=True) != minet_jax.ModelConfig(unroll=1)
+  assert minet_jax.ModelConfig(unroll=False).unroll == 1
+  for solver in (fp.Unrolled, fp.Picard, fp.Anderson):
+    assert solver(unroll=True) != solver(unroll=1) and solver(unroll=True).unroll == "full"
+  assert fp.resolve_unroll("full", 8) is True and fp.resolve_unroll(1, 8) == 1
+  with pytest.raises(ValueError, match="unroll must be"):
+    fp.Picard(unroll="fast")

@@ -159,17 +159,25 @@ def apply(params: Params, img: Any, *, strip_rows: int | None = None,
   return out[0] if len(img.shape) == 3 else out
 
 
+def _value_checks(x: jax.Array) -> None:
+  """The value checks of a float image as checkify checks."""
+  checkify.check(jnp.all(jnp.isfinite(x)), _NON_FINITE)
+  lo, hi = jnp.min(x), jnp.max(x)
+  checkify.check((lo >= -1e-3) & (hi <= 1.0 + 1e-3), _RANGE, lo=lo, hi=hi)
+
+
 def _apply_with_value_checks(params: Params, img: Any) -> jax.Array:
   dtype = _check_layout(img)
   if jnp.issubdtype(dtype, jnp.floating):
-    x = jnp.asarray(img, jnp.float32)
-    checkify.check(jnp.all(jnp.isfinite(x)), _NON_FINITE)
-    lo, hi = jnp.min(x), jnp.max(x)
-    checkify.check((lo >= -1e-3) & (hi <= 1.0 + 1e-3), _RANGE, lo=lo, hi=hi)
+    _value_checks(jnp.asarray(img, jnp.float32))
   return apply(params, img)
 
 
+# Traced (inside the caller's jit): the checks compile into the caller's program.
 _apply_checked = checkify.checkify(_apply_with_value_checks)
+# Concrete: the checks as a program of their own, compiled once per image shape; the
+# forward is then `apply`'s, compiled once too (checkify alone traced it on every call).
+_checked_values = jax.jit(checkify.checkify(_value_checks))
 
 
 def apply_checked(params: Params, img: Any) -> tuple[checkify.Error, jax.Array]:
@@ -188,7 +196,16 @@ def apply_checked(params: Params, img: Any) -> tuple[checkify.Error, jax.Array]:
   if not isinstance(params, Params):
     raise TypeError(f"params must be minet_jax.Params (from init/load), got "
                     f"{type(params).__name__}")
-  return _apply_checked(params, _for_jax(img))
+  img = _for_jax(img)
+  if not _is_concrete(img):
+    return _apply_checked(params, img)
+  dtype = _check_layout(img)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return _checked_values(jnp.zeros((1,), jnp.float32))[0], apply(params, img)
+  error, _ = _checked_values(jnp.asarray(img, jnp.float32))
+  if error.get() is not None:  # `apply` would raise; the output is not meaningful.
+    return error, jnp.full(img.shape, jnp.nan, jnp.float32)
+  return error, apply(params, img)
 
 
 def dehaze_batch(params: Params, x: jax.Array) -> jax.Array:

@@ -30,7 +30,7 @@ import numpy as np
 
 # Names of the IM-block solvers and backward modes: the classes of the fixed-point
 # engine define them (`fixed_point.from_config` builds the objects).
-from minet_jax.core.fixed_point import BACKWARDS, SOLVERS  # noqa: E402
+from minet_jax.core.fixed_point import BACKWARDS, SOLVERS, canonical_unroll  # noqa: E402
 
 CONTRACTIVE_KINDS = ("spectral", "radius", "frobenius")
 CONTRACTIVE_POINTS = ("iterate", "solution")
@@ -117,7 +117,8 @@ class Solve:
   # Map evaluations of each IM-block (one entry per block, or one int for all): exactly
   # this many for the "unrolled" solver (T of the released model), the cap for the others.
   iterations: tuple[int, ...] = (8, 8, 8)
-  # lax.scan unroll of the IM-block iteration: "auto" (full on CPU, 1 elsewhere), or an int/bool.
+  # lax.scan unroll of the IM-block iteration: "auto" (full on CPU, 1 elsewhere), "full"
+  # (True is read as "full", False as 1), or an int.
   unroll: Union[str, int, bool] = "auto"
   # How each IM-block solves g = g0 + eta * f(g), or its stage (stage_fraction)
   # (minet_jax.core.fixed_point, which documents the maths): "unrolled" runs exactly
@@ -301,8 +302,7 @@ class ModelConfig(Solve, Architecture):
       # Its early outputs are one map step after an iterate of a block's only stage.
       raise ValueError("the fixed-point correction loss (correction_weight > 0) is defined "
                        f"for one-stage blocks only, got stages={self.stages}")
-    if isinstance(self.unroll, str) and self.unroll != "auto":
-      raise ValueError(f"unroll must be 'auto', a bool or a positive int, got {self.unroll!r}")
+    object.__setattr__(self, "unroll", canonical_unroll("ModelConfig", self.unroll))
 
   def _per_block(self, name: str) -> tuple[float, ...]:
     """Field ``name`` as one float per IM-block: given as one number for every block or

@@ -205,6 +205,8 @@ def resolve_unroll(unroll: Unroll, length: int) -> Union[int, bool]:
   """
   if unroll == "auto":
     return True if jax.default_backend() == "cpu" else 1
+  if unroll == "full":
+    return True
   if isinstance(unroll, bool):
     return unroll
   if int(unroll) < 1:
@@ -226,11 +228,23 @@ def _check_steps(name: str, value: Optional[int]) -> None:
     raise ValueError(f"{name} must be an integer >= 0, got {value}")
 
 
-def _check_unroll(owner: str, unroll: Unroll) -> None:
-  if unroll == "auto" or isinstance(unroll, bool):
-    return
+def canonical_unroll(owner: str, unroll: Unroll) -> Union[str, int]:
+  """``unroll`` checked, with True as "full" and False as 1: True == 1 in Python (and
+  both hash alike), so a config or solver holding True would share the compiled
+  program of one holding 1, a rolled loop instead of an unrolled one."""
+  if isinstance(unroll, bool):
+    return "full" if unroll else 1
+  if unroll in ("auto", "full"):
+    return unroll
   if isinstance(unroll, str) or int(unroll) != unroll or unroll < 1:
-    raise ValueError(f"{owner}.unroll must be 'auto', a bool or an int >= 1, got {unroll!r}")
+    raise ValueError(f"{owner}.unroll must be 'auto', 'full', a bool or an int >= 1, got "
+                     f"{unroll!r}")
+  return int(unroll)
+
+
+def _check_unroll(owner: str, solver: Any) -> None:
+  """Puts the solver's ``unroll`` in `canonical_unroll`'s form (solvers are frozen)."""
+  object.__setattr__(solver, "unroll", canonical_unroll(owner, solver.unroll))
 
 
 # ------------------------------------------------------------------ per-sample algebra
@@ -308,7 +322,7 @@ class Unrolled:
 
   def __post_init__(self) -> None:
     _check_nonnegative("Unrolled", rtol=self.rtol, atol=self.atol)
-    _check_unroll("Unrolled", self.unroll)
+    _check_unroll("Unrolled", self)
 
   @classmethod
   def from_config(cls, cfg: Any) -> Unrolled:
@@ -480,7 +494,7 @@ class Picard(_Iterative):
 
   def __post_init__(self) -> None:
     _check_nonnegative("Picard", rtol=self.rtol, atol=self.atol)
-    _check_unroll("Picard", self.unroll)
+    _check_unroll("Picard", self)
 
   @classmethod
   def from_config(cls, cfg: Any) -> Picard:
@@ -527,7 +541,7 @@ class Anderson(_Iterative):
     if not 0.0 < self.beta <= 1.0:
       raise ValueError(f"Anderson.beta must lie in (0, 1], got {self.beta}")
     _check_nonnegative("Anderson", reg=self.reg, rtol=self.rtol, atol=self.atol)
-    _check_unroll("Anderson", self.unroll)
+    _check_unroll("Anderson", self)
 
   @classmethod
   def from_config(cls, cfg: Any) -> Anderson:
