@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,3 +73,15 @@ def test_float16_would_overflow_the_released_weights(released_params, shared_dir
   runs = model.solve_blocks(model.model_input(x))
   fused = model.fuse([r.output for r in runs])
   assert float(jnp.abs(model.deconv3(fused)).max()) > float(jnp.finfo(jnp.float16).max)
+
+
+def test_a_tolerance_below_bfloat16s_rounding_is_warned_of():
+  """bfloat16 iterates keep a relative residual of about 2e-3: at rtol 1e-3 a solve to
+  tolerance runs to its step cap, spending every step."""
+  with pytest.warns(UserWarning, match="rtol >= 4.0e-03"):
+    minet_jax.ModelConfig(dtype="bfloat16", solver="picard", rtol=1e-3)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    minet_jax.ModelConfig(dtype="bfloat16", solver="picard", rtol=4e-3)
+    minet_jax.ModelConfig(dtype="bfloat16")  # unrolled: the tolerance only labels status
+    minet_jax.ModelConfig(solver="picard", rtol=1e-3)

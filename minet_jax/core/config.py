@@ -22,6 +22,7 @@ import os
 import sys
 import math
 import numbers
+import warnings
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -36,6 +37,9 @@ CONTRACTIVE_KINDS = ("spectral", "radius", "frobenius")
 CONTRACTIVE_POINTS = ("iterate", "solution")
 INPUT_FORMATS = ("bgr255", "rgb01")
 DTYPES = ("float32", "bfloat16", "float16")
+# The smallest rtol a solve of bfloat16 iterates meets: their relative residual settles
+# near bfloat16's unit roundoff 2**-8 (1.5e-3 to 2.5e-3 measured on released blocks).
+BF16_RTOL_FLOOR = 4e-3
 PRECISIONS = ("highest", "default")
 # Who runs the convolutions (`minet_jax.core.onednn`): "onednn" (on CPU through oneDNN's
 # kernels: float32, and bfloat16 where the CPU has it natively; XLA's elsewhere),
@@ -303,6 +307,12 @@ class ModelConfig(Solve, Architecture):
       raise ValueError("the fixed-point correction loss (correction_weight > 0) is defined "
                        f"for one-stage blocks only, got stages={self.stages}")
     object.__setattr__(self, "unroll", canonical_unroll("ModelConfig", self.unroll))
+    if self.dtype == "bfloat16" and self.solver != "unrolled" and self.rtol < BF16_RTOL_FLOOR:
+      warnings.warn(
+          f"solver {self.solver!r} at rtol {self.rtol:g} with dtype 'bfloat16': iterates "
+          f"stored in bfloat16 keep a relative residual of about its rounding ({2**-9:.1e} "
+          f"to {2**-8:.1e}), so most solves run to their step cap; use rtol >= "
+          f"{BF16_RTOL_FLOOR:.1e} with bfloat16, or float32", stacklevel=3)
 
   def _per_block(self, name: str) -> tuple[float, ...]:
     """Field ``name`` as one float per IM-block: given as one number for every block or
