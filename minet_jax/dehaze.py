@@ -25,7 +25,8 @@ What is never done, and said instead on stderr:
 * a file that cannot be read or processed is reported and the others go on.
 
 The exit code is 1 if any input was not processed (skipped earlier results do
-not count). Images above 2 MP are processed exactly in bounded memory by running
+not count), 2 when the model or the output folder cannot be used (nothing is
+processed), and 130 after Ctrl-C (what was written is listed; writes are whole). Images above 2 MP are processed exactly in bounded memory by running
 the full-resolution layers in row strips (`minet_jax.core.strips`; ``--strip-rows``
 sets the strip height, 0 turns it off); the progress bar then advances stage by
 stage. ``--tile`` instead processes large images in independent overlapping tiles,
@@ -74,7 +75,8 @@ class Job:
 class Outcome:
   written: list[pathlib.Path]
   failed: dict[str, str]  # input path -> why it was not processed
-  skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # earlier results found
+  # input path -> why it was left out: an earlier result, a file named twice, Ctrl-C
+  skipped: dict[str, str] = dataclasses.field(default_factory=dict)
   # input path -> how its IM-blocks were solved (models solved to a tolerance, untiled)
   solves: dict[str, str] = dataclasses.field(default_factory=dict)
   interrupted: bool = False  # Ctrl-C stopped the run; the images not reached are skipped
@@ -124,8 +126,8 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
     out_resolved = out_dir.resolve()
     if out_dir.exists() and not out_dir.is_dir():
       return [], {str(out_dir): "the output folder -o is an existing file"}, {}
-  except OSError as e:  # A name too long, a folder that cannot be looked into, ...
-    return [], {str(out_dir): f"the output folder -o cannot be used: {e.strerror or e}"}, {}
+  except (OSError, RuntimeError) as e:  # Too long a name, no access, a link loop, ...
+    return [], {str(out_dir): f"the output folder -o cannot be used: {_why(e)}"}, {}
   endings = _result_endings(suffix)
   jobs: list[Job] = []
   failed: dict[str, str] = {}
@@ -174,8 +176,8 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
   for item in inputs:
     try:
       jobs += jobs_of(pathlib.Path(item))
-    except OSError as e:  # An input that cannot be looked into: that input fails alone.
-      failed[str(item)] = f"cannot read it: {e.strerror or e}"
+    except (OSError, RuntimeError) as e:  # An input that cannot be looked into fails alone.
+      failed[str(item)] = f"cannot read it: {_why(e)}"
   sources = {j.source.resolve() for j in jobs}
   seen: dict[pathlib.Path, pathlib.Path] = {}
   first_of: dict[pathlib.Path, pathlib.Path] = {}  # Each source's first mention.
@@ -189,8 +191,8 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
     first_of[source] = one.source
     try:
       problem = _output_problem(one, out_dir, out_resolved, sources, seen, overwrite)
-    except OSError as e:  # An output name too long for the file system, ...
-      problem = f"its output cannot be written: {e.strerror or e}"
+    except (OSError, RuntimeError) as e:  # An output name too long, a link loop, ...
+      problem = f"its output cannot be written: {_why(e)}"
     if problem:
       failed[str(one.source)] = problem
       continue
@@ -217,6 +219,12 @@ def _output_problem(one: Job, out_dir: pathlib.Path, out_resolved: pathlib.Path,
       return (f"its output {output} already exists; dehaze replaces files only with "
               "--overwrite (or choose another -o or --suffix)")
   return None
+
+
+def _why(error: Exception) -> str:
+  """A path error in a few words (Python 3.11's `Path.resolve` raises RuntimeError for a
+  link loop, later versions OSError)."""
+  return getattr(error, "strerror", None) or str(error)
 
 
 def is_gray(image: np.ndarray) -> bool:
@@ -316,35 +324,44 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
     iterator = tqdm(jobs, desc="dehaze", unit="image", file=sys.stderr)
     steps = _StepBar("tile" if tile else "stage")
   interrupted = False
-  for done, job in enumerate(iterator):
-    try:
-      image = image_io.read_rgb(job.source, max_megapixels=max_megapixels,
-                                bytes_per_pixel=STRIP_BYTES_PER_PIXEL,
-                                limit_name="--max-megapixels")
-      solves = [] if report_solves else None
-      result = dehaze_image(params, image, tile=tile, overlap=overlap, blend=blend,
-                            strip_rows=strip_rows, progress=steps, solves=solves)
-      if solves:
-        from minet_jax.core.api import describe_solves
-        solved[str(job.source)] = describe_solves(solves, params.config)
-      if keep_gray and is_gray(image):
-        image, result = image[..., 0], luminance(result)
-      images = [(job.target, result)]
-      if job.compare is not None:
-        images.append((job.compare, side_by_side(image, result)))
-      for path, data in images:
-        image_io.write_image(path, data, protect=protect, exclusive=not overwrite)
-        written.append(path)
-    except Exception as e:  # One bad file must not cost the others.
-      failed[str(job.source)] = str(e) if isinstance(
-          e, (image_io.ImageReadError, FileExistsError)) else f"{type(e).__name__}: {e}"
-    except KeyboardInterrupt:  # Keep the account of what was written (writes are whole).
-      interrupted = True
-      skipped.update((str(j.source), "not processed: interrupted") for j in jobs[done:])
-      break
-    finally:
-      if steps is not None:
-        steps.close()
+  started = 0  # Jobs begun; the one under way when Ctrl-C comes is not counted done.
+  try:
+    for job in iterator:
+      started += 1
+      try:
+        image = image_io.read_rgb(job.source, max_megapixels=max_megapixels,
+                                  bytes_per_pixel=STRIP_BYTES_PER_PIXEL,
+                                  limit_name="--max-megapixels")
+        solves = [] if report_solves else None
+        result = dehaze_image(params, image, tile=tile, overlap=overlap, blend=blend,
+                              strip_rows=strip_rows, progress=steps, solves=solves)
+        if solves:
+          from minet_jax.core.api import describe_solves
+          solved[str(job.source)] = describe_solves(solves, params.config)
+        if keep_gray and is_gray(image):
+          image, result = image[..., 0], luminance(result)
+        images = [(job.target, result)]
+        if job.compare is not None:
+          images.append((job.compare, side_by_side(image, result)))
+        for path, data in images:
+          image_io.write_image(path, data, protect=protect, exclusive=not overwrite)
+          written.append(path)
+      except Exception as e:  # One bad file must not cost the others.
+        failed[str(job.source)] = str(e) if isinstance(
+            e, (image_io.ImageReadError, FileExistsError)) else f"{type(e).__name__}: {e}"
+      finally:
+        if steps is not None:
+          steps.close()
+  except KeyboardInterrupt:  # Keep the account of what was written (writes are whole).
+    interrupted = True
+    current = jobs[started - 1] if started else None
+    if current is not None and str(current.source) not in failed:
+      done = [path in written for path in current.outputs()]
+      if any(done) and not all(done):
+        failed[str(current.source)] = "interrupted while writing its outputs; not all written"
+      elif not any(done):
+        skipped[str(current.source)] = "not processed: interrupted"
+    skipped.update((str(j.source), "not processed: interrupted") for j in jobs[started:])
   return Outcome(written, failed, skipped, solved, interrupted)
 
 

@@ -463,3 +463,17 @@ def test_ctrl_c_keeps_the_account_of_what_was_written(tiny_ckpt, tmp_path, monke
   assert f"wrote 1 file(s) to {out}" in captured.out
   assert "interrupted" in captured.err and "b.png: not processed: interrupted" in captured.err
   assert sorted(p.name for p in out.iterdir()) == ["a_dehazed.png"]
+
+
+def test_link_loops_fail_in_one_line(tiny_ckpt, tmp_path, capsys):
+  """Path.resolve raises RuntimeError for a link loop (Python 3.11), not OSError."""
+  photo = _photo(tmp_path / "in")
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "a_dehazed.png").symlink_to(out / "a_dehazed.png")
+  jobs, failed, _ = dehaze.plan([photo], out, overwrite=True)
+  assert jobs == [] and "its output cannot be written" in failed[str(photo)]
+  (tmp_path / "loop").symlink_to(tmp_path / "loop")
+  jobs, failed, _ = dehaze.plan([photo], tmp_path / "loop" / "sub")
+  assert jobs == [] and "the output folder -o cannot be used" in failed[
+      str(tmp_path / "loop" / "sub")]

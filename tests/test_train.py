@@ -1444,3 +1444,22 @@ def test_tensorboard_events_hold_the_scalars_and_grids(tmp_path):
   grid = Image.open(io.BytesIO(summaries[1][1].image.encoded_image_string))
   assert grid.size == (14, 4)
   writer.close()
+
+
+def test_a_failed_replacement_puts_the_old_best_back(tmp_path, monkeypatch):
+  ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
+  try:
+    assert ckpts.save_best(_state_at(6, 0.1), {"psnr": 20.0, "ssim": 0.5})
+
+    def full_disk(*args, **kwargs):
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpts.best, "save", full_disk)
+    with pytest.raises(OSError):
+      ckpts.save_best(_state_at(6, 0.2), {"psnr": 25.0, "ssim": 0.6})
+    monkeypatch.undo()
+    assert ckpts.best_psnr() == 20.0
+    assert not ckpts.save_best(_state_at(7, 0.3), {"psnr": 5.0, "ssim": 0.1})
+  finally:
+    ckpts.close()
+  assert sorted(p.name for p in (tmp_path / checkpointing.BEST_DIR).iterdir()) == ["6"]

@@ -170,3 +170,27 @@ def test_two_devices_match_one(env, tmp_path):
   assert out["summary"]["step"] == 2 and out["summary"]["num_images"] == 1
   start = next(r for r in metrics(tmp_path / "w") if r.get("event") == "start")
   assert start["devices"] == 2
+
+
+def test_ctrl_c_at_the_terminal_saves_with_data_workers(env, tmp_path):
+  """A terminal's Ctrl-C reaches the whole process group: the data's worker processes
+  died of it (a traceback each) and the run blamed its data instead of saving."""
+  import os
+  workdir = tmp_path / "run"
+  run = subprocess.Popen(train_cmd(env, workdir, "--config.num_train_steps=100000",
+                                   "--config.log_every=1", "--config.checkpoint_every=1000",
+                                   "--config.data.worker_count=2"),
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)  # Its own group, as a terminal's.
+  try:
+    wait_for(lambda: any(r.get("step", 0) >= 3 and r.get("split") == "train"
+                         for r in metrics(workdir)), run)
+    os.killpg(run.pid, signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+  finally:
+    if run.poll() is None:
+      os.killpg(run.pid, signal.SIGKILL)
+  assert run.returncode == 130, stderr[-4000:]
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-4000:]
+  stopped = [r for r in metrics(workdir) if r.get("event") == "stopped"]
+  assert len(stopped) == 1 and checkpoint_steps(workdir)[-1] == stopped[0]["step"] >= 3

@@ -23,6 +23,7 @@ checked with a clear error.
 from __future__ import annotations
 
 import json
+import signal
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -174,8 +175,17 @@ def make_iterator(dataset: grain.MapDataset, *, num_threads: int = 2,
     # grain's worker processes read absl flags; outside absl.app nobody parses them.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count),
+                        worker_init_fn=_ignore_interrupts)
   return iter(ds)
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+  """Run in each worker process: a terminal's Ctrl-C reaches the whole process group, and
+  the workers must outlive it for their parent to finish its step and save (they stop
+  when it closes them)."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def iterator_state(iterator: grain.DatasetIterator) -> bytes:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import shutil
 import sys
@@ -274,14 +275,28 @@ class Checkpoints:
     if step in self.best.all_steps():
       replaced = self._move_aside(step, manager=self.best, folder=BEST_DIR,
                                   name=f".replaced-{step}", all_processes=True)
-    saved = self.best.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(weights),
-        meta=ocp.args.JsonSave({"step": step, **scores, **_record(state, weights)})),
-        metrics=scores, force=True)
+    try:
+      saved = self.best.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(weights),
+          meta=ocp.args.JsonSave({"step": step, **scores, **_record(state, weights)})),
+          metrics=scores, force=True)
+      if replaced is not None:
+        self.best.wait_until_finished()
+    except BaseException:
+      if replaced is not None:  # The old best goes back; a partial new one goes.
+        self._restore_replaced(step, replaced)
+      raise
     if replaced is not None:  # Removed once its successor is on disk, never before.
-      self.best.wait_until_finished()
       shutil.rmtree(replaced)
     return bool(saved)
+
+  def _restore_replaced(self, step: int, replaced: pathlib.Path) -> None:
+    """Puts a best checkpoint set aside for its replacement back at ``best/<step>``."""
+    folder = self.workdir / BEST_DIR / str(step)
+    if os.path.lexists(folder):
+      shutil.rmtree(folder, ignore_errors=True)
+    replaced.rename(folder)
+    self.best.reload()
 
   def restore(self, like: TrainState, sharding: Any = None,
               step: int | None = None) -> tuple[TrainState, Any, dict]:

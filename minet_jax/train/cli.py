@@ -111,17 +111,22 @@ def _loaded_config():
   return config
 
 
+# What orbax 0.12 logs of a failed asynchronous save before raising it again.
+_RERAISED_BY_ORBAX = ("Handler Commit operations or the Commit callback",
+                      "_SignalingThread.run() raised", "Save Finalize thread")
+
+
 def main(argv: list[str]) -> None:
   """Trains with the parsed flags; prints the run's summary as JSON."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; -v 0 shows it.
-    # orbax logs a failed background save at ERROR with its traceback, then raises the
-    # same error in the training thread, which reports it in one line (-v 0 shows both).
+    # orbax logs a failed background save with its traceback, then raises the same error
+    # in the training thread, which reports it in one line (-v 0 shows both). Only those
+    # records go: orbax's other errors are not raised again.
     logging.get_absl_handler().addFilter(
-        lambda record: record.levelno < logging.converter.STANDARD_ERROR
-        or f"{os.sep}orbax{os.sep}" not in record.pathname)
+        lambda record: not any(m in record.getMessage() for m in _RERAISED_BY_ORBAX))
   # Deferred: the dataset and checkpoint code load only once the flags parse.
   from minet_jax import CheckpointError
   from minet_jax.core import checkpoint

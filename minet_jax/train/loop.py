@@ -491,11 +491,20 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
     # Into a file or pipe, each redraw is a new line: one every 30 s, not 10 a second.
     bar.mininterval = 30.0
   try:
+    def stop_here(state: TrainState) -> None:
+      save(state)
+      writer.write_event(step, "stopped", signal=stop.name)
+      if jax.process_index() == 0:
+        tqdm.write(f"{stop.name}: saved step {step} in {workdir}; rerun to resume")
+
     with stop.installed():
       while step < total:
         try:
           local = next(train_iter)
         except Exception as e:  # A bad image the start-up checks could not see.
+          if stop:  # The signal reached the data's worker processes too.
+            stop_here(state)
+            break
           raise ConfigError(
               f"the training data failed at step {step + 1}: {checkpoint.one_line_error(e)}; "
               "fix the data or config.data (crop_size 0 takes whole images, which must "
@@ -533,10 +542,7 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
         if step % int(config.checkpoint_every) == 0 or step == total:
           save(state)
         if stop.reached(step):
-          save(state)
-          writer.write_event(step, "stopped", signal=stop.name)
-          if jax.process_index() == 0:
-            tqdm.write(f"{stop.name}: saved step {step} in {workdir}; rerun to resume")
+          stop_here(state)
           break
   finally:
     bar.close()
