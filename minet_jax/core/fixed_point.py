@@ -563,11 +563,16 @@ class Anderson(_Iterative):
                     axis=1)
     gram = accel.gram.at[:, slot, :].set(row).at[:, :, slot].set(row)
     valid = jnp.arange(m) < jnp.minimum(k + 1, m)
-    return self._mix(hist_f, hist_g, gram, valid, slot), _AndersonState(hist_f, hist_g, gram)
+    # A residual at float32 rounding (relative, below 8 eps): the stored residuals are
+    # noise, and so is the derivative of the weights fitted to them.
+    quiet = row[:, slot] <= (8 * jnp.finfo(jnp.float32).eps) ** 2 * _sample_dot(fx, fx)
+    return (self._mix(hist_f, hist_g, gram, valid, slot, quiet),
+            _AndersonState(hist_f, hist_g, gram))
 
-  def _mix(self, hist_f, hist_g, gram, valid, newest):
+  def _mix(self, hist_f, hist_g, gram, valid, newest, quiet=None):
     """x_{k+1} from the stored (F_i, G_i) pairs; gram (B, m, m), valid (m,), ``newest``
-    the slot of the latest pair (the history is a ring)."""
+    the slot of the latest pair (the history is a ring); where ``quiet`` (B,) the
+    weights are differentiated as constants."""
     m = self.m
     both = valid[:, None] & valid[None, :]
     diag = jnp.diagonal(gram, axis1=1, axis2=2)
@@ -590,6 +595,8 @@ class Anderson(_Iterative):
     alpha = weights(jnp.where(ok[..., None], h, jnp.eye(m)))
     fallback = jax.nn.one_hot(newest, m, dtype=jnp.float32)
     alpha = jnp.where(ok, alpha, fallback)
+    if quiet is not None:  # Differentiating an ill-posed fit to noise would amplify it.
+      alpha = jnp.where(quiet[:, None], jax.lax.stop_gradient(alpha), alpha)
     beta = self.beta
 
     def mix(f, g):
