@@ -81,6 +81,11 @@ reverse-mode rule, so for `Picard`/`Anderson` only the evaluation stops early: u
 differentiation (a custom JVP rule) they run the equivalent ``lax.scan`` of
 ``max_steps`` masked steps (finished samples frozen, their remaining evaluations
 wasted), and memory and time grow with ``max_steps``. `Unrolled` is a scan already.
+Anderson's weights are differentiated too, except once a sample's residual is at
+float32 rounding (below 8 eps relative to T(g)): a fit to noise is ill-posed, and its
+derivative amplified the gradient many orders of magnitude; there they count as
+constants. A solve of ``max_steps`` 0 answers z0, differentiated as z0, whatever the
+adjoint.
 
 `Implicit` uses the implicit function theorem through ``jax.custom_vjp``. At a fixed
 point z* = T(z*, a), dz*/da = (I - dT/dz)^{-1} dT/da, so for an output cotangent
