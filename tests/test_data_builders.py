@@ -238,6 +238,21 @@ def test_a_build_follows_its_folder(tmp_path, caplog):
                          build_if_missing=False)
 
 
+def test_a_failed_rebuild_keeps_the_build_it_replaces(tmp_path):
+  """A stale build was deleted before its rebuild read the new files: one bad new pair
+  cost the whole good build (for ITS, hours)."""
+  data = tmp_path / "data"
+  folder = _pairs_folder(tmp_path / "O-HAZE", n=2)
+  assert len(builders.load_source("paired_folder", "train", data, manual_dir=folder)) == 2
+  before = sorted(p.relative_to(data) for p in data.rglob("*"))
+  Image.fromarray(np.zeros((6, 9, 3), np.uint8)).save(folder / "hazy" / "02_outdoor_hazy.png")
+  Image.fromarray(np.zeros((16, 9, 3), np.uint8)).save(folder / "GT" / "02_outdoor_GT.png")
+  with pytest.raises(folders.DatasetLayoutError, match="do not align"):
+    builders.load_source("paired_folder", "train", data, manual_dir=folder)
+  assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+  assert len(builders.load_source("paired_folder/o_haze", "train", data)) == 2
+
+
 def test_bad_pairs_fail_the_build_naming_the_file(tmp_path):
   broken = _pairs_folder(tmp_path / "broken", n=2)
   path = broken / "hazy" / "01_outdoor_hazy.png"

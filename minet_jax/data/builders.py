@@ -38,6 +38,8 @@ import logging as std_logging
 import os
 import pathlib
 import re
+import secrets
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -440,6 +442,7 @@ def build(name: str, data_dir: PathLike | None = None, manual_dir: PathLike | No
     builder = get_builder(name, data_dir, manual_dir, synthetic_config=synthetic_config)
     dataset = _split_name(name)[0]
     download_config = None
+    aside = stale = None  # A stale build's folder while it is rebuilt.
     if dataset in _NEEDS_MANUAL:
       if builder.is_prepared() and manual_dir is None:
         return builder
@@ -453,7 +456,10 @@ def build(name: str, data_dir: PathLike | None = None, manual_dir: PathLike | No
         std_logging.warning("%s in %s is stale (its source folder %s changed since it was "
                             "built, or it did not record what it was built from): "
                             "rebuilding it", name, builder.data_dir, manual_dir)
-        builder.data_path.rmtree()
+        # Set aside, not deleted: a rebuild that fails (a bad new file) puts it back.
+        stale = pathlib.Path(os.fspath(builder.data_path))
+        aside = stale.with_name(f".{stale.name}.stale-{secrets.token_hex(4)}")
+        stale.rename(aside)
         builder = get_builder(name, data_dir, manual_dir, synthetic_config=synthetic_config)
       download_config = tfds.download.DownloadConfig(
           manual_dir=os.fspath(pathlib.Path(manual_dir).expanduser()))
@@ -466,8 +472,16 @@ def build(name: str, data_dir: PathLike | None = None, manual_dir: PathLike | No
           "reuse it; another folder: $TFDS_DATA_DIR, or --config.data.data_dir when "
           "training) ...", file=sys.stderr, flush=True)
   start = time.perf_counter()
-  with _tfds_quiet():
-    builder.download_and_prepare(download_config=download_config)
+  try:
+    with _tfds_quiet():
+      builder.download_and_prepare(download_config=download_config)
+  except BaseException:
+    if aside is not None:
+      shutil.rmtree(stale, ignore_errors=True)
+      aside.rename(stale)
+    raise
+  if aside is not None:
+    shutil.rmtree(aside)
   if report:
     splits = ", ".join(f"{v.num_examples} {k}" for k, v in builder.info.splits.items())
     print(f"built {name} in {time.perf_counter() - start:.0f} s: {splits} pairs",
