@@ -60,6 +60,24 @@ def test_sots_outdoor_names(tmp_path):
   assert (record.scene, record.airlight, record.beta, record.index) == ("0001", 0.8, 0.2, None)
 
 
+def test_one_sots_subset_is_not_taken_for_the_other(tmp_path, sots_dir):
+  """Given the indoor folder as the outdoor subset (or the other way), the pairs were
+  built and scored under the wrong name, silently."""
+  indoor = sots_dir / "SOTS" / "indoor"
+  assert len(folders.find_sots_pairs(indoor, "indoor")) == 4
+  with pytest.raises(folders.DatasetLayoutError, match="named as a SOTS indoor image "
+                                                        ".*is this the outdoor folder"):
+    folders.find_sots_pairs(indoor, "outdoor")
+  rng = np.random.default_rng(1)
+  _write(tmp_path / "out" / "gt" / "0001.png", _random_image(rng, 6, 6))
+  _write(tmp_path / "out" / "hazy" / "0001_0.8_0.2.jpg", _random_image(rng, 6, 6))
+  assert len(folders.find_sots_pairs(tmp_path / "out", "outdoor")) == 1
+  with pytest.raises(folders.DatasetLayoutError, match="is this the indoor folder"):
+    folders.find_sots_pairs(tmp_path / "out", "indoor")
+  with pytest.raises(ValueError, match="subset must be one of"):
+    folders.find_sots_pairs(indoor, "Indoor")
+
+
 def test_its_fixture(tmp_path):
   rng = np.random.default_rng(2)
   _write(tmp_path / "ITS" / "clear" / "3.png", _random_image(rng, 6, 8))

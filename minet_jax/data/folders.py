@@ -24,6 +24,7 @@ folder raises `DatasetLayoutError` with the expected tree and the download page.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import pathlib
 import re
@@ -251,17 +252,27 @@ def _by_scene(clears: list[pathlib.Path]) -> dict[str, pathlib.Path]:
   return _one_ground_truth_per(clears, _scene_of, "scene")
 
 
-def _match_sots(path: pathlib.Path, gts: dict[str, pathlib.Path]) -> PairRecord | None:
+# How each SOTS subset names its hazy images.
+_SOTS_NAMES = {"indoor": "<scene>_<k>", "outdoor": "<scene>_<A>_<beta>"}
+
+
+def _match_sots(path: pathlib.Path, gts: dict[str, pathlib.Path],
+                subset: str | None = None) -> PairRecord | None:
   scene, *rest = path.stem.split("_")
   if scene not in gts:
     return None
   index = airlight = beta = None
   if len(rest) == 1 and rest[0].isdigit():
-    index = int(rest[0])
+    index, named = int(rest[0]), "indoor"
   elif len(rest) == 2:
     airlight, beta = _parse_float(rest[0]), _parse_float(rest[1])
+    named = "outdoor"
   else:
     raise _Problem(f"unexpected SOTS hazy file name {path.name}")
+  if subset is not None and subset != named:  # The other subset's folder, given by mistake.
+    raise _Problem(f"{path.name} is named as a SOTS {named} image ({_SOTS_NAMES[named]}), "
+                   f"not as {subset} ones are ({_SOTS_NAMES[subset]}): is this the {subset} "
+                   "folder?")
   return PairRecord(path, gts[scene], scene, path.stem, index, airlight, beta)
 
 
@@ -355,8 +366,11 @@ def find_sots_pairs(root: str | pathlib.Path, subset: str | None = None) -> list
   """
   if not subset:
     return _find(root, _SOTS)
+  if subset not in _SOTS_NAMES:
+    raise ValueError(f"SOTS subset must be one of {tuple(_SOTS_NAMES)}, got {subset!r}")
   return _find(root, dataclasses.replace(_SOTS, name=f"SOTS {subset}",
-                                         subdirs=(subset, f"SOTS/{subset}")))
+                                         subdirs=(subset, f"SOTS/{subset}"),
+                                         match=functools.partial(_match_sots, subset=subset)))
 
 
 def find_its_pairs(root: str | pathlib.Path) -> list[PairRecord]:
