@@ -57,6 +57,36 @@ def test_resume_continues_the_sequence():
   _assert_same(_take(resumed, 5), reference[4:])
 
 
+def test_a_position_resumes_only_with_the_worker_count_it_was_saved_with():
+  """grain took a position saved with 2 worker processes into 3 (one wrong batch, then an
+  IndexError) or 1 (an IndexError): another count is now a ValueError before anything
+  is read, and the same count continues the sequence."""
+  source = _source(5)
+  ds = pipeline.train_dataset(source, batch_size=1, crop_size=(8, 10), seed=7)
+  it = pipeline.make_iterator(ds, worker_count=2)
+  try:
+    _take(it, 3)
+    state = pipeline.iterator_state(it)
+    want = _take(it, 2)
+  finally:
+    it.close()
+  for count in (3, 1, 0):
+    other = pipeline.make_iterator(ds, worker_count=count)
+    try:
+      with pytest.raises(ValueError, match=f"saved with 2 data worker process.es., this "
+                                           f"iterator has {count}"):
+        pipeline.restore_iterator(other, state, worker_count=count)
+    finally:
+      if count:
+        other.close()
+  same = pipeline.make_iterator(ds, worker_count=2)
+  try:
+    pipeline.restore_iterator(same, state, worker_count=2)
+    _assert_same(_take(same, 2), want)
+  finally:
+    same.close()
+
+
 def _find_window(image: np.ndarray, window: np.ndarray) -> list[tuple[int, int, bool]]:
   """All (top, left, flipped) placements of `window` in `image` (brute force)."""
   h, w = window.shape[:2]

@@ -193,8 +193,27 @@ def iterator_state(iterator: grain.DatasetIterator) -> bytes:
   return json.dumps(iterator.get_state(), sort_keys=True).encode("utf-8")
 
 
-def restore_iterator(iterator: grain.DatasetIterator, state: bytes | str | Mapping) -> None:
-  """Moves `iterator` to a position saved by `iterator_state`."""
+def saved_worker_count(state: Mapping) -> int | None:
+  """The ``worker_count`` of the iterator whose position `state` is (None: unknown):
+  in the training process a read position, with workers one state per worker."""
+  if "next_index" in state:
+    return 0
+  per_worker = state.get("iterators_in_use_states")
+  return len(per_worker) if isinstance(per_worker, list) else None
+
+
+def restore_iterator(iterator: grain.DatasetIterator, state: bytes | str | Mapping,
+                     worker_count: int | None = None) -> None:
+  """Moves `iterator` to a position saved by `iterator_state`.
+
+  With ``worker_count`` (the iterator's, as given to `make_iterator`), a position saved
+  with another number of workers is a ValueError: grain would take it, then read
+  another sequence or fail later.
+  """
   if isinstance(state, (bytes, str)):
     state = json.loads(state)
+  saved = saved_worker_count(state)
+  if worker_count is not None and saved is not None and saved != worker_count:
+    raise ValueError(f"the position was saved with {saved} data worker process(es), "
+                     f"this iterator has {worker_count}")
   iterator.set_state(dict(state))

@@ -75,7 +75,8 @@ def iterator_state(iterator) -> dict:
   return json.loads(pipeline.iterator_state(iterator))
 
 
-def restore_iterator(iterator, state: dict) -> None:
-  """Moves the iterator to a position `iterator_state` returned."""
+def restore_iterator(iterator, state: dict, worker_count: int | None = None) -> None:
+  """Moves the iterator to a position `iterator_state` returned (ValueError when it was
+  saved with another ``worker_count``)."""
   from minet_jax.data import pipeline
-  pipeline.restore_iterator(iterator, state)
+  pipeline.restore_iterator(iterator, state, worker_count)

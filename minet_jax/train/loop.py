@@ -387,11 +387,11 @@ def _resume_or_start(config: ml_collections.ConfigDict, cfg: ModelConfig, start:
                        devices=mesh.devices.size, processes=jax.process_count())
     return state, None
   try:
-    inputs.restore_iterator(train_iter, resumed.data)
-  except (KeyError, ValueError, TypeError) as e:  # grain's, on another state's layout.
-    # Without workers the position is {"next_index": N}; with them, per-worker states.
-    saved = ("data.worker_count = 0" if isinstance(resumed.data, dict)
-             and "next_index" in resumed.data else "data.worker_count > 0")
+    inputs.restore_iterator(train_iter, resumed.data, int(config.data.worker_count))
+  except (KeyError, ValueError, TypeError, IndexError) as e:  # Also grain's, on another layout.
+    from minet_jax.data.pipeline import saved_worker_count
+    count = saved_worker_count(resumed.data) if isinstance(resumed.data, dict) else None
+    saved = "data.worker_count > 0" if count is None else f"data.worker_count = {count}"
     raise ConfigError(
         f"the data position saved with step {resumed.step} ({saved}) does not fit this "
         f"input pipeline (data.worker_count = {config.data.worker_count}; "
