@@ -24,6 +24,7 @@ import pathlib
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 from minet_jax.core import checkpoint, files
 from minet_jax import convert
@@ -126,13 +127,25 @@ def verified(path: str | os.PathLike, name: str = "its") -> Params:
   return params
 
 
-def _download(url: str, target: pathlib.Path, *, progress: bool) -> None:
-  """Streams `url` into `target` whole (a temporary sibling renamed into place)."""
+def _content_length(value: str | None) -> int | None:
+  """A Content-Length header's byte count; None when absent or not one number (a
+  repeated equal value, as HTTP lets a server send, counts once)."""
+  counts = {v.strip() for v in (value or "").split(",")}
+  if len(counts) != 1:
+    return None
+  (count,) = counts
+  return int(count) if count.isdigit() and int(count) > 0 else None
+
+
+def _download(url: str, target: pathlib.Path, *, progress: bool,
+              check: Callable[[pathlib.Path], Params]) -> Params:
+  """Streams `url` into `target` whole and returns ``check`` of it: the file is checked
+  as a temporary sibling and renamed into place only once it passed."""
   print(f"downloading {url}\n  to {target}", file=sys.stderr)
   with files.replacing(target) as tmp:
     try:
       with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0) or None
+        total = _content_length(response.headers.get("Content-Length"))
         bar = None
         if progress:
           from tqdm import tqdm
@@ -158,6 +171,7 @@ def _download(url: str, target: pathlib.Path, *, progress: bool) -> None:
         raise
       reason = getattr(e, "reason", None) or e
       raise DownloadError(f"could not download {url}: {reason}") from e
+    return check(tmp)
 
 
 def pretrained(name: str = "its", *, cache_dir: str | os.PathLike | None = None,
@@ -178,14 +192,24 @@ def pretrained(name: str = "its", *, cache_dir: str | os.PathLike | None = None,
   """
   release = _release(name)
   target = download_dir(cache_dir) / release.file_name
+  if os.path.lexists(target) and not target.is_file():
+    raise DownloadError(f"{target} is in the way of the download: it is not a file; move it "
+                        "away to download the weights again")
   if target.is_file():
     try:
       return verified(target, name)
     except DownloadError as e:
       raise DownloadError(f"the cached {e}; delete {target} to download it again") from e
   source = url or release_url(name)
+
+  def check(downloaded: pathlib.Path) -> Params:
+    try:
+      return verified(downloaded, name)
+    except DownloadError as e:  # Named as what was sent; the temporary is removed.
+      raise DownloadError(str(e).replace(str(downloaded), f"what {source} sent")) from None
+
   try:
-    _download(source, target, progress=progress)
+    return _download(source, target, progress=progress, check=check)
   except DownloadError as e:
     if e.__cause__ is None:  # The server answered, with something that is not the file.
       raise
@@ -193,11 +217,6 @@ def pretrained(name: str = "its", *, cache_dir: str | os.PathLike | None = None,
         f"{e}. Without network: fetch {release.file_name} from {HOME_PAGE} by other means "
         f"and put it at {target} (or pass its path: minet_jax.load(PATH), --ckpt PATH)"
     ) from e
-  try:
-    return verified(target, name)
-  except DownloadError:
-    target.unlink(missing_ok=True)  # Never keep a file that failed its check.
-    raise
 
 
 def names_release(spec: str | os.PathLike) -> bool:

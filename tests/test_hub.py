@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import os
 import shutil
 import threading
 
@@ -103,6 +104,34 @@ def test_a_tampered_download_is_refused_and_not_kept(server, tmp_path):
     minet_jax.pretrained(cache_dir=cache, url=server.url("tampered/model_ITS.pth"),
                          progress=False)
   assert not any(cache.iterdir())
+
+
+def test_a_download_is_checked_before_it_is_put_in_the_cache(server, tmp_path, monkeypatch):
+  """It was renamed into place, then checked: a stop during the check left an unchecked
+  file in the cache."""
+  cache = tmp_path / "cache"
+  real = hub.verified
+  seen = []
+
+  def verified(path, name="its"):
+    seen.append(os.path.exists(cache / "model_ITS.pth"))
+    return real(path, name)
+
+  monkeypatch.setattr(hub, "verified", verified)
+  minet_jax.pretrained(cache_dir=cache, url=server.url("model_ITS.pth"), progress=False)
+  assert seen == [False] and (cache / "model_ITS.pth").is_file()
+
+
+def test_what_blocks_the_cached_file_and_odd_lengths(server, tmp_path):
+  cache = tmp_path / "cache"
+  (cache / "model_ITS.pth").mkdir(parents=True)
+  with pytest.raises(hub.DownloadError, match="is in the way of the download"):
+    minet_jax.pretrained(cache_dir=cache, url=server.url("model_ITS.pth"), progress=False)
+  assert server.requests == 0
+  # HTTP lets a server repeat an equal Content-Length; anything else is no length.
+  assert hub._content_length("2570580") == hub._content_length("2570580, 2570580") == 2570580
+  assert hub._content_length("1, 2") is hub._content_length("abc") is hub._content_length(
+      None) is None
 
 
 def test_a_damaged_cached_copy_is_refused_with_what_to_do(server, tmp_path):
