@@ -23,12 +23,21 @@ import pth_writer
 class FakeModule:
   """Pickles like an nn.Module: NEWOBJ of its class, then BUILD with its __dict__."""
 
-  def __init__(self, cls_path, params=(), buffers=(), modules=(), non_persistent=()):
+  def __init__(self, cls_path, params=(), buffers=(), modules=(), non_persistent=(),
+               attributes=None):
     self.cls_path = cls_path
+    self.attributes = dict(attributes or {})  # Other entries of the module's __dict__.
     self.params = collections.OrderedDict(params)
     self.buffers = collections.OrderedDict(buffers)
     self.modules = collections.OrderedDict(modules)
     self.non_persistent = set(non_persistent)
+
+
+class Device:
+  """Pickles as torch.device('cuda', 0) does."""
+
+  def __reduce__(self):
+    return (pth_writer.Global("torch", "device"), ("cuda", 0))
 
 
 class ParamRef:
@@ -61,6 +70,7 @@ class ModuleWriter(pth_writer.Writer):
             (k, None if v is None else pth_writer.TensorRef(v)) for k, v in obj.buffers.items()),
         "_non_persistent_buffers_set": obj.non_persistent,
         "_modules": obj.modules,
+        **obj.attributes,
     })
     self.write(pickle.BUILD)
 
@@ -84,7 +94,10 @@ def _tiny_model():
   expect = {"conv.weight": conv.params["weight"], "conv.bias": conv.params["bias"],
             "norm.weight": norm.params["weight"], "norm.bias": norm.params["bias"],
             "norm.steps": norm.buffers["steps"], "body.0.w": seq.modules["0"].params["w"]}
-  return FakeModule("torch.nn.parallel.data_parallel.DataParallel", modules=[("module", net)]), expect
+  # DataParallel as torch >= 1.1 saves it on a GPU machine: with its source device.
+  return FakeModule("torch.nn.parallel.data_parallel.DataParallel", modules=[("module", net)],
+                    attributes={"dim": 0, "device_ids": [0], "output_device": 0,
+                                "src_device_obj": Device()}), expect
 
 
 def _assert_same(sd, expect):

@@ -295,6 +295,15 @@ def _numpy_scalar(dtype, data=None):
   return np.frombuffer(data, dtype=dtype.resolve())[0].item()
 
 
+def _torch_device(kind, index=None):
+  # A module saved whole on a GPU machine holds devices (DataParallel's src_device_obj,
+  # torch.device('cuda', 0)); they carry no weights: kept as their name.
+  if not isinstance(kind, str) or not (index is None or (isinstance(index, int)
+                                                          and not isinstance(index, bool))):
+    raise UnsafePickleError("torch.device with unexpected arguments in pickle")
+  return kind if index is None else f"{kind}:{index}"
+
+
 def _codecs_encode(text, encoding="latin1"):
   # Protocol 2 has no bytes opcode: bytes (e.g. in numpy scalars) travel as _codecs.encode.
   if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -368,6 +377,7 @@ _ALLOWED_CALLABLES = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch.nn.backends.thnn", "_get_thnn_function_backend"): _thnn_backend,
+    ("torch", "device"): _torch_device,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
