@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from minet_jax.core import params as params_lib
-from minet_jax import convert, metrics, stability
+from minet_jax import convert, image_io, metrics, stability
 from minet_jax.stability import report as stability_report
 from minet_jax.data import folders
 
@@ -159,6 +159,12 @@ def main() -> int:
   parser.add_argument("--skip-stability", action="store_true")
   parser.add_argument("--skip-psnr", action="store_true")
   args = parser.parse_args()
+  try:  # Before the scoring, which can take minutes.
+    stability.check_settings(radius_iters=args.radius_iters,
+                             radius_window=max(args.radius_iters // 3, 1),
+                             arnoldi_iters=args.arnoldi_iters, norm_iters=args.norm_iters)
+  except ValueError as e:
+    parser.error(f"--{str(e).replace('_', '-')}")
 
   args.out.mkdir(parents=True, exist_ok=True)
   params = convert.weights_from_checkpoint(args.shared / "weights" / "minet_its_official.pth")
@@ -171,13 +177,16 @@ def main() -> int:
       parser.error(f"no SOTS image(s) {sorted(missing)}")
 
   if not args.skip_stability:
-    rec = next(r for r in folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor")
-               if r.key == args.stability_image)
+    rec = next((r for r in folders.find_sots_pairs(args.shared / "data/RESIDE/SOTS/indoor")
+                if r.key == args.stability_image), None)
+    if rec is None:
+      parser.error(f"--stability-image: no SOTS image {args.stability_image!r}")
     hazy, _ = folders.load_pair(rec)
     if args.crop:
       h, w = args.crop
-      top, left = (hazy.shape[0] - h) // 2, (hazy.shape[1] - w) // 2
-      hazy = hazy[top:top + h, left:left + w]
+      if not (0 < h <= hazy.shape[0] and 0 < w <= hazy.shape[1]):
+        parser.error(f"--crop {h} {w} does not fit the {hazy.shape[0]}x{hazy.shape[1]} image")
+      hazy = image_io.centre_crop(hazy, h, w)
     start = time.time()
     point_params, point_dir = params, args.out
     if args.operating_point == "anderson":
@@ -185,7 +194,7 @@ def main() -> int:
           params.config, **CONFIGS["anderson"][1]))
       point_dir = args.out / "at_anderson"
     report = stability.analyse_image(point_params, hazy, steps=32, radius_iters=args.radius_iters,
-                                     radius_window=args.radius_iters // 3,
+                                     radius_window=max(args.radius_iters // 3, 1),
                                      arnoldi_iters=args.arnoldi_iters,
                                      norm_iters=args.norm_iters)
     report["image"] = rec.key

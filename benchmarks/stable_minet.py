@@ -294,6 +294,8 @@ def main() -> int:
   args = parser.parse_args()
   if args.fixed_point_rtol < 0 or args.fixed_point_cap < 1:
     parser.error("--fixed-point-rtol must be >= 0 and --fixed-point-cap >= 1")
+  if args.radius_iters < 1:  # Checked now: the radii come after all the scoring.
+    parser.error(f"--radius-iters must be >= 1, got {args.radius_iters}")
   for fractions in args.stage:
     try:  # The config's own check, before anything loads.
       minet_jax.ModelConfig(stage_fraction=fractions if len(fractions) > 1 else fractions[0])

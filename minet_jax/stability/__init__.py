@@ -82,8 +82,9 @@ def _geomean(x: np.ndarray) -> float:
   return float(np.exp(np.mean(np.log(x)))) if x.size else float("nan")
 
 
-# Seeds jax.random.key takes (a signed 64-bit integer), kept non-negative.
-MAX_SEED = 2**63 - 1
+# Seeds that give distinct keys: jax.random.key takes a signed 64-bit integer but keeps
+# only its low 32 bits without x64, so larger seeds would repeat smaller ones' reports.
+MAX_SEED = 2**32 - 1
 
 
 def check_settings(*, seed: int = 0, steps: int = 32, radius_iters: int = 60,
@@ -92,7 +93,7 @@ def check_settings(*, seed: int = 0, steps: int = 32, radius_iters: int = 60,
   """Raises ValueError naming the first setting of `analyse_image` that cannot work, so a
   run fails before the model does any work, not after."""
   if not 0 <= seed <= MAX_SEED:
-    raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   if steps < 2:
     raise ValueError(f"steps must be >= 2 (ratios need two residuals), got {steps}")
   for name, value in (("radius_iters", radius_iters), ("arnoldi_iters", arnoldi_iters),

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--norm-iters", type=int, default=30)
   parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"),
                       help="analyse the centre HxW crop only (faster)")
-  parser.add_argument("--seed", type=int, default=0, help="in [0, 2**63)")
+  parser.add_argument("--seed", type=int, default=0, help="in [0, 2**32)")
   parser.add_argument("--as-float32", action="store_true",
                       help="analyse a bfloat16 checkpoint's weights in float32")
   # The operating point is where the model's solver stops; Theorem 1 is about the fixed

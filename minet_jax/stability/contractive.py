@@ -156,6 +156,13 @@ def block_radius_from(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, v: 
   steps per call give an estimate that sharpens over training. With
   ``from_residual`` the iteration starts from `residual_start` (T(g) - g, with ``v``
   as its noise) instead. The vector is a constant for differentiation.
+
+  The value is the radius estimate ||J v||, v the converged dominant eigenvector; the
+  gradient is that of ||J v|| with v held, sign(lambda) v^T dJ v. That is d rho only
+  for a normal J: an IM-block's Jacobian is strongly non-normal, and there the exact
+  d rho = u^T dJ v / u^T v (u the left eigenvector) can differ in size and, per
+  parameter, in sign. The penalty is this surrogate; it still lowers rho in the
+  trainings measured (docs/STABILITY.md).
   """
   t_map, state = block.map_fn()
   g0 = jax.lax.stop_gradient(g0)
@@ -167,7 +174,8 @@ def block_radius_from(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, v: 
   v = jax.lax.fori_loop(0, num_iters, lambda _, v: spectral.unit(matvec(v), per_sample=True),
                         jax.lax.stop_gradient(v))
   v = jax.lax.stop_gradient(v).astype(g.dtype)
-  # Only this last product sees the live parameters: ||J v|| is what is differentiated.
+  # Only this last product sees the live parameters: ||J v|| is what is differentiated
+  # (not rho itself; see the docstring).
   _, jv = jax.jvp(lambda z: t_map(z, (g0, state)), (g,), (v,))
   return spectral.norm(jv, per_sample=True), v
 
