@@ -126,6 +126,14 @@ def test_reside_sample(shared_dir, tmp_path):
   source = builders.load_source("reside_sots/indoor", "test", tmp_path)
   ex = next(source[i] for i in range(len(source)) if source[i]["scene"] == "1400")
   np.testing.assert_array_equal(ex["clear"], full[10:470, 10:630])
+  # The same files through another of the folders DATA.md allows are the same build
+  # (it was refused as "built from another folder").
+  info = next((tmp_path / "reside_sots" / "indoor").glob("*/dataset_info.json"))
+  built = info.stat().st_mtime_ns
+  for folder in (reside / "SOTS", reside / "SOTS" / "indoor"):
+    assert len(builders.load_source("reside_sots/indoor", "test", tmp_path,
+                                    manual_dir=folder)) == 10
+  assert info.stat().st_mtime_ns == built
 
 
 def _pairs_folder(root: pathlib.Path, n: int = 3) -> pathlib.Path:
