@@ -59,6 +59,15 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 240.0) -> No
     time.sleep(0.2)
 
 
+def signal_after(process: subprocess.Popen, workdir: pathlib.Path, step: int,
+                 signum: int) -> str:
+  """Sends ``signum`` once the run has logged training ``step``; its stderr once it ends."""
+  wait_for(lambda: any(r.get("step", 0) >= step and r.get("split") == "train"
+                       for r in metrics(workdir)), process)
+  process.send_signal(signum)
+  return process.communicate(timeout=120)[1]
+
+
 def test_second_trainer_refused_sigkill_resumes_sigterm_saves(env, tmp_path):
   workdir = tmp_path / "run"
 
@@ -90,10 +99,7 @@ def test_second_trainer_refused_sigkill_resumes_sigterm_saves(env, tmp_path):
   # 2. The rerun resumes from the newest checkpoint; SIGTERM then saves the current
   # step (not a multiple of checkpoint_every) and exits with 143.
   second = start("--config.checkpoint_every=1000")
-  wait_for(lambda: any(r.get("step", 0) >= killed_at + 3 and r.get("split") == "train"
-                       for r in metrics(workdir)), second)
-  second.send_signal(signal.SIGTERM)
-  _, stderr = second.communicate(timeout=120)
+  stderr = signal_after(second, workdir, killed_at + 3, signal.SIGTERM)
   assert second.returncode == 143, stderr[-4000:]
   records = metrics(workdir)
   resumes = [r for r in records if r.get("event") == "resume"]
@@ -109,10 +115,7 @@ def test_second_trainer_refused_sigkill_resumes_sigterm_saves(env, tmp_path):
 
   # 3. Ctrl-C (SIGINT) does the same, with 130 and no traceback.
   third = start("--config.checkpoint_every=1000")
-  wait_for(lambda: any(r.get("step", 0) >= saved + 2 and r.get("split") == "train"
-                       for r in metrics(workdir)), third)
-  third.send_signal(signal.SIGINT)
-  _, stderr = third.communicate(timeout=120)
+  stderr = signal_after(third, workdir, saved + 2, signal.SIGINT)
   assert third.returncode == 130, stderr[-4000:]
   assert "Traceback" not in stderr and "Ctrl-C: saving after this step" in stderr
   stopped = [r for r in metrics(workdir) if r.get("event") == "stopped"]
