@@ -26,8 +26,9 @@ What is never done, and said instead on stderr:
 
 The exit code is 1 if any input was not processed (skipped earlier results do
 not count), 2 when the model or the output folder cannot be used (nothing is
-processed), and 130 after Ctrl-C (what was written is listed; writes are whole). Images above 2 MP are processed exactly in bounded memory by running
-the full-resolution layers in row strips (`minet_jax.core.strips`; ``--strip-rows``
+processed), and 130 after Ctrl-C (what was written is listed; writes are whole).
+Images above 2 MP are processed exactly in bounded memory by running the
+full-resolution layers in row strips (`minet_jax.core.strips`; ``--strip-rows``
 sets the strip height, 0 turns it off); the progress bar then advances stage by
 stage. ``--tile`` instead processes large images in independent overlapping tiles,
 an approximation (see `minet_jax.tiling`).

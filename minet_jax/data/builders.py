@@ -383,13 +383,14 @@ def _is_current(builder: tfds.core.DatasetBuilder, name: str,
     # The same files, maybe moved; or a build that did not record its source, which
     # cannot be trusted.
     return built is not None
-  if built["root"] != now["root"] and _under(built["root"], records):
-    # The same tree given through another of its folders (the RESIDE root, then its
-    # SOTS folder): compared as it was recorded, relative to the folder built from.
-    resolved = [dataclasses.replace(r, hazy=r.hazy.resolve(), clear=r.clear.resolve())
-                for r in records]
-    return folders.source_fingerprint(built["root"], resolved)["sha256"] == built["sha256"]
   if built["root"] != now["root"]:
+    if _under(built["root"], records):
+      # The same tree given through another of its folders (the RESIDE root, then its
+      # SOTS folder): compared as it was recorded, relative to the folder built from.
+      resolved = [dataclasses.replace(r, hazy=r.hazy.resolve(), clear=r.clear.resolve())
+                  for r in records]
+      return (folders.source_fingerprint(built["root"], resolved)["sha256"]
+              == built["sha256"])
     hint = ("give this one its own name (paired_folder/<name>) or another data_dir"
             if name.startswith("paired_folder") else "use another data_dir")
     raise StaleBuildError(

@@ -86,6 +86,8 @@ def check_optimizer(opt: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the ``config.optimizer`` field that Adam cannot use."""
   if opt.name != "adam":
     raise ValueError(f"optimizer.name must be 'adam' (the paper's optimizer), got {opt.name!r}")
+  # Step counts reach the schedule as int32.
+  step_count = (lambda v: v.is_integer() and 0 <= v < 2**31, "an integer in [0, 2**31)")
   ranges = {  # field: (test, what it must be); NaN fails every test.
       "learning_rate": (lambda v: 0 < v < math.inf, "a finite number > 0"),
       "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -94,9 +96,8 @@ def check_optimizer(opt: ml_collections.ConfigDict) -> None:
       "grad_clip_norm": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: off)"),
       "decay_factor": (lambda v: 0 < v < math.inf, "a finite number > 0"),
       "cosine_final_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-      # Step counts reach the schedule as int32.
-      "warmup_steps": (lambda v: v.is_integer() and 0 <= v < 2**31, "an integer in [0, 2**31)"),
-      "decay_steps": (lambda v: v.is_integer() and 0 <= v < 2**31, "an integer in [0, 2**31)"),
+      "warmup_steps": step_count,
+      "decay_steps": step_count,
   }
   for name, (test, must) in ranges.items():
     value = opt[name]
