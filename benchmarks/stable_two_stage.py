@@ -2,7 +2,8 @@
 
     python benchmarks/stable_two_stage.py --model workdirs/stable_block3 --block 2 \
         --gamma 0.3 --steps 300 --out RESULT [--init-block its] [--target 0.85] \
-        [--hinge-weight 4] [--learning-rate 3e-3] [--rooms 24] [--size 460 620] \
+        [--hinge-weight 4] [--learning-rate 3e-3] [--iters 8] [--kind radius] \
+        [--rooms 24] [--size 460 620] \
         [--shared ../shared] [--images 1400_1 ...] [--radius-iters 40]
 
 A stage block (`ModelConfig.stage_fraction` s) answers g0 + eta f(k) from one solved
@@ -26,7 +27,8 @@ y_t per render, cached once; each step minimises the matching term of the traini
 the second stage's residual at the teacher's answer, stage 1 solved from g0 without a
 gradient and entering c through one differentiated evaluation of f, as Jacobian-free
 backprop) plus ``--hinge-weight`` times the radius hinge max(0, rho - ``--target``)^2
-at stage 1's solution and at y_t (`contractive.block_term`). Adam, cosine-decayed to
+at stage 1's solution and at y_t (`contractive.block_term`; rho from ``--iters`` power
+steps, differentiated as ``--kind`` says). Adam, cosine-decayed to
 10 %. Only that block's f trains.
 
 Scored on the SOTS samples at full resolution, inside ``--model`` (its other blocks, as
@@ -105,7 +107,7 @@ def score(params: Params, index: int, pairs, radius_iters: int = 0) -> dict:
 
 def train_block(model: MINet, teacher: Params, hazy: np.ndarray, *, index: int,
                 steps: int, learning_rate: float, target: float, hinge_weight: float,
-                iters: int, seed: int = 0) -> list[dict]:
+                iters: int, kind: str = "radius", seed: int = 0) -> list[dict]:
   """Trains block ``index`` of ``model`` in place as described above on ``hazy`` (float32
   [0, 1], (N, H, W, 3)); returns the per-step records (before each update)."""
   block = model.im_blocks[index]
@@ -129,7 +131,7 @@ def train_block(model: MINet, teacher: Params, hazy: np.ndarray, *, index: int,
                                                            stage_points=points))
       keys = spectral.stage_keys(key, len(points))
       hinges, radii = zip(*(contractive.block_term(
-          block, base, jax.lax.stop_gradient(g), k, kind="radius", num_iters=iters,
+          block, base, jax.lax.stop_gradient(g), k, kind=kind, num_iters=iters,
           target=target) for (base, g), k in zip(jax.lax.stop_gradient(points), keys)))
       return mismatch + hinge_weight * sum(hinges), (mismatch, radii[0], radii[-1])
     (_, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(block)
@@ -167,6 +169,9 @@ def main() -> int:
   parser.add_argument("--target", type=_positive(float), default=0.85)
   parser.add_argument("--hinge-weight", type=_positive(float), default=4.0)
   parser.add_argument("--iters", type=_positive(int), default=8)
+  parser.add_argument("--kind", choices=("radius", "radius_exact"), default="radius",
+                      help="the radius estimate the hinge differentiates "
+                           "(`ModelConfig.contractive_kind`)")
   parser.add_argument("--rooms", type=_positive(int), default=24)
   parser.add_argument("--size", type=_positive(int), nargs=2, default=(460, 620),
                       metavar=("H", "W"))
@@ -213,7 +218,7 @@ def main() -> int:
     print(f"{len(hazy)} renders at {args.size[0]} x {args.size[1]}", flush=True)
     log = train_block(model, teacher, hazy, index=index, steps=args.steps,
                       learning_rate=args.learning_rate, target=args.target,
-                      hinge_weight=args.hinge_weight, iters=args.iters)
+                      hinge_weight=args.hinge_weight, iters=args.iters, kind=args.kind)
     checkpoint.save(params_from_model(model), args.out)
   settings = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
   trained = time.perf_counter() - began

@@ -308,6 +308,33 @@ def test_stable_krylov_compares_picard_with_the_best_krylov_method(shared_dir, r
 
 
 @pytest.mark.slow
+def test_radius_gradient_compares_each_estimates_gradient_with_d_rho(shared_dir, tmp_path):
+  small = _small_shared(shared_dir, tmp_path / "shared")
+  out = tmp_path / "gradient.json"
+  script = REPO_ROOT / "benchmarks" / "radius_gradient.py"
+  pth = str(shared_dir / "weights" / "minet_its_official.pth")
+  _run(script, "--ckpt", pth, "--iters", "2", "30", "--reference", "30", "--shared", str(small),
+       "--out", str(out))
+  report = json.loads(out.read_text())
+  assert [s["stage"] for s in report["stages"]] == [1, 2]  # block 3 as two stages
+  for stage in report["stages"]:
+    rows = {(r["kind"], r["iters"]): r for r in stage["rows"]}
+    assert set(rows) == {(k, i) for k in ("radius", "radius_exact") for i in (2, 30)}
+    # The reference is radius_exact after 30 steps: that row is it, exactly.
+    same = rows[("radius_exact", 30)]
+    assert same["value"] == pytest.approx(stage["reference_rho"], rel=1e-6)
+    assert same["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert same["norm_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert all(np.isfinite(r["value"]) and -1 <= r["cosine"] <= 1 + 1e-6 for r in rows.values())
+  for args, message in ((["--image", "1499_1"], "--image: no SOTS sample 1499_1"),
+                        (["--block", "4"], "--block 4: the model has 3 IM-blocks"),
+                        (["--iters", "0"], "must be an integer >= 1"),
+                        (["--fraction", "1.5"], "--fraction / --stages")):
+    stderr = _refused(script, "--ckpt", pth, "--shared", str(small), *args)
+    assert message in stderr, stderr
+
+
+@pytest.mark.slow
 def test_synthetic_saturation_counts_saturated_pixels(shared_dir, tmp_path):
   small = _small_shared(shared_dir, tmp_path / "shared")
   hazy_path = small / "data/RESIDE/SOTS/indoor/hazy/1400_1.png"
@@ -428,7 +455,7 @@ def test_stable_two_stage_solves_both_stages_and_trains_one_block(shared_dir, re
   out = tmp_path / "two"
   _run(script, "--model", str(stable), "--teacher", pth, "--init-block", pth, "--gamma", "0.3",
        "--steps", "2", "--rooms", "1", "--size", "48", "64", "--shared", str(small),
-       "--radius-iters", "3", "--out", str(out))
+       "--radius-iters", "3", "--kind", "radius_exact", "--out", str(out))
   written = out.with_name("two.json").read_text()
   result = json.loads(written)
   assert [s["step"] for s in result["training"]] == [0, 1]

@@ -220,6 +220,142 @@ def test_radius_estimate_finds_a_real_dominant_eigenvalue_and_nears_a_complex_pa
   assert np.all(estimate <= _dense_norms(graphdef, state, g0, g))
 
 
+def _dense_radius(graphdef, state, g0, g, sample):
+  jac = np.asarray(_jacobians(graphdef, state, g0, g), np.float64)[sample]
+  return np.max(np.abs(np.linalg.eigvals(jac)))
+
+
+def test_exact_radius_and_its_gradient_are_the_dominant_eigenvalues():
+  # The tiny block of the test above: sample 0 has a real dominant eigenvalue (-1.15),
+  # sample 1 a complex pair (0.87). The two-sided estimate finds both radii, and its
+  # gradient is d rho by central differences of the dense eigenvalues, where that of
+  # the one-sided ||J v|| (`block_radius`) is off by 12 % and 58 % on this non-normal J.
+  graphdef, state = _tiny_block(gain=2.0)
+  g0 = jax.random.normal(jax.random.key(14), (2, 4, 4, 3))
+  block = nnx.merge(graphdef, state)
+  g = block(g0)
+  radii = [_dense_radius(graphdef, state, g0, g, i) for i in range(2)]
+  estimate = contractive.block_radius_exact(block, g0, g, jax.random.key(15), 200)
+  np.testing.assert_allclose(estimate, radii, rtol=1e-5)
+  direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(4), x.shape), state)
+
+  def slope(fn, sample):
+    grad = jax.jit(jax.grad(lambda s: fn(nnx.merge(graphdef, s), g0, g, jax.random.key(15),
+                                         200)[sample]))(state)
+    return sum(float(jnp.vdot(a, d)) for a, d in
+               zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+
+  for sample in range(2):
+    eps = 1e-3
+    fd = (_dense_radius(graphdef, jax.tree.map(lambda x, d: x + eps * d, state, direction),
+                        g0, g, sample)
+          - _dense_radius(graphdef, jax.tree.map(lambda x, d: x - eps * d, state, direction),
+                          g0, g, sample)) / (2 * eps)
+    assert slope(contractive.block_radius_exact, sample) == pytest.approx(fd, rel=1e-3)
+    assert slope(contractive.block_radius, sample) != pytest.approx(fd, rel=0.1)
+
+
+def _projected(a_matrix, right_start, left_start, iters):
+  """`spectral.projected_radius` of the dense ``a_matrix`` from `power_pair`'s planes
+  (a batch of one), differentiable with respect to ``a_matrix``."""
+  frozen = jax.lax.stop_gradient(a_matrix)
+  right = spectral.power_pair(lambda v: v @ frozen.T, right_start[None], num_iters=iters,
+                              per_sample=True)
+  left = spectral.power_pair(lambda w: w @ frozen, left_start[None], num_iters=iters,
+                             per_sample=True)
+  radius, found = spectral.projected_radius(
+      right, left, (right[0] @ a_matrix.T, right[1] @ a_matrix.T),
+      (left[0] @ frozen, left[1] @ frozen), per_sample=True)
+  return radius[0], found[0]
+
+
+@pytest.mark.parametrize("spectrum", ["real", "complex"])
+def test_projection_gives_the_dominant_eigenvalue_and_its_derivative(spectrum):
+  # A non-normal 30 x 30 matrix S D S^-1 whose dominant eigenvalue is -1.2 (real) or the
+  # pair 1.1 exp(+-0.6i) (a 2 x 2 rotation block in D), the rest at most 0.7. Converged
+  # planes give rho and d|lambda| = Re(conj(lambda) y x^T / y^T x) / |lambda| (x, y the
+  # right and left eigenvectors) to rounding.
+  rng = np.random.default_rng(0)
+  n = 30
+  d = np.diag(np.concatenate([[0.0, 0.0], rng.uniform(-0.7, 0.7, n - 2)]))
+  if spectrum == "real":
+    d[0, 0], d[1, 1] = -1.2, 0.3
+  else:
+    d[:2, :2] = 1.1 * np.array([[np.cos(0.6), -np.sin(0.6)], [np.sin(0.6), np.cos(0.6)]])
+  basis = np.eye(n) + 0.3 * rng.normal(size=(n, n))
+  a_matrix = basis @ d @ np.linalg.inv(basis)
+  values, right_vectors = np.linalg.eig(a_matrix)
+  top = int(np.argmax(np.abs(values)))
+  lam, x = values[top], right_vectors[:, top]
+  left_values, left_vectors = np.linalg.eig(a_matrix.T)
+  y = left_vectors[:, int(np.argmin(np.abs(left_values - lam)))]
+  expected = np.real(np.conj(lam) * np.outer(y, x) / (y @ x)) / abs(lam)
+  start = jnp.asarray(rng.normal(size=n), jnp.float32)
+  a32 = jnp.asarray(a_matrix, jnp.float32)
+  (radius, found), grad = jax.value_and_grad(_projected, has_aux=True)(a32, start, start, 200)
+  assert bool(found) and float(radius) == pytest.approx(abs(lam), rel=1e-4)
+  np.testing.assert_allclose(np.asarray(grad), expected, atol=2e-3 * np.abs(expected).max())
+  # Only the right plane converged (started at x), the left one two steps from noise:
+  # lambda is an eigenvalue of the projection but its derivative is not J's; refused.
+  right_start = jnp.asarray(np.real(x * np.exp(-1j * np.angle(x[0]))), jnp.float32)
+  noise = jnp.asarray(rng.normal(size=n), jnp.float32)
+  assert not bool(_projected(a32, right_start, noise, 2)[1])
+
+
+def test_exact_radius_falls_back_to_the_one_sided_estimate_before_its_planes_converge():
+  # Four steps on the tiny block: neither sample's planes hold an eigenpair, and each
+  # gets block_radius's estimate and gradient, from the same start.
+  graphdef, state = _tiny_block(gain=2.0)
+  g0 = jax.random.normal(jax.random.key(14), (2, 4, 4, 3))
+  g = nnx.merge(graphdef, state)(g0)
+
+  def both(s):
+    blk = nnx.merge(graphdef, s)
+    exact, found = contractive.block_radius_exact(blk, g0, g, jax.random.key(15), 4,
+                                                  with_found=True)
+    return exact, found, contractive.block_radius(blk, g0, g, jax.random.key(15), 4)
+
+  exact, found, one_sided = both(state)
+  assert not np.any(found)
+  np.testing.assert_allclose(exact, one_sided, rtol=1e-5)
+  grads = [jax.grad(lambda s, i=i: both(s)[i].sum())(state) for i in (0, 2)]
+  for a, b in zip(*(jax.tree.leaves(g) for g in grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_exact_radius_penalty_lowers_the_radius_and_refuses_orthogonal_planes():
+  # As a penalty kind it lowers the radius it measures on the tiny block.
+  graphdef, state = _tiny_block(gain=2.0)
+  g0 = jax.random.normal(jax.random.key(14), (2, 4, 4, 3))
+  g = nnx.merge(graphdef, state)(g0)
+
+  def loss(s):
+    term, _ = contractive.block_term(nnx.merge(graphdef, s), g0, g, jax.random.key(15),
+                                     kind="radius_exact", num_iters=30, target=0.5)
+    return term
+
+  tx = optax.adam(1e-2)
+  opt = tx.init(state)
+  before = [_dense_radius(graphdef, state, g0, g, i) for i in range(2)]
+
+  @jax.jit
+  def step(state, opt):
+    updates, opt = tx.update(jax.grad(loss)(state), opt, state)
+    return optax.apply_updates(state, updates), opt
+
+  for _ in range(40):
+    state, opt = step(state, opt)
+  after = [_dense_radius(graphdef, state, g0, g, i) for i in range(2)]
+  assert all(a < b - 0.1 for a, b in zip(after, before)), (before, after)
+  # Orthogonal planes leave no projection: flagged, with a finite placeholder (for which
+  # `block_radius_exact` puts the one-sided estimate).
+  e = [jnp.eye(4)[i].reshape(1, 4) for i in range(4)]
+  one = jnp.ones(1)
+  radius, ok = spectral.projected_radius((e[0], e[1], one, one), (e[2], e[3], one, one),
+                                         (e[0], e[1]), (e[2], e[3]), per_sample=True)
+  assert not bool(ok[0]) and np.isfinite(radius).all()
+
+
 def test_radius_from_a_kept_vector_continues_the_power_iteration():
   # 150 steps from a kept vector, then 150 more from the vector it returns, is the
   # 300-step estimate from the same start: training can spread the iteration over steps.
@@ -458,7 +594,8 @@ def test_radius_and_norm_estimates_run_on_bfloat16_features():
   g0 = jax.random.normal(jax.random.key(14), (2, 4, 4, 3)).astype(jnp.bfloat16)
   g = block(g0)
   reference_block = IMBlock(dataclasses.replace(cfg, dtype="float32"), 0, rngs=nnx.Rngs(0))
-  for estimator in (contractive.block_radius, contractive.block_spectral_norm):
+  for estimator in (contractive.block_radius, contractive.block_spectral_norm,
+                    contractive.block_radius_exact):
     estimate = estimator(block, g0, g, jax.random.key(15), 8)
     reference = estimator(reference_block, g0.astype(jnp.float32), g.astype(jnp.float32),
                           jax.random.key(15), 8)

@@ -33,7 +33,7 @@ import numpy as np
 # engine define them (`fixed_point.from_config` builds the objects).
 from minet_jax.core.fixed_point import BACKWARDS, SOLVERS, canonical_unroll  # noqa: E402
 
-CONTRACTIVE_KINDS = ("spectral", "radius", "frobenius")
+CONTRACTIVE_KINDS = ("spectral", "radius", "radius_exact", "frobenius")
 CONTRACTIVE_POINTS = ("iterate", "solution")
 INPUT_FORMATS = ("bgr255", "rgb01")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -161,8 +161,9 @@ class Solve:
   contractive_weight: float = 0.0
   # Which penalty: "spectral" (max(0, ||J||_2 - contractive_target)^2 by power iteration),
   # "radius" (the same hinge on a power-iteration estimate of rho(J), Theorem 1's
-  # condition) or "frobenius" (Hutchinson's estimate of ||J||_F^2 / n, the mean squared
-  # singular value).
+  # condition, differentiated as ||J v|| with v held), "radius_exact" (the same hinge on
+  # a two-sided estimate whose gradient is d rho itself; twice the products) or
+  # "frobenius" (Hutchinson's estimate of ||J||_F^2 / n, the mean squared singular value).
   contractive_kind: str = "spectral"
   # Where J is taken: "iterate" (a random Picard iterate g_k, k <= iterations) or
   # "solution" (the block's answer in the forward pass: no extra map evaluations).
@@ -172,7 +173,8 @@ class Solve:
   # the training crops to full images can be held lower).
   contractive_target: Union[float, tuple[float, ...]] = 0.9
   # Power-iteration steps of the spectral (one jvp + one vjp each) or radius (one jvp)
-  # estimate, or Hutchinson probes (one jvp each) of the Frobenius one.
+  # estimate (radius_exact: one jvp and one vjp each), or Hutchinson probes (one jvp each)
+  # of the Frobenius one.
   contractive_iters: int = 4
   # Training only: weight of the fixed-point correction loss, the reconstruction loss of
   # the output decoded from one map step after a random earlier iterate of every block.

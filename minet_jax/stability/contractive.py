@@ -23,6 +23,10 @@ spectral-norm estimates, as in spectral normalisation). A few steps from a rando
 start give a lower bound that tightens as training proceeds. The "radius" kind starts
 instead from the point's Picard residual T(g) - g, which the solve has already turned
 towards J's dominant mode (`residual_start`), so a few steps come much closer to rho.
+Its gradient, that of ||J v|| with v held, is d rho only for a normal J; the
+"radius_exact" kind (`block_radius_exact`) also runs power iteration on J^T and
+differentiates J projected onto both iterations' planes, whose derivative is the
+dominant eigenvalue's own (`spectral.projected_radius`).
 
 Why a penalty and not spectrally normalised convolutions: f_i's instance norms divide
 by the feature statistics, so their Jacobian can be large whatever the conv
@@ -180,6 +184,59 @@ def block_radius_from(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, v: 
   return spectral.norm(jv, per_sample=True), v
 
 
+def block_radius_exact(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.Array,
+                       num_iters: int, *, with_found: bool = False
+                       ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Per-sample rho(J) (J: the solved map's Jacobian) at ``g`` whose gradient is d rho, shape (batch,).
+
+  ``num_iters`` power-iteration steps on J (jvps), from `block_radius`'s start, and as
+  many on J^T (vjps) give planes that hold J's and J^T's dominant eigenvectors
+  (`spectral.power_pair`); the estimate is J projected onto them
+  (`spectral.projected_radius`), and only the two products J q of the right plane see
+  the live parameters. Where `block_radius`'s gradient is that of ||J v|| with v held
+  (d rho only for a normal J), this one is the dominant eigenvalue's own derivative,
+  u^T dJ v / u^T v, for a real eigenvalue and for a complex pair, once both planes
+  hold the eigenvectors; its value reaches a complex pair's modulus too. About twice
+  the products of `block_radius`. A sample whose planes give no eigenpair of J to
+  within 10 % (or planes too close to orthogonal) gets `block_radius`'s estimate and
+  gradient instead, the same number from the same start; ``with_found`` also returns
+  which samples did not (a boolean per sample).
+  """
+  t_map, state = block.map_fn()
+  g0 = jax.lax.stop_gradient(g0)
+  g = jax.lax.stop_gradient(g)
+  frozen = jax.lax.stop_gradient(state)
+  t_g, matvec = jax.linearize(lambda z: t_map(z, (g0, frozen)), g)
+  transpose = jax.linear_transpose(matvec, g)
+  rmatvec = _in_dtype(lambda w: transpose(w)[0], g.dtype)
+  matvec = _in_dtype(matvec, g.dtype)
+  residual = t_g - g
+  right = spectral.power_pair(
+      matvec, residual_start(residual, jax.random.normal(key, g.shape, g.dtype)),
+      num_iters=num_iters, per_sample=True)
+  # The left eigenvector is not the residual's direction, but overlaps it wherever the
+  # right one does (u^T v != 0 for a simple eigenvalue): as good a start as any.
+  left = spectral.power_pair(
+      rmatvec, residual_start(residual, jax.random.normal(jax.random.fold_in(key, 1),
+                                                          g.shape, g.dtype)),
+      num_iters=num_iters, per_sample=True)
+  # The planes in the features' dtype, so that the overlaps and the products agree.
+  right, left = jax.lax.stop_gradient(jax.tree.map(
+      lambda x: x.astype(g.dtype) if x.ndim == g.ndim else x, (right, left)))
+  # One linearisation with the live parameters serves both products.
+  _, live = jax.linearize(lambda z: t_map(z, (g0, state)), g)
+  j_right = (live(right[0]), live(right[1]))
+  radius, found = spectral.projected_radius(right, left, j_right,
+                                            (rmatvec(left[0]), rmatvec(left[1])),
+                                            per_sample=True)
+  # block_radius's estimate: ||J v_k|| with v_k = a q1 + c q2 the last power iterate.
+  shape = (-1,) + (1,) * (g.ndim - 1)
+  a, c = right[2].reshape(shape), right[3].reshape(shape)
+  one_sided = spectral.norm(a * j_right[0] + c * j_right[1], per_sample=True)
+  estimate = jnp.where(found, radius, one_sided)
+  return (estimate, found) if with_found else estimate
+
+
 def block_term(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.Array, *,
                kind: str, num_iters: int, target: float) -> tuple[jax.Array, jax.Array]:
   """One block's penalty (batch mean) and the figure it is made of (batch mean).
@@ -187,10 +244,13 @@ def block_term(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.A
   "spectral": mean_b max(0, sigma_b - target)^2 and sigma (`block_spectral_norm`);
   "radius": the same hinge on the spectral-radius estimate (`block_radius`): Theorem
   1's own condition, far weaker than a bound on the norm;
+  "radius_exact": the same hinge on `block_radius_exact`, whose gradient is d rho
+  itself rather than `block_radius`'s surrogate, for twice the products;
   "frobenius": mean_b ||J||_F^2 / n and the same (`block_frobenius`).
   """
-  if kind in ("spectral", "radius"):
-    estimate = block_spectral_norm if kind == "spectral" else block_radius
+  if kind in ("spectral", "radius", "radius_exact"):
+    estimate = {"spectral": block_spectral_norm, "radius": block_radius,
+                "radius_exact": block_radius_exact}[kind]
     sigma = estimate(block, g0, g, key, num_iters)
     return jnp.mean(jnp.square(jax.nn.relu(sigma - target))), jnp.mean(sigma)
   if kind == "frobenius":

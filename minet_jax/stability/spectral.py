@@ -25,6 +25,10 @@ spectral-norm estimate inside the training loss. Every function is jit-friendly
   picks the best p of degree k with p(1) = 1. When the eigenvalues of J ring the
   origin, z^k is nearly that p: with equal weights on a ring of radius r the best
   residual tends to sqrt(1 - r^2) times Picard's as k grows, the same rate.
+* `power_pair` and `projected_radius`: the dominant invariant planes of J and J^T from
+  power iteration, and the radius of J projected onto them, whose derivative is the
+  dominant eigenvalue's own (what `minet_jax.stability.contractive` differentiates for
+  the "radius_exact" penalty).
 * `spectral_norm` (`top_singular_vector`): power iteration on J^T J; ||J v|| for the
   final unit v is a lower bound that converges to ||J||_2.
 
@@ -45,6 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 
 Operator = Callable[[jax.Array], jax.Array]
+
+
+def dot(x: jax.Array, y: jax.Array, *, per_sample: bool = False) -> jax.Array:
+  """<x, y> in float32: a scalar, or one per entry of the leading axis."""
+  axes = tuple(range(1, x.ndim)) if per_sample else None
+  return jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32), axis=axes)
 
 
 def norm(x: jax.Array, *, per_sample: bool = False) -> jax.Array:
@@ -95,6 +105,162 @@ def spectral_radius(matvec: Operator, v0: jax.Array, *, num_iters: int = 60,
   tail = jnp.log(jnp.maximum(ratios[-window:], jnp.finfo(jnp.float32).tiny))
   return {"radius": jnp.exp(jnp.mean(tail)), "radius_power": ratios[-1],
           "rayleigh": rayleighs[-1], "ratios": ratios, "vector": vector}
+
+
+def power_pair(matvec: Operator, v0: jax.Array, *, num_iters: int,
+               per_sample: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The last two of ``num_iters`` power-iteration steps v <- J v / ||J v|| from ``v0``,
+  as a plane: the estimate of J's dominant invariant plane that `projected_radius` takes.
+
+  Returns (q1, q2, a, c): q1 = v_(k-1), q2 the unit remainder of v_k beside it (two
+  Gram-Schmidt passes), and v_k = a q1 + c q2. A complex dominant pair makes the
+  iterates rotate in its (real) invariant plane; a real dominant eigenvalue is in that
+  plane too, with the next mode's remainder beside it. Where v_k is v_(k-1) to rounding
+  (c below 1e-3: one eigenvector) q2 is noise; `projected_radius` then uses q1 alone.
+  """
+  if num_iters < 1:
+    raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+  start = unit(v0, per_sample=per_sample)
+  previous, last = jax.lax.fori_loop(
+      0, num_iters, lambda _, pair: (pair[1], unit(matvec(pair[1]), per_sample=per_sample)),
+      (start, start))
+
+  def along(x, y):
+    d = dot(x, y, per_sample=per_sample)
+    return d.reshape((-1,) + (1,) * (x.ndim - 1)) if per_sample else d
+
+  a = dot(previous, last, per_sample=per_sample)
+  rest = last - along(previous, last) * previous
+  rest = rest - along(previous, rest) * previous  # The second pass keeps q2 orthogonal.
+  return previous, unit(rest, per_sample=per_sample), a, norm(rest, per_sample=per_sample)
+
+
+def _safe_sqrt(x: jax.Array, floor: float) -> jax.Array:
+  """sqrt(max(x, floor)) with a finite gradient (sqrt's is infinite at 0)."""
+  return jnp.sqrt(jnp.maximum(x, floor))
+
+
+# |det| of the 2 x 2 overlap <p_i, q_j> of two orthonormal bases below which the
+# oblique projection is refused: the product of the cosines of the planes' principal
+# angles, 1 for equal planes; float32 sums over millions of elements leave the
+# overlaps about 1e-6 off.
+_OVERLAP_FLOOR = 1e-4
+# A remainder c of `power_pair` below this: the plane is one vector (converged).
+_ONE_VECTOR = 1e-3
+
+
+def _eigenpair_misfit(coefficients: jax.Array, lam: jax.Array, images: jax.Array,
+                      basis: jax.Array, gram_of) -> jax.Array:
+  """||K x - lam x||^2 / ||x||^2 for x = sum_i coefficients_i basis_i (complex), with
+  ``images`` the K basis_i; from Gram matrices, no products with K."""
+  vectors = jnp.concatenate([images, basis])
+  gram = gram_of(vectors).astype(jnp.complex64)
+  c = jnp.concatenate([coefficients, -lam * coefficients])
+  misfit = jnp.real(jnp.einsum("i...,ij...,j...->...", jnp.conj(c), gram, c))
+  size = jnp.real(jnp.einsum("i...,ij...,j...->...", jnp.conj(coefficients), gram[2:, 2:],
+                             coefficients))
+  return misfit / jnp.maximum(size, jnp.finfo(jnp.float32).tiny)
+
+
+def _null_vector(m: jax.Array, lam: jax.Array) -> jax.Array:
+  """a with (m - lam I) a = 0 for a 2 x 2 ``m`` (leading axes (2, 2)) and its eigenvalue lam."""
+  first = jnp.asarray([m[0, 1], lam - m[0, 0]])
+  second = jnp.asarray([lam - m[1, 1], m[1, 0]])
+  return jnp.where(jnp.sum(jnp.abs(first) ** 2, 0) >= jnp.sum(jnp.abs(second) ** 2, 0),
+                   first, second)
+
+
+def projected_radius(right: tuple[jax.Array, ...], left: tuple[jax.Array, ...],
+                     j_right: tuple[jax.Array, jax.Array],
+                     jt_left: tuple[jax.Array, jax.Array], *, per_sample: bool = False,
+                     tolerance: float = 0.1) -> tuple[jax.Array, jax.Array]:
+  """The dominant eigenvalue modulus of J, from J projected onto a right and a left plane.
+
+  ``right`` and ``left`` are `power_pair`'s planes of J and J^T, (q1, q2, a, c) and
+  (p1, p2, ...); ``j_right`` = (J q1, J q2), the only arguments differentiated, and
+  ``jt_left`` = (J^T p1, J^T p2), used only to check the answer.
+
+  Take the oblique (two-sided Rayleigh-Ritz) projection M = (P^T Q)^(-1) P^T J Q. If
+  the right plane holds an eigenvector x of J (J x = lambda x) and the left one the
+  matching left eigenvector y (y^T J = lambda y^T), lambda is an eigenvalue of M (the
+  row of P^T J Q that y gives is lambda times that row of P^T Q), and the pencil's
+  eigenvectors are those of x and y, so its derivative through M is J's own,
+  dlambda = y^T dJ x / y^T x (first-order perturbation of a simple eigenvalue). That
+  holds for a complex pair (both eigenvalues of M; x, y complex in the planes) and for
+  a real dominant eigenvalue (one of them; the other belongs to whatever else the
+  planes hold and can be anything). With one of x, y alone in its plane lambda is still
+  an eigenvalue of M, but its derivative is not J's. So with the planes held constant,
+  differentiating the modulus (through ``j_right`` only) gives d rho exactly once the
+  planes hold both eigenvectors; a one-sided estimate such as ||J v|| gives it only for
+  a normal J. Where either plane is one vector (`power_pair`'s c below 1e-3) the
+  projection is onto q1 and p1 alone: lambda = p1^T J q1 / p1^T q1.
+
+  Of M's eigenvalues (closed form), those whose right and left eigenvectors in the
+  planes, x = Q a and y = P b, are J's to within ``tolerance`` (||J x - lambda x|| and
+  ||J^T y - lambda y|| at most ``tolerance`` |lambda| times ||x||, ||y||) are kept,
+  and the larger modulus is the answer: a plane that has not converged can give M an
+  eigenvalue J does not have, or J's with another derivative. The check bounds the
+  eigenvectors' residuals, not the error of lambda, which a non-normal J can make larger.
+
+  Returns (radius, found): ``found`` is False where no eigenvalue passes, or the planes
+  are too close to orthogonal for the projection (|det P^T Q| below 1e-4); the radius
+  there is 0, for the caller to replace.
+  """
+  def entry(p, q):
+    return dot(p, q, per_sample=per_sample)
+
+  def gram_of(vectors):
+    return jnp.asarray([[entry(x, y) for y in vectors] for x in vectors])
+
+  q1, q2, _, c_right = right
+  p1, p2, _, c_left = left
+  one_vector = (c_right < _ONE_VECTOR) | (c_left < _ONE_VECTOR)
+  g = jax.lax.stop_gradient(jnp.asarray([[entry(p, q) for q in (q1, q2)] for p in (p1, p2)]))
+  h = jnp.asarray([[entry(p, jq) for jq in j_right] for p in (p1, p2)])   # (2, 2[, batch])
+  # One vector per side: the 2 x 2 problem with the second basis vectors decoupled
+  # (G and H diagonal in them, M's second eigenvalue 0, never the larger).
+  keep = jnp.asarray([[1.0, 0.0], [0.0, 0.0]]).reshape((2, 2) + (1,) * (g.ndim - 2))
+  g = jnp.where(one_vector, g * keep + (1 - keep) * jnp.eye(2).reshape(keep.shape), g)
+  h = jnp.where(one_vector, h * keep, h)
+  det_g = g[0, 0] * g[1, 1] - g[0, 1] * g[1, 0]
+  well_posed = jnp.abs(det_g) >= _OVERLAP_FLOOR
+  det_g = jnp.where(well_posed, det_g, 1.0)
+  inverse = jnp.asarray([[g[1, 1], -g[0, 1]], [-g[1, 0], g[0, 0]]]) / det_g
+  m = jnp.einsum("ij...,jk...->ik...", inverse, h)
+  half_trace = 0.5 * (m[0, 0] + m[1, 1])
+  det_m = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+  # (lambda - half_trace)^2 = disc: below 0 a complex pair of modulus sqrt(det). The
+  # floor bounds the gradient near a double eigenvalue (disc = 0, where the
+  # eigenvalues are not differentiable) at the cost of 1e-3 in the value there.
+  disc = jnp.square(0.5 * (m[0, 0] - m[1, 1])) + m[0, 1] * m[1, 0]
+  root = _safe_sqrt(disc, 1e-6)
+  complex_pair = _safe_sqrt(det_m, 1e-12)
+  moduli = [jnp.where(disc >= 0, jnp.abs(half_trace + sign * root), complex_pair)
+            for sign in (1, -1)]
+
+  # Which eigenvalues are J's, with both eigenvectors: each eigenpair's residuals.
+  frozen_m = jax.lax.stop_gradient(m).astype(jnp.complex64)
+  frozen_disc = jax.lax.stop_gradient(disc).astype(jnp.complex64)
+  g_inverse = jax.lax.stop_gradient(inverse).astype(jnp.complex64)
+  images_right = jnp.asarray(jax.lax.stop_gradient(j_right))
+  images_left = jnp.asarray(jax.lax.stop_gradient(jt_left))
+  basis_right, basis_left = jnp.asarray([q1, q2]), jnp.asarray([p1, p2])
+  found = jnp.zeros_like(well_posed)
+  radius = jnp.zeros_like(moduli[0])
+  for sign, modulus in zip((1, -1), moduli):
+    lam = 0.5 * (frozen_m[0, 0] + frozen_m[1, 1]) + sign * jnp.sqrt(frozen_disc)
+    a = _null_vector(frozen_m, lam)
+    # y = P b with b = G^(-T) w, w the left eigenvector of M (M^T w = lam w).
+    w = _null_vector(jnp.swapaxes(frozen_m, 0, 1), lam)
+    b = jnp.einsum("ji...,j...->i...", g_inverse, w)
+    ok = ((_eigenpair_misfit(a, lam, images_right, basis_right, gram_of)
+           <= jnp.square(tolerance * jnp.abs(lam)))
+          & (_eigenpair_misfit(b, lam, images_left, basis_left, gram_of)
+             <= jnp.square(tolerance * jnp.abs(lam))))
+    radius = jnp.where(ok & (modulus > radius), modulus, radius)
+    found = found | ok
+  found = found & well_posed
+  return jnp.where(found, radius, 0.0), found
 
 
 def arnoldi(matvec: Operator, v0: jax.Array, *, num_iters: int = 30) -> jax.Array:
