@@ -326,6 +326,15 @@ def test_radius_gradient_compares_each_estimates_gradient_with_d_rho(shared_dir,
     assert same["cosine"] == pytest.approx(1.0, abs=1e-5)
     assert same["norm_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert all(np.isfinite(r["value"]) and -1 <= r["cosine"] <= 1 + 1e-6 for r in rows.values())
+    assert isinstance(stage["reference_found"], bool)
+    # Where the projection found no eigenpair, "radius_exact" is "radius" from the same
+    # start: the same value and gradient.
+    for iters in (2, 30):
+      exact, one_sided = rows[("radius_exact", iters)], rows[("radius", iters)]
+      assert one_sided["found"]
+      if not exact["found"]:
+        assert exact["value"] == pytest.approx(one_sided["value"], rel=1e-5)
+        assert exact["cosine"] == pytest.approx(one_sided["cosine"], abs=1e-4)
   for args, message in ((["--image", "1499_1"], "--image: no SOTS sample 1499_1"),
                         (["--block", "4"], "--block 4: the model has 3 IM-blocks"),
                         (["--iters", "0"], "must be an integer >= 1"),

@@ -263,23 +263,21 @@ def _projected(a_matrix, right_start, left_start, iters):
                               per_sample=True)
   left = spectral.power_pair(lambda w: w @ frozen, left_start[None], num_iters=iters,
                              per_sample=True)
+  right, left = spectral.pair_planes(right, left, per_sample=True)
   radius, found = spectral.projected_radius(
       right, left, (right[0] @ a_matrix.T, right[1] @ a_matrix.T),
       (left[0] @ frozen, left[1] @ frozen), per_sample=True)
   return radius[0], found[0]
 
 
-@pytest.mark.parametrize("spectrum", ["real", "complex"])
-def test_projection_gives_the_dominant_eigenvalue_and_its_derivative(spectrum):
-  # A non-normal 30 x 30 matrix S D S^-1 whose dominant eigenvalue is -1.2 (real) or the
-  # pair 1.1 exp(+-0.6i) (a 2 x 2 rotation block in D), the rest at most 0.7. Converged
-  # planes give rho and d|lambda| = Re(conj(lambda) y x^T / y^T x) / |lambda| (x, y the
-  # right and left eigenvectors) to rounding.
+def _non_normal(spectrum):
+  """A 30 x 30 S D S^-1 with its dominant eigenvalue lam (-1.2, or the pair 1.1
+  exp(+-0.6i)) and, for it, x, y and d|lam|/dA = Re(conj(lam) y x^T / y^T x) / |lam|."""
   rng = np.random.default_rng(0)
   n = 30
   d = np.diag(np.concatenate([[0.0, 0.0], rng.uniform(-0.7, 0.7, n - 2)]))
   if spectrum == "real":
-    d[0, 0], d[1, 1] = -1.2, 0.3
+    d[0, 0], d[1, 1] = -1.2, 0.9
   else:
     d[:2, :2] = 1.1 * np.array([[np.cos(0.6), -np.sin(0.6)], [np.sin(0.6), np.cos(0.6)]])
   basis = np.eye(n) + 0.3 * rng.normal(size=(n, n))
@@ -290,6 +288,17 @@ def test_projection_gives_the_dominant_eigenvalue_and_its_derivative(spectrum):
   left_values, left_vectors = np.linalg.eig(a_matrix.T)
   y = left_vectors[:, int(np.argmin(np.abs(left_values - lam)))]
   expected = np.real(np.conj(lam) * np.outer(y, x) / (y @ x)) / abs(lam)
+  return a_matrix, lam, x, y, left_vectors, left_values, expected
+
+
+@pytest.mark.parametrize("spectrum", ["real", "complex"])
+def test_projection_gives_the_dominant_eigenvalue_and_its_derivative(spectrum):
+  # A non-normal matrix whose dominant eigenvalue is real or a complex pair, the next
+  # 0.9 (real) or at most 0.7. Converged planes (200 steps) give rho and d|lambda| (x, y
+  # the right and left eigenvectors) to rounding.
+  a_matrix, lam, x, y, _, _, expected = _non_normal(spectrum)
+  rng = np.random.default_rng(1)
+  n = len(x)
   start = jnp.asarray(rng.normal(size=n), jnp.float32)
   a32 = jnp.asarray(a_matrix, jnp.float32)
   (radius, found), grad = jax.value_and_grad(_projected, has_aux=True)(a32, start, start, 200)
@@ -300,6 +309,21 @@ def test_projection_gives_the_dominant_eigenvalue_and_its_derivative(spectrum):
   right_start = jnp.asarray(np.real(x * np.exp(-1j * np.angle(x[0]))), jnp.float32)
   noise = jnp.asarray(rng.normal(size=n), jnp.float32)
   assert not bool(_projected(a32, right_start, noise, 2)[1])
+
+
+def test_projection_keeps_the_left_plane_when_the_right_one_has_collapsed():
+  # The right iteration started at x stays x (a plane of one vector, its second
+  # vector rounding noise); the left one, three steps from y plus a tenth of the next
+  # left eigenvector, still holds y only as a mix of its two vectors. The projection
+  # borrows the left plane's second vector (`pair_planes`) and is exact.
+  a_matrix, lam, x, y, left_vectors, left_values, expected = _non_normal("real")
+  y2 = np.real(left_vectors[:, int(np.argmin(np.abs(left_values - 0.9)))])
+  y = np.real(y)
+  left_start = jnp.asarray(y / np.linalg.norm(y) + 0.1 * y2 / np.linalg.norm(y2), jnp.float32)
+  (radius, found), grad = jax.value_and_grad(_projected, has_aux=True)(
+      jnp.asarray(a_matrix, jnp.float32), jnp.asarray(np.real(x), jnp.float32), left_start, 3)
+  assert bool(found) and float(radius) == pytest.approx(abs(lam), rel=1e-4)
+  np.testing.assert_allclose(np.asarray(grad), expected, atol=2e-3 * np.abs(expected).max())
 
 
 def test_exact_radius_falls_back_to_the_one_sided_estimate_before_its_planes_converge():
@@ -601,3 +625,20 @@ def test_radius_and_norm_estimates_run_on_bfloat16_features():
                           jax.random.key(15), 8)
     assert estimate.shape == (2,) and np.all(np.isfinite(estimate))
     np.testing.assert_allclose(estimate, reference, rtol=0.1)
+  # With enough steps the exact estimate's projection is used in bfloat16 too, where it
+  # is in float32 (sample 0; sample 1's dominant eigenvalues crowd, and 200 float32
+  # steps do not settle it), to the same radius, with a finite gradient.
+  graphdef, state = nnx.split(block)
+
+  def exact(s):
+    value, found = contractive.block_radius_exact(nnx.merge(graphdef, s), g0, g,
+                                                  jax.random.key(15), 60, with_found=True)
+    return value[0], (value[0], found[0])
+
+  grad, (value, found) = jax.grad(exact, has_aux=True)(state)
+  reference, reference_found = contractive.block_radius_exact(
+      reference_block, g0.astype(jnp.float32), g.astype(jnp.float32), jax.random.key(15), 60,
+      with_found=True)
+  assert bool(found) and bool(reference_found[0])
+  assert float(value) == pytest.approx(float(reference[0]), rel=0.01)
+  assert all(np.all(np.isfinite(np.asarray(a, np.float32))) for a in jax.tree.leaves(grad))

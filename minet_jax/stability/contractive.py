@@ -199,8 +199,8 @@ def block_radius_exact(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, ke
   hold the eigenvectors; its value reaches a complex pair's modulus too. About twice
   the products of `block_radius`. A sample whose planes give no eigenpair of J to
   within 10 % (or planes too close to orthogonal) gets `block_radius`'s estimate and
-  gradient instead, the same number from the same start; ``with_found`` also returns
-  which samples did not (a boolean per sample).
+  gradient instead, the same number from the same start (to rounding in bfloat16);
+  ``with_found`` also returns where the projection was used (a boolean per sample).
   """
   t_map, state = block.map_fn()
   g0 = jax.lax.stop_gradient(g0)
@@ -220,6 +220,7 @@ def block_radius_exact(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, ke
       rmatvec, residual_start(residual, jax.random.normal(jax.random.fold_in(key, 1),
                                                           g.shape, g.dtype)),
       num_iters=num_iters, per_sample=True)
+  right, left = spectral.pair_planes(right, left, per_sample=True)
   # The planes in the features' dtype, so that the overlaps and the products agree.
   right, left = jax.lax.stop_gradient(jax.tree.map(
       lambda x: x.astype(g.dtype) if x.ndim == g.ndim else x, (right, left)))
@@ -229,7 +230,8 @@ def block_radius_exact(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, ke
   radius, found = spectral.projected_radius(right, left, j_right,
                                             (rmatvec(left[0]), rmatvec(left[1])),
                                             per_sample=True)
-  # block_radius's estimate: ||J v_k|| with v_k = a q1 + c q2 the last power iterate.
+  # block_radius's estimate: ||J v_k|| with v_k = a q1 + c q2 the last power iterate
+  # (where q2 was replaced, c is below 1e-5 and the term is rounding).
   shape = (-1,) + (1,) * (g.ndim - 1)
   a, c = right[2].reshape(shape), right[3].reshape(shape)
   one_sided = spectral.norm(a * j_right[0] + c * j_right[1], per_sample=True)

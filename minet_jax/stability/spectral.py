@@ -115,8 +115,8 @@ def power_pair(matvec: Operator, v0: jax.Array, *, num_iters: int,
   Returns (q1, q2, a, c): q1 = v_(k-1), q2 the unit remainder of v_k beside it (two
   Gram-Schmidt passes), and v_k = a q1 + c q2. A complex dominant pair makes the
   iterates rotate in its (real) invariant plane; a real dominant eigenvalue is in that
-  plane too, with the next mode's remainder beside it. Where v_k is v_(k-1) to rounding
-  (c below 1e-3: one eigenvector) q2 is noise; `projected_radius` then uses q1 alone.
+  plane too, with the next mode's remainder beside it. Where v_k is v_(k-1) to float32
+  rounding (c below 1e-5: one eigenvector) q2 is noise, which `pair_planes` replaces.
   """
   if num_iters < 1:
     raise ValueError(f"num_iters must be >= 1, got {num_iters}")
@@ -145,21 +145,48 @@ def _safe_sqrt(x: jax.Array, floor: float) -> jax.Array:
 # angles, 1 for equal planes; float32 sums over millions of elements leave the
 # overlaps about 1e-6 off.
 _OVERLAP_FLOOR = 1e-4
-# A remainder c of `power_pair` below this: the plane is one vector (converged).
-_ONE_VECTOR = 1e-3
+# A remainder c of `power_pair` below this: the plane is one vector (converged), its q2
+# float32 rounding noise. Larger remainders carry the next mode, however slowly it
+# decays (the projection onto the plane then stays exact).
+_ONE_VECTOR = 1e-5
 
 
-def _eigenpair_misfit(coefficients: jax.Array, lam: jax.Array, images: jax.Array,
-                      basis: jax.Array, gram_of) -> jax.Array:
-  """||K x - lam x||^2 / ||x||^2 for x = sum_i coefficients_i basis_i (complex), with
-  ``images`` the K basis_i; from Gram matrices, no products with K."""
+def pair_planes(right: tuple[jax.Array, ...], left: tuple[jax.Array, ...], *,
+                per_sample: bool = False) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  """`power_pair`'s planes of J and J^T made ready for `projected_radius`: a plane that
+  has collapsed to one vector (c below 1e-5) while the other has not takes as its
+  second vector the other plane's, orthogonalised against its own first (its q2 was
+  rounding noise). Where the right plane holds x and the left one holds y, that keeps
+  both in, and the overlap of the planes away from 0; the products with J and J^T
+  are taken after this."""
+  def along(x, y):
+    d = dot(x, y, per_sample=per_sample)
+    return d.reshape((-1,) + (1,) * (x.ndim - 1)) if per_sample else d
+
+  def borrow(own, other):
+    q1, q2, a, c = own
+    fill = other[1] - along(q1, other[1]) * q1
+    fill = unit(fill - along(q1, fill) * q1, per_sample=per_sample)
+    collapsed = (c < _ONE_VECTOR) & (other[3] >= _ONE_VECTOR)
+    if per_sample:
+      collapsed = collapsed.reshape((-1,) + (1,) * (q1.ndim - 1))
+    return q1, jnp.where(collapsed, fill, q2), a, c
+
+  return borrow(right, left), borrow(left, right)
+
+
+def _eigenpair_fits(coefficients: jax.Array, lam: jax.Array, images: jax.Array,
+                    basis: jax.Array, gram_of, tolerance: float) -> jax.Array:
+  """Whether ||K x - lam x|| <= tolerance |lam| ||x|| for x = sum_i coefficients_i basis_i
+  (complex; False for x = 0), ``images`` the K basis_i; from Gram matrices, no products
+  with K."""
   vectors = jnp.concatenate([images, basis])
   gram = gram_of(vectors).astype(jnp.complex64)
   c = jnp.concatenate([coefficients, -lam * coefficients])
   misfit = jnp.real(jnp.einsum("i...,ij...,j...->...", jnp.conj(c), gram, c))
   size = jnp.real(jnp.einsum("i...,ij...,j...->...", jnp.conj(coefficients), gram[2:, 2:],
                              coefficients))
-  return misfit / jnp.maximum(size, jnp.finfo(jnp.float32).tiny)
+  return (size > 0) & (misfit <= jnp.square(tolerance * jnp.abs(lam)) * size)
 
 
 def _null_vector(m: jax.Array, lam: jax.Array) -> jax.Array:
@@ -177,8 +204,8 @@ def projected_radius(right: tuple[jax.Array, ...], left: tuple[jax.Array, ...],
   """The dominant eigenvalue modulus of J, from J projected onto a right and a left plane.
 
   ``right`` and ``left`` are `power_pair`'s planes of J and J^T, (q1, q2, a, c) and
-  (p1, p2, ...); ``j_right`` = (J q1, J q2), the only arguments differentiated, and
-  ``jt_left`` = (J^T p1, J^T p2), used only to check the answer.
+  (p1, p2, ...), through `pair_planes`; ``j_right`` = (J q1, J q2), the only arguments
+  differentiated, and ``jt_left`` = (J^T p1, J^T p2), used only to check the answer.
 
   Take the oblique (two-sided Rayleigh-Ritz) projection M = (P^T Q)^(-1) P^T J Q. If
   the right plane holds an eigenvector x of J (J x = lambda x) and the left one the
@@ -192,7 +219,7 @@ def projected_radius(right: tuple[jax.Array, ...], left: tuple[jax.Array, ...],
   an eigenvalue of M, but its derivative is not J's. So with the planes held constant,
   differentiating the modulus (through ``j_right`` only) gives d rho exactly once the
   planes hold both eigenvectors; a one-sided estimate such as ||J v|| gives it only for
-  a normal J. Where either plane is one vector (`power_pair`'s c below 1e-3) the
+  a normal J. Where both planes are one vector (`power_pair`'s c below 1e-5) the
   projection is onto q1 and p1 alone: lambda = p1^T J q1 / p1^T q1.
 
   Of M's eigenvalues (closed form), those whose right and left eigenvectors in the
@@ -214,7 +241,7 @@ def projected_radius(right: tuple[jax.Array, ...], left: tuple[jax.Array, ...],
 
   q1, q2, _, c_right = right
   p1, p2, _, c_left = left
-  one_vector = (c_right < _ONE_VECTOR) | (c_left < _ONE_VECTOR)
+  one_vector = (c_right < _ONE_VECTOR) & (c_left < _ONE_VECTOR)
   g = jax.lax.stop_gradient(jnp.asarray([[entry(p, q) for q in (q1, q2)] for p in (p1, p2)]))
   h = jnp.asarray([[entry(p, jq) for jq in j_right] for p in (p1, p2)])   # (2, 2[, batch])
   # One vector per side: the 2 x 2 problem with the second basis vectors decoupled
@@ -253,10 +280,8 @@ def projected_radius(right: tuple[jax.Array, ...], left: tuple[jax.Array, ...],
     # y = P b with b = G^(-T) w, w the left eigenvector of M (M^T w = lam w).
     w = _null_vector(jnp.swapaxes(frozen_m, 0, 1), lam)
     b = jnp.einsum("ji...,j...->i...", g_inverse, w)
-    ok = ((_eigenpair_misfit(a, lam, images_right, basis_right, gram_of)
-           <= jnp.square(tolerance * jnp.abs(lam)))
-          & (_eigenpair_misfit(b, lam, images_left, basis_left, gram_of)
-             <= jnp.square(tolerance * jnp.abs(lam))))
+    ok = (_eigenpair_fits(a, lam, images_right, basis_right, gram_of, tolerance)
+          & _eigenpair_fits(b, lam, images_left, basis_left, gram_of, tolerance))
     radius = jnp.where(ok & (modulus > radius), modulus, radius)
     found = found | ok
   found = found & well_posed
