@@ -107,6 +107,12 @@ def spectral_radius(matvec: Operator, v0: jax.Array, *, num_iters: int = 60,
           "rayleigh": rayleighs[-1], "ratios": ratios, "vector": vector}
 
 
+def _component(x: jax.Array, y: jax.Array, per_sample: bool) -> jax.Array:
+  """<x, y> x: y's component along the unit vector x (per sample when asked)."""
+  d = dot(x, y, per_sample=per_sample)
+  return (d.reshape((-1,) + (1,) * (x.ndim - 1)) if per_sample else d) * x
+
+
 def power_pair(matvec: Operator, v0: jax.Array, *, num_iters: int,
                per_sample: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """The last two of ``num_iters`` power-iteration steps v <- J v / ||J v|| from ``v0``,
@@ -125,13 +131,9 @@ def power_pair(matvec: Operator, v0: jax.Array, *, num_iters: int,
       0, num_iters, lambda _, pair: (pair[1], unit(matvec(pair[1]), per_sample=per_sample)),
       (start, start))
 
-  def along(x, y):
-    d = dot(x, y, per_sample=per_sample)
-    return d.reshape((-1,) + (1,) * (x.ndim - 1)) if per_sample else d
-
   a = dot(previous, last, per_sample=per_sample)
-  rest = last - along(previous, last) * previous
-  rest = rest - along(previous, rest) * previous  # The second pass keeps q2 orthogonal.
+  rest = last - _component(previous, last, per_sample)
+  rest = rest - _component(previous, rest, per_sample)  # The second pass keeps q2 orthogonal.
   return previous, unit(rest, per_sample=per_sample), a, norm(rest, per_sample=per_sample)
 
 
@@ -159,14 +161,10 @@ def pair_planes(right: tuple[jax.Array, ...], left: tuple[jax.Array, ...], *,
   rounding noise). Where the right plane holds x and the left one holds y, that keeps
   both in, and the overlap of the planes away from 0; the products with J and J^T
   are taken after this."""
-  def along(x, y):
-    d = dot(x, y, per_sample=per_sample)
-    return d.reshape((-1,) + (1,) * (x.ndim - 1)) if per_sample else d
-
   def borrow(own, other):
     q1, q2, a, c = own
-    fill = other[1] - along(q1, other[1]) * q1
-    fill = unit(fill - along(q1, fill) * q1, per_sample=per_sample)
+    fill = other[1] - _component(q1, other[1], per_sample)
+    fill = unit(fill - _component(q1, fill, per_sample), per_sample=per_sample)
     collapsed = (c < _ONE_VECTOR) & (other[3] >= _ONE_VECTOR)
     if per_sample:
       collapsed = collapsed.reshape((-1,) + (1,) * (q1.ndim - 1))
