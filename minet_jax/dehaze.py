@@ -47,12 +47,35 @@ import numpy as np
 
 from minet_jax import image_io, tiling
 from minet_jax.core import fixed_point as fp
-from minet_jax.core.config import add_speed_arguments, program_name, speed_changes
+from minet_jax.core.config import (ModelConfig, add_speed_arguments, checked_speed_changes,
+                                   program_name, unused_speed_options)
 
 PathLike = str | os.PathLike
-# Growth of dehazing's peak memory per pixel on the strip path (docs/PRETRAINED.md: 2.16 GB
-# at 4.9 MP, 4.65 GB at 12 MP): what a refused image is said to need.
+# Growth of the released model's peak memory per pixel on the strip path
+# (docs/PRETRAINED.md: 2.16 GB at 4.9 MP, 4.65 GB at 12 MP): what a refused image is
+# said to need, plus what a solve to tolerance holds (`strip_bytes_per_pixel`).
 STRIP_BYTES_PER_PIXEL = 350.0
+
+
+def strip_bytes_per_pixel(cfg: ModelConfig) -> float:
+  """About how many bytes per input pixel dehazing with ``cfg`` takes on the strip path.
+
+  The IM-block stages run on the whole feature map (a quarter of the pixels, ``features``
+  channels): beyond the released model's figure, a solve to tolerance keeps more such
+  maps. Counted from XLA's compiled memory (`strips.stage_memory`, 768 x 1024 and
+  1536 x 2048, float32): its best-so-far answer one; Anderson with history m 4m - 1; a
+  two-stage block 2 (Picard) or 2m (Anderson) for its first stage and base. Picard with
+  best-so-far and two-stage blocks: 1.6x the released figure; Anderson (m = 5) 6.5x.
+  """
+  extra = 0
+  if fp.stops_at_tolerance(cfg.solver):
+    history = cfg.anderson_m if cfg.solver == "anderson" else 1
+    extra += int(cfg.best_so_far) + (4 * history - 1 if cfg.solver == "anderson" else 0)
+    extra += 2 * history if max(cfg.stages) > 1 else 0
+  elif max(cfg.stages) > 1:
+    extra += 2
+  map_bytes = cfg.features * (4 if cfg.dtype == "float32" else 2) / 4  # per input pixel
+  return STRIP_BYTES_PER_PIXEL + extra * map_bytes
 
 FORMATS = ("png", "jpg")  # --format: file suffixes `image_io.write_image` writes.
 COMPARE = "_compare"  # Appended to a result's stem for the side-by-side image.
@@ -331,7 +354,7 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
       started += 1
       try:
         image = image_io.read_rgb(job.source, max_megapixels=max_megapixels,
-                                  bytes_per_pixel=STRIP_BYTES_PER_PIXEL,
+                                  bytes_per_pixel=strip_bytes_per_pixel(params.config),
                                   limit_name="--max-megapixels")
         solves = [] if report_solves else None
         result = dehaze_image(params, image, tile=tile, overlap=overlap, blend=blend,
@@ -405,8 +428,10 @@ def parser() -> argparse.ArgumentParser:
                       "%(default)s)")
   p.add_argument("--max-megapixels", type=float, default=image_io.DEFAULT_MAX_MEGAPIXELS,
                  help="refuse larger images before decoding them (default %(default)g; "
-                      f"dehazing takes about {STRIP_BYTES_PER_PIXEL / 1e3:.2f} GB of "
-                      "memory per megapixel); 0: no limit")
+                      f"the released model takes about {STRIP_BYTES_PER_PIXEL / 1e3:.2f} GB "
+                      "of memory per megapixel, a model solved to a tolerance more, up to "
+                      "several times with Anderson: a refusal names the model's own "
+                      "figure); 0: no limit")
   add_speed_arguments(p)
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
@@ -434,11 +459,18 @@ def main(argv: list[str] | None = None) -> int:
   try:
     # Existing files there are plan's business (refused per image, or --overwrite).
     files.check_output_folder(args.out, overwrite=True, writes=(), what="-o")
+    changes = checked_speed_changes(args)  # before a download
     params = hub.resolve(args.ckpt, progress=not args.no_progress)
-    params = params.replace_config(**speed_changes(args))
+    params = params.replace_config(**changes)
   except (OSError, ValueError) as e:
     print(f"dehaze: error: {e}", file=sys.stderr)
     return 2
+  note = unused_speed_options(args, params.config)
+  if note:
+    print(f"dehaze: note: {note}", file=sys.stderr)
+  if args.tile and fp.stops_at_tolerance(params.config.solver):
+    print("dehaze: note: tiles are solved one by one; a tiled run reports no convergence",
+          file=sys.stderr)
   outcome = dehaze_files(params, args.inputs, args.out, recursive=args.recursive,
                          tile=args.tile or None, overlap=args.overlap, blend=args.blend,
                          suffix=args.suffix, image_format=args.image_format,

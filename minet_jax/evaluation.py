@@ -40,7 +40,7 @@ import numpy as np
 from minet_jax.core import api, files
 from minet_jax.core import fixed_point as fp
 from minet_jax import dcp, image_io, metrics
-from minet_jax.core.config import ModelConfig, add_speed_arguments, speed_changes
+from minet_jax.core.config import ModelConfig, add_speed_arguments, checked_speed_changes
 from minet_jax.data import folders
 
 # What ``out_dir`` receives: the per-image table and the whole report.
@@ -176,8 +176,8 @@ class Report:
   ckpt: str = ""
   # How MI-Net ran where it differs from exact float32 (e.g. {"precision": "default"}).
   settings: dict[str, str] = dataclasses.field(default_factory=dict)
-  # How MI-Net's IM-blocks were solved when to a tolerance: solver, rtol, atol, the step
-  # cap per stage (max_steps) and the stages per block.
+  # How MI-Net's IM-blocks were solved: solver, rtol and atol (a solve to tolerance), the
+  # steps or their cap per stage (max_steps) and the stages per block.
   solve: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def summary(self) -> dict[str, dict[str, Any]]:
@@ -221,7 +221,9 @@ class Report:
       if "solves" in s and self.solve:
         lines.append(
             f"({names.get(m, m)} IM-blocks, {self.solve['solver']} to rtol "
-            f"{self.solve['rtol']:g}: {s['solves_converged']}/{s['solves']} solves converged, "
+            f"{self.solve['rtol']:g}"
+            + (f", atol {self.solve['atol']:g}" if self.solve["atol"] else "")
+            + f": {s['solves_converged']}/{s['solves']} solves converged, "
             "mean steps per block " + " / ".join(f"{v:.1f}" for v in s["mean_steps_per_block"])
             + ")")
     compiled = ", ".join(f"{m} {t:.1f} s" for m, t in self.compile_seconds.items() if t > 0)
@@ -397,9 +399,12 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
   settings = {} if params is None else {
       k: v for k, v in (("precision", params.config.precision), ("dtype", params.config.dtype))
       if v != getattr(ModelConfig(), k)}
-  solve = {} if params is None or not fp.stops_at_tolerance(params.config.solver) else {
-      "solver": params.config.solver, "rtol": params.config.rtol, "atol": params.config.atol,
-      "max_steps": list(params.config.iterations), "stages": list(params.config.stages)}
+  solve = {}
+  if params is not None:  # The tolerance only where the solver has one.
+    cfg = params.config
+    solve = {"solver": cfg.solver, **({"rtol": cfg.rtol, "atol": cfg.atol}
+                                      if fp.stops_at_tolerance(cfg.solver) else {}),
+             "max_steps": list(cfg.iterations), "stages": list(cfg.stages)}
   report = Report(rows, methods, failed, compile_seconds, str(data), str(ckpt or ""), settings,
                   solve)
   if out_dir is not None:
@@ -441,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(
         args.ckpt, args.data, methods=methods, out_dir=args.out, save_images=args.save_images,
         limit=args.limit, layout=args.layout, split=args.split, data_dir=args.data_dir,
-        config_changes=speed_changes(args), progress=not args.no_progress,
+        config_changes=checked_speed_changes(args), progress=not args.no_progress,
         overwrite=args.overwrite)
   except (ValueError, OSError) as e:
     print(f"evaluate: error: {e}", file=sys.stderr)

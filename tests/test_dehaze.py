@@ -392,7 +392,7 @@ def test_progress_per_stage_and_per_tile(tiny_ckpt):
   dehaze.dehaze_image(params, image, tile=16, overlap=4, progress=lambda *a: calls.append(a))
   assert calls == [(k, 9) for k in range(1, 10)]  # 3 x 3 tiles
 def test_large_images_and_special_files_are_refused_before_reading(tiny_ckpt, tmp_path,
-                                                                   capsys):
+                                                                   capsys, random_params):
   # A 57-byte PNG declaring 48 MP used to be decoded (Pillow refuses only above 179 MP),
   # and /dev/zero or a FIFO were reported as "no such file or folder".
   def chunk(tag, data):
@@ -410,6 +410,31 @@ def test_large_images_and_special_files_are_refused_before_reading(tiny_ckpt, tm
   assert ("it declares 8000x6000 pixels (48.0 MP), above the limit of 40 MP "
           "(--max-megapixels); it would need about 16.8 GB of memory") in err
   assert "pipe.png: not a regular file" in err
+  # A model solved to a tolerance holds more feature maps (64 B per input pixel each at
+  # 64 float32 channels): Anderson (m = 5) with best-so-far answers and two-stage
+  # blocks 30 more, as XLA's compiled memory counts them (`strips.stage_memory`):
+  # 350 + 30 * 64 bytes per pixel.
+  anderson = tmp_path / "anderson"
+  minet_jax.save(random_params(ModelConfig(stage_fraction=(1.0, 0.5, 0.7), stages=(1, 2, 2),
+                                           solver="anderson", best_so_far=True)), anderson)
+  assert dehaze.main(["--ckpt", str(anderson), "-o", str(tmp_path / "out2"), "--no-progress",
+                      str(tmp_path / "bomb.png")]) == 1
+  assert "it would need about 109.0 GB of memory" in capsys.readouterr().err
+  # Solve options: a bad one is refused in one line naming it, before any model is read;
+  # --rtol on a model that runs unrolled is noted, not silently ignored; a tiled run
+  # of a model solved to tolerance says it reports no convergence.
+  assert dehaze.main(["--ckpt", str(tmp_path / "missing"), "-o", str(tmp_path / "out3"),
+                      "--max-steps", "-1", str(tmp_path / "small.png")]) == 2
+  err = capsys.readouterr().err
+  assert "dehaze: error: --max-steps: iterations must be >= 0" in err, err
+  assert dehaze.main(["--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "out5"), "--no-progress",
+                      "--rtol", "1e-6", str(tmp_path / "small.png")]) == 0
+  assert "--rtol has no effect: the IM-blocks run unrolled" in capsys.readouterr().err
+  assert dehaze.main(["--ckpt", str(anderson), "-o", str(tmp_path / "out4"), "--no-progress",
+                      "--tile", "16", str(tmp_path / "small.png")]) == 0
+  out, err = capsys.readouterr()
+  assert "a tiled run reports no convergence" in err and "IM-blocks" not in out
+  assert "--rtol" not in err
   assert dehaze.main(args + ["--max-megapixels", "0.0005", str(tmp_path / "small.png")]) == 1
   assert "(0.0 MP), above the limit of 0.0005 MP" in capsys.readouterr().err
   assert dehaze.main(args + ["--max-megapixels", "0", str(tmp_path / "small.png")]) == 0

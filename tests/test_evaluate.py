@@ -288,7 +288,8 @@ def test_solved_models_report_each_images_solves(sots_like, picard_ckpt, tiny_ck
   # Unrolled (the released model's way): fixed steps, nothing to report.
   report = evaluation.evaluate(tiny_ckpt, root, methods=["minet"], limit=1, progress=False)
   assert report.rows[0].solve_steps == () and "solves converged" not in report.table()
-  assert report.to_json()["minet_solve"] == {}
+  assert report.to_json()["minet_solve"] == {"solver": "unrolled", "max_steps": [1, 1, 1],
+                                              "stages": [1, 1, 1]}
 
 
 def test_a_failed_image_keeps_its_solves(sots_like, picard_ckpt, monkeypatch, capsys):

@@ -103,6 +103,25 @@ def test_apply_and_dehaze_report_how_the_blocks_were_solved(random_params, tmp_p
   missed = []
   minet_jax.apply(capped, image, solves=missed)
   assert "max_steps_reached" in describe_solves(missed, capped.config)
+  # A two-stage block reports each stage's steps and, when it misses, which stage: with
+  # one step per stage and a tolerance neither meets, "1+1" and "stage 1+2"; solved,
+  # "k1+k2" summing to its steps. Whole and in strips alike.
+  two = params.replace_config(stage_fraction=(1.0, 0.5, 1.0), stages=(1, 2, 1))
+  for rows in (0, 8):
+    for cfg_two, solved in ((two, True), (two.replace_config(iterations=(1, 1, 1),
+                                                             rtol=1e-9), False)):
+      solves = []
+      minet_jax.apply(cfg_two, image, strip_rows=rows, solves=solves)
+      stage_steps = np.asarray(solves[1].stage_steps)[0]
+      assert solves[0].stage_steps is None and solves[1].stage_steps.shape == (1, 2)
+      assert int(solves[1].num_steps[0]) == stage_steps.sum()
+      line = describe_solves(solves, cfg_two.config)
+      assert f" / {stage_steps[0]}+{stage_steps[1]} / " in line, line
+      if solved:
+        assert "all converged" in line and min(stage_steps) >= 1, line
+      else:
+        assert list(stage_steps) == [1, 1]
+        assert "; block 2 stage 1+2 max_steps_reached" in line, line
 
   minet_jax.save(params, tmp_path / "ckpt")
   image_io.write_png(tmp_path / "in.png", image)

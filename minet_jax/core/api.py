@@ -225,8 +225,8 @@ def dehaze_batch_with_solves(params: Params, x: jax.Array
   """`dehaze_batch`, plus one `fixed_point.SolveSummary` per IM-block (batch axis first):
   how each image had its blocks solved. Traceable; the same computation as
   `dehaze_batch`, whose compiled code drops the summaries."""
-  y, results = model_from_params(params).forward_rgb_with_diagnostics(x)
-  return _clip(y), [fp.SolveSummary.of(r) for r in results]
+  y, _, runs = model_from_params(params).forward_runs(x)
+  return _clip(y), [fp.SolveSummary.of(run.result, run.stage_results) for run in runs]
 
 
 _forward_with_solves = jax.jit(dehaze_batch_with_solves)
@@ -234,15 +234,30 @@ _forward_with_solves = jax.jit(dehaze_batch_with_solves)
 
 def describe_solves(solves: list[fp.SolveSummary], cfg: ModelConfig, index: int = 0) -> str:
   """One line on how image `index` of a batch had its IM-blocks solved, e.g.
-  ``"picard to rtol 0.001: 4 / 6 / 9 steps, all converged (residuals <= 8.2e-04)"``."""
+  ``"picard to rtol 0.001: 4 / 6 / 9 steps, all converged (residuals <= 8.2e-04)"``;
+  a two-stage block's steps are each stage's (``4 / 8+6 / 9``), and a miss names its
+  stage (``block 2 stage 1 max_steps_reached``)."""
   image = [s.at(index) for s in solves]
-  steps = " / ".join(str(n) for n, _, _ in image)
+  # A two-stage block's steps as "stage 1 + stage 2", and which stage missed.
+  stages = [None if s.stage_steps is None else
+            (np.asarray(s.stage_steps)[index], np.asarray(s.stage_status)[index])
+            for s in solves]
+  steps = " / ".join(str(n) if st is None else "+".join(str(int(k)) for k in st[0])
+                     for (n, _, _), st in zip(image, stages))
   if not fp.stops_at_tolerance(cfg.solver):
     return f"{cfg.solver}: {steps} steps per IM-block"
+
+  def missed(block: int, status: fp.RESULTS, stage) -> str:
+    if stage is None:
+      return f"block {block}"
+    return f"block {block} stage " + "+".join(
+        str(i) for i, code in enumerate(stage[1], 1) if code != fp.RESULTS.successful)
+
   verdict = (f"all converged (residuals <= {max(r for _, _, r in image):.1e})"
              if all(st == fp.RESULTS.successful for _, st, _ in image) else
-             "; ".join(f"block {b} {st.name} (residual {r:.1e})"
-                       for b, (_, st, r) in enumerate(image, 1) if st != fp.RESULTS.successful))
+             "; ".join(f"{missed(b, st, stage)} {st.name} (residual {r:.1e})"
+                       for b, ((_, st, r), stage) in enumerate(zip(image, stages), 1)
+                       if st != fp.RESULTS.successful))
   tolerance = f"rtol {cfg.rtol:g}" + (f", atol {cfg.atol:g}" if cfg.atol else "")
   return f"{cfg.solver} to {tolerance}: {steps} steps, {verdict}"
 

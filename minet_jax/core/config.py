@@ -31,7 +31,8 @@ import numpy as np
 
 # Names of the IM-block solvers and backward modes: the classes of the fixed-point
 # engine define them (`fixed_point.from_config` builds the objects).
-from minet_jax.core.fixed_point import BACKWARDS, SOLVERS, canonical_unroll  # noqa: E402
+from minet_jax.core.fixed_point import (BACKWARDS, SOLVER_CLASSES, SOLVERS,  # noqa: E402
+                                        canonical_unroll)
 
 CONTRACTIVE_KINDS = ("spectral", "radius", "radius_exact", "frobenius")
 CONTRACTIVE_POINTS = ("iterate", "solution")
@@ -498,9 +499,33 @@ def add_solve_arguments(parser: argparse.ArgumentParser) -> None:
                           "tolerance; a two-stage block may take twice as many)")
 
 
+# The command-line option of each ModelConfig field `speed_changes` reads.
+_SPEED_OPTIONS = {"precision": "--precision", "dtype": "--dtype", "solver": "--solver",
+                  "rtol": "--rtol", "iterations": "--max-steps"}
+
+
 def speed_changes(args: argparse.Namespace) -> dict[str, Any]:
   """The ModelConfig changes `add_speed_arguments`' (or `add_solve_arguments`') options
   ask for (`Params.replace_config`)."""
-  return {name: getattr(args, name) for name in ("precision", "dtype", "solver", "rtol",
-                                                 "iterations")
+  return {name: getattr(args, name) for name in _SPEED_OPTIONS
           if getattr(args, name, None) is not None}
+
+
+def checked_speed_changes(args: argparse.Namespace) -> dict[str, Any]:
+  """`speed_changes`, checked on their own before any model is loaded: a ValueError
+  that names the options given (``--max-steps: iterations must be >= 0, ...``)."""
+  changes = speed_changes(args)
+  try:
+    ModelConfig(**changes)
+  except ValueError as e:
+    raise ValueError(f"{' / '.join(_SPEED_OPTIONS[n] for n in changes)}: {e}") from None
+  return changes
+
+
+def unused_speed_options(args: argparse.Namespace, cfg: ModelConfig) -> str | None:
+  """A note when ``--rtol`` was given but ``cfg`` (the model as it will run) solves by a
+  fixed number of steps, which no tolerance changes; None otherwise."""
+  if getattr(args, "rtol", None) is None or SOLVER_CLASSES[cfg.solver].stops_at_tolerance:
+    return None
+  return (f"--rtol has no effect: the IM-blocks run {cfg.solver} (a fixed number of "
+          "steps, --max-steps); --solver picard or anderson solves to a tolerance")

@@ -137,7 +137,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import chex
@@ -185,14 +185,27 @@ class FixedPointResult:
 
 @chex.dataclass(frozen=True)
 class SolveSummary:
-  """What a user sees of a solve: `FixedPointResult` without the value and history."""
+  """What a user sees of a solve: `FixedPointResult` without the value and history.
+
+  For a solve made of stages (a two-stage block), the fields are the stages' together
+  (steps summed, the worse status and residual) and ``stage_steps`` / ``stage_status``
+  hold each stage's, shape (batch, stages); None for one solve.
+  """
   status: jax.Array
   num_steps: jax.Array
   residual: jax.Array
+  stage_steps: Optional[jax.Array] = None
+  stage_status: Optional[jax.Array] = None
 
   @classmethod
-  def of(cls, result: FixedPointResult) -> SolveSummary:
-    return cls(status=result.status, num_steps=result.num_steps, residual=result.residual)
+  def of(cls, result: FixedPointResult,
+         stages: Sequence[FixedPointResult] = ()) -> SolveSummary:
+    """``result``'s summary; ``stages``: the stage solves it combines, if more than one."""
+    if len(stages) < 2:
+      return cls(status=result.status, num_steps=result.num_steps, residual=result.residual)
+    return cls(status=result.status, num_steps=result.num_steps, residual=result.residual,
+               stage_steps=jnp.stack([r.num_steps for r in stages], axis=-1),
+               stage_status=jnp.stack([r.status for r in stages], axis=-1))
 
   def at(self, index: int) -> tuple[int, RESULTS, float]:
     """Sample ``index``'s (steps, status, residual) as Python values (on the host)."""

@@ -46,8 +46,8 @@ from flax import nnx
 from minet_jax.core import fixed_point as fp
 from minet_jax.core.config import ModelConfig, is_count
 from minet_jax.core.layers import InstanceNorm, RowGeometry
-from minet_jax.core.model import (MINet, Join, Pointwise, Step, from_model_space, run_steps,
-                                  to_model_input)
+from minet_jax.core.model import (MINet, Join, Pointwise, Step, combined, from_model_space,
+                                  run_steps, to_model_input)
 
 # apply() switches to strips above this many pixels: beyond it the memory the strips
 # save outweighs the time their recomputation costs (docs/PRETRAINED.md, "Large photos").
@@ -474,8 +474,9 @@ def _stage(graphdef: nnx.GraphDef, state: nnx.State, name: str, x: Any,
 def _im_block_stage(graphdef: nnx.GraphDef, state: nnx.State, index: int,
                     x: jax.Array) -> tuple[jax.Array, fp.SolveSummary]:
   block = nnx.merge(graphdef, state).im_blocks[index]
-  result = block.solve(x)
-  return block.output(x, result.value), fp.SolveSummary.of(result)
+  stages = [r for _, r in block.solve_stages(x)]
+  result = combined(stages)
+  return block.output(x, result.value), fp.SolveSummary.of(result, stages)
 
 
 def forward(model: MINet, rgb: jax.Array, rows: int, *,

@@ -17,7 +17,8 @@ import sys
 import numpy as np
 
 from minet_jax.core import api, files
-from minet_jax.core.config import ModelConfig, add_solve_arguments, speed_changes
+from minet_jax.core.config import (add_solve_arguments, checked_speed_changes,
+                                   unused_speed_options)
 from minet_jax import convert, image_io, stability
 from minet_jax.image_io import ImageReadError, read_rgb
 from minet_jax.core.params import Params
@@ -83,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     parser.error(f"--{str(e).replace('_', '-')}")
   try:  # The solve overrides alone, before any model is loaded or converted.
-    ModelConfig(**speed_changes(args))
+    changes = checked_speed_changes(args)
   except ValueError as e:
-    parser.error(f"--solver / --rtol / --max-steps: {e}")
+    parser.error(str(e))
   out = pathlib.Path(args.out)
   try:
     files.check_output_folder(out, overwrite=args.overwrite)
@@ -99,13 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: could not load the model: {e}", file=sys.stderr)
     return 2
   try:
-    params = params.replace_config(**speed_changes(args))
+    params = params.replace_config(**changes)
     # Now that the report's files are known: a folder in the way of one is refused.
     files.check_output_folder(out, overwrite=True,
                               writes=report_lib.report_names(len(params.config.dilations)))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  note = unused_speed_options(args, params.config)
+  if note:
+    print(f"note: {note}", file=sys.stderr)
   if params.config.dtype != "float32":
     if not args.as_float32:
       print(f"error: the checkpoint computes in {params.config.dtype}; the analysis needs "
