@@ -127,9 +127,14 @@ def test_save_refuses_to_clobber(params, tmp_path):
   assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
 
 
-def test_load_missing_path(tmp_path):
-  with pytest.raises(minet_jax.CheckpointError, match="does not exist"):
+def test_load_missing_path(tmp_path, monkeypatch):
+  with pytest.raises(minet_jax.CheckpointError, match="does not exist$"):
     minet_jax.load(tmp_path / "nope")
+  # A bare name that is no folder here may be a release's: where that loads from.
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(minet_jax.CheckpointError,
+                     match="does not exist; a released model by name .* minet_jax.pretrained"):
+    minet_jax.load("its")
   (tmp_path / "empty").mkdir()
   with pytest.raises(minet_jax.CheckpointError, match="not a minet-jax checkpoint"):
     minet_jax.load(tmp_path / "empty")

@@ -404,8 +404,16 @@ def load_with_source(path: str | os.PathLike) -> tuple[Params, pathlib.Path | No
 
 def _load(path: str | os.PathLike, *, stacklevel: int) -> tuple[Params, pathlib.Path | None]:
   """`load_with_source`; a fallback warning points `stacklevel` frames up."""
-  path = pathlib.Path(path).absolute()
-  meta = _read_meta(path)
+  given = pathlib.Path(path)
+  path = given.absolute()
+  try:
+    meta = _read_meta(path)
+  except CheckpointError as e:
+    # A bare name that is no folder may be a release's ("its"), fetched by `pretrained`.
+    if len(given.parts) == 1 and not given.suffix and not path.exists():
+      raise CheckpointError(f"{e}; a released model by name (e.g. 'its') loads with "
+                            "minet_jax.pretrained") from None
+    raise
   cfg = load_config(path)
   weights_dir = path / WEIGHTS_DIR
   # From format 2 on the weights' checksum is always written: a missing one was removed.
