@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -75,11 +76,16 @@ def test_float16_would_overflow_the_released_weights(released_params, shared_dir
   assert float(jnp.abs(model.deconv3(fused)).max()) > float(jnp.finfo(jnp.float16).max)
 
 
-def test_a_tolerance_below_bfloat16s_rounding_is_warned_of():
+def test_a_tolerance_below_bfloat16s_rounding_is_warned_of(random_params):
   """bfloat16 iterates keep a relative residual of about 2e-3: at rtol 1e-3 a solve to
   tolerance runs to its step cap, spending every step."""
-  with pytest.warns(UserWarning, match="rtol >= 4.0e-03"):
+  with pytest.warns(UserWarning, match="rtol >= 4.0e-03") as caught:
     minet_jax.ModelConfig(dtype="bfloat16", solver="picard", rtol=1e-3)
+    # Through dataclasses.replace and Params.replace_config, still at the caller's line.
+    dataclasses.replace(minet_jax.ModelConfig(), dtype="bfloat16", solver="picard", rtol=1e-3)
+    params = random_params(minet_jax.ModelConfig(features=4, pre_blocks=0))
+    params.replace_config(dtype="bfloat16", solver="picard", rtol=1e-3)
+  assert [w.filename for w in caught] == [__file__] * 3
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     minet_jax.ModelConfig(dtype="bfloat16", solver="picard", rtol=4e-3)

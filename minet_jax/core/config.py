@@ -316,7 +316,7 @@ class ModelConfig(Solve, Architecture):
           f"solver {self.solver!r} at rtol {self.rtol:g} with dtype 'bfloat16': iterates "
           "stored in bfloat16 keep a relative residual of about bfloat16's rounding "
           "(1.5e-3 to 2.5e-3 measured), so most solves run to their step cap; use rtol >= "
-          f"{BF16_RTOL_FLOOR:.1e} with bfloat16, or float32", stacklevel=3)
+          f"{BF16_RTOL_FLOOR:.1e} with bfloat16, or float32", stacklevel=_outside_stacklevel())
 
   def _per_block(self, name: str) -> tuple[float, ...]:
     """Field ``name`` as one float per IM-block: given as one number for every block or
@@ -407,6 +407,20 @@ class ModelConfig(Solve, Architecture):
     """Whether `other` describes the same weights, perhaps in other roles: the same
     architecture but for the INIT_FROM_FREE_FIELDS (what ``init_from`` may start from)."""
     return self.fixed_architecture() == other.fixed_architecture()
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _outside_stacklevel() -> int:
+  """The ``stacklevel`` of a warning raised here that names the first caller outside
+  minet_jax and dataclasses (`dataclasses.replace`, `Params.replace_config`, the tools),
+  however many of their frames lie between."""
+  frame, level = sys._getframe(1), 1
+  while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+                               or frame.f_code.co_filename in (dataclasses.__file__, "<string>")):
+    frame, level = frame.f_back, level + 1
+  return level
 
 
 def is_count(value: Any, minimum: int = 1) -> bool:
