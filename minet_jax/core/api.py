@@ -136,8 +136,10 @@ def apply(params: Params, img: Any, *, strip_rows: int | None = None,
   which costs nothing since every stage needs the previous one's result.
 
   ``solves``, when a list, receives one `fixed_point.SolveSummary` per IM-block
-  (status, steps and final residual, each with a batch axis): how the blocks were
-  solved for this image (`describe_solves` puts it in words).
+  (status, steps and final residual, each with a batch axis; a two-stage block's
+  per stage too): how the blocks were solved for this image (`describe_solves` puts
+  it in words). For eager calls: under ``jax.jit`` the list would receive tracers;
+  jit `dehaze_batch_with_solves` instead, which returns them.
   """
   if not isinstance(params, Params):
     raise TypeError(f"params must be minet_jax.Params (from init/load), got "
