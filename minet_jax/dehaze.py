@@ -65,7 +65,8 @@ def strip_bytes_per_pixel(cfg: ModelConfig) -> float:
   maps. Counted from XLA's compiled memory (`strips.stage_memory`, 768 x 1024 and
   1536 x 2048, float32): its best-so-far answer one; Anderson with history m 4m - 1; a
   two-stage block 2 (Picard) or 2m (Anderson) for its first stage and base. Picard with
-  best-so-far and two-stage blocks: 1.6x the released figure; Anderson (m = 5) 6.5x.
+  best-so-far and two-stage blocks: 1.6x the released figure; Anderson (m = 5) 4.5x, and
+  6.5x with both.
   """
   extra = 0
   if fp.stops_at_tolerance(cfg.solver):

@@ -222,7 +222,7 @@ class Report:
         lines.append(
             f"({names.get(m, m)} IM-blocks, {self.solve['solver']} to rtol "
             f"{self.solve['rtol']:g}"
-            + (f", atol {self.solve['atol']:g}" if self.solve["atol"] else "")
+            + (f", atol {self.solve['atol']:g}" if self.solve.get("atol") else "")
             + f": {s['solves_converged']}/{s['solves']} solves converged, "
             "mean steps per block " + " / ".join(f"{v:.1f}" for v in s["mean_steps_per_block"])
             + ")")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import warnings
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import minet_jax
+from minet_jax.core.config import checked_speed_changes
 from minet_jax.core import onednn
 from conftest import require_onednn
 
@@ -86,6 +88,12 @@ def test_a_tolerance_below_bfloat16s_rounding_is_warned_of(random_params):
     params = random_params(minet_jax.ModelConfig(features=4, pre_blocks=0))
     params.replace_config(dtype="bfloat16", solver="picard", rtol=1e-3)
   assert [w.filename for w in caught] == [__file__] * 3
+  # The tools' check of their options alone (before the checkpoint's tolerance is known)
+  # does not warn of the default's.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert checked_speed_changes(argparse.Namespace(solver="picard", dtype="bfloat16")) == {
+        "solver": "picard", "dtype": "bfloat16"}
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     minet_jax.ModelConfig(dtype="bfloat16", solver="picard", rtol=4e-3)

@@ -404,13 +404,13 @@ def load_with_source(path: str | os.PathLike) -> tuple[Params, pathlib.Path | No
 
 def _load(path: str | os.PathLike, *, stacklevel: int) -> tuple[Params, pathlib.Path | None]:
   """`load_with_source`; a fallback warning points `stacklevel` frames up."""
-  given = pathlib.Path(path)
+  given = pathlib.Path(path).expanduser()
   path = given.absolute()
   try:
     meta = _read_meta(path)
   except CheckpointError as e:
     # A bare name that is no folder may be a release's ("its"), fetched by `pretrained`.
-    if len(given.parts) == 1 and not given.suffix and not path.exists():
+    if str(given).isidentifier() and not path.exists():
       raise CheckpointError(f"{e}; a released model by name (e.g. 'its') loads with "
                             "minet_jax.pretrained") from None
     raise

@@ -409,16 +409,16 @@ class ModelConfig(Solve, Architecture):
     return self.fixed_architecture() == other.fixed_architecture()
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _outside_stacklevel() -> int:
   """The ``stacklevel`` of a warning raised here that names the first caller outside
   minet_jax and dataclasses (`dataclasses.replace`, `Params.replace_config`, the tools),
-  however many of their frames lie between."""
+  however many of their frames lie between (a dataclass's generated ``__init__`` runs
+  in its module's globals)."""
   frame, level = sys._getframe(1), 1
-  while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
-                               or frame.f_code.co_filename in (dataclasses.__file__, "<string>")):
+  while frame is not None:
+    module = frame.f_globals.get("__name__", "")
+    if not (module in ("minet_jax", "dataclasses") or module.startswith("minet_jax.")):
+      break
     frame, level = frame.f_back, level + 1
   return level
 
@@ -530,7 +530,9 @@ def checked_speed_changes(args: argparse.Namespace) -> dict[str, Any]:
   that names the options given (``--max-steps: iterations must be >= 0, ...``)."""
   changes = speed_changes(args)
   try:
-    ModelConfig(**changes)
+    with warnings.catch_warnings():  # Checked on the defaults: warnings belong to the model.
+      warnings.simplefilter("ignore")
+      ModelConfig(**changes)
   except ValueError as e:
     raise ValueError(f"{' / '.join(_SPEED_OPTIONS[n] for n in changes)}: {e}") from None
   return changes

@@ -199,8 +199,10 @@ class SolveSummary:
 
   @classmethod
   def of(cls, result: FixedPointResult,
-         stages: Sequence[FixedPointResult] = ()) -> SolveSummary:
-    """``result``'s summary; ``stages``: the stage solves it combines, if more than one."""
+         stages: Sequence[FixedPointResult | SolveSummary] = ()) -> SolveSummary:
+    """``result``'s summary; ``stages``: the stage solves it combines (or their
+    summaries), if more than one. A one-stage and a two-stage summary are different
+    pytrees (None against arrays in the stage fields)."""
     if len(stages) < 2:
       return cls(status=result.status, num_steps=result.num_steps, residual=result.residual)
     return cls(status=result.status, num_steps=result.num_steps, residual=result.residual,

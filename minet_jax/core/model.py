@@ -294,13 +294,14 @@ class BlockRun(NamedTuple):
   output: jax.Array  # The block's answer (`IMBlock.output`), the next block's g0.
   # Every stage's (base, solution): where each stage map is linearised (Theorem 1).
   points: tuple[tuple[jax.Array, jax.Array], ...]
-  # Every stage's own solve (`result` is them `combined`).
-  stage_results: tuple[fp.FixedPointResult, ...]
+  # Every stage's own solve, summarised (`result` is them `combined`; their values are
+  # in `points`).
+  stage_solves: tuple[fp.SolveSummary, ...]
 
   @property
   def stage_steps(self) -> tuple[jax.Array, ...]:
     """Every stage's map evaluations per sample: where each stage's solve stopped."""
-    return tuple(r.num_steps for r in self.stage_results)
+    return tuple(r.num_steps for r in self.stage_solves)
 
 
 class MINet(nnx.Module):
@@ -397,7 +398,7 @@ class MINet(nnx.Module):
       result = combined([r for _, r in stages])
       runs.append(BlockRun(g0, result, block.output(g0, result.value),
                            tuple((base, r.value) for base, r in stages),
-                           tuple(r for _, r in stages)))
+                           tuple(fp.SolveSummary.of(r) for _, r in stages)))
       g0 = runs[-1].output
     return runs
 
