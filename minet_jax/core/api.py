@@ -238,7 +238,7 @@ def describe_solves(solves: list[fp.SolveSummary], cfg: ModelConfig, index: int 
   """One line on how image `index` of a batch had its IM-blocks solved, e.g.
   ``"picard to rtol 0.001: 4 / 6 / 9 steps, all converged (residuals <= 8.2e-04)"``;
   a two-stage block's steps are each stage's (``4 / 8+6 / 9``), and a miss names its
-  stage (``block 2 stage 1 max_steps_reached``)."""
+  stage and that stage's status (``block 2 stage 1 max_steps_reached``)."""
   image = [s.at(index) for s in solves]
   # A two-stage block's steps as "stage 1 + stage 2", and which stage missed.
   stages = [None if s.stage_steps is None else
@@ -251,13 +251,14 @@ def describe_solves(solves: list[fp.SolveSummary], cfg: ModelConfig, index: int 
 
   def missed(block: int, status: fp.RESULTS, stage) -> str:
     if stage is None:
-      return f"block {block}"
-    return f"block {block} stage " + "+".join(
-        str(i) for i, code in enumerate(stage[1], 1) if code != fp.RESULTS.successful)
+      return f"block {block} {status.name}"
+    return f"block {block} " + ", ".join(
+        f"stage {i} {fp.RESULTS(int(code)).name}" for i, code in enumerate(stage[1], 1)
+        if code != fp.RESULTS.successful)
 
   verdict = (f"all converged (residuals <= {max(r for _, _, r in image):.1e})"
              if all(st == fp.RESULTS.successful for _, st, _ in image) else
-             "; ".join(f"{missed(b, st, stage)} {st.name} (residual {r:.1e})"
+             "; ".join(f"{missed(b, st, stage)} (residual {r:.1e})"
                        for b, ((_, st, r), stage) in enumerate(zip(image, stages), 1)
                        if st != fp.RESULTS.successful))
   tolerance = f"rtol {cfg.rtol:g}" + (f", atol {cfg.atol:g}" if cfg.atol else "")
