@@ -342,6 +342,7 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
   # A solve to tolerance can stop early or miss it: say so per image. (Tiles solve
   # separately, so a tiled run reports nothing.)
   report_solves = fp.stops_at_tolerance(params.config.solver) and not tile
+  bytes_per_pixel = strip_bytes_per_pixel(params.config)  # what a refusal says it needs
   iterator = jobs
   steps = None
   if progress:
@@ -355,7 +356,7 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
       started += 1
       try:
         image = image_io.read_rgb(job.source, max_megapixels=max_megapixels,
-                                  bytes_per_pixel=strip_bytes_per_pixel(params.config),
+                                  bytes_per_pixel=bytes_per_pixel,
                                   limit_name="--max-megapixels")
         solves = [] if report_solves else None
         result = dehaze_image(params, image, tile=tile, overlap=overlap, blend=blend,

@@ -31,8 +31,8 @@ import numpy as np
 
 # Names of the IM-block solvers and backward modes: the classes of the fixed-point
 # engine define them (`fixed_point.from_config` builds the objects).
-from minet_jax.core.fixed_point import (BACKWARDS, SOLVER_CLASSES, SOLVERS,  # noqa: E402
-                                        canonical_unroll)
+from minet_jax.core.fixed_point import (BACKWARDS, SOLVERS, canonical_unroll,  # noqa: E402
+                                        stops_at_tolerance)
 
 CONTRACTIVE_KINDS = ("spectral", "radius", "radius_exact", "frobenius")
 CONTRACTIVE_POINTS = ("iterate", "solution")
@@ -541,7 +541,7 @@ def checked_speed_changes(args: argparse.Namespace) -> dict[str, Any]:
 def unused_speed_options(args: argparse.Namespace, cfg: ModelConfig) -> str | None:
   """A note when ``--rtol`` was given but ``cfg`` (the model as it will run) solves by a
   fixed number of steps, which no tolerance changes; None otherwise."""
-  if getattr(args, "rtol", None) is None or SOLVER_CLASSES[cfg.solver].stops_at_tolerance:
+  if getattr(args, "rtol", None) is None or stops_at_tolerance(cfg.solver):
     return None
   return (f"--rtol has no effect: the IM-blocks run {cfg.solver} (a fixed number of "
           "steps, --max-steps); --solver picard or anderson solves to a tolerance")

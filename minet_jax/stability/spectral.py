@@ -173,13 +173,11 @@ def pair_planes(right: tuple[jax.Array, ...], left: tuple[jax.Array, ...], *,
   return borrow(right, left), borrow(left, right)
 
 
-def _eigenpair_fits(coefficients: jax.Array, lam: jax.Array, images: jax.Array,
-                    basis: jax.Array, gram_of, tolerance: float) -> jax.Array:
+def _eigenpair_fits(coefficients: jax.Array, lam: jax.Array, gram: jax.Array,
+                    tolerance: float) -> jax.Array:
   """Whether ||K x - lam x|| <= tolerance |lam| ||x|| for x = sum_i coefficients_i basis_i
-  (complex; False for x = 0), ``images`` the K basis_i; from Gram matrices, no products
-  with K."""
-  vectors = jnp.concatenate([images, basis])
-  gram = gram_of(vectors).astype(jnp.complex64)
+  (complex; False for x = 0), from the Gram matrix of (K basis_1, K basis_2, basis_1,
+  basis_2): no products with K."""
   c = jnp.concatenate([coefficients, -lam * coefficients])
   misfit = jnp.real(jnp.einsum("i...,ij...,j...->...", jnp.conj(c), gram, c))
   size = jnp.real(jnp.einsum("i...,ij...,j...->...", jnp.conj(coefficients), gram[2:, 2:],
@@ -267,9 +265,9 @@ def projected_radius(right: tuple[jax.Array, ...], left: tuple[jax.Array, ...],
   frozen_m = jax.lax.stop_gradient(m).astype(jnp.complex64)
   frozen_disc = jax.lax.stop_gradient(disc).astype(jnp.complex64)
   g_inverse = jax.lax.stop_gradient(inverse).astype(jnp.complex64)
-  images_right = jnp.asarray(jax.lax.stop_gradient(j_right))
-  images_left = jnp.asarray(jax.lax.stop_gradient(jt_left))
-  basis_right, basis_left = jnp.asarray([q1, q2]), jnp.asarray([p1, p2])
+  # The Gram matrices of each side's (K q1, K q2, q1, q2), shared by both eigenvalues.
+  gram_right, gram_left = (gram_of(jax.lax.stop_gradient((*images, *basis))).astype(jnp.complex64)
+                           for images, basis in ((j_right, (q1, q2)), (jt_left, (p1, p2))))
   found = jnp.zeros_like(well_posed)
   radius = jnp.zeros_like(moduli[0])
   for sign, modulus in zip((1, -1), moduli):
@@ -278,8 +276,8 @@ def projected_radius(right: tuple[jax.Array, ...], left: tuple[jax.Array, ...],
     # y = P b with b = G^(-T) w, w the left eigenvector of M (M^T w = lam w).
     w = _null_vector(jnp.swapaxes(frozen_m, 0, 1), lam)
     b = jnp.einsum("ji...,j...->i...", g_inverse, w)
-    ok = (_eigenpair_fits(a, lam, images_right, basis_right, gram_of, tolerance)
-          & _eigenpair_fits(b, lam, images_left, basis_left, gram_of, tolerance))
+    ok = (_eigenpair_fits(a, lam, gram_right, tolerance)
+          & _eigenpair_fits(b, lam, gram_left, tolerance))
     radius = jnp.where(ok & (modulus > radius), modulus, radius)
     found = found | ok
   found = found & well_posed
