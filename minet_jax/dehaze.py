@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
   except (OSError, ValueError) as e:
     print(f"dehaze: error: {e}", file=sys.stderr)
     return 2
-  note = unused_speed_options(args, params.config)
+  note = unused_speed_options(changes, params.config)
   if note:
     print(f"dehaze: note: {note}", file=sys.stderr)
   if args.tile and fp.stops_at_tolerance(params.config.solver):

@@ -40,7 +40,8 @@ import numpy as np
 from minet_jax.core import api, files
 from minet_jax.core import fixed_point as fp
 from minet_jax import dcp, image_io, metrics
-from minet_jax.core.config import ModelConfig, add_speed_arguments, checked_speed_changes
+from minet_jax.core.config import (ModelConfig, add_speed_arguments, checked_speed_changes,
+                                   unused_speed_options)
 from minet_jax.data import folders
 
 # What ``out_dir`` receives: the per-image table and the whole report.
@@ -70,9 +71,11 @@ class Row:
   seconds: float = math.nan
   error: str = ""
   # MI-Net solved to a tolerance: per IM-block, the map evaluations (a two-stage block's
-  # both stages'), whether the solve met the tolerance, and its last relative residual
-  # (empty otherwise; kept when the image failed after its solves).
+  # both stages'; ``solve_stage_steps`` has each stage's), whether the solve met the
+  # tolerance, and its last relative residual (empty otherwise; kept when the image
+  # failed after its solves).
   solve_steps: tuple[int, ...] = ()
+  solve_stage_steps: tuple[tuple[int, ...], ...] = ()
   solve_converged: tuple[bool, ...] = ()
   solve_residual: tuple[float, ...] = ()
 
@@ -252,10 +255,11 @@ class Report:
     with files.replacing(csv_path) as tmp, open(tmp, "w", newline="") as f:
       writer = csv.writer(f)
       writer.writerow(["image", "method", "psnr", "ssim", "seconds", "error", "solve_steps",
-                       "solve_converged", "solve_residual"])
+                       "solve_stage_steps", "solve_converged", "solve_residual"])
       for r in self.rows:
         writer.writerow([r.key, r.method, f"{r.psnr:.4f}", f"{r.ssim:.5f}", f"{r.seconds:.4f}",
                          r.error, " ".join(map(str, r.solve_steps)),
+                         " ".join("+".join(map(str, b)) for b in r.solve_stage_steps),
                          " ".join(str(c).lower() for c in r.solve_converged),
                          " ".join(f"{v:.3g}" for v in r.solve_residual)])
     files.write_text(json_path, json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
@@ -276,6 +280,7 @@ def _solve_fields(solves: Sequence[fp.SolveSummary]) -> dict[str, tuple]:
   """`Row`'s solve fields from one image's `fixed_point.SolveSummary` per IM-block."""
   image = [s.at(0) for s in solves]
   return {"solve_steps": tuple(n for n, _, _ in image),
+          "solve_stage_steps": tuple(tuple(n for n, _ in s.stages_at(0)) for s in solves),
           "solve_converged": tuple(st == fp.RESULTS.successful for _, st, _ in image),
           "solve_residual": tuple(r for _, _, r in image)}
 
@@ -342,6 +347,9 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
     from minet_jax import hub
     params = hub.resolve(ckpt, progress=progress)
     params = params.replace_config(**(config_changes or {}))
+    note = unused_speed_options(config_changes or {}, params.config)
+    if note:
+      _note(f"evaluate: note: {note}", progress)
   fns = build_methods(methods, params, dcp_config)
   samples = samples_from(data, layout=layout, split=split, data_dir=data_dir)
   if limit is not None:

@@ -220,6 +220,17 @@ def test_radius_estimate_finds_a_real_dominant_eigenvalue_and_nears_a_complex_pa
   assert np.all(estimate <= _dense_norms(graphdef, state, g0, g))
 
 
+def test_the_norms_gradient_is_zero_at_a_zero_vector_and_x_over_its_norm_elsewhere():
+  # d||x|| = x / ||x|| is 0 / 0 at x = 0 (J v = 0 for a nilpotent or zero Jacobian).
+  g = jax.random.normal(jax.random.key(3), (4, 4, 3))
+  x = jnp.stack([jnp.zeros_like(g), g])
+  grad = jax.grad(lambda x: spectral.norm(x, per_sample=True).sum())(x)
+  np.testing.assert_array_equal(grad[0], 0.0)
+  np.testing.assert_allclose(grad[1], g / jnp.linalg.norm(g), rtol=1e-6)
+  np.testing.assert_array_equal(jax.grad(spectral.norm)(jnp.zeros(5)), 0.0)
+  assert float(spectral.norm(x)) == pytest.approx(float(jnp.linalg.norm(g)), rel=1e-6)
+
+
 def _dense_radius(graphdef, state, g0, g, sample):
   jac = np.asarray(_jacobians(graphdef, state, g0, g), np.float64)[sample]
   return np.max(np.abs(np.linalg.eigvals(jac)))

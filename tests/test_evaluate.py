@@ -282,12 +282,26 @@ def test_solved_models_report_each_images_solves(sots_like, picard_ckpt, tiny_ck
   assert [r.solve_steps for r in report.rows] == [(1, 1, 1)] * 2
   assert [r.solve_converged for r in report.rows] == [(False, False, False)] * 2
   assert "0/6 solves converged, mean steps per block 1.0 / 1.0 / 1.0" in report.table()
+  # A two-stage block: its steps summed, and each stage's beside them.
+  two = evaluation.evaluate(picard_ckpt, root, methods=["minet"], limit=1, progress=False,
+                            out_dir=tmp_path / "two", config_changes={
+                                "iterations": 1, "rtol": 1e-30, "stages": (1, 2, 1),
+                                "stage_fraction": (1.0, 0.5, 1.0)})
+  assert two.rows[0].solve_steps == (1, 2, 1)
+  assert two.rows[0].solve_stage_steps == ((1,), (1, 1), (1,))
+  csv_two = next(csv.DictReader(open(tmp_path / "two" / "per_image.csv")))
+  assert (csv_two["solve_steps"], csv_two["solve_stage_steps"]) == ("1 2 1", "1 1+1 1")
   err = capsys.readouterr().err
   assert "evaluate: minet on 7_1: IM-blocks picard to rtol 1e-30: 1 / 1 / 1 steps, block 1 " \
          "max_steps_reached" in err and "7_2" in err
-  # Unrolled (the released model's way): fixed steps, nothing to report.
-  report = evaluation.evaluate(tiny_ckpt, root, methods=["minet"], limit=1, progress=False)
+  # Unrolled (the released model's way): fixed steps, nothing to report, and a tolerance
+  # given for it is noted as having no effect.
+  capsys.readouterr()
+  report = evaluation.evaluate(tiny_ckpt, root, methods=["minet"], limit=1, progress=False,
+                               config_changes={"rtol": 1e-6})
   assert report.rows[0].solve_steps == () and "solves converged" not in report.table()
+  assert "evaluate: note: --rtol has no effect: the IM-blocks run unrolled" in \
+      capsys.readouterr().err
   assert report.to_json()["minet_solve"] == {"solver": "unrolled", "max_steps": [1, 1, 1],
                                               "stages": [1, 1, 1]}
 

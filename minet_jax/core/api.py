@@ -240,25 +240,21 @@ def describe_solves(solves: list[fp.SolveSummary], cfg: ModelConfig, index: int 
   a two-stage block's steps are each stage's (``4 / 8+6 / 9``), and a miss names its
   stage and that stage's status (``block 2 stage 1 max_steps_reached``)."""
   image = [s.at(index) for s in solves]
-  # A two-stage block's steps as "stage 1 + stage 2", and which stage missed.
-  stages = [None if s.stage_steps is None else
-            (np.asarray(s.stage_steps)[index], np.asarray(s.stage_status)[index])
-            for s in solves]
-  steps = " / ".join(str(n) if st is None else "+".join(str(int(k)) for k in st[0])
-                     for (n, _, _), st in zip(image, stages))
+  stages = [s.stages_at(index) for s in solves]
+  steps = " / ".join("+".join(str(n) for n, _ in block) for block in stages)
   if not fp.stops_at_tolerance(cfg.solver):
     return f"{cfg.solver}: {steps} steps per IM-block"
 
-  def missed(block: int, status: fp.RESULTS, stage) -> str:
-    if stage is None:
-      return f"block {block} {status.name}"
+  def missed(block: int, stage: tuple[tuple[int, fp.RESULTS], ...]) -> str:
+    if len(stage) == 1:
+      return f"block {block} {stage[0][1].name}"
     return f"block {block} " + ", ".join(
-        f"stage {i} {fp.RESULTS(int(code)).name}" for i, code in enumerate(stage[1], 1)
-        if code != fp.RESULTS.successful)
+        f"stage {i} {status.name}" for i, (_, status) in enumerate(stage, 1)
+        if status != fp.RESULTS.successful)
 
   verdict = (f"all converged (residuals <= {max(r for _, _, r in image):.1e})"
              if all(st == fp.RESULTS.successful for _, st, _ in image) else
-             "; ".join(f"{missed(b, st, stage)} (residual {r:.1e})"
+             "; ".join(f"{missed(b, stage)} (residual {r:.1e})"
                        for b, ((_, st, r), stage) in enumerate(zip(image, stages), 1)
                        if st != fp.RESULTS.successful))
   tolerance = f"rtol {cfg.rtol:g}" + (f", atol {cfg.atol:g}" if cfg.atol else "")

@@ -538,10 +538,10 @@ def checked_speed_changes(args: argparse.Namespace) -> dict[str, Any]:
   return changes
 
 
-def unused_speed_options(args: argparse.Namespace, cfg: ModelConfig) -> str | None:
-  """A note when ``--rtol`` was given but ``cfg`` (the model as it will run) solves by a
-  fixed number of steps, which no tolerance changes; None otherwise."""
-  if getattr(args, "rtol", None) is None or stops_at_tolerance(cfg.solver):
+def unused_speed_options(changes: Mapping[str, Any], cfg: ModelConfig) -> str | None:
+  """A note when ``changes`` (`speed_changes`) set ``--rtol`` but ``cfg`` (the model as it
+  will run) solves by a fixed number of steps, which no tolerance changes; else None."""
+  if changes.get("rtol") is None or stops_at_tolerance(cfg.solver):
     return None
   return (f"--rtol has no effect: the IM-blocks run {cfg.solver} (a fixed number of "
           "steps, --max-steps); --solver picard or anderson solves to a tolerance")

@@ -214,6 +214,14 @@ class SolveSummary:
     return (int(np.asarray(self.num_steps)[index]), RESULTS(int(np.asarray(self.status)[index])),
             float(np.asarray(self.residual)[index]))
 
+  def stages_at(self, index: int) -> tuple[tuple[int, RESULTS], ...]:
+    """Sample ``index``'s (steps, status) per stage, on the host: one pair for one solve."""
+    if self.stage_steps is None:
+      return ((int(np.asarray(self.num_steps)[index]),
+               RESULTS(int(np.asarray(self.status)[index]))),)
+    return tuple((int(n), RESULTS(int(c))) for n, c in zip(
+        np.asarray(self.stage_steps)[index], np.asarray(self.stage_status)[index]))
+
 
 def resolve_unroll(unroll: Unroll, length: int) -> Union[int, bool]:
   """Backend-aware unroll: full on XLA:CPU, rolled elsewhere.

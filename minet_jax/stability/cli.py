@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  note = unused_speed_options(args, params.config)
+  note = unused_speed_options(changes, params.config)
   if note:
     print(f"note: {note}", file=sys.stderr)
   if params.config.dtype != "float32":

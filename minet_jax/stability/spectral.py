@@ -58,9 +58,15 @@ def dot(x: jax.Array, y: jax.Array, *, per_sample: bool = False) -> jax.Array:
 
 
 def norm(x: jax.Array, *, per_sample: bool = False) -> jax.Array:
-  """L2 norm in float32: a scalar, or one per entry of the leading axis."""
+  """L2 norm in float32: a scalar, or one per entry of the leading axis. Its gradient at
+  a zero vector is zero, not NaN (a zero ``J v``: a nilpotent or zero Jacobian)."""
   axes = tuple(range(1, x.ndim)) if per_sample else None
-  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes))
+  squares = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes)
+  # sqrt's derivative at 0 is infinite, and times the zero derivative of the sum it is
+  # NaN: take the root of 1 there and select 0. (optax.safe_norm does the same, but for
+  # one or two axes only, and copies x.)
+  nonzero = squares > 0
+  return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
 
 
 def unit(x: jax.Array, *, per_sample: bool = False) -> jax.Array:
