@@ -199,6 +199,15 @@ class IMBlock(nnx.Module):
     k1 = jax.lax.stop_gradient(self._solve(g0, g0, fp.Backprop(), constant=True).value)
     return [(g0, k1), (self._second_base(g0, k1, evaluate=True), output)]
 
+  def run(self, g0: jax.Array) -> BlockRun:
+    """The block's solve from g0 with all that the network and its reports read from it:
+    the stages' solves `combined`, the answer, each stage's point and summary."""
+    stages = self.solve_stages(g0)
+    result = combined([r for _, r in stages])
+    return BlockRun(g0, result, self.output(g0, result.value),
+                    tuple((base, r.value) for base, r in stages),
+                    tuple(fp.SolveSummary.of(r) for _, r in stages))
+
   def __call__(self, g0: jax.Array) -> jax.Array:
     return self.output(g0, self.solve(g0).value)
 
@@ -394,11 +403,7 @@ class MINet(nnx.Module):
     g0 = self.encode(model_image)
     runs = []
     for block in self.im_blocks:
-      stages = block.solve_stages(g0)
-      result = combined([r for _, r in stages])
-      runs.append(BlockRun(g0, result, block.output(g0, result.value),
-                           tuple((base, r.value) for base, r in stages),
-                           tuple(fp.SolveSummary.of(r) for _, r in stages)))
+      runs.append(block.run(g0))
       g0 = runs[-1].output
     return runs
 

@@ -46,7 +46,7 @@ from flax import nnx
 from minet_jax.core import fixed_point as fp
 from minet_jax.core.config import ModelConfig, is_count
 from minet_jax.core.layers import InstanceNorm, RowGeometry
-from minet_jax.core.model import (MINet, Join, Pointwise, Step, combined, from_model_space,
+from minet_jax.core.model import (MINet, Join, Pointwise, Step, from_model_space,
                                   run_steps, to_model_input)
 
 # apply() switches to strips above this many pixels: beyond it the memory the strips
@@ -473,10 +473,8 @@ def _stage(graphdef: nnx.GraphDef, state: nnx.State, name: str, x: Any,
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _im_block_stage(graphdef: nnx.GraphDef, state: nnx.State, index: int,
                     x: jax.Array) -> tuple[jax.Array, fp.SolveSummary]:
-  block = nnx.merge(graphdef, state).im_blocks[index]
-  stages = [r for _, r in block.solve_stages(x)]
-  result = combined(stages)
-  return block.output(x, result.value), fp.SolveSummary.of(result, stages)
+  run = nnx.merge(graphdef, state).im_blocks[index].run(x)
+  return run.output, fp.SolveSummary.of(run.result, run.stage_solves)
 
 
 def forward(model: MINet, rgb: jax.Array, rows: int, *,
