@@ -342,7 +342,9 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
   # A solve to tolerance can stop early or miss it: say so per image. (Tiles solve
   # separately, so a tiled run reports nothing.)
   report_solves = fp.stops_at_tolerance(params.config.solver) and not tile
-  bytes_per_pixel = strip_bytes_per_pixel(params.config)  # what a refusal says it needs
+  # What a refusal says the image would need: tiles hold whole-image sums, not features.
+  bytes_per_pixel = (image_io.READ_BYTES_PER_PIXEL + tiling.BYTES_PER_PIXEL if tile else
+                     strip_bytes_per_pixel(params.config))
   iterator = jobs
   steps = None
   if progress:

@@ -20,6 +20,10 @@ from collections.abc import Callable
 import numpy as np
 
 BLENDS = ("linear", "cosine")
+# What `tiled_apply` holds per pixel of the whole image beyond its input: float64 sums
+# of the weighted outputs (24 B) and of the weights (8 B), their quotient (24 B) and
+# its float32 copy (12 B). A tile's own work is bounded by the tile, not the image.
+BYTES_PER_PIXEL = 68.0
 # progress(done, total): called as tiles (or a model's stages) finish.
 Progress = Callable[[int, int], None]
 

@@ -420,6 +420,10 @@ def test_large_images_and_special_files_are_refused_before_reading(tiny_ckpt, tm
   assert dehaze.main(["--ckpt", str(anderson), "-o", str(tmp_path / "out2"), "--no-progress",
                       str(tmp_path / "bomb.png")]) == 1
   assert "it would need about 109.0 GB of memory" in capsys.readouterr().err
+  # Tiled, the features are a tile's: the image needs its reading and the tiles' sums.
+  assert dehaze.main(["--ckpt", str(anderson), "-o", str(tmp_path / "out2"), "--no-progress",
+                      "--tile", "256", str(tmp_path / "bomb.png")]) == 1
+  assert "it would need about 4.8 GB of memory" in capsys.readouterr().err
   # Solve options: a bad one is refused in one line naming it, before any model is read;
   # --rtol on a model that runs unrolled is noted, not silently ignored; a tiled run
   # of a model solved to tolerance says it reports no convergence.
