@@ -157,7 +157,10 @@ def image_size(path: PathLike, *, max_megapixels: float | None = DEFAULT_MAX_MEG
   try:
     with Image.open(path) as im:
       _check_size(path, im, max_megapixels, READ_BYTES_PER_PIXEL, "max_megapixels")
-      transposed = _orientation(im) in _TRANSPOSING_ORIENTATIONS
+      # Pillow's TIFF reader already gives the upright size (and turns the pixels as it
+      # decodes them, dropping the tag); other formats give the stored size.
+      transposed = (_orientation(im) in _TRANSPOSING_ORIENTATIONS
+                    and im.format != "TIFF")
       return (im.width, im.height) if transposed else (im.height, im.width)
   except (ImageReadError, MemoryError):
     raise

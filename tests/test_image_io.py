@@ -115,6 +115,19 @@ def test_exif_orientation_applied(tmp_path):
   assert np.abs(out.astype(int) - expect.astype(int)).mean() < 8
 
 
+@pytest.mark.parametrize("suffix", ["png", "jpg", "tif", "webp"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_header_size_is_the_read_images_for_every_orientation(tmp_path, suffix, orientation):
+  # Pillow's TIFF reader turns the size (and the pixels) itself; the others do not.
+  im = Image.fromarray(_rand_rgb(3, 5))
+  exif = im.getexif()
+  exif[0x0112] = orientation
+  path = tmp_path / f"r.{suffix}"
+  im.save(path, exif=exif)
+  assert image_io.image_size(path) + (3,) == image_io.read_rgb(path).shape
+  assert image_io.read_rgb(path).shape[:2] == ((5, 3) if orientation >= 5 else (3, 5))
+
+
 @pytest.mark.parametrize("content", [b"", b"not an image at all", None])
 def test_unreadable_raises_naming_file(tmp_path, content):
   path = tmp_path / "bad.png"
