@@ -544,6 +544,17 @@ def test_fixed_point_mismatch_of_a_two_stage_block_is_its_second_stages_residual
                grads, jax.grad(lambda st: jnp.mean(by_hand(st)))(state))
   # Given stage points are used as they are (the training step solves stage 1 once).
   points = block.stage_points(g0, target)
+  # Stopped short of its solution (4 steps), stage 1 gives the forward pass's base
+  # c = g0 + (1 - G) (k1 - g0) / G, not one through f(k1): matching trains the block
+  # that runs.
+  short = IMBlock(dataclasses.replace(cfg, iterations=(4,), rtol=0.0), 0, rngs=nnx.Rngs(4))
+  nnx.update(short, nnx.state(block))
+  (_, first), (forward_base, _) = short.solve_stages(g0)
+  short_points = short.stage_points(g0, target)
+  np.testing.assert_array_equal(short_points[0][1], first.value)
+  np.testing.assert_allclose(short_points[1][0], forward_base, rtol=1e-6, atol=1e-6)
+  through_f = g0 + (1 - gamma) * short.f(first.value)
+  assert float(jnp.max(jnp.abs(through_f - forward_base))) > 1e-3
   np.testing.assert_allclose(points[0][1], k1, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(
       contractive.fixed_point_mismatch(block, g0, target, stage_points=points),

@@ -188,16 +188,20 @@ class IMBlock(nnx.Module):
     """Each stage's ``(base, solution)`` in the step that answers ``output`` from ``g0``.
 
     One stage: ``[(g0, stage_of(g0, output))]``. Two: ``[(g0, k1), (c, output)]``, k1
-    solved from g0 by the block's solver (a constant for differentiation) and c taken
-    from one evaluation of f at k1 (so c carries f's parameters, as Jacobian-free
-    backprop does; g0 is a constant). The last pair is where the step's final stage
-    equation must hold.
+    solved from g0 by the block's solver (a constant for differentiation) and c the
+    forward pass's base (`solve_stages`), with the derivative of one evaluation of f at
+    k1 (so c carries f's parameters, as Jacobian-free backprop does; g0 is a constant).
+    The value matters where stage 1 stops short of its solution: the forward's c reads
+    f(k1) off the stage, (k1 - g0) / G, which differs from f(k1) by stage 1's residual
+    / G. The last pair is where the step's final stage equation must hold.
     """
     if self.num_stages == 1:
       return [(g0, self.stage_of(g0, output))]
     g0 = jax.lax.stop_gradient(g0)
     k1 = jax.lax.stop_gradient(self._solve(g0, g0, fp.Backprop(), constant=True).value)
-    return [(g0, k1), (self._second_base(g0, k1, evaluate=True), output)]
+    evaluated = self._second_base(g0, k1, evaluate=True)
+    base = evaluated + jax.lax.stop_gradient(self._second_base(g0, k1) - evaluated)
+    return [(g0, k1), (base, output)]
 
   def run(self, g0: jax.Array) -> BlockRun:
     """The block's solve from g0 with all that the network and its reports read from it:

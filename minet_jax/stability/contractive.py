@@ -274,8 +274,9 @@ def fixed_point_mismatch(block: model_lib.IMBlock, g0: jax.Array, target: jax.Ar
   ``target`` and b the base c that the first stage, solved from g0, gives it) and
   T(g) = b + stage_fraction * eta * f(g):
   ||T(k_{m-1}) - k||^2 / ||k - g0||^2, where k_0 = k and k_j = T(k_{j-1}) are ``steps``
-  = m Picard steps warm-started at k. Zero exactly when ``target`` is the block's answer,
-  relative to the size of the step to k. With a teacher's block input and output it
+  = m Picard steps warm-started at k. Zero when ``target`` is the block's answer with its
+  stages solved exactly (at a tolerance, about the last stage's residual), relative to
+  the size of the step to k. With a teacher's block input and output it
   trains f so that the teacher's output becomes its fixed point (configs/stable.py); a
   one-stage block needs no solve.
 
