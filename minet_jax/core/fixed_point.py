@@ -435,7 +435,10 @@ class _Iterative:
     (a while loop over one sample), so the iterates need no freezing."""
     def step(s: _LoopState) -> _LoopState:
       fx = fn(s.x, args)
-      rel, met = _residual_test(fx, s.x, self.rtol, self.atol, n)
+      # The test is a diagnostic: never differentiated, so a masked scan's backward pass
+      # does not carry it.
+      rel, met = _residual_test(jax.lax.stop_gradient(fx), jax.lax.stop_gradient(s.x),
+                                self.rtol, self.atol, n)
       finite = jnp.isfinite(rel)
       x_next, accel = self._next(s.step, s.x, fx, s.accel)
       finished = s.active & (met | ~finite)
