@@ -138,6 +138,14 @@ def test_penalty_inputs_agree_and_weight_zero_is_free(random_params):
     contractive.penalty_at_points(params, [(images, images)], key=key)
   with pytest.raises(TypeError, match="MINet or minet_jax.Params"):
     contractive.penalty({"weights": 1}, images, key=key)
+  # Random iterates are one-stage blocks' points; a config that asks for the solutions
+  # is not given them in silence.
+  two_stage = params.replace_config(stages=(1, 2), stage_fraction=(1.0, 0.5))
+  with pytest.raises(ValueError, match="two-stage block's stages are checked at their"):
+    contractive.penalty(two_stage, images, key=key)
+  at_solution = params.replace_config(contractive_point="solution", contractive_weight=1.0)
+  with pytest.raises(ValueError, match="contractive_point is 'solution'"):
+    contractive.weighted_penalty(at_solution, images, key=key)
 
 
 def test_per_block_targets_hinge_each_block_at_its_own_level(random_params):

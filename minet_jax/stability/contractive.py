@@ -33,10 +33,12 @@ by the feature statistics, so their Jacobian can be large whatever the conv
 weights' norms are (and is invariant to scaling those weights); bounding the convs
 alone does not bound J. The penalty measures J itself.
 
-`penalty` takes a batch of images and finds the points itself; `penalty_at_points`
-takes one ``(g0, g)`` pair, or one per stage, per block. The training loop (``minet_jax.train``) adds
-the term with `weighted_penalty`, which costs nothing when ``contractive_weight`` is
-0 (the default).
+`penalty` takes a batch of images and checks each block at a random Picard iterate
+(``contractive_point`` "iterate"); `penalty_at_points` takes one ``(g0, g)`` pair, or one
+per stage, per block (at the solutions, "solution"). The training step
+(``minet_jax.train.step``) calls the one its config's ``contractive_point`` names;
+`weighted_penalty` is `penalty` weighted, a constant 0 when ``contractive_weight`` is 0
+(the default).
 """
 
 from __future__ import annotations
@@ -378,6 +380,10 @@ def penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Arr
   """
   model = _as_model(model_or_params)
   num_iters, target = _settings(model.config, num_iters, target)
+  if max(model.config.stages) > 1:
+    raise ValueError("penalty checks random Picard iterates of one-stage blocks; a "
+                     "two-stage block's stages are checked at their solutions: "
+                     "penalty_at_points with MINet.solve_blocks' BlockRun.points")
   if isinstance(images, Mapping):
     if "hazy" not in images:
       raise ValueError("a batch mapping must hold the input images under 'hazy'")
@@ -447,9 +453,14 @@ def stage_pairs(points: Any) -> list[tuple[jax.Array, jax.Array]]:
 
 def weighted_penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Array],
                      *, key: jax.Array) -> jax.Array:
-  """``config.contractive_weight * penalty(...)``; a constant 0 when the weight is 0."""
+  """``config.contractive_weight * penalty(...)``; a constant 0 when the weight is 0.
+  For ``contractive_point`` "iterate" (`penalty`'s points) only."""
   model = _as_model(model_or_params)
   weight = model.config.contractive_weight
   if weight == 0.0:
     return jnp.float32(0.0)
+  if model.config.contractive_point != "iterate":
+    raise ValueError(f"weighted_penalty checks random iterates, but the config's "
+                     f"contractive_point is {model.config.contractive_point!r}: use "
+                     "penalty_at_points at the solutions")
   return weight * penalty(model, images, key=key)
