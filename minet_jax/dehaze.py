@@ -48,7 +48,7 @@ import numpy as np
 from minet_jax import image_io, tiling
 from minet_jax.core import fixed_point as fp
 from minet_jax.core.config import (ModelConfig, add_speed_arguments, checked_speed_changes,
-                                   program_name, unused_speed_options)
+                                   program_name, unused_speed_options, warnings_as_notes)
 
 PathLike = str | os.PathLike
 # Growth of the released model's peak memory per pixel on the strip path
@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     files.check_output_folder(args.out, overwrite=True, writes=(), what="-o")
     changes = checked_speed_changes(args)  # before a download
     params = hub.resolve(args.ckpt, progress=not args.no_progress)
-    params = params.replace_config(**changes)
+    with warnings_as_notes("dehaze"):
+      params = params.replace_config(**changes)
   except (OSError, ValueError) as e:
     print(f"dehaze: error: {e}", file=sys.stderr)
     return 2

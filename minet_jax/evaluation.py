@@ -41,7 +41,7 @@ from minet_jax.core import api, files
 from minet_jax.core import fixed_point as fp
 from minet_jax import dcp, image_io, metrics
 from minet_jax.core.config import (ModelConfig, add_speed_arguments, checked_speed_changes,
-                                   unused_speed_options)
+                                   unused_speed_options, warnings_as_notes)
 from minet_jax.data import folders
 
 # What ``out_dir`` receives: the per-image table and the whole report.
@@ -451,11 +451,12 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   try:
-    report = evaluate(
-        args.ckpt, args.data, methods=methods, out_dir=args.out, save_images=args.save_images,
-        limit=args.limit, layout=args.layout, split=args.split, data_dir=args.data_dir,
-        config_changes=checked_speed_changes(args), progress=not args.no_progress,
-        overwrite=args.overwrite)
+    with warnings_as_notes("evaluate"):
+      report = evaluate(
+          args.ckpt, args.data, methods=methods, out_dir=args.out,
+          save_images=args.save_images, limit=args.limit, layout=args.layout,
+          split=args.split, data_dir=args.data_dir, config_changes=checked_speed_changes(args),
+          progress=not args.no_progress, overwrite=args.overwrite)
   except (ValueError, OSError) as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 2

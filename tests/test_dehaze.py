@@ -428,9 +428,21 @@ def test_large_images_and_special_files_are_refused_before_reading(tiny_ckpt, tm
   # --rtol on a model that runs unrolled is noted, not silently ignored; a tiled run
   # of a model solved to tolerance says it reports no convergence.
   assert dehaze.main(["--ckpt", str(tmp_path / "missing"), "-o", str(tmp_path / "out3"),
-                      "--max-steps", "-1", str(tmp_path / "small.png")]) == 2
+                      "--rtol", "-1", str(tmp_path / "small.png")]) == 2
   err = capsys.readouterr().err
-  assert "dehaze: error: --max-steps: iterations must be >= 0" in err, err
+  assert "dehaze: error: --rtol: rtol must be >= 0" in err, err
+  # No step at all would skip the IM-blocks: refused by the parser.
+  with pytest.raises(SystemExit) as e:
+    dehaze.main(["-o", str(tmp_path / "out3"), "--max-steps", "0", str(tmp_path / "small.png")])
+  assert e.value.code == 2
+  assert "argument --max-steps: must be an integer >= 1, got '0'" in capsys.readouterr().err
+  # A setting that will run badly is a note of the tool's, not a Python warning.
+  assert dehaze.main(["--ckpt", str(anderson), "-o", str(tmp_path / "out6"), "--no-progress",
+                      "--dtype", "bfloat16", "--max-steps", "1",
+                      str(tmp_path / "small.png")]) == 0
+  err = capsys.readouterr().err
+  assert "dehaze: note: solver 'anderson' at rtol 0.001 with dtype 'bfloat16'" in err, err
+  assert "Warning" not in err
   assert dehaze.main(["--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "out5"), "--no-progress",
                       "--rtol", "1e-6", str(tmp_path / "small.png")]) == 0
   assert "--rtol has no effect: the IM-blocks run unrolled" in capsys.readouterr().err

@@ -17,13 +17,14 @@ pytree metadata: ``jax.jit(minet_jax.apply)`` then needs nothing but ``(params, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Union
 
 import ml_collections
@@ -483,6 +484,30 @@ def program_name(module: str, argv0: str | None = None) -> str:
   return f"python -m {module}" if not name or name.endswith(".py") or name == "-c" else name
 
 
+def _step_cap(text: str) -> int:
+  """--max-steps: an integer >= 1 (the config allows 0, which skips the IM-blocks)."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+  return value
+
+
+@contextlib.contextmanager
+def warnings_as_notes(program: str) -> Iterator[None]:
+  """Within, a warning (a setting that will run badly, e.g. bfloat16 at a tight rtol) is
+  printed when raised as one ``<program>: note: ...`` line on stderr, as a tool's other
+  notes are, rather than as a Python warning with a source line."""
+  def show(message, category, filename, lineno, file=None, line=None) -> None:
+    del category, filename, lineno, file, line
+    print(f"{program}: note: {message}", file=sys.stderr)
+  with warnings.catch_warnings():
+    warnings.showwarning = show
+    yield
+
+
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
   """Adds how a tool runs the model (`Solve` fields) to its parser: --dtype and
   --precision (speed), --solver, --rtol and --max-steps (how the IM-blocks are solved)."""
@@ -508,7 +533,7 @@ def add_solve_arguments(parser: argparse.ArgumentParser) -> None:
                      help="'unrolled': exactly --max-steps steps; 'picard'/'anderson': until "
                           "the relative residual meets --rtol")
   solve.add_argument("--rtol", type=float, default=None, help="tolerance of the solve")
-  solve.add_argument("--max-steps", type=int, default=None, dest="iterations",
+  solve.add_argument("--max-steps", type=_step_cap, default=None, dest="iterations",
                      help="map evaluations per IM-block and stage (the cap of a solve to "
                           "tolerance; a two-stage block may take twice as many)")
 

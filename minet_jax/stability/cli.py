@@ -18,7 +18,7 @@ import numpy as np
 
 from minet_jax.core import api, files
 from minet_jax.core.config import (add_solve_arguments, checked_speed_changes,
-                                   unused_speed_options)
+                                   unused_speed_options, warnings_as_notes)
 from minet_jax import convert, image_io, stability
 from minet_jax.image_io import ImageReadError, read_rgb
 from minet_jax.core.params import Params
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: could not load the model: {e}", file=sys.stderr)
     return 2
   try:
-    params = params.replace_config(**changes)
+    with warnings_as_notes("stability"):
+      params = params.replace_config(**changes)
     # Now that the report's files are known: a folder in the way of one is refused.
     files.check_output_folder(out, overwrite=True,
                               writes=report_lib.report_names(len(params.config.dilations)))
