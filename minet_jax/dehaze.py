@@ -81,6 +81,10 @@ def strip_bytes_per_pixel(cfg: ModelConfig) -> float:
 FORMATS = ("png", "jpg")  # --format: file suffixes `image_io.write_image` writes.
 COMPARE = "_compare"  # Appended to a result's stem for the side-by-side image.
 DEFAULT_OVERLAP = 32  # Tile overlap in pixels, unless a quarter of the tile is less.
+DEFAULT_BLEND = "cosine"
+# Tiles below this many pixels get a note: 384 px tiles cost about 4 dB on SOTS, 256 px
+# about 10 (docs/PRETRAINED.md, "Tiled mode").
+SMALL_TILE = 512
 # ITU-R BT.601 luma weights (what Pillow's convert("L") uses): --keep-gray's luminance.
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
@@ -272,7 +276,7 @@ def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 8) -> np.ndarra
 
 
 def dehaze_image(params, image: np.ndarray, *, tile: int | None = None, overlap: int = 32,
-                 blend: str = "cosine", strip_rows: int | None = None,
+                 blend: str = DEFAULT_BLEND, strip_rows: int | None = None,
                  progress: tiling.Progress | None = None,
                  solves: list | None = None) -> np.ndarray:
   """float32 RGB (H, W, 3) in [0, 1] -> dehazed float32 RGB in [0, 1].
@@ -319,7 +323,7 @@ class _StepBar:
 
 def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
                  recursive: bool = False, tile: int | None = None, overlap: int | None = None,
-                 blend: str = "cosine", suffix: str = "_dehazed", image_format: str = "png",
+                 blend: str = DEFAULT_BLEND, suffix: str = "_dehazed", image_format: str = "png",
                  compare: bool = False, keep_gray: bool = False, overwrite: bool = False,
                  progress: bool = True, strip_rows: int | None = None,
                  max_megapixels: float | None = image_io.DEFAULT_MAX_MEGAPIXELS) -> Outcome:
@@ -421,8 +425,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--overlap", type=int, default=None,
                  help=f"tile overlap in pixels (default: {DEFAULT_OVERLAP}, or a quarter "
                       "of --tile when that is less)")
-  p.add_argument("--blend", default="cosine", choices=tiling.BLENDS,
-                 help="weighting across tile overlaps (default: %(default)s)")
+  p.add_argument("--blend", default=None, choices=tiling.BLENDS,
+                 help=f"weighting across tile overlaps (default: {DEFAULT_BLEND})")
   p.add_argument("--strip-rows", type=int, default=None,
                  help="rows per strip of the exact strip-wise forward (default: "
                       "automatic above 2 MP; 0: whole image at once)")
@@ -476,8 +480,16 @@ def main(argv: list[str] | None = None) -> int:
   if args.tile and fp.stops_at_tolerance(params.config.solver):
     print("dehaze: note: tiles are solved one by one; a tiled run reports no convergence",
           file=sys.stderr)
+  if not args.tile and (args.overlap is not None or args.blend is not None):
+    print("dehaze: note: --overlap and --blend apply to --tile only; this run is not tiled",
+          file=sys.stderr)
+  if args.tile and args.tile < SMALL_TILE:
+    print(f"dehaze: note: {args.tile} px tiles change the result much (on SOTS, 256 px "
+          f"tiles cost about 10 dB, 384 px about 4; docs/PRETRAINED.md, \"Tiled mode\"): "
+          "use the largest tile that fits", file=sys.stderr)
   outcome = dehaze_files(params, args.inputs, args.out, recursive=args.recursive,
-                         tile=args.tile or None, overlap=args.overlap, blend=args.blend,
+                         tile=args.tile or None, overlap=args.overlap,
+                         blend=args.blend or DEFAULT_BLEND,
                          suffix=args.suffix, image_format=args.image_format,
                          compare=args.compare, keep_gray=args.keep_gray,
                          overwrite=args.overwrite, progress=not args.no_progress,

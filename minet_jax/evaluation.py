@@ -341,9 +341,13 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
   if limit is not None and limit < 0:
     raise ValueError(f"--limit must be >= 0, got {limit}")
   params = None
+  if "minet" not in methods and (ckpt is not None or config_changes):
+    _note(f"evaluate: note: the model options (--ckpt and the speed and solve options) "
+          f"apply to method 'minet' only, not to {','.join(methods)}", progress)
   if "minet" in methods:
     if ckpt is None:
-      raise ValueError("method 'minet' needs a checkpoint folder (--ckpt)")
+      raise ValueError("method 'minet' needs a checkpoint: --ckpt its (the released "
+                       "weights), a training workdir or checkpoint folder, or a .pth file")
     from minet_jax import hub
     params = hub.resolve(ckpt, progress=progress)
     params = params.replace_config(**(config_changes or {}))

@@ -450,6 +450,11 @@ def test_large_images_and_special_files_are_refused_before_reading(tiny_ckpt, tm
                       "--tile", "16", str(tmp_path / "small.png")]) == 0
   out, err = capsys.readouterr()
   assert "a tiled run reports no convergence" in err and "IM-blocks" not in out
+  assert "dehaze: note: 16 px tiles change the result much" in err
+  # Tile options without --tile are noted, not ignored in silence.
+  assert dehaze.main(["--ckpt", str(tiny_ckpt), "-o", str(tmp_path / "out7"), "--no-progress",
+                      "--blend", "linear", str(tmp_path / "small.png")]) == 0
+  assert "--overlap and --blend apply to --tile only" in capsys.readouterr().err
   assert "--rtol" not in err
   assert dehaze.main(args + ["--max-megapixels", "0.0005", str(tmp_path / "small.png")]) == 1
   assert "(0.0 MP), above the limit of 0.0005 MP" in capsys.readouterr().err

@@ -85,13 +85,18 @@ def test_scores_failures_and_outputs(sots_like, tiny_ckpt, tmp_path, capsys):
   assert {p: p.read_bytes() for p in root.rglob("*.png")} == before
 
 
-def test_limit_methods_and_errors(sots_like):
+def test_limit_methods_and_errors(sots_like, capsys):
   root, _ = sots_like
   report = evaluation.evaluate(None, root, methods=["hazy"], limit=2, progress=False)
   assert [r.key for r in report.rows] == ["7_1", "7_2"]
   assert "hazy input" in report.table()
-  with pytest.raises(ValueError, match="--ckpt"):
+  assert "note" not in capsys.readouterr().err
+  with pytest.raises(ValueError, match="--ckpt its"):
     evaluation.evaluate(None, root, methods=["minet"], progress=False)
+  # Model options without the model: noted, not dropped in silence.
+  evaluation.evaluate("nowhere", root, methods=["hazy"], limit=1, progress=False,
+                      config_changes={"iterations": 3})
+  assert "apply to method 'minet' only, not to hazy" in capsys.readouterr().err
   with pytest.raises(ValueError, match="unknown method"):
     evaluation.evaluate(None, root, methods=["cap"], progress=False)
   assert evaluation.main(["--data", str(root / "nowhere"), "--methods", "hazy"]) == 2
