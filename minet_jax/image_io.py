@@ -140,6 +140,14 @@ def _check_size(path: pathlib.Path, im: Image.Image, max_megapixels: float | Non
         f"it would need about {megapixels * bytes_per_pixel / 1e3:.1f} GB of memory")
 
 
+def _beyond_pillow(path: pathlib.Path, error: Exception, limit_name: str) -> ImageTooLargeError:
+  """Pillow's own refusal (above twice ``PIL.Image.MAX_IMAGE_PIXELS``, 179 MP by default,
+  raised as it opens the file, before any limit of ours is checked), said as ours."""
+  return ImageTooLargeError(
+      f"cannot read image {path}: {error} Pillow refuses images that large whatever "
+      f"{limit_name} says; raise PIL.Image.MAX_IMAGE_PIXELS in Python to read it")
+
+
 # EXIF orientations that swap width and height (transposed or rotated by 90 degrees).
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
@@ -164,6 +172,8 @@ def image_size(path: PathLike, *, max_megapixels: float | None = DEFAULT_MAX_MEG
       return (im.width, im.height) if transposed else (im.height, im.width)
   except (ImageReadError, MemoryError):
     raise
+  except Image.DecompressionBombError as e:
+    raise _beyond_pillow(path, e, "max_megapixels") from e
   except Exception as e:  # Pillow raises many types on damaged files.
     raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
@@ -199,6 +209,8 @@ def read_rgb(path: PathLike, dtype=np.float32, *,
       rgb = _to_unit_float(_upright(im))
   except (ImageReadError, MemoryError):
     raise
+  except Image.DecompressionBombError as e:
+    raise _beyond_pillow(path, e, limit_name) from e
   except Exception as e:  # Pillow's decoders raise many types on damaged files.
     raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
   if dtype == np.uint8:
@@ -246,14 +258,20 @@ def write_png(path: PathLike, image: np.ndarray, *,
               protect: Iterable[PathLike] = (), exclusive: bool = False) -> pathlib.Path:
   """Writes an RGB (H, W, 3) or gray (H, W) image as an 8-bit PNG.
 
-  ``image`` is uint8, or float in [0, 1] (clipped and rounded). The file is
+  ``image`` is uint8, or float in [0, 1] (clipped and rounded; a float image above 2 is
+  refused as one on the 0..255 scale, which clipping would turn white). The file is
   written to a temporary name in the same folder and renamed into place, so a
   crash never leaves a half-written PNG. Parent folders are created.
 
   Raises:
+    ValueError: ``path`` does not end in .png (`write_image` writes JPEG too), or the
+      image is not one.
     ProtectedPathError: ``path`` resolves to one of ``protect``.
     FileExistsError: ``exclusive`` and something already exists at ``path``.
   """
+  if pathlib.Path(path).suffix.lower() != ".png":
+    raise ValueError(f"cannot write {path} as a PNG: its suffix is not .png (write_image "
+                     "writes the format the suffix names)")
   return _write(path, image, "PNG", {}, protect, exclusive)
 
 
@@ -274,6 +292,15 @@ def _write(path: PathLike, image: np.ndarray, image_format: str, options: dict,
   for p in protect:
     if pathlib.Path(p).resolve() == target:
       raise ProtectedPathError(f"refusing to overwrite {path}: it is a protected input file")
+  image = np.asarray(image)
+  top = (np.max(image, initial=0.0, where=np.isfinite(image))
+         if np.issubdtype(image.dtype, np.floating) else 0.0)
+  if top > 2.0:
+    # The reader's own rule (`_to_unit_float`): overshoot above 1 is clipped, but this is
+    # the 0..255 scale, which clipping would write as white.
+    raise ValueError(f"cannot write {path}: a float image is read as [0, 1], and this one "
+                     f"reaches {float(top):g}; divide 0..255 values by 255 or "
+                     "pass uint8")
   data = to_uint8(image)
   if data.ndim == 3 and data.shape[-1] == 1:
     data = data[..., 0]

@@ -173,6 +173,13 @@ def test_large_images_are_refused_from_the_header(tmp_path):
     image_io.read_rgb(small, max_megapixels=1e-5, limit_name="--max")
   assert image_io.image_size(small) == (6, 5)
   assert image_io.read_rgb(small, max_megapixels=None).shape == (6, 5, 3)
+  # Above Pillow's own limit its refusal comes first, and says so in our terms.
+  _declared_png(path, 100000, 100000)
+  with pytest.raises(image_io.ImageTooLargeError,
+                     match=r"(?s)bomb.*whatever --max says; raise PIL.Image.MAX_IMAGE_PIXELS"):
+    image_io.read_rgb(path, max_megapixels=None, limit_name="--max")
+  with pytest.raises(image_io.ImageTooLargeError, match="whatever max_megapixels says"):
+    image_io.image_size(path)
 
 
 def test_what_is_not_a_regular_file_is_named(tmp_path):
@@ -202,6 +209,12 @@ def test_write_png_refuses_protected_and_clips(tmp_path):
   assert not list((tmp_path / "new").glob("*.tmp"))
   with pytest.raises(ValueError, match="NaN"):
     image_io.write_png(tmp_path / "n.png", np.full((2, 2, 3), np.nan))
+  # Floats on the 0..255 scale would clip to white; a PNG under another suffix would lie.
+  with pytest.raises(ValueError, match="reaches 255; divide 0..255 values by 255"):
+    image_io.write_png(tmp_path / "w.png", np.full((2, 2, 3), 255.0))
+  with pytest.raises(ValueError, match="its suffix is not .png"):
+    image_io.write_png(tmp_path / "w.jpg", np.zeros((2, 2, 3)))
+  assert not (tmp_path / "w.png").exists() and not (tmp_path / "w.jpg").exists()
 
 
 def test_centre_crop():
