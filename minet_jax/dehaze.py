@@ -182,7 +182,8 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
             f.suffix.lower() not in image_io.IMAGE_SUFFIXES):
           continue
         if f.name.endswith(endings):
-          skipped[str(f)] = (f"named like an earlier result (*{suffix}.{image_format}); "
+          skipped[str(f)] = (f"named like an earlier result (*{suffix}[{COMPARE}]."
+                             f"{'/'.join(FORMATS)}); "
                              "pass it by name to process it")
         elif out_below and _inside(f.resolve(), out_resolved):
           failed[str(f)] = (f"not processed: it lies inside the output folder {out_dir}; "

@@ -52,8 +52,8 @@ def test_choice_of_strip_rows():
   assert strips.choose_strip_rows(1800, 2708, 0) == 0
   assert strips.choose_strip_rows(460, 620, 31) == 32
   assert strips.choose_strip_rows(45, 620, 100) == 46
-  for bad in (-2, 2.5, True):
-    with pytest.raises(ValueError, match="strip_rows"):
+  for bad in (-2, 2.5, True, False):
+    with pytest.raises(ValueError, match="strip_rows must be an integer >= 0"):
       strips.choose_strip_rows(460, 620, bad)
 
 
