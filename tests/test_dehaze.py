@@ -430,7 +430,7 @@ def test_large_images_and_special_files_are_refused_before_reading(tiny_ckpt, tm
   assert dehaze.main(["--ckpt", str(tmp_path / "missing"), "-o", str(tmp_path / "out3"),
                       "--rtol", "-1", str(tmp_path / "small.png")]) == 2
   err = capsys.readouterr().err
-  assert "dehaze: error: --rtol: rtol must be >= 0" in err, err
+  assert "dehaze: error: --rtol: rtol must be finite and >= 0" in err, err
   # No step at all would skip the IM-blocks: refused by the parser.
   with pytest.raises(SystemExit) as e:
     dehaze.main(["-o", str(tmp_path / "out3"), "--max-steps", "0", str(tmp_path / "small.png")])

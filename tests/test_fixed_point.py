@@ -235,6 +235,17 @@ def test_bad_settings_name_the_problem():
     fp.Implicit(max_steps=-1)
   with pytest.raises(ValueError, match="max_steps"):
     fp.fixed_point(_linear_map, fp.Picard(), b, (a, b), max_steps=2.5)
+  # Each refused where it is given, not as a TypeError deep inside the solve.
+  with pytest.raises(ValueError, match="Anderson.m must be an integer >= 1, got 2.0"):
+    fp.Anderson(m=2.0)
+  with pytest.raises(ValueError, match="max_steps must be an integer >= 0, got None"):
+    fp.fixed_point(_linear_map, fp.Picard(), b, (a, b), max_steps=None)
+  with pytest.raises(ValueError, match="Unrolled.rtol must be finite and >= 0, got inf"):
+    fp.Unrolled(rtol=float("inf"))
+  with pytest.raises(ValueError, match="per_sample=True needs every leaf"):
+    fp.fixed_point(_linear_map, fp.Picard(), 1.0, (a, b), max_steps=3, per_sample=True)
+  with pytest.raises(ValueError, match="anderson_m must be an integer, got 2.0"):
+    minet_jax.ModelConfig(anderson_m=2.0)
 
 
 # ------------------------------------------------------------------ status

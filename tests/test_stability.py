@@ -379,7 +379,7 @@ def test_cli_solves_as_told_where_asked(cli_inputs, tmp_path, capsys):
     assert float(cells[-2]) == pytest.approx(b["model_residual"], rel=0.06)
     assert b["model_status"] in ("successful", "max_steps_reached")
   # A bad override is refused before the model is even loaded (a missing one here).
-  for flags, message in ((["--rtol", "-1"], "--rtol: rtol must be >= 0, got -1.0"),
+  for flags, message in ((["--rtol", "-1"], "--rtol: rtol must be finite and >= 0, got -1.0"),
                          (["--max-steps", "-2"], "argument --max-steps: must be an integer >= 1")):
     with pytest.raises(SystemExit) as e:
       cli.main(["--ckpt", str(tmp_path / "missing"), "--image", str(image), "--out",

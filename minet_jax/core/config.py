@@ -279,8 +279,8 @@ class ModelConfig(Solve, Architecture):
                        f"got {self.phantom_steps}, {self.phantom_damping}")
     for name in ("rtol", "atol", "anderson_reg", "adjoint_rtol", "adjoint_atol",
                  "contractive_weight", "correction_weight"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+      if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+        raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
     if self.anderson_m < 1 or not 0.0 < self.anderson_beta <= 1.0:
       raise ValueError(f"anderson_m must be >= 1 and anderson_beta in (0, 1], got "
                        f"{self.anderson_m}, {self.anderson_beta}")

@@ -137,6 +137,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple, Optional, Union
 
@@ -247,13 +248,18 @@ def resolve_unroll(unroll: Unroll, length: int) -> Union[int, bool]:
 
 def _check_nonnegative(owner: str, **values: Optional[float]) -> None:
   for name, value in values.items():
-    if value is not None and not value >= 0:
-      raise ValueError(f"{owner}.{name} must be >= 0, got {value}")
+    if value is not None and not (value >= 0 and np.isfinite(value)):
+      raise ValueError(f"{owner}.{name} must be finite and >= 0, got {value}")
 
 
-def _check_steps(name: str, value: Optional[int]) -> None:
-  if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
-    raise ValueError(f"{name} must be an integer >= 0, got {value}")
+def _is_integer(value: Any, minimum: int) -> bool:
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+          and value >= minimum)
+
+
+def _check_steps(name: str, value: Optional[int], *, optional: bool = True) -> None:
+  if (value is not None or not optional) and not _is_integer(value, 0):
+    raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 def canonical_unroll(owner: str, unroll: Unroll) -> Union[str, int]:
@@ -567,8 +573,8 @@ class Anderson(_Iterative):
   best_so_far: bool = False
 
   def __post_init__(self) -> None:
-    if isinstance(self.m, bool) or int(self.m) != self.m or self.m < 1:
-      raise ValueError(f"Anderson.m must be an integer >= 1, got {self.m}")
+    if not _is_integer(self.m, 1):
+      raise ValueError(f"Anderson.m must be an integer >= 1, got {self.m!r}")
     if not 0.0 < self.beta <= 1.0:
       raise ValueError(f"Anderson.beta must lie in (0, 1], got {self.beta}")
     _check_nonnegative("Anderson", reg=self.reg, rtol=self.rtol, atol=self.atol)
@@ -847,10 +853,11 @@ def fixed_point(fn: Callable[[Any, Any], Any], solver: Solver, z0: Any, args: An
     raise ValueError(f"unknown adjoint of type {type(adjoint).__name__}; pass one of "
                      f"{', '.join(c.__name__ + '()' for c in ADJOINT_CLASSES.values())} "
                      f"(from_config builds one from {BACKWARDS})")
-  _check_steps("max_steps", max_steps)
+  _check_steps("max_steps", max_steps, optional=False)
   if per_sample:
     leaves = jax.tree.leaves(z0)
-    if not leaves or any(x.ndim < 1 or x.shape[0] != leaves[0].shape[0] for x in leaves):
+    if not leaves or any(np.ndim(x) < 1 or np.shape(x)[0] != np.shape(leaves[0])[0]
+                         for x in leaves):
       raise ValueError("per_sample=True needs every leaf of z0 to share a leading batch axis")
 
   if per_sample:

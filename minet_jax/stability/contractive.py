@@ -53,7 +53,7 @@ import jax.numpy as jnp
 
 from minet_jax.core import model as model_lib
 from minet_jax.stability import spectral
-from minet_jax.core.config import ModelConfig, block_indices, is_count
+from minet_jax.core.config import CONTRACTIVE_KINDS, ModelConfig, block_indices, is_count
 from minet_jax.core.params import Params, model_from_params
 
 ModelLike = Union[model_lib.MINet, Params]
@@ -260,8 +260,7 @@ def block_term(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: jax.A
   if kind == "frobenius":
     fro = block_frobenius(block, g0, g, key, num_iters)
     return jnp.mean(fro), jnp.mean(fro)
-  raise ValueError(f"unknown penalty kind {kind!r}; choose 'spectral', 'radius' or "
-                   "'frobenius'")
+  raise ValueError(f"unknown penalty kind {kind!r}; choose one of {CONTRACTIVE_KINDS}")
 
 
 def fixed_point_mismatch(block: model_lib.IMBlock, g0: jax.Array, target: jax.Array,
