@@ -228,7 +228,7 @@ def dehaze_batch_with_solves(params: Params, x: jax.Array
   how each image had its blocks solved. Traceable; the same computation as
   `dehaze_batch`, whose compiled code drops the summaries."""
   y, _, runs = model_from_params(params).forward_runs(x)
-  return _clip(y), [fp.SolveSummary.of(run.result, run.stage_solves) for run in runs]
+  return _clip(y), [run.summary for run in runs]
 
 
 _forward_with_solves = jax.jit(dehaze_batch_with_solves)

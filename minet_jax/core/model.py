@@ -312,6 +312,11 @@ class BlockRun(NamedTuple):
   stage_solves: tuple[fp.SolveSummary, ...]
 
   @property
+  def summary(self) -> fp.SolveSummary:
+    """What a user sees of the block's solve: the stages' together and each stage's."""
+    return fp.SolveSummary.of(self.result, self.stage_solves)
+
+  @property
   def stage_steps(self) -> tuple[jax.Array, ...]:
     """Every stage's map evaluations per sample: where each stage's solve stopped."""
     return tuple(r.num_steps for r in self.stage_solves)

@@ -478,7 +478,7 @@ def _stage(graphdef: nnx.GraphDef, state: nnx.State, name: str, x: Any,
 def _im_block_stage(graphdef: nnx.GraphDef, state: nnx.State, index: int,
                     x: jax.Array) -> tuple[jax.Array, fp.SolveSummary]:
   run = nnx.merge(graphdef, state).im_blocks[index].run(x)
-  return run.output, fp.SolveSummary.of(run.result, run.stage_solves)
+  return run.output, run.summary
 
 
 def forward(model: MINet, rgb: jax.Array, rows: int, *,
