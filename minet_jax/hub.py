@@ -120,7 +120,9 @@ def verified(path: str | os.PathLike, name: str = "its") -> Params:
   try:
     params = load_pth(path)
   except checkpoint.CheckpointError as e:
-    raise DownloadError(f"{path} is not the released {release.file_name}: {e}") from e
+    # `load_pth`'s message names the path again; the reason is its cause's.
+    reason = str(e.__cause__ or e).removeprefix(f"{path}: ")
+    raise DownloadError(f"{path} is not the released {release.file_name}: {reason}") from e
   if not file_ok and weights_checksum(params.weights) != release.weights_sha256:
     raise DownloadError(f"{path} does not hold the released {release.file_name} weights "
                         "(SHA-256 mismatch): the file was changed or damaged")

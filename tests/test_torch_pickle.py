@@ -184,12 +184,17 @@ def test_no_weights_is_a_clear_error(tmp_path):
     tp.load_state_dict(path)
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage" * 10, pickle.dumps({"a": 1})])
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, pickle.dumps({"a": 1}),
+                                     b"\x89PNG\r\n\x1a\n" + bytes(40)])
 def test_not_a_checkpoint(tmp_path, content):
   path = tmp_path / "bad.pth"
   path.write_bytes(content)
-  with pytest.raises(tp.CheckpointFormatError):
+  with pytest.raises(tp.CheckpointFormatError, match="not a (readable )?PyTorch checkpoint"):
     tp.load(path)
+  if content[:1] not in (b"", b"\x80"):  # An image, a text: no pickle to parse at all.
+    with pytest.raises(tp.CheckpointFormatError, match=r"neither a zip archive nor a pickle "
+                       r"\(it begins b'"):
+      tp.load(path)
 
 
 def test_truncated_legacy(tmp_path, shared_dir):
