@@ -211,6 +211,12 @@ def pretrained(name: str = "its", *, cache_dir: str | os.PathLike | None = None,
       raise DownloadError(str(e).replace(str(downloaded), f"what {source} sent")) from None
 
   try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise DownloadError(
+        f"the weights cannot be kept in {target.parent}: {e.strerror or e}; set "
+        f"{files.CACHE_ENV} to a folder that can be written (or pass cache_dir)") from None
+  try:
     return _download(source, target, progress=progress, check=check)
   except DownloadError as e:
     if e.__cause__ is None:  # The server answered, with something that is not the file.

@@ -92,10 +92,13 @@ def replacing(path: str | os.PathLike, *, folder: bool = False,
     _remove(tmp)
 
 
+CACHE_ENV = "MINET_JAX_CACHE"
+
+
 def cache_dir() -> pathlib.Path:
   """Where minet-jax keeps what it builds or downloads once: ``$MINET_JAX_CACHE``, else
   ``~/.cache/minet_jax`` (the compiled oneDNN binding, the released weights)."""
-  return pathlib.Path(os.environ.get("MINET_JAX_CACHE",
+  return pathlib.Path(os.environ.get(CACHE_ENV,
                                      pathlib.Path.home() / ".cache" / "minet_jax")).expanduser()
 
 
