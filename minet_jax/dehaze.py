@@ -347,7 +347,8 @@ def dehaze_files(params, inputs: Sequence[PathLike], out_dir: PathLike, *,
   # A solve to tolerance can stop early or miss it: say so per image. (Tiles solve
   # separately, so a tiled run reports nothing.)
   report_solves = fp.stops_at_tolerance(params.config.solver) and not tile
-  # What a refusal says the image would need: tiles hold whole-image sums, not features.
+  # What a refusal says the image would need: tiles hold whole-image sums, not features
+  # (plus one tile's own pass, bounded by the tile).
   bytes_per_pixel = (image_io.READ_BYTES_PER_PIXEL + tiling.BYTES_PER_PIXEL if tile else
                      strip_bytes_per_pixel(params.config))
   iterator = jobs
@@ -469,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     # Existing files there are plan's business (refused per image, or --overwrite).
     files.check_output_folder(args.out, overwrite=True, writes=(), what="-o")
     changes = checked_speed_changes(args)  # before a download
-    params = hub.resolve(args.ckpt, progress=not args.no_progress)
-    with warnings_as_notes("dehaze"):
+    with warnings_as_notes("dehaze: note: "):
+      params = hub.resolve(args.ckpt, progress=not args.no_progress)
       params = params.replace_config(**changes)
   except (OSError, ValueError) as e:
     print(f"dehaze: error: {e}", file=sys.stderr)
@@ -485,9 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     print("dehaze: note: --overlap and --blend apply to --tile only; this run is not tiled",
           file=sys.stderr)
   if args.tile and args.tile < SMALL_TILE:
-    print(f"dehaze: note: {args.tile} px tiles change the result much (on SOTS, 256 px "
-          f"tiles cost about 10 dB, 384 px about 4; docs/PRETRAINED.md, \"Tiled mode\"): "
-          "use the largest tile that fits", file=sys.stderr)
+    print(f"dehaze: note: {args.tile} px tiles change the result much on images larger "
+          f"than a tile (on SOTS, 256 px tiles cost about 10 dB, 384 px about 4; "
+          f"docs/PRETRAINED.md, \"Tiled mode\"): use the largest tile that fits",
+          file=sys.stderr)
   outcome = dehaze_files(params, args.inputs, args.out, recursive=args.recursive,
                          tile=args.tile or None, overlap=args.overlap,
                          blend=args.blend or DEFAULT_BLEND,

@@ -255,13 +255,13 @@ class Report:
     with files.replacing(csv_path) as tmp, open(tmp, "w", newline="") as f:
       writer = csv.writer(f)
       writer.writerow(["image", "method", "psnr", "ssim", "seconds", "error", "solve_steps",
-                       "solve_stage_steps", "solve_converged", "solve_residual"])
+                       "solve_converged", "solve_residual", "solve_stage_steps"])
       for r in self.rows:
         writer.writerow([r.key, r.method, f"{r.psnr:.4f}", f"{r.ssim:.5f}", f"{r.seconds:.4f}",
                          r.error, " ".join(map(str, r.solve_steps)),
-                         " ".join("+".join(map(str, b)) for b in r.solve_stage_steps),
                          " ".join(str(c).lower() for c in r.solve_converged),
-                         " ".join(f"{v:.3g}" for v in r.solve_residual)])
+                         " ".join(f"{v:.3g}" for v in r.solve_residual),
+                         " ".join("+".join(map(str, b)) for b in r.solve_stage_steps)])
     files.write_text(json_path, json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
     return csv_path, json_path
 
@@ -349,8 +349,10 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
       raise ValueError("method 'minet' needs a checkpoint: --ckpt its (the released "
                        "weights), a training workdir or checkpoint folder, or a .pth file")
     from minet_jax import hub
-    params = hub.resolve(ckpt, progress=progress)
-    params = params.replace_config(**(config_changes or {}))
+    # A setting that will run badly is one of this report's notes.
+    with warnings_as_notes("evaluate: note: ", say=lambda text: _note(text, progress)):
+      params = hub.resolve(ckpt, progress=progress)
+      params = params.replace_config(**(config_changes or {}))
     note = unused_speed_options(config_changes or {}, params.config)
     if note:
       _note(f"evaluate: note: {note}", progress)
@@ -455,12 +457,11 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   try:
-    with warnings_as_notes("evaluate"):
-      report = evaluate(
-          args.ckpt, args.data, methods=methods, out_dir=args.out,
-          save_images=args.save_images, limit=args.limit, layout=args.layout,
-          split=args.split, data_dir=args.data_dir, config_changes=checked_speed_changes(args),
-          progress=not args.no_progress, overwrite=args.overwrite)
+    report = evaluate(
+        args.ckpt, args.data, methods=methods, out_dir=args.out, save_images=args.save_images,
+        limit=args.limit, layout=args.layout, split=args.split, data_dir=args.data_dir,
+        config_changes=checked_speed_changes(args), progress=not args.no_progress,
+        overwrite=args.overwrite)
   except (ValueError, OSError) as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 2

@@ -213,9 +213,10 @@ def pretrained(name: str = "its", *, cache_dir: str | os.PathLike | None = None,
   try:
     target.parent.mkdir(parents=True, exist_ok=True)
   except OSError as e:
+    where = ("pass a cache_dir that can be written" if cache_dir is not None else
+             f"set {files.CACHE_ENV} to a folder that can be written")
     raise DownloadError(
-        f"the weights cannot be kept in {target.parent}: {e.strerror or e}; set "
-        f"{files.CACHE_ENV} to a folder that can be written (or pass cache_dir)") from None
+        f"the weights cannot be kept in {target.parent}: {e.strerror or e}; {where}") from None
   try:
     return _download(source, target, progress=progress, check=check)
   except DownloadError as e:

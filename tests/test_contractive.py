@@ -141,8 +141,9 @@ def test_penalty_inputs_agree_and_weight_zero_is_free(random_params):
   # Random iterates are one-stage blocks' points; a config that asks for the solutions
   # is not given them in silence.
   two_stage = params.replace_config(stages=(1, 2), stage_fraction=(1.0, 0.5))
-  with pytest.raises(ValueError, match="two-stage block's stages are checked at their"):
+  with pytest.raises(ValueError, match=r"block\(s\) \[2\] have two stages"):
     contractive.penalty(two_stage, images, key=key)
+  assert float(contractive.penalty(two_stage, images, key=key, blocks=[0])) > 0
   at_solution = params.replace_config(contractive_point="solution", contractive_weight=1.0)
   with pytest.raises(ValueError, match="contractive_point is 'solution'"):
     contractive.weighted_penalty(at_solution, images, key=key)
@@ -236,6 +237,8 @@ def test_the_norms_gradient_is_zero_at_a_zero_vector_and_x_over_its_norm_elsewhe
   np.testing.assert_array_equal(grad[0], 0.0)
   np.testing.assert_allclose(grad[1], g / jnp.linalg.norm(g), rtol=1e-6)
   np.testing.assert_array_equal(jax.grad(spectral.norm)(jnp.zeros(5)), 0.0)
+  # NaN is not zero: a diverged vector's norm stays NaN.
+  assert np.isnan(spectral.norm(x.at[0, 0, 0, 0].set(jnp.nan), per_sample=True)[0])
   assert float(spectral.norm(x)) == pytest.approx(float(jnp.linalg.norm(g)), rel=1e-6)
 
 
@@ -563,6 +566,20 @@ def test_fixed_point_mismatch_of_a_two_stage_block_is_its_second_stages_residual
   np.testing.assert_allclose(short_points[1][0], forward_base, rtol=1e-6, atol=1e-6)
   through_f = g0 + (1 - gamma) * short.f(first.value)
   assert float(jnp.max(jnp.abs(through_f - forward_base))) > 1e-3
+  # ... whose derivative is still that of (1 - G) f(k1), as at a solved stage.
+  short_graph, short_state = nnx.split(short)
+
+  def short_by_hand(state):
+    f = nnx.merge(short_graph, state).f
+    fk1 = f(first.value)
+    c = forward_base + (1 - gamma) * (fk1 - jax.lax.stop_gradient(fk1))
+    residual = c + gamma * f(target) - target
+    return jnp.mean(jnp.sum(jnp.square(residual), (1, 2, 3))
+                    / jnp.sum(jnp.square(target - g0), (1, 2, 3)))
+  short_grads = jax.grad(lambda st: jnp.mean(contractive.fixed_point_mismatch(
+      nnx.merge(short_graph, st), g0, target)))(short_state)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6),
+               short_grads, jax.grad(short_by_hand)(short_state))
   np.testing.assert_allclose(points[0][1], k1, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(
       contractive.fixed_point_mismatch(block, g0, target, stage_points=points),

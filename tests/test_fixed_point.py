@@ -238,6 +238,8 @@ def test_bad_settings_name_the_problem():
   # Each refused where it is given, not as a TypeError deep inside the solve.
   with pytest.raises(ValueError, match="Anderson.m must be an integer >= 1, got 2.0"):
     fp.Anderson(m=2.0)
+  assert fp.Anderson(m=jnp.int32(3)) == fp.Anderson(m=3)  # numpy and JAX integers are ints
+  assert fp.fixed_point(_linear_map, fp.Picard(), b, (a, b), max_steps=np.int64(2)).num_steps == 2
   with pytest.raises(ValueError, match="max_steps must be an integer >= 0, got None"):
     fp.fixed_point(_linear_map, fp.Picard(), b, (a, b), max_steps=None)
   with pytest.raises(ValueError, match="Unrolled.rtol must be finite and >= 0, got inf"):

@@ -143,12 +143,16 @@ def test_a_damaged_cached_copy_is_refused_with_what_to_do(server, tmp_path):
   assert server.requests == 0
 
 
-def test_a_cache_folder_that_cannot_be_made_is_named(server, tmp_path):
+def test_a_cache_folder_that_cannot_be_made_is_named(server, tmp_path, monkeypatch):
   (tmp_path / "a_file").write_text("")
-  with pytest.raises(hub.DownloadError, match=r"cannot be kept in .*a_file/weights: .*; set "
-                     "MINET_JAX_CACHE to a folder that can be written"):
+  with pytest.raises(hub.DownloadError, match=r"cannot be kept in .*a_file/weights: .*; pass "
+                     "a cache_dir that can be written"):
     minet_jax.pretrained(cache_dir=tmp_path / "a_file" / "weights",
                          url=server.url("model_ITS.pth"), progress=False)
+  monkeypatch.setenv("MINET_JAX_CACHE", str(tmp_path / "a_file"))
+  with pytest.raises(hub.DownloadError, match=r"cannot be kept in .*a_file/weights: .*; set "
+                     "MINET_JAX_CACHE to a folder that can be written"):
+    minet_jax.pretrained(url=server.url("model_ITS.pth"), progress=False)
   assert server.requests == 0
 
 

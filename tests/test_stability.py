@@ -203,13 +203,13 @@ def test_cli_writes_json_and_plots(tmp_path, capsys, random_params):
   assert titles[0].startswith("IM-block 1 (dilation 1): rho(0.5 eta df/dg) = "), titles[0]
   assert titles[1].startswith("IM-block 2 (dilation 2): rho(eta df/dg) = "), titles[1]
   out_text = capsys.readouterr().out
-  assert "Theorem 1" in out_text and "raise --steps" not in out_text
+  assert "Theorem 1" in out_text and "take more (--steps)" not in out_text
   # A residual curve shorter than T leaves observed@T without its steps: said so.
   short = {"blocks": [dict(b, residual_history=b["residual_history"][:2])
                       for b in report["blocks"]]}
   assert stability.summary_lines(short)[-1] == (
-      "observed@T is partial or nan for block(s) 1, 2: the residual curve (--steps 2) "
-      "stops before the steps T the model's solve took; raise --steps")
+      "observed@T is partial or nan for block(s) 1, 2: the residual curve (2 Picard steps) "
+      "stops before the steps T the model's solve took; take more (--steps)")
   assert cli.main(["--ckpt", str(tmp_path / "missing"), "--image", str(tmp_path / "in.png"),
                          "--out", str(out)]) == 2
 

@@ -192,9 +192,20 @@ def test_not_a_checkpoint(tmp_path, content):
   with pytest.raises(tp.CheckpointFormatError, match="not a (readable )?PyTorch checkpoint"):
     tp.load(path)
   if content[:1] not in (b"", b"\x80"):  # An image, a text: no pickle to parse at all.
-    with pytest.raises(tp.CheckpointFormatError, match=r"neither a zip archive nor a pickle "
-                       r"\(it begins b'"):
+    with pytest.raises(tp.CheckpointFormatError, match=r"neither a zip archive nor a legacy "
+                       r"torch.save file \(it begins b'"):
       tp.load(path)
+
+
+def test_a_legacy_file_in_pickle_protocol_1_is_read(tmp_path):
+  # torch.save(..., pickle_protocol=1) writes its magic number as a text LONG ("L..."),
+  # not after a PROTO opcode: the first byte alone must not refuse it.
+  path = tmp_path / "p1.pth"
+  path.write_bytes(b"".join(pickle.dumps(part, protocol=1) for part in (
+      0x1950a86a20f9469cfc6c, 1001, {"protocol_version": 1001, "little_endian": True},
+      {"a": 1}, [])))
+  assert path.read_bytes()[:1] == b"L"
+  assert tp.load(path) == {"a": 1}
 
 
 def test_truncated_legacy(tmp_path, shared_dir):

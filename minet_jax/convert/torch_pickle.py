@@ -713,11 +713,13 @@ def open_checkpoint(path: PathLike) -> Iterator[Any]:
           if tarfile.is_tarfile(path):
             raise CheckpointFormatError("tar-format checkpoints (torch < 0.1.10) are not supported")
           f.seek(0)
-          if f.read(1) != b"\x80":  # torch.save's legacy format opens with a pickle PROTO.
+          # A legacy torch.save file opens with its pickled magic number: PROTO then
+          # LONG1 (pickle protocol 2, the default) or a text LONG (protocols 0 and 1).
+          if f.read(1) not in (b"\x80", b"L"):
             f.seek(0)
             raise CheckpointFormatError(
-                f"not a readable PyTorch checkpoint: neither a zip archive nor a pickle "
-                f"(it begins {f.read(8)!r})")
+                f"not a readable PyTorch checkpoint: neither a zip archive nor a legacy "
+                f"torch.save file (it begins {f.read(8)!r})")
           f.seek(0)
           tree = _read_legacy(f, size)
       except (UnsafePickleError, CheckpointFormatError):

@@ -24,7 +24,7 @@ import sys
 import math
 import numbers
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Union
 
 import ml_collections
@@ -496,13 +496,19 @@ def _step_cap(text: str) -> int:
 
 
 @contextlib.contextmanager
-def warnings_as_notes(program: str) -> Iterator[None]:
+def warnings_as_notes(prefix: str, say: Callable[[str], None] | None = None
+                      ) -> Iterator[None]:
   """Within, a warning (a setting that will run badly, e.g. bfloat16 at a tight rtol) is
-  printed when raised as one ``<program>: note: ...`` line on stderr, as a tool's other
-  notes are, rather than as a Python warning with a source line."""
+  given when raised as one note, ``prefix`` and its message (``"dehaze: note: "``), to
+  ``say`` (default: a line on stderr), as a tool's other notes are, rather than as a
+  Python warning with a source line. Meant around loading a model, not a whole run."""
   def show(message, category, filename, lineno, file=None, line=None) -> None:
     del category, filename, lineno, file, line
-    print(f"{program}: note: {message}", file=sys.stderr)
+    text = f"{prefix}{message}"
+    if say is None:
+      print(text, file=sys.stderr)
+    else:
+      say(text)
   with warnings.catch_warnings():
     warnings.showwarning = show
     yield
@@ -552,7 +558,7 @@ def speed_changes(args: argparse.Namespace) -> dict[str, Any]:
 
 def checked_speed_changes(args: argparse.Namespace) -> dict[str, Any]:
   """`speed_changes`, checked on their own before any model is loaded: a ValueError
-  that names the options given (``--max-steps: iterations must be >= 0, ...``)."""
+  that names the options given (``--rtol: rtol must be finite and >= 0, ...``)."""
   changes = speed_changes(args)
   try:
     with warnings.catch_warnings():  # Checked on the defaults: warnings belong to the model.

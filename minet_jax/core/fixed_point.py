@@ -137,7 +137,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple, Optional, Union
 
@@ -253,8 +253,14 @@ def _check_nonnegative(owner: str, **values: Optional[float]) -> None:
 
 
 def _is_integer(value: Any, minimum: int) -> bool:
-  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
-          and value >= minimum)
+  """An integer of at least ``minimum``: a Python, numpy or concrete JAX integer (all
+  that `operator.index` takes), not a bool nor a float that happens to be whole."""
+  if isinstance(value, bool):
+    return False
+  try:
+    return operator.index(value) >= minimum
+  except TypeError:
+    return False
 
 
 def _check_steps(name: str, value: Optional[int], *, optional: bool = True) -> None:
@@ -575,6 +581,7 @@ class Anderson(_Iterative):
   def __post_init__(self) -> None:
     if not _is_integer(self.m, 1):
       raise ValueError(f"Anderson.m must be an integer >= 1, got {self.m!r}")
+    object.__setattr__(self, "m", operator.index(self.m))  # A plain int: hashable, static.
     if not 0.0 < self.beta <= 1.0:
       raise ValueError(f"Anderson.beta must lie in (0, 1], got {self.beta}")
     _check_nonnegative("Anderson", reg=self.reg, rtol=self.rtol, atol=self.atol)

@@ -255,9 +255,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                  f"{'holds' if b['theorem1_holds'] else 'FAILS':>9}  {b['model_steps']:>5}  "
                  f"{b['model_residual']:>8.1e}  {b.get('model_status', '-')}")
   short = [str(i + 1) for i, b in enumerate(report["blocks"])
-           if len(b["residual_history"]) < b["operating_steps"]]
+           if len(b["residual_history"]) < b.get("operating_steps", b["iterations"])]
   if short:
     lines.append(f"observed@T is partial or nan for block(s) {', '.join(short)}: the residual "
-                 f"curve (--steps {len(report['blocks'][0]['residual_history'])}) stops before "
-                 "the steps T the model's solve took; raise --steps")
+                 f"curve ({len(report['blocks'][0]['residual_history'])} Picard steps) stops "
+                 "before the steps T the model's solve took; take more (--steps)")
   return lines

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: could not load the model: {e}", file=sys.stderr)
     return 2
   try:
-    with warnings_as_notes("stability"):
+    with warnings_as_notes("note: "):  # as its other notes
       params = params.replace_config(**changes)
     # Now that the report's files are known: a folder in the way of one is refused.
     files.check_output_folder(out, overwrite=True,

@@ -379,9 +379,11 @@ def penalty(model_or_params: ModelLike, images: jax.Array | Mapping[str, jax.Arr
   """
   model = _as_model(model_or_params)
   num_iters, target = _settings(model.config, num_iters, target)
-  if max(model.config.stages) > 1:
-    raise ValueError("penalty checks random Picard iterates of one-stage blocks; a "
-                     "two-stage block's stages are checked at their solutions: "
+  two_stage = [i + 1 for i in block_indices(blocks, len(model.im_blocks))
+               if model.config.stages[i] > 1]
+  if two_stage:
+    raise ValueError(f"penalty checks random Picard iterates of one-stage blocks; block(s) "
+                     f"{two_stage} have two stages, which are checked at their solutions: "
                      "penalty_at_points with MINet.solve_blocks' BlockRun.points")
   if isinstance(images, Mapping):
     if "hazy" not in images:

@@ -65,7 +65,7 @@ def norm(x: jax.Array, *, per_sample: bool = False) -> jax.Array:
   # sqrt's derivative at 0 is infinite, and times the zero derivative of the sum it is
   # NaN: take the root of 1 there and select 0. (optax.safe_norm does the same, but for
   # one or two axes only, and copies x.)
-  nonzero = squares > 0
+  nonzero = squares != 0  # NaN stays NaN.
   return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
 
 
