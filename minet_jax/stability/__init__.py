@@ -53,6 +53,7 @@ command line in `minet_jax.stability.cli`:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -105,6 +106,27 @@ def check_settings(*, seed: int = 0, steps: int = 32, radius_iters: int = 60,
                      f"{radius_window}")
 
 
+# One compilation per block structure, settings and shape, shared by every image and
+# stage analysed (a function defined per call would compile on every call).
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "radius_iters",
+                                             "radius_window", "arnoldi_iters", "norm_iters"))
+def _figures(graphdef, state, g0, g, key, *, steps: int, radius_iters: int,
+             radius_window: int, arnoldi_iters: int, norm_iters: int):
+  """`analyse_block`'s estimates at (g0, g): power iteration, Arnoldi, the norm and the
+  Picard residuals from g0."""
+  t_map, f_state = nnx.merge(graphdef, state).map_fn()
+  matvec, rmatvec = spectral.linearise(lambda z: t_map(z, (g0, f_state)), g)
+  k1, k2, k3 = jax.random.split(key, 3)
+  radius = spectral.spectral_radius(matvec, jax.random.normal(k1, g.shape),
+                                    num_iters=radius_iters, window=radius_window)
+  hess = spectral.arnoldi(matvec, jax.random.normal(k2, g.shape), num_iters=arnoldi_iters)
+  norm = spectral.spectral_norm(matvec, rmatvec, jax.random.normal(k3, g.shape),
+                                num_iters=norm_iters)
+  picard = fp.fixed_point(t_map, fp.Unrolled(unroll=1), g0, (g0, f_state), max_steps=steps,
+                          per_sample=True)
+  return radius, hess, norm, picard.residual_history[0]
+
+
 def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
                   steps: int = 32, radius_iters: int = 60, radius_window: int = 20,
                   arnoldi_iters: int = 30, norm_iters: int = 30,
@@ -132,23 +154,9 @@ def analyse_block(block: Any, g0: jax.Array, g: jax.Array, *, key: jax.Array,
     raise ValueError(f"the analysis runs in float32, got {g0.dtype} / {g.dtype} features: "
                      "run the model with dtype='float32' (Params.replace_config)")
   graphdef, state = nnx.split(block)
-
-  @jax.jit
-  def figures(state, g0, g, key):
-    blk = nnx.merge(graphdef, state)
-    t_map, f_state = blk.map_fn()
-    matvec, rmatvec = spectral.linearise(lambda z: t_map(z, (g0, f_state)), g)
-    k1, k2, k3 = jax.random.split(key, 3)
-    radius = spectral.spectral_radius(matvec, jax.random.normal(k1, g.shape),
-                                      num_iters=radius_iters, window=radius_window)
-    hess = spectral.arnoldi(matvec, jax.random.normal(k2, g.shape), num_iters=arnoldi_iters)
-    norm = spectral.spectral_norm(matvec, rmatvec, jax.random.normal(k3, g.shape),
-                                  num_iters=norm_iters)
-    picard = fp.fixed_point(t_map, fp.Unrolled(unroll=1), g0, (g0, f_state), max_steps=steps,
-                            per_sample=True)
-    return radius, hess, norm, picard.residual_history[0]
-
-  radius, hess, norm, history = jax.device_get(figures(state, g0, g, key))
+  radius, hess, norm, history = jax.device_get(_figures(
+      graphdef, state, g0, g, key, steps=steps, radius_iters=radius_iters,
+      radius_window=radius_window, arnoldi_iters=arnoldi_iters, norm_iters=norm_iters))
   ritz = spectral.ritz_summary(hess)
   ratios = observed_ratios(history)
   t = int(block.iterations if operating_steps is None else operating_steps)
