@@ -21,6 +21,7 @@ once installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -307,7 +308,7 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
              data_dir: str | os.PathLike | None = None,
              dcp_config: dcp.DCPConfig | None = None,
              config_changes: Mapping[str, Any] | None = None, progress: bool = True,
-             overwrite: bool = False) -> Report:
+             overwrite: bool = False, notes_for_warnings: bool = False) -> Report:
   """Evaluates ``methods`` on the pairs in ``data``; see the module docstring.
 
   Args:
@@ -324,6 +325,9 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
     layout: folder layout for `minet_jax.data.folders.find_pairs`.
     config_changes: `ModelConfig` fields to run MI-Net with instead of the checkpoint's,
       e.g. ``{"precision": "default"}`` (`minet_jax.Params.replace_config`).
+    notes_for_warnings: print the warnings of loading the model (a setting that will run
+      badly) as this report's notes on stderr, as the command line does; otherwise they
+      stay Python warnings.
   """
   methods = tuple(methods)
   if not methods:
@@ -349,8 +353,8 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
       raise ValueError("method 'minet' needs a checkpoint: --ckpt its (the released "
                        "weights), a training workdir or checkpoint folder, or a .pth file")
     from minet_jax import hub
-    # A setting that will run badly is one of this report's notes.
-    with warnings_as_notes("evaluate: note: ", say=lambda text: _note(text, progress)):
+    with (warnings_as_notes("evaluate: note: ", say=lambda text: _note(text, progress))
+          if notes_for_warnings else contextlib.nullcontext()):
       params = hub.resolve(ckpt, progress=progress)
       params = params.replace_config(**(config_changes or {}))
     note = unused_speed_options(config_changes or {}, params.config)
@@ -461,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         args.ckpt, args.data, methods=methods, out_dir=args.out, save_images=args.save_images,
         limit=args.limit, layout=args.layout, split=args.split, data_dir=args.data_dir,
         config_changes=checked_speed_changes(args), progress=not args.no_progress,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, notes_for_warnings=True)
   except (ValueError, OSError) as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 2

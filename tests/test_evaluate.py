@@ -309,6 +309,17 @@ def test_solved_models_report_each_images_solves(sots_like, picard_ckpt, tiny_ck
       capsys.readouterr().err
   assert report.to_json()["minet_solve"] == {"solver": "unrolled", "max_steps": [1, 1, 1],
                                               "stages": [1, 1, 1]}
+  # A setting that will run badly: a Python warning from the library, a note of the tool's
+  # from the command line.
+  capsys.readouterr()
+  with pytest.warns(UserWarning, match="with dtype 'bfloat16'"):
+    evaluation.evaluate(picard_ckpt, root, methods=["minet"], limit=1, progress=False,
+                        config_changes={"dtype": "bfloat16", "iterations": 1})
+  evaluation.main(["--ckpt", str(picard_ckpt), "--data", str(root), "--methods", "minet",
+                   "--limit", "1", "--dtype", "bfloat16", "--max-steps", "1", "--no-progress"])
+  err = capsys.readouterr().err
+  assert "evaluate: note: solver 'picard' at rtol 0.001 with dtype 'bfloat16'" in err, err
+  assert "Warning" not in err
 
 
 def test_a_failed_image_keeps_its_solves(sots_like, picard_ckpt, monkeypatch, capsys):

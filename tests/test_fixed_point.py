@@ -239,6 +239,7 @@ def test_bad_settings_name_the_problem():
   with pytest.raises(ValueError, match="Anderson.m must be an integer >= 1, got 2.0"):
     fp.Anderson(m=2.0)
   assert fp.Anderson(m=jnp.int32(3)) == fp.Anderson(m=3)  # numpy and JAX integers are ints
+  assert hash(fp.Implicit(max_steps=np.array(3))) == hash(fp.Implicit(max_steps=3))
   assert fp.fixed_point(_linear_map, fp.Picard(), b, (a, b), max_steps=np.int64(2)).num_steps == 2
   with pytest.raises(ValueError, match="max_steps must be an integer >= 0, got None"):
     fp.fixed_point(_linear_map, fp.Picard(), b, (a, b), max_steps=None)

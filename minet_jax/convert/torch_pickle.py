@@ -714,8 +714,10 @@ def open_checkpoint(path: PathLike) -> Iterator[Any]:
             raise CheckpointFormatError("tar-format checkpoints (torch < 0.1.10) are not supported")
           f.seek(0)
           # A legacy torch.save file opens with its pickled magic number: PROTO then
-          # LONG1 (pickle protocol 2, the default) or a text LONG (protocols 0 and 1).
-          if f.read(1) not in (b"\x80", b"L"):
+          # LONG1 (pickle protocol 2, the default) or a text LONG, "L" and its digits
+          # (protocols 0 and 1).
+          head = f.read(2)
+          if not (head[:1] == b"\x80" or (head[:1] == b"L" and head[1:2].isdigit())):
             f.seek(0)
             raise CheckpointFormatError(
                 f"not a readable PyTorch checkpoint: neither a zip archive nor a legacy "

@@ -727,6 +727,8 @@ class Implicit:
 
   def __post_init__(self) -> None:
     _check_steps("Implicit.max_steps", self.max_steps)
+    if self.max_steps is not None:  # A plain int: hashable, static.
+      object.__setattr__(self, "max_steps", operator.index(self.max_steps))
     _check_nonnegative("Implicit", rtol=self.rtol, atol=self.atol)
 
   @classmethod

@@ -95,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
   try:
-    params = _load_params(args)
+    with warnings_as_notes("note: "):  # as its other notes
+      params = _load_params(args)
   except (OSError, ValueError, UnsafePickleError) as e:
     print(f"error: could not load the model: {e}", file=sys.stderr)
     return 2
   try:
-    with warnings_as_notes("note: "):  # as its other notes
+    with warnings_as_notes("note: "):
       params = params.replace_config(**changes)
     # Now that the report's files are known: a folder in the way of one is refused.
     files.check_output_folder(out, overwrite=True,
