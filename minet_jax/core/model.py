@@ -138,12 +138,16 @@ class IMBlock(nnx.Module):
 
   def _step_at(self, g0: jax.Array, k: jax.Array, *, evaluate: bool = False) -> jax.Array:
     """eta * f(k) at a solved stage k of base g0: in float32 (k - g0) / s, equal at the
-    stage's solution and one evaluation of f cheaper; f itself when asked (``evaluate``,
-    to differentiate through f) and in a narrow dtype, where dividing by s would
-    magnify the stage's rounding by 1 / s."""
-    if evaluate or k.dtype != jnp.float32:
+    stage's solution and one evaluation of f cheaper; f itself in a narrow dtype, where
+    dividing by s would magnify the stage's rounding by 1 / s. With ``evaluate`` the
+    same value, differentiated as one evaluation of f (to train f through it)."""
+    if k.dtype != jnp.float32:
       return self.eta * self.f(k)
-    return (k - g0) / self.stage_fraction
+    read_off = (k - g0) / self.stage_fraction
+    if not evaluate:
+      return read_off
+    evaluated = self.eta * self.f(k)
+    return evaluated + jax.lax.stop_gradient(read_off - evaluated)
 
   def _second_base(self, g0: jax.Array, k1: jax.Array, *, evaluate: bool = False) -> jax.Array:
     """The second stage's base c = g0 + (1 - G) eta f(k1) (`_step_at`)."""
@@ -199,9 +203,7 @@ class IMBlock(nnx.Module):
       return [(g0, self.stage_of(g0, output))]
     g0 = jax.lax.stop_gradient(g0)
     k1 = jax.lax.stop_gradient(self._solve(g0, g0, fp.Backprop(), constant=True).value)
-    evaluated = self._second_base(g0, k1, evaluate=True)
-    base = evaluated + jax.lax.stop_gradient(self._second_base(g0, k1) - evaluated)
-    return [(g0, k1), (base, output)]
+    return [(g0, k1), (self._second_base(g0, k1, evaluate=True), output)]
 
   def run(self, g0: jax.Array) -> BlockRun:
     """The block's solve from g0 with all that the network and its reports read from it:

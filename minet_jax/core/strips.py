@@ -81,8 +81,7 @@ def choose_strip_rows(height: int, width: int, strip_rows: int | None = None) ->
   ``strip_rows`` None: the whole image up to `AUTO_PIXELS` pixels, strips of
   ~`STRIP_PIXELS` beyond; 0: always the whole image; n > 0: strips of n rows.
   """
-  if strip_rows is not None and not (
-      is_count(strip_rows) or (strip_rows == 0 and not isinstance(strip_rows, bool))):
+  if strip_rows is not None and not is_count(strip_rows, 0):
     raise ValueError(f"strip_rows must be an integer >= 0 (0: the whole image at once), "
                      f"got {strip_rows!r}")
   if strip_rows == 0:
