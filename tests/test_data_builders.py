@@ -180,6 +180,10 @@ def test_errors(tmp_path):
   with pytest.raises(folders.DatasetLayoutError) as e:
     builders.load_source("reside_its", "train", tmp_path)  # no manual_dir
   assert folders.RESIDE_URL in str(e.value) and "clear/<scene>.png" in str(e.value)
+  for name, named in [("paired_folder/other", "paired_folder/other"),
+                      ("reside_sots", "reside_sots/indoor")]:  # The whole name, as built.
+    with pytest.raises(folders.DatasetLayoutError, match=f"^{named} is not built yet"):
+      builders.load_source(name, "train", tmp_path)
   with pytest.raises(folders.DatasetLayoutError) as e:
     builders.load_source("reside_sots/outdoor", "test", tmp_path, manual_dir=tmp_path / "nope")
   assert "not found" in str(e.value) and folders.RESIDE_URL in str(e.value)

@@ -224,6 +224,7 @@ def test_unsafe_pth_is_a_one_line_error(tmp_path, capsys):
                          "--out", str(tmp_path / "out")])
   err = capsys.readouterr().err
   assert code == 2 and err.count("\n") == 1 and "posix.system" in err, err
+  assert err.startswith(f"{cli._prog()}: error: "), err  # Named, as argparse names it.
   assert not marker.exists() and not (tmp_path / "out").exists()
 
 

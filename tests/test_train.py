@@ -666,13 +666,14 @@ def test_a_refused_start_leaves_no_workdir_behind(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("override", ["--config.bogus=1", "--config.data.crop_siz=32"])
-def test_unknown_config_field_is_an_error(train_cli, override, tmp_path, monkeypatch):
+def test_unknown_config_field_is_an_error(train_cli, override, tmp_path, monkeypatch, capsys):
   # In this process; a real train.py refusing --config.bogus=1: test_config.py.
   argv = ["train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"), override]
   monkeypatch.setattr(sys, "argv", argv)
   with pytest.raises(SystemExit) as exited:
     train_cli.main(train_cli.parse_flags(argv))
-  message = str(exited.value.code)
+  assert exited.value.code == 2  # A usage error, as argparse's.
+  message = capsys.readouterr().err.rstrip("\n")
   assert message.startswith("train: error: unknown config field ") and "\n" not in message
   assert override in message
   assert not (tmp_path / "w").exists()
@@ -777,8 +778,9 @@ def test_rejected_fresh_starts_are_one_line_and_write_nothing(train_cli, overrid
                             "created when it does not exist)"),
     ("an empty --workdir", "train: error: --workdir is empty; name a folder (it is created "
                            "when it does not exist)"),
+    ("a stray argument", "train: error: unexpected arguments: extra (see --help)"),
 ])
-def test_flag_errors_are_one_line(train_cli, case, expected, tmp_path, monkeypatch):
+def test_flag_errors_are_one_line(train_cli, case, expected, tmp_path, monkeypatch, capsys):
   a_file = tmp_path / "a_file"
   a_file.write_text("kept")
   tiny_file = str(REPO / "configs" / "tiny.py")
@@ -787,13 +789,16 @@ def test_flag_errors_are_one_line(train_cli, case, expected, tmp_path, monkeypat
           "batch_size=abc": ["--config", tiny_file, "--workdir", str(tmp_path / "w"),
                              "--config.data.batch_size=abc"],
           "a file as --workdir": ["--config", tiny_file, "--workdir", str(a_file)],
-          "an empty --workdir": ["--config", tiny_file, "--workdir="]}[case]
+          "an empty --workdir": ["--config", tiny_file, "--workdir="],
+          "a stray argument": ["--config", tiny_file, "--workdir", str(tmp_path / "w"),
+                               "extra"]}[case]
   argv = ["train.py", *args]
   monkeypatch.setattr(sys, "argv", argv)
   monkeypatch.chdir(tmp_path)  # Where an empty --workdir would train.
   with pytest.raises(SystemExit) as exited:
     train_cli.main(train_cli.parse_flags(argv))
-  assert str(exited.value.code) == expected.format(file=a_file)
+  assert exited.value.code == 2
+  assert capsys.readouterr().err == expected.format(file=a_file) + "\n"
   assert a_file.read_text() == "kept" and not (tmp_path / "w").exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 

@@ -349,14 +349,16 @@ def get_builder(name: str, data_dir: PathLike | None = None,
   return ResideIts(data_dir=data_dir, file_format="array_record")
 
 
-def _records(dataset: str, config: str | None, manual_dir: PathLike | None
+def _records(name: str, config: str | None, manual_dir: PathLike | None
              ) -> list[folders.PairRecord]:
-  """The pairs of `manual_dir`; raises the layout error before TFDS does (its message
-  names no layout)."""
+  """The pairs of `manual_dir` for dataset `name` (SOTS: its `config`); raises the layout
+  error before TFDS does (its message names no layout)."""
+  dataset = _split_name(name)[0]
   if manual_dir is None:
     tree = folders.PAIRED_TREE if dataset == "paired_folder" else (
         folders.ITS_TREE if dataset == "reside_its" else folders.SOTS_TREE)
-    problem = f"{dataset} is not built yet and no manual_dir (source folder) was given"
+    named = name if config is None or "/" in name else f"{name}/{config}"  # SOTS's default
+    problem = f"{named} is not built yet and no manual_dir (source folder) was given"
     raise folders.layout_error(problem, tree, reside=dataset != "paired_folder")
   if dataset == "reside_its":
     return folders.find_its_pairs(manual_dir)
@@ -462,7 +464,7 @@ def build(name: str, data_dir: PathLike | None = None, manual_dir: PathLike | No
       if manual_dir is None:
         _refuse_older_build(name, builder)
       config = builder.builder_config.name if dataset == "reside_sots" else None
-      records = _records(dataset, config, manual_dir)
+      records = _records(name, config, manual_dir)
       if builder.is_prepared():
         if _is_current(builder, name, records, manual_dir):
           return builder
@@ -575,7 +577,7 @@ def load_source(name: str, split: str, data_dir: PathLike | None = None,
     dataset = _split_name(name)[0]
     if dataset in _NEEDS_MANUAL and manual_dir is not None:
       config = builder.builder_config.name if dataset == "reside_sots" else None
-      if not _is_current(builder, name, _records(dataset, config, manual_dir), manual_dir):
+      if not _is_current(builder, name, _records(name, config, manual_dir), manual_dir):
         raise StaleBuildError(f"{name} in {builder.data_dir} is stale: {manual_dir} changed "
                               "since it was built; build it again (build_if_missing=True)")
   available = set(builder.info.splits.keys())

@@ -91,38 +91,38 @@ def main(argv: list[str] | None = None) -> int:
   try:
     files.check_output_folder(out, overwrite=args.overwrite)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
     return 2
 
   try:
-    with warnings_as_notes("note: "):  # as its other notes
+    with warnings_as_notes(f"{parser.prog}: note: "):  # as its other notes
       params = _load_params(args)
   except (OSError, ValueError, UnsafePickleError) as e:
-    print(f"error: could not load the model: {e}", file=sys.stderr)
+    print(f"{parser.prog}: error: could not load the model: {e}", file=sys.stderr)
     return 2
   try:
-    with warnings_as_notes("note: "):
+    with warnings_as_notes(f"{parser.prog}: note: "):
       params = params.replace_config(**changes)
     # Now that the report's files are known: a folder in the way of one is refused.
     files.check_output_folder(out, overwrite=True,
                               writes=report_lib.report_names(len(params.config.dilations)))
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
     return 2
   note = unused_speed_options(changes, params.config)
   if note:
-    print(f"note: {note}", file=sys.stderr)
+    print(f"{parser.prog}: note: {note}", file=sys.stderr)
   if params.config.dtype != "float32":
     if not args.as_float32:
-      print(f"error: the checkpoint computes in {params.config.dtype}; the analysis needs "
-            "float32 (its iterations resolve changes far below bfloat16 rounding): pass "
-            "--as-float32 to analyse its weights in float32", file=sys.stderr)
+      print(f"{parser.prog}: error: the checkpoint computes in {params.config.dtype}; the "
+            "analysis needs float32 (its iterations resolve changes far below bfloat16 "
+            "rounding): pass --as-float32 to analyse its weights in float32", file=sys.stderr)
       return 2
     params = params.replace_config(dtype="float32")
   try:
     image = read_rgb(args.image, dtype=np.uint8)
   except (OSError, ImageReadError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
     return 2
   if args.crop:
     h, w = args.crop

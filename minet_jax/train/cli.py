@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sys
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -40,6 +41,16 @@ _PROCESS_ID = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 _HELP_FLAGS = ("--help", "-?", "--helpshort", "-h")
+USAGE_EXIT = 2  # A command line refused before anything loads, as argparse exits.
+
+
+def usage_error(message: str) -> NoReturn:
+  """Refuses the command line: "train: error: <message>" on stderr, exit status 2.
+
+  Errors found once training has begun to load (config values, data, checkpoints, the
+  run itself) exit 1, and a run stopped by signal n exits 128 + n (resumable)."""
+  print(f"train: error: {message}", file=sys.stderr)
+  sys.exit(USAGE_EXIT)
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -70,19 +81,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(0)
   path = _config_file(argv)
   if path and not os.path.isfile(path):
-    sys.exit(f"train: error: --config {path}: no such file")
+    usage_error(f"--config {path}: no such file")
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"train: error: {_flag_error(e)} (see --help)")
+    usage_error(f"{_flag_error(e)} (see --help)")
   except (AttributeError, KeyError) as e:  # ml_collections: a field the config lacks.
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     message = str(e.args[0] if e.args else e)
     message = message.replace("\\n", " ").replace("\n", " ").replace("\\'", "").replace("'", "")
-    sys.exit(f"train: error: unknown config field {message} (overrides given: "
-             f"{' '.join(overrides)}); see the config file for the fields that exist")
+    usage_error(f"unknown config field {message} (overrides given: {' '.join(overrides)}); "
+                "see the config file for the fields that exist")
   except Exception as e:  # The config file is missing, or its own code failed.
-    sys.exit(f"train: error: could not load --config: {_last_line(e)}")
+    usage_error(f"could not load --config: {_last_line(e)}")
 
 
 def _flag_error(e: flags.Error) -> str:
@@ -107,7 +118,7 @@ def _loaded_config():
   try:
     config.get("model")  # config_flags reports a file it could not read only on first use.
   except OSError as e:
-    sys.exit(f"train: error: could not load --config: {_last_line(e)}")
+    usage_error(f"could not load --config: {_last_line(e)}")
   return config
 
 
@@ -119,7 +130,7 @@ _RERAISED_BY_ORBAX = ("Handler Commit operations or the Commit callback",
 def main(argv: list[str]) -> None:
   """Trains with the parsed flags; prints the run's summary as JSON."""
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    usage_error(f"unexpected arguments: {' '.join(argv[1:])} (see --help)")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; -v 0 shows it.
     # orbax logs a failed background save with its traceback, then raises the same error
@@ -135,18 +146,17 @@ def main(argv: list[str]) -> None:
                                train_and_evaluate)
   workdir = _WORKDIR.value
   if not workdir.strip():  # absl takes --workdir= (an unset variable): it would mean cwd.
-    sys.exit("train: error: --workdir is empty; name a folder (it is created when it does "
-             "not exist)")
+    usage_error("--workdir is empty; name a folder (it is created when it does not exist)")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    sys.exit(f"train: error: --workdir {workdir} is a file; name a folder (it is created "
-             "when it does not exist)")
+    usage_error(f"--workdir {workdir} is a file; name a folder (it is created when it does "
+                "not exist)")
   launch = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     # Before anything else touches JAX; --config.distributed=True alone joins via the
     # environment inside train_and_evaluate.
     sharding.maybe_initialize_distributed(any(v is not None for v in launch), *launch)
   except ValueError as e:
-    sys.exit(f"train: error: {e}")
+    usage_error(str(e))  # A bad --coordinator_address, --num_processes or --process_id.
   try:
     summary = train_and_evaluate(_loaded_config(), workdir)
   except (ConfigError, DatasetLayoutError, CheckpointError, NonFiniteLossError) as e:
