@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,22 @@ def _in_dtype(operator: spectral.Operator, dtype) -> spectral.Operator:
   return lambda v: operator(v.astype(dtype))
 
 
+def _maps_at(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array
+             ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array],
+                        Callable[[jax.Array], jax.Array]]:
+  """The block's solved map z -> T(z; g0) at the point ``g``, for the estimators:
+  (``g`` as a constant, T with f's parameters held constant, T with them live).
+
+  The estimators iterate on the held map (no gradient through the iteration) and
+  differentiate one last product through the live one; g0 and g are constants.
+  """
+  t_map, state = block.map_fn()
+  g0 = jax.lax.stop_gradient(g0)
+  frozen = jax.lax.stop_gradient(state)
+  return (jax.lax.stop_gradient(g), lambda z: t_map(z, (g0, frozen)),
+          lambda z: t_map(z, (g0, state)))
+
+
 def block_spectral_norm(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array,
                         key: jax.Array, num_iters: int) -> jax.Array:
   """Per-sample power-iteration estimate of ||J||_2 (J: the solved map's Jacobian) at ``g``, shape (batch,).
@@ -81,17 +97,14 @@ def block_spectral_norm(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array,
   Differentiable with respect to the block's parameters; ``g0`` and ``g`` are
   treated as constants.
   """
-  t_map, state = block.map_fn()
-  g0 = jax.lax.stop_gradient(g0)
-  g = jax.lax.stop_gradient(g)
-  frozen = jax.lax.stop_gradient(state)
-  matvec, rmatvec = spectral.linearise(lambda z: t_map(z, (g0, frozen)), g)
+  g, held, live = _maps_at(block, g0, g)
+  matvec, rmatvec = spectral.linearise(held, g)
   v0 = jax.random.normal(key, g.shape, g.dtype)
   v, _ = spectral.top_singular_vector(_in_dtype(matvec, g.dtype), _in_dtype(rmatvec, g.dtype),
                                       v0, num_iters=num_iters, per_sample=True)
   v = jax.lax.stop_gradient(v).astype(g.dtype)
   # Only this last product sees the live parameters: sigma = ||J v|| is what is differentiated.
-  _, jv = jax.jvp(lambda z: t_map(z, (g0, state)), (g,), (v,))
+  _, jv = jax.jvp(live, (g,), (v,))
   return spectral.norm(jv, per_sample=True)
 
 
@@ -103,14 +116,12 @@ def block_frobenius(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, key: 
   sample it is the mean squared singular value of J. ``num_probes`` jvps, averaged.
   Differentiable with respect to the block's parameters; ``g0`` and ``g`` are constants.
   """
-  t_map, state = block.map_fn()
-  g0 = jax.lax.stop_gradient(g0)
-  g = jax.lax.stop_gradient(g)
+  g, _, live = _maps_at(block, g0, g)
   n = g[0].size
   total = jnp.zeros((g.shape[0],), jnp.float32)
   for k in jax.random.split(key, num_probes):
     v = jax.random.normal(k, g.shape, g.dtype)
-    _, jv = jax.jvp(lambda z: t_map(z, (g0, state)), (g,), (v,))
+    _, jv = jax.jvp(live, (g,), (v,))
     total = total + jnp.square(spectral.norm(jv, per_sample=True))
   return total / (num_probes * n)
 
@@ -170,11 +181,8 @@ def block_radius_from(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, v: 
   parameter, in sign. The penalty is this surrogate; it still lowers rho in the
   trainings measured (docs/STABILITY.md).
   """
-  t_map, state = block.map_fn()
-  g0 = jax.lax.stop_gradient(g0)
-  g = jax.lax.stop_gradient(g)
-  frozen = jax.lax.stop_gradient(state)
-  t_g, matvec = jax.linearize(lambda z: t_map(z, (g0, frozen)), g)
+  g, held, live = _maps_at(block, g0, g)
+  t_g, matvec = jax.linearize(held, g)
   v = residual_start(t_g - g, v) if from_residual else spectral.unit(v, per_sample=True)
   matvec = _in_dtype(matvec, g.dtype)
   v = jax.lax.fori_loop(0, num_iters, lambda _, v: spectral.unit(matvec(v), per_sample=True),
@@ -182,7 +190,7 @@ def block_radius_from(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, v: 
   v = jax.lax.stop_gradient(v).astype(g.dtype)
   # Only this last product sees the live parameters: ||J v|| is what is differentiated
   # (not rho itself; see the docstring).
-  _, jv = jax.jvp(lambda z: t_map(z, (g0, state)), (g,), (v,))
+  _, jv = jax.jvp(live, (g,), (v,))
   return spectral.norm(jv, per_sample=True), v
 
 
@@ -204,11 +212,8 @@ def block_radius_exact(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, ke
   gradient instead, the same number from the same start (to rounding in bfloat16);
   ``with_found`` also returns where the projection was used (a boolean per sample).
   """
-  t_map, state = block.map_fn()
-  g0 = jax.lax.stop_gradient(g0)
-  g = jax.lax.stop_gradient(g)
-  frozen = jax.lax.stop_gradient(state)
-  t_g, matvec = jax.linearize(lambda z: t_map(z, (g0, frozen)), g)
+  g, held, live = _maps_at(block, g0, g)
+  t_g, matvec = jax.linearize(held, g)
   transpose = jax.linear_transpose(matvec, g)
   rmatvec = _in_dtype(lambda w: transpose(w)[0], g.dtype)
   matvec = _in_dtype(matvec, g.dtype)
@@ -227,8 +232,8 @@ def block_radius_exact(block: model_lib.IMBlock, g0: jax.Array, g: jax.Array, ke
   right, left = jax.lax.stop_gradient(jax.tree.map(
       lambda x: x.astype(g.dtype) if x.ndim == g.ndim else x, (right, left)))
   # One linearisation with the live parameters serves both products.
-  _, live = jax.linearize(lambda z: t_map(z, (g0, state)), g)
-  j_right = (live(right[0]), live(right[1]))
+  _, live_matvec = jax.linearize(live, g)
+  j_right = (live_matvec(right[0]), live_matvec(right[1]))
   radius, found = spectral.projected_radius(right, left, j_right,
                                             (rmatvec(left[0]), rmatvec(left[1])),
                                             per_sample=True)
