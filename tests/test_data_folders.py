@@ -103,6 +103,16 @@ def test_generic_paired_folder(tmp_path):
   _write(tmp_path / "s" / "clear" / "a_c.png", _random_image(rng, 5, 5))
   (record,) = folders.find_paired_folder(tmp_path / "s")
   assert record.clear.name == "a_b.png"
+  # A ground truth named the scene id serves each of its hazy images.
+  for name in ("1400_1.png", "1400_2.png"):
+    _write(tmp_path / "id" / "hazy" / name, _random_image(rng, 5, 5))
+  _write(tmp_path / "id" / "gt" / "1400.png", _random_image(rng, 5, 5))
+  assert [r.clear.name for r in folders.find_paired_folder(tmp_path / "id")] == ["1400.png"] * 2
+  # Another photograph of the same id prefix is no match: a missing ground truth stays missing.
+  for sub, name in [("hazy", "IMG_0001.jpg"), ("hazy", "IMG_0002.jpg"), ("gt", "IMG_0001.jpg")]:
+    _write(tmp_path / "cam" / sub / name, _random_image(rng, 5, 5))
+  with pytest.raises(DatasetLayoutError, match="have no ground truth.*IMG_0002.jpg"):
+    folders.find_paired_folder(tmp_path / "cam")
   # Flat NH-HAZE style.
   _write(tmp_path / "nh" / "03_hazy.png", _random_image(rng, 5, 5))
   _write(tmp_path / "nh" / "03_GT.png", _random_image(rng, 5, 5))

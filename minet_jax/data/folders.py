@@ -55,8 +55,8 @@ ITS/
 
 PAIRED_TREE = """\
 <root>/
-  hazy/<id>[_anything].<ext>      e.g. 01_outdoor_hazy.jpg
-  gt/<id>[_anything].<ext>        e.g. 01_outdoor_GT.jpg   (or GT/, clear/, clean/)
+  hazy/<id>[_anything].<ext>      e.g. 01_outdoor_hazy.jpg, 1400_1.png
+  gt/<the same, or <id>>.<ext>    e.g. 01_outdoor_GT.jpg, 1400.png   (or GT/, clear/, clean/)
 or, flat (NH-HAZE style):
 <root>/<id>_hazy.<ext> and <root>/<id>_GT.<ext>"""
 
@@ -300,20 +300,27 @@ def _by_stem_and_scene(clears: list[pathlib.Path]
   return by_stem, by_scene
 
 
+def _untagged(stem: str) -> str:
+  """``stem`` without its ``_hazy`` or ``_GT`` (``_gt``, ``_clear``, ``_clean``) tag."""
+  tagged = _FLAT_HAZY.match(stem) or _FLAT_CLEAR.match(stem)
+  return tagged["id"] if tagged else stem
+
+
 def _match_paired(path: pathlib.Path, lookup) -> PairRecord | None:
-  """The clear image of identical stem, else the only one of the same scene id."""
+  """The clear image of identical stem; else the one of its scene id (the stem up to
+  the first ``_``) that is named the id itself (``1400`` for ``1400_1``) or the same
+  once both lose their tags (``01_outdoor_GT`` for ``01_outdoor_hazy``). Another image
+  of the same id (``IMG_0001`` for ``IMG_0002``) is another photograph, not a match."""
   by_stem, by_scene = lookup
   scene = _scene_of(path.stem)
   if path.stem in by_stem:
-    clear = by_stem[path.stem]
-  elif len(by_scene.get(scene, [])) == 1:
-    clear = by_scene[scene][0]
-  elif scene in by_scene:
-    names = ", ".join(p.name for p in by_scene[scene])
-    raise _Problem(f"{path.name} matches several ground truths: {names}")
-  else:
-    return None
-  return PairRecord(path, clear, scene, path.stem)
+    return PairRecord(path, by_stem[path.stem], scene, path.stem)
+  matches = [c for c in by_scene.get(scene, [])
+             if c.stem == scene or _untagged(c.stem) == _untagged(path.stem)]
+  if len(matches) > 1:
+    raise _Problem(f"{path.name} matches several ground truths: "
+                   f"{', '.join(p.name for p in matches)}")
+  return PairRecord(path, matches[0], scene, path.stem) if matches else None
 
 
 def _by_flat_id(clears: list[pathlib.Path]) -> dict[str, pathlib.Path]:
