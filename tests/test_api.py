@@ -119,12 +119,25 @@ def test_save_refuses_to_clobber(params, tmp_path):
   target = tmp_path / "ckpt"
   target.mkdir()
   (target / "keep.txt").write_text("precious")
-  with pytest.raises(FileExistsError):
+  with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite=True"):
     minet_jax.save(params, target)
+  # Replacing deletes the folder's contents: only a saved model's are ever replaced.
+  with pytest.raises(FileExistsError, match=r"not a saved model \(keep.txt\)"):
+    minet_jax.save(params, target, overwrite=True)
   assert (target / "keep.txt").read_text() == "precious"
+  with pytest.raises(FileExistsError, match="is a file"):
+    minet_jax.save(params, target / "keep.txt", overwrite=True)
+  (target / "keep.txt").unlink()
+  minet_jax.save(params, target)
   minet_jax.save(params, target, overwrite=True)
-  assert not (target / "keep.txt").exists()
   assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
+
+
+def test_save_and_load_expand_the_home_folder(params, tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert minet_jax.save(params, "~/model") == tmp_path / "model"
+  assert minet_jax.load_config("~/model") == params.config
+  assert minet_jax.load("~/model").num_params() == params.num_params()
 
 
 def test_load_missing_path(tmp_path, monkeypatch):

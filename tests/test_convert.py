@@ -127,8 +127,13 @@ def test_refuses_to_overwrite_unless_forced(tmp_path, official, converted, capsy
   assert (out / "keep.txt").read_text() == "mine"
   with pytest.raises(FileExistsError):
     convert.convert(pth, converted)
+  # --force replaces a converted model only: a folder of other files is never deleted.
+  with pytest.raises(FileExistsError, match=r"not a saved model \(keep.txt\)"):
+    convert.convert(pth, out, force=True)
+  assert (out / "keep.txt").read_text() == "mine"
+  (out / "keep.txt").unlink()
+  convert.convert(pth, out)
   params = convert.convert(pth, out, force=True)
-  assert not (out / "keep.txt").exists()
   assert minet_jax.load(out).num_params() == params.num_params()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temp folders left
 
@@ -150,11 +155,12 @@ def test_force_never_replaces_a_folder_holding_the_input_or_the_current_folder(
                       (str(pth), str(home))]:
     assert convert.main([source, out, "--force"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "refusing to replace" in err, err
+    # home holds a file of the user's: no saved model, never replaced.
+    assert err.count("\n") == 1 and "not a saved model" in err, err
   monkeypatch.chdir(home / "sub")
   for source, out in [("../model_ITS.pth", ".."), (str(pth), "..")]:
     assert convert.main([source, out, "--force"]) == 1
-    assert "refusing to replace" in capsys.readouterr().err
+    assert "not a saved model" in capsys.readouterr().err
   assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
   assert (home / "notes.txt").read_text() == "mine"
 

@@ -74,15 +74,15 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *,
             config: ConfigLike = None, force: bool = False) -> Params:
   """Converts ``checkpoint_path`` (.pth) into the checkpoint folder ``out_dir``.
 
-  An existing non-empty ``out_dir`` is refused unless ``force``. The folder is
+  An existing non-empty ``out_dir`` is refused unless ``force``, and one that holds
+  anything but a saved model always is (`checkpoint.check_destination`). The folder is
   written beside ``out_dir``, read back and compared tensor by tensor, and only
   then renamed into place: a conversion that fails at any point leaves no
   folder behind (and, with ``force``, the old one untouched).
   """
-  out_dir = pathlib.Path(out_dir)
-  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-    raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or "
-                          "pass --force (force=True) to replace it")
+  out_dir = pathlib.Path(out_dir).expanduser()
+  checkpoint.check_destination(out_dir, replace=force, how="choose another folder or pass "
+                               "--force (force=True) to replace it")
   source = pathlib.Path(checkpoint_path).resolve()
   if out_dir.is_dir() and out_dir.resolve() in source.parents:
     raise ValueError(f"refusing to replace {out_dir}: it holds the checkpoint being converted "

@@ -203,7 +203,7 @@ def config_from_record(record: Any) -> ModelConfig:
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
   """The `ModelConfig` stored in a checkpoint folder written by `save`."""
-  path = pathlib.Path(path)
+  path = pathlib.Path(path).expanduser()
   meta = _read_meta(path)
   try:
     return config_from_record(meta["model"])
@@ -295,20 +295,40 @@ def weights_to_save(weights: Any) -> dict:
   return arrays
 
 
+def check_destination(path: pathlib.Path, *, replace: bool, how: str) -> None:
+  """Refuses a folder a model must not be saved to (`FileExistsError`): a file; a
+  non-empty folder unless ``replace`` (``how`` says how to ask for that); and, even
+  then, a folder that is not a saved model, since replacing it deletes all it holds."""
+  if not path.exists():
+    return
+  if not path.is_dir():
+    raise FileExistsError(f"{path} is a file; a model is saved as a folder: name a folder")
+  held = sorted(p.name for p in path.iterdir())
+  if not held:
+    return
+  if not replace:
+    raise FileExistsError(f"{path} exists and is not empty; {how}")
+  if not is_saved_model(path):
+    shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+    raise FileExistsError(f"{path} holds files that are not a saved model ({shown}); "
+                          "replacing it would delete them, so only a folder a model was "
+                          "saved to is replaced: choose another folder")
+
+
 def save(params: Params, path: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
   """Writes `params` to the folder `path` (orbax weights + JSON config).
 
   The folder is written beside its destination and renamed into place, so an
   interrupted save leaves nothing half-written. An existing non-empty folder is
-  refused unless ``overwrite=True``. Weights are stored as float32 with their
+  refused unless ``overwrite=True``, and a folder that holds anything but a saved
+  model always is (`check_destination`). Weights are stored as float32 with their
   SHA-256 in ``minet_config.json``; non-float (complex, integer) or non-finite
   weights are refused.
   """
   import orbax.checkpoint as ocp  # Deferred: orbax's import is slow and apply() needs none of it.
 
-  path = pathlib.Path(path).absolute()
-  if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-    raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+  path = pathlib.Path(path).expanduser().absolute()
+  check_destination(path, replace=overwrite, how="pass overwrite=True to replace it")
   weights = weights_to_save(params.weights)
   with files.replacing(path, folder=True) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
@@ -378,7 +398,7 @@ def read_weights(weights_dir: str | os.PathLike, cfg: ModelConfig,
 def is_saved_model(path: str | os.PathLike) -> bool:
   """Whether ``path`` is a folder written by `save` (its weights and config), not a
   training workdir."""
-  path = pathlib.Path(path)
+  path = pathlib.Path(path).expanduser()
   return (path / WEIGHTS_DIR).is_dir() and (path / CONFIG_FILE).is_file()
 
 
