@@ -13,7 +13,10 @@ The protocol (the one the authors' published SOTS scores use):
   use_sample_covariance=False, channel_axis=2, data_range=255)``.
 
 All functions accept a single ``(H, W, C)`` image or a batch ``(..., H, W, C)``
-and return one score per image.
+and return one score per image; `psnr` and `ssim` take two images of one shape.
+Images on a 0..1 scale (what `minet_jax.apply` and `read_rgb` return) need
+``data_range=1.0``: with the default 255, a concrete float image whose values all lie
+in (0, 1] is refused, since it would score about 48 dB too high.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from minet_jax.image_io import centre_crop
 
@@ -36,9 +40,34 @@ def match_ground_truth(output, gt):
   return centre_crop(gt, output.shape[-3], output.shape[-2])
 
 
-@functools.partial(jax.jit, static_argnames=("data_range",))
-def psnr(output, target, data_range: float = DATA_RANGE):
+def _check_pair(name: str, output: ArrayLike, target: ArrayLike, data_range: float) -> None:
+  """Refuses images of two shapes (no broadcasting) and, outside a trace, a float image
+  on a 0..1 scale scored with a data_range above 1 (module docstring)."""
+  shapes = jnp.shape(output), jnp.shape(target)
+  if shapes[0] != shapes[1] or len(shapes[0]) < 3:
+    raise ValueError(f"{name} compares two images (H, W, C) or batches of one shape, got "
+                     f"output {shapes[0]} and target {shapes[1]}")
+  if data_range <= 1.0:
+    return
+  for what, image in (("output", output), ("target", target)):
+    if isinstance(image, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(image),
+                                                                jnp.floating):
+      continue
+    peak = float(np.nanmax(np.asarray(image, np.float32))) if np.size(image) else 0.0
+    if 0.0 < peak <= 1.0:
+      raise ValueError(f"{name}: the {what} is a float image on a 0..1 scale (max "
+                       f"{peak:.3g}) scored with data_range={data_range:g}; pass "
+                       "data_range=1.0, or scale both images to 0..255")
+
+
+def psnr(output: ArrayLike, target: ArrayLike, data_range: float = DATA_RANGE) -> jax.Array:
   """Peak signal-to-noise ratio in dB over the last three axes (no clipping here)."""
+  _check_pair("psnr", output, target, data_range)
+  return _psnr(output, target, data_range=data_range)
+
+
+@functools.partial(jax.jit, static_argnames=("data_range",))
+def _psnr(output, target, data_range: float):
   x = jnp.asarray(output, jnp.float32)
   y = jnp.asarray(target, jnp.float32)
   mse = jnp.mean(jnp.square(x - y), axis=(-3, -2, -1))
@@ -62,15 +91,20 @@ def _blur_valid(x, taps):
   return sum(float(taps[i]) * rows[:, :, i:i + w] for i in range(k))
 
 
-@functools.partial(jax.jit, static_argnames=("data_range", "sigma", "k1", "k2"))
-def ssim(output, target, data_range: float = DATA_RANGE, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03):
+def ssim(output: ArrayLike, target: ArrayLike, data_range: float = DATA_RANGE,
+         sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> jax.Array:
   """Mean SSIM over valid 11x11 windows and channels (population covariance).
 
   Only window positions that lie wholly inside the image are averaged, which is
   what skimage's ``structural_similarity`` does after cropping its border, so
   no padding convention is involved.
   """
+  _check_pair("ssim", output, target, data_range)
+  return _ssim(output, target, data_range=data_range, sigma=sigma, k1=k1, k2=k2)
+
+
+@functools.partial(jax.jit, static_argnames=("data_range", "sigma", "k1", "k2"))
+def _ssim(output, target, data_range: float, sigma: float, k1: float, k2: float):
   x = jnp.asarray(output, jnp.float32) / data_range
   y = jnp.asarray(target, jnp.float32) / data_range
   batch = x.shape[:-3]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -50,6 +51,24 @@ def test_ssim_detects_structure_change():
 def test_ssim_needs_a_whole_window():
   with pytest.raises(ValueError, match="at least 11x11"):
     metrics.ssim(np.zeros((8, 20, 3)), np.zeros((8, 20, 3)))
+
+
+def test_images_on_a_0_to_1_scale_need_their_data_range():
+  rng = np.random.default_rng(4)
+  gt = rng.uniform(0, 1, (16, 16, 3))
+  out = np.clip(gt + rng.normal(0, 0.05, gt.shape), 0, 1)
+  want = peak_signal_noise_ratio(gt, out, data_range=1.0)
+  assert abs(float(metrics.psnr(out, gt, data_range=1.0)) - want) < 1e-4
+  for score in (metrics.psnr, metrics.ssim):  # The default 255 would read 48 dB too high.
+    with pytest.raises(ValueError, match="0..1 scale.*pass data_range=1.0"):
+      score(out, gt)
+    with pytest.raises(ValueError, match=r"one shape, got output \(16, 16, 3\) and target "
+                                         r"\(16, 16, 1\)"):  # skimage refuses it too
+      score(out, gt[..., :1], data_range=1.0)
+  # A dark 0..255 image in integers is no mistake; inside a trace values are not seen.
+  dark = (gt * 2).astype(np.uint8)
+  assert np.isfinite(float(metrics.psnr(dark, np.ones_like(dark))))
+  assert float(jax.jit(metrics.psnr)(out, gt)) == pytest.approx(want + 20 * np.log10(255), 1e-4)
 
 
 def test_real_images_protocol_scores(shared_dir):
