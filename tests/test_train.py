@@ -324,6 +324,31 @@ def _damage(checkpoint: pathlib.Path, how: str) -> None:
     shutil.rmtree(checkpoint / "data")
 
 
+def test_a_checkpoint_the_system_cannot_read_is_left_in_place(straight_run, data_dir, tmp_path,
+                                                              monkeypatch):
+  # Too many open files is no damage: moving every checkpoint aside would restart at 0.
+  from minet_jax.train import checkpointing
+  straight, _ = straight_run
+  workdir = tmp_path / "limits"
+  shutil.copytree(straight, workdir)
+  before = {name: _tree(workdir / name) for name in ("checkpoints", "best")}
+
+  def restore(self, *args, **kwargs):
+    try:
+      raise OSError(errno.EMFILE, "Too many open files")
+    except OSError as e:
+      raise ValueError("orbax: restore failed") from e
+  monkeypatch.setattr(checkpointing.Checkpoints, "restore", restore)
+  with pytest.raises(checkpointing.CheckpointUnreadableError,
+                     match="checkpoint 4 .* could not be read .*nothing was moved"):
+    train_and_evaluate(tiny_config(data_dir), workdir)
+  assert {name: _tree(workdir / name) for name in ("checkpoints", "best")} == before
+  assert not (workdir / "damaged_checkpoints").exists()
+  assert checkpointing.not_damage(ValueError("PERMISSION_DENIED: error opening file"))
+  assert not checkpointing.not_damage(FileNotFoundError(errno.ENOENT, "gone"))
+  assert not checkpointing.not_damage(ValueError("DATA_LOSS: truncated"))
+
+
 @pytest.mark.parametrize("damage", ["truncated state", "state and data deleted"])
 def test_resume_falls_back_past_a_damaged_newest_checkpoint(straight_run, data_dir, tmp_path,
                                                             capsys, damage):

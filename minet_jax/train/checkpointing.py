@@ -34,6 +34,7 @@ its format.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import pathlib
@@ -106,6 +107,37 @@ def _record(state: TrainState, weights: dict) -> dict:
   their checksum."""
   return {"model": state.model_config.architecture(),
           "weights_sha256": weights_checksum(weights)}
+
+
+# Failures of a read that say nothing about the checkpoint's files: the system's limits,
+# permissions, memory, or a file system that is away. Errno values, and the status names
+# tensorstore puts in its messages.
+_NOT_DAMAGE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE,
+                                errno.ENOMEM, errno.EIO, errno.ESTALE, errno.ENOSPC,
+                                errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR})
+_NOT_DAMAGE_STATUSES = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
+                        "DEADLINE_EXCEEDED", "Out of memory", "out of memory")
+
+
+def not_damage(error: BaseException) -> bool:
+  """Whether a failed checkpoint read was the environment's fault, not its files': a
+  `MemoryError`, an `OSError` of `_NOT_DAMAGE_ERRNOS`, or a (tensorstore, XLA) error
+  naming one of `_NOT_DAMAGE_STATUSES`, anywhere in its chain of causes."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, MemoryError):
+      return True
+    if isinstance(error, OSError) and error.errno in _NOT_DAMAGE_ERRNOS:
+      return True
+    if any(status in str(error) for status in _NOT_DAMAGE_STATUSES):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class CheckpointUnreadableError(checkpoint.CheckpointError):
+  """A checkpoint could not be read for a reason outside its files (`not_damage`)."""
 
 
 class NotFiniteError(ValueError):
@@ -227,6 +259,15 @@ class Checkpoints:
         meta=ocp.args.JsonSave({"step": step, **meta, **_record(state, weights)})))
     return True
 
+  def _refuse_if_not_damage(self, step: int, error: BaseException) -> None:
+    """Raises `CheckpointUnreadableError` when reading ``step`` failed for a reason
+    outside its files (`not_damage`): the checkpoint stays where it is."""
+    if not_damage(error):
+      raise CheckpointUnreadableError(
+          f"checkpoint {step} in {self.workdir} could not be read "
+          f"({checkpoint.one_line_error(error)}); that is no damage to its files, so "
+          "nothing was moved: mend it and rerun to resume") from error
+
   def best_psnr(self) -> float | None:
     """The validation PSNR of the best checkpoint so far (None before the first).
 
@@ -241,6 +282,7 @@ class Checkpoints:
       meta = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       return float(meta.meta["psnr"])
     except Exception as e:  # orbax raises many types for damaged files.
+      self._refuse_if_not_damage(step, e)
       moved = self._move_aside(step, manager=self.best, name=f"best-{step}",
                                all_processes=True)
       if moved is not None:
@@ -345,17 +387,21 @@ class Checkpoints:
       except StateLayoutError:
         raise  # Not damage: the config builds another optimizer state. Nothing is moved.
       except Exception as e:  # orbax/tensorstore raise many types for damaged files.
-        damaged.append(Damaged(step, checkpoint.one_line_error(e), self._move_aside(step)))
+        self._refuse_if_not_damage(step, e)
+        damaged.append(Damaged(step, checkpoint.one_line_error(e),
+                               self._move_aside(step, all_processes=True)))
         continue
       problem = non_finite_state(state)  # Saved by a version that did not refuse them.
       if problem:
         damaged.append(Damaged(step, f"not finite: {problem}",
-                               self._move_aside(step, DIVERGED_DIR)))
+                               self._move_aside(step, DIVERGED_DIR, all_processes=True)))
         continue
       try:
         self._verify_params(step, state, meta)
       except Exception as e:
-        damaged.append(Damaged(step, checkpoint.one_line_error(e), self._move_aside(step)))
+        self._refuse_if_not_damage(step, e)
+        damaged.append(Damaged(step, checkpoint.one_line_error(e),
+                               self._move_aside(step, all_processes=True)))
         continue
       return Resumed(step, state, data, meta, damaged)
     return Resumed(None, None, None, {}, damaged)
@@ -372,7 +418,7 @@ class Checkpoints:
     """
     moved = [s for s in sorted(self.latest.all_steps()) if s >= step]
     for s in moved:
-      self._move_aside(s, DIVERGED_DIR)
+      self._move_aside(s, DIVERGED_DIR, all_processes=True)
     return moved
 
   def _move_aside(self, step: int, folder: str = DAMAGED_DIR, *,
