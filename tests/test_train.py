@@ -273,9 +273,25 @@ def test_bad_training_data_mid_run_is_one_line_and_keeps_the_checkpoints(two_ste
 
   monkeypatch.setattr(inputs, "train_iterator", failing_after_one)
   with pytest.raises(ConfigError, match=r"the training data failed at step 4: ValueError: "
-                                        r"cannot batch images of different sizes"):
+                                        r"cannot batch images of different sizes.*step 3 is "
+                                        r"saved: a rerun resumes from it"):
     train_and_evaluate(tiny_config(data_dir), workdir)
-  assert _steps(workdir / "checkpoints") == [2]  # Step 3 trained; no checkpoint lost.
+  assert _steps(workdir / "checkpoints") == [2, 3]  # Step 3 trained and kept.
+
+
+def test_a_failed_validation_keeps_the_state_it_was_given(two_step_run, data_dir, tmp_path,
+                                                          monkeypatch):
+  # Validation runs before the checkpoint of its step: failing there used to lose it.
+  from minet_jax.train import evaluator
+  workdir = tmp_path / "bad_eval"
+  shutil.copytree(two_step_run, workdir)
+
+  def failing(self, state):
+    raise ValueError("validation images of two sizes: (64, 64) and (48, 64)")
+  monkeypatch.setattr(evaluator.Evaluator, "__call__", failing)
+  with pytest.raises(ValueError, match="validation images of two sizes"):
+    train_and_evaluate(tiny_config(data_dir, eval_every=3, checkpoint_every=10), workdir)
+  assert _steps(workdir / "checkpoints") == [2, 3]
 
 
 def test_a_sigterm_while_the_last_save_is_written_does_not_kill_the_run(straight_run, data_dir,

@@ -468,6 +468,17 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
     except checkpointing.NotFiniteError as e:
       stop_diverged(int(state.step), str(e), "non_finite_state")
 
+  def saved_before_failing(state: TrainState) -> bool:
+    """Saves the state that a failure outside the step (validation, the data) would
+    leave unsaved, so that a rerun loses no steps; True once it is on disk. Its own
+    failure is not reported: the first one is what stops the run."""
+    try:
+      save(state)
+      ckpts.wait()
+    except Exception:
+      return False
+    return ckpts.latest_step() == int(state.step)
+
   def evaluate(state: TrainState) -> None:
     nonlocal last_scores
     scores, rows = evaluator(state)
@@ -505,11 +516,13 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
           if stop:  # The signal reached the data's worker processes too.
             stop_here(state)
             break
+          resume = (f"step {step} is saved: a rerun resumes from it"
+                    if saved_before_failing(state) else
+                    "a rerun resumes from the last checkpoint")
           raise ConfigError(
               f"the training data failed at step {step + 1}: {checkpoint.one_line_error(e)}; "
               "fix the data or config.data (crop_size 0 takes whole images, which must "
-              "then share one size per batch); a rerun resumes from the last "
-              "checkpoint") from e
+              f"then share one size per batch); {resume}") from e
         batch = sharding.global_batch(local, mesh)
         t0 = time.time()
         state, step_metrics = train_step(state, batch)
@@ -538,7 +551,13 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
           writer.write_scalars(step, "train", summary)
           history = []
         if (int(config.eval_every) and step % int(config.eval_every) == 0) or step == total:
-          evaluate(state)
+          try:
+            evaluate(state)
+          except NonFiniteLossError:
+            raise  # Its checkpoints are set aside; this state is not to be kept.
+          except Exception:
+            saved_before_failing(state)  # A validation that fails costs no training.
+            raise
         if step % int(config.checkpoint_every) == 0 or step == total:
           save(state)
         if stop.reached(step):
