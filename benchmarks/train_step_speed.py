@@ -79,7 +79,7 @@ def measure(config: ml_collections.ConfigDict, shape: tuple[int, int, int], repe
   try:
     state = (loop._initial_state(config, cfg) if config.init_from
              else state_lib.create_train_state(config, cfg=cfg))
-    step_args = loop.step_options(config, cfg.num_blocks)
+    step_args = loop.step_options(config, cfg)
   except (checks.ConfigError, OSError) as e:
     raise SystemExit(f"train_step_speed: config.init_from {config.init_from!r}: {e}") from None
   graphdef, _ = nnx.split(state.merge()[0])

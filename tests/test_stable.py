@@ -259,7 +259,7 @@ def test_stable_fullres_starts_from_the_released_block_2(released_params, shared
   expected = dict(weights)
   expected["im_blocks"] = {**weights["im_blocks"], "1": released_params.weights["im_blocks"]["1"]}
   jax.tree.map(np.testing.assert_array_equal, start, expected)
-  assert _teacher(config).config.stage_fraction == (1.0, 1.0, 1.0)
+  assert _teacher(config, cfg).config.stage_fraction == (1.0, 1.0, 1.0)
   # One command: without a finished run in init_from, configs/stable.py trains there first.
   assert config.init_from_config == str(REPO / "configs" / "stable.py")
   config.init_from = str(tmp_path / "not_yet")

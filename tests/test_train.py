@@ -706,6 +706,19 @@ def test_a_refused_start_leaves_no_workdir_behind(data_dir, tmp_path):
   assert not (tmp_path / "new").exists()
 
 
+def test_a_teacher_that_cannot_serve_is_refused_before_any_write(data_dir, tmp_path):
+  other = tiny.get_config()
+  other.model.features = 4
+  minet_jax.save(minet_jax.init(other), tmp_path / "narrow")
+  for teacher, expected in [(tmp_path / "missing", r"^config.teacher: .*no such checkpoint"),
+                            (tmp_path / "narrow", r"^config.teacher .*IM-blocks \(3 of 4 "
+                                                  r"features\) do not match")]:
+    config = tiny_config(data_dir, teacher=str(teacher), teacher_match_weight=1.0)
+    with pytest.raises(ConfigError, match=expected):
+      train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("override", ["--config.bogus=1", "--config.data.crop_siz=32"])
 def test_unknown_config_field_is_an_error(train_cli, override, tmp_path, monkeypatch, capsys):
   # In this process; a real train.py refusing --config.bogus=1: test_config.py.
@@ -1171,7 +1184,7 @@ def test_distillation_trains_towards_the_teachers_output_from_scaled_blocks(tmp_
   config.model.iterations = (3, 3, 3)  # the student runs its blocks differently
   validate_config(config)
   state = _initial_state(config, minet_jax.model_config(config.model))
-  teacher = _teacher(config)
+  teacher = _teacher(config, minet_jax.model_config(config.model))
   assert teacher.config.iterations == (1, 1, 1)
   for i, s in enumerate(config.init_block_scale):
     for name in ("scale", "bias"):

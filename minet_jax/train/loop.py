@@ -219,35 +219,53 @@ def _initial_state(config: ml_collections.ConfigDict, cfg: ModelConfig,
     raise ConfigError(str(e)) from e
 
 
-def _teacher(config: ml_collections.ConfigDict) -> Params | None:
-  """The model whose outputs are the training targets (``config.teacher``), or None.
+def _teacher(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | None:
+  """The model whose outputs are the training targets (``config.teacher``), or None;
+  `ConfigError` naming the field when it cannot be loaded, or when its IM-blocks'
+  states, which the matching term compares with the student's, have other shapes.
 
   It runs as its checkpoint says (the released model: T = 8 unrolled), whatever
   ``config.model`` asks of the student.
   """
   if not config.teacher:
     return None
-  return hub.resolve(config.init_from if config.teacher == "init_from" else config.teacher)
+  teacher = _resolve_named("teacher", config.init_from if config.teacher == "init_from"
+                           else config.teacher)
+  states_used = float(config.teacher_match_weight) > 0 or config.teacher_inputs != "teacher"
+  theirs, ours = teacher.config, cfg
+  if states_used and (theirs.features, theirs.num_blocks) != (ours.features, ours.num_blocks):
+    raise ConfigError(
+        f"config.teacher {config.teacher}: its IM-blocks ({theirs.num_blocks} of "
+        f"{theirs.features} features) do not match config.model's ({ours.num_blocks} of "
+        f"{ours.features}), whose block states the matching term compares with its own; "
+        "a teacher of another architecture can only give the output term "
+        "(teacher_match_weight 0, teacher_inputs 'teacher')")
+  return teacher
 
 
-def step_options(config: ml_collections.ConfigDict, num_blocks: int) -> dict[str, Any]:
+def step_options(config: ml_collections.ConfigDict, cfg: ModelConfig,
+                 teacher: Params | None = None) -> dict[str, Any]:
   """What ``config`` asks of a training step beyond its loss, schedule and compiler
-  options: the teacher, the weights of the matching and output terms, the matching
-  steps, whose block inputs are matched and the trained blocks, as `make_train_step`
-  (and `train_step`) take them."""
-  return dict(teacher=_teacher(config), match_weight=float(config.teacher_match_weight),
+  options: the teacher (``teacher``, else loaded by `_teacher`), the weights of the
+  matching and output terms, the matching steps, whose block inputs are matched and
+  the trained blocks, as `make_train_step` (and `train_step`) take them."""
+  if teacher is None:
+    teacher = _teacher(config, cfg)
+  return dict(teacher=teacher, match_weight=float(config.teacher_match_weight),
               output_weight=float(config.output_weight),
               match_steps=int(config.teacher_match_steps),
               teacher_inputs=str(config.teacher_inputs),
-              train_blocks=trained_blocks(config, num_blocks))
+              train_blocks=trained_blocks(config, cfg.num_blocks))
 
 
 @dataclasses.dataclass
 class _Start:
-  """What an accepted start has read: the data sources and the weights to start from."""
+  """What an accepted start has read: the data sources, the weights to start from and
+  the teacher."""
   train_source: Any
   eval_source: Any
   init_params: Params | None
+  teacher: Params | None
 
 
 def _data_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
@@ -273,8 +291,9 @@ def _accept_start(config: ml_collections.ConfigDict, cfg: ModelConfig,
   # resume will not need them.
   resuming = bool(checkpointing.resumable_steps(workdir))
   init_params = None if resuming else _init_from(config, cfg)
+  teacher = _teacher(config, cfg)
   prepare_workdir(workdir)
-  return _Start(train_source, eval_source, init_params)
+  return _Start(train_source, eval_source, init_params, teacher)
 
 
 def _mean(history: list[dict[str, float]]) -> dict[str, float]:
@@ -432,7 +451,7 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
   schedule = learning_rate_schedule(config.optimizer)
   train_step = make_train_step(config.loss, schedule, replicated, sharding.batch_sharded(mesh),
                                ynn_fusions=config.xla_cpu_ynn_fusions,
-                               **step_options(config, cfg.num_blocks))
+                               **step_options(config, cfg, start.teacher))
 
   step = int(state.step)
   total = int(config.num_train_steps)
