@@ -750,7 +750,8 @@ def train_cli():
                                   "unwritable workdir", "workdir of another architecture",
                                   "deeply nested minet_config.json"])
 def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_step_run,
-                                                           data_dir, tmp_path, monkeypatch):
+                                                           data_dir, tmp_path, monkeypatch,
+                                                           capsys):
   workdir = tmp_path / "run"
   shutil.copytree(two_step_run, workdir)
   before = (workdir / "config.json").read_bytes()
@@ -776,7 +777,10 @@ def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_
   monkeypatch.setattr(sys, "argv", argv)  # config_flags defines --config.<field> from sys.argv
   with pytest.raises(SystemExit) as exited:
     train_cli.main(train_cli.parse_flags(argv))
-  message = str(exited.value.code)
+  # A command line refused before loading exits 2 (usage_error), any other refusal 1.
+  usage = case == "missing config file"
+  message = capsys.readouterr().err.rstrip("\n") if usage else str(exited.value.code)
+  assert exited.value.code == 2 or not usage
   assert message.startswith("train: error: ") and "\n" not in message, message
   assert (workdir / "config.json").read_bytes() == before
   assert _tree(workdir) == before_tree
@@ -1029,6 +1033,18 @@ def test_psnr_monitor_is_capped_at_100_db():
   batch = {"hazy": hazy, "clear": jnp.clip(jax.jit(lambda x: model(x))(hazy), 0.0, 1.0)}
   _, metrics = step_lib.make_train_step("mse")(state, batch)
   assert float(metrics["psnr"]) == 100.0
+
+
+def test_a_typo_in_a_config_file_is_refused_not_trained_with_the_default():
+  # --config.x overrides are checked by config_flags; assignments in a file are not.
+  config = tiny.get_config()
+  config.num_train_step = 10
+  config.optimizer.learnig_rate = 5e-3
+  with pytest.raises(ConfigError, match=r"unknown config fields config.num_train_step \(did "
+                                        r"you mean config.num_train_steps\?\), "
+                                        r"config.optimizer.learnig_rate \(did you mean "
+                                        r"config.optimizer.learning_rate\?\)"):
+    validate_config(config)
 
 
 def test_ynn_fusions_setting_is_parsed_and_refused_when_unknown():

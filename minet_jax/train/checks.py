@@ -7,6 +7,7 @@ would be used with. Each raises `ConfigError` naming the field and a fix.
 
 from __future__ import annotations
 
+import difflib
 import pathlib
 
 import jax
@@ -17,7 +18,7 @@ from minet_jax import hub
 from minet_jax.core import checkpoint
 from minet_jax.core.config import ModelConfig, is_count, is_positive_number, model_config
 from minet_jax.core.params import shapes_mismatch
-from minet_jax.train import checkpointing
+from minet_jax.train import checkpointing, defaults
 from minet_jax.train.inputs import synthetic_config
 from minet_jax.train.state import abstract_train_state, check_optimizer
 from minet_jax.train.step import LOSSES, TEACHER_INPUTS, parse_ynn_fusions
@@ -27,9 +28,32 @@ class ConfigError(ValueError):
   """The config, or the workdir it is used with, cannot be trained; the message says why."""
 
 
+def unknown_fields(config: ml_collections.ConfigDict,
+                   known: ml_collections.ConfigDict | None = None, prefix: str = "config."
+                   ) -> list[str]:
+  """The fields of ``config`` that the defaults (`defaults.get_config`) lack, each with
+  the closest known name when there is one: a config file's typo (``num_train_step``)
+  would otherwise add a field nothing reads and train with the default."""
+  known = defaults.get_config() if known is None else known
+  found = []
+  for key in config.keys():
+    if key not in known:
+      close = difflib.get_close_matches(key, list(known.keys()), n=1)
+      found.append(f"{prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+    elif (isinstance(config[key], ml_collections.ConfigDict)
+          and isinstance(known[key], ml_collections.ConfigDict)):
+      found += unknown_fields(config[key], known[key], f"{prefix}{key}.")
+  return found
+
+
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """Raises `ConfigError` naming the field and a fix for values training cannot use;
   returns ``config.model`` parsed, the `ModelConfig` the run is to use."""
+  unknown = unknown_fields(config)
+  if unknown:
+    raise ConfigError(f"unknown config field{'s' if len(unknown) > 1 else ''} "
+                      f"{', '.join(unknown)}: no training reads it; see "
+                      "minet_jax/train/defaults.py for the fields that exist")
   try:
     cfg = model_config(config.model)  # Checks the architecture fields.
   except (ValueError, TypeError) as e:
