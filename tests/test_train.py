@@ -792,6 +792,7 @@ def test_rejected_starts_are_one_line_and_keep_config_json(train_cli, case, two_
     ("optimizer.name=sgd", "optimizer.name must be 'adam'"),
     ("optimizer.learning_rate=nan", "optimizer.learning_rate must be a finite number > 0"),
     ("optimizer.b2=2", r"optimizer.b2 must be in \[0, 1\)"),
+    ("optimizer.eps=0", r"optimizer.eps must be a finite number > 0"),
     ("optimizer.warmup_steps=2147483648", r"optimizer.warmup_steps must be an integer in"),
     ("output_weight=nan", "output_weight must be a finite number >= 0, got nan"),
     ("output_weight=inf", "output_weight must be a finite number >= 0, got inf"),

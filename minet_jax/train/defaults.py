@@ -109,7 +109,7 @@ def get_optimizer_config() -> ml_collections.ConfigDict:
   optimizer.decay_factor = 0.1
   # Final learning rate of the "cosine" schedule, as a fraction of learning_rate.
   optimizer.cosine_final_fraction = 0.0
-  # Linear warm-up from 0 over this many steps (0 = none).
+  # Linear warm-up from 0 over this many steps (0 = none); decay_steps count from its end.
   optimizer.warmup_steps = 0
   # Adam's beta1, beta2 and epsilon (PyTorch's and optax's defaults).
   optimizer.b1 = 0.9

@@ -584,7 +584,10 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
           break
   finally:
     bar.close()
-    with stop.installed():  # A signal while the last saves are written asks; it cannot kill.
+    # While the last saves are written, SIGTERM or a first Ctrl-C only asks; a second
+    # Ctrl-C is the user's way out (KeyboardInterrupt), leaving an unfinished save
+    # that a resume never picks.
+    with stop.installed():
       ckpts.wait()
     best_psnr = ckpts.best_psnr()
     ckpts.close()

@@ -58,7 +58,9 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
 
   ``schedule`` is "constant", "step" (times ``decay_factor`` every ``decay_steps``,
   the paper's recipe) or "cosine" (to ``learning_rate * cosine_final_fraction``
-  at ``decay_steps``); ``warmup_steps`` > 0 prepends a linear warm-up from 0.
+  at ``decay_steps``); ``warmup_steps`` > 0 prepends a linear warm-up from 0 (the
+  first update's rate), and ``decay_steps`` then count from its end: the main schedule
+  starts when the warm-up has reached ``learning_rate``.
   """
   lr = float(opt.learning_rate)
   if opt.schedule == "constant":
@@ -92,7 +94,8 @@ def check_optimizer(opt: ml_collections.ConfigDict) -> None:
       "learning_rate": (lambda v: 0 < v < math.inf, "a finite number > 0"),
       "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
       "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-      "eps": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+      # 0 would divide 0 by 0 for any weight whose gradient is exactly 0 (NaN).
+      "eps": (lambda v: 0 < v < math.inf, "a finite number > 0"),
       "grad_clip_norm": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: off)"),
       "decay_factor": (lambda v: 0 < v < math.inf, "a finite number > 0"),
       "cosine_final_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
