@@ -1539,3 +1539,19 @@ def test_a_failed_replacement_puts_the_old_best_back(tmp_path, monkeypatch):
   finally:
     ckpts.close()
   assert sorted(p.name for p in (tmp_path / checkpointing.BEST_DIR).iterdir()) == ["6"]
+
+
+def test_a_replacement_cut_short_by_a_crash_puts_the_old_best_back(tmp_path):
+  # A process killed between setting the old best aside and finalising its successor.
+  ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
+  assert ckpts.save_best(_state_at(6, 0.1), {"psnr": 20.0, "ssim": 0.5})
+  ckpts.close()
+  best = tmp_path / checkpointing.BEST_DIR
+  (best / "6").rename(best / ".replaced-6")
+  ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
+  try:
+    assert ckpts.best_psnr() == 20.0  # Not hidden: a worse score is not the best.
+    assert not ckpts.save_best(_state_at(7, 0.3), {"psnr": 5.0, "ssim": 0.1})
+  finally:
+    ckpts.close()
+  assert sorted(p.name for p in best.iterdir()) == ["6"]

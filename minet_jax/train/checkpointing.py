@@ -38,6 +38,7 @@ import errno
 import math
 import os
 import pathlib
+import re
 import shutil
 import sys
 from typing import Any
@@ -136,6 +137,24 @@ def not_damage(error: BaseException) -> bool:
   return False
 
 
+def _recover_replaced_best(folder: pathlib.Path) -> None:
+  """Finishes a replacement of the best checkpoint that a dead process left half done
+  (`Checkpoints.save_best` sets the old best aside as ``.replaced-<step>`` until its
+  successor is on disk): the old one goes back when no successor was finalised, and
+  is removed when one was. Left hidden, it would let any later score count as best."""
+  if not folder.is_dir():
+    return
+  for replaced in sorted(folder.glob(".replaced-*")):
+    step = re.fullmatch(r"\.replaced-(\d+)(\.\d+)?", replaced.name)
+    if step is None or not replaced.is_dir():
+      continue
+    target = folder / step[1]
+    if target.is_dir():  # Orbax names a step's folder only once it is finalised.
+      shutil.rmtree(replaced)
+    else:
+      replaced.rename(target)
+
+
 class CheckpointUnreadableError(checkpoint.CheckpointError):
   """A checkpoint could not be read for a reason outside its files (`not_damage`)."""
 
@@ -226,6 +245,10 @@ class Checkpoints:
     workdir = pathlib.Path(workdir).absolute()
     self.workdir = workdir
     checkpoint.quiet_abandoned_reads()
+    if jax.process_index() == 0:
+      _recover_replaced_best(workdir / BEST_DIR)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("minet_jax: best checkpoint recovered")
     self.latest = ocp.CheckpointManager(
         workdir / LATEST_DIR, item_names=_LATEST_ITEMS,
         options=ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
