@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from minet_jax.core import api
+
 
 @dataclasses.dataclass(frozen=True)
 class DCPConfig:
@@ -97,27 +99,35 @@ def _dehaze(image, config: DCPConfig):
   a = jnp.maximum(a, 1e-3)  # a black "sky" would divide by zero
   t = 1.0 - config.omega * dark_channel(image / a, config.patch)
   if config.refine:
-    gray = image @ jnp.array([0.299, 0.587, 0.114], image.dtype)
+    # A weighted sum, not a matmul: on a GPU a default-precision matmul runs in TF32.
+    gray = jnp.sum(image * jnp.array([0.299, 0.587, 0.114], image.dtype), axis=-1)
     t = guided_filter(gray, t, config.guided_radius, config.guided_eps)
   t = jnp.maximum(t, config.t0)[..., None]
   return jnp.clip((image - a) / t + a, 0.0, 1.0), t[..., 0], a
 
 
 def dehaze(image: ArrayLike, config: DCPConfig | None = None, **overrides: Any) -> jax.Array:
-  """Dehazes an RGB image (H, W, 3) in [0, 1]; returns float32 RGB in [0, 1].
+  """Dehazes an RGB image (H, W, 3): floats in [0, 1], or uint8 / uint16 scaled by their
+  range; returns float32 RGB in [0, 1]. Bad input is refused as `minet_jax.apply` refuses it.
 
   ``overrides`` replace fields of ``config`` (e.g. ``refine=False``). Traceable: a
   caller may jit it, or compile it ahead of time per image shape (`minet_jax.evaluation`).
   """
-  config = dataclasses.replace(config or DCPConfig(), **overrides)
-  image = jnp.asarray(image, jnp.float32)
-  if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"dcp.dehaze expects an (H, W, 3) RGB image, got shape {image.shape}")
-  return _dehaze(image, config)[0]
+  return dehaze_with_maps(image, config, **overrides)[0]
+
+
+def _one_image(image: ArrayLike) -> jax.Array:
+  """``image`` as float32 (H, W, 3) in [0, 1], checked as `minet_jax.apply` checks its
+  input (uint8 and uint16 scaled by their range; NaN and 0..255 floats refused)."""
+  x = api.to_float_rgb(image)
+  if x.shape[0] != 1:
+    raise ValueError(f"the dark channel prior takes one (H, W, 3) image, got shape "
+                     f"{tuple(jnp.shape(image))}; call it once per image")
+  return x[0]
 
 
 def dehaze_with_maps(image: ArrayLike, config: DCPConfig | None = None,
                      **overrides: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Like `dehaze`, also returning the transmission map (H, W) and A (3,)."""
   config = dataclasses.replace(config or DCPConfig(), **overrides)
-  return _dehaze(jnp.asarray(image, jnp.float32), config)
+  return _dehaze(_one_image(image), config)

@@ -80,6 +80,19 @@ def test_haze_free_image_is_nearly_unchanged():
   assert float(metrics.psnr(out * 255, img * 255)) > 30
 
 
+def test_input_is_taken_and_refused_as_apply_does():
+  rng = np.random.default_rng(5)
+  img = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+  np.testing.assert_allclose(np.asarray(dcp.dehaze(img)),
+                             np.asarray(dcp.dehaze(img.astype(np.float32) / 255)), atol=1e-6)
+  with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*divide 0..255 data by 255"):
+    dcp.dehaze(img.astype(np.float32))  # Used to come out all white.
+  with pytest.raises(ValueError, match="takes one .* image, got shape \\(2, 24, 24, 3\\)"):
+    dcp.dehaze(np.stack([img, img]))
+  with pytest.raises(ValueError, match="grayscale"):
+    dcp.dehaze_with_maps(img[..., 0])
+
+
 def test_evaluations_dcp_is_dcp_dehaze(synthetic_haze):
   """evaluate.py's "dcp" method (compiled ahead of time per shape) is `dcp.dehaze`."""
   from minet_jax import evaluation
