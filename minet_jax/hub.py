@@ -184,8 +184,9 @@ def pretrained(name: str = "its", *, cache_dir: str | os.PathLike | None = None,
     name: a key of `RELEASES`.
     cache_dir: the folder for the downloaded file (default ``$MINET_JAX_CACHE/weights``,
       else ``~/.cache/minet_jax/weights``).
-    url: download from here instead of the authors' repository (a mirror); the file
-      must still hold the released weights.
+    url: download from here instead of the authors' repository (a mirror): the file's
+      own URL, or a folder's ending in ``/`` that holds it under its released name (as
+      ``$MINET_JAX_WEIGHTS_URL`` does); the file must still hold the released weights.
     progress: a download progress bar on stderr.
 
   Raises:
@@ -202,7 +203,7 @@ def pretrained(name: str = "its", *, cache_dir: str | os.PathLike | None = None,
       return verified(target, name)
     except DownloadError as e:
       raise DownloadError(f"the cached {e}; delete {target} to download it again") from e
-  source = url or release_url(name)
+  source = (url + release.file_name if url.endswith("/") else url) if url else release_url(name)
 
   def check(downloaded: pathlib.Path) -> Params:
     try:
