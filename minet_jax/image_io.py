@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from minet_jax.core import files
+from minet_jax.core.config import is_count
 
 PathLike = str | os.PathLike
 
@@ -239,6 +240,9 @@ def centre_crop(image, height: int, width: int):
   """
   axis = 0 if image.ndim == 2 else image.ndim - 3  # The height axis.
   h, w = image.shape[axis], image.shape[axis + 1]
+  if not (is_count(height, 1) and is_count(width, 1)):
+    raise ValueError(f"a crop's height and width must be integers >= 1, got {height!r} x "
+                     f"{width!r}")
   if height > h or width > w:
     raise ValueError(f"cannot centre-crop a {h}x{w} image to {height}x{width}: the image is "
                      "smaller than that (a crop cannot be larger than its image)")
@@ -306,6 +310,8 @@ def _write(path: PathLike, image: np.ndarray, image_format: str, options: dict,
     data = data[..., 0]
   if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] != 3):
     raise ValueError(f"write_png expects (H, W, 3) or (H, W), got shape {data.shape}")
+  if path.is_dir():  # Replacing would fail at the rename, naming the temporary file.
+    raise IsADirectoryError(f"cannot write {path}: it is a folder")
   # The path itself, not what it resolves to: a link at `path` is replaced, never the
   # file it points to, which may lie outside the output folder.
   with files.replacing(path, exclusive=exclusive) as tmp:

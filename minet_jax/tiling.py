@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from minet_jax.core.config import is_count
+
 BLENDS = ("linear", "cosine")
 # What `tiled_apply` holds per pixel of the whole image beyond its input: float64 sums
 # of the weighted outputs (24 B) and of the weights (8 B), their quotient (24 B) and
@@ -69,8 +71,13 @@ def tiled_apply(fn: Callable[[np.ndarray], np.ndarray], image: np.ndarray, *, ti
   Returns float32 (H, W, C'). With ``tile`` >= both sides this is ``fn(image)``.
   ``progress(done, total)``, when given, is called after each tile.
   """
-  if tile < 1 or overlap < 0:
-    raise ValueError(f"tile must be >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
+  if not (is_count(tile, 1) and is_count(overlap, 0)):
+    raise ValueError(f"tile must be an integer >= 1 and overlap an integer >= 0, got "
+                     f"tile={tile!r}, overlap={overlap!r}")
+  if blend not in BLENDS:  # Checked whether or not the image takes more than one tile.
+    raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+  if np.ndim(image) != 3:
+    raise ValueError(f"tiled_apply takes one (H, W, C) image, got shape {np.shape(image)}")
   h, w = image.shape[:2]
   th, tw = min(tile, h), min(tile, w)
   ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)

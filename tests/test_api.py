@@ -133,6 +133,17 @@ def test_save_refuses_to_clobber(params, tmp_path):
   assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
 
 
+def test_save_load_and_write_name_their_mistakes(params, tmp_path):
+  with pytest.raises(TypeError, match="save takes minet_jax.Params .*got dict"):
+    minet_jax.save(params.weights, tmp_path / "w")
+  with pytest.raises(minet_jax.CheckpointError, match="^file .*missing.pth does not exist$"):
+    minet_jax.load(tmp_path / "missing.pth")
+  (tmp_path / "out.png").mkdir()
+  with pytest.raises(IsADirectoryError, match=r"cannot write .*out.png: it is a folder"):
+    minet_jax.image_io.write_png(tmp_path / "out.png", np.zeros((4, 4, 3), np.uint8))
+  assert not (tmp_path / "w").exists() and list((tmp_path / "out.png").iterdir()) == []
+
+
 def test_save_and_load_expand_the_home_folder(params, tmp_path, monkeypatch):
   monkeypatch.setenv("HOME", str(tmp_path))
   assert minet_jax.save(params, "~/model") == tmp_path / "model"

@@ -158,7 +158,8 @@ def _read_meta(path: pathlib.Path) -> dict:
     raise CheckpointError(f"{path} is a file, not a checkpoint folder (an authors' .pth "
                           "loads with minet_jax.load or --ckpt FILE.pth)")
   if not path.is_dir():
-    raise CheckpointError(f"checkpoint folder {path} does not exist")
+    what = "file" if path.suffix.lower() in (".pth", ".pt") else "checkpoint folder"
+    raise CheckpointError(f"{what} {path} does not exist")
   if not meta_file.is_file():
     raise CheckpointError(f"{path} is not a minet-jax checkpoint: {CONFIG_FILE} is missing "
                           "(pass a checkpoint folder, a training workdir or an authors' .pth)")
@@ -327,6 +328,9 @@ def save(params: Params, path: str | os.PathLike, *, overwrite: bool = False) ->
   """
   import orbax.checkpoint as ocp  # Deferred: orbax's import is slow and apply() needs none of it.
 
+  if not isinstance(params, Params):
+    raise TypeError(f"save takes minet_jax.Params (weights and config), got "
+                    f"{type(params).__name__}; the weights alone do not say their architecture")
   path = pathlib.Path(path).expanduser().absolute()
   check_destination(path, replace=overwrite, how="pass overwrite=True to replace it")
   weights = weights_to_save(params.weights)
