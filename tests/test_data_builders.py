@@ -200,6 +200,8 @@ def test_errors(tmp_path):
   source_dir = _pairs_folder(tmp_path / "ok")
   with pytest.raises(ValueError, match="no split 'test'"):
     builders.load_source("paired_folder", "test", tmp_path, manual_dir=source_dir)
+  with pytest.raises(ValueError, match=r"split 'train\[:0\]' of paired_folder selects no"):
+    builders.load_source("paired_folder", "train[:0]", tmp_path, manual_dir=source_dir)
 
 
 def test_a_build_says_what_where_and_how_long_and_nothing_else(tmp_path):

@@ -838,6 +838,9 @@ def test_rejected_fresh_starts_are_one_line_and_write_nothing(train_cli, overrid
     ("an empty --workdir", "train: error: --workdir is empty; name a folder (it is created "
                            "when it does not exist)"),
     ("a stray argument", "train: error: unexpected arguments: extra (see --help)"),
+    ("an argument its get_config does not take",
+     "train: error: --config={tiny}:x: the config file failed: TypeError: get_config() takes "
+     "0 positional arguments but 1 was given (see --help)"),
 ])
 def test_flag_errors_are_one_line(train_cli, case, expected, tmp_path, monkeypatch, capsys):
   a_file = tmp_path / "a_file"
@@ -850,14 +853,16 @@ def test_flag_errors_are_one_line(train_cli, case, expected, tmp_path, monkeypat
           "a file as --workdir": ["--config", tiny_file, "--workdir", str(a_file)],
           "an empty --workdir": ["--config", tiny_file, "--workdir="],
           "a stray argument": ["--config", tiny_file, "--workdir", str(tmp_path / "w"),
-                               "extra"]}[case]
+                               "extra"],
+          "an argument its get_config does not take": ["--config", tiny_file + ":x",
+                                                       "--workdir", str(tmp_path / "w")]}[case]
   argv = ["train.py", *args]
   monkeypatch.setattr(sys, "argv", argv)
   monkeypatch.chdir(tmp_path)  # Where an empty --workdir would train.
   with pytest.raises(SystemExit) as exited:
     train_cli.main(train_cli.parse_flags(argv))
   assert exited.value.code == 2
-  assert capsys.readouterr().err == expected.format(file=a_file) + "\n"
+  assert capsys.readouterr().err == expected.format(file=a_file, tiny=tiny_file) + "\n"
   assert a_file.read_text() == "kept" and not (tmp_path / "w").exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 

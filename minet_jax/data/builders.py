@@ -583,6 +583,8 @@ def load_source(name: str, split: str, data_dir: PathLike | None = None,
   available = set(builder.info.splits.keys())
   if re.split(r"[\[+]", split, maxsplit=1)[0] not in available:
     raise ValueError(f"{name} has no split {split!r}; it has {sorted(available)}")
+  if builder.info.splits[split].num_examples == 0:  # TFDS would say "Paths sequence ...".
+    raise ValueError(f"split {split!r} of {name} selects no examples")
   # Images are decoded here with Pillow (TFDS would warn about OpenCV and return
   # depth as uint16 millimetres).
   skip = tfds.decode.SkipDecoding()

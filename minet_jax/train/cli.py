@@ -90,6 +90,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     message = str(e.args[0] if e.args else e)
     message = message.replace("\\n", " ").replace("\n", " ").replace("\\'", "").replace("'", "")
+    if not overrides:  # Then the config file's own code raised it.
+      usage_error(f"could not load --config: its code failed: {type(e).__name__}: "
+                  f"{message.strip(chr(34))}")
     usage_error(f"unknown config field {message} (overrides given: {' '.join(overrides)}); "
                 "see the config file for the fields that exist")
   except Exception as e:  # The config file is missing, or its own code failed.
@@ -97,7 +100,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _flag_error(e: flags.Error) -> str:
-  """absl's parse error as one line: "--workdir is required", "--config.x=abc: invalid ..."."""
+  """absl's parse error as one line: "--workdir is required", "--config.x=abc: invalid ...",
+  and for a config file whose code failed, its error without the traceback."""
+  if "Traceback (most recent call last)" in str(e):
+    flag = str(e).split(": Error whilst parsing config file", 1)[0].removeprefix("flag ")
+    return f"{' '.join(flag.split())}: the config file failed: {_last_line(e)}"
   message = " ".join(str(e).split())
   missing = re.fullmatch(r"flag --(\S+)=None: Flag --\S+ must have a value other than None\.?",
                          message)
