@@ -1560,3 +1560,17 @@ def test_a_replacement_cut_short_by_a_crash_puts_the_old_best_back(tmp_path):
   finally:
     ckpts.close()
   assert sorted(p.name for p in best.iterdir()) == ["6"]
+
+
+def test_a_fresh_start_beside_an_earlier_best_says_so(two_step_run, data_dir, tmp_path, capsys):
+  workdir = tmp_path / "again"
+  shutil.copytree(two_step_run, workdir)
+  shutil.rmtree(workdir / "checkpoints")  # Nothing to resume; the earlier best stays.
+  earlier = checkpointing.Checkpoints(workdir, async_save=False)
+  best = earlier.best_psnr()
+  earlier.close()
+  train_and_evaluate(tiny_config(data_dir, num_train_steps=1), workdir)
+  assert f"the best checkpoint of an earlier attempt in this workdir ({best:.2f} dB) stays" in (
+      capsys.readouterr().out)
+  start = [r for r in read_metrics(workdir) if r.get("event") == "start"][-1]
+  assert start["earlier_best_psnr"] == pytest.approx(best)

@@ -400,10 +400,18 @@ def _resume_or_start(config: ml_collections.ConfigDict, cfg: ModelConfig, start:
   _report_damaged(resumed, writer)
   if resumed.step is None:
     state = sharding.replicate(_initial_state(config, cfg, start.init_params), mesh)
+    # An earlier attempt's best (its checkpoints set aside as diverged or damaged, or it
+    # stopped before its first one) stays, and this run's validations must beat it.
+    earlier_best = ckpts.best_psnr()
     writer.write_event(0, "start", init_from=config.init_from or None,
                        init_from_config=config.init_from_config or None,
                        init_blocks_from=list(config.init_blocks_from) or None,
-                       devices=mesh.devices.size, processes=jax.process_count())
+                       devices=mesh.devices.size, processes=jax.process_count(),
+                       earlier_best_psnr=earlier_best)
+    if earlier_best is not None and jax.process_index() == 0:
+      tqdm.write(f"starting afresh; the best checkpoint of an earlier attempt in this "
+                 f"workdir ({earlier_best:.2f} dB) stays, and is replaced only by a better "
+                 "validation")
     return state, None
   try:
     inputs.restore_iterator(train_iter, resumed.data, int(config.data.worker_count))
@@ -514,7 +522,10 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
 
   if resumed_from is not None and step >= total and jax.process_index() == 0:
     tqdm.write(f"{workdir} is already trained to step {step} (config.num_train_steps = "
-               f"{total}): nothing to train; raise --config.num_train_steps to go on")
+               f"{total}): nothing to train; raise --config.num_train_steps to go on"
+               + ("" if config.optimizer.schedule != "cosine" else
+                  f" (steps past optimizer.decay_steps = {config.optimizer.decay_steps} run "
+                  "at the cosine's final rate: raise it too for more than that)"))
   bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
   if not _on_terminal() and not type(bar).__module__.startswith("tqdm.notebook"):
