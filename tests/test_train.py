@@ -1574,3 +1574,14 @@ def test_a_fresh_start_beside_an_earlier_best_says_so(two_step_run, data_dir, tm
       capsys.readouterr().out)
   start = [r for r in read_metrics(workdir) if r.get("event") == "start"][-1]
   assert start["earlier_best_psnr"] == pytest.approx(best)
+
+
+def test_a_resume_with_changed_settings_records_them(two_step_run, data_dir, tmp_path, capsys):
+  workdir = tmp_path / "changed"
+  shutil.copytree(two_step_run, workdir)
+  train_and_evaluate(tiny_config(data_dir, num_train_steps=3, log_every=3), workdir)
+  assert "resuming with 2 changed config field(s): log_every 1 -> 3, num_train_steps 2 -> 3" in (
+      capsys.readouterr().out)
+  event = [r for r in read_metrics(workdir) if r.get("event") == "config_changed"][-1]
+  assert event["step"] == 2 and event["fields"] == {"log_every": [1, 3],
+                                                    "num_train_steps": [2, 3]}

@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from tqdm.auto import tqdm
 
 from minet_jax.core import checkpoint, files
@@ -90,10 +91,23 @@ class NonFiniteLossError(FloatingPointError):
   infinite; training stopped without saving them."""
 
 
-def _record_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Writes the training config of this (accepted) start as ``config.json``."""
-  files.write_text(workdir / checkpointing.TRAIN_CONFIG_FILE,
-                   config.to_json_best_effort(indent=2) + "\n")
+def _record_config(workdir: pathlib.Path, config: ml_collections.ConfigDict
+                   ) -> dict[str, list[Any]]:
+  """Writes the training config of this (accepted) start as ``config.json``; returns the
+  fields that differ from the one it replaces, ``{"optimizer.learning_rate": [old,
+  new]}`` (fields only one of them has: None on the other side)."""
+  path = workdir / checkpointing.TRAIN_CONFIG_FILE
+  text = config.to_json_best_effort(indent=2) + "\n"
+  try:
+    before = traverse_util.flatten_dict(json.loads(path.read_text()), sep=".")
+  except (OSError, ValueError, RecursionError, AttributeError):  # None, or not a record.
+    before = None
+  files.write_text(path, text)
+  if before is None:
+    return {}
+  after = traverse_util.flatten_dict(json.loads(text), sep=".")
+  return {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys())
+          if before.get(k) != after.get(k)}
 
 
 def _report_damaged(resumed: checkpointing.Resumed, writer: MetricWriter) -> None:
@@ -454,7 +468,12 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
     on_refusal.pop_all()
   if jax.process_index() == 0:
     checkpointing.write_model_config(workdir, state.model_config)
-    _record_config(workdir, config)
+    changed = _record_config(workdir, config)
+    if resumed_from is not None and changed:
+      # The steps before the resume ran with the old values: said and kept in the log.
+      writer.write_event(resumed_from, "config_changed", fields=changed)
+      tqdm.write(f"resuming with {len(changed)} changed config field(s): "
+                 + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
   schedule = learning_rate_schedule(config.optimizer)
   train_step = make_train_step(config.loss, schedule, replicated, sharding.batch_sharded(mesh),
