@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minet_jax.core import checkpoint as _checkpoint
 from minet_jax.core.api import apply, apply_checked
@@ -17,6 +17,9 @@ from minet_jax.core.checkpoint import CheckpointError, load_config, save
 from minet_jax.core.config import ModelConfig, model_config, paper_text_variant
 from minet_jax.core.model import MINet
 from minet_jax.core.params import Params, init, model_from_params, params_from_model
+
+if TYPE_CHECKING:  # For type checkers and IDEs; at run time `__getattr__` imports it.
+  from minet_jax.hub import pretrained
 
 __all__ = [
     "CheckpointError",
@@ -59,3 +62,7 @@ def __getattr__(name: str) -> Any:
     from minet_jax.hub import pretrained
     return pretrained
   raise AttributeError(f"module 'minet_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | {"pretrained"})

@@ -31,6 +31,10 @@ def test_add_haze_closed_form():
   np.testing.assert_allclose(fixed, clear / 255 * t + 0.8 * (1 - t), rtol=1e-12)
   with pytest.raises(ValueError, match="depth shape"):
     synthetic.add_haze(clear, depth[:, :1], 1.0, 0.9)
+  wide = synthetic.add_haze(clear.astype(np.uint16) * 257, depth, beta=1.5, airlight=0.8)
+  np.testing.assert_allclose(wide, hazy, rtol=1e-12)  # uint16 on its own 0..65535 scale
+  with pytest.raises(ValueError, match="it is 0 everywhere"):  # 0 / 0: every pixel NaN
+    synthetic.add_haze(clear, np.zeros_like(depth), 1.0, 0.9)
 
 
 def test_examples_follow_the_scattering_model(examples):

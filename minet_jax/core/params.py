@@ -47,6 +47,7 @@ class Params:
       raise ValueError(f"these weights do not fit the config's architecture: {problem}")
 
   def num_params(self) -> int:
+    """The number of weights (628,078 for the released model)."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.weights))
 
   def replace_config(self, **changes: Any) -> Params:

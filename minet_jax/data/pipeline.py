@@ -88,7 +88,8 @@ class CentreCrop(grain.transforms.Map):
 
 
 def stack_batch(elements: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Stacks pairs into float32 [0, 1] NHWC arrays; sizes must agree."""
+  """Stacks pairs into float32 [0, 1] NHWC arrays (uint8 and uint16 scaled by their
+  range, floats taken as [0, 1]); sizes must agree."""
   shapes = {np.shape(e["hazy"]) for e in elements}
   if len(shapes) > 1:
     raise ValueError(
@@ -97,10 +98,11 @@ def stack_batch(elements: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.nd
   batch = {}
   for field in PAIR_FIELDS:
     stacked = np.stack([np.asarray(e[field]) for e in elements])
-    if stacked.dtype == np.uint8:
-      batch[field] = stacked.astype(np.float32) / np.float32(255)
-    else:
-      batch[field] = stacked.astype(np.float32)
+    scale = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}.get(stacked.dtype)
+    if scale is None and not np.issubdtype(stacked.dtype, np.floating):
+      raise ValueError(f"cannot batch {field} images of dtype {stacked.dtype}: uint8, "
+                       "uint16 or float in [0, 1] are taken")
+    batch[field] = stacked.astype(np.float32) / np.float32(scale or 1)
   return batch
 
 

@@ -103,7 +103,7 @@ def add_haze(clear: np.ndarray, depth: np.ndarray, beta: float, airlight: float,
   """Hazes a clear image: I = J * t + A * (1 - t).
 
   Args:
-    clear: HxWx3 clear image J, uint8 or float in [0, 1].
+    clear: HxWx3 clear image J, uint8, uint16 or float in [0, 1].
     depth: HxW depth in metres.
     beta: scattering coefficient (per unit of normalised depth).
     airlight: grey atmospheric light A in [0, 1].
@@ -113,11 +113,16 @@ def add_haze(clear: np.ndarray, depth: np.ndarray, beta: float, airlight: float,
     float64 HxWx3 hazy image (in [0, 1] when J and A are).
   """
   clear = np.asarray(clear)
-  j = clear / 255.0 if clear.dtype == np.uint8 else clear.astype(np.float64)
+  integer_scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(clear.dtype)
+  j = clear / integer_scale if integer_scale else clear.astype(np.float64)
   depth = np.asarray(depth, np.float64)
   if depth.shape != j.shape[:2]:
     raise ValueError(f"depth shape {depth.shape} does not match image shape {j.shape[:2]}")
   scale = depth.max() if depth_scale_m is None else depth_scale_m
+  if not scale > 0:  # 0 / 0 would make every pixel NaN.
+    raise ValueError(f"cannot normalise depth by {scale!r}: "
+                     + ("it is 0 everywhere" if depth_scale_m is None else
+                        "depth_scale_m must be > 0"))
   t = transmission(depth / scale, beta)[..., None]
   return j * t + airlight * (1.0 - t)
 
