@@ -289,9 +289,33 @@ def test_a_failed_validation_keeps_the_state_it_was_given(two_step_run, data_dir
   def failing(self, state):
     raise ValueError("validation images of two sizes: (64, 64) and (48, 64)")
   monkeypatch.setattr(evaluator.Evaluator, "__call__", failing)
+  config = tiny_config(data_dir, num_train_steps=3, eval_every=3, checkpoint_every=10)
   with pytest.raises(ValueError, match="validation images of two sizes"):
-    train_and_evaluate(tiny_config(data_dir, eval_every=3, checkpoint_every=10), workdir)
+    train_and_evaluate(config, workdir)
   assert _steps(workdir / "checkpoints") == [2, 3]
+  monkeypatch.undo()  # Mended: the rerun validates the saved step, though none is left to train.
+  summary = train_and_evaluate(config, workdir)
+  assert summary["step"] == 3 and summary["psnr"] is not None
+  assert [r["step"] for r in read_metrics(workdir) if r.get("split") == "eval"][-1] == 3
+
+
+def test_data_that_fail_before_the_first_step_leave_no_checkpoint(data_dir, tmp_path,
+                                                                  monkeypatch):
+  # A step-0 checkpoint would tie the workdir to a start that never trained.
+  from minet_jax.train import inputs
+
+  def failing(*args, **kwargs):
+    class Iterator:
+      def __next__(self):
+        raise ValueError("cannot batch images of different sizes")
+
+      def get_state(self):
+        return {}
+    return Iterator()
+  monkeypatch.setattr(inputs, "train_iterator", failing)
+  with pytest.raises(ConfigError, match="a rerun resumes from the last checkpoint"):
+    train_and_evaluate(tiny_config(data_dir), tmp_path / "run")
+  assert _steps(tmp_path / "run" / "checkpoints") == []
 
 
 def test_a_sigterm_while_the_last_save_is_written_does_not_kill_the_run(straight_run, data_dir,

@@ -245,7 +245,18 @@ def _teacher(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | No
     return None
   teacher = _resolve_named("teacher", config.init_from if config.teacher == "init_from"
                            else config.teacher)
-  states_used = float(config.teacher_match_weight) > 0 or config.teacher_inputs != "teacher"
+  _check_teacher(config, cfg, teacher)
+  return teacher
+
+
+def _check_teacher(config: ml_collections.ConfigDict, cfg: ModelConfig, teacher: Params
+                   ) -> None:
+  """`ConfigError` when the step would compare the teacher's IM-block states with the
+  student's (the matching term, the student's block inputs, or the penalty at the
+  teacher's answers without an output term: `make_train_step`) and their shapes differ."""
+  states_used = (float(config.teacher_match_weight) > 0 or config.teacher_inputs != "teacher"
+                 or (cfg.contractive_weight > 0 and cfg.contractive_point == "solution"
+                     and not float(config.output_weight)))
   theirs, ours = teacher.config, cfg
   if states_used and (theirs.features, theirs.num_blocks) != (ours.features, ours.num_blocks):
     raise ConfigError(
@@ -253,8 +264,7 @@ def _teacher(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Params | No
         f"{theirs.features} features) do not match config.model's ({ours.num_blocks} of "
         f"{ours.features}), whose block states the matching term compares with its own; "
         "a teacher of another architecture can only give the output term "
-        "(teacher_match_weight 0, teacher_inputs 'teacher')")
-  return teacher
+        "(teacher_match_weight 0, teacher_inputs 'teacher', output_weight > 0)")
 
 
 def step_options(config: ml_collections.ConfigDict, cfg: ModelConfig,
@@ -388,7 +398,9 @@ def _train_prior(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: p
                      *((f"init_blocks_from[{i}]", s)
                        for i, s in enumerate(config.init_blocks_from))]:
     if spec and pathlib.Path(spec).expanduser().absolute() != prior_dir:
-      _resolve_named(name, spec)
+      weights = _resolve_named(name, spec)
+      if name == "teacher":  # Before that run, which may take hours, not after it.
+        _check_teacher(config, cfg, weights)
   if jax.process_index() == 0:
     tqdm.write(f"config.init_from {prior_dir} is not trained to its last step: training it "
                f"first with {config.init_from_config} (this run's --config overrides do "
@@ -403,9 +415,9 @@ def _train_prior(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: p
 
 def _resume_or_start(config: ml_collections.ConfigDict, cfg: ModelConfig, start: _Start,
                      ckpts: checkpointing.Checkpoints, train_iter: Any, writer: MetricWriter,
-                     mesh: Any) -> tuple[TrainState, int | None]:
-  """(state, the step resumed from or None): the newest intact checkpoint with the data
-  iterator moved to its position, else a fresh start."""
+                     mesh: Any) -> tuple[TrainState, int | None, dict[str, Any]]:
+  """(state, the step resumed from or None, its checkpoint's meta): the newest intact
+  checkpoint with the data iterator moved to its position, else a fresh start."""
   try:
     resumed = ckpts.restore_newest_intact(abstract_train_state(config, cfg),
                                           sharding.replicated(mesh))
@@ -426,7 +438,7 @@ def _resume_or_start(config: ml_collections.ConfigDict, cfg: ModelConfig, start:
       tqdm.write(f"starting afresh; the best checkpoint of an earlier attempt in this "
                  f"workdir ({earlier_best:.2f} dB) stays, and is replaced only by a better "
                  "validation")
-    return state, None
+    return state, None, {}
   try:
     inputs.restore_iterator(train_iter, resumed.data, int(config.data.worker_count))
   except (KeyError, ValueError, TypeError, IndexError) as e:  # Also grain's, on another layout.
@@ -440,7 +452,7 @@ def _resume_or_start(config: ml_collections.ConfigDict, cfg: ModelConfig, start:
         "with") from e
   writer.write_event(resumed.step, "resume", from_step=resumed.step,
                      skipped_damaged=[d.step for d in resumed.damaged])
-  return resumed.state, resumed.step
+  return resumed.state, resumed.step, resumed.meta
 
 
 def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib.Path,
@@ -463,8 +475,8 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
     ckpts = checkpointing.Checkpoints(workdir, keep=int(config.keep_checkpoints),
                                       async_save=bool(config.async_checkpointing))
     on_refusal.callback(ckpts.close)
-    state, resumed_from = _resume_or_start(config, cfg, start, ckpts, train_iter, writer,
-                                           mesh)
+    state, resumed_from, resumed_meta = _resume_or_start(config, cfg, start, ckpts,
+                                                         train_iter, writer, mesh)
     on_refusal.pop_all()
   if jax.process_index() == 0:
     checkpointing.write_model_config(workdir, state.model_config)
@@ -507,19 +519,27 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
         f"{what}; training stopped without saving it. {resume} Lower "
         "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm first.")
 
-  def save(state: TrainState) -> None:
+  def save(state: TrainState, *, validation_pending: bool = False) -> None:
     meta = {"time": time.time(), **{f"eval_{k}": v for k, v in last_scores.items()}}
+    if validation_pending:  # A resume validates it first (`_train`).
+      meta["validation_pending"] = True
     try:
       ckpts.save(state, inputs.iterator_state(train_iter), meta)
     except checkpointing.NotFiniteError as e:
       stop_diverged(int(state.step), str(e), "non_finite_state")
 
-  def saved_before_failing(state: TrainState) -> bool:
+  def saved_before_failing(state: TrainState, *, validation_pending: bool = False) -> bool:
     """Saves the state that a failure outside the step (validation, the data) would
     leave unsaved, so that a rerun loses no steps; True once it is on disk. Its own
-    failure is not reported: the first one is what stops the run."""
+    failure is not reported: the first one is what stops the run.
+
+    Only steps trained since the last checkpoint are saved (a step-0 checkpoint would
+    tie the workdir to a start that never trained), and only in a one-process job: the
+    other processes of a job are not at this point, and a save waits for them all."""
+    if jax.process_count() > 1 or int(state.step) <= (ckpts.latest_step() or 0):
+      return False
     try:
-      save(state)
+      save(state, validation_pending=validation_pending)
       ckpts.wait()
     except Exception:
       return False
@@ -558,6 +578,10 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
         tqdm.write(f"{stop.name}: saved step {step} in {workdir}; rerun to resume")
 
     with stop.installed():
+      if resumed_meta.get("validation_pending"):
+        # Saved when its validation failed: validated now, the fault presumably mended
+        # (or the run stops again, in one line, and the step stays saved).
+        evaluate(state)
       while step < total:
         try:
           local = next(train_iter)
@@ -605,7 +629,8 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
           except NonFiniteLossError:
             raise  # Its checkpoints are set aside; this state is not to be kept.
           except Exception:
-            saved_before_failing(state)  # A validation that fails costs no training.
+            # A validation that fails costs no training; a resume validates this step.
+            saved_before_failing(state, validation_pending=True)
             raise
         if step % int(config.checkpoint_every) == 0 or step == total:
           save(state)
