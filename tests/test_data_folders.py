@@ -108,6 +108,12 @@ def test_generic_paired_folder(tmp_path):
     _write(tmp_path / "id" / "hazy" / name, _random_image(rng, 5, 5))
   _write(tmp_path / "id" / "gt" / "1400.png", _random_image(rng, 5, 5))
   assert [r.clear.name for r in folders.find_paired_folder(tmp_path / "id")] == ["1400.png"] * 2
+  # Ground truths named the scene with more after it, or less (D-HAZY, Middlebury, ITS-like).
+  for hazy, gt in [("0001_0.8_0.2.png", "0001_GT.png"), ("1_Hazy.png", "1_Image_.png"),
+                   ("Adirondack_Hazy.png", "Adirondack_im0.png")]:
+    _write(tmp_path / hazy / "hazy" / hazy, _random_image(rng, 5, 5))
+    _write(tmp_path / hazy / "gt" / gt, _random_image(rng, 5, 5))
+    assert [r.clear.name for r in folders.find_paired_folder(tmp_path / hazy)] == [gt]
   # Another photograph of the same id prefix is no match: a missing ground truth stays missing.
   for sub, name in [("hazy", "IMG_0001.jpg"), ("hazy", "IMG_0002.jpg"), ("gt", "IMG_0001.jpg")]:
     _write(tmp_path / "cam" / sub / name, _random_image(rng, 5, 5))

@@ -56,7 +56,8 @@ ITS/
 PAIRED_TREE = """\
 <root>/
   hazy/<id>[_anything].<ext>      e.g. 01_outdoor_hazy.jpg, 1400_1.png
-  gt/<the same, or <id>>.<ext>    e.g. 01_outdoor_GT.jpg, 1400.png   (or GT/, clear/, clean/)
+  gt/<id>[_anything].<ext>        e.g. 01_outdoor_GT.jpg, 1400.png   (or GT/, clear/, clean/)
+  (a pair's names, less _hazy / _GT, are equal, or one is the other and _more)
 or, flat (NH-HAZE style):
 <root>/<id>_hazy.<ext> and <root>/<id>_GT.<ext>"""
 
@@ -306,17 +307,25 @@ def _untagged(stem: str) -> str:
   return tagged["id"] if tagged else stem
 
 
+def _names_one_scene(a: str, b: str) -> bool:
+  """Whether two untagged stems name one scene: equal, or one is the other followed by
+  ``_`` and more (``1400`` and ``1400_1``, ``0001`` and ``0001_0.8_0.2``, ``1`` and
+  ``1_Image_``), not two names that merely share a prefix (``IMG_0001``, ``IMG_0002``)."""
+  return a == b or a.startswith(b + "_") or b.startswith(a + "_")
+
+
 def _match_paired(path: pathlib.Path, lookup) -> PairRecord | None:
   """The clear image of identical stem; else the one of its scene id (the stem up to
-  the first ``_``) that is named the id itself (``1400`` for ``1400_1``) or the same
-  once both lose their tags (``01_outdoor_GT`` for ``01_outdoor_hazy``). Another image
-  of the same id (``IMG_0001`` for ``IMG_0002``) is another photograph, not a match."""
+  the first ``_``) whose name, once both lose their ``_hazy`` / ``_GT`` tags, names the
+  same scene (`_names_one_scene`): ``01_outdoor_GT`` for ``01_outdoor_hazy``, ``1400``
+  for ``1400_1``, ``0001_GT`` for ``0001_0.8_0.2``. Another image of the same id
+  (``IMG_0001`` for ``IMG_0002``) is another photograph, not a match."""
   by_stem, by_scene = lookup
   scene = _scene_of(path.stem)
   if path.stem in by_stem:
     return PairRecord(path, by_stem[path.stem], scene, path.stem)
-  matches = [c for c in by_scene.get(scene, [])
-             if c.stem == scene or _untagged(c.stem) == _untagged(path.stem)]
+  mine = _untagged(path.stem)
+  matches = [c for c in by_scene.get(scene, []) if _names_one_scene(_untagged(c.stem), mine)]
   if len(matches) > 1:
     raise _Problem(f"{path.name} matches several ground truths: "
                    f"{', '.join(p.name for p in matches)}")
