@@ -15,8 +15,8 @@ The protocol (the one the authors' published SOTS scores use):
 All functions accept a single ``(H, W, C)`` image or a batch ``(..., H, W, C)``
 and return one score per image; `psnr` and `ssim` take two images of one shape.
 Images on a 0..1 scale (what `minet_jax.apply` and `read_rgb` return) need
-``data_range=1.0``: with the default 255, a concrete float image whose values all lie
-in (0, 1] is refused, since it would score about 48 dB too high.
+``data_range=1.0``: with the default 255, two concrete float images whose values all
+lie in [0, 1] are refused, since they would score about 48 dB too high.
 """
 
 from __future__ import annotations
@@ -40,24 +40,35 @@ def match_ground_truth(output, gt):
   return centre_crop(gt, output.shape[-3], output.shape[-2])
 
 
-def _check_pair(name: str, output: ArrayLike, target: ArrayLike, data_range: float) -> None:
-  """Refuses images of two shapes (no broadcasting) and, outside a trace, a float image
-  on a 0..1 scale scored with a data_range above 1 (module docstring)."""
+def _check_shapes(name: str, output: ArrayLike, target: ArrayLike) -> None:
+  """Refuses images of two shapes: no broadcasting (scikit-image refuses them too)."""
   shapes = jnp.shape(output), jnp.shape(target)
   if shapes[0] != shapes[1] or len(shapes[0]) < 3:
     raise ValueError(f"{name} compares two images (H, W, C) or batches of one shape, got "
                      f"output {shapes[0]} and target {shapes[1]}")
+
+
+def _check_scale(name: str, output: ArrayLike, target: ArrayLike, data_range: float) -> None:
+  """Outside a trace, refuses two float images that both look like 0..1 data (peaks in
+  (0, 1]) scored with a data_range above 1 (module docstring); an integer image is on
+  its own scale, however dark."""
   if data_range <= 1.0:
     return
-  for what, image in (("output", output), ("target", target)):
+  peaks = []
+  for image in (output, target):
     if isinstance(image, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(image),
                                                                 jnp.floating):
-      continue
-    peak = float(np.nanmax(np.asarray(image, np.float32))) if np.size(image) else 0.0
-    if 0.0 < peak <= 1.0:
-      raise ValueError(f"{name}: the {what} is a float image on a 0..1 scale (max "
-                       f"{peak:.3g}) scored with data_range={data_range:g}; pass "
-                       "data_range=1.0, or scale both images to 0..255")
+      return
+    peaks.append(float(np.nanmax(np.asarray(image, np.float32))) if np.size(image) else 0.0)
+  if all(peak <= 1.0 for peak in peaks) and max(peaks) > 0.0:
+    raise ValueError(f"{name}: both images look like 0..1 data (peaks {peaks[0]:.3g} and "
+                     f"{peaks[1]:.3g}) but are scored with data_range={data_range:g}; pass "
+                     "data_range=1.0, or scale them to 0..255")
+
+
+def _check_pair(name: str, output: ArrayLike, target: ArrayLike, data_range: float) -> None:
+  _check_shapes(name, output, target)
+  _check_scale(name, output, target, data_range)
 
 
 def psnr(output: ArrayLike, target: ArrayLike, data_range: float = DATA_RANGE) -> jax.Array:
@@ -134,9 +145,12 @@ def protocol_scores(output, gt, data_range: float = DATA_RANGE) -> tuple[jax.Arr
   ``output`` is an unclipped image or batch on the ``data_range`` scale; ``gt``
   may be larger and is centre-cropped.
   """
+  _check_scale("protocol_scores", output, gt, data_range)  # On the caller's own dtypes.
   output = jnp.clip(jnp.asarray(output, jnp.float32), 0.0, data_range)
   gt = match_ground_truth(output, jnp.asarray(gt, jnp.float32))
-  return psnr(output, gt, data_range=data_range), ssim(output, gt, data_range=data_range)
+  _check_shapes("protocol_scores", output, gt)
+  return (_psnr(output, gt, data_range=data_range),
+          _ssim(output, gt, data_range=data_range, sigma=1.5, k1=0.01, k2=0.03))
 
 
 def dehazing_scores(output, gt, data_range: float = DATA_RANGE) -> tuple[float, float]:

@@ -60,14 +60,17 @@ def test_images_on_a_0_to_1_scale_need_their_data_range():
   want = peak_signal_noise_ratio(gt, out, data_range=1.0)
   assert abs(float(metrics.psnr(out, gt, data_range=1.0)) - want) < 1e-4
   for score in (metrics.psnr, metrics.ssim):  # The default 255 would read 48 dB too high.
-    with pytest.raises(ValueError, match="0..1 scale.*pass data_range=1.0"):
+    with pytest.raises(ValueError, match="look like 0..1 data.*pass data_range=1.0"):
       score(out, gt)
     with pytest.raises(ValueError, match=r"one shape, got output \(16, 16, 3\) and target "
                                          r"\(16, 16, 1\)"):  # skimage refuses it too
       score(out, gt[..., :1], data_range=1.0)
-  # A dark 0..255 image in integers is no mistake; inside a trace values are not seen.
+  # A dark 0..255 image is no mistake in integers, or beside a brighter one; inside a
+  # trace values are not seen.
   dark = (gt * 2).astype(np.uint8)
   assert np.isfinite(float(metrics.psnr(dark, np.ones_like(dark))))
+  assert np.isfinite(metrics.dehazing_scores(out * 0.5, dark)[0])
+  assert np.isfinite(float(metrics.psnr(out * 0.5, gt * 40)))
   assert float(jax.jit(metrics.psnr)(out, gt)) == pytest.approx(want + 20 * np.log10(255), 1e-4)
 
 
