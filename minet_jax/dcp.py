@@ -120,7 +120,7 @@ def _one_image(image: ArrayLike) -> jax.Array:
   """``image`` as float32 (H, W, 3) in [0, 1], checked as `minet_jax.apply` checks its
   input (uint8 and uint16 scaled by their range; NaN and 0..255 floats refused)."""
   x = api.to_float_rgb(image)
-  if x.shape[0] != 1:
+  if jnp.ndim(image) != 3:
     raise ValueError(f"the dark channel prior takes one (H, W, 3) image, got shape "
                      f"{tuple(jnp.shape(image))}; call it once per image")
   return x[0]

@@ -119,17 +119,22 @@ def test_save_refuses_to_clobber(params, tmp_path):
   target = tmp_path / "ckpt"
   target.mkdir()
   (target / "keep.txt").write_text("precious")
-  with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite=True"):
-    minet_jax.save(params, target)
   # Replacing deletes the folder's contents: only a saved model's are ever replaced.
-  with pytest.raises(FileExistsError, match=r"not a saved model \(keep.txt\)"):
-    minet_jax.save(params, target, overwrite=True)
+  for overwrite in (False, True):
+    with pytest.raises(FileExistsError, match=r"not a saved model \(keep.txt\)"):
+      minet_jax.save(params, target, overwrite=overwrite)
   assert (target / "keep.txt").read_text() == "precious"
   with pytest.raises(FileExistsError, match="is a file"):
     minet_jax.save(params, target / "keep.txt", overwrite=True)
   (target / "keep.txt").unlink()
   minet_jax.save(params, target)
+  with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite=True"):
+    minet_jax.save(params, target)
   minet_jax.save(params, target, overwrite=True)
+  (target / "notes.txt").write_text("mine")  # A saved model with a file of the user's.
+  with pytest.raises(FileExistsError, match=r"not a saved model \(notes.txt\)"):
+    minet_jax.save(params, target, overwrite=True)
+  assert (target / "notes.txt").read_text() == "mine"
   assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
 
 

@@ -33,7 +33,7 @@ def test_add_haze_closed_form():
     synthetic.add_haze(clear, depth[:, :1], 1.0, 0.9)
   wide = synthetic.add_haze(clear.astype(np.uint16) * 257, depth, beta=1.5, airlight=0.8)
   np.testing.assert_allclose(wide, hazy, rtol=1e-12)  # uint16 on its own 0..65535 scale
-  with pytest.raises(ValueError, match="it is 0 everywhere"):  # 0 / 0: every pixel NaN
+  with pytest.raises(ValueError, match="maximum must be > 0"):  # 0 / 0: every pixel NaN
     synthetic.add_haze(clear, np.zeros_like(depth), 1.0, 0.9)
 
 

@@ -380,7 +380,8 @@ def test_a_checkpoint_the_system_cannot_read_is_left_in_place(straight_run, data
       raise ValueError("orbax: restore failed") from e
   monkeypatch.setattr(checkpointing.Checkpoints, "restore", restore)
   with pytest.raises(checkpointing.CheckpointUnreadableError,
-                     match="checkpoint 4 .* could not be read .*nothing was moved"):
+                     match=r"checkpoint 4 \(.*checkpoints/4\) could not be read "
+                           r".*nothing was moved"):
     train_and_evaluate(tiny_config(data_dir), workdir)
   assert {name: _tree(workdir / name) for name in ("checkpoints", "best")} == before
   assert not (workdir / "damaged_checkpoints").exists()

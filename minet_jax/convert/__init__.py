@@ -83,7 +83,7 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *,
   out_dir = pathlib.Path(out_dir).expanduser()
   checkpoint.check_destination(out_dir, replace=force, how="choose another folder or pass "
                                "--force (force=True) to replace it")
-  source = pathlib.Path(checkpoint_path).resolve()
+  source = pathlib.Path(checkpoint_path).expanduser().resolve()
   if out_dir.is_dir() and out_dir.resolve() in source.parents:
     raise ValueError(f"refusing to replace {out_dir}: it holds the checkpoint being converted "
                      f"({checkpoint_path}); choose another folder")
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("checkpoint", help="PyTorch .pth file (legacy or zip format)")
   parser.add_argument("out_dir", help="checkpoint folder to create (must not exist or be empty)")
   parser.add_argument("--force", action="store_true",
-                      help="replace out_dir if it already holds files")
+                      help="replace out_dir if it already holds a converted or saved "
+                           "model (and nothing else)")
   args = parser.parse_args(argv)
   try:
     params = convert(args.checkpoint, args.out_dir, force=args.force)

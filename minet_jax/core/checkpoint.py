@@ -299,7 +299,8 @@ def weights_to_save(weights: Any) -> dict:
 def check_destination(path: pathlib.Path, *, replace: bool, how: str) -> None:
   """Refuses a folder a model must not be saved to (`FileExistsError`): a file; a
   non-empty folder unless ``replace`` (``how`` says how to ask for that); and, even
-  then, a folder that is not a saved model, since replacing it deletes all it holds."""
+  then, a folder that holds anything but a saved model, since replacing it deletes all
+  it holds."""
   if not path.exists():
     return
   if not path.is_dir():
@@ -307,13 +308,15 @@ def check_destination(path: pathlib.Path, *, replace: bool, how: str) -> None:
   held = sorted(p.name for p in path.iterdir())
   if not held:
     return
+  others = [name for name in held if name not in (WEIGHTS_DIR, CONFIG_FILE)]
+  if others or not is_saved_model(path):
+    named = others or held  # A model's files, but not all of them: named too.
+    shown = ", ".join(named[:3]) + (", ..." if len(named) > 3 else "")
+    raise FileExistsError(f"{path} holds files that are not a saved model ({shown}); "
+                          "replacing it would delete them, so only a folder that holds a "
+                          "saved model alone is replaced: choose another folder")
   if not replace:
     raise FileExistsError(f"{path} exists and is not empty; {how}")
-  if not is_saved_model(path):
-    shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
-    raise FileExistsError(f"{path} holds files that are not a saved model ({shown}); "
-                          "replacing it would delete them, so only a folder a model was "
-                          "saved to is replaced: choose another folder")
 
 
 def save(params: Params, path: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:

@@ -282,14 +282,20 @@ class Checkpoints:
         meta=ocp.args.JsonSave({"step": step, **meta, **_record(state, weights)})))
     return True
 
-  def _refuse_if_not_damage(self, step: int, error: BaseException) -> None:
-    """Raises `CheckpointUnreadableError` when reading ``step`` failed for a reason
-    outside its files (`not_damage`): the checkpoint stays where it is."""
-    if not_damage(error):
-      raise CheckpointUnreadableError(
-          f"checkpoint {step} in {self.workdir} could not be read "
-          f"({checkpoint.one_line_error(error)}); that is no damage to its files, so "
-          "nothing was moved: mend it and rerun to resume") from error
+  def _refuse_if_not_damage(self, step: int, error: BaseException, *,
+                            manager: ocp.CheckpointManager | None = None) -> None:
+    """Raises `CheckpointUnreadableError` when reading ``step`` of ``manager`` (default:
+    the resumable checkpoints) failed for a reason outside its files (`not_damage`):
+    the checkpoint stays where it is."""
+    if not not_damage(error):
+      return
+    manager = self.latest if manager is None else manager
+    what = "the best checkpoint" if manager is self.best else "checkpoint"
+    folder = pathlib.Path(manager.directory) / str(step)
+    raise CheckpointUnreadableError(
+        f"{what} {step} ({folder}) could not be read ({checkpoint.one_line_error(error)}); "
+        "that is no damage to its files, so nothing was moved: mend it and rerun to "
+        "resume (a fault that stays: move that folder aside by hand)") from error
 
   def best_psnr(self) -> float | None:
     """The validation PSNR of the best checkpoint so far (None before the first).
@@ -305,7 +311,7 @@ class Checkpoints:
       meta = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       return float(meta.meta["psnr"])
     except Exception as e:  # orbax raises many types for damaged files.
-      self._refuse_if_not_damage(step, e)
+      self._refuse_if_not_damage(step, e, manager=self.best)
       moved = self._move_aside(step, manager=self.best, name=f"best-{step}",
                                all_processes=True)
       if moved is not None:

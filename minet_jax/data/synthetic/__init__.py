@@ -121,8 +121,8 @@ def add_haze(clear: np.ndarray, depth: np.ndarray, beta: float, airlight: float,
   scale = depth.max() if depth_scale_m is None else depth_scale_m
   if not scale > 0:  # 0 / 0 would make every pixel NaN.
     raise ValueError(f"cannot normalise depth by {scale!r}: "
-                     + ("it is 0 everywhere" if depth_scale_m is None else
-                        "depth_scale_m must be > 0"))
+                     + ("its maximum must be > 0 (0 everywhere, negative or NaN?)"
+                        if depth_scale_m is None else "depth_scale_m must be > 0"))
   t = transmission(depth / scale, beta)[..., None]
   return j * t + airlight * (1.0 - t)
 
