@@ -299,10 +299,18 @@ def test_a_failed_validation_keeps_the_state_it_was_given(two_step_run, data_dir
   assert [r["step"] for r in read_metrics(workdir) if r.get("split") == "eval"][-1] == 3
 
 
-def test_data_that_fail_before_the_first_step_leave_no_checkpoint(data_dir, tmp_path,
-                                                                  monkeypatch):
-  # A step-0 checkpoint would tie the workdir to a start that never trained.
+def test_data_that_fail_before_the_first_step_leave_no_checkpoint(two_step_run, data_dir,
+                                                                  tmp_path, monkeypatch,
+                                                                  capsys):
+  # A step-0 checkpoint would tie the workdir to a start that never trained. The workdir
+  # is an earlier attempt's with its resumable checkpoints gone: its best stays, said so.
   from minet_jax.train import inputs
+  workdir = tmp_path / "run"
+  shutil.copytree(two_step_run, workdir)
+  shutil.rmtree(workdir / "checkpoints")
+  earlier = checkpointing.Checkpoints(workdir, async_save=False)
+  best = earlier.best_psnr()
+  earlier.close()
 
   def failing(*args, **kwargs):
     class Iterator:
@@ -314,8 +322,12 @@ def test_data_that_fail_before_the_first_step_leave_no_checkpoint(data_dir, tmp_
     return Iterator()
   monkeypatch.setattr(inputs, "train_iterator", failing)
   with pytest.raises(ConfigError, match="a rerun resumes from the last checkpoint"):
-    train_and_evaluate(tiny_config(data_dir), tmp_path / "run")
-  assert _steps(tmp_path / "run" / "checkpoints") == []
+    train_and_evaluate(tiny_config(data_dir), workdir)
+  assert _steps(workdir / "checkpoints") == []
+  assert f"the best checkpoint of an earlier attempt in this workdir ({best:.2f} dB) stays" in (
+      capsys.readouterr().out)
+  start = [r for r in read_metrics(workdir) if r.get("event") == "start"][-1]
+  assert start["earlier_best_psnr"] == pytest.approx(best)
 
 
 def test_a_sigterm_while_the_last_save_is_written_does_not_kill_the_run(straight_run, data_dir,
@@ -1585,20 +1597,6 @@ def test_a_replacement_cut_short_by_a_crash_puts_the_old_best_back(tmp_path):
   finally:
     ckpts.close()
   assert sorted(p.name for p in best.iterdir()) == ["6"]
-
-
-def test_a_fresh_start_beside_an_earlier_best_says_so(two_step_run, data_dir, tmp_path, capsys):
-  workdir = tmp_path / "again"
-  shutil.copytree(two_step_run, workdir)
-  shutil.rmtree(workdir / "checkpoints")  # Nothing to resume; the earlier best stays.
-  earlier = checkpointing.Checkpoints(workdir, async_save=False)
-  best = earlier.best_psnr()
-  earlier.close()
-  train_and_evaluate(tiny_config(data_dir, num_train_steps=1), workdir)
-  assert f"the best checkpoint of an earlier attempt in this workdir ({best:.2f} dB) stays" in (
-      capsys.readouterr().out)
-  start = [r for r in read_metrics(workdir) if r.get("event") == "start"][-1]
-  assert start["earlier_best_psnr"] == pytest.approx(best)
 
 
 def test_a_resume_with_changed_settings_records_them(two_step_run, data_dir, tmp_path, capsys):
