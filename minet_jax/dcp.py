@@ -43,7 +43,7 @@ class DCPConfig:
   guided_eps: float = 1e-4  # guided filter regulariser on the [0, 1] gray guide
 
 
-def dark_channel(image, patch: int = 15):
+def dark_channel(image: jax.Array, patch: int = 15) -> jax.Array:
   """min over RGB then over a ``patch x patch`` window (clipped at the borders)."""
   if patch < 1 or patch % 2 == 0:
     raise ValueError(f"patch must be a positive odd size, got {patch}")
@@ -65,13 +65,14 @@ def _box_mean_axis(x, r: int, axis: int):
 
 
 @functools.partial(jax.jit, static_argnames=("r",))
-def box_mean(x, r: int):
+def box_mean(x: jax.Array, r: int) -> jax.Array:
   """Mean of x (H, W, ...) over (2r+1)^2 windows clipped at the borders."""
   return _box_mean_axis(_box_mean_axis(x, r, 0), r, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("radius", "eps"))
-def guided_filter(guide, src, radius: int = 60, eps: float = 1e-4):
+def guided_filter(guide: jax.Array, src: jax.Array, radius: int = 60, eps: float = 1e-4
+                  ) -> jax.Array:
   """He et al.'s guided filter with a gray guide (H, W) and source (H, W)."""
   # Centring keeps the float32 variance mean(I^2) - mean(I)^2 accurate.
   g = guide - jnp.mean(guide)
@@ -83,7 +84,8 @@ def guided_filter(guide, src, radius: int = 60, eps: float = 1e-4):
   return box_mean(a, radius) * g + box_mean(b, radius)
 
 
-def atmospheric_light(image, dark, top_fraction: float = 0.001):
+def atmospheric_light(image: jax.Array, dark: jax.Array, top_fraction: float = 0.001
+                      ) -> jax.Array:
   """A: the brightest input pixel among the top ``top_fraction`` of the dark channel."""
   flat_dark = dark.reshape(-1)
   k = max(1, int(flat_dark.shape[0] * top_fraction))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Iterable
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -36,6 +37,8 @@ from minet_jax.core import files
 from minet_jax.core.config import is_count
 
 PathLike = str | os.PathLike
+# An image of either kind: centre_crop slices numpy and JAX arrays alike.
+ArrayT = TypeVar("ArrayT")
 
 # Suffixes the folder walkers pick up; anything Pillow opens can still be passed by name.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -179,7 +182,7 @@ def image_size(path: PathLike, *, max_megapixels: float | None = DEFAULT_MAX_MEG
     raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
-def read_rgb(path: PathLike, dtype=np.float32, *,
+def read_rgb(path: PathLike, dtype: type | np.dtype = np.float32, *,
              max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
              bytes_per_pixel: float = READ_BYTES_PER_PIXEL,
              limit_name: str = "max_megapixels") -> np.ndarray:
@@ -231,7 +234,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
   return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def centre_crop(image, height: int, width: int):
+def centre_crop(image: ArrayT, height: int, width: int) -> ArrayT:
   """The centre ``height x width`` window of an image; equal sizes pass through.
 
   ``image`` is (H, W), (H, W, C) or a batch (..., H, W, C), a numpy or a JAX array

@@ -33,7 +33,7 @@ from minet_jax.image_io import centre_crop
 DATA_RANGE = 255.0
 
 
-def match_ground_truth(output, gt):
+def match_ground_truth(output: jax.Array, gt: jax.Array) -> jax.Array:
   """Centre-crops ``gt`` to ``output``'s size when it is larger (SOTS 640x480 GT)."""
   if output.shape[-1] != gt.shape[-1]:
     raise ValueError(f"channel count differs: output {output.shape}, ground truth {gt.shape}")
@@ -139,7 +139,8 @@ def _ssim(output, target, data_range: float, sigma: float, k1: float, k2: float)
   return jnp.mean(s, axis=(1, 2, 3)).reshape(batch)
 
 
-def protocol_scores(output, gt, data_range: float = DATA_RANGE) -> tuple[jax.Array, jax.Array]:
+def protocol_scores(output: ArrayLike, gt: ArrayLike, data_range: float = DATA_RANGE
+                    ) -> tuple[jax.Array, jax.Array]:
   """Per-image (PSNR, SSIM) of outputs against ground truths under the protocol above.
 
   ``output`` is an unclipped image or batch on the ``data_range`` scale; ``gt``
@@ -153,7 +154,8 @@ def protocol_scores(output, gt, data_range: float = DATA_RANGE) -> tuple[jax.Arr
           _ssim(output, gt, data_range=data_range, sigma=1.5, k1=0.01, k2=0.03))
 
 
-def dehazing_scores(output, gt, data_range: float = DATA_RANGE) -> tuple[float, float]:
+def dehazing_scores(output: ArrayLike, gt: ArrayLike, data_range: float = DATA_RANGE
+                    ) -> tuple[float, float]:
   """`protocol_scores` of one image, as Python floats."""
   p, s = protocol_scores(output, gt, data_range)
   return float(p), float(s)
