@@ -16,7 +16,8 @@ All functions accept a single ``(H, W, C)`` image or a batch ``(..., H, W, C)``
 and return one score per image; `psnr` and `ssim` take two images of one shape.
 Images on a 0..1 scale (what `minet_jax.apply` and `read_rgb` return) need
 ``data_range=1.0``: with the default 255, two concrete float images whose values all
-lie in [0, 1] are refused, since they would score about 48 dB too high.
+lie in [0, 2] (an unclipped output overshoots 1) are refused, since they would score
+about 48 dB too high.
 """
 
 from __future__ import annotations
@@ -48,19 +49,26 @@ def _check_shapes(name: str, output: ArrayLike, target: ArrayLike) -> None:
                      f"output {shapes[0]} and target {shapes[1]}")
 
 
+# A float image whose peak is at most this, scored on the 0..255 scale, is 0..1 data: a
+# model's unclipped output overshoots 1 a little, and a 0..255 image this dark is black.
+_UNIT_SCALE_PEAK = 2.0
+
+
 def _check_scale(name: str, output: ArrayLike, target: ArrayLike, data_range: float) -> None:
   """Outside a trace, refuses two float images that both look like 0..1 data (peaks in
-  (0, 1]) scored with a data_range above 1 (module docstring); an integer image is on
-  its own scale, however dark."""
-  if data_range <= 1.0:
+  (0, `_UNIT_SCALE_PEAK`]) scored with a data_range above that (module docstring); an
+  integer image is on its own scale, however dark."""
+  if data_range <= _UNIT_SCALE_PEAK:
     return
   peaks = []
   for image in (output, target):
-    if isinstance(image, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(image),
-                                                                jnp.floating):
+    if isinstance(image, jax.core.Tracer):
+      return
+    image = image if hasattr(image, "dtype") else np.asarray(image)  # Lists, scalars.
+    if not jnp.issubdtype(image.dtype, jnp.floating):
       return
     peaks.append(float(np.nanmax(np.asarray(image, np.float32))) if np.size(image) else 0.0)
-  if all(peak <= 1.0 for peak in peaks) and max(peaks) > 0.0:
+  if all(peak <= _UNIT_SCALE_PEAK for peak in peaks) and max(peaks) > 0.0:
     raise ValueError(f"{name}: both images look like 0..1 data (peaks {peaks[0]:.3g} and "
                      f"{peaks[1]:.3g}) but are scored with data_range={data_range:g}; pass "
                      "data_range=1.0, or scale them to 0..255")

@@ -131,6 +131,8 @@ def test_save_refuses_to_clobber(params, tmp_path):
   with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite=True"):
     minet_jax.save(params, target)
   minet_jax.save(params, target, overwrite=True)
+  (target / ".DS_Store").write_bytes(b"\0")  # A file manager's: no reason to refuse.
+  minet_jax.save(params, target, overwrite=True)
   (target / "notes.txt").write_text("mine")  # A saved model with a file of the user's.
   with pytest.raises(FileExistsError, match=r"not a saved model \(notes.txt\)"):
     minet_jax.save(params, target, overwrite=True)

@@ -114,6 +114,13 @@ def test_generic_paired_folder(tmp_path):
     _write(tmp_path / hazy / "hazy" / hazy, _random_image(rng, 5, 5))
     _write(tmp_path / hazy / "gt" / gt, _random_image(rng, 5, 5))
     assert [r.clear.name for r in folders.find_paired_folder(tmp_path / hazy)] == [gt]
+  # Two datasets in one folder: the equal name wins (01_hazy is 01_GT's, not 01_outdoor_GT's).
+  for sub, name in [("hazy", "01_outdoor_hazy.jpg"), ("hazy", "01_hazy.png"),
+                    ("GT", "01_outdoor_GT.jpg"), ("GT", "01_GT.png")]:
+    _write(tmp_path / "mixed" / sub / name, _random_image(rng, 5, 5))
+  assert sorted((r.hazy.name, r.clear.name) for r in folders.find_paired_folder(
+      tmp_path / "mixed")) == [("01_hazy.png", "01_GT.png"),
+                               ("01_outdoor_hazy.jpg", "01_outdoor_GT.jpg")]
   # Another photograph of the same id prefix is no match: a missing ground truth stays missing.
   for sub, name in [("hazy", "IMG_0001.jpg"), ("hazy", "IMG_0002.jpg"), ("gt", "IMG_0001.jpg")]:
     _write(tmp_path / "cam" / sub / name, _random_image(rng, 5, 5))

@@ -62,6 +62,8 @@ def test_images_on_a_0_to_1_scale_need_their_data_range():
   for score in (metrics.psnr, metrics.ssim):  # The default 255 would read 48 dB too high.
     with pytest.raises(ValueError, match="look like 0..1 data.*pass data_range=1.0"):
       score(out, gt)
+    with pytest.raises(ValueError, match="look like 0..1 data"):  # An unclipped output.
+      score(out * 1.03, gt)
     with pytest.raises(ValueError, match=r"one shape, got output \(16, 16, 3\) and target "
                                          r"\(16, 16, 1\)"):  # skimage refuses it too
       score(out, gt[..., :1], data_range=1.0)

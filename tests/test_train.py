@@ -293,10 +293,25 @@ def test_a_failed_validation_keeps_the_state_it_was_given(two_step_run, data_dir
   with pytest.raises(ValueError, match="validation images of two sizes"):
     train_and_evaluate(config, workdir)
   assert _steps(workdir / "checkpoints") == [2, 3]
+  assert checkpointing.validation_pending(workdir, 3)
+  # A run that starts from this one (init_from_config) does not take it as finished.
+  from minet_jax.train import loop
+  prior_file = tmp_path / "prior.py"
+  prior_file.write_text(
+      "from minet_jax.train import config_file\n\n\ndef get_config():\n"
+      f"  config = config_file.load_module({str(REPO / 'configs' / 'tiny.py')!r}).get_config()\n"
+      "  config.num_train_steps = 3\n  return config\n")
+  chained = tiny_config(data_dir, init_from=str(workdir), init_from_config=str(prior_file))
+  cfg = validate_config(chained)
+  assert loop._prior_run(chained, cfg, (tmp_path / "next",)) is not None
   monkeypatch.undo()  # Mended: the rerun validates the saved step, though none is left to train.
   summary = train_and_evaluate(config, workdir)
   assert summary["step"] == 3 and summary["psnr"] is not None
   assert [r["step"] for r in read_metrics(workdir) if r.get("split") == "eval"][-1] == 3
+  assert not checkpointing.validation_pending(workdir, 3)  # Done: never validated again.
+  assert loop._prior_run(chained, cfg, (tmp_path / "next",)) is None
+  train_and_evaluate(config, workdir)
+  assert [r["step"] for r in read_metrics(workdir) if r.get("split") == "eval"].count(3) == 1
 
 
 def test_data_that_fail_before_the_first_step_leave_no_checkpoint(two_step_run, data_dir,

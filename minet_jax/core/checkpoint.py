@@ -296,16 +296,21 @@ def weights_to_save(weights: Any) -> dict:
   return arrays
 
 
+def _is_os_metadata(name: str) -> bool:
+  """A file a file manager leaves in any folder it shows (macOS, Windows): not the user's."""
+  return name in (".DS_Store", "Thumbs.db", "desktop.ini") or name.startswith("._")
+
+
 def check_destination(path: pathlib.Path, *, replace: bool, how: str) -> None:
   """Refuses a folder a model must not be saved to (`FileExistsError`): a file; a
   non-empty folder unless ``replace`` (``how`` says how to ask for that); and, even
   then, a folder that holds anything but a saved model, since replacing it deletes all
-  it holds."""
+  it holds (a file manager's ``.DS_Store`` or ``Thumbs.db`` excepted)."""
   if not path.exists():
     return
   if not path.is_dir():
     raise FileExistsError(f"{path} is a file; a model is saved as a folder: name a folder")
-  held = sorted(p.name for p in path.iterdir())
+  held = sorted(p.name for p in path.iterdir() if not _is_os_metadata(p.name))
   if not held:
     return
   others = [name for name in held if name not in (WEIGHTS_DIR, CONFIG_FILE)]

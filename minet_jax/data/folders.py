@@ -326,6 +326,8 @@ def _match_paired(path: pathlib.Path, lookup) -> PairRecord | None:
     return PairRecord(path, by_stem[path.stem], scene, path.stem)
   mine = _untagged(path.stem)
   matches = [c for c in by_scene.get(scene, []) if _names_one_scene(_untagged(c.stem), mine)]
+  # An equal name wins over longer or shorter ones (01_hazy: 01_GT, not 01_outdoor_GT).
+  matches = [c for c in matches if _untagged(c.stem) == mine] or matches
   if len(matches) > 1:
     raise _Problem(f"{path.name} matches several ground truths: "
                    f"{', '.join(p.name for p in matches)}")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import math
 import os
 import pathlib
@@ -48,7 +49,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from minet_jax.core import checkpoint
+from minet_jax.core import checkpoint, files
 from minet_jax.core.checkpoint import META_ITEM, PARAMS_ITEM
 from minet_jax.core.config import ModelConfig
 from minet_jax.core.params import non_finite, weights_checksum
@@ -83,6 +84,23 @@ def resumable_steps(workdir: str | pathlib.Path) -> list[int]:
   """The steps of the workdir's finished resumable checkpoints, newest first."""
   return [int(params.parent.name)
           for params in checkpoint.step_params(pathlib.Path(workdir) / LATEST_DIR)]
+
+
+VALIDATION_PENDING = "validation_pending"  # A meta key: the step's validation failed.
+
+
+def _meta_file(workdir: pathlib.Path, step: int) -> pathlib.Path:
+  return pathlib.Path(workdir) / LATEST_DIR / str(step) / META_ITEM / "metadata"
+
+
+def validation_pending(workdir: str | pathlib.Path, step: int) -> bool:
+  """Whether the resumable checkpoint of ``step`` was saved when its validation failed
+  (``train_and_evaluate`` runs that validation when it resumes there)."""
+  try:
+    return bool(json.loads(_meta_file(pathlib.Path(workdir), step).read_text())
+                .get(VALIDATION_PENDING))
+  except (OSError, ValueError, AttributeError, RecursionError):  # Damage: the resume says.
+    return False
 
 
 def _json_ready(state: Any) -> Any:
@@ -261,6 +279,16 @@ class Checkpoints:
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
+
+  def validation_done(self, step: int) -> None:
+    """Drops ``validation_pending`` from the meta of the checkpoint of ``step`` once
+    that validation has run (on process 0; the file is replaced whole)."""
+    path = _meta_file(self.workdir, step)
+    if jax.process_index() != 0 or not validation_pending(self.workdir, step):
+      return
+    meta = json.loads(path.read_text())
+    del meta[VALIDATION_PENDING]
+    files.write_text(path, json.dumps(meta))
 
   def save(self, state: TrainState, data_state: Any, meta: dict) -> bool:
     """Saves a resumable checkpoint at ``state.step`` unless one exists; True if saved.

@@ -179,8 +179,9 @@ def _prior_run(config: ml_collections.ConfigDict, cfg: ModelConfig,
     return None
   prior.num_train_steps = _last_step(where, int(prior.num_train_steps))
   done = checkpointing.resumable_steps(where)
-  if done and max(done) >= prior.num_train_steps:
-    return None
+  if (done and max(done) >= prior.num_train_steps
+      and not checkpointing.validation_pending(where, max(done))):
+    return None  # Finished, its last validation included.
   # One job: the first run joins (or not) the same processes as this one.
   prior.distributed = config.distributed
   return prior, where
@@ -522,7 +523,7 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
   def save(state: TrainState, *, validation_pending: bool = False) -> None:
     meta = {"time": time.time(), **{f"eval_{k}": v for k, v in last_scores.items()}}
     if validation_pending:  # A resume validates it first (`_train`).
-      meta["validation_pending"] = True
+      meta[checkpointing.VALIDATION_PENDING] = True
     try:
       ckpts.save(state, inputs.iterator_state(train_iter), meta)
     except checkpointing.NotFiniteError as e:
@@ -578,11 +579,19 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
         tqdm.write(f"{stop.name}: saved step {step} in {workdir}; rerun to resume")
 
     with stop.installed():
-      if resumed_meta.get("validation_pending"):
+      if resumed_meta.get(checkpointing.VALIDATION_PENDING):
         # Saved when its validation failed: validated now, the fault presumably mended
-        # (or the run stops again, in one line, and the step stays saved).
+        # (or the run stops again, in one line, and the step stays saved and pending).
+        if jax.process_index() == 0:
+          tqdm.write(f"validating step {step}, saved when its validation failed")
         evaluate(state)
-      while step < total:
+        ckpts.validation_done(step)
+        stopped = stop.reached(step)  # Asked meanwhile: the step is saved already.
+        if stopped:
+          stop_here(state)
+      else:
+        stopped = False
+      while step < total and not stopped:
         try:
           local = next(train_iter)
         except Exception as e:  # A bad image the start-up checks could not see.
@@ -644,11 +653,18 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, workdir: pathlib
     # that a resume never picks.
     with stop.installed():
       ckpts.wait()
-    best_psnr = ckpts.best_psnr()
-    ckpts.close()
-    writer.close()
-    if hasattr(train_iter, "close"):
-      train_iter.close()
+    failing = sys.exc_info()[1] is not None
+    try:
+      best_psnr = ckpts.best_psnr()
+    except checkpointing.CheckpointUnreadableError:
+      if not failing:  # Else the error already on its way is the one to report.
+        raise
+      best_psnr = None
+    finally:
+      ckpts.close()
+      writer.close()
+      if hasattr(train_iter, "close"):
+        train_iter.close()
   return {
       "step": step,
       # A signal met after the last step (while the last saves were written) stopped
