@@ -55,11 +55,15 @@ def _ramp(length: int, overlap: int, rise: bool, fall: bool, blend: str) -> np.n
   return w
 
 
+def _check_blend(blend: str) -> None:
+  if blend not in BLENDS:
+    raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+
+
 def blend_window(h: int, w: int, *, top: bool, bottom: bool, left: bool, right: bool,
                  overlap: int, blend: str = "cosine") -> np.ndarray:
   """(h, w) weights; a side ramps only when a neighbouring tile shares it."""
-  if blend not in BLENDS:
-    raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+  _check_blend(blend)
   return np.outer(_ramp(h, overlap, top, bottom, blend), _ramp(w, overlap, left, right, blend))
 
 
@@ -74,8 +78,7 @@ def tiled_apply(fn: Callable[[np.ndarray], np.ndarray], image: np.ndarray, *, ti
   if not (is_count(tile, 1) and is_count(overlap, 0)):
     raise ValueError(f"tile must be an integer >= 1 and overlap an integer >= 0, got "
                      f"tile={tile!r}, overlap={overlap!r}")
-  if blend not in BLENDS:  # Checked whether or not the image takes more than one tile.
-    raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+  _check_blend(blend)  # Whether or not the image takes more than one tile.
   if np.ndim(image) != 3:
     raise ValueError(f"tiled_apply takes one (H, W, C) image, got shape {np.shape(image)}")
   h, w = image.shape[:2]

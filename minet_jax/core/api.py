@@ -23,7 +23,8 @@ from minet_jax.core.params import Params, model_from_params
 # ------------------------------------------------------------------ apply
 
 
-_INTEGER_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+# What an integer image is divided by to lie in [0, 1]: its dtype's range.
+INTEGER_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 
 def _is_concrete(x: Any) -> bool:
@@ -59,7 +60,7 @@ def _check_layout(img: Any) -> np.dtype:
                      f"{shape}; {hint}")
   if 0 in shape:
     raise ValueError(f"image is empty: shape {shape}")
-  if dtype.newbyteorder("=") not in _INTEGER_SCALE and not jnp.issubdtype(dtype, jnp.floating):
+  if dtype.newbyteorder("=") not in INTEGER_SCALE and not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"unsupported image dtype {dtype}; use uint8 (0..255), uint16 (0..65535) "
                     "or float in [0, 1]")
   return dtype
@@ -101,7 +102,7 @@ def to_float_rgb(img: Any) -> jax.Array:
   """Validated image -> float32 NHWC in [0, 1] (integer types scaled by their range)."""
   validate_image(img)
   x = jnp.asarray(_for_jax(img))
-  scale = _INTEGER_SCALE.get(np.dtype(x.dtype))
+  scale = INTEGER_SCALE.get(np.dtype(x.dtype))
   x = x.astype(jnp.float32) / scale if scale else x.astype(jnp.float32)
   return x[None] if x.ndim == 3 else x
 

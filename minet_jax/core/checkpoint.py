@@ -248,9 +248,14 @@ def find_params(workdir: str | os.PathLike) -> pathlib.Path | None:
   return found[0] if found else None
 
 
+def step_record_file(params_dir: str | os.PathLike) -> pathlib.Path:
+  """The file of the JSON record saved beside a step's ``params/`` (its ``meta/``)."""
+  return pathlib.Path(params_dir).parent / META_ITEM / "metadata"
+
+
 def step_record(params_dir: str | os.PathLike) -> dict:
   """The JSON record saved beside a step's ``params/`` (its ``meta/``); {} if unreadable."""
-  meta_file = pathlib.Path(params_dir).parent / META_ITEM / "metadata"
+  meta_file = step_record_file(params_dir)
   try:
     record = json.loads(meta_file.read_text())
   except (OSError, ValueError, RecursionError):

@@ -30,6 +30,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from minet_jax.core.api import INTEGER_SCALE
 from minet_jax.image_io import centre_crop
 
 PAIR_FIELDS = ("hazy", "clear")
@@ -98,7 +99,7 @@ def stack_batch(elements: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.nd
   batch = {}
   for field in PAIR_FIELDS:
     stacked = np.stack([np.asarray(e[field]) for e in elements])
-    scale = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}.get(stacked.dtype)
+    scale = INTEGER_SCALE.get(stacked.dtype)
     if scale is None and not np.issubdtype(stacked.dtype, np.floating):
       raise ValueError(f"cannot batch {field} images of dtype {stacked.dtype}: uint8, "
                        "uint16 or float in [0, 1] are taken")

@@ -89,18 +89,15 @@ def resumable_steps(workdir: str | pathlib.Path) -> list[int]:
 VALIDATION_PENDING = "validation_pending"  # A meta key: the step's validation failed.
 
 
-def _meta_file(workdir: pathlib.Path, step: int) -> pathlib.Path:
-  return pathlib.Path(workdir) / LATEST_DIR / str(step) / META_ITEM / "metadata"
+def _params_dir(workdir: str | pathlib.Path, step: int) -> pathlib.Path:
+  return pathlib.Path(workdir) / LATEST_DIR / str(step) / PARAMS_ITEM
 
 
 def validation_pending(workdir: str | pathlib.Path, step: int) -> bool:
   """Whether the resumable checkpoint of ``step`` was saved when its validation failed
-  (``train_and_evaluate`` runs that validation when it resumes there)."""
-  try:
-    return bool(json.loads(_meta_file(pathlib.Path(workdir), step).read_text())
-                .get(VALIDATION_PENDING))
-  except (OSError, ValueError, AttributeError, RecursionError):  # Damage: the resume says.
-    return False
+  (``train_and_evaluate`` runs that validation when it resumes there); False for a
+  record that cannot be read (damage, which the resume reports)."""
+  return bool(checkpoint.step_record(_params_dir(workdir, step)).get(VALIDATION_PENDING))
 
 
 def _json_ready(state: Any) -> Any:
@@ -283,12 +280,12 @@ class Checkpoints:
   def validation_done(self, step: int) -> None:
     """Drops ``validation_pending`` from the meta of the checkpoint of ``step`` once
     that validation has run (on process 0; the file is replaced whole)."""
-    path = _meta_file(self.workdir, step)
     if jax.process_index() != 0 or not validation_pending(self.workdir, step):
       return
-    meta = json.loads(path.read_text())
+    params_dir = _params_dir(self.workdir, step)
+    meta = checkpoint.step_record(params_dir)
     del meta[VALIDATION_PENDING]
-    files.write_text(path, json.dumps(meta))
+    files.write_text(checkpoint.step_record_file(params_dir), json.dumps(meta))
 
   def save(self, state: TrainState, data_state: Any, meta: dict) -> bool:
     """Saves a resumable checkpoint at ``state.step`` unless one exists; True if saved.
@@ -464,7 +461,7 @@ class Checkpoints:
     return Resumed(None, None, None, {}, damaged)
 
   def _verify_params(self, step: int, state: TrainState, meta: dict) -> None:
-    folder = self.workdir / LATEST_DIR / str(step) / PARAMS_ITEM
+    folder = _params_dir(self.workdir, step)
     checkpoint.read_weights(folder, state.model_config, meta.get("weights_sha256"))
 
   def set_aside_from(self, step: int) -> list[int]:

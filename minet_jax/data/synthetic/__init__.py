@@ -39,6 +39,7 @@ from typing import Iterator
 
 import numpy as np
 
+from minet_jax.core.api import INTEGER_SCALE
 from minet_jax.data.synthetic import scenes
 from minet_jax.image_io import to_uint8
 
@@ -113,7 +114,7 @@ def add_haze(clear: np.ndarray, depth: np.ndarray, beta: float, airlight: float,
     float64 HxWx3 hazy image (in [0, 1] when J and A are).
   """
   clear = np.asarray(clear)
-  integer_scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(clear.dtype)
+  integer_scale = INTEGER_SCALE.get(clear.dtype)
   j = clear / integer_scale if integer_scale else clear.astype(np.float64)
   depth = np.asarray(depth, np.float64)
   if depth.shape != j.shape[:2]:
