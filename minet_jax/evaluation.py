@@ -8,9 +8,13 @@ folder, see `minet_jax.data.folders`) or a built dataset name such as
 ``reside_sots/indoor`` (see `minet_jax.data.builders`). Each image is scored
 with `minet_jax.metrics.dehazing_scores` (the published SOTS protocol: RGB
 0..255, output clipped, larger ground truth centre-cropped). Every method is
-compiled once per image shape ahead of time, so ``s/image`` is steady-state
-run time; compilation is reported separately. An image that fails is recorded
-with its error and the rest are still evaluated. When MI-Net's IM-blocks are solved to
+compiled once per image shape ahead of time and run once untimed, so ``s/image`` is
+steady-state run time; compilation is reported separately. MI-Net runs an image above
+`minet_jax.core.strips.AUTO_PIXELS` (2 MP) in row strips, exactly and in bounded memory,
+as `minet_jax.apply` does; such an image's time includes compiling the strips' stages at
+each new size. An image that fails is recorded with its error and the rest are still
+evaluated. Ctrl-C stops after the images scored so far, which are reported
+(`EvaluationInterrupted`). When MI-Net's IM-blocks are solved to
 a tolerance (a stable model, or ``--solver``), each image's row also records how: the
 steps per block, the blocks whose solve missed the tolerance, and their residuals.
 
@@ -38,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minet_jax.core import api, files
+from minet_jax.core import api, files, strips
 from minet_jax.core import fixed_point as fp
 from minet_jax import dcp, image_io, metrics
 from minet_jax.core.config import (ModelConfig, add_speed_arguments, checked_speed_changes,
@@ -128,15 +132,48 @@ class _Compiled:
     self.compile_seconds = 0.0
 
   def prepare(self, x: jax.Array) -> None:
-    """Compiles for ``x``'s shape unless already done (kept out of the timings)."""
+    """Compiles for ``x``'s shape unless already done (kept out of the timings). The
+    first compiled shape also runs once: a process's first run of compiled code starts
+    its thread pools (about 0.8 s on a 2-core CPU), which is not the method's time."""
     if x.shape not in self._cache:
       start = time.perf_counter()
       self._cache[x.shape] = self._jitted.lower(x).compile()
+      if len(self._cache) == 1:
+        jax.block_until_ready(self._cache[x.shape](x))
       self.compile_seconds += time.perf_counter() - start
 
   def __call__(self, x: jax.Array) -> Any:
     self.prepare(x)
     return self._cache[x.shape](x)
+
+
+class _MINet(_Compiled):
+  """MI-Net on one image: compiled whole per image shape, as `_Compiled`, up to
+  `strips.AUTO_PIXELS`; above, `api.apply`'s strip-wise forward (whose stages compile at
+  each new size, inside the timed call): the whole-image program of a 20 MP photo would
+  need about 30 GB. Returns ``(image, solves)`` when the blocks are solved to a
+  tolerance (`build_methods`)."""
+
+  def __init__(self, params):
+    self.params = params
+    self.solved = fp.stops_at_tolerance(params.config.solver)
+    forward = _minet_forward_with_solves if self.solved else _minet_forward
+    super().__init__(lambda x: forward(params, x))
+
+  @staticmethod
+  def _in_strips(x: jax.Array) -> bool:
+    return strips.choose_strip_rows(x.shape[0], x.shape[1]) > 0
+
+  def prepare(self, x: jax.Array) -> None:
+    if not self._in_strips(x):
+      super().prepare(x)
+
+  def __call__(self, x: jax.Array) -> Any:
+    if not self._in_strips(x):
+      return super().__call__(x)
+    solves: list[fp.SolveSummary] | None = [] if self.solved else None
+    y = api.apply(self.params, x, solves=solves)
+    return (y, solves) if self.solved else y
 
 
 def build_methods(methods: Sequence[str], params=None,
@@ -155,9 +192,7 @@ def build_methods(methods: Sequence[str], params=None,
     if name == "minet":
       if params is None:
         raise ValueError("method 'minet' needs a checkpoint (--ckpt)")
-      forward = _minet_forward if not fp.stops_at_tolerance(params.config.solver) else \
-          _minet_forward_with_solves
-      out[name] = _Compiled(lambda x, p=params, f=forward: f(p, x))
+      out[name] = _MINet(params)
     elif name == "hazy":
       out[name] = lambda x: x
     elif name == "dcp":
@@ -183,6 +218,8 @@ class Report:
   # How MI-Net's IM-blocks were solved: solver, rtol and atol (a solve to tolerance), the
   # steps or their cap per stage (max_steps) and the stages per block.
   solve: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Set when Ctrl-C stopped the run: (images scored, images found).
+  interrupted: tuple[int, int] | None = None
 
   def summary(self) -> dict[str, dict[str, Any]]:
     out = {}
@@ -232,13 +269,16 @@ class Report:
             + ")")
     compiled = ", ".join(f"{m} {t:.1f} s" for m, t in self.compile_seconds.items() if t > 0)
     if compiled:
-      lines.append(f"(compilation, once per image shape, not in s/image: {compiled})")
+      lines.append(f"(compilation, once per image shape, and a first run: not in s/image: "
+                   f"{compiled})")
     if self.settings:
       lines.append("(MI-Net inexact: " + ", ".join(f"{k}={v}" for k, v in self.settings.items())
                    + ")")
     failed = self.failed_images()
     if failed:
       lines.append(f"{len(failed)} image(s) failed: " + ", ".join(sorted(failed)))
+    if self.interrupted:
+      lines.append("(interrupted: {} of {} images evaluated)".format(*self.interrupted))
     return "\n".join(lines)
 
   def to_json(self) -> dict[str, Any]:
@@ -246,6 +286,8 @@ class Report:
             "minet_solve": self.solve, "protocol": PROTOCOL,
             "summary": self.summary(), "failed_images": self.failed_images(),
             "compile_seconds": self.compile_seconds,
+            **({"interrupted": {"evaluated": self.interrupted[0], "found": self.interrupted[1]}}
+               if self.interrupted else {}),
             "per_image": [dataclasses.asdict(r) for r in self.rows]}
 
   def write(self, out_dir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
@@ -253,7 +295,10 @@ class Report:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = (out_dir / name for name in REPORT_FILES)
-    with files.replacing(csv_path) as tmp, open(tmp, "w", newline="") as f:
+    # File names that are not UTF-8 (undecodable bytes held as surrogates) are written
+    # back as the bytes they were; the JSON escapes them.
+    with files.replacing(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                 errors="surrogateescape") as f:
       writer = csv.writer(f)
       writer.writerow(["image", "method", "psnr", "ssim", "seconds", "error", "solve_steps",
                        "solve_converged", "solve_residual", "solve_stage_steps"])
@@ -265,6 +310,15 @@ class Report:
                          " ".join("+".join(map(str, b)) for b in r.solve_stage_steps)])
     files.write_text(json_path, json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
     return csv_path, json_path
+
+
+class EvaluationInterrupted(KeyboardInterrupt):
+  """Ctrl-C during `evaluate`: ``report`` holds the images scored before it (and was
+  written to ``out_dir`` when one was given)."""
+
+  def __init__(self, report: Report):
+    super().__init__("evaluation interrupted")
+    self.report = report
 
 
 # ------------------------------------------------------------------ the loop
@@ -301,6 +355,55 @@ def _note(message: str, enabled: bool) -> None:
     print(message, file=sys.stderr)
 
 
+def _evaluate_one(sample: Sample, fns: Mapping[str, Callable], rows: list[Row],
+                  failed: dict[str, str], *, params, save_images, overwrite: bool,
+                  progress: bool) -> None:
+  """Scores every method on one pair: one `Row` each onto ``rows``, ``failed`` noting a
+  pair that could not be read."""
+  methods = tuple(fns)
+  try:
+    hazy, clear = sample.load()
+  except Exception as e:  # One unreadable pair must not end the run.
+    failed[sample.key] = f"{type(e).__name__}: {e}"
+    _note(f"evaluate: skipping {sample.key}: {failed[sample.key]}", progress)
+    rows += [Row(sample.key, m, error=failed[sample.key]) for m in methods]
+    return
+  x = jnp.asarray(hazy, jnp.float32) / 255.0
+  protect = [p for p in (sample.hazy_path, sample.clear_path) if p is not None]
+  for name, fn in fns.items():
+    solve_fields: dict[str, tuple] = {}
+    try:
+      if isinstance(fn, _Compiled):
+        fn.prepare(x)
+      start = time.perf_counter()
+      out, solves = _image_and_solves(jax.block_until_ready(fn(x)))
+      seconds = time.perf_counter() - start
+      # Kept on the row whether or not the image scores: a failed solve explains a
+      # failed image.
+      solve_fields = _solve_fields(solves)
+      if solves and not all(solve_fields["solve_converged"]):
+        _note(f"evaluate: {name} on {sample.key}: IM-blocks "
+              f"{api.describe_solves(solves, params.config)}", progress)
+      finite = np.isfinite(np.asarray(out))
+      if not finite.all():
+        # Clipping would turn inf into 255 and keep NaN: neither is a score of this method.
+        raise FloatingPointError(f"the output holds {100 * (1 - finite.mean()):.3g}% NaN or "
+                                 "infinite values")
+      p, s = metrics.dehazing_scores(out * 255.0, clear)
+      if math.isnan(p) or math.isnan(s):
+        raise FloatingPointError(f"the scores are NaN (PSNR {p}, SSIM {s})")
+      if save_images is not None:  # Before the row: an image not saved has failed.
+        image_io.write_png(pathlib.Path(save_images) / name / f"{sample.key}.png",
+                           np.asarray(out), protect=protect, exclusive=not overwrite)
+      rows.append(Row(sample.key, name, p, s, seconds, **solve_fields))
+    except Exception as e:
+      message = f"{type(e).__name__}: {e}"
+      rows.append(Row(sample.key, name, error=message, **solve_fields))
+      _note(f"evaluate: {name} failed on {sample.key}: {message}", progress)
+      if os.environ.get("MINET_DEBUG"):
+        traceback.print_exc()
+
+
 def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
              methods: Sequence[str] = METHODS, out_dir: str | os.PathLike | None = None,
              save_images: str | os.PathLike | None = None, limit: int | None = None,
@@ -328,6 +431,10 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
     notes_for_warnings: print the warnings of loading the model (a setting that will run
       badly) as this report's notes on stderr, as the command line does; otherwise they
       stay Python warnings.
+
+  Raises:
+    EvaluationInterrupted: on Ctrl-C (KeyboardInterrupt), with the report of the images
+      scored before it, written to ``out_dir`` first.
   """
   methods = tuple(methods)
   if not methods:
@@ -371,48 +478,18 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
                               writes=[f"{m}/{s.key}.png" for m in methods for s in samples])
   rows: list[Row] = []
   failed: dict[str, str] = {}
-  for sample in _progress(samples, progress):
-    try:
-      hazy, clear = sample.load()
-    except Exception as e:  # One unreadable pair must not end the run.
-      failed[sample.key] = f"{type(e).__name__}: {e}"
-      _note(f"evaluate: skipping {sample.key}: {failed[sample.key]}", progress)
-      rows += [Row(sample.key, m, error=failed[sample.key]) for m in methods]
-      continue
-    x = jnp.asarray(hazy, jnp.float32) / 255.0
-    protect = [p for p in (sample.hazy_path, sample.clear_path) if p is not None]
-    for name, fn in fns.items():
-      solve_fields: dict[str, tuple] = {}
-      try:
-        if isinstance(fn, _Compiled):
-          fn.prepare(x)
-        start = time.perf_counter()
-        out, solves = _image_and_solves(jax.block_until_ready(fn(x)))
-        seconds = time.perf_counter() - start
-        # Kept on the row whether or not the image scores: a failed solve explains a
-        # failed image.
-        solve_fields = _solve_fields(solves)
-        if solves and not all(solve_fields["solve_converged"]):
-          _note(f"evaluate: {name} on {sample.key}: IM-blocks "
-                f"{api.describe_solves(solves, params.config)}", progress)
-        finite = np.isfinite(np.asarray(out))
-        if not finite.all():
-          # Clipping would turn inf into 255 and keep NaN: neither is a score of this method.
-          raise FloatingPointError(f"the output holds {100 * (1 - finite.mean()):.3g}% NaN or "
-                                   "infinite values")
-        p, s = metrics.dehazing_scores(out * 255.0, clear)
-        if math.isnan(p) or math.isnan(s):
-          raise FloatingPointError(f"the scores are NaN (PSNR {p}, SSIM {s})")
-        if save_images is not None:  # Before the row: an image not saved has failed.
-          image_io.write_png(pathlib.Path(save_images) / name / f"{sample.key}.png",
-                             np.asarray(out), protect=protect, exclusive=not overwrite)
-        rows.append(Row(sample.key, name, p, s, seconds, **solve_fields))
-      except Exception as e:
-        message = f"{type(e).__name__}: {e}"
-        rows.append(Row(sample.key, name, error=message, **solve_fields))
-        _note(f"evaluate: {name} failed on {sample.key}: {message}", progress)
-        if os.environ.get("MINET_DEBUG"):
-          traceback.print_exc()
+  done = 0
+  try:
+    for sample in _progress(samples, progress):
+      _evaluate_one(sample, fns, rows, failed, params=params, save_images=save_images,
+                    overwrite=overwrite, progress=progress)
+      done += 1
+  except KeyboardInterrupt:
+    del rows[done * len(fns):]  # Not the image it stopped in: one row per method each.
+    failed = {k: v for k, v in failed.items() if any(r.key == k for r in rows)}
+    interrupted = (done, len(samples))
+  else:
+    interrupted = None
   compile_seconds = {n: getattr(f, "compile_seconds", 0.0) for n, f in fns.items()}
   settings = {} if params is None else {
       k: v for k, v in (("precision", params.config.precision), ("dtype", params.config.dtype))
@@ -424,15 +501,18 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
                                       if fp.stops_at_tolerance(cfg.solver) else {}),
              "max_steps": list(cfg.iterations), "stages": list(cfg.stages)}
   report = Report(rows, methods, failed, compile_seconds, str(data), str(ckpt or ""), settings,
-                  solve)
+                  solve, interrupted)
   if out_dir is not None:
     report.write(out_dir)
+  if interrupted:
+    raise EvaluationInterrupted(report)
   return report
 
 
 def main(argv: list[str] | None = None) -> int:
   """`evaluate.py` and the ``minet-evaluate`` console script: prints the table; 2 on bad
-  arguments or data, 1 when any image failed (the others are still scored), else 0."""
+  arguments or data, 1 when any image failed (the others are still scored), 130 after
+  Ctrl-C (the table and ``--out`` of the images scored before it), else 0."""
   parser = argparse.ArgumentParser(
       description="Scores MI-Net, the hazy input and the dark channel prior on paired images.",
       epilog="--out DIR adds per_image.csv and results.json (with each image's IM-block "
@@ -469,6 +549,12 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, OSError) as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 2
+  except EvaluationInterrupted as e:
+    print(e.report.table())
+    written = f"; the report of those is in {args.out}" if args.out else ""
+    print(f"evaluate: interrupted after {e.report.interrupted[0]} of "
+          f"{e.report.interrupted[1]} images{written}", file=sys.stderr)
+    return 130
   print(report.table())
   return 1 if any(r.error for r in report.rows) else 0
 

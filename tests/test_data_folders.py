@@ -269,6 +269,13 @@ def test_unreadable_images_name_the_file(tmp_path):
   (record,) = folders.find_paired_folder(tmp_path)
   with pytest.raises(ImageReadError, match=f"cannot read image {tmp_path / 'gt' / '01.png'}"):
     folders.load_pair(record)
+  # A link to nothing is a pair that fails to read, not a pair left out in silence.
+  _write(tmp_path / "gt" / "02.png", _random_image(rng, 6, 6))
+  (tmp_path / "hazy" / "02.png").symlink_to(tmp_path / "gone.png")
+  records = folders.find_paired_folder(tmp_path)
+  assert [r.key for r in records] == ["01", "02"]
+  with pytest.raises(ImageReadError, match=f"cannot read image {tmp_path / 'hazy' / '02.png'}"):
+    folders.load_pair(records[1])
 
 
 def test_a_file_given_as_the_folder_is_named(tmp_path):

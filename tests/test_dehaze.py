@@ -203,12 +203,14 @@ def test_output_folder_inside_the_input_folder_is_reported(tiny_ckpt, tmp_path, 
   _png(photos / "sub" / "b.png", 2)
   _png(photos / "out" / "real.png", 3)        # the user's image inside the chosen -o
   _png(photos / "old" / "a_dehazed.png", 4)   # a result of an earlier run
+  (photos / "sub" / "gone.png").symlink_to(tmp_path / "moved.png")  # a link to nothing
   rc = dehaze.main(["--ckpt", str(tiny_ckpt), str(photos), "-o", str(photos / "out"),
                     "--recursive", "--no-progress"])
   err = capsys.readouterr().err
   assert rc == 1  # real.png was not processed, and that is an error
   assert f"skipped: {photos / 'old' / 'a_dehazed.png'}: named like an earlier result" in err
   assert f"failed: {photos / 'out' / 'real.png'}: not processed: it lies inside the output" in err
+  assert f"failed: {photos / 'sub' / 'gone.png'}: " in err
   assert (photos / "out" / "a_dehazed.png").is_file()
   assert (photos / "out" / "sub" / "b_dehazed.png").is_file()
   assert not list(photos.rglob("*_dehazed_dehazed.png"))

@@ -344,3 +344,61 @@ def test_a_failed_image_keeps_its_solves(sots_like, picard_ckpt, monkeypatch, ca
   assert "0/6 solves converged" in report.table()
   assert "minet on 7_2: IM-blocks picard to rtol 1e-30: 2 / 2 / 2 steps" in \
       capsys.readouterr().err
+
+
+def test_images_above_the_strip_threshold_run_in_strips_as_apply_does(sots_like, picard_ckpt,
+                                                                      monkeypatch):
+  # A 20 MP photo's whole-image program needs about 30 GB: above 2 MP, evaluate runs
+  # MI-Net in strips as minet_jax.apply does. Here the threshold is lowered below 24x32.
+  from minet_jax.core import strips
+  root, _ = sots_like
+  whole = evaluation.evaluate(picard_ckpt, root, methods=["minet"], limit=2, progress=False)
+  monkeypatch.setattr(strips, "AUTO_PIXELS", 500)
+  monkeypatch.setattr(strips, "STRIP_PIXELS", 300)
+  assert strips.choose_strip_rows(24, 32) < 24  # Several strips.
+  in_strips = evaluation.evaluate(picard_ckpt, root, methods=["minet"], limit=2,
+                                  progress=False)
+  assert in_strips.compile_seconds["minet"] == 0.0  # No whole-image program compiled.
+  for a, b in zip(whole.rows, in_strips.rows):
+    assert not a.error and not b.error
+    assert b.psnr == pytest.approx(a.psnr, abs=1e-3) and b.ssim == pytest.approx(a.ssim, abs=1e-5)
+    assert b.solve_steps and len(b.solve_converged) == 3
+
+
+def test_ctrl_c_reports_the_images_scored_before_it(tmp_path, monkeypatch, capsys):
+  # Ctrl-C used to end in a traceback with nothing written. File names that are not
+  # UTF-8 are written back as their bytes (the report used to fail after all the work).
+  data = tmp_path / "pairs"
+  rng = np.random.default_rng(1)
+  for stem in ("a", "b", "c", "caf\udce9"):  # The last: the byte 0xe9 in the name.
+    for sub, tag in (("hazy", "_hazy"), ("gt", "_GT")):
+      (data / sub).mkdir(parents=True, exist_ok=True)
+      Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+          data / sub / f"{stem}{tag}.png")
+  out = tmp_path / "out"
+  assert evaluation.main(["--data", str(data), "--methods", "hazy,dcp", "--out", str(out),
+                          "--no-progress"]) == 0
+  assert b"caf\xe9_hazy" in (out / "per_image.csv").read_bytes()
+  capsys.readouterr()
+  loads = []
+  load_pair = evaluation.folders.load_pair
+
+  def interrupted_at_the_third(record):
+    loads.append(record)
+    if len(loads) == 3:
+      raise KeyboardInterrupt
+    return load_pair(record)
+
+  monkeypatch.setattr(evaluation.folders, "load_pair", interrupted_at_the_third)
+  rc = evaluation.main(["--data", str(data), "--methods", "hazy,dcp", "--out", str(out),
+                        "--overwrite", "--no-progress"])
+  captured = capsys.readouterr()
+  assert rc == 130
+  assert "interrupted after 2 of 4 images; the report of those is in" in captured.err
+  assert "(interrupted: 2 of 4 images evaluated)" in captured.out
+  result = json.loads((out / "results.json").read_text())
+  assert result["interrupted"] == {"evaluated": 2, "found": 4}
+  assert result["summary"]["hazy"]["images"] == result["summary"]["dcp"]["images"] == 2
+  rows = list(csv.DictReader(open(out / "per_image.csv", encoding="utf-8")))
+  assert [(r["image"], r["method"]) for r in rows] == [
+      (k, m) for k in ("a_hazy", "b_hazy") for m in ("hazy", "dcp")]

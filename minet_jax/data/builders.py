@@ -143,7 +143,7 @@ def _pair_features(**extra) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({
       "hazy": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
       "clear": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
-      "scene": tfds.features.Text(doc="scene id; examples of a scene share `clear`"),
+      "scene": tfds.features.Text(doc="scene id (docs/DATA.md: RESIDE's share `clear`)"),
       "key": tfds.features.Text(doc="unique example name (the hazy file's stem)"),
       "index": tfds.features.Scalar(np.int32, doc="rendering of the scene (k), -1 if unnamed"),
       "airlight": tfds.features.Scalar(np.float32, doc="atmospheric light A, NaN if unknown"),
@@ -358,7 +358,10 @@ def _records(name: str, config: str | None, manual_dir: PathLike | None
     tree = folders.PAIRED_TREE if dataset == "paired_folder" else (
         folders.ITS_TREE if dataset == "reside_its" else folders.SOTS_TREE)
     named = name if config is None or "/" in name else f"{name}/{config}"  # SOTS's default
-    problem = f"{named} is not built yet and no manual_dir (source folder) was given"
+    problem = (f"{named} is not built yet and no source folder was given to build it "
+               f"from: `python -m minet_jax.data.builders {named} --manual_dir FOLDER` "
+               "builds it (in training: config.data.manual_dir; evaluate.py also takes "
+               "the folder itself as --data)")
     raise folders.layout_error(problem, tree, reside=dataset != "paired_folder")
   if dataset == "reside_its":
     return folders.find_its_pairs(manual_dir)
@@ -605,6 +608,8 @@ def main(argv: list[str] | None = None) -> None:
     builder = build(args.name, args.data_dir, args.manual_dir, report=False)
   except (folders.DatasetLayoutError, ValueError) as e:
     parser.exit(2, f"error: {e}\n")
+  except OSError as e:  # A data_dir or source folder the system refuses: one line too.
+    parser.exit(1, f"error: {e}\n")
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
   print(f"{args.name}: {splits} in {builder.data_dir} ({time.perf_counter() - start:.1f} s)")
 

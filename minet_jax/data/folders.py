@@ -108,9 +108,11 @@ def _natural_key(text: str) -> list:
 
 
 def _images(folder: pathlib.Path) -> list[pathlib.Path]:
+  # A link to nothing is kept: reading it fails and is reported, where leaving it out
+  # would change a score in silence.
   files = [p for p in folder.iterdir()
-           if p.is_file() and not p.name.startswith(".")
-           and p.suffix.lower() in IMAGE_SUFFIXES]
+           if (p.is_file() or (p.is_symlink() and not p.exists()))
+           and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
   return sorted(files, key=lambda p: (_natural_key(p.stem), p.name))
 
 
