@@ -132,6 +132,13 @@ def test_bad_fields_are_refused(fields, pattern):
     ({"leaky_slope": float("nan")}, "leaky_slope must be a finite number"),
     ({"rtol": float("inf")}, "rtol must be a finite number"),
     ({"init_kaiming_a": "0.1"}, "init_kaiming_a must be a finite number"),
+    # Used to be cut to whole numbers (8, 1, 1) or taken as true in silence.
+    ({"iterations": (8.7, 8, 8)}, "iterations must be integers, one per IM-block"),
+    ({"iterations": (True, 8, 8)}, "iterations must be integers"),
+    ({"iterations": 8.0}, "iterations must be integers"),
+    ({"dilations": (1.9, 2, 4)}, "dilations must be integers"),
+    ({"best_so_far": "no"}, "best_so_far must be True or False, got 'no'"),
+    ({"smoothed_dilation": "False"}, "smoothed_dilation must be True or False"),
 ])
 def test_wrong_types_and_non_finite_values_are_refused(fields, pattern):
   # Each used to pass (NaN fails no `>= 0` test; a negative eps gives NaN norms) or to end
@@ -189,8 +196,13 @@ def test_contractive_target_is_one_per_block_and_a_solve_setting():
 
 
 def test_numpy_scalars_are_numbers():
-  cfg = minet_jax.ModelConfig(features=np.int64(8), eta=np.float32(0.5), norm_eps=1e-6)
-  assert cfg.features == 8 and cfg.eta == 0.5
+  cfg = minet_jax.ModelConfig(features=np.int64(8), eta=np.float32(0.5), norm_eps=1e-6,
+                              anderson_m=np.int32(3), rtol=np.float32(0.25),
+                              iterations=np.int64(4), best_so_far=np.bool_(True))
+  assert cfg.features == 8 and cfg.eta == 0.5 and cfg.iterations == (4, 4, 4)
+  # Stored as plain Python values: a checkpoint's config.json used to fail on them.
+  assert json.loads(json.dumps(cfg.stored())) == cfg.stored()
+  assert minet_jax.model_config(cfg.stored()) == cfg
 
 
 def test_duplicate_dilations_cannot_map_to_the_authors_names():

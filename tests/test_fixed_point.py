@@ -229,6 +229,8 @@ def test_bad_settings_name_the_problem():
     fp.Anderson(m=0)
   with pytest.raises(ValueError, match="Picard.rtol"):
     fp.Picard(rtol=-1.0)
+  with pytest.raises(ValueError, match="Anderson.atol must be finite and >= 0, got None"):
+    fp.Anderson(atol=None)  # None is the adjoint's "the forward solver's", not a tolerance.
   with pytest.raises(ValueError, match="Unrolled.unroll"):
     fp.Unrolled(unroll=0)
   with pytest.raises(ValueError, match="Implicit.max_steps"):
@@ -320,6 +322,25 @@ def test_diverging_map_is_nonfinite(solver):
     # Stopped where the float32 norms overflowed (|z| ~ 2^64), long before the cap.
     assert int(result.num_steps) < 100
     assert np.all(np.isnan(result.residual_history[int(result.num_steps):]))
+
+
+@pytest.mark.parametrize("solver", [fp.Unrolled(rtol=1e-3), fp.Picard(rtol=1e-3)],
+                         ids=["unrolled", "picard"])
+def test_residuals_at_zero_and_tiny_magnitudes_are_relative(solver):
+  # T(x) = 0 with x != 0 used to read as an overflow (nonfinite); iterates of 1e-24, whose
+  # squares underflow float32, as converged after one step.
+  relu = fp.fixed_point(lambda z, _: jax.nn.relu(z - 10.0), solver, jnp.full((2, 4), 5.0),
+                        max_steps=3, per_sample=True)
+  np.testing.assert_array_equal(relu.status, fp.RESULTS.successful)
+  assert np.all(relu.residual_history[:, 0] > 1e30) and np.all(relu.residual == 0)
+  halving = lambda z, b: 0.5 * z + b
+  steps = {}
+  for scale in (1.0, 1e-24):
+    r = fp.fixed_point(halving, solver, jnp.zeros((2, 4)), jnp.full((2, 4), scale),
+                       max_steps=12, per_sample=True)
+    np.testing.assert_allclose(r.residual_history[0], r.residual_history[1])
+    steps[scale] = r.residual_history
+  np.testing.assert_allclose(steps[1e-24], steps[1.0], rtol=1e-4)
 
 
 def test_anderson_breakdown_falls_back_to_the_newest_pair_after_the_history_wraps():

@@ -211,11 +211,11 @@ class ModelConfig(Solve, Architecture):
 
   def __post_init__(self) -> None:
     # Normalise list-valued fields (ml_collections and JSON give lists) so the record hashes.
-    object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
-    if isinstance(self.iterations, int) and not isinstance(self.iterations, bool):
+    object.__setattr__(self, "dilations", _integers("dilations", self.dilations))
+    if is_count(self.iterations, 0):
       # One number of iterations for every block (e.g. --max-steps).
       object.__setattr__(self, "iterations", (self.iterations,) * len(self.dilations))
-    object.__setattr__(self, "iterations", tuple(int(t) for t in self.iterations))
+    object.__setattr__(self, "iterations", _integers("iterations", self.iterations))
     object.__setattr__(self, "stage_fraction", self._per_block("stage_fraction"))
     object.__setattr__(self, "contractive_target", self._per_block("contractive_target"))
     object.__setattr__(self, "stages", self._stage_counts())
@@ -226,6 +226,9 @@ class ModelConfig(Solve, Architecture):
       value = getattr(self, name)
       if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
+      # Plain Python values: a numpy or JAX scalar passes the check but is no JSON (the
+      # config.json of a checkpoint).
+      object.__setattr__(self, name, int(value))
     for name in ("eta", "rtol", "atol", "anderson_beta", "anderson_reg", "adjoint_rtol",
                  "adjoint_atol", "contractive_weight", "norm_eps",
                  "leaky_slope", "init_kaiming_a", "phantom_damping", "correction_weight"):
@@ -233,6 +236,12 @@ class ModelConfig(Solve, Architecture):
       if (not isinstance(value, numbers.Real) or isinstance(value, bool)
           or not math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+      object.__setattr__(self, name, float(value))
+    for name in ("smoothed_dilation", "best_so_far"):
+      value = getattr(self, name)
+      if not isinstance(value, (bool, np.bool_)):  # "False" would be true.
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+      object.__setattr__(self, name, bool(value))
     if not (self.eta > 0 and self.norm_eps > 0):
       raise ValueError(f"eta and norm_eps must be > 0, got eta={self.eta}, "
                        f"norm_eps={self.norm_eps}")
@@ -422,6 +431,21 @@ def _outside_stacklevel() -> int:
       break
     frame, level = frame.f_back, level + 1
   return level
+
+
+def _integers(name: str, value: Any) -> tuple[int, ...]:
+  """``value``, a sequence of integers (numpy's too; a bool is none), as a tuple of ints."""
+  if isinstance(value, (str, bytes, Mapping, set, frozenset)):
+    values = None
+  else:
+    try:
+      values = tuple(value)
+    except TypeError:
+      values = None
+  if values is None or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                               for v in values):  # Ranges are checked by the caller.
+    raise ValueError(f"{name} must be integers, one per IM-block, got {value!r}")
+  return tuple(int(v) for v in values)
 
 
 def is_count(value: Any, minimum: int = 1) -> bool:

@@ -246,10 +246,14 @@ def resolve_unroll(unroll: Unroll, length: int) -> Union[int, bool]:
 # ------------------------------------------------------------------ checks
 
 
-def _check_nonnegative(owner: str, **values: Optional[float]) -> None:
+def _check_nonnegative(owner: str, *, none_allowed: bool = False,
+                       **values: Optional[float]) -> None:
+  """Each of ``values`` a finite number >= 0 (or None, where ``none_allowed``)."""
   for name, value in values.items():
-    if value is not None and not (value >= 0 and np.isfinite(value)):
-      raise ValueError(f"{owner}.{name} must be finite and >= 0, got {value}")
+    if value is None and none_allowed:
+      continue
+    if value is None or not (value >= 0 and np.isfinite(value)):
+      raise ValueError(f"{owner}.{name} must be finite and >= 0, got {value!r}")
 
 
 def _is_integer(value: Any, minimum: int) -> bool:
@@ -312,15 +316,42 @@ def _select(mask: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(pick, new, old)
 
 
+# Sums of squares below this may hold squares that underflowed float32 (elements below
+# about 1e-19): such samples' norms are taken again, each scaled by its largest value.
+_SMALL_SQUARES = 1e-30
+
+
+def _sample_norms(diff: Any, fx: Any) -> tuple[jax.Array, jax.Array]:
+  """Per-sample 2-norms of ``diff`` and ``fx``, exact also for tiny magnitudes."""
+  dd, ff = _sample_dot(diff, diff), _sample_dot(fx, fx)
+
+  def rescaled(_):
+    largest = sum(jnp.max(jnp.abs(leaf.astype(jnp.float32)).reshape(leaf.shape[0], -1), axis=1)
+                  for leaf in jax.tree.leaves((diff, fx)))  # within 2x of the largest
+    scale = jnp.where(largest > 0, largest, 1.0)
+
+    def norm(tree):
+      scaled = jax.tree.map(lambda a: a.astype(jnp.float32)
+                            / scale.reshape((-1,) + (1,) * (a.ndim - 1)), tree)
+      return scale * jnp.sqrt(_sample_dot(scaled, scaled))
+    return norm(diff), norm(fx)
+
+  # The rescaled norms cost a pass over the iterates: only when some sample needs them.
+  return jax.lax.cond(jnp.any(ff < _SMALL_SQUARES), rescaled,
+                      lambda _: (jnp.sqrt(dd), jnp.sqrt(ff)), None)
+
+
 def _residual_test(fx: Any, x: Any, rtol: float, atol: float, n: int):
   """Relative residual per sample and whether it meets the stopping test."""
-  diff = jax.tree.map(jnp.subtract, fx, x)
-  dnorm = jnp.sqrt(_sample_dot(diff, diff))
-  fnorm = jnp.sqrt(_sample_dot(fx, fx))
-  rel = dnorm / jnp.maximum(fnorm, jnp.finfo(jnp.float32).tiny)
+  dnorm, fnorm = _sample_norms(jax.tree.map(jnp.subtract, fx, x), fx)
+  big = jnp.finfo(jnp.float32).max
+  # T(x) = 0 is a finite point: the relative residual is as large as float32 holds (0 at
+  # x = 0), not the inf that would report an overflow.
+  rel = jnp.where(fnorm > 0, jnp.minimum(dnorm / jnp.where(fnorm > 0, fnorm, 1.0), big),
+                  jnp.where(dnorm > 0, big, 0.0))
   # A sum of squares can overflow float32 while the iterates are still finite; finite/inf
   # would then read as a zero residual, so an overflowed norm makes the residual NaN.
-  rel = jnp.where(jnp.isfinite(fnorm), rel, jnp.nan)
+  rel = jnp.where(jnp.isfinite(fnorm) & jnp.isfinite(dnorm), rel, jnp.nan)
   # Compare in RMS units so that atol does not depend on the image size.
   scale = jnp.float32(n) ** -0.5
   return rel, dnorm * scale <= atol + rtol * fnorm * scale
@@ -729,7 +760,7 @@ class Implicit:
     _check_steps("Implicit.max_steps", self.max_steps)
     if self.max_steps is not None:  # A plain int: hashable, static.
       object.__setattr__(self, "max_steps", operator.index(self.max_steps))
-    _check_nonnegative("Implicit", rtol=self.rtol, atol=self.atol)
+    _check_nonnegative("Implicit", none_allowed=True, rtol=self.rtol, atol=self.atol)
 
   @classmethod
   def from_config(cls, cfg: Any) -> Implicit:
