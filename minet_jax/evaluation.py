@@ -485,7 +485,13 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
                     overwrite=overwrite, progress=progress)
       done += 1
   except KeyboardInterrupt:
-    del rows[done * len(fns):]  # Not the image it stopped in: one row per method each.
+    # Not the image it stopped in (one row per method each), nor what it saved of it.
+    dropped = rows[done * len(fns):]
+    del rows[done * len(fns):]
+    if save_images is not None:
+      for r in dropped:
+        if not r.error:  # A row is added once its image is saved.
+          (pathlib.Path(save_images) / r.method / f"{r.key}.png").unlink(missing_ok=True)
     failed = {k: v for k, v in failed.items() if any(r.key == k for r in rows)}
     interrupted = (done, len(samples))
   else:

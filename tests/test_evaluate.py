@@ -380,25 +380,29 @@ def test_ctrl_c_reports_the_images_scored_before_it(tmp_path, monkeypatch, capsy
                           "--no-progress"]) == 0
   assert b"caf\xe9_hazy" in (out / "per_image.csv").read_bytes()
   capsys.readouterr()
-  loads = []
-  load_pair = evaluation.folders.load_pair
+  calls = []
+  scores = evaluation.metrics.dehazing_scores
 
-  def interrupted_at_the_third(record):
-    loads.append(record)
-    if len(loads) == 3:
+  def interrupted_at_the_second_images_dcp(*args):
+    calls.append(args)
+    if len(calls) == 4:  # a: hazy, dcp; b: hazy (saved), then dcp.
       raise KeyboardInterrupt
-    return load_pair(record)
+    return scores(*args)
 
-  monkeypatch.setattr(evaluation.folders, "load_pair", interrupted_at_the_third)
+  monkeypatch.setattr(evaluation.metrics, "dehazing_scores", interrupted_at_the_second_images_dcp)
+  images = tmp_path / "images"
   rc = evaluation.main(["--data", str(data), "--methods", "hazy,dcp", "--out", str(out),
-                        "--overwrite", "--no-progress"])
+                        "--overwrite", "--save-images", str(images), "--no-progress"])
   captured = capsys.readouterr()
   assert rc == 130
-  assert "interrupted after 2 of 4 images; the report of those is in" in captured.err
-  assert "(interrupted: 2 of 4 images evaluated)" in captured.out
+  assert "interrupted after 1 of 4 images; the report of those is in" in captured.err
+  assert "(interrupted: 1 of 4 images evaluated)" in captured.out
   result = json.loads((out / "results.json").read_text())
-  assert result["interrupted"] == {"evaluated": 2, "found": 4}
-  assert result["summary"]["hazy"]["images"] == result["summary"]["dcp"]["images"] == 2
+  assert result["interrupted"] == {"evaluated": 1, "found": 4}
+  assert result["summary"]["hazy"]["images"] == result["summary"]["dcp"]["images"] == 1
+  # What it saved of the image it stopped in is gone with its rows.
+  assert sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png")) == [
+      "dcp/a_hazy.png", "hazy/a_hazy.png"]
   rows = list(csv.DictReader(open(out / "per_image.csv", encoding="utf-8")))
   assert [(r["image"], r["method"]) for r in rows] == [
-      (k, m) for k in ("a_hazy", "b_hazy") for m in ("hazy", "dcp")]
+      (k, m) for k in ("a_hazy",) for m in ("hazy", "dcp")]

@@ -341,6 +341,10 @@ def test_residuals_at_zero_and_tiny_magnitudes_are_relative(solver):
     np.testing.assert_allclose(r.residual_history[0], r.residual_history[1])
     steps[scale] = r.residual_history
   np.testing.assert_allclose(steps[1e-24], steps[1.0], rtol=1e-4)
+  # Each sample's test is its own: a tiny one beside does not rescale one that overflows.
+  mixed = fp.fixed_point(halving, solver, jnp.zeros((2, 4)),
+                         jnp.array([[3e19] * 4, [1e-24] * 4]), max_steps=12, per_sample=True)
+  assert list(mixed.status) == [fp.RESULTS.nonfinite, fp.RESULTS.successful]
 
 
 def test_anderson_breakdown_falls_back_to_the_newest_pair_after_the_history_wraps():

@@ -23,6 +23,7 @@ import os
 import sys
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Union
@@ -33,7 +34,7 @@ import numpy as np
 # Names of the IM-block solvers and backward modes: the classes of the fixed-point
 # engine define them (`fixed_point.from_config` builds the objects).
 from minet_jax.core.fixed_point import (BACKWARDS, SOLVERS, canonical_unroll,  # noqa: E402
-                                        stops_at_tolerance)
+                                        is_integer, stops_at_tolerance)
 
 CONTRACTIVE_KINDS = ("spectral", "radius", "radius_exact", "frobenius")
 CONTRACTIVE_POINTS = ("iterate", "solution")
@@ -212,7 +213,7 @@ class ModelConfig(Solve, Architecture):
   def __post_init__(self) -> None:
     # Normalise list-valued fields (ml_collections and JSON give lists) so the record hashes.
     object.__setattr__(self, "dilations", _integers("dilations", self.dilations))
-    if is_count(self.iterations, 0):
+    if is_integer(self.iterations):
       # One number of iterations for every block (e.g. --max-steps).
       object.__setattr__(self, "iterations", (self.iterations,) * len(self.dilations))
     object.__setattr__(self, "iterations", _integers("iterations", self.iterations))
@@ -442,10 +443,9 @@ def _integers(name: str, value: Any) -> tuple[int, ...]:
       values = tuple(value)
     except TypeError:
       values = None
-  if values is None or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                               for v in values):  # Ranges are checked by the caller.
+  if values is None or not all(is_integer(v) for v in values):  # Ranges: the caller's.
     raise ValueError(f"{name} must be integers, one per IM-block, got {value!r}")
-  return tuple(int(v) for v in values)
+  return tuple(operator.index(v) for v in values)
 
 
 def is_count(value: Any, minimum: int = 1) -> bool:

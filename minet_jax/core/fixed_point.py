@@ -48,7 +48,12 @@ r_j = ||T(x_j) - x_j|| / ||T(x_j)|| (for Picard exactly ||z_{j+1} - z_j|| / ||z_
 in float32. The test is ``rms(T(x) - x) <= atol + rtol * rms(T(x))``: a ratio of
 RMS norms over the whole sample (``atol`` is per element, so it does not depend on
 the image size; with ``atol = 0`` it is r_j <= rtol). The returned value is the last
-evaluation T(x_j), not x_j.
+evaluation T(x_j), not x_j. Where T(x_j) = 0 and x_j is not, r_j is float32's largest
+number (the point is finite, just far). A sample whose T(x_j) is tiny (sum of squares
+below 1e-20, where squares may underflow) has its norms taken after scaling it by its
+largest value, so the test stays relative; Anderson's least squares does not rescale,
+and on such samples falls back to about an average of its history (more steps, the
+same answer and status).
 
 Status
 ------
@@ -56,8 +61,9 @@ Each sample ends with one `RESULTS` code: ``successful`` (the test held at its l
 step), ``max_steps_reached`` (it never held; for `Unrolled` this means the last
 step missed the tolerance, and with the default zero tolerances it is what an
 unrolled solve reports unless it lands exactly on the fixed point), or
-``nonfinite`` (a residual became inf or NaN: the iterates, or their float32 sums of
-squares, overflowed; Picard and Anderson stop that sample there). Divergence is seen
+``nonfinite`` (a residual became inf or NaN: the iterates, or the float32 sums of
+squares of a sample not rescaled as above, overflowed; Picard and Anderson stop that
+sample there). Divergence is seen
 only once it is non-finite; a map that grows without overflowing within
 ``max_steps`` reports ``max_steps_reached``.
 
@@ -256,19 +262,21 @@ def _check_nonnegative(owner: str, *, none_allowed: bool = False,
       raise ValueError(f"{owner}.{name} must be finite and >= 0, got {value!r}")
 
 
-def _is_integer(value: Any, minimum: int) -> bool:
-  """An integer of at least ``minimum``: a Python, numpy or concrete JAX integer (all
-  that `operator.index` takes), not a bool nor a float that happens to be whole."""
+def is_integer(value: Any, minimum: int | None = None) -> bool:
+  """An integer (of at least ``minimum``, when given): a Python, numpy or concrete JAX
+  integer (all that `operator.index` takes), not a bool nor a float that happens to be
+  whole."""
   if isinstance(value, bool):
     return False
   try:
-    return operator.index(value) >= minimum
+    index = operator.index(value)
   except TypeError:
     return False
+  return minimum is None or index >= minimum
 
 
 def _check_steps(name: str, value: Optional[int], *, optional: bool = True) -> None:
-  if (value is not None or not optional) and not _is_integer(value, 0):
+  if (value is not None or not optional) and not is_integer(value, 0):
     raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
@@ -316,14 +324,18 @@ def _select(mask: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(pick, new, old)
 
 
-# Sums of squares below this may hold squares that underflowed float32 (elements below
-# about 1e-19): such samples' norms are taken again, each scaled by its largest value.
-_SMALL_SQUARES = 1e-30
+# A sample whose map value's sum of squares is below this may hold squares that
+# underflowed float32 (elements below about 1e-19), in the value or in a residual still
+# above 1e-9 relative to it: its norms are taken again, scaled by its largest value.
+_SMALL_SQUARES = 1e-20
 
 
 def _sample_norms(diff: Any, fx: Any) -> tuple[jax.Array, jax.Array]:
-  """Per-sample 2-norms of ``diff`` and ``fx``, exact also for tiny magnitudes."""
+  """Per-sample 2-norms of ``diff`` and ``fx``, exact also for tiny magnitudes; each
+  sample's from its own values alone."""
   dd, ff = _sample_dot(diff, diff), _sample_dot(fx, fx)
+  plain = (jnp.sqrt(dd), jnp.sqrt(ff))
+  small = ff < _SMALL_SQUARES
 
   def rescaled(_):
     largest = sum(jnp.max(jnp.abs(leaf.astype(jnp.float32)).reshape(leaf.shape[0], -1), axis=1)
@@ -334,11 +346,10 @@ def _sample_norms(diff: Any, fx: Any) -> tuple[jax.Array, jax.Array]:
       scaled = jax.tree.map(lambda a: a.astype(jnp.float32)
                             / scale.reshape((-1,) + (1,) * (a.ndim - 1)), tree)
       return scale * jnp.sqrt(_sample_dot(scaled, scaled))
-    return norm(diff), norm(fx)
+    return tuple(jnp.where(small, r, p) for r, p in zip((norm(diff), norm(fx)), plain))
 
   # The rescaled norms cost a pass over the iterates: only when some sample needs them.
-  return jax.lax.cond(jnp.any(ff < _SMALL_SQUARES), rescaled,
-                      lambda _: (jnp.sqrt(dd), jnp.sqrt(ff)), None)
+  return jax.lax.cond(jnp.any(small), rescaled, lambda _: plain, None)
 
 
 def _residual_test(fx: Any, x: Any, rtol: float, atol: float, n: int):
@@ -610,7 +621,7 @@ class Anderson(_Iterative):
   best_so_far: bool = False
 
   def __post_init__(self) -> None:
-    if not _is_integer(self.m, 1):
+    if not is_integer(self.m, 1):
       raise ValueError(f"Anderson.m must be an integer >= 1, got {self.m!r}")
     object.__setattr__(self, "m", operator.index(self.m))  # A plain int: hashable, static.
     if not 0.0 < self.beta <= 1.0:

@@ -349,17 +349,19 @@ def get_builder(name: str, data_dir: PathLike | None = None,
   return ResideIts(data_dir=data_dir, file_format="array_record")
 
 
-def _records(name: str, config: str | None, manual_dir: PathLike | None
-             ) -> list[folders.PairRecord]:
+def _records(name: str, config: str | None, manual_dir: PathLike | None,
+             data_dir: PathLike | None = None) -> list[folders.PairRecord]:
   """The pairs of `manual_dir` for dataset `name` (SOTS: its `config`); raises the layout
-  error before TFDS does (its message names no layout)."""
+  error before TFDS does (its message names no layout, and ours the command that builds
+  it into `data_dir`)."""
   dataset = _split_name(name)[0]
   if manual_dir is None:
     tree = folders.PAIRED_TREE if dataset == "paired_folder" else (
         folders.ITS_TREE if dataset == "reside_its" else folders.SOTS_TREE)
     named = name if config is None or "/" in name else f"{name}/{config}"  # SOTS's default
     problem = (f"{named} is not built yet and no source folder was given to build it "
-               f"from: `python -m minet_jax.data.builders {named} --manual_dir FOLDER` "
+               f"from: `python -m minet_jax.data.builders {named} --manual_dir FOLDER"
+               + (f" --data_dir {data_dir}" if data_dir is not None else "") + "` "
                "builds it (in training: config.data.manual_dir; evaluate.py also takes "
                "the folder itself as --data)")
     raise folders.layout_error(problem, tree, reside=dataset != "paired_folder")
@@ -467,7 +469,7 @@ def build(name: str, data_dir: PathLike | None = None, manual_dir: PathLike | No
       if manual_dir is None:
         _refuse_older_build(name, builder)
       config = builder.builder_config.name if dataset == "reside_sots" else None
-      records = _records(name, config, manual_dir)
+      records = _records(name, config, manual_dir, data_dir)
       if builder.is_prepared():
         if _is_current(builder, name, records, manual_dir):
           return builder

@@ -370,7 +370,11 @@ def source_fingerprint(root: str | pathlib.Path, records: Sequence[PairRecord]
   digest = hashlib.sha256()
   files = sorted({p for r in records for p in (r.hazy, r.clear)})
   for path in files:
-    stat = path.stat()
+    try:
+      stat = path.stat()
+    except OSError as e:  # A build must not leave a pair out in silence.
+      link = " (a link to nothing)" if path.is_symlink() else ""
+      raise DatasetLayoutError(f"cannot read {path}{link}: {e.strerror or e}") from e
     digest.update(f"{path.relative_to(given).as_posix()}\0{stat.st_size}\0"
                   f"{stat.st_mtime_ns}\n".encode())
   return {"root": str(given.resolve()), "files": len(files), "sha256": digest.hexdigest()}
