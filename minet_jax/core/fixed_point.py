@@ -49,11 +49,10 @@ in float32. The test is ``rms(T(x) - x) <= atol + rtol * rms(T(x))``: a ratio of
 RMS norms over the whole sample (``atol`` is per element, so it does not depend on
 the image size; with ``atol = 0`` it is r_j <= rtol). The returned value is the last
 evaluation T(x_j), not x_j. Where T(x_j) = 0 and x_j is not, r_j is float32's largest
-number (the point is finite, just far). A sample whose T(x_j) is tiny (sum of squares
-below 1e-20, where squares may underflow) has its norms taken after scaling it by its
-largest value, so the test stays relative; Anderson's least squares does not rescale,
-and on such samples falls back to about an average of its history (more steps, the
-same answer and status).
+number (the point is finite, just far). The norms are float32 sums of squares, which
+underflow for values below about 1e-19: a problem at such magnitudes should be scaled
+by its caller (a residual that underflows reads as 0 and passes the test; rescaling
+inside the test would hold another copy of the iterate at every step).
 
 Status
 ------
@@ -61,9 +60,8 @@ Each sample ends with one `RESULTS` code: ``successful`` (the test held at its l
 step), ``max_steps_reached`` (it never held; for `Unrolled` this means the last
 step missed the tolerance, and with the default zero tolerances it is what an
 unrolled solve reports unless it lands exactly on the fixed point), or
-``nonfinite`` (a residual became inf or NaN: the iterates, or the float32 sums of
-squares of a sample not rescaled as above, overflowed; Picard and Anderson stop that
-sample there). Divergence is seen
+``nonfinite`` (a residual became inf or NaN: the iterates, or their float32 sums of
+squares, overflowed; Picard and Anderson stop that sample there). Divergence is seen
 only once it is non-finite; a map that grows without overflowing within
 ``max_steps`` reports ``max_steps_reached``.
 
@@ -324,37 +322,11 @@ def _select(mask: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(pick, new, old)
 
 
-# A sample whose map value's sum of squares is below this may hold squares that
-# underflowed float32 (elements below about 1e-19), in the value or in a residual still
-# above 1e-9 relative to it: its norms are taken again, scaled by its largest value.
-_SMALL_SQUARES = 1e-20
-
-
-def _sample_norms(diff: Any, fx: Any) -> tuple[jax.Array, jax.Array]:
-  """Per-sample 2-norms of ``diff`` and ``fx``, exact also for tiny magnitudes; each
-  sample's from its own values alone."""
-  dd, ff = _sample_dot(diff, diff), _sample_dot(fx, fx)
-  plain = (jnp.sqrt(dd), jnp.sqrt(ff))
-  small = ff < _SMALL_SQUARES
-
-  def rescaled(_):
-    largest = sum(jnp.max(jnp.abs(leaf.astype(jnp.float32)).reshape(leaf.shape[0], -1), axis=1)
-                  for leaf in jax.tree.leaves((diff, fx)))  # within 2x of the largest
-    scale = jnp.where(largest > 0, largest, 1.0)
-
-    def norm(tree):
-      scaled = jax.tree.map(lambda a: a.astype(jnp.float32)
-                            / scale.reshape((-1,) + (1,) * (a.ndim - 1)), tree)
-      return scale * jnp.sqrt(_sample_dot(scaled, scaled))
-    return tuple(jnp.where(small, r, p) for r, p in zip((norm(diff), norm(fx)), plain))
-
-  # The rescaled norms cost a pass over the iterates: only when some sample needs them.
-  return jax.lax.cond(jnp.any(small), rescaled, lambda _: plain, None)
-
-
 def _residual_test(fx: Any, x: Any, rtol: float, atol: float, n: int):
   """Relative residual per sample and whether it meets the stopping test."""
-  dnorm, fnorm = _sample_norms(jax.tree.map(jnp.subtract, fx, x), fx)
+  diff = jax.tree.map(jnp.subtract, fx, x)
+  dnorm = jnp.sqrt(_sample_dot(diff, diff))
+  fnorm = jnp.sqrt(_sample_dot(fx, fx))
   big = jnp.finfo(jnp.float32).max
   # T(x) = 0 is a finite point: the relative residual is as large as float32 holds (0 at
   # x = 0), not the inf that would report an overflow.
