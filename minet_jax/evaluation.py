@@ -491,7 +491,8 @@ def evaluate(ckpt: str | os.PathLike | None, data: str | os.PathLike, *,
     if save_images is not None:
       for r in dropped:
         if not r.error:  # A row is added once its image is saved.
-          (pathlib.Path(save_images) / r.method / f"{r.key}.png").unlink(missing_ok=True)
+          with contextlib.suppress(OSError):  # The report comes first.
+            (pathlib.Path(save_images) / r.method / f"{r.key}.png").unlink(missing_ok=True)
     failed = {k: v for k, v in failed.items() if any(r.key == k for r in rows)}
     interrupted = (done, len(samples))
   else:

@@ -282,14 +282,14 @@ def canonical_unroll(owner: str, unroll: Unroll) -> Union[str, int]:
   """``unroll`` checked, with True as "full" and False as 1: True == 1 in Python (and
   both hash alike), so a config or solver holding True would share the compiled
   program of one holding 1, a rolled loop instead of an unrolled one."""
-  if isinstance(unroll, bool):
+  if isinstance(unroll, (bool, np.bool_)):
     return "full" if unroll else 1
-  if unroll in ("auto", "full"):
+  if isinstance(unroll, str) and unroll in ("auto", "full"):
     return unroll
-  if isinstance(unroll, str) or int(unroll) != unroll or unroll < 1:
+  if not is_integer(unroll, 1):
     raise ValueError(f"{owner}.unroll must be 'auto', 'full', a bool or an int >= 1, got "
                      f"{unroll!r}")
-  return int(unroll)
+  return operator.index(unroll)
 
 
 def _check_unroll(owner: str, solver: Any) -> None:

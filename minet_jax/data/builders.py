@@ -39,6 +39,7 @@ import os
 import pathlib
 import re
 import secrets
+import shlex
 import shutil
 import sys
 import time
@@ -361,7 +362,8 @@ def _records(name: str, config: str | None, manual_dir: PathLike | None,
     named = name if config is None or "/" in name else f"{name}/{config}"  # SOTS's default
     problem = (f"{named} is not built yet and no source folder was given to build it "
                f"from: `python -m minet_jax.data.builders {named} --manual_dir FOLDER"
-               + (f" --data_dir {data_dir}" if data_dir is not None else "") + "` "
+               + (f" --data_dir {shlex.quote(str(data_dir))}" if data_dir is not None else "")
+               + "` "
                "builds it (in training: config.data.manual_dir; evaluate.py also takes "
                "the folder itself as --data)")
     raise folders.layout_error(problem, tree, reside=dataset != "paired_folder")

@@ -24,6 +24,7 @@ folder raises `DatasetLayoutError` with the expected tree and the download page.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import pathlib
@@ -373,7 +374,7 @@ def source_fingerprint(root: str | pathlib.Path, records: Sequence[PairRecord]
     try:
       stat = path.stat()
     except OSError as e:  # A build must not leave a pair out in silence.
-      link = " (a link to nothing)" if path.is_symlink() else ""
+      link = " (a link to nothing)" if path.is_symlink() and e.errno == errno.ENOENT else ""
       raise DatasetLayoutError(f"cannot read {path}{link}: {e.strerror or e}") from e
     digest.update(f"{path.relative_to(given).as_posix()}\0{stat.st_size}\0"
                   f"{stat.st_mtime_ns}\n".encode())
