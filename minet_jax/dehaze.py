@@ -178,9 +178,7 @@ def plan(inputs: Sequence[PathLike], out_dir: PathLike, *, recursive: bool = Fal
       walker = path.rglob("*") if recursive else path.glob("*")
       found = []
       for f in sorted(walker):
-        # A link to nothing is taken: reading it fails and is reported.
-        if not (f.is_file() or (f.is_symlink() and not f.exists())) or (
-            f.name.startswith(".") or f.suffix.lower() not in image_io.IMAGE_SUFFIXES):
+        if not image_io.is_image_entry(f):
           continue
         if f.name.endswith(endings):
           skipped[str(f)] = (f"named like an earlier result (*{suffix}[{COMPARE}]."

@@ -44,6 +44,14 @@ ArrayT = TypeVar("ArrayT")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def is_image_entry(path: pathlib.Path) -> bool:
+  """Whether a folder walker takes ``path`` as an image: a file with one of
+  `IMAGE_SUFFIXES`, not hidden. A link to nothing is taken too: reading it fails and is
+  reported, where leaving it out would change a score or a batch in silence."""
+  return ((path.is_file() or (path.is_symlink() and not path.exists()))
+          and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES)
+
+
 # Largest image `read_rgb` decodes unless told otherwise, in megapixels: above most
 # cameras' photos (12-24 MP; dataset images such as O-HAZE's are 20), 1.3 GB to decode.
 DEFAULT_MAX_MEGAPIXELS = 40.0

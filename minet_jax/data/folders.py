@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from minet_jax.image_io import IMAGE_SUFFIXES, centre_crop, read_rgb
+from minet_jax.image_io import centre_crop, is_image_entry, read_rgb
 
 RESIDE_URL = "https://sites.google.com/view/reside-dehaze-datasets"
 HAZY_DIRS = ("hazy", "Hazy", "HAZY")
@@ -109,11 +109,7 @@ def _natural_key(text: str) -> list:
 
 
 def _images(folder: pathlib.Path) -> list[pathlib.Path]:
-  # A link to nothing is kept: reading it fails and is reported, where leaving it out
-  # would change a score in silence.
-  files = [p for p in folder.iterdir()
-           if (p.is_file() or (p.is_symlink() and not p.exists()))
-           and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
+  files = [p for p in folder.iterdir() if is_image_entry(p)]
   return sorted(files, key=lambda p: (_natural_key(p.stem), p.name))
 
 
