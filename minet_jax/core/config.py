@@ -333,9 +333,8 @@ class ModelConfig(Solve, Architecture):
     """Field ``name`` as one float per IM-block: given as one number for every block or
     one per block (a list from ml_collections or JSON), and range-checked."""
     value = getattr(self, name)
-    # Strings, mappings and sets are no sequences of numbers, whatever they iterate as.
     bad = ValueError(f"{name} must be a number or one number per IM-block, got {value!r}")
-    if isinstance(value, (str, bytes, Mapping, set, frozenset, bool)) or value is None:
+    if isinstance(value, (*_NOT_SEQUENCES, bool)) or value is None:
       raise bad
     try:
       array = np.asarray(value)
@@ -361,7 +360,7 @@ class ModelConfig(Solve, Architecture):
     """``stages`` as one count per IM-block, each one of STAGE_COUNTS."""
     value = self.stages
     values = (value,) * len(self.dilations) if isinstance(value, numbers.Integral) else value
-    if (isinstance(value, (str, bytes, Mapping, set, frozenset)) or not isinstance(
+    if (isinstance(value, _NOT_SEQUENCES) or not isinstance(
         values, (tuple, list)) or any(isinstance(n, bool) or not isinstance(n, numbers.Integral)
                                       or n not in STAGE_COUNTS for n in values)):
       raise ValueError(f"stages must be one of {STAGE_COUNTS}, or one of them per IM-block, "
@@ -434,9 +433,14 @@ def _outside_stacklevel() -> int:
   return level
 
 
+# What iterates but is no list of per-block values, whatever it iterates as: strings,
+# mappings and sets.
+_NOT_SEQUENCES = (str, bytes, Mapping, set, frozenset)
+
+
 def _integers(name: str, value: Any) -> tuple[int, ...]:
   """``value``, a sequence of integers (numpy's too; a bool is none), as a tuple of ints."""
-  if isinstance(value, (str, bytes, Mapping, set, frozenset)):
+  if isinstance(value, _NOT_SEQUENCES):
     values = None
   else:
     try:
