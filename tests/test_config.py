@@ -47,7 +47,9 @@ def test_optional_and_several_type_fields_take_overrides():
   assert config.data.synthetic.depth_scale_m is None
   config.data.synthetic.depth_scale_m = 5.0
   assert synthetic.SyntheticHazeConfig(**config.data.synthetic).depth_scale_m == 5.0
-  for unroll, held in ((1, 1), (True, "full"), ("auto", "auto"), ("full", "full")):
+  # numpy's bools as bools (np.True_ used to give the rolled loop, 1).
+  for unroll, held in ((1, 1), (True, "full"), ("auto", "auto"), ("full", "full"),
+                       (np.True_, "full"), (np.False_, 1), (np.int64(4), 4)):
     config.model.unroll = unroll
     assert minet_jax.model_config(config).unroll == held
   # Per-block fields take one number or a tuple (`--config.model.contractive_target=(...)`);
@@ -90,6 +92,7 @@ def test_model_config_accepts_dicts_and_is_hashable():
     ({"input_format": "bgr"}, "input_format must be one of"),
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"unroll": "yes"}, "unroll must be"),
+    ({"unroll": 2.0}, "unroll must be 'auto', 'full', a bool or an int >= 1, got 2.0"),
     ({"pad_mode": "wrap"}, "pad_mode"),
     ({"stage_fraction": 0.0}, r"stage_fraction must lie in \[0.01, 1\]"),
     ({"stage_fraction": 1e-30}, r"stage_fraction must lie in \[0.01, 1\]"),

@@ -182,8 +182,11 @@ def test_errors(tmp_path):
   assert folders.RESIDE_URL in str(e.value) and "clear/<scene>.png" in str(e.value)
   for name, named in [("paired_folder/other", "paired_folder/other"),
                       ("reside_sots", "reside_sots/indoor")]:  # The whole name, as built.
-    with pytest.raises(folders.DatasetLayoutError, match=f"^{named} is not built yet"):
+    with pytest.raises(folders.DatasetLayoutError, match=f"^{named} is not built yet") as e:
       builders.load_source(name, "train", tmp_path)
+    # The command that builds it, into the data_dir given.
+    assert (f"`python -m minet_jax.data.builders {named} --manual_dir FOLDER --data_dir "
+            f"{tmp_path}`") in str(e.value)
   with pytest.raises(folders.DatasetLayoutError) as e:
     builders.load_source("reside_sots/outdoor", "test", tmp_path, manual_dir=tmp_path / "nope")
   assert "not found" in str(e.value) and folders.RESIDE_URL in str(e.value)
@@ -193,6 +196,20 @@ def test_errors(tmp_path):
     builders.load_source("paired_folder", "train", tmp_path, manual_dir=broken)
   with pytest.raises(ValueError, match="unknown dataset"):
     builders.load_source("reside", "train", tmp_path)
+  # A link to nothing among the pairs fails the build by name (it used to be left out).
+  linked = _pairs_folder(tmp_path / "linked")
+  gone = linked / "hazy" / "01_outdoor_hazy.png"
+  gone.unlink()
+  gone.symlink_to(tmp_path / "moved.png")
+  with pytest.raises(folders.DatasetLayoutError,
+                     match=f"cannot read {gone} \\(a link to nothing\\)"):
+    builders.load_source("paired_folder/linked", "train", tmp_path / "built", manual_dir=linked)
+  # The command names an OS error in one line (a data_dir that is a file), exit 1.
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(SystemExit) as exit_info:
+    builders.main(["paired_folder/linked", "--data_dir", str(tmp_path / "a_file"),
+                   "--manual_dir", str(_pairs_folder(tmp_path / "fine"))])
+  assert exit_info.value.code == 1
   with pytest.raises(ValueError, match="indoor' or 'outdoor"):
     builders.get_builder("reside_sots/attic", tmp_path)
   with pytest.raises(FileNotFoundError, match="not built"):
